@@ -1,0 +1,36 @@
+# Self-installing targets: the first run creates .venv, installs the CPU torch wheel in its own pip call
+# (any other torch spec may pull a multi-GB CUDA build), then the package with its dev extra.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo reproduce bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -x --durations=15 tests
+
+demo: $(STAMP)
+	$(PY) -m clarify_lit.demo --preset demo
+
+reproduce: $(STAMP)
+	$(PY) -m clarify_lit.demo --preset reproduce
+
+bench: $(STAMP)
+	$(PY) benchmarks/rollout_throughput.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check clarify_lit tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,324 @@
+"""Conversation records: the one schema every stage reads and writes.
+
+One record = one simulated conversation (question ``task_id``, run ``run`` at ``temperature``) with one reward for
+the whole conversation. Files may be JSONL, Parquet, or a ``datasets.save_to_disk`` folder; every record is
+validated on load and a bad one raises :class:`RecordError` naming the file, the line/record id and the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROLES = ("system", "user", "assistant")
+REQUIRED_FIELDS = ("id", "task_id", "messages", "reward")
+
+
+class RecordError(ValueError):
+    """A record failed validation. The message names file, line/record id and field."""
+
+    def __init__(self, source: str, where: str, record_id: str | None, field_name: str, problem: str):
+        self.source, self.where, self.record_id, self.field_name, self.problem = (
+            source, where, record_id, field_name, problem)
+        rid = f" (id={record_id!r})" if record_id is not None else ""
+        super().__init__(f"{source}:{where}{rid}: field '{field_name}': {problem}")
+
+
+@dataclass
+class ConversationRecord:
+    """One simulated conversation and its reward (see docs/data.md for the field table)."""
+
+    id: str
+    task_id: str
+    messages: list[dict[str, str]]
+    reward: float
+    dataset: str = ""
+    run: int = 0
+    temperature: float = 0.0
+    reward_components: dict[str, float | None] | None = None
+    gold: str | None = None
+    prediction: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LoadSummary:
+    """What a load read and what it skipped (only ``skip_invalid=True`` skips)."""
+
+    read: int = 0
+    skipped: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    first_errors: list[str] = field(default_factory=list)
+
+    def add_skip(self, err: RecordError) -> None:
+        self.skipped += 1
+        self.reasons[err.field_name] += 1
+        if len(self.first_errors) < 5:
+            self.first_errors.append(str(err))
+
+    def line(self) -> str:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.reasons.items())) or "none"
+        return f"records: {self.read} read, {self.skipped} skipped invalid ({reasons})"
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def validate_record(raw: Any, source: str, where: str) -> ConversationRecord:
+    """Check one raw mapping and build a :class:`ConversationRecord`; raise :class:`RecordError` if bad."""
+    if not isinstance(raw, dict):
+        raise RecordError(source, where, None, "<record>", f"expected a JSON object, got {type(raw).__name__}")
+    rid = raw.get("id")
+    rid_s = rid if isinstance(rid, str) else None
+
+    def err(field_name: str, problem: str) -> RecordError:
+        return RecordError(source, where, rid_s, field_name, problem)
+
+    for name in REQUIRED_FIELDS:
+        if name not in raw or raw[name] is None:
+            raise err(name, "missing")
+    if not isinstance(rid, str) or not rid:
+        raise err("id", f"must be a non-empty string, got {rid!r}")
+    task_id = raw["task_id"]
+    if not isinstance(task_id, str | int) or isinstance(task_id, bool) or str(task_id) == "":
+        raise err("task_id", f"must be a non-empty string, got {task_id!r}")
+
+    reward = raw["reward"]
+    if not _is_number(reward):
+        raise err("reward", f"must be a number, got {type(reward).__name__} {reward!r}")
+    if not math.isfinite(float(reward)):
+        raise err("reward", f"must be finite, got {reward!r}")
+
+    messages = raw["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise err("messages", "must be a non-empty list of {role, content}")
+    clean: list[dict[str, str]] = []
+    prev_role = None
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise err(f"messages[{i}]", f"must be an object with role/content, got {type(m).__name__}")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise err(f"messages[{i}].role", f"must be one of {ROLES}, got {role!r}")
+        if not isinstance(content, str):
+            raise err(f"messages[{i}].content", f"must be a string, got {type(content).__name__}")
+        if role == "system" and i != 0:
+            raise err(f"messages[{i}].role", "a system message is only allowed first")
+        if role == "assistant" and prev_role == "assistant":
+            raise err(f"messages[{i}].role", "two consecutive assistant turns")
+        if role == "assistant" and not content.strip():
+            raise err(f"messages[{i}].content", "empty assistant turn")
+        clean.append({"role": role, "content": content})
+        prev_role = role
+    if not any(m["role"] == "assistant" for m in clean):
+        raise err("messages", "no assistant turn")
+
+    run = raw.get("run", 0)
+    if run is None:
+        run = 0
+    if not isinstance(run, int) or isinstance(run, bool):
+        raise err("run", f"must be an integer, got {run!r}")
+    temperature = raw.get("temperature", 0.0)
+    if temperature is None:
+        temperature = 0.0
+    if not _is_number(temperature) or not math.isfinite(float(temperature)) or temperature < 0:
+        raise err("temperature", f"must be a finite number >= 0, got {temperature!r}")
+    comps = raw.get("reward_components")
+    if comps is not None:
+        if not isinstance(comps, dict):
+            raise err("reward_components", f"must be an object, got {type(comps).__name__}")
+        for k, v in comps.items():
+            if v is not None and not _is_number(v):
+                raise err(f"reward_components.{k}", f"must be a number or null, got {v!r}")
+    meta = raw.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise err("meta", f"must be an object, got {type(meta).__name__}")
+    for name in ("gold", "prediction", "dataset"):
+        v = raw.get(name)
+        if v is not None and not isinstance(v, str):
+            raise err(name, f"must be a string or null, got {v!r}")
+    return ConversationRecord(
+        id=rid, task_id=str(task_id), messages=clean, reward=float(reward), dataset=raw.get("dataset") or "",
+        run=run, temperature=float(temperature), reward_components=comps, gold=raw.get("gold"),
+        prediction=raw.get("prediction"), meta=meta,
+    )
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"line {lineno}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecordError(str(path), f"line {lineno}", None, "<json>", f"invalid JSON: {e.msg}") from None
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises many types; name the file instead of a deep trace
+        raise RecordError(str(path), "file", None, "<parquet>", f"not a readable Parquet file: {e}") from None
+    missing = [c for c in REQUIRED_FIELDS if c not in table.column_names]
+    if missing:
+        raise RecordError(str(path), "schema", None, missing[0],
+                          f"column missing from Parquet schema (has {table.column_names})")
+    for i, row in enumerate(table.to_pylist()):
+        yield f"row {i}", _decode_json_columns(row)
+
+
+def _iter_hf_folder(path: Path) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        for split, part in ds.items():
+            for i, row in enumerate(part):
+                yield f"{split}[{i}]", _decode_json_columns(row)
+    else:
+        for i, row in enumerate(ds):
+            yield f"row {i}", _decode_json_columns(row)
+
+
+def _decode_json_columns(row: dict) -> dict:
+    """Columnar files store ``meta``/``reward_components`` as JSON text (one schema for heterogeneous dicts)."""
+    for name in ("meta", "reward_components"):
+        v = row.get(name)
+        if isinstance(v, str):
+            try:
+                row[name] = json.loads(v)
+            except json.JSONDecodeError:
+                pass  # left as a string: validation then names the field
+    return row
+
+
+def iter_raw(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+    """Yield ``(where, raw_record)`` from a JSONL file, a Parquet file or a ``datasets`` folder."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"record file not found: {p}")
+    if p.is_dir():
+        return _iter_hf_folder(p)
+    if p.suffix == ".parquet":
+        return _iter_parquet(p)
+    if p.suffix in (".jsonl", ".json") or p.name.endswith(".jsonl.tmp"):
+        return _iter_jsonl(p)
+    raise RecordError(str(p), "file", None, "<format>", "unknown format (expected .jsonl, .parquet or a folder)")
+
+
+def load_records(
+    paths: str | os.PathLike | Sequence[str | os.PathLike], skip_invalid: bool = False
+) -> tuple[list[ConversationRecord], LoadSummary]:
+    """Read and validate records from one or more files; ids must be unique across all of them.
+
+    With ``skip_invalid=False`` (default) the first bad record raises :class:`RecordError`; with ``True`` bad records
+    are skipped and counted in the returned :class:`LoadSummary` (never silently). An empty input raises.
+    """
+    if isinstance(paths, str | os.PathLike):
+        paths = [paths]
+    records: list[ConversationRecord] = []
+    summary = LoadSummary()
+    seen: dict[str, str] = {}
+    for path in paths:
+        n_before = len(records) + summary.skipped
+        for where, raw in _checked_iter(path, skip_invalid, summary):
+            try:
+                rec = validate_record(raw, str(path), where)
+                if rec.id in seen:
+                    raise RecordError(str(path), where, rec.id, "id", f"duplicate id (first seen at {seen[rec.id]})")
+            except RecordError as e:
+                if not skip_invalid:
+                    raise
+                summary.add_skip(e)
+                continue
+            seen[rec.id] = f"{path}:{where}"
+            records.append(rec)
+            summary.read += 1
+        if len(records) + summary.skipped == n_before:
+            raise RecordError(str(path), "file", None, "<file>", "contains no records")
+    return records, summary
+
+
+def _checked_iter(path, skip_invalid: bool, summary: LoadSummary) -> Iterator[tuple[str, Any]]:
+    """Like :func:`iter_raw` but, under ``skip_invalid``, a JSON error skips one line instead of the file."""
+    p = Path(path)
+    if skip_invalid and p.is_file() and p.suffix in (".jsonl", ".json"):
+        with p.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"line {lineno}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    summary.add_skip(RecordError(str(p), f"line {lineno}", None, "<json>", f"invalid JSON: {e.msg}"))
+        return
+    yield from iter_raw(p)
+
+
+def write_records(path: str | os.PathLike, records: Iterable[ConversationRecord | dict]) -> Path:
+    """Write records atomically (temp file + rename): a finished file is never half-written."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    rows = [r.to_dict() if isinstance(r, ConversationRecord) else r for r in records]
+    if p.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        # dict-valued columns are stored as JSON strings so heterogeneous meta/components keep one schema
+        flat = [{**r, "meta": json.dumps(r.get("meta") or {}),
+                 "reward_components": json.dumps(r.get("reward_components"))} for r in rows]
+        fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
+        os.close(fd)
+        pq.write_table(pa.Table.from_pylist(flat), tmp)
+    else:
+        fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, p)
+    return p
+
+
+def split_by_task(
+    records: Sequence[ConversationRecord], val_fraction: float, seed: int = 0
+) -> tuple[list[ConversationRecord], list[ConversationRecord]]:
+    """Split into (train, val) by ``task_id`` — all runs of a question land on the same side, never split by row.
+
+    Deterministic in ``seed`` and the task ids alone (not file order): tasks are ordered by a seeded hash and the
+    first ``round(n_tasks * val_fraction)`` go to validation.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    tasks = sorted({r.task_id for r in records}, key=lambda t: hashlib.sha256(f"{seed}:{t}".encode()).hexdigest())
+    n_val = round(len(tasks) * val_fraction)
+    if val_fraction > 0 and n_val == 0 and len(tasks) > 1:
+        n_val = 1
+    val_tasks = set(tasks[:n_val])
+    train = [r for r in records if r.task_id not in val_tasks]
+    val = [r for r in records if r.task_id in val_tasks]
+    return train, val
+
+
+def group_by_task(records: Iterable[ConversationRecord]) -> dict[str, list[ConversationRecord]]:
+    """Group records by ``task_id`` keeping first-seen order of tasks and of runs within a task."""
+    groups: dict[str, list[ConversationRecord]] = {}
+    for r in records:
+        groups.setdefault(r.task_id, []).append(r)
+    return groups
