@@ -47,9 +47,17 @@ class ConversationRecord:
     gold: str | None = None
     prediction: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # where the record was read from ("file:line"); not part of the schema, never written
+    source: str = field(default="", repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("source")
+        return d
+
+    def where(self) -> str:
+        """``file:line (id=…)`` for error messages."""
+        return f"{self.source or '<memory>'} (id={self.id!r})"
 
 
 @dataclass
@@ -152,7 +160,7 @@ def validate_record(raw: Any, source: str, where: str) -> ConversationRecord:
     return ConversationRecord(
         id=rid, task_id=str(task_id), messages=clean, reward=float(reward), dataset=raw.get("dataset") or "",
         run=run, temperature=float(temperature), reward_components=comps, gold=raw.get("gold"),
-        prediction=raw.get("prediction"), meta=meta,
+        prediction=raw.get("prediction"), meta=meta, source=f"{source}:{where}",
     )
 
 

@@ -1,0 +1,286 @@
+"""``ConversationDataModule``: record files → the objective's view → tokenized samples (cached) → batches.
+
+Labels and masks are built once, when the dataset is prepared (``setup``), and cached on disk keyed by the view's
+content, the tokenizer and ``max_length``. The collator only pads and stacks.
+
+Loss normalisation across gradient accumulation: the weighted NLL divides by the number of trained tokens of the
+whole optimizer step, so 1 × 8 micro-batches and 8 × 1 give the same gradient. The batch sampler knows which
+micro-batches form a step and stamps each sample with that step's token count (``step_tokens``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from typing import Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from clarify_lit.data.records import load_records, split_by_task
+from clarify_lit.data.tokenization import IGNORE_INDEX, TokenizationError, tokenize_conversation
+from clarify_lit.models import cache_dir, load_tokenizer
+from clarify_lit.train.objectives import Objective, PairExample, Refit, WeightedExample, check_finite_weights
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = "1"
+
+
+class SampleDataset(Dataset):
+    """A list of tokenized samples. Indexing with ``(i, step_tokens)`` (from :class:`StepBatchSampler`) adds the
+    step's token count to the sample."""
+
+    def __init__(self, samples: list[dict]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            i, step_tokens = key
+            return {**self.samples[i], "step_tokens": step_tokens}
+        return self.samples[key]
+
+
+class StepBatchSampler:
+    """Yields micro-batches of indices, grouped into optimizer steps of ``accumulate`` micro-batches.
+
+    Each yielded index is ``(i, step_tokens)`` where ``step_tokens`` is the number of trained tokens of this rank's
+    share of the step (global step tokens / world size, so that DDP's gradient mean gives the global normalisation).
+    ``group_by_length`` sorts each step's samples by length (less padding) before cutting micro-batches; steps are
+    shuffled by ``seed + epoch``. Under DDP each rank takes a disjoint slice of every step.
+    """
+
+    def __init__(self, lengths: list[int], trained_tokens: list[int], batch_size: int, accumulate: int = 1,
+                 shuffle: bool = True, seed: int = 0, group_by_length: bool = False, rank: int = 0,
+                 world_size: int = 1):
+        self.lengths, self.trained = lengths, trained_tokens
+        self.batch_size, self.accumulate = batch_size, max(1, accumulate)
+        self.shuffle, self.seed, self.group_by_length = shuffle, seed, group_by_length
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _steps(self) -> list[list[int]]:
+        n = len(self.lengths)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=g).tolist()
+        else:
+            order = list(range(n))
+        per_step = self.batch_size * self.accumulate * self.world_size
+        return [order[s: s + per_step] for s in range(0, n, per_step)]
+
+    def __iter__(self):
+        for step in self._steps():
+            step_tokens = sum(self.trained[i] for i in step) / self.world_size
+            mine = step[self.rank:: self.world_size]
+            if self.group_by_length:
+                mine = sorted(mine, key=lambda i: self.lengths[i])
+            for s in range(0, len(mine), self.batch_size):
+                yield [(i, step_tokens) for i in mine[s: s + self.batch_size]]
+
+    def __len__(self) -> int:
+        return sum(math.ceil(len(step[self.rank:: self.world_size]) / self.batch_size) for step in self._steps())
+
+
+def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
+
+
+class PadCollator:
+    """Right-pads and stacks. Pairwise samples become one batch ``[chosen_1..B, rejected_1..B]`` so DPO needs one
+    forward for both."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, samples: list[dict]) -> dict:
+        if "chosen_input_ids" in samples[0]:
+            ids = [s["chosen_input_ids"] for s in samples] + [s["rejected_input_ids"] for s in samples]
+            labels = [s["chosen_labels"] for s in samples] + [s["rejected_labels"] for s in samples]
+            batch = {"n_pairs": len(samples)}
+            if "ref_chosen_logps" in samples[0]:
+                batch["ref_chosen_logps"] = torch.tensor([s["ref_chosen_logps"] for s in samples])
+                batch["ref_rejected_logps"] = torch.tensor([s["ref_rejected_logps"] for s in samples])
+        else:
+            ids = [s["input_ids"] for s in samples]
+            labels = [s["labels"] for s in samples]
+            batch = {"weights": torch.tensor([s["weight"] for s in samples], dtype=torch.float32)}
+        batch["input_ids"] = _pad(ids, self.pad_token_id)
+        batch["labels"] = _pad(labels, IGNORE_INDEX)
+        batch["attention_mask"] = _pad([[1] * len(s) for s in ids], 0)
+        batch["ids"] = [s["id"] for s in samples]
+        if "step_tokens" in samples[0]:
+            batch["step_tokens"] = torch.tensor(float(samples[0]["step_tokens"]))
+        return batch
+
+
+class ConversationDataModule(L.LightningDataModule):
+    """Batches of conversation records for the module's objective.
+
+    Args:
+        train_files: record files (JSONL, Parquet or ``datasets`` folders) to train on.
+        val_files: record files for validation; if empty, ``val_fraction`` of the tasks of ``train_files`` are held
+            out (split by ``task_id``, never by row).
+        val_fraction: share of tasks held out when ``val_files`` is empty (0 disables validation).
+        split_seed: seed of the task-level split.
+        tokenizer_name_or_path: linked from ``model.model_name_or_path`` by the CLI (no double specification).
+        max_length: longest sample in tokens; longer ones lose tokens from the middle (never the final turn).
+        batch_size: conversations (or preference pairs) per micro-batch.
+        group_by_length: sort samples by length inside each optimizer step (less padding, same step contents).
+        num_workers: DataLoader workers.
+        on_invalid_sample: ``raise`` on a sample that cannot be trained (no assistant tokens left, final turn cut);
+            ``drop`` skips and counts it.
+        skip_invalid_records: skip (and count) records that fail validation instead of raising.
+        cache_tokenized: cache tokenized samples under ``$CLARIFY_CACHE/tokenized``.
+        seed: shuffling seed (the epoch is added each epoch).
+        objective: normally left unset: the LightningModule's objective is used, so the view follows the objective.
+    """
+
+    def __init__(
+        self,
+        train_files: list[str],
+        val_files: list[str] | None = None,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        tokenizer_name_or_path: str = "tiny-random",
+        max_length: int = 1024,
+        batch_size: int = 4,
+        group_by_length: bool = True,
+        num_workers: int = 0,
+        on_invalid_sample: Literal["raise", "drop"] = "raise",
+        skip_invalid_records: bool = False,
+        cache_tokenized: bool = True,
+        seed: int = 0,
+        objective: Objective | None = None,
+    ):
+        super().__init__()
+        if on_invalid_sample not in ("raise", "drop"):
+            raise ValueError(f"on_invalid_sample must be 'raise' or 'drop', got {on_invalid_sample!r}")
+        self.train_files, self.val_files = list(train_files), list(val_files or [])
+        self.val_fraction, self.split_seed = val_fraction, split_seed
+        self.tokenizer_name_or_path, self.max_length = tokenizer_name_or_path, max_length
+        self.batch_size, self.group_by_length, self.num_workers = batch_size, group_by_length, num_workers
+        self.on_invalid_sample, self.skip_invalid_records = on_invalid_sample, skip_invalid_records
+        self.cache_tokenized, self.seed = cache_tokenized, seed
+        self.objective = objective
+        self.tokenizer = None
+        self.train_set: SampleDataset | None = None
+        self.val_set: SampleDataset | None = None
+        self.stats: dict[str, float] = {}
+
+    # ----------------------------------------------------------------------------------------------- preparation
+    def _resolve_objective(self) -> Objective:
+        if self.objective is not None:
+            return self.objective
+        trainer = getattr(self, "trainer", None)
+        module = trainer.lightning_module if trainer is not None else None
+        if module is not None and getattr(module, "objective", None) is not None:
+            return module.objective
+        return Refit()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        objective = self._resolve_objective()
+        self.tokenizer = load_tokenizer(self.tokenizer_name_or_path)
+        records, summary = load_records(self.train_files, skip_invalid=self.skip_invalid_records)
+        log.info(summary.line())
+        self.stats["data/skipped_records"] = float(summary.skipped)
+        if self.val_files:
+            train, _ = records, None
+            val, vsum = load_records(self.val_files, skip_invalid=self.skip_invalid_records)
+            self.stats["data/skipped_records"] += vsum.skipped
+            overlap = {r.task_id for r in train} & {r.task_id for r in val}
+            if overlap:
+                raise ValueError(f"val_files share {len(overlap)} task_id(s) with train_files (e.g. "
+                                 f"{sorted(overlap)[0]!r}); validation must hold out whole questions")
+        else:
+            train, val = split_by_task(records, self.val_fraction, self.split_seed)
+        self.train_set = self._prepare(objective, train, "train")
+        self.val_set = self._prepare(objective, val, "val") if val else None
+
+    def _prepare(self, objective: Objective, records, split: str) -> SampleDataset:
+        examples, stats = objective.build_view(records)
+        log.info(stats.line(f"{objective.describe()} {split}"))
+        self.stats[f"data/{split}_examples"] = float(stats.examples)
+        for k, v in stats.excluded.items():
+            self.stats[f"data/{split}_excluded_{k}"] = float(v)
+        if examples and isinstance(examples[0], WeightedExample):
+            check_finite_weights(examples)
+        key = self._cache_key(examples)
+        path = cache_dir() / "tokenized" / f"{key}.pt"
+        if self.cache_tokenized and path.exists():
+            samples = torch.load(path, weights_only=False)
+        else:
+            samples = self._tokenize(examples, split)
+            if self.cache_tokenized:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                torch.save(samples, tmp)
+                tmp.replace(path)
+        if not samples:
+            raise ValueError(f"{split}: no trainable samples left after tokenization")
+        return SampleDataset(samples)
+
+    def _cache_key(self, examples) -> str:
+        h = hashlib.sha256()
+        tok = self.tokenizer
+        h.update(json.dumps([CACHE_VERSION, self.tokenizer_name_or_path, tok.chat_template, len(tok),
+                             self.max_length, self.on_invalid_sample]).encode())
+        for e in examples:
+            h.update(json.dumps(e.__dict__, sort_keys=True, default=str).encode())
+        return h.hexdigest()[:32]
+
+    def _tokenize(self, examples, split: str) -> list[dict]:
+        samples, dropped = [], 0
+        for e in examples:
+            try:
+                if isinstance(e, PairExample):
+                    c = tokenize_conversation(self.tokenizer, e.chosen, self.max_length, e.where,
+                                              e.only_last_assistant)
+                    r = tokenize_conversation(self.tokenizer, e.rejected, self.max_length, e.where,
+                                              e.only_last_assistant)
+                    samples.append({"id": e.id, "chosen_input_ids": c.input_ids, "chosen_labels": c.labels,
+                                    "rejected_input_ids": r.input_ids, "rejected_labels": r.labels,
+                                    "length": len(c.input_ids) + len(r.input_ids),
+                                    "trained": c.num_trained + r.num_trained})
+                else:
+                    s = tokenize_conversation(self.tokenizer, e.messages, self.max_length, e.where)
+                    samples.append({"id": e.id, "input_ids": s.input_ids, "labels": s.labels, "weight": e.weight,
+                                    "length": len(s.input_ids), "trained": s.num_trained})
+            except TokenizationError:
+                if self.on_invalid_sample == "raise":
+                    raise
+                dropped += 1
+        if dropped:
+            log.warning("%s: dropped %d of %d samples that could not be trained (on_invalid_sample=drop)",
+                        split, dropped, len(examples))
+        self.stats[f"data/{split}_dropped_samples"] = float(dropped)
+        return samples
+
+    # ----------------------------------------------------------------------------------------------- loaders
+    def _loader(self, ds: SampleDataset, train: bool) -> DataLoader:
+        trainer = getattr(self, "trainer", None)
+        accumulate = trainer.accumulate_grad_batches if (trainer is not None and train) else 1
+        rank = trainer.global_rank if trainer is not None else 0
+        world = trainer.world_size if trainer is not None else 1
+        sampler = StepBatchSampler(
+            [s["length"] for s in ds.samples], [s["trained"] for s in ds.samples], self.batch_size, accumulate,
+            shuffle=train, seed=self.seed, group_by_length=self.group_by_length, rank=rank, world_size=world)
+        return DataLoader(ds, batch_sampler=sampler, collate_fn=PadCollator(self.tokenizer.pad_token_id),
+                          num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, train=False) if self.val_set is not None else []

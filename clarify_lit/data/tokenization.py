@@ -1,0 +1,113 @@
+"""Chat-template tokenization with assistant-only labels, built once when the dataset is prepared.
+
+Labels are −100 everywhere except the assistant turns; each assistant turn's end-of-turn token is trained (the model
+must learn to stop), template glue after it (e.g. ChatML's trailing newline) is not. System, teacher (``user``)
+and template tokens are masked.
+
+How assistant spans are found: the conversation is rendered once; for every assistant turn ``i`` the template is also
+rendered for ``messages[:i]`` with the generation prompt and for ``messages[:i+1]``. Both renders must be text
+prefixes of the full render (else the template rewrites history, e.g. strips earlier reasoning, and we refuse: a
+"prefix mismatch"). Tokens whose first character falls between the two prefix lengths belong to turn ``i``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IGNORE_INDEX = -100
+
+
+class TokenizationError(ValueError):
+    """A conversation cannot be turned into a valid training sample; the message names source, record and field."""
+
+
+@dataclass
+class TokenizedSample:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: int = 0  # tokens cut from the middle
+
+    @property
+    def num_trained(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token that closes an assistant turn: the tokenizer's EOS (``<|im_end|>`` in ChatML, ``<|eot_id|>`` in
+    Llama-3 instruct tokenizers)."""
+    if tokenizer.eos_token_id is None:
+        raise TokenizationError("tokenizer has no eos_token: cannot tell which token ends an assistant turn")
+    return int(tokenizer.eos_token_id)
+
+
+def tokenize_conversation(
+    tokenizer,
+    messages: list[dict[str, str]],
+    max_length: int | None = None,
+    where: str = "<conversation>",
+    only_last_assistant: bool = False,
+) -> TokenizedSample:
+    """Tokenize ``messages`` with the chat template; train on assistant turns only.
+
+    ``only_last_assistant`` trains the final assistant turn alone (DPO's final-answer pairs). Over-long samples keep
+    the system prompt and lose tokens from the left of the middle; if that would cut into the final assistant turn a
+    :class:`TokenizationError` is raised (the final answer is what the reward scored). ``where`` names the source
+    and record id in every error.
+    """
+    full = _render(tokenizer, messages, add_generation_prompt=False)
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = list(enc["input_ids"])
+    starts = [s for s, _ in enc["offset_mapping"]]
+    labels = [IGNORE_INDEX] * len(ids)
+    eot = end_of_turn_id(tokenizer)
+
+    assistant_idx = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not assistant_idx:
+        raise TokenizationError(f"{where}: field 'messages': no assistant turn to train on")
+    if only_last_assistant:
+        assistant_idx = assistant_idx[-1:]
+    final_start = len(ids)
+    for i in assistant_idx:
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not through.startswith(before) or not full.startswith(through):
+            raise TokenizationError(
+                f"{where}: field 'messages[{i}]': chat template prefix mismatch — rendering the conversation up to "
+                "this turn is not a prefix of the full rendering (the template rewrites earlier turns); "
+                "per-turn assistant-only labels cannot be built")
+        lo, hi = len(before), len(through)
+        span = [t for t in range(len(ids)) if lo <= starts[t] < hi]
+        eot_pos = [t for t in span if ids[t] == eot]
+        if not eot_pos:
+            raise TokenizationError(
+                f"{where}: field 'messages[{i}]': the chat template puts no end-of-turn token "
+                f"({tokenizer.convert_ids_to_tokens(eot)!r}) inside the assistant turn, so the model would never "
+                "learn to stop; fix the template or the tokenizer's eos_token")
+        for t in span:
+            if t <= eot_pos[-1]:
+                labels[t] = ids[t]
+        final_start = span[0] if span else final_start
+
+    truncated = 0
+    if max_length is not None and len(ids) > max_length:
+        excess = len(ids) - max_length
+        head = 0
+        if messages[0]["role"] == "system":
+            sys_end = len(_render(tokenizer, messages[:1], add_generation_prompt=False))
+            head = sum(1 for s in starts if s < sys_end)
+        if head + excess > final_start:
+            raise TokenizationError(
+                f"{where}: field 'messages': {len(ids)} tokens exceed max_length={max_length} and cutting the "
+                f"middle would truncate the final assistant turn (system prompt {head} tokens, final turn starts at "
+                f"token {final_start}); raise max_length or shorten the conversation")
+        ids = ids[:head] + ids[head + excess:]
+        labels = labels[:head] + labels[head + excess:]
+        truncated = excess
+    sample = TokenizedSample(ids, labels, truncated)
+    if sample.num_trained == 0:
+        raise TokenizationError(f"{where}: field 'messages': no trainable (assistant) tokens left")
+    return sample

@@ -1,0 +1,238 @@
+"""The four training objectives. Each is a small plain object (not an ``nn.Module``) that says
+
+* which **data view** it trains on (``build_view``: records → weighted conversations or preference pairs), and
+* which **pure loss** it applies (``clarify_lit.train.losses``).
+
+Switching objective is one config value (``--model.objective=Swift``); the DataModule asks the module's objective for
+its view, so there is no second flag to keep in sync. Equations and decisions: docs/objectives.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+
+from clarify_lit.data.records import ConversationRecord, group_by_task
+from clarify_lit.train.losses import standardize_rewards
+
+log = logging.getLogger(__name__)
+
+
+class ObjectiveDataError(ValueError):
+    """The records do not suit the objective (e.g. negative rewards under Refit, no DPO pairs)."""
+
+
+@dataclass
+class WeightedExample:
+    """One conversation trained with per-sequence weight ``weight`` on its assistant turns."""
+
+    id: str
+    task_id: str
+    messages: list[dict[str, str]]
+    weight: float
+    where: str = ""  # "file:line (id=…)" of the source record, for errors
+
+
+@dataclass
+class PairExample:
+    """One preference pair. ``only_last_assistant``: train/score the final assistant turn alone (final-answer DPO)."""
+
+    id: str
+    task_id: str
+    chosen: list[dict[str, str]]
+    rejected: list[dict[str, str]]
+    only_last_assistant: bool = False
+    where: str = ""
+
+
+@dataclass
+class ViewStats:
+    """What a view kept and left out, for logging (``data/…`` scalars) and the run summary."""
+
+    records: int = 0
+    examples: int = 0
+    tasks: int = 0
+    excluded: dict[str, int] = field(default_factory=dict)
+
+    def line(self, name: str) -> str:
+        ex = ", ".join(f"{k}: {v}" for k, v in self.excluded.items()) or "none"
+        return f"{name} view: {self.records} records of {self.tasks} tasks → {self.examples} examples (excluded: {ex})"
+
+
+class Objective:
+    """Base class. ``kind`` is ``weighted`` (per-conversation weighted NLL) or ``pairwise`` (DPO)."""
+
+    kind: ClassVar[Literal["weighted", "pairwise"]] = "weighted"
+
+    def build_view(self, records: list[ConversationRecord]) -> tuple[list, ViewStats]:
+        raise NotImplementedError(f"{type(self).__name__} does not define a data view")
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+class Refit(Objective):
+    """REward-weighted FIne-Tuning: weight ``w = r`` for every logged conversation (the paper's main method).
+
+    Rewards must be ≥ 0: the paper's lower bound on the policy value needs non-negative rewards, so a negative reward
+    is refused with the offending record named.
+    """
+
+    def build_view(self, records):
+        out = []
+        for r in records:
+            if r.reward < 0:
+                raise ObjectiveDataError(
+                    f"record {r.id!r} (task {r.task_id!r}): field 'reward' = {r.reward} is negative; Refit needs "
+                    "rewards ≥ 0 (its lower bound on the policy value assumes it) — rescale the reward or use Swift")
+            out.append(WeightedExample(r.id, r.task_id, r.messages, r.reward, r.where()))
+        return out, ViewStats(len(records), len(out), len({r.task_id for r in records}))
+
+
+class Swift(Objective):
+    """Standardized reWard-weIghted Fine-Tuning: ``w = (r − mean_task) / std_task`` over the runs of a question.
+
+    Args:
+        zero_std: groups whose population std is below ``min_std`` have no signal (all runs scored alike).
+            ``drop`` removes them from the data; ``epsilon`` keeps them with weight 0 (they still count in the token
+            normaliser) and divides every group by ``std + epsilon``.
+        min_std: threshold for a zero-spread group.
+        epsilon: added to the std under ``zero_std=epsilon``.
+        min_weight: optional lower clamp of the standardized weights (off by default; the paper allows negatives).
+    """
+
+    def __init__(self, zero_std: Literal["drop", "epsilon"] = "drop", min_std: float = 1e-6, epsilon: float = 1e-6,
+                 min_weight: float | None = None):
+        self.zero_std, self.min_std, self.epsilon, self.min_weight = zero_std, min_std, epsilon, min_weight
+
+    def build_view(self, records):
+        out, stats = [], ViewStats(len(records))
+        groups = group_by_task(records)
+        stats.tasks = len(groups)
+        zero = 0
+        for task_id, runs in groups.items():
+            if len(runs) < 2:
+                raise ObjectiveDataError(
+                    f"task {task_id!r} (record {runs[0].id!r}): field 'task_id' has a single run; Swift standardizes "
+                    "rewards over the runs of a question and needs ≥ 2 (simulate with several temperatures)")
+            rewards = torch.tensor([r.reward for r in runs], dtype=torch.float64)
+            weights, std = standardize_rewards(rewards, eps=self.epsilon if self.zero_std == "epsilon" else 0.0)
+            if std < self.min_std:
+                zero += 1
+                if self.zero_std == "drop":
+                    continue
+                weights = torch.zeros_like(rewards)
+            if self.min_weight is not None:
+                weights = weights.clamp_min(self.min_weight)
+            out += [WeightedExample(r.id, r.task_id, r.messages, float(w), r.where()) for r, w in zip(runs, weights)]
+        stats.examples = len(out)
+        stats.excluded["zero_std_groups"] = zero
+        if zero:
+            log.info("Swift: %d of %d tasks have zero reward spread (%s)", zero, len(groups),
+                     "dropped" if self.zero_std == "drop" else "kept with weight 0")
+        if not out:
+            raise ObjectiveDataError("Swift: every task has zero reward spread across its runs; nothing to learn")
+        return out, stats
+
+
+class SFT(Objective):
+    """STaR-GATE-style SFT: keep the ``top_k`` highest-reward runs of each question, weight 1.
+
+    Args:
+        top_k: runs kept per task (ties broken by run order).
+        min_reward: also drop runs whose reward is below this (e.g. 1.0 keeps only correct conversations).
+    """
+
+    def __init__(self, top_k: int = 1, min_reward: float | None = None):
+        if top_k < 1:
+            raise ValueError(f"top_k must be ≥ 1, got {top_k}")
+        self.top_k, self.min_reward = top_k, min_reward
+
+    def build_view(self, records):
+        out, stats = [], ViewStats(len(records))
+        groups = group_by_task(records)
+        stats.tasks = len(groups)
+        below = 0
+        for runs in groups.values():
+            best = sorted(runs, key=lambda r: -r.reward)[: self.top_k]
+            for r in best:
+                if self.min_reward is not None and r.reward < self.min_reward:
+                    below += 1
+                    continue
+                out.append(WeightedExample(r.id, r.task_id, r.messages, 1.0, r.where()))
+        stats.examples = len(out)
+        stats.excluded["below_min_reward"] = below
+        stats.excluded["not_top_k"] = len(records) - len(out) - below
+        if not out:
+            raise ObjectiveDataError(f"SFT: no run has reward ≥ min_reward={self.min_reward}")
+        return out, stats
+
+
+class DPO(Objective):
+    """Direct Preference Optimization on logged runs: per task, chosen = best run, rejected = worst run.
+
+    Args:
+        beta: DPO temperature β (TRL's default 0.1; the paper does not state it).
+        pairs: ``conversation`` scores all assistant turns of each whole conversation (shared first context);
+            ``final_answer`` is the paper's "DPO" baseline: prompt = the question alone, chosen/rejected = the final
+            assistant turns.
+        min_gap: a pair is kept only if reward(chosen) − reward(rejected) ≥ min_gap (> 0 so ties never pair).
+        reference: ``auto`` = adapter-disabled model under LoRA, a frozen copy under full fine-tuning;
+            ``precomputed`` = reference log-probs computed once before training and cached with the dataset.
+    """
+
+    kind = "pairwise"
+
+    def __init__(self, beta: float = 0.1, pairs: Literal["conversation", "final_answer"] = "conversation",
+                 min_gap: float = 1e-6,
+                 reference: Literal["auto", "adapter_disabled", "frozen_copy", "precomputed"] = "auto"):
+        if not min_gap > 0:
+            raise ValueError(f"min_gap must be > 0 (equal rewards carry no preference), got {min_gap}")
+        self.beta, self.pairs, self.min_gap, self.reference = beta, pairs, min_gap, reference
+
+    def build_view(self, records):
+        out, stats = [], ViewStats(len(records))
+        groups = group_by_task(records)
+        stats.tasks = len(groups)
+        small_gap = 0
+        for task_id, runs in groups.items():
+            chosen = max(runs, key=lambda r: r.reward)
+            rejected = min(runs, key=lambda r: r.reward)
+            if not chosen.reward - rejected.reward >= self.min_gap:
+                small_gap += 1
+                continue
+            if self.pairs == "final_answer":
+                out.append(PairExample(f"{task_id}#dpo", task_id, _question_then(chosen), _question_then(rejected),
+                                       only_last_assistant=True, where=chosen.where()))
+            else:
+                out.append(PairExample(f"{task_id}#dpo", task_id, chosen.messages, rejected.messages,
+                                       where=chosen.where()))
+        stats.examples = len(out)
+        stats.excluded["gap_below_min"] = small_gap
+        if not out:
+            raise ObjectiveDataError(
+                f"DPO: no task has a reward gap ≥ min_gap={self.min_gap} between its best and worst run "
+                f"({len(groups)} tasks); nothing to prefer")
+        return out, stats
+
+
+def _question_then(record: ConversationRecord) -> list[dict[str, str]]:
+    """The final-answer DPO prompt: system + the question alone (``meta.question_prompt`` when the simulator stored
+    it, else the first teacher turn), then the record's final assistant turn."""
+    msgs = record.messages
+    system = [msgs[0]] if msgs[0]["role"] == "system" else []
+    question = record.meta.get("question_prompt")
+    if not isinstance(question, str) or not question:
+        question = next(m["content"] for m in msgs if m["role"] == "user")
+    final = next(m for m in reversed(msgs) if m["role"] == "assistant")
+    return [*system, {"role": "user", "content": question}, final]
+
+
+def check_finite_weights(examples: list[WeightedExample]) -> None:
+    for e in examples:
+        if not math.isfinite(e.weight):
+            raise ObjectiveDataError(f"record {e.id!r}: field 'reward' gives a non-finite weight {e.weight}")
