@@ -1,0 +1,174 @@
+"""The main job: simulate → fit ×4 → evaluate ×5 (with Base) → report, driven through the ``clarify`` commands.
+
+    python -m clarify_lit.demo --preset demo        # `make demo`: ~15 min on a 2-core CPU
+    python -m clarify_lit.demo --preset reproduce   # `make reproduce`: the paper's protocol scaled to ≤ 2 h on CPU
+    python -m clarify_lit.demo --preset paper --dry-run   # the paper's full scale (GPU): print the commands
+
+Every stage is an ordinary ``clarify`` command run in a subprocess (printed before it runs, so the demo doubles as a
+recipe) and every stage skips work whose output already exists, so an interrupted demo resumes where it stopped.
+Choices for the CPU presets (where the paper is silent or its scale does not fit) are explained in docs/demo.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+OBJECTIVES = {  # label → objective preset; the table's row names follow the paper
+    "Refit": "configs/objective/refit.yaml",
+    "Swift": "configs/objective/swift.yaml",
+    "SFT": "configs/objective/sft.yaml",
+    "DPO": "configs/objective/dpo.yaml",
+}
+
+
+@dataclass
+class Experiment:
+    """One (dataset, setting) cell of the paper's protocol."""
+
+    dataset: str
+    setting: str  # reasoning | clarifying
+    mode: str  # thinking | standard
+    teacher: str  # scripted | retrieval | llm
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}-{self.setting}-{self.mode}"
+
+
+@dataclass
+class Preset:
+    name: str
+    model: str
+    experiments: list[Experiment]
+    n_train: int
+    n_test: int
+    seeds: list[int]
+    temperatures: list[float] = field(default_factory=lambda: [0.3, 0.7, 1.0])
+    reward: str = "correct"
+    max_new_tokens: int = 64
+    eval_max_new_tokens: int = 64
+    sim_batch_size: int = 16
+    eval_batch_size: int = 16
+    model_config: str = "configs/model/smollm2-135m.yaml"
+    trainer_config: str = "configs/trainer/cpu-bf16.yaml"
+    epochs: int = 1
+    fit_overrides: list[str] = field(default_factory=list)
+
+
+PRESETS: dict[str, Preset] = {
+    "demo": Preset(
+        name="demo", model="embedded:smollm2-135m-instruct",
+        experiments=[Experiment("sciq", "reasoning", "standard", "scripted")],
+        n_train=24, n_test=24, seeds=[0], max_new_tokens=48, eval_max_new_tokens=48, epochs=2,
+    ),
+    "reproduce": Preset(
+        name="reproduce", model="embedded:smollm2-135m-instruct",
+        experiments=[Experiment("sciq", "reasoning", "standard", "scripted"),
+                     Experiment("sciq", "clarifying", "thinking", "retrieval")],
+        n_train=40, n_test=100, seeds=[0, 1], max_new_tokens=48, eval_max_new_tokens=48, epochs=2,
+    ),
+    "paper": Preset(
+        name="paper", model="meta-llama/Llama-3.1-8B-Instruct",
+        experiments=[Experiment(d, "reasoning", "thinking", "scripted")
+                     for d in ("openbookqa", "arc_easy", "arc_challenge", "sciq", "mmlu")]
+        + [Experiment(d, "clarifying", "thinking", "llm") for d in ("openbookqa", "sciq")],
+        n_train=400, n_test=100, seeds=[0, 1, 2], reward="llm_judge", max_new_tokens=256,
+        eval_max_new_tokens=256, sim_batch_size=32, eval_batch_size=32,
+        model_config="configs/model/llama-3.1-8b.yaml", trainer_config="configs/trainer/gpu-2x-deepspeed.yaml",
+        epochs=1,
+    ),
+}
+
+
+class Runner:
+    def __init__(self, out: Path, dry_run: bool):
+        self.out, self.dry_run = out, dry_run
+        self.log = out / "commands.sh"
+
+    def run(self, args: list[str], done_marker: Path | None = None) -> None:
+        """Run ``clarify <args>`` unless ``done_marker`` exists (resume)."""
+        cmd = [sys.executable, "-m", "clarify_lit.cli", *args]
+        shown = "clarify " + " ".join(shlex.quote(a) for a in args)
+        if done_marker is not None and done_marker.exists():
+            print(f"[demo] skip (done): {shown}", flush=True)
+            return
+        print(f"\n[demo] $ {shown}", flush=True)
+        if self.dry_run:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        with self.log.open("a") as f:
+            f.write(shown + "\n")
+        t = time.time()
+        subprocess.run(cmd, check=True)
+        print(f"[demo] done in {time.time() - t:.0f} s", flush=True)
+
+
+def simulate_args(p: Preset, e: Experiment, seed: int, part: str, out: Path) -> list[str]:
+    return ["simulate", "--model", p.model, "--data.dataset", e.dataset, "--data.part", part,
+            "--data.n_train", str(p.n_train), "--data.n_test", str(p.n_test), "--data.seed", str(seed),
+            "--setting", e.setting, "--mode", e.mode, "--n_turns", "3", "--teacher.kind", e.teacher,
+            "--reward.kind", p.reward, "--temperatures", json.dumps(p.temperatures),
+            "--max_new_tokens", str(p.max_new_tokens), "--batch_size", str(p.sim_batch_size),
+            "--seed", str(seed), "--output", str(out), "--resume", "true"]
+
+
+def fit_args(p: Preset, records: Path, objective: str, seed: int, root: Path) -> list[str]:
+    return ["fit", "--config", p.model_config, "--config", p.trainer_config, "--config", objective,
+            "--model.model_name_or_path", p.model, f"--data.train_files=[{records}]", "--data.val_fraction", "0",
+            "--data.seed", str(seed), "--seed_everything", str(seed), "--trainer.max_epochs", str(p.epochs),
+            "--trainer.default_root_dir", str(root), *p.fit_overrides]
+
+
+def evaluate_args(p: Preset, e: Experiment, seed: int, label: str, out: Path, export: Path | None) -> list[str]:
+    source = ["--export_dir", str(export)] if export is not None else []
+    return ["evaluate", "--model", p.model, *source, "--label", label, "--data.dataset", e.dataset,
+            "--data.part", "test", "--data.n_train", str(p.n_train), "--data.n_test", str(p.n_test),
+            "--data.seed", str(seed), "--setting", e.setting, "--mode", e.mode, "--teacher.kind", e.teacher,
+            "--reward.kind", p.reward, "--max_new_tokens", str(p.eval_max_new_tokens),
+            "--batch_size", str(p.eval_batch_size), "--seed", str(seed), "--out_dir", str(out)]
+
+
+def run_preset(p: Preset, out: Path, dry_run: bool = False, results: Path | None = None) -> None:
+    runner = Runner(out, dry_run)
+    t0 = time.time()
+    for e in p.experiments:
+        for seed in p.seeds:
+            cell = out / e.name / f"seed{seed}"
+            sim = cell / "simulate"
+            runner.run(simulate_args(p, e, seed, "train", sim), sim / "conversations.jsonl")
+            records = sim / "conversations.jsonl"
+            runner.run(evaluate_args(p, e, seed, "Base", cell / "eval" / "Base", None),
+                       cell / "eval" / "Base" / "metrics.json")
+            for label, objective in OBJECTIVES.items():
+                root = cell / "fit" / label
+                runner.run(fit_args(p, records, objective, seed, root), root / "export" / "adapter_config.json")
+                runner.run(evaluate_args(p, e, seed, label, cell / "eval" / label, root / "export"),
+                           cell / "eval" / label / "metrics.json")
+        table_dir = results or out
+        runner.run(["report", str(out / e.name), "--out", str(table_dir / f"{e.name}.md"),
+                    "--plot", str(table_dir / f"{e.name}.png"), "--baseline", "Base"])
+    print(f"\n[demo] preset {p.name!r} finished in {(time.time() - t0) / 60:.1f} min; outputs in {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    ap.add_argument("--out", default=None, help="output folder (default runs/<preset>)")
+    ap.add_argument("--results", default=None, help="where tables/plots go (default: the output folder)")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands without running them")
+    a = ap.parse_args(argv)
+    p = PRESETS[a.preset]
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run_preset(p, Path(a.out or f"runs/{p.name}"), a.dry_run, Path(a.results) if a.results else None)
+
+
+if __name__ == "__main__":
+    main()
