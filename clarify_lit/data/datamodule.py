@@ -52,7 +52,9 @@ class StepBatchSampler:
     Each yielded index is ``(i, step_tokens)`` where ``step_tokens`` is the number of trained tokens of this rank's
     share of the step (global step tokens / world size, so that DDP's gradient mean gives the global normalisation).
     ``group_by_length`` sorts each step's samples by length (less padding) before cutting micro-batches; steps are
-    shuffled by ``seed + epoch``. Under DDP each rank takes a disjoint slice of every step.
+    shuffled by ``seed + epoch``. Under DDP each rank takes a disjoint slice of every step; a last, incomplete step
+    is cut to a multiple of the world size (at most ``world_size − 1`` samples left out of the epoch) so that every
+    rank runs the same number of micro-batches (an uneven count would hang DDP's gradient all-reduce).
     """
 
     def __init__(self, lengths: list[int], trained_tokens: list[int], batch_size: int, accumulate: int = 1,
@@ -63,6 +65,8 @@ class StepBatchSampler:
         self.shuffle, self.seed, self.group_by_length = shuffle, seed, group_by_length
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        # Lightning calls ``set_epoch`` on ``dataloader.batch_sampler.sampler`` (never on the batch sampler itself)
+        self.sampler = _EpochSetter(self)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -75,7 +79,12 @@ class StepBatchSampler:
         else:
             order = list(range(n))
         per_step = self.batch_size * self.accumulate * self.world_size
-        return [order[s: s + per_step] for s in range(0, n, per_step)]
+        steps = [order[s: s + per_step] for s in range(0, n, per_step)]
+        if steps and self.world_size > 1:
+            steps[-1] = steps[-1][: len(steps[-1]) - len(steps[-1]) % self.world_size]
+            if not steps[-1]:
+                steps.pop()
+        return steps
 
     def __iter__(self):
         for step in self._steps():
@@ -88,6 +97,16 @@ class StepBatchSampler:
 
     def __len__(self) -> int:
         return sum(math.ceil(len(step[self.rank:: self.world_size]) / self.batch_size) for step in self._steps())
+
+
+class _EpochSetter:
+    """Forwards Lightning's per-epoch ``set_epoch`` call to the :class:`StepBatchSampler` that owns it."""
+
+    def __init__(self, owner: StepBatchSampler):
+        self.owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self.owner.set_epoch(epoch)
 
 
 def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
@@ -220,6 +239,8 @@ class ConversationDataModule(L.LightningDataModule):
         path = cache_dir() / "tokenized" / f"{key}.pt"
         if self.cache_tokenized and path.exists():
             samples = torch.load(path, weights_only=False)
+            # each example became one sample or was dropped (on_invalid_sample=drop is part of the cache key)
+            self.stats[f"data/{split}_dropped_samples"] = float(len(examples) - len(samples))
         else:
             samples = self._tokenize(examples, split)
             if self.cache_tokenized:

@@ -275,9 +275,11 @@ class ClarifyModule(L.LightningModule):
                                         if k in trainable or not k.startswith("model.")}
 
     def on_fit_end(self) -> None:
-        if self.hparams.export_on_fit_end and self.trainer.is_global_zero:
+        if self.hparams.export_on_fit_end:
+            # trainer.log_dir broadcasts from rank 0 under DDP: every rank must call it, not rank 0 alone
             root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-            export_model(self, root / "export")
+            if self.trainer.is_global_zero:
+                export_model(self, root / "export")
 
 
 def build_objective(config: dict) -> Objective:

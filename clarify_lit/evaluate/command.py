@@ -1,0 +1,231 @@
+"""``clarify evaluate``: roll a policy out on held-out questions and write ``metrics.json`` + ``rollouts.jsonl``.
+
+The policy is exactly one of
+
+* ``--model NAME`` — a base model: hub id, local folder, ``embedded:smollm2-135m-instruct`` or ``tiny-random``
+  (the paper's "Base" row; label ``Base`` unless ``--method`` says otherwise);
+* ``--ckpt_path PATH`` — a Lightning checkpoint of ``ClarifyModule`` (label: its objective, e.g. ``Refit``);
+* ``--export_dir DIR`` — an exported HF folder (full weights) or PEFT adapter folder (``adapter_config.json``; the
+  base model is read from it) as written to ``<run>/export/`` at fit end (label: the run folder's name).
+
+Examples::
+
+    clarify evaluate --model embedded:smollm2-135m-instruct --data.dataset sciq --out_dir runs/base/eval
+    clarify evaluate --export_dir runs/swift/export --data.dataset sciq --out_dir runs/swift/eval --method Swift
+    clarify report runs/*/eval --out results/sciq.md
+
+Greedy decoding by default (``--temperatures [0.0]``); several temperatures give several runs per question. The
+held-out questions are the ``test`` part of ``--data`` (``clarify simulate``'s data options; ``seed``/``n_train``/
+``n_test`` must match the simulated training data so the parts are disjoint). ``--config`` takes a YAML of these
+arguments; the teacher and reward take ``clarify simulate``'s options too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from clarify_lit.data.records import write_records
+from clarify_lit.evaluate.callback import (
+    Mode,
+    RolloutSpec,
+    Setting,
+    build_teacher_and_reward,
+    load_eval_tasks,
+    run_rollouts,
+)
+from clarify_lit.evaluate.metrics import compute_metrics, nan_to_none
+from clarify_lit.simulate.command import DataOptions, RewardOptions, TeacherOptions
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_export(export_dir: str | Path, dtype: str = "float32", merge_lora: bool = True
+                ) -> tuple[Any, Any, str | None]:
+    """Load an exported folder: ``(model, tokenizer, base model name or None)``.
+
+    A PEFT adapter folder (``adapter_config.json``) is applied to its ``base_model_name_or_path`` (and merged into
+    it with ``merge_lora``: same outputs, faster generation); anything else loads as a full model, whose base is
+    unknown (``None``: an LLM teacher or judge then needs an explicit model, never the trained weights).
+    """
+    from clarify_lit.models import load_causal_lm, load_tokenizer
+
+    folder = Path(export_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"export folder not found: {folder}")
+    has_tokenizer = any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+    adapter = folder / ADAPTER_CONFIG
+    if not adapter.is_file():
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder}: neither {ADAPTER_CONFIG} (PEFT adapter) nor config.json (full model)")
+        return load_causal_lm(str(folder), dtype), load_tokenizer(str(folder)), None
+    try:
+        base = json.loads(adapter.read_text(encoding="utf-8"))["base_model_name_or_path"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{adapter}: field 'base_model_name_or_path' unreadable ({e})") from None
+    if not base:
+        raise ValueError(f"{adapter}: field 'base_model_name_or_path' is empty: cannot tell which base to load")
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_causal_lm(base, dtype), str(folder))
+    if merge_lora:
+        model = model.merge_and_unload()
+    tokenizer = load_tokenizer(str(folder) if has_tokenizer else base)
+    return model, tokenizer, base
+
+
+def load_checkpoint(ckpt_path: str | Path, merge_lora: bool = True) -> tuple[Any, Any, str, str]:
+    """Load a ``ClarifyModule`` checkpoint: ``(model, tokenizer, base model name, objective name)``."""
+    from clarify_lit.train.module import ClarifyModule
+
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    module = ClarifyModule.from_checkpoint(path)
+    model = module.model
+    if merge_lora and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    objective = (module.hparams.get("objective_config") or {}).get("class") or "checkpoint"
+    return model, module.tokenizer, str(module.hparams.get("model_name_or_path", "")), objective
+
+
+def check_one_source(model: str | None, ckpt_path: str | None, export_dir: str | None) -> None:
+    given = [name for name, v in (("--model", model), ("--ckpt_path", ckpt_path), ("--export_dir", export_dir)) if v]
+    if len(given) != 1:
+        raise ValueError("clarify evaluate needs exactly one of --model (a base model), --ckpt_path (a Lightning "
+                         f"checkpoint) or --export_dir (an exported HF/PEFT folder); got {given or 'none'}")
+
+
+def load_policy(model: str | None, ckpt_path: str | None, export_dir: str | None, dtype: str,
+                merge_lora: bool) -> tuple[Any, Any, dict[str, Any]]:
+    """Load exactly one of the three policy sources; return ``(model, tokenizer, info)`` (info goes into meta)."""
+    check_one_source(model, ckpt_path, export_dir)
+    if model:
+        from clarify_lit.models import load_causal_lm, load_tokenizer
+
+        return load_causal_lm(model, dtype), load_tokenizer(model), {
+            "source": "model", "model": model, "base_model": model, "default_method": "Base"}
+    if ckpt_path:
+        m, tok, base, objective = load_checkpoint(ckpt_path, merge_lora)
+        return m, tok, {"source": "ckpt", "model": str(ckpt_path), "base_model": base, "default_method": objective}
+    assert export_dir is not None
+    m, tok, base = load_export(export_dir, dtype, merge_lora)
+    folder = Path(export_dir).resolve()
+    label = folder.parent.name if folder.name == "export" else folder.name
+    return m, tok, {"source": "export", "model": str(export_dir), "base_model": base, "default_method": label}
+
+
+def evaluate(
+    model: str | None = None,
+    ckpt_path: str | None = None,
+    export_dir: str | None = None,
+    method: str | None = None,
+    out_dir: str = "runs/eval",
+    data: DataOptions | None = None,
+    n_questions: int | None = None,
+    setting: Setting = "reasoning",
+    mode: Mode = "thinking",
+    n_turns: int = 3,
+    teacher: TeacherOptions | None = None,
+    reward: RewardOptions | None = None,
+    temperatures: list[float] | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    seed: int = 0,
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    device: str = "auto",
+    merge_lora: bool = True,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Evaluate a policy on held-out questions (see the module docstring).
+
+    Args:
+        model: a base model (hub id, folder, ``embedded:smollm2-135m-instruct``, ``tiny-random``).
+        ckpt_path: a ``ClarifyModule`` Lightning checkpoint.
+        export_dir: an exported HF folder or PEFT adapter folder.
+        method: the label in ``metrics.json`` and in ``clarify report`` (default: Base / the objective / the run).
+        out_dir: where ``metrics.json`` and ``rollouts.jsonl`` are written.
+        data: the questions, with ``clarify simulate``'s data options (``--data.dataset sciq``, ``--data.path``,
+            ``--data.columns``, ``--data.seed``, ``--data.n_train``, ``--data.n_test``): its held-out **test** part
+            (``part`` is overridden; keep seed/n_train/n_test equal to the simulation's so the parts are disjoint).
+        n_questions: evaluate the first N held-out questions (default: all ``data.n_test``; the paper: 100).
+        setting: ``reasoning`` or ``clarifying``.
+        mode: ``thinking`` or ``standard``.
+        n_turns: assistant turns per conversation.
+        teacher: the teacher, with ``clarify simulate``'s options (``--teacher.kind llm --teacher.backend
+            endpoint --teacher.endpoint.base_url …``); default scripted (reasoning) / retrieval (clarifying). An
+            ``llm`` teacher defaults to the *base* model, so every method meets the same teacher.
+        reward: the reward, with ``clarify simulate``'s options (``--reward.kind gold_prob``, ``--reward.judge_model``,
+            ``--reward.kind llm_judge --reward.backend endpoint …``); default ``correct``. Judges default to the base.
+        temperatures: one run per temperature per question (default ``[0.0]``: one greedy run).
+        max_new_tokens: token budget of each assistant turn.
+        batch_size: conversations per ``generate`` call.
+        seed: rollout seed.
+        dtype: weights dtype for ``--model``/``--export_dir``.
+        device: ``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:1`` ….
+        merge_lora: merge a LoRA adapter into the base weights before generating (faster, same outputs).
+        progress: show a progress bar.
+    """
+    check_one_source(model, ckpt_path, export_dir)  # before any loading: fail fast on a bad command line
+    start = time.perf_counter()
+    dev = resolve_device(device)
+    data = data or DataOptions()
+    tasks = load_eval_tasks(data, n_questions)
+    policy, tokenizer, info = load_policy(model, ckpt_path, export_dir, dtype, merge_lora)
+    policy = policy.to(dev).eval()
+    teacher_obj, reward_obj = build_teacher_and_reward(teacher, reward, base_model=info["base_model"],
+                                                       setting=setting, device=dev, batch_size=batch_size)
+    spec = RolloutSpec(setting=setting, mode=mode, n_turns=n_turns, temperatures=list(temperatures or [0.0]),
+                       max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+    records = run_rollouts(policy, tokenizer, tasks, spec, teacher=teacher_obj, reward=reward_obj,
+                           progress=progress, model_name=info["model"])
+    metrics = compute_metrics(records, tokenizer, setting=setting, choices={t.task_id: t.choices for t in tasks})
+    out = Path(out_dir)
+    write_records(out / "rollouts.jsonl", records)
+    meta = {
+        "method": method or info["default_method"], "model": info["model"], "base_model": info["base_model"],
+        "source": info["source"], "n": len(records), "n_questions": len(tasks),
+        "dataset": data.label or data.dataset, "data": asdict(data),
+        "teacher": teacher_obj.describe(), "reward": reward_obj.describe(), **asdict(spec), "dtype": dtype, "device": str(dev),
+        "seconds": round(time.perf_counter() - start, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "rollouts": "rollouts.jsonl", "argv": sys.argv[1:],
+    }
+    (out / "metrics.json").write_text(json.dumps(nan_to_none({"metrics": metrics, "meta": meta}), indent=2),
+                                      encoding="utf-8")
+    print(summary_line(meta["method"], metrics, out))
+    return metrics
+
+
+def summary_line(method: str, m: dict[str, float], out: Path) -> str:
+    """One human line: accuracy ± SE, reward ± SE, Thinking %, format rate, where the files went."""
+    return (f"[clarify evaluate] {method}: n={m['n']:.0f}  accuracy {m['accuracy']:.3f} ± {m['accuracy_se']:.3f}  "
+            f"reward {m['reward']:.3f} ± {m['reward_se']:.3f}  thinking {m['thinking_pct']:.1f}%  "
+            f"format {m['format_rate']:.3f}  → {out / 'metrics.json'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``clarify evaluate`` (jsonargparse: every argument of :func:`evaluate`, plus ``--config``)."""
+    from jsonargparse import CLI
+
+    CLI(evaluate, args=argv, as_positional=False, prog="clarify evaluate",
+        description="Roll a policy (--model, --ckpt_path or --export_dir) out on held-out questions; write "
+        "metrics.json and rollouts.jsonl to --out_dir. See docs/evaluation.md.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,375 @@
+"""``clarify report``: the paper-style results table from several ``metrics.json`` files.
+
+    clarify report runs/base/eval runs/refit-s*/eval 'Swift=runs/swift/eval/metrics.json' --out results/report.md
+
+Each input is a ``metrics.json`` file (written by ``clarify evaluate`` or by the ``RolloutEvaluation`` callback as
+``rollouts/step_XXXXXX.metrics.json``), a folder holding one (searched recursively when not directly inside), or a
+glob; ``LABEL=PATH`` overrides the method label stored in the file. Several files with the same label are seeds of
+one method and are aggregated: the mean over seeds, with the combined standard error ``sqrt(sum_i SE_i^2) / k`` (the
+sampling error of the mean of k independent estimates; the spread between seeds is reported separately as
+``<metric>_seed_sd`` in the JSON output). Outputs: a Markdown table (stdout and ``--out``), a PNG plot with error
+bars, a JSON file with the aggregated numbers and, when rollouts are available, a second table of paired
+per-question comparisons (accuracy and reward differences with paired SE and an exact sign test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clarify_lit.data.records import ConversationRecord, load_records
+from clarify_lit.evaluate.metrics import HIGHER_IS_BETTER, PairedDiff, nan_to_none, paired_comparison
+
+METRICS_FILE = "metrics.json"
+
+# Table columns in paper order: metric key -> (header, decimals, scale). Columns nobody measured are dropped.
+COLUMNS: dict[str, tuple[str, int]] = {
+    "accuracy": ("Accuracy", 3),
+    "format_rate": ("Format", 3),
+    "thinking_pct": ("Thinking %", 1),
+    "reward": ("Reward", 3),
+    "single_question_rate": ("One question", 3),
+    "tokens_per_turn": ("Tokens/turn", 1),
+    "judge_overall": ("Overall", 2),
+    "judge_accuracy": ("Accuracy (judge)", 2),
+    "judge_reasoning": ("Reasoning", 2),
+    "judge_comprehensiveness": ("Comprehensiveness", 2),
+    "judge_pedagogical_value": ("Pedagogical value", 2),
+    "judge_confidence": ("Confidence", 2),
+}
+PLOT_METRICS = ("accuracy", "reward", "thinking_pct", "judge_overall")
+
+
+@dataclass
+class MetricsFile:
+    """One loaded ``metrics.json``: its metrics, its run metadata and where it came from."""
+
+    path: Path
+    label: str
+    metrics: dict[str, float]
+    meta: dict[str, Any]
+
+    def rollouts_path(self) -> Path | None:
+        """The rollouts written next to the metrics (``meta["rollouts"]`` relative to the file, else a sibling)."""
+        name = self.meta.get("rollouts")
+        candidates = [self.path.parent / name] if isinstance(name, str) else []
+        candidates.append(self.path.parent / "rollouts.jsonl")
+        if self.path.name.endswith(".metrics.json"):  # callback layout: step_000100.metrics.json + .jsonl
+            candidates.append(self.path.with_name(self.path.name[: -len(".metrics.json")] + ".jsonl"))
+        return next((c for c in candidates if c.is_file()), None)
+
+
+@dataclass
+class MethodSummary:
+    """A method aggregated over its seeds (files)."""
+
+    label: str
+    files: list[MetricsFile]
+    mean: dict[str, float] = field(default_factory=dict)
+    se: dict[str, float] = field(default_factory=dict)
+    seed_sd: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        return len(self.files)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------------------------
+def read_metrics_file(path: str | os.PathLike, label: str | None = None) -> MetricsFile:
+    """Load one ``metrics.json`` (``{"metrics": {...}, "meta": {...}}``); errors name the file and the field."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):
+        raise ValueError(f"{p}: field 'metrics': missing or not an object (expected the output of clarify evaluate)")
+    meta = data.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise ValueError(f"{p}: field 'meta': must be an object")
+    metrics: dict[str, float] = {}
+    for k, v in data["metrics"].items():
+        if v is None:
+            metrics[k] = math.nan
+        elif isinstance(v, int | float) and not isinstance(v, bool):
+            metrics[k] = float(v)
+        else:
+            raise ValueError(f"{p}: field 'metrics.{k}': must be a number, got {v!r}")
+    name = label or meta.get("method") or p.parent.name
+    return MetricsFile(path=p, label=str(name), metrics=metrics, meta=meta)
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[tuple[str | None, Path]]:
+    """Resolve ``[LABEL=]PATH`` inputs (files, folders, globs) to ``(label, metrics.json path)`` pairs."""
+    found: list[tuple[str | None, Path]] = []
+    for item in inputs:
+        label, _, spec = item.partition("=") if "=" in item and not os.path.exists(item) else (None, "", item)
+        label = label or None
+        matches = sorted(glob.glob(spec, recursive=True)) if glob.has_magic(spec) else [spec]
+        if not matches:
+            raise FileNotFoundError(f"report input {item!r}: the glob matched nothing")
+        for m in matches:
+            p = Path(m)
+            if p.is_dir():
+                direct = p / METRICS_FILE
+                files = [direct] if direct.is_file() else sorted(p.rglob(METRICS_FILE))
+                if not files:
+                    raise FileNotFoundError(f"report input {item!r}: no {METRICS_FILE} in folder {p}")
+                found.extend((label, f) for f in files)
+            elif p.is_file():
+                found.append((label, p))
+            else:
+                raise FileNotFoundError(f"report input {item!r}: {p} does not exist")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Aggregation over seeds
+# ---------------------------------------------------------------------------------------------------------------
+def _finite(x: float | None) -> bool:
+    return x is not None and not math.isnan(x)
+
+
+def aggregate(files: Sequence[MetricsFile]) -> list[MethodSummary]:
+    """Group files by label (first-seen order) and average every metric over the group's seeds.
+
+    For a metric ``m`` measured in k files: mean ``(1/k) sum m_i``; SE ``sqrt(sum SE_i^2) / k`` where ``SE_i`` is
+    ``m_se`` of file i (if any file lacks ``m_se`` the SE is NaN); seed sd = sample std of the ``m_i`` (k > 1).
+    Counts (``n``, ``n_assistant_turns``, ``*_n``, ``*_missing``) are summed instead.
+    """
+    groups: dict[str, list[MetricsFile]] = {}
+    for f in files:
+        groups.setdefault(f.label, []).append(f)
+    out = []
+    for label, group in groups.items():
+        s = MethodSummary(label=label, files=group)
+        keys = [k for k in dict.fromkeys(k for f in group for k in f.metrics) if not k.endswith("_se")]
+        for key in keys:
+            vals = [f.metrics[key] for f in group if _finite(f.metrics.get(key))]
+            if not vals:
+                continue
+            if key == "n" or key.startswith("n_") or key.endswith(("_n", "_missing")):
+                s.mean[key] = float(sum(vals))
+                continue
+            k = len(vals)
+            s.mean[key] = sum(vals) / k
+            ses = [f.metrics.get(f"{key}_se") for f in group if _finite(f.metrics.get(key))]
+            if all(_finite(x) for x in ses):
+                s.se[key] = math.sqrt(sum(x * x for x in ses)) / k  # type: ignore[operator]
+            elif any(f"{key}_se" in f.metrics for f in group):
+                s.se[key] = math.nan
+            if k > 1:
+                m = s.mean[key]
+                s.seed_sd[key] = math.sqrt(sum((v - m) ** 2 for v in vals) / (k - 1))
+        out.append(s)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------------------------
+def table_columns(methods: Sequence[MethodSummary], wanted: Sequence[str] | None = None) -> list[str]:
+    """The metric columns to show: ``wanted`` (validated), else every :data:`COLUMNS` entry someone measured."""
+    if wanted:
+        unknown = [m for m in wanted if not any(m in s.mean for s in methods)]
+        if unknown:
+            have = sorted({k for s in methods for k in s.mean})
+            raise ValueError(f"--metrics {unknown} not found in any metrics.json (available: {have})")
+        return list(wanted)
+    return [c for c in COLUMNS if any(c in s.mean for s in methods)]
+
+
+def _fmt(value: float, se: float | None, decimals: int) -> str:
+    if not _finite(value):
+        return "–"
+    text = f"{value:.{decimals}f}"
+    if se is not None:
+        text += " ± " + (f"{se:.{decimals}f}" if _finite(se) else "?")
+    return text
+
+
+def results_table(methods: Sequence[MethodSummary], columns: Sequence[str]) -> str:
+    """Markdown table: one row per method, ``mean ± SE`` per metric, the best value of a higher-is-better column in
+    bold (ties at the displayed precision are all bold)."""
+    header = ["Method", "seeds", "n", *(COLUMNS.get(c, (c, 3))[0] for c in columns)]
+    best: dict[str, str] = {}
+    for c in columns:
+        dec = COLUMNS.get(c, (c, 3))[1]
+        vals = [s.mean[c] for s in methods if _finite(s.mean.get(c))]
+        if c in HIGHER_IS_BETTER and len(vals) > 1:
+            best[c] = f"{max(vals):.{dec}f}"
+    rows = []
+    for s in methods:
+        cells = [s.label, str(s.k), f"{s.mean['n']:.0f}" if _finite(s.mean.get("n")) else "–"]
+        for c in columns:
+            dec = COLUMNS.get(c, (c, 3))[1]
+            v = s.mean.get(c, math.nan)
+            cell = _fmt(v, s.se.get(c) if c in s.se else None, dec)
+            if c in best and _finite(v) and f"{v:.{dec}f}" == best[c]:
+                cell = f"**{cell}**"
+            cells.append(cell)
+        rows.append(cells)
+    return _markdown(header, rows)
+
+
+def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def choose_pairs(labels: Sequence[str], pairs: Sequence[str] | None, baseline: str | None) -> list[tuple[str, str]]:
+    """Which (A, B) comparisons to make: explicit ``A:B`` pairs; else all vs ``baseline`` (default ``Base`` when
+    present); else the only two methods; else none."""
+    if pairs:
+        out = []
+        for p in pairs:
+            a, sep, b = p.partition(":")
+            if not sep or a not in labels or b not in labels:
+                raise ValueError(f"--pairs {p!r}: expected A:B with method labels among {list(labels)}")
+            out.append((a, b))
+        return out
+    if baseline is None and "Base" in labels:
+        baseline = "Base"
+    if baseline is not None:
+        if baseline not in labels:
+            raise ValueError(f"--baseline {baseline!r} is not among the methods {list(labels)}")
+        return [(m, baseline) for m in labels if m != baseline]
+    return [(labels[0], labels[1])] if len(labels) == 2 else []
+
+
+def method_rollouts(s: MethodSummary) -> list[ConversationRecord] | None:
+    """All rollouts of a method's seeds, or ``None`` when some seed has no rollouts file next to its metrics."""
+    records: list[ConversationRecord] = []
+    for f in s.files:
+        path = f.rollouts_path()
+        if path is None:
+            return None
+        # seeds may share record ids (same question, same run) — load each file separately, ids are per file
+        recs, _ = load_records(path)
+        records.extend(recs)
+    return records
+
+
+def paired_table(results: Sequence[tuple[str, str, dict[str, PairedDiff]]]) -> str:
+    """Markdown table of paired comparisons: Δ = A − B per shared question, paired SE, wins/losses/ties, sign p."""
+    header = ["A vs B", "questions", "Δ accuracy ± SE", "acc. W/L/T", "sign p (acc.)",
+              "Δ reward ± SE", "reward W/L/T", "sign p (reward)"]
+    rows = []
+    for a, b, res in results:
+        acc, rew = res["accuracy"], res["reward"]
+        rows.append([f"{a} vs {b}", str(acc.n), _fmt(acc.diff, acc.se, 3), f"{acc.wins}/{acc.losses}/{acc.ties}",
+                     f"{acc.p_sign:.3g}", _fmt(rew.diff, rew.se, 3), f"{rew.wins}/{rew.losses}/{rew.ties}",
+                     f"{rew.p_sign:.3g}"])
+    return _markdown(header, rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plot
+# ---------------------------------------------------------------------------------------------------------------
+def plot_methods(methods: Sequence[MethodSummary], columns: Sequence[str], path: str | os.PathLike) -> Path:
+    """One panel per metric (accuracy, reward, Thinking %, judge Overall when measured): mean with SE error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: never needs a display
+    import matplotlib.pyplot as plt
+
+    shown = [c for c in PLOT_METRICS if c in columns] or list(columns[:4])
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown) + 1, 3.6), squeeze=False)
+    labels = [s.label for s in methods]
+    for ax, c in zip(axes[0], shown, strict=True):
+        ys = [s.mean.get(c, math.nan) for s in methods]
+        es = [s.se.get(c, 0.0) if _finite(s.se.get(c)) else 0.0 for s in methods]
+        xs = list(range(len(methods)))
+        ax.errorbar(xs, ys, yerr=es, fmt="o", capsize=4, color="tab:blue")
+        ax.set_xticks(xs, labels, rotation=30, ha="right")
+        ax.set_title(COLUMNS.get(c, (c, 3))[0])
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_xlim(-0.5, len(methods) - 0.5)
+    fig.suptitle("mean ± SE")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command
+# ---------------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="clarify report", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("inputs", nargs="+", help="metrics.json files, folders or globs; LABEL=PATH sets the label")
+    ap.add_argument("--out", default="report.md", help="Markdown output (the PNG and JSON go next to it)")
+    ap.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
+    ap.add_argument("--metrics", nargs="+", default=None, help="metric columns (default: all measured)")
+    ap.add_argument("--baseline", default=None, help="compare every method against this one (default: Base)")
+    ap.add_argument("--pairs", nargs="+", default=None, metavar="A:B", help="explicit paired comparisons A:B")
+    ap.add_argument("--no-paired", action="store_true", help="skip the paired per-question table")
+    return ap
+
+
+def run_report(inputs: Sequence[str], out: str | os.PathLike = "report.md", plot: str | os.PathLike | None = None,
+               metrics: Sequence[str] | None = None, baseline: str | None = None,
+               pairs: Sequence[str] | None = None, paired: bool = True) -> str:
+    """Build the report, write ``out`` (.md), the plot (.png) and a .json summary; return the Markdown text."""
+    files = [read_metrics_file(p, label) for label, p in expand_inputs(inputs)]
+    methods = aggregate(files)
+    columns = table_columns(methods, metrics)
+    parts = ["## Results (mean ± SE; best in bold)", "", results_table(methods, columns)]
+    if any(s.k > 1 for s in methods):
+        parts += ["", "Methods with several seeds: mean over seeds, SE = sqrt(Σ SE_i²)/k."]
+    comparisons: list[tuple[str, str, dict[str, PairedDiff]]] = []
+    notes: list[str] = []
+    if paired:
+        by_label = {s.label: s for s in methods}
+        for a, b in choose_pairs(list(by_label), pairs, baseline):
+            ra, rb = method_rollouts(by_label[a]), method_rollouts(by_label[b])
+            if ra is None or rb is None:
+                notes.append(f"{a} vs {b}: skipped (no rollouts file next to a metrics.json)")
+                continue
+            try:
+                comparisons.append((a, b, paired_comparison(ra, rb)))
+            except ValueError as e:
+                notes.append(f"{a} vs {b}: skipped ({e})")
+    if comparisons:
+        parts += ["", "## Paired per-question comparison (Δ = A − B; exact two-sided sign test, ties dropped)", "",
+                  paired_table(comparisons)]
+    if notes:
+        parts += [""] + [f"- {n}" for n in notes]
+    text = "\n".join(parts) + "\n"
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    plot_methods(methods, columns, plot or out.with_suffix(".png"))
+    summary = {
+        "methods": [{"label": s.label, "seeds": s.k, "files": [str(f.path) for f in s.files], "mean": s.mean,
+                     "se": s.se, "seed_sd": s.seed_sd} for s in methods],
+        "paired": [{"a": a, "b": b, **{k: v.as_dict() for k, v in r.items()}} for a, b, r in comparisons],
+    }
+    out.with_suffix(".json").write_text(json.dumps(nan_to_none(summary), indent=2), encoding="utf-8")
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``clarify report``."""
+    args = build_parser().parse_args(argv)
+    text = run_report(args.inputs, out=args.out, plot=args.plot, metrics=args.metrics, baseline=args.baseline,
+                      pairs=args.pairs, paired=not args.no_paired)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""Batched generation for many conversations at once.
+
+:class:`GenerationEngine` takes a list of conversations (chat messages ending with a ``user`` turn) and produces the
+next assistant turn of each, in left-padded batches through ``model.generate`` (KV cache on). Rows are grouped by
+temperature (``generate`` takes one temperature per call; 0 = greedy) and, optionally, sorted by prompt length so a
+batch pads little. Each ``generate`` call is seeded from ``(seed, temperature, batch index)`` inside a forked RNG, so
+the same inputs and seed give the same text, and the caller's RNG state is untouched.
+
+The engine never changes the shared tokenizer (padding is done here, by hand) and puts the model back into the
+train/eval mode it found.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, str]
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any tuple of parts (stable across processes and Python versions, unlike ``hash``)."""
+    digest = hashlib.sha256(repr(parts).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+@dataclass
+class Generation:
+    """One generated assistant turn."""
+
+    text: str
+    n_tokens: int  # generated tokens, the end-of-turn token included
+    truncated: bool  # hit max_new_tokens before an end-of-turn token
+
+
+@dataclass
+class GenerationStats:
+    """Running totals, for progress bars and summaries."""
+
+    calls: int = 0
+    rows: int = 0
+    new_tokens: int = 0
+    truncated: int = 0
+    seconds: float = 0.0
+
+    def add(self, other: GenerationStats) -> None:
+        for name in ("calls", "rows", "new_tokens", "truncated", "seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Switch to eval() for the block and restore the previous mode (a training loop may call us mid-epoch)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed torch inside a forked RNG so the caller's random state (e.g. a training loop's) is not disturbed."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # a parameter-less stub
+        return torch.device("cpu")
+
+
+def end_token_ids(tokenizer, model=None) -> list[int]:
+    """Token ids that end an assistant turn: EOS, ``<|im_end|>`` if the vocabulary has it, the model's EOS list."""
+    ids: list[int] = []
+    candidates: list[int | None] = [tokenizer.eos_token_id]
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
+    candidates.append(im_end)
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    candidates.extend(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    for i in candidates:
+        if isinstance(i, int) and i not in ids:
+            ids.append(i)
+    if not ids:
+        raise ValueError("tokenizer has no EOS token; set tokenizer.eos_token so generation can stop")
+    return ids
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` with every row right-aligned (padding on the left, mask 0 there)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+class GenerationEngine:
+    """Next-assistant-turn generation for many conversations, batched and left-padded.
+
+    ``batch_size`` rows per ``generate`` call; ``sort_by_length`` orders rows of one temperature by prompt length
+    before batching (less padding, same greedy text); ``top_p``/``top_k`` apply when sampling (defaults: plain
+    temperature sampling). ``min_new_tokens=1`` keeps a turn from ending before it starts.
+    """
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 8, max_new_tokens: int = 64,
+                 sort_by_length: bool = True, top_p: float = 1.0, top_k: int = 0, min_new_tokens: int = 1):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.sort_by_length = sort_by_length
+        self.top_p = top_p
+        self.top_k = top_k
+        self.min_new_tokens = min_new_tokens
+        self.end_ids = end_token_ids(tokenizer, model)
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.end_ids[0]
+        self.stats = GenerationStats()
+
+    # -- encoding ---------------------------------------------------------------------------------------------
+
+    def encode(self, messages: Sequence[Message], assistant_prefix: str = "") -> list[int]:
+        """Token ids of a chat prompt ending with the assistant header (plus an optional forced prefix)."""
+        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return list(self.tokenizer(text + assistant_prefix, add_special_tokens=False)["input_ids"])
+
+    # -- generation -------------------------------------------------------------------------------------------
+
+    def _config(self, temperature: float, max_new_tokens: int):
+        from transformers import GenerationConfig
+
+        common = dict(max_new_tokens=max_new_tokens, min_new_tokens=min(self.min_new_tokens, max_new_tokens),
+                      eos_token_id=self.end_ids, pad_token_id=self.pad_id, use_cache=True)
+        if temperature <= 0:
+            return GenerationConfig(do_sample=False, **common)
+        return GenerationConfig(do_sample=True, temperature=float(temperature), top_p=self.top_p, top_k=self.top_k,
+                                **common)
+
+    def plan(self, lengths: Sequence[int], temperatures: Sequence[float]) -> list[tuple[float, list[int]]]:
+        """The batches as ``(temperature, row indices)``: by temperature (ascending), then optionally by length."""
+        groups: dict[float, list[int]] = {}
+        for i, t in enumerate(temperatures):
+            if t < 0:
+                raise ValueError(f"temperature must be >= 0, got {t}")
+            groups.setdefault(float(t), []).append(i)
+        batches = []
+        for t in sorted(groups):
+            rows = groups[t]
+            if self.sort_by_length:
+                rows = sorted(rows, key=lambda i: -lengths[i])  # stable: ties keep input order
+            batches.extend((t, rows[k:k + self.batch_size]) for k in range(0, len(rows), self.batch_size))
+        return batches
+
+    def generate(self, conversations: Sequence[Sequence[Message]], temperatures: float | Sequence[float], *,
+                 seed: int, max_new_tokens: int | None = None) -> list[Generation]:
+        """The next assistant turn of every conversation, in input order."""
+        if isinstance(temperatures, int | float):
+            temperatures = [float(temperatures)] * len(conversations)
+        if len(temperatures) != len(conversations):
+            raise ValueError(f"{len(conversations)} conversations but {len(temperatures)} temperatures")
+        if not conversations:
+            return []
+        prompts = [self.encode(c) for c in conversations]
+        return self.generate_ids(prompts, temperatures, seed=seed, max_new_tokens=max_new_tokens)
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], temperatures: Sequence[float], *, seed: int,
+                     max_new_tokens: int | None = None) -> list[Generation]:
+        """Like :meth:`generate` for already-encoded prompts."""
+        max_new = max_new_tokens or self.max_new_tokens
+        results: list[Generation | None] = [None] * len(prompts)
+        device = model_device(self.model)
+        start = time.perf_counter()
+        with eval_mode(self.model), torch.inference_mode():
+            for b, (temp, rows) in enumerate(self.plan([len(p) for p in prompts], temperatures)):
+                ids, mask = left_pad([prompts[i] for i in rows], self.pad_id, device)
+                with seeded(derive_seed(seed, temp, b)):
+                    out = self.model.generate(input_ids=ids, attention_mask=mask,
+                                              generation_config=self._config(temp, max_new))
+                new = out[:, ids.shape[1]:].tolist()
+                for i, toks in zip(rows, new, strict=True):
+                    results[i] = self._decode(toks, max_new)
+                self.stats.calls += 1
+        self.stats.rows += len(prompts)
+        self.stats.new_tokens += sum(r.n_tokens for r in results)  # type: ignore[union-attr]
+        self.stats.truncated += sum(r.truncated for r in results)  # type: ignore[union-attr]
+        self.stats.seconds += time.perf_counter() - start
+        return results  # type: ignore[return-value]
+
+    def _decode(self, toks: list[int], max_new: int) -> Generation:
+        """Cut at the first end-of-turn token and decode without special tokens."""
+        end = next((k for k, t in enumerate(toks) if t in self.end_ids), None)
+        body = toks if end is None else toks[:end]
+        text = self.tokenizer.decode(body, skip_special_tokens=True).strip()
+        n = len(toks) if end is None else end + 1
+        return Generation(text=text, n_tokens=n, truncated=end is None and len(toks) >= max_new)
+
+    # -- scoring ----------------------------------------------------------------------------------------------
+
+    def next_token_logprobs(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Log-probabilities of the next token after each prompt, shape ``(len(prompts), vocab)`` (float32, CPU)."""
+        device = model_device(self.model)
+        outs = []
+        with eval_mode(self.model), torch.inference_mode():
+            order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+            chunks = [order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size)]
+            for rows in chunks:
+                ids, mask = left_pad([prompts[i] for i in rows], self.pad_id, device)
+                position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -1]
+                outs.append((rows, torch.log_softmax(logits.float(), dim=-1).cpu()))
+            vocab = outs[0][1].shape[-1] if outs else 0
+            scores = torch.empty((len(prompts), vocab))
+            for rows, lp in outs:
+                scores[rows] = lp
+        return scores

@@ -1,0 +1,125 @@
+"""Shared fixtures: a per-session ``$CLARIFY_CACHE``, the tiny random model/tokenizer, and a conversation-records
+factory (system prompt + 3 teacher/assistant exchanges, several tasks × runs, rewards chosen by the test).
+
+``$CLARIFY_CACHE`` is set per test (``clarify_cache`` fixture, restored afterwards) to one tmp folder per session, so
+tests never read or write the user's cache; the tiny model is built once per session inside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+SYSTEM_PROMPT = "You are an expert at multiple-choice questions."
+LETTERS = "ABCD"
+
+
+@pytest.fixture(scope="session")
+def cache_root(tmp_path_factory) -> Path:
+    """One clarify cache folder for the whole session (tiny model built once, tokenized samples shared)."""
+    return tmp_path_factory.mktemp("clarify_cache")
+
+
+@pytest.fixture
+def clarify_cache(cache_root, monkeypatch) -> Path:
+    """Point ``$CLARIFY_CACHE`` at the session cache for this test only, and run torch single-threaded meanwhile
+    (the tiny model's ops are too small to gain from threads; on 2 shared cores threads only spin: ~3× slower)."""
+    import torch
+
+    monkeypatch.setenv("CLARIFY_CACHE", str(cache_root))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield cache_root
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(cache_root) -> Path:
+    """The ``tiny-random`` model folder, built once per session inside the session cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CLARIFY_CACHE", str(cache_root))
+        from clarify_lit.models import ensure_tiny_random
+
+        path = ensure_tiny_random()
+    assert (path / "config.json").exists() and path.is_relative_to(cache_root)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir):
+    from clarify_lit.models import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_dir))
+
+
+def make_messages(task: int, run: int, n_exchanges: int = 3, system: bool = True,
+                  final_answer: str | None = None) -> list[dict[str, str]]:
+    """A conversation: [system], then ``n_exchanges`` × (teacher ``user``, ``assistant``). Lengths vary with
+    task and run so token counts differ between samples."""
+    msgs = [{"role": "system", "content": SYSTEM_PROMPT}] if system else []
+    for k in range(n_exchanges):
+        if k == 0:
+            user = f"Question {task}: which of the options is correct? " + "Why might some options be incorrect? " * (
+                task % 3)
+        elif k == n_exchanges - 1:
+            user = "Give your final answer."
+        else:
+            user = "The answer names a physical property." + " water" * (run % 2)
+        if k == n_exchanges - 1:
+            assistant = final_answer or f"The answer is {LETTERS[run % 4]}."
+        else:
+            assistant = f"Is it about energy{' and plants' * (run + k)}?"
+        msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return msgs
+
+
+def make_record(task: int, run: int, reward: float, **overrides) -> dict:
+    """A raw (dict) conversation record (task ``t{task}``, id ``t{task}-r{run}``) as written to a JSONL file."""
+    task_id = f"t{task}"
+    rec = {
+        "id": f"{task_id}-r{run}",
+        "task_id": task_id,
+        "dataset": "toy",
+        "run": run,
+        "temperature": 0.5 * run,
+        "reward": reward,
+        "messages": make_messages(task, run),
+        "reward_components": {"correct": float(isinstance(reward, int | float) and reward >= 1.0), "judge": None},
+        "gold": "A",
+        "prediction": LETTERS[run % 4],
+        "meta": {"question_prompt": f"Question {task_id} as first asked"},
+    }
+    rec.update(overrides)
+    return rec
+
+
+def default_reward(task: int, run: int) -> float:
+    """Non-negative rewards with spread in every task (run 0 best), so every objective has data."""
+    return [1.0, 0.0, 0.5, 0.25][run % 4]
+
+
+@pytest.fixture
+def records_factory(tmp_path) -> Callable[..., Path]:
+    """``make(n_tasks=4, n_runs=3, rewards=None, name="records.jsonl", extra=())`` writes records and returns the
+    path. ``rewards`` is a ``{task_index: [r_run0, ...]}`` mapping or a ``(task, run) -> reward`` callable; the file
+    format follows the suffix (``.jsonl`` or ``.parquet``) via ``write_records``."""
+    from clarify_lit.data.records import write_records
+
+    def make(n_tasks: int = 4, n_runs: int = 3, rewards: dict | Callable | None = None,
+             name: str = "records.jsonl", extra: Sequence[dict] = ()) -> Path:
+        rows = []
+        for t in range(n_tasks):
+            for r in range(n_runs):
+                if rewards is None:
+                    reward = default_reward(t, r)
+                elif callable(rewards):
+                    reward = rewards(t, r)
+                else:
+                    reward = rewards[t][r]
+                rows.append(make_record(t, r, reward))
+        rows += list(extra)
+        return write_records(tmp_path / name, rows)
+
+    return make

@@ -1,0 +1,288 @@
+"""The ``clarify`` CLI in-process: help, every preset YAML parses, end-to-end ``fit`` for each objective on the tiny
+model (what changed, the run tree, the export loads with transformers + peft alone), resume, full fine-tuning."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback
+
+from clarify_lit.cli import ClarifyCLI, lightning_main, main
+from clarify_lit.models import CHATML_TEMPLATE
+
+pytestmark = pytest.mark.usefixtures("clarify_cache")
+
+REPO = Path(__file__).resolve().parents[1]
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def test_help_lists_every_command(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    for name in ("simulate", "fit", "validate", "test", "predict", "evaluate", "report"):
+        assert f"  {name} " in out
+    main([])
+    assert "simulate → fit → evaluate → report" in capsys.readouterr().out
+
+
+def test_unknown_command_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["trian"])
+    assert e.value.code == 2 and "unknown command 'trian'" in capsys.readouterr().err
+
+
+def test_fit_help_shows_model_and_data_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--model.objective" in out and "--data.train_files" in out and "--model.use_lora" in out
+
+
+PRESETS = sorted(glob.glob(str(REPO / "configs" / "model" / "*.yaml"))
+                 + glob.glob(str(REPO / "configs" / "objective" / "*.yaml"))
+                 + glob.glob(str(REPO / "configs" / "trainer" / "*.yaml")))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not (set(v) <= {"class_path", "init_args"} and "init_args" not in v):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_presets_found():
+    assert {Path(p).parent.name for p in PRESETS} == {"model", "objective", "trainer"}
+    assert {Path(p).stem for p in PRESETS} >= {"tiny", "refit", "swift", "sft", "dpo", "dpo-conversation", "cpu"}
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: "/".join(Path(p).parts[-2:]))
+def test_every_preset_parses(preset, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", preset, "--data.train_files=[records.jsonl]", "--print_config"])
+    assert e.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["train_files"] == ["records.jsonl"]
+    # every value of the preset is in the resolved config
+    flat = _flatten(printed)
+    for key, value in _flatten(yaml.safe_load(Path(preset).read_text())).items():
+        assert key in flat, key
+        assert flat[key] == value, (key, flat[key], value)
+    # the tokenizer is linked to the model: one source of truth
+    assert printed["data"].get("tokenizer_name_or_path", printed["model"]["model_name_or_path"]) == \
+        printed["model"]["model_name_or_path"]
+
+
+def test_objective_shorthand(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--data.train_files=[r.jsonl]", "--model.objective=Swift", "--model.objective.zero_std=epsilon",
+              "--print_config"])
+    objective = yaml.safe_load(capsys.readouterr().out)["model"]["objective"]
+    assert objective["class_path"] == "clarify_lit.train.objectives.Swift"
+    assert objective["init_args"]["zero_std"] == "epsilon"
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+class Snapshot(Callback):
+    """Keeps the parameters as they were when training started, and the module that trained."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.module = pl_module
+        self.initial = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+        self.trainable = {n for n, p in pl_module.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture
+def run_fit(monkeypatch):
+    """Run ``clarify fit`` in-process; returns ``(cli, snapshot)``."""
+
+    def run(args: list[str]):
+        snap = Snapshot()
+        orig = ClarifyCLI._instantiate_trainer
+
+        def with_snapshot(self, config, callbacks):
+            return orig(self, config, [*callbacks, snap])
+
+        monkeypatch.setattr(ClarifyCLI, "_instantiate_trainer", with_snapshot)
+        cli = lightning_main(["fit", *QUIET, *args])
+        monkeypatch.setattr(ClarifyCLI, "_instantiate_trainer", orig)
+        return cli, snap
+
+    return run
+
+
+def _base_weights(tiny_model_dir) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).state_dict()
+
+
+def _probe(tokenizer):
+    msgs = [{"role": "system", "content": "You are an expert."}, {"role": "user", "content": "Which is correct?"},
+            {"role": "assistant", "content": "The answer is A."}]
+    text = tokenizer.apply_chat_template(msgs, tokenize=False)
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+
+
+OBJECTIVES = {
+    "refit": ("Refit", None),
+    "swift": ("Swift", None),
+    "sft": ("SFT", None),
+    "dpo-conversation": ("DPO", "conversation"),
+    "dpo": ("DPO", "final_answer"),
+}
+
+
+@pytest.mark.parametrize("preset", list(OBJECTIVES))
+def test_fit_end_to_end(preset, run_fit, records_factory, tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cls_name, pairs = OBJECTIVES[preset]
+    records = records_factory(n_tasks=5, n_runs=3)
+    root = tmp_path / "run"
+    cli, snap = run_fit([
+        "--config", str(REPO / "configs" / "model" / "tiny.yaml"),
+        "--config", str(REPO / "configs" / "objective" / f"{preset}.yaml"),
+        f"--data.train_files=[{records}]", "--model.model_name_or_path=tiny-random", "--data.batch_size=2",
+        "--trainer.max_steps=2", f"--trainer.default_root_dir={root}", "--trainer.log_every_n_steps=1",
+        "--trainer.val_check_interval=2", "--data.val_fraction=0.2", "--model.lora_dropout=0.0"])
+    module = cli.model
+    assert snap.module is module and cli.trainer.global_step == 2
+    # a validation pass ran on the held-out task with the same objective
+    metrics = cli.trainer.callback_metrics
+    assert cli.datamodule.val_set is not None and torch.isfinite(metrics["val/loss"])
+    assert ("val/rewards/margins" in metrics) == (cls_name == "DPO") and ("val/nll" in metrics) != (cls_name == "DPO")
+    assert type(module.objective).__name__ == cls_name
+    if pairs is not None:
+        assert module.objective.pairs == pairs
+        sample = cli.datamodule.train_set.samples[0]
+        labels = sample["chosen_labels"]
+        runs = sum(1 for a, b in zip([-100] + labels, labels) if a == -100 and b != -100)
+        assert runs == (1 if pairs == "final_answer" else 3)  # final answer alone vs every assistant turn
+
+    # trainable (LoRA) parameters changed; the base weights did not
+    params = dict(module.named_parameters())
+    assert snap.trainable and all("lora_" in n for n in snap.trainable)
+    changed = [n for n in snap.trainable if not torch.equal(params[n], snap.initial[n])]
+    # B starts at 0 and moves at step 1; A gets a gradient once B ≠ 0, so after 2 steps every adapter tensor moved
+    assert sorted(changed) == sorted(snap.trainable)
+    assert all(torch.equal(params[n], snap.initial[n]) for n in params if n not in snap.trainable)
+    base = _base_weights(tiny_model_dir)
+    merged_free = module.model.get_base_model().state_dict()
+    for k, v in base.items():
+        key = k if k in merged_free else k.replace(".weight", ".base_layer.weight")
+        assert torch.equal(merged_free[key], v), k
+
+    # the run tree
+    assert (root / "config.yaml").exists()
+    saved = yaml.safe_load((root / "config.yaml").read_text())
+    assert saved["model"]["objective"]["class_path"].endswith(cls_name)
+    assert (root / "checkpoints" / "last.ckpt").exists()
+    assert list(root.rglob("events.out.tfevents.*"))
+    export = root / "export"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "chat_template.jinja"):
+        assert (export / name).exists(), name
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2 and ckpt["hyper_parameters"]["objective_config"]["class"] == cls_name
+    assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])
+
+    # the export loads with transformers + peft alone and gives the trained module's logits
+    tok = AutoTokenizer.from_pretrained(str(export))
+    assert tok.chat_template == CHATML_TEMPLATE
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(export)).eval()
+    ids = _probe(tok)
+    module.model.eval()
+    with torch.no_grad():
+        want = module.model(input_ids=ids).logits
+        got = loaded(input_ids=ids).logits
+        base_logits = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(got, base_logits, atol=1e-6)  # the adapter is really in the export
+
+
+def test_resume_continues_the_global_step(run_fit, records_factory, tmp_path):
+    records = records_factory(n_tasks=4, n_runs=3)
+    root = tmp_path / "run"
+    common = [f"--data.train_files=[{records}]", "--model.model_name_or_path=tiny-random", "--data.batch_size=2",
+              f"--trainer.default_root_dir={root}", "--model.lora_r=4", "--model.learning_rate=1e-3"]
+    first, _ = run_fit([*common, "--trainer.max_steps=2"])
+    after_first = {n: p.detach().clone() for n, p in first.model.named_parameters() if p.requires_grad}
+    ckpt1 = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt1["global_step"] == 2
+
+    second, snap = run_fit([*common, "--trainer.max_steps=4", "--ckpt_path", "last"])
+    # training resumed from the first run's weights, not from a fresh adapter
+    assert all(torch.equal(snap.initial[n], after_first[n]) for n in after_first)
+    assert second.trainer.global_step == 4
+    ckpt2 = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt2["global_step"] == 4
+    steps = {float(s["step"]) for s in ckpt2["optimizer_states"][0]["state"].values()}
+    assert steps == {4.0}  # AdamW's step count continued from 2
+    sched = ckpt2["lr_schedulers"][0]
+    assert sched["last_epoch"] == 4 and sched["_step_count"] == 5
+
+
+def test_full_finetuning_changes_base_weights(run_fit, records_factory, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    records = records_factory(n_tasks=4, n_runs=3)
+    root = tmp_path / "run"
+    cli, snap = run_fit([f"--data.train_files=[{records}]", "--model.model_name_or_path=tiny-random",
+                         "--model.use_lora=false", "--model.learning_rate=1e-3", "--data.batch_size=2",
+                         "--trainer.max_steps=1", f"--trainer.default_root_dir={root}"])
+    module = cli.model
+    assert snap.trainable == set(snap.initial)  # everything trains
+    params = dict(module.named_parameters())
+    changed = [n for n in params if not torch.equal(params[n], snap.initial[n])]
+    assert "model.model.layers.0.self_attn.q_proj.weight" in changed and "model.lm_head.weight" in changed
+    export = root / "export"
+    assert (export / "config.json").exists() and (export / "model.safetensors").exists()
+    assert not (export / "adapter_config.json").exists()
+    tok = AutoTokenizer.from_pretrained(str(export))
+    loaded = AutoModelForCausalLM.from_pretrained(str(export)).eval()
+    ids = _probe(tok)
+    module.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, module.model(input_ids=ids).logits, atol=1e-5)
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert "model.model.layers.0.self_attn.q_proj.weight" in ckpt["state_dict"]  # full weights saved
+
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_with_an_odd_number_of_samples(records_factory, cache_root, tmp_path):
+    """``configs/trainer/cpu-ddp.yaml``: 9 conversations over 2 ranks must neither hang (uneven micro-batch counts)
+    nor crash at the end (export on rank 0 alone), and every rank steps in lockstep."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    records = records_factory(n_tasks=3, n_runs=3)  # 9 samples: odd, the last step cannot be split evenly
+    root = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "clarify_lit.cli", "fit", "--config", str(REPO / "configs/trainer/cpu-ddp.yaml"),
+           f"--data.train_files=[{records}]", "--data.val_fraction=0", "--data.batch_size=2",
+           "--model.model_name_or_path=tiny-random", "--trainer.max_epochs=2", f"--trainer.default_root_dir={root}",
+           *QUIET]
+    env = {**os.environ, "CLARIFY_CACHE": str(cache_root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # both ranks: a hung collective never returns
+        proc.communicate()
+        pytest.fail("DDP fit hung (ranks ran different numbers of micro-batches?)")
+    assert proc.returncode == 0, out[-3000:]
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    # per epoch: 8 of 9 samples (cut to a multiple of the world size) = 2 steps of 2 per rank × 2 ranks
+    assert ckpt["global_step"] == 4 and ckpt["epoch"] == 2
+    assert (root / "export" / "adapter_model.safetensors").exists()

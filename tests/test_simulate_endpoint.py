@@ -1,0 +1,165 @@
+"""The OpenAI-compatible endpoint backend against a local server that serves the tiny model's real generations."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from clarify_lit.data.tasks import QATask
+from clarify_lit.models import load_causal_lm, load_tokenizer
+from clarify_lit.simulate.rewards import CorrectReward
+from clarify_lit.simulate.rollout import rollout_tasks
+from clarify_lit.simulate.teachers import EndpointChatBackend, EndpointError, HFChatBackend, LLMTeacher
+
+TASKS = [
+    QATask("sciq/1", "sciq", "What do plants need to make food?", ["sunlight", "sand", "salt", "smoke"], "A",
+           knowledge="Plants make food by photosynthesis."),
+    QATask("obqa/2", "openbookqa", "Which is a source of heat?", ["ice", "fire", "snow", "rain"], "B"),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    # the session's tiny-random folder (conftest: built in a per-session cache, never the user's)
+    return load_causal_lm(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+
+
+class Server:
+    """A 127.0.0.1 server in a thread; ``behaviour`` decides each reply (``"model"`` = the tiny model answers)."""
+
+    def __init__(self, backend: HFChatBackend | None, behaviour: str = "model", api_key: str | None = None):
+        self.backend, self.behaviour, self.api_key = backend, behaviour, api_key
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append(body)
+                if outer.api_key and self.headers.get("Authorization") != f"Bearer {outer.api_key}":
+                    return self._send(401, {"error": {"message": "bad key"}})
+                if self.path != "/v1/chat/completions":
+                    return self._send(404, {"error": {"message": f"no route {self.path}"}})
+                if outer.behaviour == "unavailable":
+                    return self._send(503, {"error": {"message": "overloaded"}})
+                if outer.behaviour == "bad_request":
+                    return self._send(400, {"error": {"message": "unknown model"}})
+                if outer.behaviour == "slow":
+                    time.sleep(0.5)
+                with outer.lock:  # one generate at a time on the shared model
+                    text = outer.backend.chat([body["messages"]], temperature=body.get("temperature", 0.0),
+                                              max_new_tokens=body["max_tokens"])[0]
+                return self._send(200, {"id": "x", "object": "chat.completion", "model": body["model"],
+                                        "choices": [{"index": 0, "finish_reason": "stop",
+                                                     "message": {"role": "assistant", "content": text}}]})
+
+            def _send(self, code, payload):
+                data = json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_endpoint_serves_the_models_own_generation(tiny):
+    model, tok = tiny
+    hf = HFChatBackend(model, tok, batch_size=4)
+    requests = [[{"role": "system", "content": "You are a teacher."}, {"role": "user", "content": f"Explain {w}."}]
+                for w in ("energy", "water plants sun", "science")]
+    with Server(hf) as server:
+        ep = EndpointChatBackend(server.url, "tiny", concurrency=2)
+        got = ep.chat(requests, temperature=0.0, max_new_tokens=8)
+    assert got == hf.chat(requests, temperature=0.0, max_new_tokens=8)
+    assert len(server.requests) == 3 and server.requests[0]["max_tokens"] == 8 and server.requests[0]["model"] == "tiny"
+
+
+def test_clarifying_rollout_with_endpoint_teacher_equals_local_teacher(tiny):
+    model, tok = tiny
+    hf = HFChatBackend(model, tok, batch_size=4)
+    args = dict(setting="clarifying", mode="thinking", n_turns=3, temperatures=[0.0, 1.0], max_new_tokens=6,
+                batch_size=4, seed=3, reward=CorrectReward())
+    local = rollout_tasks(model, tok, TASKS, teacher=LLMTeacher(hf, max_new_tokens=8), **args)
+    with Server(hf) as server:
+        remote = rollout_tasks(model, tok, TASKS, teacher=LLMTeacher(EndpointChatBackend(server.url, "tiny"),
+                                                                      max_new_tokens=8), **args)
+    assert len(server.requests) == len(TASKS) * 2  # one teacher reply per conversation
+    assert [r.messages for r in remote] == [r.messages for r in local]
+    assert remote[0].meta["teacher"] == "llm:endpoint:tiny"
+
+
+def test_api_key_is_sent(tiny, monkeypatch):
+    model, tok = tiny
+    monkeypatch.setenv("TEST_TEACHER_KEY", "s3cret")
+    with Server(HFChatBackend(model, tok), api_key="s3cret") as server:
+        out = EndpointChatBackend(server.url, "tiny", api_key_env="TEST_TEACHER_KEY").chat(
+            [[{"role": "user", "content": "hi"}]], max_new_tokens=3)
+    assert isinstance(out[0], str)
+    with pytest.raises(EndpointError, match="TEST_MISSING_KEY"):
+        EndpointChatBackend(server.url, "tiny", api_key_env="TEST_MISSING_KEY")
+
+
+def test_unavailable_endpoint_fails_after_bounded_retries():
+    with Server(None, behaviour="unavailable") as server:
+        ep = EndpointChatBackend(server.url, "tiny", max_retries=2, backoff=0.01)
+        t0 = time.perf_counter()
+        with pytest.raises(EndpointError, match=r"after 3 attempts.*HTTP 503"):
+            ep.chat([[{"role": "user", "content": "hi"}]])
+        assert len(server.requests) == 3
+        assert time.perf_counter() - t0 >= 0.03  # backoff 0.01 + 0.02 s really waited
+
+
+def test_client_error_is_not_retried():
+    with Server(None, behaviour="bad_request") as server:
+        with pytest.raises(EndpointError, match="refused.*HTTP 400.*unknown model"):
+            EndpointChatBackend(server.url, "tiny", max_retries=3, backoff=0.01).chat([[{"role": "user", "content": "x"}]])
+        assert len(server.requests) == 1
+
+
+def test_timeout_is_retried_then_reported(tiny):
+    model, tok = tiny
+    with Server(HFChatBackend(model, tok), behaviour="slow") as server:
+        ep = EndpointChatBackend(server.url, "tiny", timeout=0.1, max_retries=1, backoff=0.01)
+        with pytest.raises(EndpointError, match="after 2 attempts"):
+            ep.chat([[{"role": "user", "content": "x"}]], max_new_tokens=2)
+
+
+def test_unreachable_endpoint_is_a_clear_error():
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ep = EndpointChatBackend(f"http://127.0.0.1:{port}/v1", "tiny", max_retries=1, backoff=0.01, timeout=1)
+    with pytest.raises(EndpointError, match=rf"127.0.0.1:{port}.*Is the server running"):
+        ep.chat([[{"role": "user", "content": "x"}]])
+    with pytest.raises(ValueError, match="http"):
+        EndpointChatBackend("localhost:8000", "tiny")
