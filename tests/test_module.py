@@ -244,3 +244,13 @@ def test_lora_freezes_base_and_full_finetuning_trains_all(tiny_model_dir):
     full = make_module(tiny_model_dir, use_lora=False)
     assert all(p.requires_grad for p in full.parameters())
     assert lora.model.training and full.model.training
+
+
+def test_default_lazy_objective_is_recorded_by_its_real_name(tiny_model_dir):
+    """The CLI's default ``lazy_instance(Refit)`` must be stored as 'Refit' so from_checkpoint can rebuild it."""
+    from clarify_lit.train.module import ClarifyModule, build_objective
+    from clarify_lit.train.objectives import Refit
+
+    module = ClarifyModule(str(tiny_model_dir))
+    assert module.hparams["objective_config"] == {"class": "Refit"}
+    assert type(build_objective(module.hparams["objective_config"])) is Refit

@@ -18,7 +18,7 @@ from torch import Tensor
 from clarify_lit.data.tokenization import IGNORE_INDEX
 from clarify_lit.models import load_causal_lm, load_tokenizer, resolve_model_path
 from clarify_lit.train.losses import dpo_sigmoid_loss, sequence_logps, weighted_nll_loss
-from clarify_lit.train.objectives import DPO, Objective, Refit
+from clarify_lit.train.objectives import DPO, Objective, Refit, objective_name, objective_settings
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,8 @@ class ClarifyModule(L.LightningModule):
         self.save_hyperparameters(ignore=["objective"])
         self.objective = objective if objective is not None else Refit()
         # the objective is a plain object; its settings are kept as data so checkpoints stay weights-only loadable
-        self.hparams["objective_config"] = {"class": type(self.objective).__name__, **vars(self.objective)}
+        self.hparams["objective_config"] = {"class": objective_name(self.objective),
+                                            **objective_settings(self.objective)}
         self.tokenizer = load_tokenizer(model_name_or_path)
         model = load_causal_lm(model_name_or_path, dtype)
         if gradient_checkpointing:

@@ -72,7 +72,7 @@ class Objective:
         raise NotImplementedError(f"{type(self).__name__} does not define a data view")
 
     def describe(self) -> str:
-        return type(self).__name__
+        return objective_name(self)
 
 
 class Refit(Objective):
@@ -230,6 +230,19 @@ def _question_then(record: ConversationRecord) -> list[dict[str, str]]:
         question = next(m["content"] for m in msgs if m["role"] == "user")
     final = next(m for m in reversed(msgs) if m["role"] == "assistant")
     return [*system, {"role": "user", "content": question}, final]
+
+
+def objective_name(objective: Objective) -> str:
+    """The objective's class name, also for jsonargparse's ``lazy_instance`` wrappers (``LazyInstance_Refit``)."""
+    for cls in type(objective).__mro__:
+        if cls.__module__ == __name__ and issubclass(cls, Objective) and cls is not Objective:
+            return cls.__name__
+    return type(objective).__name__
+
+
+def objective_settings(objective: Objective) -> dict:
+    """Constructor settings of an objective, without lazy-instance bookkeeping attributes."""
+    return {k: v for k, v in vars(objective).items() if not k.startswith("_") and not callable(v)}
 
 
 def check_finite_weights(examples: list[WeightedExample]) -> None:
