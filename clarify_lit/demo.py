@@ -61,13 +61,14 @@ class Preset:
     trainer_config: str = "configs/trainer/cpu-bf16.yaml"
     epochs: int = 1
     fit_overrides: list[str] = field(default_factory=list)
+    gen_dtype: str = "bfloat16"  # generation dtype for simulate/evaluate (~1.7x faster than fp32 on this CPU)
 
 
 PRESETS: dict[str, Preset] = {
     "demo": Preset(
         name="demo", model="embedded:smollm2-135m-instruct",
         experiments=[Experiment("sciq", "reasoning", "standard", "scripted")],
-        n_train=24, n_test=24, seeds=[0], max_new_tokens=48, eval_max_new_tokens=48, epochs=2,
+        n_train=16, n_test=16, seeds=[0], max_new_tokens=40, eval_max_new_tokens=40, epochs=2,
     ),
     "reproduce": Preset(
         name="reproduce", model="embedded:smollm2-135m-instruct",
@@ -117,7 +118,7 @@ def simulate_args(p: Preset, e: Experiment, seed: int, part: str, out: Path) -> 
             "--setting", e.setting, "--mode", e.mode, "--n_turns", "3", "--teacher.kind", e.teacher,
             "--reward.kind", p.reward, "--temperatures", json.dumps(p.temperatures),
             "--max_new_tokens", str(p.max_new_tokens), "--batch_size", str(p.sim_batch_size),
-            "--seed", str(seed), "--output", str(out), "--resume", "true"]
+            "--dtype", p.gen_dtype, "--seed", str(seed), "--output", str(out), "--resume", "true"]
 
 
 def fit_args(p: Preset, records: Path, objective: str, seed: int, root: Path) -> list[str]:
@@ -128,11 +129,12 @@ def fit_args(p: Preset, records: Path, objective: str, seed: int, root: Path) ->
 
 
 def evaluate_args(p: Preset, e: Experiment, seed: int, label: str, out: Path, export: Path | None) -> list[str]:
-    source = ["--export_dir", str(export)] if export is not None else []
-    return ["evaluate", "--model", p.model, *source, "--label", label, "--data.dataset", e.dataset,
-            "--data.part", "test", "--data.n_train", str(p.n_train), "--data.n_test", str(p.n_test),
-            "--data.seed", str(seed), "--setting", e.setting, "--mode", e.mode, "--teacher.kind", e.teacher,
-            "--reward.kind", p.reward, "--max_new_tokens", str(p.eval_max_new_tokens),
+    # the Base row evaluates the untrained model; the others their exported adapter (which names its base model)
+    source = ["--export_dir", str(export)] if export is not None else ["--model", p.model]
+    return ["evaluate", *source, "--method", label, "--data.dataset", e.dataset,
+            "--data.n_train", str(p.n_train), "--data.n_test", str(p.n_test), "--data.seed", str(seed),
+            "--n_questions", str(p.n_test), "--setting", e.setting, "--mode", e.mode, "--teacher.kind", e.teacher,
+            "--reward.kind", p.reward, "--max_new_tokens", str(p.eval_max_new_tokens), "--dtype", p.gen_dtype,
             "--batch_size", str(p.eval_batch_size), "--seed", str(seed), "--out_dir", str(out)]
 
 
