@@ -91,9 +91,15 @@ def _atomic_folder(target: Path, build) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp"))
     try:
         build(tmp)
+        if (target / "config.json").exists():
+            return target  # another process (e.g. a DDP rank) finished the same build first
         if target.exists():
             shutil.rmtree(target)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

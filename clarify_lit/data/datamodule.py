@@ -14,6 +14,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import tempfile
 from typing import Literal
 
 import lightning as L
@@ -245,9 +247,11 @@ class ConversationDataModule(L.LightningDataModule):
             samples = self._tokenize(examples, split)
             if self.cache_tokenized:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
+                # a private temp name: DDP ranks prepare the same data at once and each replaces atomically
+                fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+                os.close(fd)
                 torch.save(samples, tmp)
-                tmp.replace(path)
+                os.replace(tmp, path)
         if not samples:
             raise ValueError(f"{split}: no trainable samples left after tokenization")
         return SampleDataset(samples)
