@@ -305,3 +305,19 @@ def test_train_batches_carry_step_tokens(records_factory, tiny_model_dir):
         assert b["step_tokens"].item() == (b["labels"] != IGNORE_INDEX).sum().item()
         assert b["input_ids"].dtype == torch.long and b["weights"].dtype == torch.float32
     assert dm.val_dataloader() == []
+
+
+def test_records_with_missing_rewards_are_dropped_and_counted(tiny_model_dir, tmp_path):
+    """A judge that never answered leaves reward 0 + meta.reward_missing; training must not take that 0 as real."""
+    import json
+
+    rows = [make_record(t, r, 1.0 if r == 0 else 0.0) for t in range(2) for r in range(3)]
+    rows[1]["meta"] = {"reward_missing": True}
+    path = tmp_path / "missing.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = ConversationDataModule([str(path)], tokenizer_name_or_path=str(tiny_model_dir), val_fraction=0.0,
+                                objective=Refit(), cache_tokenized=False)
+    dm.setup("fit")
+    assert dm.stats["data/reward_missing_records"] == 1
+    assert rows[1]["id"] not in {s["id"] for s in dm.train_set.samples}
+    assert len(dm.train_set) == 5

@@ -226,8 +226,19 @@ class ConversationDataModule(L.LightningDataModule):
                                  f"{sorted(overlap)[0]!r}); validation must hold out whole questions")
         else:
             train, val = split_by_task(records, self.val_fraction, self.split_seed)
+        train, val = self._without_missing_rewards(train), self._without_missing_rewards(val or [])
         self.train_set = self._prepare(objective, train, "train")
         self.val_set = self._prepare(objective, val, "val") if val else None
+
+    def _without_missing_rewards(self, records):
+        """Drop (and count) records whose reward could not be obtained (``meta.reward_missing``, e.g. a judge that
+        never answered): their stored reward is a placeholder, and training on it would pass a 0 off as real."""
+        kept = [r for r in records if not r.meta.get("reward_missing")]
+        missing = len(records) - len(kept)
+        if missing:
+            log.warning("dropped %d record(s) whose reward is missing (meta.reward_missing)", missing)
+        self.stats["data/reward_missing_records"] = self.stats.get("data/reward_missing_records", 0.0) + missing
+        return kept
 
     def _prepare(self, objective: Objective, records, split: str) -> SampleDataset:
         examples, stats = objective.build_view(records)
