@@ -22,17 +22,23 @@ def cache_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("clarify_cache")
 
 
-@pytest.fixture
-def clarify_cache(cache_root, monkeypatch) -> Path:
-    """Point ``$CLARIFY_CACHE`` at the session cache for this test only, and run torch single-threaded meanwhile
-    (the tiny model's ops are too small to gain from threads; on 2 shared cores threads only spin: ~3× slower)."""
+@pytest.fixture(autouse=True)
+def single_torch_thread():
+    """Every test runs torch on one thread, restored afterwards: the tiny model's ops are too small to gain from
+    threads, and on a loaded 2-core machine OpenMP threads only spin (3–20× slower measured)."""
     import torch
 
-    monkeypatch.setenv("CLARIFY_CACHE", str(cache_root))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield cache_root
+    yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def clarify_cache(cache_root, monkeypatch) -> Path:
+    """Point ``$CLARIFY_CACHE`` at the session cache for this test only."""
+    monkeypatch.setenv("CLARIFY_CACHE", str(cache_root))
+    return cache_root
 
 
 @pytest.fixture(scope="session")
@@ -45,6 +51,14 @@ def tiny_model_dir(cache_root) -> Path:
         path = ensure_tiny_random()
     assert (path / "config.json").exists() and path.is_relative_to(cache_root)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    """``(model, tokenizer)`` of the session's tiny-random folder, loaded once per test module."""
+    from clarify_lit.models import load_causal_lm, load_tokenizer
+
+    return load_causal_lm(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
 
 
 @pytest.fixture(scope="session")

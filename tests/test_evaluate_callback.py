@@ -27,15 +27,6 @@ TINY_TASKS = REPO / "configs" / "simulate" / "tiny-tasks.jsonl"
 COLUMNS = {"question": "question", "choices": "choices", "answer": "answer", "id": "id", "knowledge": "knowledge"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny-model generation is dominated by thread synchronisation: on a busy 2-core machine two OpenMP threads
-    made each 32-wide matmul ~20x slower. One thread for these tests, restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny_data() -> DataOptions:
     """The 8 local toy questions: 4 held out (test part), 4 train."""

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from clarify_lit.data.records import load_records
 from clarify_lit.evaluate.command import main
@@ -18,14 +17,6 @@ DATA_ARGS = ["--data.dataset", "local", "--data.path", str(REPO / "configs/simul
              '{"question": "question", "choices": "choices", "answer": "answer", "id": "id"}',
              "--max_new_tokens", "3", "--progress", "false"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny-model generation on a busy 2-core machine is much faster on one thread (see test_evaluate_callback)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def read_out(folder: Path) -> tuple[dict, list]:

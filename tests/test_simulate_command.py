@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from clarify_lit.data.records import load_records
 from clarify_lit.simulate.command import SHARD_DELAY_ENV, main, parse_config
@@ -19,13 +18,6 @@ from clarify_lit.simulate.command import SHARD_DELAY_ENV, main, parse_config
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "configs" / "simulate" / "tiny-tasks.jsonl"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def args(config: str, out: Path, *extra: str) -> list[str]:

@@ -9,10 +9,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-import torch
 
 from clarify_lit.data.tasks import QATask
-from clarify_lit.models import load_causal_lm, load_tokenizer
 from clarify_lit.simulate.rewards import CorrectReward
 from clarify_lit.simulate.rollout import rollout_tasks
 from clarify_lit.simulate.teachers import EndpointChatBackend, EndpointError, HFChatBackend, LLMTeacher
@@ -24,18 +22,6 @@ TASKS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    # the session's tiny-random folder (conftest: built in a per-session cache, never the user's)
-    return load_causal_lm(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
 
 
 class Server:

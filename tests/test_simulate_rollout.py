@@ -7,7 +7,6 @@ import torch
 
 from clarify_lit.data.records import load_records, write_records
 from clarify_lit.data.tasks import QATask
-from clarify_lit.models import load_causal_lm, load_tokenizer
 from clarify_lit.simulate import prompts
 from clarify_lit.simulate.rewards import (
     CorrectReward,
@@ -38,19 +37,6 @@ TASKS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the tiny model gains nothing from 2 threads, and on a loaded 2-core box OpenMP thrashing makes it 20x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    # the session's tiny-random folder (conftest: built in a per-session cache, never the user's)
-    return load_causal_lm(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
 
 
 def roll(tiny, **kw):

@@ -118,7 +118,6 @@ class ClarifyModule(L.LightningModule):
         self.nonfinite_skipped = 0
         self.train_loss = torchmetrics.MeanMetric()
         self.val_loss = torchmetrics.MeanMetric()
-        self.val_nll = torchmetrics.MeanMetric()
 
     def _add_lora(self, model, targets: list[str]):
         from peft import LoraConfig, get_peft_model
@@ -179,7 +178,8 @@ class ClarifyModule(L.LightningModule):
         return sequence_logps(lp, mask)
 
     def _precompute_reference(self) -> None:
-        """Reference log-probs once per sample, stored on the dataset samples (and so in the tokenized cache)."""
+        """Reference log-probs once per sample, stored on the in-memory dataset samples for this fit (not written to
+        the tokenized cache: a new fit computes them again)."""
         from clarify_lit.data.datamodule import PadCollator
 
         dm = self.trainer.datamodule

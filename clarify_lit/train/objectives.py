@@ -63,6 +63,12 @@ class ViewStats:
         return f"{name} view: {self.records} records of {self.tasks} tasks → {self.examples} examples (excluded: {ex})"
 
 
+def _grouped(records: list[ConversationRecord]) -> tuple[dict[str, list[ConversationRecord]], ViewStats]:
+    """Runs grouped by question, and the view stats with the record and task counts filled in."""
+    groups = group_by_task(records)
+    return groups, ViewStats(records=len(records), tasks=len(groups))
+
+
 class Objective:
     """Base class. ``kind`` is ``weighted`` (per-conversation weighted NLL) or ``pairwise`` (DPO)."""
 
@@ -110,9 +116,7 @@ class Swift(Objective):
         self.zero_std, self.min_std, self.epsilon, self.min_weight = zero_std, min_std, epsilon, min_weight
 
     def build_view(self, records):
-        out, stats = [], ViewStats(len(records))
-        groups = group_by_task(records)
-        stats.tasks = len(groups)
+        out, (groups, stats) = [], _grouped(records)
         zero = 0
         for task_id, runs in groups.items():
             if len(runs) < 2:
@@ -153,9 +157,7 @@ class SFT(Objective):
         self.top_k, self.min_reward = top_k, min_reward
 
     def build_view(self, records):
-        out, stats = [], ViewStats(len(records))
-        groups = group_by_task(records)
-        stats.tasks = len(groups)
+        out, (groups, stats) = [], _grouped(records)
         below = 0
         for runs in groups.values():
             best = sorted(runs, key=lambda r: -r.reward)[: self.top_k]
@@ -195,9 +197,7 @@ class DPO(Objective):
         self.beta, self.pairs, self.min_gap, self.reference = beta, pairs, min_gap, reference
 
     def build_view(self, records):
-        out, stats = [], ViewStats(len(records))
-        groups = group_by_task(records)
-        stats.tasks = len(groups)
+        out, (groups, stats) = [], _grouped(records)
         small_gap = 0
         for task_id, runs in groups.items():
             chosen = max(runs, key=lambda r: r.reward)
