@@ -62,6 +62,10 @@ class Preset:
     epochs: int = 1
     fit_overrides: list[str] = field(default_factory=list)
     gen_dtype: str = "bfloat16"  # generation dtype for simulate/evaluate (~1.7x faster than fp32 on this CPU)
+    # question split: None = each seed draws its own train/test questions; an int fixes one split for all seeds, so
+    # seeds vary only sampling, LoRA init and data order, every method is paired on the same test questions, and
+    # the deterministic (greedy) Base evaluation runs once instead of once per seed
+    split_seed: int | None = None
 
 
 PRESETS: dict[str, Preset] = {
@@ -74,7 +78,8 @@ PRESETS: dict[str, Preset] = {
         name="reproduce", model="embedded:smollm2-135m-instruct",
         experiments=[Experiment("sciq", "reasoning", "standard", "scripted"),
                      Experiment("sciq", "clarifying", "thinking", "retrieval")],
-        n_train=40, n_test=100, seeds=[0, 1], max_new_tokens=48, eval_max_new_tokens=48, epochs=2,
+        n_train=32, n_test=100, seeds=[0, 1], split_seed=0, max_new_tokens=40, eval_max_new_tokens=40, epochs=2,
+        sim_batch_size=32, eval_batch_size=50,
     ),
     "paper": Preset(
         name="paper", model="meta-llama/Llama-3.1-8B-Instruct",
@@ -112,9 +117,13 @@ class Runner:
         print(f"[demo] done in {time.time() - t:.0f} s", flush=True)
 
 
+def split_seed(p: Preset, seed: int) -> int:
+    return seed if p.split_seed is None else p.split_seed
+
+
 def simulate_args(p: Preset, e: Experiment, seed: int, part: str, out: Path) -> list[str]:
     return ["simulate", "--model", p.model, "--data.dataset", e.dataset, "--data.part", part,
-            "--data.n_train", str(p.n_train), "--data.n_test", str(p.n_test), "--data.seed", str(seed),
+            "--data.n_train", str(p.n_train), "--data.n_test", str(p.n_test), "--data.seed", str(split_seed(p, seed)),
             "--setting", e.setting, "--mode", e.mode, "--n_turns", "3", "--teacher.kind", e.teacher,
             "--reward.kind", p.reward, "--temperatures", json.dumps(p.temperatures),
             "--max_new_tokens", str(p.max_new_tokens), "--batch_size", str(p.sim_batch_size),
@@ -132,7 +141,7 @@ def evaluate_args(p: Preset, e: Experiment, seed: int, label: str, out: Path, ex
     # the Base row evaluates the untrained model; the others their exported adapter (which names its base model)
     source = ["--export_dir", str(export)] if export is not None else ["--model", p.model]
     return ["evaluate", *source, "--method", label, "--data.dataset", e.dataset,
-            "--data.n_train", str(p.n_train), "--data.n_test", str(p.n_test), "--data.seed", str(seed),
+            "--data.n_train", str(p.n_train), "--data.n_test", str(p.n_test), "--data.seed", str(split_seed(p, seed)),
             "--n_questions", str(p.n_test), "--setting", e.setting, "--mode", e.mode, "--teacher.kind", e.teacher,
             "--reward.kind", p.reward, "--max_new_tokens", str(p.eval_max_new_tokens), "--dtype", p.gen_dtype,
             "--batch_size", str(p.eval_batch_size), "--seed", str(seed), "--out_dir", str(out)]
@@ -147,8 +156,10 @@ def run_preset(p: Preset, out: Path, dry_run: bool = False, results: Path | None
             sim = cell / "simulate"
             runner.run(simulate_args(p, e, seed, "train", sim), sim / "conversations.jsonl")
             records = sim / "conversations.jsonl"
-            runner.run(evaluate_args(p, e, seed, "Base", cell / "eval" / "Base", None),
-                       cell / "eval" / "Base" / "metrics.json")
+            # greedy evaluation of the untrained model depends only on the questions: once per split
+            if p.split_seed is None or seed == p.seeds[0]:
+                runner.run(evaluate_args(p, e, seed, "Base", cell / "eval" / "Base", None),
+                           cell / "eval" / "Base" / "metrics.json")
             for label, objective in OBJECTIVES.items():
                 root = cell / "fit" / label
                 runner.run(fit_args(p, records, objective, seed, root), root / "export" / "adapter_config.json")
