@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(PY) -m clarify_lit.demo --preset demo
 
 reproduce: $(STAMP)
-	$(PY) -m clarify_lit.demo --preset reproduce
+	$(PY) -m clarify_lit.demo --preset reproduce --results results
 
 bench: $(STAMP)
 	$(PY) benchmarks/rollout_throughput.py

@@ -1,7 +1,8 @@
 """The ``clarify`` console script.
 
 ``fit``/``validate``/``test``/``predict`` are LightningCLI subcommands over :class:`ClarifyModule` and
-:class:`ConversationDataModule`; ``simulate``, ``evaluate`` and ``report`` are the pipeline's other stages.
+:class:`ConversationDataModule`; ``simulate``, ``evaluate`` and ``report`` are the pipeline's other stages, and
+``iterate`` loops simulate → fit → evaluate over rounds.
 
 Run layout: everything of one run lives in ``trainer.default_root_dir`` (default ``runs/default``):
 ``config.yaml``, ``checkpoints/last.ckpt``, TensorBoard events, ``export/`` (HF/PEFT folder written at fit end),
@@ -10,22 +11,29 @@ Run layout: everything of one run lives in ``trainer.default_root_dir`` (default
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from clarify_lit.data.datamodule import ConversationDataModule
+from clarify_lit.train.checkpointing import AtomicCheckpointIO, LastCheckpoint, ResumeState
 from clarify_lit.train.module import ClarifyModule
 
 PIPELINE_COMMANDS = {
     "simulate": ("clarify_lit.simulate.command", "roll out conversations with a teacher and score them"),
     "evaluate": ("clarify_lit.evaluate.command", "roll out a base model, checkpoint or export on held-out questions"),
     "report": ("clarify_lit.evaluate.report", "compare evaluated runs: Markdown table, plot, paired tests"),
+    "iterate": ("clarify_lit.iterate", "K rounds of simulate (current policy) → fit → evaluate; report by round"),
 }
 LIGHTNING_COMMANDS = {
     "fit": "train a policy on conversation records (Refit, Swift, SFT or DPO)",
@@ -51,9 +59,39 @@ class ClarifyCLI(LightningCLI):
         existing = existing if isinstance(existing, list) else [existing]
         if config.get("enable_checkpointing", True) is not False and not any(
                 isinstance(c, ModelCheckpoint) for c in existing + callbacks):
-            callbacks = [*callbacks, ModelCheckpoint(dirpath=str(root / "checkpoints"), save_last=True,
-                                                     save_top_k=0)]
+            callbacks = [*callbacks, LastCheckpoint(dirpath=str(root / "checkpoints"), save_last=True,
+                                                    save_top_k=0)]
+        # interruption safety (docs/reliability.md): atomic checkpoint writes, RNG state in checkpoints, SIGTERM saves
+        plugins = config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins) and \
+                getattr(config.get("strategy"), "_checkpoint_io", None) is None:
+            config["plugins"] = [*plugins, AtomicCheckpointIO()]
+        if not any(isinstance(c, ResumeState) for c in existing + callbacks):
+            callbacks = [*callbacks, ResumeState()]
         return super()._instantiate_trainer(config, callbacks)
+
+
+OBJECTIVE_NAMES = ("Refit", "Swift", "SFT", "DPO")
+
+
+class ClarifyArgumentParser(LightningArgumentParser):
+    """A command-line mistake is reported in one line (``clarify: error: …``), not the whole usage text."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        sys.stderr.write(f"clarify: error: {_one_line_parse_error(message)} (see clarify <command> --help)\n")
+        self.exit(2)
+
+
+def _one_line_parse_error(message: str) -> str:
+    text = " ".join(str(message).split())
+    if text.startswith('Parser key "model.objective"'):
+        m = re.search(r"Expected a path but (\S+) either", text)
+        given = f" {m.group(1)!r}" if m else ""
+        return f"--model.objective:{given} is not an objective; choose one of {', '.join(OBJECTIVE_NAMES)}"
+    return text
 
 
 def lightning_main(args: list[str] | None = None, run: bool = True) -> ClarifyCLI:
@@ -66,6 +104,7 @@ def lightning_main(args: list[str] | None = None, run: bool = True) -> ClarifyCL
         # the DataModule's batch sampler shards across ranks itself (it must know optimizer-step boundaries)
         trainer_defaults={"use_distributed_sampler": False, "default_root_dir": DEFAULT_ROOT},
         parser_kwargs={"description": "clarify: reward-weighted fine-tuning (Refit/Swift/SFT/DPO) on conversations"},
+        parser_class=ClarifyArgumentParser,
     )
 
 
@@ -79,6 +118,28 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def reported_errors(command: str):
+    """Bad input (a config, a path, a record, an endpoint) ends the command with one line on stderr and status 1
+    instead of a stack trace (``CLARIFY_DEBUG=1`` shows the trace). A fit stopped by SIGTERM exits 143."""
+    from clarify_lit.simulate.teachers import EndpointError
+    from clarify_lit.train.module import NonFiniteLossError
+
+    try:
+        yield
+    except SIGTERMException as e:
+        where = getattr(e, "clarify_checkpoint", None)
+        saved = f"; last checkpoint {where}, resume with --ckpt_path last" if where else ""
+        print(f"clarify {command}: stopped by SIGTERM at step {getattr(e, 'clarify_step', '?')}{saved}",
+              file=sys.stderr)
+        raise SystemExit(143) from None
+    except (ValueError, OSError, EndpointError, NonFiniteLossError) as e:
+        if os.environ.get("CLARIFY_DEBUG"):
+            raise
+        print(f"clarify {command}: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -86,12 +147,15 @@ def main(argv: list[str] | None = None) -> None:
         return
     if argv[0] in PIPELINE_COMMANDS:
         module = importlib.import_module(PIPELINE_COMMANDS[argv[0]][0])
-        module.main(argv[1:])
+        with reported_errors(argv[0]):
+            module.main(argv[1:])
         return
     if argv[0] not in LIGHTNING_COMMANDS and not argv[0].startswith("-"):
         print(f"clarify: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
-    lightning_main(argv)
+    with reported_errors(argv[0]):
+        # args=None when the arguments are sys.argv's: LightningCLI warns when it is given both
+        lightning_main(None if argv == sys.argv[1:] else argv)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python -m clarify_lit.demo --preset demo        # `make demo`: ~15 min on a 2-core CPU
     python -m clarify_lit.demo --preset reproduce   # `make reproduce`: the paper's protocol scaled to ≤ 2 h on CPU
     python -m clarify_lit.demo --preset paper --dry-run   # the paper's full scale (GPU): print the commands
+    python -m clarify_lit.demo --preset demo --iterate 2  # then `clarify iterate`, 2 rounds (~10 more min on CPU)
 
 Every stage is an ordinary ``clarify`` command run in a subprocess (printed before it runs, so the demo doubles as a
 recipe) and every stage skips work whose output already exists, so an interrupted demo resumes where it stopped.
@@ -25,8 +26,11 @@ OBJECTIVES = {  # label → objective preset; the table's row names follow the p
     "Refit": "configs/objective/refit.yaml",
     "Swift": "configs/objective/swift.yaml",
     "SFT": "configs/objective/sft.yaml",
+    "STaR-GATE-D": "configs/objective/star-gate-d.yaml",  # teacher: the same cell's SFT export (fitted before it)
     "DPO": "configs/objective/dpo.yaml",
+    "StepDPO": "configs/objective/step-dpo.yaml",  # needs the simulate step's branches (Preset.step_branches)
 }
+BASIC_OBJECTIVES = ["Refit", "Swift", "SFT", "DPO"]
 
 
 @dataclass
@@ -56,6 +60,9 @@ class Preset:
     max_new_tokens: int = 64
     eval_max_new_tokens: int = 64
     sim_batch_size: int = 16
+    # tasks per resumable simulate shard; also the most tasks one generate call can batch, so reproduce sets it to
+    # its batch size (the demo keeps 8, the value its README table was measured with)
+    sim_chunk_size: int = 8
     eval_batch_size: int = 16
     model_config: str = "configs/model/smollm2-135m.yaml"
     trainer_config: str = "configs/trainer/cpu-bf16.yaml"
@@ -66,6 +73,21 @@ class Preset:
     # seeds vary only sampling, LoRA init and data order, every method is paired on the same test questions, and
     # the deterministic (greedy) Base evaluation runs once instead of once per seed
     split_seed: int | None = None
+    # which rows to train (OBJECTIVES labels, in order); StepDPO makes the simulate step branch (about 2x its
+    # generation), STaR-GATE-D needs SFT before it (its teacher)
+    objectives: list[str] = field(default_factory=lambda: list(BASIC_OBJECTIVES))
+    label_overrides: dict[str, list[str]] = field(default_factory=dict)  # extra `clarify fit` args per label
+
+    def __post_init__(self) -> None:
+        unknown = [o for o in self.objectives if o not in OBJECTIVES]
+        if unknown:
+            raise ValueError(f"preset {self.name!r}: unknown objectives {unknown}; choose from {list(OBJECTIVES)}")
+        if "STaR-GATE-D" in self.objectives and "SFT" not in self.objectives[: self.objectives.index("STaR-GATE-D")]:
+            raise ValueError(f"preset {self.name!r}: STaR-GATE-D distils the SFT run, so SFT must come before it")
+
+    @property
+    def step_branches(self) -> bool:
+        return "StepDPO" in self.objectives
 
 
 PRESETS: dict[str, Preset] = {
@@ -78,8 +100,11 @@ PRESETS: dict[str, Preset] = {
         name="reproduce", model="embedded:smollm2-135m-instruct",
         experiments=[Experiment("sciq", "reasoning", "standard", "scripted"),
                      Experiment("sciq", "clarifying", "thinking", "retrieval")],
-        n_train=32, n_test=100, seeds=[0, 1], split_seed=0, max_new_tokens=40, eval_max_new_tokens=40, epochs=2,
-        sim_batch_size=32, eval_batch_size=50,
+        n_train=32, n_test=100, seeds=[0, 1], split_seed=0, max_new_tokens=40, eval_max_new_tokens=40, epochs=1,
+        sim_batch_size=32, sim_chunk_size=32, eval_batch_size=50, objectives=list(OBJECTIVES),
+        # the paper's lr 3e-6 barely moves a fresh LoRA on 135M in 2 epochs of ~32 conversations (STaR-GATE-D would
+        # equal Base): use the lr every other row uses on this model (configs/model/smollm2-135m.yaml)
+        label_overrides={"STaR-GATE-D": ["--model.learning_rate", "2.0e-4"]},
     ),
     "paper": Preset(
         name="paper", model="meta-llama/Llama-3.1-8B-Instruct",
@@ -89,7 +114,8 @@ PRESETS: dict[str, Preset] = {
         n_train=400, n_test=100, seeds=[0, 1, 2], reward="llm_judge", max_new_tokens=256,
         eval_max_new_tokens=256, sim_batch_size=32, eval_batch_size=32,
         model_config="configs/model/llama-3.1-8b.yaml", trainer_config="configs/trainer/gpu-2x-deepspeed.yaml",
-        epochs=1,
+        epochs=1, objectives=list(OBJECTIVES),
+        label_overrides={"STaR-GATE-D": ["--trainer.max_epochs", "2"]},  # the paper's 2 epochs for this baseline
     ),
 }
 
@@ -127,14 +153,27 @@ def simulate_args(p: Preset, e: Experiment, seed: int, part: str, out: Path) -> 
             "--setting", e.setting, "--mode", e.mode, "--n_turns", "3", "--teacher.kind", e.teacher,
             "--reward.kind", p.reward, "--temperatures", json.dumps(p.temperatures),
             "--max_new_tokens", str(p.max_new_tokens), "--batch_size", str(p.sim_batch_size),
-            "--dtype", p.gen_dtype, "--seed", str(seed), "--output", str(out), "--resume", "true"]
+            "--chunk_size", str(p.sim_chunk_size), "--dtype", p.gen_dtype, "--seed", str(seed), "--output", str(out),
+            "--resume", "true",
+            *(["--step_branches", "true"] if p.step_branches and part == "train" else [])]
 
 
-def fit_args(p: Preset, records: Path, objective: str, seed: int, root: Path) -> list[str]:
+def fit_args(p: Preset, records: Path | list[Path], objective: str, seed: int, root: Path,
+             extra: list[str] | None = None) -> list[str]:
+    files = ",".join(str(r) for r in (records if isinstance(records, list) else [records]))
     return ["fit", "--config", p.model_config, "--config", p.trainer_config, "--config", objective,
-            "--model.model_name_or_path", p.model, f"--data.train_files=[{records}]", "--data.val_fraction", "0",
+            "--model.model_name_or_path", p.model, f"--data.train_files=[{files}]", "--data.val_fraction", "0",
             "--data.seed", str(seed), "--seed_everything", str(seed), "--trainer.max_epochs", str(p.epochs),
-            "--trainer.default_root_dir", str(root), *p.fit_overrides]
+            "--trainer.default_root_dir", str(root), *p.fit_overrides, *(extra or [])]
+
+
+def label_fit_inputs(p: Preset, label: str, cell: Path) -> tuple[list[Path], list[str]]:
+    """Training files and extra ``clarify fit`` args of one row: StepDPO adds the branches, STaR-GATE-D names the
+    cell's SFT export as its teacher."""
+    sim = cell / "simulate"
+    files = [sim / "conversations.jsonl"] + ([sim / "branches.jsonl"] if label == "StepDPO" else [])
+    extra = ["--model.objective.teacher", str(cell / "fit" / "SFT" / "export")] if label == "STaR-GATE-D" else []
+    return files, extra + p.label_overrides.get(label, [])
 
 
 def evaluate_args(p: Preset, e: Experiment, seed: int, label: str, out: Path, export: Path | None) -> list[str]:
@@ -147,6 +186,29 @@ def evaluate_args(p: Preset, e: Experiment, seed: int, label: str, out: Path, ex
             "--batch_size", str(p.eval_batch_size), "--seed", str(seed), "--out_dir", str(out)]
 
 
+ITERATE_OBJECTIVE = "configs/objective/refit.yaml"  # iterated Refit: each round maximises a bound tight at its data's policy
+
+
+def iterate_args(p: Preset, e: Experiment, seed: int, rounds: int, out: Path) -> list[str]:
+    """``clarify iterate`` with the preset's settings for one experiment and seed (docs/iterate.md)."""
+    return ["iterate", "--rounds", str(rounds), "--output", str(out), "--model", p.model,
+            "--model_config", p.model_config, "--trainer_config", p.trainer_config,
+            "--objective_config", ITERATE_OBJECTIVE,
+            "--fit_args", json.dumps([f"--trainer.max_epochs={p.epochs}", *p.fit_overrides]),
+            "--data.dataset", e.dataset, "--data.n_train", str(p.n_train), "--data.n_test", str(p.n_test),
+            "--data.seed", str(seed), "--setting", e.setting, "--mode", e.mode, "--n_turns", "3",
+            "--teacher.kind", e.teacher, "--reward.kind", p.reward, "--temperatures", json.dumps(p.temperatures),
+            "--max_new_tokens", str(p.max_new_tokens), "--batch_size", str(p.sim_batch_size),
+            "--chunk_size", str(p.sim_chunk_size), "--dtype", p.gen_dtype, "--seed", str(seed)]
+
+
+def run_iterate(p: Preset, out: Path, rounds: int, dry_run: bool = False) -> None:
+    """``clarify iterate`` on the preset's first experiment and seed, under ``<out>/iterate/<experiment>``. No done
+    marker: the command skips its own finished stages, and a larger ``rounds`` extends an earlier run."""
+    e, seed = p.experiments[0], p.seeds[0]
+    Runner(out, dry_run).run(iterate_args(p, e, seed, rounds, out / "iterate" / e.name))
+
+
 def run_preset(p: Preset, out: Path, dry_run: bool = False, results: Path | None = None) -> None:
     runner = Runner(out, dry_run)
     t0 = time.time()
@@ -154,15 +216,17 @@ def run_preset(p: Preset, out: Path, dry_run: bool = False, results: Path | None
         for seed in p.seeds:
             cell = out / e.name / f"seed{seed}"
             sim = cell / "simulate"
-            runner.run(simulate_args(p, e, seed, "train", sim), sim / "conversations.jsonl")
-            records = sim / "conversations.jsonl"
+            runner.run(simulate_args(p, e, seed, "train", sim),
+                       sim / ("branches.jsonl" if p.step_branches else "conversations.jsonl"))
             # greedy evaluation of the untrained model depends only on the questions: once per split
             if p.split_seed is None or seed == p.seeds[0]:
                 runner.run(evaluate_args(p, e, seed, "Base", cell / "eval" / "Base", None),
                            cell / "eval" / "Base" / "metrics.json")
-            for label, objective in OBJECTIVES.items():
+            for label in p.objectives:
                 root = cell / "fit" / label
-                runner.run(fit_args(p, records, objective, seed, root), root / "export" / "adapter_config.json")
+                files, extra = label_fit_inputs(p, label, cell)
+                runner.run(fit_args(p, files, OBJECTIVES[label], seed, root, extra),
+                           root / "export" / "adapter_config.json")
                 runner.run(evaluate_args(p, e, seed, label, cell / "eval" / label, root / "export"),
                            cell / "eval" / label / "metrics.json")
         table_dir = results or out
@@ -177,10 +241,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="output folder (default runs/<preset>)")
     ap.add_argument("--results", default=None, help="where tables/plots go (default: the output folder)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands without running them")
+    ap.add_argument("--iterate", type=int, default=0, metavar="K",
+                    help="after the preset, run `clarify iterate` for K rounds on its first experiment and seed "
+                         "(opt-in; demo preset: about 4-5 min per round on a 2-core CPU)")
+    ap.add_argument("--iterate-only", action="store_true", help="with --iterate: skip the preset's own stages")
     a = ap.parse_args(argv)
     p = PRESETS[a.preset]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run_preset(p, Path(a.out or f"runs/{p.name}"), a.dry_run, Path(a.results) if a.results else None)
+    out = Path(a.out or f"runs/{p.name}")
+    if a.iterate_only and not a.iterate:
+        ap.error("--iterate-only needs --iterate K")
+    if not a.iterate_only:
+        run_preset(p, out, a.dry_run, Path(a.results) if a.results else None)
+    if a.iterate:
+        run_iterate(p, out, a.iterate, a.dry_run)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,8 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(ensure_embedded_smollm2())
     if name_or_path == TINY_RANDOM:
         return str(ensure_tiny_random())
+    if name_or_path.startswith(("/", "./", "../", "~")) and not Path(name_or_path).expanduser().exists():
+        raise FileNotFoundError(f"model folder not found: {name_or_path}")
     return name_or_path
 
 
@@ -190,4 +192,7 @@ def build_tiny_model(folder: str | os.PathLike, seed: int = 0, vocab_size: int =
 
 
 def ensure_tiny_random() -> Path:
-    return _atomic_folder(cache_dir() / "models" / "tiny-random", build_tiny_model)
+    # a forked RNG: building (seeded) on first use must not change what the caller draws next (LoRA init, dropout),
+    # or a run that built the model would differ from the same run with the model already cached
+    with torch.random.fork_rng(devices=[]):
+        return _atomic_folder(cache_dir() / "models" / "tiny-random", build_tiny_model)

@@ -67,11 +67,26 @@ class StepBatchSampler:
         self.shuffle, self.seed, self.group_by_length = shuffle, seed, group_by_length
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        # resuming mid-epoch: the first pass over epoch ``_skip[0]`` leaves out its first ``_skip[1]`` micro-batches
+        self._skip: tuple[int, int] | None = None
+        # set by the DataModule to the trainer's ``current_epoch``: after resuming from an epoch-end checkpoint
+        # Lightning passes ``set_epoch`` one more than the epoch it trains (its ``processed`` counter runs ahead)
+        self.epoch_source = None
         # Lightning calls ``set_epoch`` on ``dataloader.batch_sampler.sampler`` (never on the batch sampler itself)
         self.sampler = _EpochSetter(self)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch = self.epoch_source() if self.epoch_source is not None else epoch
+
+    def resume(self, epoch: int, batches_done: int) -> None:
+        """Continue epoch ``epoch`` after its first ``batches_done`` micro-batches (the order is a function of the
+        seed and the epoch alone, so the remaining batches are exactly those an uninterrupted run would see).
+        A finished epoch continues with the next one."""
+        if batches_done >= len(self):
+            self.epoch, self._skip = epoch + 1, None
+        else:
+            self.epoch = epoch
+            self._skip = (epoch, batches_done) if batches_done > 0 else None
 
     def _steps(self) -> list[list[int]]:
         n = len(self.lengths)
@@ -89,16 +104,49 @@ class StepBatchSampler:
         return steps
 
     def __iter__(self):
+        skip = 0
+        if self._skip is not None:
+            if self._skip[0] == self.epoch:
+                skip = self._skip[1]
+            self._skip = None  # one pass only: the next epoch starts from its first batch
         for step in self._steps():
             step_tokens = sum(self.trained[i] for i in step) / self.world_size
             mine = step[self.rank:: self.world_size]
             if self.group_by_length:
                 mine = sorted(mine, key=lambda i: self.lengths[i])
             for s in range(0, len(mine), self.batch_size):
+                if skip:
+                    skip -= 1
+                    continue
                 yield [(i, step_tokens) for i in mine[s: s + self.batch_size]]
 
     def __len__(self) -> int:
         return sum(math.ceil(len(step[self.rank:: self.world_size]) / self.batch_size) for step in self._steps())
+
+
+class ResumableDataLoader(DataLoader):
+    """The training DataLoader: Lightning saves its ``state_dict`` in every checkpoint and calls ``load_state_dict``
+    when a fit resumes mid-epoch, so ``--ckpt_path last`` continues with the very next micro-batch.
+
+    The state is the epoch and the number of micro-batches the training loop has *processed* in it (read from the
+    trainer's progress, not from the sampler, which the fetcher and workers run ahead of).
+    """
+
+    progress = None  # set by the DataModule: () -> (epoch, micro-batches processed in that epoch)
+
+    def state_dict(self) -> dict:
+        epoch, done = self.progress() if self.progress is not None else (self.batch_sampler.epoch, 0)
+        return {"epoch": int(epoch), "batches_done": int(done), "num_batches": len(self),
+                "seed": self.batch_sampler.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        sampler = self.batch_sampler
+        if state.get("num_batches") != len(self) or state.get("seed") != sampler.seed:
+            log.warning("resuming: the training data changed since the checkpoint (%s micro-batches and seed %s then, "
+                        "%d and %s now); the batch order after resuming will not match an uninterrupted run",
+                        state.get("num_batches"), state.get("seed"), len(self), sampler.seed)
+        sampler.resume(int(state["epoch"]), int(state["batches_done"]))
+        log.info("resuming epoch %d after its first %d micro-batches", state["epoch"], state["batches_done"])
 
 
 class _EpochSetter:
@@ -184,6 +232,12 @@ class ConversationDataModule(L.LightningDataModule):
         objective: Objective | None = None,
     ):
         super().__init__()
+        if not train_files:
+            raise ValueError("data.train_files is empty: give at least one record file")
+        for name, files in (("train_files", train_files), ("val_files", val_files or [])):
+            for f in files:
+                if not os.path.exists(f):
+                    raise FileNotFoundError(f"data.{name}: record file not found: {f}")
         if on_invalid_sample not in ("raise", "drop"):
             raise ValueError(f"on_invalid_sample must be 'raise' or 'drop', got {on_invalid_sample!r}")
         self.train_files, self.val_files = list(train_files), list(val_files or [])
@@ -197,6 +251,8 @@ class ConversationDataModule(L.LightningDataModule):
         self.train_set: SampleDataset | None = None
         self.val_set: SampleDataset | None = None
         self.stats: dict[str, float] = {}
+        self._train_loader: ResumableDataLoader | None = None
+        self._resume_state: dict | None = None
 
     # ----------------------------------------------------------------------------------------------- preparation
     def _resolve_objective(self) -> Objective:
@@ -312,8 +368,38 @@ class ConversationDataModule(L.LightningDataModule):
         sampler = StepBatchSampler(
             [s["length"] for s in ds.samples], [s["trained"] for s in ds.samples], self.batch_size, accumulate,
             shuffle=train, seed=self.seed, group_by_length=self.group_by_length, rank=rank, world_size=world)
-        return DataLoader(ds, batch_sampler=sampler, collate_fn=PadCollator(self.tokenizer.pad_token_id),
-                          num_workers=self.num_workers)
+        # a private generator: creating an iterator then never draws from the global torch RNG, so dropout sees the
+        # same random stream whether or not the run was interrupted and resumed
+        kwargs = dict(batch_sampler=sampler, collate_fn=PadCollator(self.tokenizer.pad_token_id),
+                      num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
+        if not train:
+            return DataLoader(ds, **kwargs)
+        loader = ResumableDataLoader(ds, **kwargs)
+        loader.progress = self._train_progress
+        if trainer is not None:
+            sampler.epoch_source = lambda: trainer.current_epoch
+        self._train_loader = loader
+        if self._resume_state:
+            loader.load_state_dict(self._resume_state)
+            self._resume_state = None
+        return loader
+
+    # ----------------------------------------------------------------------------------------------- resuming
+    # Lightning saves ``state_dict`` in every checkpoint and hands it back to ``load_state_dict`` on ``--ckpt_path``,
+    # before or after it asks for the train loader (``configure_optimizers`` needs its length), so both orders work.
+    def state_dict(self) -> dict:
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume_state = state.get("train_loader")
+        if self._resume_state and self._train_loader is not None:
+            self._train_loader.load_state_dict(self._resume_state)
+            self._resume_state = None
+
+    def _train_progress(self) -> tuple[int, int]:
+        """(epoch, micro-batches of it whose training step ran) of the fit in progress, for checkpoints."""
+        loop = self.trainer.fit_loop
+        return loop.epoch_progress.current.completed, loop.epoch_loop.batch_progress.current.processed
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

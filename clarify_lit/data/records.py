@@ -84,6 +84,23 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
 
 
+def _is_finite(x: int | float) -> bool:
+    """``math.isfinite`` that also answers for integers too large for a float (JSON allows them)."""
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:
+        return False
+
+
+def _short(x: Any, limit: int = 80) -> str:
+    """``repr`` for error messages, cut to ``limit`` characters (a bad value may be a megabyte of text)."""
+    try:
+        text = repr(x)
+    except ValueError:  # e.g. an int too long for str()
+        text = f"<{type(x).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def validate_record(raw: Any, source: str, where: str) -> ConversationRecord:
     """Check one raw mapping and build a :class:`ConversationRecord`; raise :class:`RecordError` if bad."""
     if not isinstance(raw, dict):
@@ -98,16 +115,16 @@ def validate_record(raw: Any, source: str, where: str) -> ConversationRecord:
         if name not in raw or raw[name] is None:
             raise err(name, "missing")
     if not isinstance(rid, str) or not rid:
-        raise err("id", f"must be a non-empty string, got {rid!r}")
+        raise err("id", f"must be a non-empty string, got {_short(rid)}")
     task_id = raw["task_id"]
     if not isinstance(task_id, str | int) or isinstance(task_id, bool) or str(task_id) == "":
-        raise err("task_id", f"must be a non-empty string, got {task_id!r}")
+        raise err("task_id", f"must be a non-empty string, got {_short(task_id)}")
 
     reward = raw["reward"]
     if not _is_number(reward):
-        raise err("reward", f"must be a number, got {type(reward).__name__} {reward!r}")
-    if not math.isfinite(float(reward)):
-        raise err("reward", f"must be finite, got {reward!r}")
+        raise err("reward", f"must be a number, got {type(reward).__name__} {_short(reward)}")
+    if not _is_finite(reward):
+        raise err("reward", f"must be finite, got {_short(reward)}")
 
     messages = raw["messages"]
     if not isinstance(messages, list) or not messages:
@@ -119,7 +136,7 @@ def validate_record(raw: Any, source: str, where: str) -> ConversationRecord:
             raise err(f"messages[{i}]", f"must be an object with role/content, got {type(m).__name__}")
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
-            raise err(f"messages[{i}].role", f"must be one of {ROLES}, got {role!r}")
+            raise err(f"messages[{i}].role", f"must be one of {ROLES}, got {_short(role)}")
         if not isinstance(content, str):
             raise err(f"messages[{i}].content", f"must be a string, got {type(content).__name__}")
         if role == "system" and i != 0:
@@ -137,26 +154,26 @@ def validate_record(raw: Any, source: str, where: str) -> ConversationRecord:
     if run is None:
         run = 0
     if not isinstance(run, int) or isinstance(run, bool):
-        raise err("run", f"must be an integer, got {run!r}")
+        raise err("run", f"must be an integer, got {_short(run)}")
     temperature = raw.get("temperature", 0.0)
     if temperature is None:
         temperature = 0.0
-    if not _is_number(temperature) or not math.isfinite(float(temperature)) or temperature < 0:
-        raise err("temperature", f"must be a finite number >= 0, got {temperature!r}")
+    if not _is_number(temperature) or not _is_finite(temperature) or temperature < 0:
+        raise err("temperature", f"must be a finite number >= 0, got {_short(temperature)}")
     comps = raw.get("reward_components")
     if comps is not None:
         if not isinstance(comps, dict):
             raise err("reward_components", f"must be an object, got {type(comps).__name__}")
         for k, v in comps.items():
             if v is not None and not _is_number(v):
-                raise err(f"reward_components.{k}", f"must be a number or null, got {v!r}")
+                raise err(f"reward_components.{k}", f"must be a number or null, got {_short(v)}")
     meta = raw.get("meta") or {}
     if not isinstance(meta, dict):
         raise err("meta", f"must be an object, got {type(meta).__name__}")
     for name in ("gold", "prediction", "dataset"):
         v = raw.get(name)
         if v is not None and not isinstance(v, str):
-            raise err(name, f"must be a string or null, got {v!r}")
+            raise err(name, f"must be a string or null, got {_short(v)}")
     return ConversationRecord(
         id=rid, task_id=str(task_id), messages=clean, reward=float(reward), dataset=raw.get("dataset") or "",
         run=run, temperature=float(temperature), reward_components=comps, gold=raw.get("gold"),
@@ -164,15 +181,36 @@ def validate_record(raw: Any, source: str, where: str) -> ConversationRecord:
     )
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """``(where, value)`` per non-blank line; ``value`` is a :class:`RecordError` for a line that is not valid UTF-8
+    or not JSON (the callers raise it or, under ``skip_invalid``, count it and go on)."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"line {lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield where, RecordError(str(path), where, None, "<encoding>",
+                                         f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})")
+                continue
             if not line.strip():
                 continue
             try:
-                yield f"line {lineno}", json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as e:
-                raise RecordError(str(path), f"line {lineno}", None, "<json>", f"invalid JSON: {e.msg}") from None
+                hint = ""
+                if lineno == 1 and line.strip() in ("[", "{"):
+                    hint = " (this looks like a pretty-printed JSON document; expected JSONL: one record per line)"
+                yield where, RecordError(str(path), where, None, "<json>", f"invalid JSON: {e.msg}{hint}")
+            except (ValueError, RecursionError) as e:  # an int too long to convert, nesting too deep
+                yield where, RecordError(str(path), where, None, "<json>", f"invalid JSON: {_short(str(e), 120)}")
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    for where, value in _jsonl_rows(path):
+        if isinstance(value, RecordError):
+            raise value
+        yield where, value
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
@@ -186,14 +224,22 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
     if missing:
         raise RecordError(str(path), "schema", None, missing[0],
                           f"column missing from Parquet schema (has {table.column_names})")
-    for i, row in enumerate(table.to_pylist()):
+    try:
+        rows = table.to_pylist()
+    except Exception as e:  # a column type Python cannot represent (e.g. an out-of-range timestamp)
+        raise RecordError(str(path), "file", None, "<parquet>", f"cannot read the rows: {_short(str(e), 200)}") from None
+    for i, row in enumerate(rows):
         yield f"row {i}", _decode_json_columns(row)
 
 
 def _iter_hf_folder(path: Path) -> Iterator[tuple[str, Any]]:
     import datasets
 
-    ds = datasets.load_from_disk(str(path))
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise RecordError(str(path), "folder", None, "<format>",
+                          f"not a datasets.save_to_disk folder ({_short(str(e), 200)})") from None
     if isinstance(ds, datasets.DatasetDict):
         for split, part in ds.items():
             for i, row in enumerate(part):
@@ -210,9 +256,13 @@ def _decode_json_columns(row: dict) -> dict:
         if isinstance(v, str):
             try:
                 row[name] = json.loads(v)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
                 pass  # left as a string: validation then names the field
     return row
+
+
+def _is_jsonl(p: Path) -> bool:
+    return p.suffix in (".jsonl", ".json") or p.name.endswith(".jsonl.tmp")
 
 
 def iter_raw(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
@@ -224,7 +274,7 @@ def iter_raw(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
         return _iter_hf_folder(p)
     if p.suffix == ".parquet":
         return _iter_parquet(p)
-    if p.suffix in (".jsonl", ".json") or p.name.endswith(".jsonl.tmp"):
+    if _is_jsonl(p):
         return _iter_jsonl(p)
     raise RecordError(str(p), "file", None, "<format>", "unknown format (expected .jsonl, .parquet or a folder)")
 
@@ -239,6 +289,8 @@ def load_records(
     """
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
+    if not paths:
+        raise ValueError("no record files given")
     records: list[ConversationRecord] = []
     summary = LoadSummary()
     seen: dict[str, str] = {}
@@ -263,17 +315,14 @@ def load_records(
 
 
 def _checked_iter(path, skip_invalid: bool, summary: LoadSummary) -> Iterator[tuple[str, Any]]:
-    """Like :func:`iter_raw` but, under ``skip_invalid``, a JSON error skips one line instead of the file."""
+    """Like :func:`iter_raw` but, under ``skip_invalid``, an unreadable line skips one line instead of the file."""
     p = Path(path)
-    if skip_invalid and p.is_file() and p.suffix in (".jsonl", ".json"):
-        with p.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"line {lineno}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    summary.add_skip(RecordError(str(p), f"line {lineno}", None, "<json>", f"invalid JSON: {e.msg}"))
+    if skip_invalid and p.is_file() and _is_jsonl(p):
+        for where, value in _jsonl_rows(p):
+            if isinstance(value, RecordError):
+                summary.add_skip(value)
+            else:
+                yield where, value
         return
     yield from iter_raw(p)
 

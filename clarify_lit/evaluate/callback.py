@@ -67,6 +67,8 @@ class RolloutSpec:
     max_new_tokens: int = 64
     batch_size: int = 8
     seed: int = 0
+    adaptive: bool = False
+    discount: float = 1.0
 
 
 def load_eval_tasks(data: DataOptions | None = None, n_questions: int | None = None) -> list[QATask]:
@@ -177,7 +179,8 @@ def run_rollouts(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[QATask]
         return rollout_tasks(model, tokenizer, list(tasks), setting=spec.setting, mode=spec.mode,
                              n_turns=spec.n_turns, temperatures=list(spec.temperatures), teacher=teacher,
                              reward=reward, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size,
-                             seed=spec.seed, progress=progress, model_name=model_name)
+                             seed=spec.seed, progress=progress, model_name=model_name, adaptive=spec.adaptive,
+                             discount=spec.discount)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,7 +269,9 @@ class RolloutEvaluation(Callback):
         n_questions: how many held-out questions to roll out (the first of the test part; fixed across evaluations).
         setting: ``reasoning`` (scripted teacher) or ``clarifying``.
         mode: ``thinking`` (reasoning in ``<thinking>`` tags) or ``standard``.
-        n_turns: assistant turns per conversation.
+        n_turns: assistant turns per conversation (the most, with ``adaptive``).
+        adaptive: the agent may end a conversation early by giving its final answer (docs/simulate.md).
+        discount: γ: rewards are multiplied by γ^n, n = assistant turns used (1 = off).
         teacher: who answers the student (the options of ``clarify simulate``: ``kind`` scripted / retrieval /
             llm, ``backend``, ``model``, ``endpoint``, …); default: scripted (reasoning) or retrieval (clarifying).
             An ``llm`` teacher defaults to the policy's *base* model, the same for every method.
@@ -291,6 +296,8 @@ class RolloutEvaluation(Callback):
         setting: Setting = "reasoning",
         mode: Mode = "thinking",
         n_turns: int = 3,
+        adaptive: bool = False,
+        discount: float = 1.0,
         teacher: TeacherOptions | None = None,
         reward: RewardOptions | None = None,
         temperature: float = 0.0,
@@ -311,7 +318,8 @@ class RolloutEvaluation(Callback):
         self.data = data or DataOptions()
         self.n_questions = n_questions
         self.spec = RolloutSpec(setting=setting, mode=mode, n_turns=n_turns, temperatures=[temperature],
-                                max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+                                max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, adaptive=adaptive,
+                                discount=discount)
         self.teacher_options = teacher
         self.reward_options = reward
         self.every_n_val_epochs = every_n_val_epochs

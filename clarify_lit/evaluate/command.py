@@ -43,6 +43,7 @@ from clarify_lit.evaluate.callback import (
 )
 from clarify_lit.evaluate.metrics import compute_metrics, nan_to_none
 from clarify_lit.simulate.command import DataOptions, RewardOptions, TeacherOptions
+from clarify_lit.simulate.rollout import check_discount
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,8 @@ def evaluate(
     setting: Setting = "reasoning",
     mode: Mode = "thinking",
     n_turns: int = 3,
+    adaptive: bool = False,
+    discount: float = 1.0,
     teacher: TeacherOptions | None = None,
     reward: RewardOptions | None = None,
     temperatures: list[float] | None = None,
@@ -166,7 +169,10 @@ def evaluate(
         n_questions: evaluate the first N held-out questions (default: all ``data.n_test``; the paper: 100).
         setting: ``reasoning`` or ``clarifying``.
         mode: ``thinking`` or ``standard``.
-        n_turns: assistant turns per conversation.
+        n_turns: assistant turns per conversation (the most, with ``adaptive``).
+        adaptive: the agent may end a conversation before turn ``n_turns`` by giving its final answer (as in
+            ``clarify simulate --adaptive true``); the metrics then add the mean number of clarifying turns.
+        discount: γ in (0, 1]: rewards are multiplied by γ^n, n = assistant turns used (1 = off).
         teacher: the teacher, with ``clarify simulate``'s options (``--teacher.kind llm --teacher.backend
             endpoint --teacher.endpoint.base_url …``); default scripted (reasoning) / retrieval (clarifying). An
             ``llm`` teacher defaults to the *base* model, so every method meets the same teacher.
@@ -182,6 +188,7 @@ def evaluate(
         progress: show a progress bar.
     """
     check_one_source(model, ckpt_path, export_dir)  # before any loading: fail fast on a bad command line
+    check_discount(discount)
     start = time.perf_counter()
     dev = resolve_device(device)
     data = data or DataOptions()
@@ -191,7 +198,8 @@ def evaluate(
     teacher_obj, reward_obj = build_teacher_and_reward(teacher, reward, base_model=info["base_model"],
                                                        setting=setting, device=dev, batch_size=batch_size)
     spec = RolloutSpec(setting=setting, mode=mode, n_turns=n_turns, temperatures=list(temperatures or [0.0]),
-                       max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+                       max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, adaptive=adaptive,
+                       discount=discount)
     records = run_rollouts(policy, tokenizer, tasks, spec, teacher=teacher_obj, reward=reward_obj,
                            progress=progress, model_name=info["model"])
     metrics = compute_metrics(records, tokenizer, setting=setting, choices={t.task_id: t.choices for t in tasks})
@@ -215,7 +223,9 @@ def summary_line(method: str, m: dict[str, float], out: Path) -> str:
     """One human line: accuracy ± SE, reward ± SE, Thinking %, format rate, where the files went."""
     return (f"[clarify evaluate] {method}: n={m['n']:.0f}  accuracy {m['accuracy']:.3f} ± {m['accuracy_se']:.3f}  "
             f"reward {m['reward']:.3f} ± {m['reward_se']:.3f}  thinking {m['thinking_pct']:.1f}%  "
-            f"format {m['format_rate']:.3f}  → {out / 'metrics.json'}")
+            f"format {m['format_rate']:.3f}"
+            + (f"  clarifying turns {m['clarifying_turns']:.2f}" if "clarifying_turns" in m else "")
+            + f"  → {out / 'metrics.json'}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -55,6 +55,9 @@ BASE_STATS = (
     "token_turns", "tokens",  # assistant turns whose tokens were counted, and their token total
     "first_turns",       # clarifying-setting conversations whose first turn was checked
     "single_question",   # ... of which the first turn asks exactly one question
+    "adaptive_n",        # conversations rolled out with adaptive length (meta["adaptive"])
+    "clarifying_turns_sum", "clarifying_turns_sq",  # ... their assistant turns before the final answer
+    "ended_early",       # ... that the agent ended before the last turn
 )
 JUDGE_STATS = tuple(f"judge_{j}_{s}" for j in JUDGE_SCORES for s in ("n", "sum", "sq", "missing"))
 STAT_KEYS = BASE_STATS + JUDGE_STATS
@@ -289,6 +292,8 @@ def accumulate_stats(
             st["truncated_turns"] += truncated
         st["words"] += sum(len(t.split()) for t in turns)
         _add_tokens(st, rec, turns, count_tokens)
+        if rec.meta.get("adaptive") and turns:
+            _add_length(st, rec, turns)
         if record_setting(rec, setting) == "clarifying" and turns:
             st["first_turns"] += 1
             opts = record_choices(rec, choices, source)
@@ -303,6 +308,30 @@ def accumulate_stats(
                     st[f"judge_{j}_sum"] += v
                     st[f"judge_{j}_sq"] += v * v
     return st
+
+
+def clarifying_turns(record: ConversationRecord) -> int:
+    """Assistant turns before the one that gave the final answer (the last one): the clarifying questions and
+    reasoning turns the agent spent. A fixed-length conversation of n turns has n − 1."""
+    return max(len(assistant_turns(record)) - 1, 0)
+
+
+def ended_early(record: ConversationRecord) -> bool:
+    """Whether an adaptive conversation ended before its last allowed turn: ``meta["ended_early"]`` as the rollout
+    stored it, else (records written without the flag) fewer assistant turns than ``meta["n_turns"]``."""
+    flag = record.meta.get("ended_early")
+    if isinstance(flag, bool):
+        return flag
+    n_max = record.meta.get("n_turns")
+    return isinstance(n_max, int) and not isinstance(n_max, bool) and len(assistant_turns(record)) < n_max
+
+
+def _add_length(st: dict[str, float], rec: ConversationRecord, turns: list[str]) -> None:
+    k = float(len(turns) - 1)
+    st["adaptive_n"] += 1
+    st["clarifying_turns_sum"] += k
+    st["clarifying_turns_sq"] += k * k
+    st["ended_early"] += float(ended_early(rec))
 
 
 def _add_tokens(st: dict[str, float], rec: ConversationRecord, turns: list[str],
@@ -322,7 +351,8 @@ def metrics_from_stats(st: Mapping[str, float]) -> dict[str, float]:
     """Means and standard errors from summed statistics (see docs/evaluation.md for each formula).
 
     Optional groups appear only when they were measured: ``tokens_per_turn`` (a tokenizer or stored counts),
-    ``single_question_rate`` (clarifying setting), ``judge_*`` (an LLM judge reward).
+    ``single_question_rate`` (clarifying setting), ``clarifying_turns`` and ``ended_early_rate`` (adaptive-length
+    conversations), ``judge_*`` (an LLM judge reward).
     """
     n = st["n"]
     out: dict[str, float] = {"n": n}
@@ -347,6 +377,13 @@ def metrics_from_stats(st: Mapping[str, float]) -> dict[str, float]:
         out["single_question_rate"] = st["single_question"] / st["first_turns"]
         out["single_question_rate_se"] = proportion_se(st["single_question"], st["first_turns"])
         out["n_first_turns"] = st["first_turns"]
+    if st["adaptive_n"]:
+        # adaptive length: how many turns the agent spent before answering, and how often it stopped early
+        out["clarifying_turns"], out["clarifying_turns_se"] = mean_se(
+            st["clarifying_turns_sum"], st["clarifying_turns_sq"], st["adaptive_n"])
+        out["ended_early_rate"] = st["ended_early"] / st["adaptive_n"]
+        out["ended_early_rate_se"] = proportion_se(st["ended_early"], st["adaptive_n"])
+        out["n_adaptive"] = st["adaptive_n"]
     for j in JUDGE_SCORES:
         jn, missing = st[f"judge_{j}_n"], st[f"judge_{j}_missing"]
         if jn == 0 and missing == 0:

@@ -36,6 +36,8 @@ COLUMNS: dict[str, tuple[str, int]] = {
     "thinking_pct": ("Thinking %", 1),
     "reward": ("Reward", 3),
     "single_question_rate": ("One question", 3),
+    "clarifying_turns": ("Clarifying turns", 2),  # adaptive length only
+    "ended_early_rate": ("Ended early", 3),
     "tokens_per_turn": ("Tokens/turn", 1),
     "judge_overall": ("Overall", 2),
     "judge_accuracy": ("Accuracy (judge)", 2),
@@ -44,7 +46,7 @@ COLUMNS: dict[str, tuple[str, int]] = {
     "judge_pedagogical_value": ("Pedagogical value", 2),
     "judge_confidence": ("Confidence", 2),
 }
-PLOT_METRICS = ("accuracy", "reward", "thinking_pct", "judge_overall")
+PLOT_METRICS = ("accuracy", "reward", "thinking_pct", "clarifying_turns", "judge_overall")
 
 
 @dataclass

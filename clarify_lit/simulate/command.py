@@ -5,6 +5,7 @@ Output folder ``--output DIR``::
     DIR/run_config.json      what produced the shards (checked by --resume)
     DIR/shards/shard-00000.jsonl   one shard per chunk of ``chunk_size`` tasks, each written atomically
     DIR/conversations.jsonl  all shards merged in order (atomically, at the end)
+    DIR/branches.jsonl       with --step_branches true: StepDPO's branches (simulate/branches.py)
     DIR/summary.json         counts, mean reward and components, parse failures, timing
 
 Chunk k is rolled out with seed ``derive_seed(seed, "chunk", k)``, a function of the chunk alone, so ``--resume``
@@ -14,6 +15,8 @@ one. Examples::
     clarify simulate --config configs/simulate/tiny-reasoning.yaml
     clarify simulate --config configs/simulate/smollm2-openbookqa-reasoning.yaml --data.limit 20 --output runs/x
     clarify simulate --config ... --resume true
+    clarify simulate --config ... --adaptive true --discount 0.9   # the agent may answer early; reward × γ^turns
+    clarify simulate --config ... --model runs/swift/export         # a trained policy (LoRA export) logs the data
 """
 
 from __future__ import annotations
@@ -33,10 +36,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 from clarify_lit.data.records import ConversationRecord, load_records, write_records
+from clarify_lit.simulate.branches import (
+    BRANCH_CONFIG,
+    BRANCH_FILE,
+    branch_rollouts,
+    branch_shard_path,
+    branch_summary,
+    check_branch_config,
+    merge_branch_shards,
+)
 from clarify_lit.simulate.engine import GenerationEngine, derive_seed
 from clarify_lit.simulate.parsing import uses_thinking_tags
 from clarify_lit.simulate.rewards import Reward, make_reward
-from clarify_lit.simulate.rollout import DEFAULT_TEMPERATURES, rollout_tasks
+from clarify_lit.simulate.rollout import DEFAULT_TEMPERATURES, check_discount, rollout_tasks
 from clarify_lit.simulate.teachers import (
     ChatBackend,
     EndpointChatBackend,
@@ -137,7 +149,8 @@ class SimulateConfig:
     """Simulate conversations of a policy with a teacher and score them (see docs/simulate.md)."""
 
     model: str = "embedded:smollm2-135m-instruct"
-    """Policy (= logging policy): hub id, local folder, embedded:smollm2-135m-instruct or tiny-random."""
+    """Policy (= logging policy): hub id, local folder, embedded:smollm2-135m-instruct, tiny-random, or an exported
+    LoRA adapter folder (runs/<run>/export: applied to its base and merged; teacher/judge default to that base)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"
     """auto (cuda if available), cpu, cuda, cuda:1 …"""
@@ -145,6 +158,10 @@ class SimulateConfig:
     setting: Literal["reasoning", "clarifying"] = "reasoning"
     mode: Literal["thinking", "standard"] = "thinking"
     n_turns: int = 3
+    adaptive: bool = False
+    """Adaptive length: the agent may give its final answer before turn n_turns, which ends the conversation."""
+    discount: float = 1.0
+    """γ in (0, 1]: every reward is multiplied by γ^n, n = assistant turns used (1 = off; meant for adaptive)."""
     temperatures: list[float] = field(default_factory=lambda: list(DEFAULT_TEMPERATURES))
     """One run per temperature per question (0 = greedy)."""
     teacher: TeacherOptions = field(default_factory=TeacherOptions)
@@ -157,6 +174,13 @@ class SimulateConfig:
     seed: int = 0
     chunk_size: int = 8
     """Tasks per shard (the unit of --resume)."""
+    step_branches: bool = False
+    """StepDPO data: for every conversation and assistant step t, branch a new turn t from the same prefix,
+    complete it with the same teacher and reward (branches.jsonl; about 2x the generation at n_turns=3)."""
+    branch_runs: list[int] | None = None
+    """Runs (indices into temperatures) whose conversations are branched (None: all)."""
+    branch_temperature: float | None = None
+    """Temperature of the branches (None: each parent run's own temperature)."""
     output: str = "runs/simulate"
     """Output folder."""
     resume: bool = False
@@ -212,11 +236,39 @@ class _Models:
         key = (name, dtype)
         if key not in self.cache:
             log.info("loading %s (%s) on %s", name, dtype, self.device)
+            if is_adapter_folder(name):  # an exported policy (clarify fit's export/): its base + the LoRA, merged
+                from clarify_lit.evaluate.command import load_export
+
+                model, tok, _ = load_export(name, dtype, merge_lora=True)
+                model = model.to(self.device).eval()
+                model.requires_grad_(False)
+                self.cache[key] = (model, tok)
+                return self.cache[key]
             model = load_causal_lm(name, dtype=dtype).to(self.device)
             model.eval()
             model.requires_grad_(False)  # frozen: logging policy, teacher and judge are never trained here
             self.cache[key] = (model, load_tokenizer(name))
         return self.cache[key]
+
+
+def is_adapter_folder(name: str) -> bool:
+    """Whether ``name`` is a PEFT adapter folder (``adapter_config.json``), e.g. ``<run>/export`` of ``clarify fit``."""
+    return bool(name) and (Path(name) / "adapter_config.json").is_file()
+
+
+def policy_base(name: str) -> str:
+    """The base model of a policy: an adapter folder's ``base_model_name_or_path``, else ``name`` itself.
+
+    The LLM teacher and the judges default to it, so a trained policy (``--model runs/swift/export``) meets the same
+    teacher and judge as the base model did and is never its own judge. A full-weights export does not name its
+    base: set ``--teacher.model``/``--reward.judge_model`` explicitly there.
+    """
+    if is_adapter_folder(name):
+        base = json.loads((Path(name) / "adapter_config.json").read_text(encoding="utf-8")).get(
+            "base_model_name_or_path")
+        if base:
+            return str(base)
+    return name
 
 
 def _endpoint(opts: EndpointOptions, what: str) -> EndpointChatBackend:
@@ -237,7 +289,7 @@ def build_teacher(cfg: SimulateConfig, models: _Models) -> Teacher | None:
     if t.backend == "endpoint":
         backend = _endpoint(t.endpoint, "teacher")
     else:
-        name = t.model or cfg.model
+        name = t.model or policy_base(cfg.model)
         model, tok = models.get(name, t.dtype)
         backend = HFChatBackend(model, tok, batch_size=cfg.batch_size, name=f"hf:{name}")
     return make_teacher("llm", backend=backend, temperature=t.temperature, max_new_tokens=t.max_new_tokens,
@@ -248,7 +300,7 @@ def build_reward(cfg: SimulateConfig, models: _Models) -> Reward:
     r = cfg.reward
     kinds = set(r.weights or {}) if r.kind == "weighted" else {r.kind}
     judge_model = judge_tok = judge_backend = None
-    judge_name = r.judge_model or cfg.model
+    judge_name = r.judge_model or policy_base(cfg.model)
     if "gold_prob" in kinds:
         judge_model, judge_tok = models.get(judge_name, r.judge_dtype)
     if "llm_judge" in kinds:
@@ -286,6 +338,11 @@ def shard_path(out: Path, k: int) -> Path:
 def run_fingerprint(cfg: SimulateConfig, task_ids: list[str]) -> dict[str, Any]:
     """Everything that determines the records: the config without runtime fields, plus the task ids."""
     conf = {k: v for k, v in asdict(cfg).items() if k not in _RUNTIME_FIELDS}
+    if not cfg.adaptive and cfg.discount == 1.0:  # off: fingerprints match those written before adaptive length
+        conf.pop("adaptive")
+        conf.pop("discount")
+    for k in ("step_branches", "branch_runs", "branch_temperature"):
+        conf.pop(k)  # branches never change the logged records; their options are checked by check_branch_config
     return {"config": conf, "task_ids": task_ids}
 
 
@@ -306,7 +363,8 @@ def prepare_output(cfg: SimulateConfig, fingerprint: dict[str, Any]) -> tuple[Pa
     cfg_file = out / "run_config.json"
     existing = sorted(shards.glob("shard-*.jsonl")) if shards.exists() else []
     if cfg.overwrite and out.exists():
-        for p in (shards, out / "conversations.jsonl", out / "summary.json", cfg_file):
+        for p in (shards, out / "conversations.jsonl", out / BRANCH_FILE, out / BRANCH_CONFIG, out / "summary.json",
+                  cfg_file):
             if p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():
@@ -385,6 +443,9 @@ def summarize(records: list[ConversationRecord], *, timing: dict[str, float], cf
         "tasks_with_reward_variance": sum(len(v) > 1 for v in per_task.values()),
         "empty_turns": sum(int(r.meta.get("empty_turns", 0)) for r in records),
         "truncated_turns": sum(int(r.meta.get("truncated_turns", 0)) for r in records),
+        **({"mean_turns_used": statistics.fmean(sum(m["role"] == "assistant" for m in r.messages) for r in records),
+            "ended_early": sum(bool(r.meta.get("ended_early")) for r in records)}
+           if cfg.adaptive and records else {}),
         "shards": shards_total,
         "shards_resumed": shards_resumed,
         "timing": timing,
@@ -402,6 +463,16 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
         raise ValueError(f"chunk_size must be >= 1, got {cfg.chunk_size}")
     if not cfg.temperatures or any(t < 0 or not math.isfinite(t) for t in cfg.temperatures):
         raise ValueError(f"temperatures must be a non-empty list of finite numbers >= 0, got {cfg.temperatures}")
+    check_discount(cfg.discount)
+    if cfg.discount != 1.0 and not cfg.adaptive:
+        log.warning("discount=%g without adaptive: every conversation has n_turns turns, so the discount only "
+                    "rescales all rewards by the same factor", cfg.discount)
+    run_ids = set(range(len(cfg.temperatures)))
+    if cfg.branch_runs is not None and not set(cfg.branch_runs) <= run_ids:
+        raise ValueError(f"branch_runs must index temperatures (0..{len(run_ids) - 1}), got {cfg.branch_runs}")
+    bt = cfg.branch_temperature
+    if bt is not None and not (bt >= 0 and math.isfinite(bt)):
+        raise ValueError(f"branch_temperature must be a finite number >= 0, got {bt}")
     tasks = load_config_tasks(cfg)
     chunks = [tasks[i:i + cfg.chunk_size] for i in range(0, len(tasks), cfg.chunk_size)]
     out, done = prepare_output(cfg, run_fingerprint(cfg, [t.task_id for t in tasks]))
@@ -410,10 +481,16 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
         raise ValueError(f"{out}/shards holds shards {stray} beyond the {len(chunks)} chunks of this run")
     todo = [k for k in range(len(chunks)) if k not in done]
     log.info("%d tasks in %d chunks; %d done already, %d to run", len(tasks), len(chunks), len(done), len(todo))
+    branch_todo: list[int] = []  # chunks logged without branches (e.g. branching added on --resume)
+    if cfg.step_branches:
+        check_branch_config(out, {"branch_runs": cfg.branch_runs, "branch_temperature": cfg.branch_temperature})
+        branch_todo = [k for k in sorted(done) if not branch_shard_path(out, k).exists()]
+        if branch_todo:
+            log.info("branching the %d chunk(s) already logged without branches", len(branch_todo))
 
     models = _Models(_device(cfg.device))
     teacher = reward = engine = None
-    if todo:
+    if todo or branch_todo:
         model, tok = models.get(cfg.model, cfg.dtype)
         teacher = build_teacher(cfg, models)
         reward = build_reward(cfg, models)
@@ -428,14 +505,27 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
 
         bar = tqdm(total=len(tasks) * runs, initial=sum(len(chunks[k]) for k in done) * runs, unit="conv",
                    desc="simulate", dynamic_ncols=True, file=sys.stderr)
-    new_convs = 0
+    new_convs = new_branches = 0
+    # the logged runs and their StepDPO branches share every rollout option
+    rollout_kw = dict(setting=cfg.setting, mode=cfg.mode, n_turns=cfg.n_turns, teacher=teacher,
+                      reward=reward, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                      progress=False, model_name=cfg.model, engine=engine, adaptive=cfg.adaptive,
+                      discount=cfg.discount)
+
+    def branch(k: int, parents: list[ConversationRecord]) -> int:
+        branches = branch_rollouts(model, tok, chunks[k], parents, seed=derive_seed(cfg.seed, "branches", k),
+                                   runs=cfg.branch_runs, temperature=cfg.branch_temperature, **rollout_kw)
+        write_records(branch_shard_path(out, k), branches)
+        return len(branches)
+
     try:
+        for k in branch_todo:
+            new_branches += branch(k, load_records(shard_path(out, k))[0])
         for k in todo:
-            records = rollout_tasks(
-                model, tok, chunks[k], setting=cfg.setting, mode=cfg.mode, n_turns=cfg.n_turns,
-                temperatures=cfg.temperatures, teacher=teacher, reward=reward, max_new_tokens=cfg.max_new_tokens,
-                batch_size=cfg.batch_size, seed=derive_seed(cfg.seed, "chunk", k), progress=False,
-                model_name=cfg.model, engine=engine)
+            records = rollout_tasks(model, tok, chunks[k], temperatures=cfg.temperatures,
+                                    seed=derive_seed(cfg.seed, "chunk", k), **rollout_kw)
+            if cfg.step_branches:  # written before the shard: a finished shard implies its branches (resume)
+                new_branches += branch(k, records)
             write_records(shard_path(out, k), records)
             new_convs += len(records)
             if bar is not None:
@@ -459,6 +549,10 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
               "conversations_per_s": round(new_convs / seconds, 4) if seconds > 0 and new_convs else None,
               "tokens_per_s": round(new_tokens / seconds, 2) if seconds > 0 and new_tokens else None}
     extra: dict[str, Any] = {}
+    if cfg.step_branches:
+        branch_records, _ = load_records(merge_branch_shards(out, len(chunks)))
+        extra["step_branches"] = branch_summary(records, branch_records)
+        timing["branch_conversations"] = new_branches
     if teacher is not None:
         extra["teacher"] = teacher.describe()
         extra["teacher_fallbacks"] = getattr(teacher, "fallbacks", None)

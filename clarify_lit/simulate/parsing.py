@@ -159,6 +159,28 @@ def parse_answer_letter(text: str, choices: Sequence[str] | None = None, letters
     return None
 
 
+def early_answer(text: str, letters: str = "ABCD") -> str | None:
+    """The letter a turn *before the last* commits to as its final answer, or ``None`` (the conversation goes on).
+
+    Used by adaptive-length rollouts to decide that the agent ended the conversation itself. Stricter than
+    :func:`parse_answer_letter`, because a clarifying turn names options all the time: only an explicit answer
+    phrase ("The answer is B", "Answer is C", "Answer: D", "the correct option is A") in the text *outside*
+    ``<thinking>`` tags counts, and the first such phrase must not sit in a question ("Is the answer B?" asks, it
+    does not answer; the sentence is the text up to the next ``.``, ``!``, ``?`` or line break). Bare or marked
+    letters ("(B)", "option B", "B) sunlight") never end a conversation. When it returns a letter,
+    :func:`parse_answer_letter` on the same text returns the same letter (both take the first answer phrase outside
+    the thinking tags), so the reward scores exactly the answer that ended the conversation.
+    """
+    outside, _ = split_thinking(text or "")
+    m = _patterns(letters)[0].search(outside)
+    if m is None:
+        return None
+    end = re.search(r"[.!?\n]", outside[m.end():])
+    if end is not None and end.group(0) == "?":
+        return None
+    return _letter_from(m)
+
+
 def uses_thinking_tags(text: str) -> bool:
     """True if the text has a ``<thinking>`` block that is opened and later closed (any case) with content."""
     for m in _THINK_BLOCK.finditer(text or ""):

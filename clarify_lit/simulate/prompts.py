@@ -12,6 +12,12 @@ Turn plans (one *kind* per assistant turn, :func:`turn_kinds`):
 * clarifying setting (thinking mode only): ``ask`` × max(1, n − 2), ``reason`` (if n ≥ 3), ``final``. Every teacher
   turn that follows an ``ask`` turn starts with the teacher's answer to that question (the only non-scripted text);
   the first and the last teacher turns are hard-coded. n ≥ 2.
+
+Adaptive length (``adaptive=True``; the paper's third use case): the system prompt and every turn before the last
+tell the assistant that it may give its final answer early, in the usual answer format, and that doing so ends the
+conversation (the rollout detects it with ``parsing.early_answer``). In the reasoning setting the note is a per-turn
+instruction (after :data:`INSTRUCTION_MARK`, so judges never see it); in the clarifying setting the ``ask``/``reason``
+instructions offer the final answer as the alternative. The last turn is the same as in fixed-length conversations.
 """
 
 from __future__ import annotations
@@ -119,18 +125,37 @@ def needs_teacher_reply(setting: Setting, n_turns: int, turn: int) -> bool:
 _THINK_HOW = "Put your reasoning inside <thinking></thinking> tags."
 
 
-def reasoning_system_prompt(mode: Mode) -> str:
+# adaptive length: what the system prompts add, and the per-turn note before every turn but the last
+ADAPTIVE_SYSTEM_REASONING = (" You may give your final answer at any turn, as soon as you are sure of it, in the same "
+                             "format; giving it ends the conversation.")
+EARLY_ANSWER_REASONING = {
+    "thinking": ("If you are already sure of the answer, you may give your final answer now instead: begin with "
+                 "'The answer is X' outside the thinking tags. That ends the conversation."),
+    "standard": ("If you are already sure of the answer, you may give your final answer now instead: begin with "
+                 "'The answer is X'. That ends the conversation."),
+}
+
+
+def reasoning_system_prompt(mode: Mode, adaptive: bool = False) -> str:
+    extra = ADAPTIVE_SYSTEM_REASONING if adaptive else ""
     if mode == "thinking":
         return ("You are an expert at answering multiple-choice questions. Reason step by step inside "
                 "<thinking></thinking> tags. When you are asked for your final answer, first write 'The answer is "
                 "X' (X is A, B, C or D) outside the thinking tags, then give your reasoning inside "
-                "<thinking></thinking> tags.")
+                "<thinking></thinking> tags." + extra)
     return ("You are an expert at answering multiple-choice questions. When you are asked for your final answer, "
-            "first write 'The answer is X' (X is A, B, C or D), then explain your reasoning.")
+            "first write 'The answer is X' (X is A, B, C or D), then explain your reasoning." + extra)
 
 
-def reasoning_teacher_turn(task: QATask, kind: TurnKind, mode: Mode, first: bool) -> str:
-    """The scripted teacher's message before an assistant turn of the given kind (``first``: it is T1)."""
+def reasoning_teacher_turn(task: QATask, kind: TurnKind, mode: Mode, first: bool, adaptive: bool = False) -> str:
+    """The scripted teacher's message before an assistant turn of the given kind (``first``: it is T1).
+
+    ``adaptive``: turns other than ``final`` carry the early-answer note as a per-turn instruction."""
+    text = _reasoning_teacher_text(task, kind, mode, first)
+    return with_instruction(text, EARLY_ANSWER_REASONING[mode]) if adaptive and kind != "final" else text
+
+
+def _reasoning_teacher_text(task: QATask, kind: TurnKind, mode: Mode, first: bool) -> str:
     think = f" {_THINK_HOW}" if mode == "thinking" else ""
     if kind == "initial":
         return (f"{dataset_line(task.dataset)}\n\n{format_question(task)}\n\n"
@@ -170,6 +195,19 @@ ASK_AGAIN_INSTRUCTION = ("Ask ONE more short, specific question about ONE of the
 REASON_INSTRUCTION = ("Think step by step about every option inside <thinking></thinking> tags. Do not ask any "
                       f"more questions. {WORD_LIMIT}")
 
+# adaptive length: the same turns, with the final answer offered as the alternative to asking or reasoning on
+ADAPTIVE_SYSTEM_CLARIFYING = (" You may also give your final answer before the teacher asks for it, as soon as you "
+                              "are sure: write 'Answer is X' first. That ends the conversation, so ask only the "
+                              "questions you need.")
+_EARLY_CLARIFY = ("or, if you are already sure, give your final answer instead: start with 'Answer is X' (X is A, B, "
+                  "C or D), then your reasoning inside <thinking></thinking> tags.")
+ASK_INSTRUCTION_ADAPTIVE = f"Ask ONE short, specific question about ONE of the options, {_EARLY_CLARIFY} {WORD_LIMIT}"
+ASK_AGAIN_INSTRUCTION_ADAPTIVE = (f"Ask ONE more short, specific question about ONE of the options, {_EARLY_CLARIFY} "
+                                  f"{WORD_LIMIT}")
+REASON_INSTRUCTION_ADAPTIVE = ("Think step by step about every option inside <thinking></thinking> tags. Do not ask "
+                               "any more questions. If you are already sure, you may give your final answer now: "
+                               f"start with 'Answer is X' outside the thinking tags. {WORD_LIMIT}")
+
 CLARIFY_T1 = "Ask me ONE specific question about any ONE of the options."
 CLARIFY_FINAL = ("Thank you for working through it. What is your final answer? Give it first, then your reasoning "
                  "inside <thinking></thinking> tags.")
@@ -185,19 +223,22 @@ def final_clarify_instruction(task: QATask) -> str:
             f"<thinking></thinking> tags. {WORD_LIMIT}")
 
 
-def clarifying_teacher_turn(task: QATask, kind: TurnKind, previous: TurnKind | None, reply: str | None) -> str:
-    """The teacher message before an assistant turn of ``kind`` (``previous``: the kind of the turn before)."""
+def clarifying_teacher_turn(task: QATask, kind: TurnKind, previous: TurnKind | None, reply: str | None,
+                            adaptive: bool = False) -> str:
+    """The teacher message before an assistant turn of ``kind`` (``previous``: the kind of the turn before;
+    ``adaptive``: the ``ask``/``reason`` instructions offer the final answer as the alternative)."""
     if previous is None:  # T1, hard-coded
-        return with_instruction(f"{format_question(task)}\n\n{CLARIFY_T1}", ASK_INSTRUCTION)
+        return with_instruction(f"{format_question(task)}\n\n{CLARIFY_T1}",
+                                ASK_INSTRUCTION_ADAPTIVE if adaptive else ASK_INSTRUCTION)
     parts: list[str] = []
     if previous == "ask":
         if reply is None or not reply.strip():
             raise ValueError(f"task {task.task_id}: the teacher's answer to the student's question is missing")
         parts.append(reply.strip())
     if kind == "ask":
-        return with_instruction("\n\n".join(parts), ASK_AGAIN_INSTRUCTION)
+        return with_instruction("\n\n".join(parts), ASK_AGAIN_INSTRUCTION_ADAPTIVE if adaptive else ASK_AGAIN_INSTRUCTION)
     if kind == "reason":
-        return with_instruction("\n\n".join(parts), REASON_INSTRUCTION)
+        return with_instruction("\n\n".join(parts), REASON_INSTRUCTION_ADAPTIVE if adaptive else REASON_INSTRUCTION)
     if kind == "final":
         parts.append(CLARIFY_FINAL)
         return with_instruction("\n\n".join(parts), final_clarify_instruction(task))
@@ -207,21 +248,23 @@ def clarifying_teacher_turn(task: QATask, kind: TurnKind, previous: TurnKind | N
 # ---------------------------------------------------------------------------------------------------------------
 # one entry point for the rollout
 
-def system_prompt(setting: Setting, mode: Mode) -> str:
-    return reasoning_system_prompt(mode) if setting == "reasoning" else CLARIFYING_SYSTEM_PROMPT
+def system_prompt(setting: Setting, mode: Mode, adaptive: bool = False) -> str:
+    if setting == "reasoning":
+        return reasoning_system_prompt(mode, adaptive)
+    return CLARIFYING_SYSTEM_PROMPT + (ADAPTIVE_SYSTEM_CLARIFYING if adaptive else "")
 
 
 def teacher_message(task: QATask, setting: Setting, mode: Mode, n_turns: int, turn: int,
-                    reply: str | None = None) -> str:
+                    reply: str | None = None, adaptive: bool = False) -> str:
     """Teacher message ``turn`` (1-based) of a conversation; ``reply`` is the teacher's answer when
-    :func:`needs_teacher_reply` says one is needed."""
+    :func:`needs_teacher_reply` says one is needed; ``adaptive`` offers an early final answer (turns < n)."""
     kinds = turn_kinds(setting, n_turns)
     if not 1 <= turn <= n_turns:
         raise ValueError(f"turn must be in 1..{n_turns}, got {turn}")
     kind = kinds[turn - 1]
     if setting == "reasoning":
-        return reasoning_teacher_turn(task, kind, mode, first=turn == 1)
-    return clarifying_teacher_turn(task, kind, kinds[turn - 2] if turn >= 2 else None, reply)
+        return reasoning_teacher_turn(task, kind, mode, first=turn == 1, adaptive=adaptive)
+    return clarifying_teacher_turn(task, kind, kinds[turn - 2] if turn >= 2 else None, reply, adaptive=adaptive)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,18 +2,25 @@
 
 :func:`rollout_tasks` is the one way to roll a policy out — ``clarify simulate`` (logging data), the evaluation
 callback and ``clarify evaluate`` (greedy: ``temperatures=[0.0]``) all call it.
+
+Adaptive length (``adaptive=True``, the paper's third use case): the prompts tell the agent it may answer early, and
+a conversation ends after the first assistant turn that commits to a final answer (``parsing.early_answer``: an
+explicit answer phrase outside the thinking tags, not in a question); the others go on to the last turn. The reward
+is then discounted, ``r = γ^n · r_base`` with ``n`` the number of assistant turns the conversation used (1 … n_turns)
+and γ = ``discount`` (1.0 = off).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 from clarify_lit.data.records import ConversationRecord
 from clarify_lit.data.tasks import LETTERS, QATask
 from clarify_lit.simulate import prompts
 from clarify_lit.simulate.engine import GenerationEngine, derive_seed
-from clarify_lit.simulate.parsing import parse_answer_letter
+from clarify_lit.simulate.parsing import early_answer, parse_answer_letter
 from clarify_lit.simulate.prompts import Mode, Setting
 from clarify_lit.simulate.rewards import CorrectReward, Reward
 from clarify_lit.simulate.teachers import RetrievalTeacher, ScriptedTeacher, Teacher
@@ -39,6 +46,33 @@ def check_tasks(tasks: Sequence[QATask]) -> None:
         seen.add(t.task_id)
 
 
+def check_prefixes(prefixes: Sequence[Sequence[dict[str, str]]], tasks: Sequence[QATask], start_turn: int,
+                   n_turns: int) -> None:
+    """A prefix to continue at assistant turn ``start_turn``: system, ``start_turn − 1`` exchanges, a teacher turn."""
+    if len(prefixes) != len(tasks):
+        raise ValueError(f"{len(tasks)} tasks but {len(prefixes)} prefixes (one per task)")
+    if not 1 <= start_turn <= n_turns:
+        raise ValueError(f"start_turn must be in 1..n_turns={n_turns}, got {start_turn}")
+    want = ["system"] + ["user", "assistant"] * (start_turn - 1) + ["user"]
+    for task, prefix in zip(tasks, prefixes, strict=True):
+        roles = [m["role"] for m in prefix]
+        if roles != want:
+            raise ValueError(f"task {task.task_id}: a prefix continued at turn {start_turn} must have roles {want}, "
+                             f"got {roles}")
+
+
+def check_discount(discount: float) -> None:
+    """γ must be in (0, 1]: γ = 1 is no discount, γ > 1 would reward longer conversations and γ ≤ 0 breaks r ≥ 0."""
+    if isinstance(discount, bool) or not isinstance(discount, int | float) or not math.isfinite(discount) \
+            or not 0 < discount <= 1:
+        raise ValueError(f"discount must be a number in (0, 1] (1 = no discount), got {discount!r}")
+
+
+def discounted_reward(reward: float, discount: float, turns_used: int) -> float:
+    """``γ^n · r``: the reward of a conversation that used ``turns_used`` = n assistant turns."""
+    return reward * discount ** turns_used
+
+
 def default_teacher(setting: Setting) -> Teacher:
     """The reasoning setting is scripted; the clarifying setting defaults to the offline retrieval teacher."""
     return ScriptedTeacher() if setting == "reasoning" else RetrievalTeacher()
@@ -62,6 +96,10 @@ def rollout_tasks(
     model_name: str = "",
     sort_by_length: bool = True,
     engine: GenerationEngine | None = None,
+    prefixes: Sequence[Sequence[dict[str, str]]] | None = None,
+    start_turn: int = 1,
+    adaptive: bool = False,
+    discount: float = 1.0,
 ) -> list[ConversationRecord]:
     """Simulate ``len(temperatures)`` conversations per task and score each one.
 
@@ -69,8 +107,19 @@ def rollout_tasks(
     only on the inputs and ``seed`` (not on what ran before), so a chunked run equals an unchunked one chunk-wise.
     ``engine`` (optional) reuses a :class:`GenerationEngine` (its ``stats`` then accumulate across calls); without
     it one is built from ``batch_size``/``max_new_tokens``/``sort_by_length``.
+
+    ``prefixes`` (one per task) continue given conversations instead of starting new ones (StepDPO's branches,
+    ``simulate/branches.py``): each prefix is the system prompt, ``start_turn − 1`` teacher/assistant exchanges and
+    teacher turn ``start_turn``; generation starts at assistant turn ``start_turn`` and the teacher speaks the
+    remaining turns as usual. The returned messages include the prefix.
+
+    ``adaptive``: the agent may end a conversation before turn ``n_turns`` by giving its final answer (see the
+    module docstring); ``discount`` γ ∈ (0, 1] multiplies each reward by γ^n, n = assistant turns used. Records of
+    such runs carry ``meta.adaptive``, ``meta.turns_used``, ``meta.ended_early`` and ``meta.discount``, and (γ < 1)
+    the undiscounted reward as ``reward_components["undiscounted_reward"]``.
     """
     prompts.check_setting(setting, mode, n_turns)
+    check_discount(discount)
     check_tasks(tasks)
     if not temperatures:
         raise ValueError("temperatures must name at least one run per task")
@@ -87,46 +136,72 @@ def rollout_tasks(
         return []
     row_tasks = [r[0] for r in rows]
     row_temps = [r[2] for r in rows]
-    system = prompts.system_prompt(setting, mode)
+    system = prompts.system_prompt(setting, mode, adaptive)
     convs: list[list[dict[str, str]]] = [[{"role": "system", "content": system}] for _ in rows]
+    if prefixes is not None:
+        check_prefixes(prefixes, tasks, start_turn, n_turns)
+        convs = [[dict(m) for m in prefixes[i // len(temperatures)]] for i in range(len(rows))]
+    elif start_turn != 1:
+        raise ValueError(f"start_turn={start_turn} needs prefixes (the conversations to continue)")
     empty = [0] * len(rows)
     truncated = [0] * len(rows)
+    ended_early = [False] * len(rows)
+    active = list(range(len(rows)))  # conversations still going (all of them unless adaptive)
 
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n_turns * len(rows), unit="turn", desc=f"rollout {setting}/{mode}", dynamic_ncols=True)
+        bar = tqdm(total=(n_turns - start_turn + 1) * len(rows), unit="turn", desc=f"rollout {setting}/{mode}",
+                   dynamic_ncols=True)
     try:
-        for turn in range(1, n_turns + 1):
-            replies: list[str | None] = [None] * len(rows)
-            if prompts.needs_teacher_reply(setting, n_turns, turn):
-                replies = list(teacher.reply(row_tasks, convs, seed=derive_seed(seed, "teacher", turn)))
-            for i, (task, _, _) in enumerate(rows):
-                convs[i].append({"role": "user", "content": prompts.teacher_message(
-                    task, setting, mode, n_turns, turn, reply=replies[i])})
-            gens = engine.generate(convs, row_temps, seed=derive_seed(seed, "turn", turn),
-                                   max_new_tokens=max_new_tokens)
-            for i, g in enumerate(gens):
+        for turn in range(start_turn, n_turns + 1):
+            if not active:
+                break
+            replies: dict[int, str | None] = {}
+            teacher_speaks = prefixes is None or turn > start_turn  # a prefix ends with teacher turn start_turn
+            if teacher_speaks and prompts.needs_teacher_reply(setting, n_turns, turn):
+                got = teacher.reply([row_tasks[i] for i in active], [convs[i] for i in active],
+                                    seed=derive_seed(seed, "teacher", turn))
+                replies = dict(zip(active, got, strict=True))
+            for i in active:
+                if teacher_speaks:
+                    convs[i].append({"role": "user", "content": prompts.teacher_message(
+                        rows[i][0], setting, mode, n_turns, turn, reply=replies.get(i), adaptive=adaptive)})
+            gens = engine.generate([convs[i] for i in active], [row_temps[i] for i in active],
+                                   seed=derive_seed(seed, "turn", turn), max_new_tokens=max_new_tokens)
+            going = []
+            for i, g in zip(active, gens, strict=True):
                 text = g.text
                 if not text:
                     empty[i] += 1
                     text = EMPTY_TURN_PLACEHOLDER
                 truncated[i] += g.truncated
                 convs[i].append({"role": "assistant", "content": text})
+                if adaptive and turn < n_turns and early_answer(text) is not None:
+                    ended_early[i] = True  # the agent gave its final answer: this conversation is over
+                else:
+                    going.append(i)
             if bar is not None:
-                bar.update(len(rows))
+                bar.update(len(active) + (len(active) - len(going)) * (n_turns - turn))
+            active = going
     finally:
         if bar is not None:
             bar.close()
 
     results = reward.score(row_tasks, convs, seed=derive_seed(seed, "reward"))
+    length_meta = adaptive or discount != 1.0
     records = []
     for i, (task, run, temp) in enumerate(rows):
         res = results[i]
         value = 0.0 if res.value is None else float(res.value)
         if value < 0:
             raise ValueError(f"reward {reward.describe()} gave {value} < 0 for {task.task_id}; Refit needs r >= 0")
+        components = dict(res.components)
+        turns_used = sum(m["role"] == "assistant" for m in convs[i])
+        if discount != 1.0 and res.value is not None:
+            components["undiscounted_reward"] = value
+            value = discounted_reward(value, discount, turns_used)
         final = convs[i][-1]["content"]
         records.append(ConversationRecord(
             id=f"{task.task_id}#run{run}",
@@ -136,7 +211,7 @@ def rollout_tasks(
             dataset=task.dataset,
             run=run,
             temperature=temp,
-            reward_components=dict(res.components),
+            reward_components=components,
             gold=task.gold,
             prediction=parse_answer_letter(final, choices=task.choices),
             meta={
@@ -144,6 +219,8 @@ def rollout_tasks(
                 "teacher": teacher.describe(), "reward": reward.describe(), "seed": seed,
                 "max_new_tokens": max_new_tokens, "empty_turns": empty[i], "truncated_turns": truncated[i],
                 "reward_missing": res.value is None,
+                **({"adaptive": adaptive, "turns_used": turns_used, "ended_early": ended_early[i],
+                    "discount": discount} if length_meta else {}),
             },
         ))
     n_missing = sum(r.meta["reward_missing"] for r in records)

@@ -92,3 +92,49 @@ def standardize_rewards(rewards: Tensor, eps: float = 0.0) -> tuple[Tensor, Tens
     mean = rewards.mean()
     std = rewards.std(unbiased=False)
     return (rewards - mean) / (std + eps), std
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor,
+    alpha: float = 0.5,
+    temperature: float = 2.0,
+    num_tokens: Tensor | float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Knowledge distillation (Hinton et al. 2015) on the trained positions (STaR-GATE-D).
+
+    ``student_logits``, ``teacher_logits``: ``[N, V]`` logits at the N trained (assistant) positions; ``targets``:
+    ``[N]`` the logged tokens there. With ``p = softmax(teacher / T)``, ``q = softmax(student / T)``:
+
+    ``loss = [α·T²·Σ_n KL(p_n ‖ q_n) + (1 − α)·Σ_n −log softmax(student_n)[y_n]] / N``
+
+    (KL at temperature T, scaled by T² so its gradient keeps the CE term's scale; CE at temperature 1, the SFT
+    loss). ``N`` is ``num_tokens`` (the optimizer step's trained tokens, as in :func:`weighted_nll_loss`; defaults to
+    the rows here), so the loss of a sequence cut into chunks is the sum of the chunks' losses. No gradient flows
+    into the teacher.
+
+    Worked example: one position, V = 2, T = 2, α = 0.5, student logits ``[0, 0]``, teacher logits
+    ``[2·ln 3, 0]``, target 0. Then p = softmax([ln 3, 0]) = (3/4, 1/4), q = (1/2, 1/2),
+    KL = 3/4·ln(3/2) + 1/4·ln(1/2) = 0.130812, T²·KL = 0.523248, CE = ln 2 = 0.693147,
+    loss = 0.5·0.523248 + 0.5·0.693147 = 0.608198.
+
+    Metrics (sums divided by N, so they add over chunks too): ``kl`` (the unscaled KL at T), ``nll`` (the CE,
+    comparable with the other objectives' ``nll``).
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} logits "
+                         "differ (teacher and student must share the vocabulary)")
+    if targets.shape != student_logits.shape[:1]:
+        raise ValueError(f"targets must have shape ({student_logits.shape[0]},), got {tuple(targets.shape)}")
+    s = student_logits.float()
+    with torch.no_grad():
+        t_logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+        t_p = t_logp.exp()
+    s_logp_t = F.log_softmax(s / temperature, dim=-1)
+    kl = (t_p * (t_logp - s_logp_t)).sum()
+    ce = -(s.gather(-1, targets[:, None]).squeeze(-1) - s.logsumexp(-1)).sum()
+    denom = torch.as_tensor(targets.shape[0] if num_tokens is None else num_tokens, dtype=s.dtype, device=s.device)
+    denom = denom.clamp_min(1.0)
+    loss = (alpha * temperature**2 * kl + (1 - alpha) * ce) / denom
+    return loss, {"kl": (kl / denom).detach(), "nll": (ce / denom).detach()}

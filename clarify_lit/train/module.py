@@ -17,8 +17,8 @@ from torch import Tensor
 
 from clarify_lit.data.tokenization import IGNORE_INDEX
 from clarify_lit.models import load_causal_lm, load_tokenizer, resolve_model_path
-from clarify_lit.train.losses import dpo_sigmoid_loss, sequence_logps, weighted_nll_loss
-from clarify_lit.train.objectives import DPO, Objective, Refit, objective_name, objective_settings
+from clarify_lit.train.losses import distillation_loss, dpo_sigmoid_loss, sequence_logps, weighted_nll_loss
+from clarify_lit.train.objectives import DPO, Distill, Objective, Refit, objective_name, objective_settings
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +56,89 @@ def target_logps(model, input_ids: Tensor, attention_mask: Tensor, labels: Tenso
     return out, mask
 
 
+def _decoder_and_head(model):
+    """``(decoder, lm_head)`` of a causal LM (through a PEFT wrapper); ``None`` parts for unusual architectures."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    return getattr(base, "model", None), head
+
+
+def distill_logits_loss(student, teacher, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *,
+                        alpha: float, temperature: float, num_tokens: Tensor | float | None = None,
+                        chunk_size: int = 1024) -> tuple[Tensor, dict[str, Tensor]]:
+    """STaR-GATE-D's :func:`~clarify_lit.train.losses.distillation_loss` over the trained (label ≠ −100) positions.
+
+    Both decoders run once; the hidden states at trained positions go through the two LM heads ``chunk_size``
+    positions at a time. Each chunk's loss is activation-checkpointed, so backward keeps the hidden states alone and
+    recomputes one chunk's logits at a time: at no point do the ``[N, V]`` fp32 logits of both models (49k vocabulary)
+    exist for the whole batch. The teacher runs under ``no_grad``.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    y = targets[mask]
+    n = mask.sum() if num_tokens is None else num_tokens
+    s_dec, s_head = _decoder_and_head(student)
+    t_dec, t_head = _decoder_and_head(teacher)
+    if s_dec is None or s_head is None or t_dec is None or t_head is None:  # unusual architecture: full logits
+        s_logits = student(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][mask]
+        with torch.no_grad():
+            t_logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][mask]
+        loss, metrics = distillation_loss(s_logits, t_logits, y, alpha, temperature, n)
+        return loss, {**metrics, "tokens": mask.sum().detach()}
+    h_s = s_dec(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1][mask]
+    with torch.no_grad():
+        h_t = t_dec(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1][mask]
+
+    def chunk(hs: Tensor, ht: Tensor, yc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        with torch.no_grad():
+            t_logits = t_head(ht)
+        loss, m = distillation_loss(s_head(hs), t_logits, yc, alpha, temperature, n)
+        return loss, m["kl"], m["nll"]
+
+    loss = h_s.sum() * 0.0  # keeps the graph connected when a batch has no trained position
+    kl = nll = torch.zeros((), device=h_s.device)
+    for s in range(0, y.shape[0], chunk_size):
+        part = (h_s[s: s + chunk_size], h_t[s: s + chunk_size], y[s: s + chunk_size])
+        if torch.is_grad_enabled() and h_s.requires_grad:
+            c_loss, c_kl, c_nll = checkpoint(chunk, *part, use_reentrant=False)
+        else:
+            c_loss, c_kl, c_nll = chunk(*part)
+        loss, kl, nll = loss + c_loss, kl + c_kl, nll + c_nll
+    return loss, {"kl": kl.detach(), "nll": nll.detach(), "tokens": mask.sum().detach()}
+
+
+def load_teacher(source: str, dtype: str = "float32"):
+    """The frozen teacher of :class:`~clarify_lit.train.objectives.Distill`: a ``ClarifyModule`` checkpoint file,
+    an exported folder (a PEFT adapter applied to the base model it names and merged, or full weights), or a model
+    name/path for ``load_causal_lm``."""
+    path = Path(source)
+    if path.is_file():
+        from clarify_lit.evaluate.command import load_checkpoint
+
+        model = load_checkpoint(path, merge_lora=True)[0]
+    elif path.is_dir() and ((path / "adapter_config.json").is_file() or (path / "config.json").is_file()):
+        from clarify_lit.evaluate.command import load_export
+
+        model = load_export(path, dtype, merge_lora=True)[0]
+    elif path.is_absolute() or source.startswith(".") or path.name == "export" or path.suffix == ".ckpt":
+        raise FileNotFoundError(f"Distill teacher {source!r} not found: give the teacher run's export folder "
+                                "(e.g. runs/sft/export), its checkpoint or a model name")
+    else:
+        model = load_causal_lm(source, dtype)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
 class ClarifyModule(L.LightningModule):
     """Fine-tunes a causal LM on simulated conversations with Refit, Swift, SFT or DPO.
 
     Args:
         model_name_or_path: hub id, local folder, ``embedded:smollm2-135m-instruct`` or ``tiny-random``.
-        objective: the training objective (``Refit``, ``Swift``, ``SFT``, ``DPO``); its data view follows.
+        objective: the training objective (``Refit``, ``Swift``, ``SFT``, ``DPO``, ``StepDPO``, ``Distill``); its
+            data view follows.
         dtype: dtype the weights are loaded in (use ``trainer.precision`` for mixed precision).
         use_lora: train LoRA adapters (peft) instead of all weights.
         lora_r: LoRA rank.
@@ -76,6 +153,12 @@ class ClarifyModule(L.LightningModule):
         logprob_chunk_size: trained positions per LM-head chunk when gathering log-probs.
         on_nonfinite_loss: ``raise`` stops training naming the batch ids; ``skip`` skips the batch and counts it.
         export_on_fit_end: write an HF/PEFT folder (adapter or weights + tokenizer + chat template) at fit end.
+        init_adapter: start the LoRA adapter from an exported adapter folder (``<run>/export``) instead of zeros —
+            training continues from that policy (``clarify iterate --init continue``). Its rank, alpha, target
+            modules and base model must match this module's; the optimizer and schedule start fresh.
+        reference_cache: with ``DPO(reference=precomputed)``, keep the reference log-probs on disk
+            (``$CLARIFY_CACHE/reference_logps``, keyed by the reference weights, the precision and each pair's
+            tokens) so that a later fit on the same model and data does not compute them again.
     """
 
     def __init__(
@@ -96,6 +179,8 @@ class ClarifyModule(L.LightningModule):
         logprob_chunk_size: int = 1024,
         on_nonfinite_loss: Literal["raise", "skip"] = "raise",
         export_on_fit_end: bool = True,
+        init_adapter: str | None = None,
+        reference_cache: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["objective"])
@@ -110,11 +195,17 @@ class ClarifyModule(L.LightningModule):
             model.config.use_cache = False
         if use_lora:
             model = self._add_lora(model, lora_target_modules or ["q_proj", "v_proj"])
+            if init_adapter:
+                load_adapter_weights(model, init_adapter, model_name_or_path)
             # with LoRA the checkpoint holds the adapter alone; the base weights come from model_name_or_path
             self.strict_loading = False
+        elif init_adapter:
+            raise ValueError("init_adapter needs use_lora=true; to continue full fine-tuning, pass the previous "
+                             "export folder as model_name_or_path")
         # from_pretrained returns eval mode; training mode makes LoRA dropout active
         self.model = model.train()
         self._frozen_reference = None  # full fine-tuning + DPO: a frozen copy, kept out of state_dict/optimizer
+        self._teacher = None  # Distill: [frozen teacher], loaded on first use, kept out of state_dict/optimizer
         self.nonfinite_skipped = 0
         self.train_loss = torchmetrics.MeanMetric()
         self.val_loss = torchmetrics.MeanMetric()
@@ -138,12 +229,49 @@ class ClarifyModule(L.LightningModule):
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         config = dict(ckpt.get("hyper_parameters", {}).get("objective_config") or {"class": "Refit"})
         overrides.setdefault("objective", build_objective(config))
+        # the checkpoint's state dict holds the trained adapter: the folder it started from is not needed again
+        if "init_adapter" in ckpt.get("hyper_parameters", {}):
+            overrides.setdefault("init_adapter", None)
         return cls.load_from_checkpoint(path, map_location="cpu", **overrides)
 
     # ------------------------------------------------------------------------------------------------ reference
     @property
     def is_dpo(self) -> bool:
         return isinstance(self.objective, DPO)
+
+    @property
+    def is_distill(self) -> bool:
+        return isinstance(self.objective, Distill)
+
+    def teacher_model(self):
+        """Distill's frozen teacher (loaded from ``objective.teacher`` on first use, on this module's device)."""
+        if self._teacher is None:
+            source = self.objective.teacher
+            if not source:
+                raise ValueError("Distill needs a teacher: --model.objective.teacher=<the SFT run's export folder or "
+                                 "checkpoint>")
+            teacher = load_teacher(source, self.hparams.dtype)
+            vocab = (teacher.get_output_embeddings().weight.shape[0],
+                     self.model.get_output_embeddings().weight.shape[0])
+            if vocab[0] != vocab[1]:
+                raise ValueError(f"Distill teacher {source!r} has a {vocab[0]}-token vocabulary, the student "
+                                 f"{self.hparams.model_name_or_path!r} {vocab[1]}: they must share the tokenizer")
+            self._teacher = [teacher.to(self.device)]  # a list hides it from nn.Module registration
+            log.info("Distill: teacher %s loaded", source)
+        return self._teacher[0]
+
+    def _distill_step(self, batch: dict, stage: str) -> tuple[Tensor, dict[str, Tensor]]:
+        num_tokens = None
+        if stage == "train" and "step_tokens" in batch:
+            num_tokens = batch["step_tokens"] / self.trainer.accumulate_grad_batches
+        loss, metrics = distill_logits_loss(
+            self.model, self.teacher_model(), batch["input_ids"], batch["attention_mask"], batch["labels"],
+            alpha=self.objective.alpha, temperature=self.objective.temperature, num_tokens=num_tokens,
+            chunk_size=self.hparams.logprob_chunk_size)
+        for k, v in metrics.items():
+            self.log(f"{stage}/{k}", v, batch_size=len(batch["ids"]), on_step=stage == "train", on_epoch=True,
+                     sync_dist=stage != "train")
+        return loss, metrics
 
     def _reference_mode(self) -> str:
         mode = self.objective.reference
@@ -154,6 +282,8 @@ class ClarifyModule(L.LightningModule):
         return mode
 
     def on_fit_start(self) -> None:
+        if self.is_distill:
+            self.teacher_model()  # load now: a bad teacher path fails before the first step
         if self.is_dpo and self._reference_mode() == "frozen_copy" and self._frozen_reference is None:
             ref = copy.deepcopy(self.model).eval()
             for p in ref.parameters():
@@ -178,14 +308,18 @@ class ClarifyModule(L.LightningModule):
         return sequence_logps(lp, mask)
 
     def _precompute_reference(self) -> None:
-        """Reference log-probs once per sample, stored on the in-memory dataset samples for this fit (not written to
-        the tokenized cache: a new fit computes them again)."""
+        """Reference log-probs once per sample, before training, stored on the in-memory dataset samples and, with
+        ``reference_cache``, on disk (``reference_cache.py``), so a later fit on the same weights and data reads them
+        back. At fit start the policy is the reference (LoRA: adapter disabled; full fine-tuning: the model itself).
+        Computed under the trainer's precision (the training forward's autocast: policy == reference gives exactly
+        log 2 at step 0), in batches of similar length (less padding)."""
         from clarify_lit.data.datamodule import PadCollator
+        from clarify_lit.train.reference_cache import ReferenceCache
 
         dm = self.trainer.datamodule
         collate = PadCollator(dm.tokenizer.pad_token_id)
-        saved = self.objective.reference
-        self.objective.reference = "auto"
+        cache = ReferenceCache.for_model(self.model, str(self.trainer.precision)) if self.hparams.reference_cache \
+            else None
         was_training = self.model.training
         self.model.eval()
         try:
@@ -193,19 +327,35 @@ class ClarifyModule(L.LightningModule):
                 if ds is None:
                     continue
                 todo = [s for s in ds.samples if "ref_chosen_logps" not in s]
+                if cache is not None:
+                    todo = cache.fill(todo)
+                todo.sort(key=lambda s: s["length"])
                 for i in range(0, len(todo), dm.batch_size):
                     chunk = todo[i: i + dm.batch_size]
                     b = {k: (v.to(self.device) if isinstance(v, Tensor) else v) for k, v in collate(chunk).items()}
-                    ref = self._reference_logps(b).float().cpu()
+                    args = (b["input_ids"], b["attention_mask"], b["labels"], self.hparams.logprob_chunk_size)
+                    with torch.no_grad(), self.trainer.precision_plugin.forward_context():
+                        if self.hparams.use_lora:
+                            with self.model.disable_adapter():
+                                ref = sequence_logps(*target_logps(self.model, *args)).float().cpu()
+                        else:
+                            ref = sequence_logps(*target_logps(self.model, *args)).float().cpu()
                     for j, s in enumerate(chunk):
                         s["ref_chosen_logps"] = float(ref[j])
                         s["ref_rejected_logps"] = float(ref[len(chunk) + j])
+                if cache is not None:
+                    cache.add(todo)
         finally:
-            self.objective.reference = saved
             self.model.train(was_training)
+        if cache is not None:
+            cache.save()
+            log.info("DPO reference log-probs: %d pairs from the cache, %d computed (%s)", cache.hits, cache.misses,
+                     cache.path)
 
     # ------------------------------------------------------------------------------------------------ steps
     def _step(self, batch: dict, stage: str) -> tuple[Tensor, dict[str, Tensor]]:
+        if self.is_distill:
+            return self._distill_step(batch, stage)
         lp, mask = target_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
                                 self.hparams.logprob_chunk_size)
         if self.is_dpo:
@@ -283,6 +433,34 @@ class ClarifyModule(L.LightningModule):
                 export_model(self, root / "export")
 
 
+def load_adapter_weights(model, folder: str | Path, model_name_or_path: str) -> None:
+    """Copy the LoRA weights of an exported adapter folder into ``model`` (a fresh PEFT model of the same shape)."""
+    import json
+
+    from peft import load_peft_weights, set_peft_model_state_dict
+
+    folder = Path(folder)
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"init_adapter {str(folder)!r}: no adapter_config.json (expected a LoRA export "
+                                "folder such as runs/<run>/export)")
+    saved = json.loads(config_file.read_text(encoding="utf-8"))
+    ours = model.peft_config["default"]
+    diff = {k: (saved.get(k), getattr(ours, k)) for k in ("r", "lora_alpha") if saved.get(k) != getattr(ours, k)}
+    if set(saved.get("target_modules") or []) != set(ours.target_modules or []):
+        diff["target_modules"] = (sorted(saved.get("target_modules") or []), sorted(ours.target_modules or []))
+    base = saved.get("base_model_name_or_path")
+    if base and str(Path(base).resolve()) != str(Path(resolve_model_path(model_name_or_path)).resolve()):
+        diff["base_model_name_or_path"] = (base, resolve_model_path(model_name_or_path))
+    if diff:
+        raise ValueError(f"init_adapter {str(folder)!r} does not match this model (saved vs here): {diff}")
+    result = set_peft_model_state_dict(model, load_peft_weights(str(folder), device="cpu"))
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"init_adapter {str(folder)!r}: weights the model has no place for: "
+                         f"{result.unexpected_keys[:5]}")
+    log.info("LoRA adapter initialised from %s", folder)
+
+
 def build_objective(config: dict) -> Objective:
     """Rebuild an objective from ``{"class": name, **settings}`` (as stored in checkpoints)."""
     from clarify_lit.train import objectives
@@ -291,7 +469,7 @@ def build_objective(config: dict) -> Objective:
     name = config.pop("class")
     cls = getattr(objectives, name, None)
     if not (isinstance(cls, type) and issubclass(cls, Objective)):
-        raise ValueError(f"unknown objective {name!r}; choose Refit, Swift, SFT or DPO")
+        raise ValueError(f"unknown objective {name!r}; choose Refit, Swift, SFT, DPO, StepDPO or Distill")
     return cls(**config)
 
 

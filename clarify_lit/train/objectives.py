@@ -1,4 +1,4 @@
-"""The four training objectives. Each is a small plain object (not an ``nn.Module``) that says
+"""The training objectives. Each is a small plain object (not an ``nn.Module``) that says
 
 * which **data view** it trains on (``build_view``: records → weighted conversations or preference pairs), and
 * which **pure loss** it applies (``clarify_lit.train.losses``).
@@ -93,7 +93,7 @@ class Refit(Objective):
         for r in records:
             if r.reward < 0:
                 raise ObjectiveDataError(
-                    f"record {r.id!r} (task {r.task_id!r}): field 'reward' = {r.reward} is negative; Refit needs "
+                    f"{r.where()} (task {r.task_id!r}): field 'reward' = {r.reward} is negative; Refit needs "
                     "rewards ≥ 0 (its lower bound on the policy value assumes it) — rescale the reward or use Swift")
             out.append(WeightedExample(r.id, r.task_id, r.messages, r.reward, r.where()))
         return out, ViewStats(len(records), len(out), len({r.task_id for r in records}))
@@ -121,7 +121,7 @@ class Swift(Objective):
         for task_id, runs in groups.items():
             if len(runs) < 2:
                 raise ObjectiveDataError(
-                    f"task {task_id!r} (record {runs[0].id!r}): field 'task_id' has a single run; Swift standardizes "
+                    f"task {task_id!r} ({runs[0].where()}): field 'task_id' has a single run; Swift standardizes "
                     "rewards over the runs of a question and needs ≥ 2 (simulate with several temperatures)")
             rewards = torch.tensor([r.reward for r in runs], dtype=torch.float64)
             weights, std = standardize_rewards(rewards, eps=self.epsilon if self.zero_std == "epsilon" else 0.0)
@@ -218,6 +218,99 @@ class DPO(Objective):
                 f"DPO: no task has a reward gap ≥ min_gap={self.min_gap} between its best and worst run "
                 f"({len(groups)} tasks); nothing to prefer")
         return out, stats
+
+
+class StepDPO(DPO):
+    """Per-step DPO (after ACT, Chen et al. 2024, as the paper's StepDPO baseline): preference pairs of single
+    assistant actions taken from the same prefix.
+
+    Needs branch records (``clarify simulate --step_branches true`` writes ``branches.jsonl``; pass it together with
+    ``conversations.jsonl`` in ``data.train_files``). A branch (``meta.branch_of`` = its parent's id,
+    ``meta.branch_step`` = t) shares its parent's prefix (x, τ_{t−1}), takes a new action at step t and was completed
+    and scored like its parent. Per (parent, branch): prompt = the prefix, chosen/rejected = the step-t action of the
+    conversation that scored higher/lower; the loss covers that single assistant turn (the prefix and the later turns
+    are not trained). Pairs whose reward gap is below ``min_gap`` (ties) or whose two actions are the same text are
+    dropped. Other records (the logged runs) are only the parents.
+
+    Args: as :class:`DPO` (``beta``, ``min_gap``, ``reference``); there is no ``pairs`` choice.
+    """
+
+    def __init__(self, beta: float = 0.1, min_gap: float = 1e-6,
+                 reference: Literal["auto", "adapter_disabled", "frozen_copy", "precomputed"] = "auto"):
+        if not min_gap > 0:
+            raise ValueError(f"min_gap must be > 0 (equal rewards carry no preference), got {min_gap}")
+        self.beta, self.min_gap, self.reference = beta, min_gap, reference
+
+    def build_view(self, records):
+        branches = [r for r in records if "branch_of" in r.meta]
+        parents = {r.id: r for r in records if "branch_of" not in r.meta}
+        stats = ViewStats(records=len(records), tasks=len({r.task_id for r in records}))
+        if not branches:
+            raise ObjectiveDataError(
+                f"StepDPO: none of the {len(records)} records is a branch (meta.branch_of); simulate with "
+                "--step_branches true and pass branches.jsonl together with conversations.jsonl in data.train_files")
+        out = []
+        no_parent = ties = same = 0
+        for b in branches:
+            parent = parents.get(b.meta["branch_of"])
+            if parent is None:
+                no_parent += 1
+                continue
+            step = b.meta.get("branch_step")
+            pos = [i for i, m in enumerate(parent.messages) if m["role"] == "assistant"]
+            if not isinstance(step, int) or not 1 <= step <= len(pos):
+                raise ObjectiveDataError(f"record {b.id!r}: field 'meta.branch_step' = {step!r} is not an assistant "
+                                         f"step of its parent {parent.id!r} (1..{len(pos)})")
+            at = pos[step - 1]
+            prefix = parent.messages[:at]
+            if b.messages[:at] != prefix or len(b.messages) <= at or b.messages[at]["role"] != "assistant":
+                raise ObjectiveDataError(f"record {b.id!r}: field 'messages' does not continue the prefix of its "
+                                         f"parent {parent.id!r} up to step {step}")
+            if b.messages[at]["content"] == parent.messages[at]["content"]:
+                same += 1
+                continue
+            gap = b.reward - parent.reward
+            if abs(gap) < self.min_gap:
+                ties += 1
+                continue
+            win, lose = (b, parent) if gap > 0 else (parent, b)
+            out.append(PairExample(f"{b.id}#stepdpo", b.task_id, [*prefix, win.messages[at]],
+                                   [*prefix, lose.messages[at]], only_last_assistant=True, where=b.where()))
+        stats.examples = len(out)
+        stats.excluded.update(ties=ties, same_action=same, no_parent=no_parent)
+        if no_parent:
+            log.warning("StepDPO: %d branch(es) whose parent is not among the records were skipped", no_parent)
+        if not out:
+            raise ObjectiveDataError(
+                f"StepDPO: no (parent, branch) pair has a reward gap ≥ min_gap={self.min_gap} and distinct actions "
+                f"({len(branches)} branches: {ties} ties, {same} identical actions, {no_parent} without parent)")
+        return out, stats
+
+
+class Distill(SFT):
+    """STaR-GATE-D: distil a trained teacher policy (the STaR-GATE/SFT run) into the base model.
+
+    ``loss = α·T²·KL(p_teacher,T ‖ p_student,T) + (1 − α)·CE`` per trained token, averaged over the optimizer step's
+    trained tokens (``losses.distillation_loss``), on the SFT view: the ``top_k`` best runs of each question (the
+    conversations the teacher was trained on). The teacher's log-probs are computed in the training step under
+    ``no_grad`` (never cached: a full-vocabulary distribution per token does not fit on disk or in memory).
+
+    Args:
+        teacher: an exported folder (``<run>/export``: PEFT adapter naming its base model, or full weights), a
+            ``ClarifyModule`` checkpoint (``.ckpt``) or a model name/path. A string, loaded when training starts.
+        alpha: weight of the KL term (the paper: 0.5).
+        temperature: softening temperature T of both distributions in the KL term (the paper: 2).
+        top_k, min_reward: the SFT selection (see :class:`SFT`).
+    """
+
+    def __init__(self, teacher: str | None = None, alpha: float = 0.5, temperature: float = 2.0, top_k: int = 1,
+                 min_reward: float | None = None):
+        super().__init__(top_k=top_k, min_reward=min_reward)
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.teacher, self.alpha, self.temperature = teacher, alpha, temperature
 
 
 def _question_then(record: ConversationRecord) -> list[dict[str, str]]:

@@ -1,0 +1,445 @@
+"""Training throughput and peak memory: our Refit and DPO steps vs TRL's SFTTrainer (with per-sample weights) and
+DPOTrainer, on the same records, model, batch size, precision and LoRA/full settings.
+
+    python benchmarks/train_throughput.py                                          # tiny random model, ~2 min
+    python benchmarks/train_throughput.py --model embedded:smollm2-135m-instruct   # SmolLM2-135M, ~10 min on 2 cores
+
+Every (fine-tuning mode, variant, repeat) runs in its own subprocess, so peak RSS (``resource.getrusage`` in the child,
+``ru_maxrss``) is that variant's alone; the variants are interleaved (the order alternates between repeats) because
+other jobs share the machine. Each child trains ``--warmup`` + ``--steps`` optimizer steps; the timed window is the
+``--steps`` steps after the warm-up (forward, backward, optimizer step, data loading and logging, from the end of the
+last warm-up step to the end of the last timed step). Tokens/s counts the trained tokens (labels ≠ −100) of the timed
+batches as each framework built them; ``input_tokens_per_s`` counts all non-padding tokens.
+
+Variants (same LoRA config / full fine-tuning, same batch size, same precision, gradient checkpointing as set):
+
+* ``ours_refit``: ``ClarifyModule`` + ``Refit`` (reward-weighted NLL) through Lightning's ``Trainer``.
+* ``trl_sft_weighted``: TRL ``SFTTrainer`` with a weight column, added the simplest way (subclass ``compute_loss``,
+  keep TRL's own fused LM-head forward, multiply each sequence's log-prob sum by its weight; a collator subclass passes
+  the weights). It gets our tokenized ``input_ids``/``labels`` (assistant-only labels: the ChatML template has no
+  ``{% generation %}`` markers, so TRL's ``assistant_only_loss`` cannot build them) — the same tokens, the same work.
+* ``ours_dpo``: ``DPO(pairs=final_answer)``, reference ``auto`` (LoRA: adapter disabled; full: frozen copy).
+* ``ours_dpo_precomputed``: the same with reference log-probs precomputed at fit start (not in the timed window;
+  ``setup_s`` reports it).
+* ``trl_dpo``: TRL ``DPOTrainer`` with its defaults for the reference (LoRA: adapter disabled; full: a second model
+  loaded from the same folder) on the same prompt/chosen/rejected pairs, tokenized by TRL.
+
+Same-work check (in each child, before training, fp32): the loss of the framework's own code on the first
+``batch_size`` examples. Refit with weights 1 vs the weighted SFTTrainer with weights 1 must agree (asserted), and
+both are reported with the real weights too; DPO's first training step must be log 2 on both sides (policy ==
+reference at step 0; asserted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+VARIANTS = ["ours_refit", "trl_sft_weighted", "ours_dpo", "ours_dpo_precomputed", "trl_dpo"]
+PAIRS = [("ours_refit", "trl_sft_weighted"), ("ours_dpo", "trl_dpo"), ("ours_dpo_precomputed", "trl_dpo")]
+PRESETS = {  # the repo's model presets (configs/model/*.yaml)
+    "tiny-random": {"lora_r": 4, "lora_alpha": 8, "lora_target_modules": ["q_proj", "v_proj"]},
+    "embedded:smollm2-135m-instruct": {
+        "lora_r": 16, "lora_alpha": 32,
+        "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+}
+LORA_DROPOUT = 0.05
+LR = 2e-4
+BETA = 0.1
+
+
+# ------------------------------------------------------------------------------------------------------ child side
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class _Steps:
+    """Step-end timestamps and token counts of the batches, in order."""
+
+    def __init__(self):
+        self.t_end: list[float] = []
+        self.trained: list[int] = []
+        self.inputs: list[int] = []
+        self.losses: list[float] = []
+
+    def summary(self, warmup: int, steps: int) -> dict:
+        if len(self.t_end) < warmup + steps:
+            raise RuntimeError(f"only {len(self.t_end)} steps ran, need {warmup + steps}")
+        seconds = self.t_end[warmup + steps - 1] - self.t_end[warmup - 1]
+        trained = sum(self.trained[warmup: warmup + steps])
+        inputs = sum(self.inputs[warmup: warmup + steps])
+        return {"timed_steps": steps, "seconds": round(seconds, 4), "s_per_step": round(seconds / steps, 4),
+                "trained_tokens": trained, "input_tokens": inputs,
+                "tokens_per_s": round(trained / seconds, 2), "input_tokens_per_s": round(inputs / seconds, 2),
+                "step_losses": [round(x, 6) for x in self.losses[: warmup + steps]]}
+
+
+def _lora_kwargs(spec: dict) -> dict:
+    return PRESETS.get(spec["model"], PRESETS["tiny-random"])
+
+
+def _our_objective(variant: str):
+    from clarify_lit.train.objectives import DPO, Refit
+
+    if variant == "ours_refit":
+        return Refit()
+    return DPO(beta=BETA, pairs="final_answer",
+               reference="precomputed" if variant == "ours_dpo_precomputed" else "auto")
+
+
+def _datamodule(spec: dict, objective):
+    from clarify_lit.data.datamodule import ConversationDataModule
+
+    dm = ConversationDataModule([spec["records"]], val_fraction=0.0, tokenizer_name_or_path=spec["model"],
+                                max_length=spec["max_length"], batch_size=spec["batch_size"], cache_tokenized=False,
+                                seed=0, objective=objective)
+    dm.setup("fit")
+    return dm
+
+
+def run_ours(spec: dict) -> dict:
+    import lightning as L
+    import torch
+
+    from clarify_lit.data.datamodule import PadCollator
+    from clarify_lit.train.module import ClarifyModule
+
+    variant, lora = spec["variant"], spec["finetune"] == "lora"
+    objective = _our_objective(variant)
+    lk = _lora_kwargs(spec)
+    module = ClarifyModule(model_name_or_path=spec["model"], objective=objective, use_lora=lora,
+                           lora_r=lk["lora_r"], lora_alpha=lk["lora_alpha"], lora_dropout=LORA_DROPOUT,
+                           lora_target_modules=lk["lora_target_modules"], learning_rate=LR, warmup_ratio=0.0,
+                           lr_schedule="constant", gradient_checkpointing=spec["gradient_checkpointing"],
+                           export_on_fit_end=False)
+    dm = _datamodule(spec, objective)
+    out: dict = {}
+    if variant == "ours_refit":  # same-batch loss check, fp32, before any update
+        batch = PadCollator(dm.tokenizer.pad_token_id)(dm.train_set.samples[: spec["batch_size"]])
+        with torch.no_grad():
+            out["check_loss_real_weights"] = float(module._step(batch, "val")[0])
+            batch["weights"] = torch.ones_like(batch["weights"])
+            out["check_loss_weights_1"] = float(module._step(batch, "val")[0])
+    out["rss_before_train_mb"] = round(_rss_mb(), 1)
+    rec = _Steps()
+    marks: dict[str, float] = {}
+
+    class Timer(L.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            marks["fit_start"] = time.perf_counter()
+
+        def on_train_start(self, trainer, pl_module):
+            marks["train_start"] = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            rec.t_end.append(time.perf_counter())
+            rec.trained.append(int((batch["labels"][:, 1:] != -100).sum()))
+            rec.inputs.append(int(batch["attention_mask"].sum()))
+            rec.losses.append(float(outputs["loss"]))
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision=spec["precision"],
+                        max_steps=spec["warmup"] + spec["steps"], gradient_clip_val=1.0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Timer()])
+    trainer.fit(module, datamodule=dm)
+    out.update(rec.summary(spec["warmup"], spec["steps"]))
+    out["setup_s"] = round(marks["train_start"] - marks["fit_start"], 3)
+    out["step0_loss"] = rec.losses[0]
+    return out
+
+
+def run_trl(spec: dict) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from clarify_lit.models import load_causal_lm, load_tokenizer
+
+    variant, lora = spec["variant"], spec["finetune"] == "lora"
+    lk = _lora_kwargs(spec)
+    tok = load_tokenizer(spec["model"])
+    model = load_causal_lm(spec["model"], "float32")
+    peft_config = LoraConfig(r=lk["lora_r"], lora_alpha=lk["lora_alpha"], lora_dropout=LORA_DROPOUT,
+                             target_modules=lk["lora_target_modules"], task_type="CAUSAL_LM") if lora else None
+    rec = _Steps()
+    common = dict(output_dir=tempfile.mkdtemp(prefix="trl-bench-"), per_device_train_batch_size=spec["batch_size"],
+                  gradient_accumulation_steps=1, max_steps=spec["warmup"] + spec["steps"], learning_rate=LR,
+                  lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+                  logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+                  bf16=spec["precision"] == "bf16-mixed", gradient_checkpointing=spec["gradient_checkpointing"],
+                  dataloader_num_workers=0, seed=0, disable_tqdm=True, max_length=spec["max_length"])
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            rec.t_end.append(time.perf_counter())
+
+    out: dict = {}
+    if variant == "trl_sft_weighted":
+        dm = _datamodule(spec, _our_objective("ours_refit"))
+        rows = [{"input_ids": s["input_ids"], "labels": s["labels"], "weight": s["weight"]}
+                for s in dm.train_set.samples]
+
+        class WeightedCollator(DataCollatorForLanguageModeling):
+            def torch_call(self, examples):
+                batch = super().torch_call(examples)
+                batch["weight"] = torch.tensor([e["weight"] for e in examples], dtype=torch.float32)
+                rec.trained.append(int((batch["labels"][:, 1:] != -100).sum()))
+                rec.inputs.append(int(batch["attention_mask"].sum()))
+                return batch
+
+        class WeightedSFTTrainer(SFTTrainer):
+            """Per-sample weights the simplest way: TRL's own fused forward, each sequence's log-prob sum × weight,
+            divided by the trained tokens of the batch (``num_items_in_batch`` under accumulation)."""
+
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                weights = inputs.pop("weight")
+                outputs = model(**inputs, use_cache=False, fused_lm_head=True)
+                seq_logps = outputs.log_probs.sum(dim=-1)
+                n = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+                loss = -(weights.to(seq_logps) * seq_logps).sum() / torch.as_tensor(n).clamp(min=1)
+                if model.training:
+                    rec.losses.append(float(loss.detach()))
+                return (loss, outputs) if return_outputs else loss
+
+        args = SFTConfig(**common, remove_unused_columns=False)
+        collator = WeightedCollator(pad_token_id=tok.pad_token_id)
+        trainer = WeightedSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                     processing_class=tok, data_collator=collator, peft_config=peft_config,
+                                     callbacks=[Timer()])
+        # same-batch loss check, fp32, before any update: the same first examples as ours
+        first = rows[: spec["batch_size"]]
+        n_before = len(rec.trained)
+        with torch.no_grad():
+            batch = collator(first)
+            out["check_loss_real_weights"] = float(trainer.compute_loss(trainer.model, dict(batch)))
+            batch["weight"] = torch.ones_like(batch["weight"])
+            out["check_loss_weights_1"] = float(trainer.compute_loss(trainer.model, dict(batch)))
+        del rec.trained[n_before:], rec.inputs[n_before:], rec.losses[:]
+    else:
+        from clarify_lit.data.records import load_records
+        from clarify_lit.train.objectives import DPO
+
+        # our final-answer pairs, given to TRL as conversational prompt/chosen/rejected; TRL tokenizes them
+        records, _ = load_records([spec["records"]])
+        examples, _ = DPO(beta=BETA, pairs="final_answer").build_view(records)
+        rows = []
+        for e in examples:
+            assert e.chosen[:-1] == e.rejected[:-1], e.id
+            rows.append({"prompt": e.chosen[:-1], "chosen": e.chosen[-1:], "rejected": e.rejected[-1:]})
+
+        class CountingDPOTrainer(DPOTrainer):
+            """DPOTrainer unchanged; only records the batches' token counts and the training losses."""
+
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                if model.training:
+                    cm = inputs["completion_mask"]
+                    rec.trained.append(int(cm[:, 1:].sum()))
+                    rec.inputs.append(int(inputs["attention_mask"].sum()))
+                res = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                if model.training:
+                    rec.losses.append(float((res[0] if return_outputs else res).detach()))
+                return res
+
+        args = DPOConfig(**common, beta=BETA)
+        trainer = CountingDPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                     processing_class=tok, peft_config=peft_config, callbacks=[Timer()])
+    out["rss_before_train_mb"] = round(_rss_mb(), 1)
+    t0 = time.perf_counter()
+    trainer.train()
+    out.update(rec.summary(spec["warmup"], spec["steps"]))
+    out["setup_s"] = 0.0 if not rec.t_end else round(max(0.0, rec.t_end[0] - t0 - (rec.t_end[1] - rec.t_end[0])),
+                                                     3)
+    out["step0_loss"] = rec.losses[0]
+    return out
+
+
+def child_main(spec: dict) -> None:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    res = run_ours(spec) if spec["variant"].startswith("ours") else run_trl(spec)
+    res["child_wall_s"] = round(time.perf_counter() - t0, 2)
+    res["peak_rss_mb"] = round(_rss_mb(), 1)
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------- parent side
+def machine_info(threads: int) -> dict:
+    import importlib.metadata as md
+
+    cpu = ""
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = {}
+    for pkg in ("torch", "transformers", "peft", "lightning", "trl", "accelerate"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    return {"cpu_count": os.cpu_count(), "cpu": cpu, "torch_threads": threads, "platform": platform.platform(),
+            "python": platform.python_version(), "versions": versions}
+
+
+def run_child(spec: dict, timeout: float, script: str | Path = __file__) -> dict:
+    """Run ``script --child <spec>`` in a fresh process; return the JSON it prints after ``RESULT``."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TQDM_DISABLE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, str(Path(script).resolve()), "--child", json.dumps(spec)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{spec} failed (exit {proc.returncode}):\n"
+                           f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def aggregate(runs: list[dict]) -> dict:
+    tps = [r["tokens_per_s"] for r in runs]
+    itps = [r["input_tokens_per_s"] for r in runs]
+    rss = [r["peak_rss_mb"] for r in runs]
+    agg = {"tokens_per_s": round(statistics.median(tps), 2), "tokens_per_s_all": tps,
+           "input_tokens_per_s": round(statistics.median(itps), 2),
+           "peak_rss_mb": round(statistics.median(rss), 1), "peak_rss_mb_all": rss,
+           "s_per_step": round(statistics.median(r["s_per_step"] for r in runs), 4),
+           "rss_before_train_mb": round(statistics.median(r["rss_before_train_mb"] for r in runs), 1),
+           "setup_s": round(statistics.median(r["setup_s"] for r in runs), 3),
+           "step0_loss": runs[0]["step0_loss"]}
+    for k in ("check_loss_weights_1", "check_loss_real_weights"):
+        if k in runs[0]:
+            agg[k] = runs[0][k]
+    return agg
+
+
+def checks(summary: dict, finetune: str) -> dict:
+    """Same-work checks; raise if they fail."""
+    s = summary[finetune]
+    out = {}
+    if "ours_refit" in s and "trl_sft_weighted" in s:
+        a, b = s["ours_refit"]["check_loss_weights_1"], s["trl_sft_weighted"]["check_loss_weights_1"]
+        out["sft_weights_1"] = {"ours": a, "trl": b, "abs_diff": abs(a - b)}
+        ar, br = s["ours_refit"]["check_loss_real_weights"], s["trl_sft_weighted"]["check_loss_real_weights"]
+        out["sft_real_weights"] = {"ours": ar, "trl": br, "abs_diff": abs(ar - br)}
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), f"{finetune}: SFT loss at step 0 differs: ours {a} vs TRL {b}"
+        assert abs(ar - br) <= 1e-4 * max(1.0, abs(ar)), f"{finetune}: weighted loss differs: ours {ar} vs TRL {br}"
+    for v in ("ours_dpo", "ours_dpo_precomputed", "trl_dpo"):
+        if v in s:
+            loss = s[v]["step0_loss"]
+            out[f"dpo_step0_{v}"] = {"loss": loss, "log2": math.log(2), "abs_diff": abs(loss - math.log(2))}
+            assert abs(loss - math.log(2)) < 2e-3, f"{finetune}/{v}: DPO loss at step 0 is {loss}, not log 2"
+    return out
+
+
+def ratio_table(summary: dict) -> tuple[dict, str]:
+    ratios, lines = {}, []
+    head = (f"{'mode':<5} {'ours':<21} {'TRL':<17} {'ours tok/s':>10} {'TRL tok/s':>10} {'tok/s ratio':>11} "
+            f"{'ours RSS MB':>11} {'TRL RSS MB':>10} {'RSS ratio':>9}")
+    lines += [head, "-" * len(head)]
+    for ft, s in summary.items():
+        for ours, trl in PAIRS:
+            if ours not in s or trl not in s:
+                continue
+            tr = s[ours]["tokens_per_s"] / s[trl]["tokens_per_s"]
+            mr = s[ours]["peak_rss_mb"] / s[trl]["peak_rss_mb"]
+            ratios[f"{ft}/{ours}_vs_{trl}"] = {"tokens_per_s": round(tr, 3), "peak_rss": round(mr, 3)}
+            lines.append(f"{ft:<5} {ours:<21} {trl:<17} {s[ours]['tokens_per_s']:>10.1f} {s[trl]['tokens_per_s']:>10.1f} "
+                         f"{tr:>10.2f}x {s[ours]['peak_rss_mb']:>11.0f} {s[trl]['peak_rss_mb']:>10.0f} {mr:>8.2f}x")
+    return ratios, "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--model", default="tiny-random")
+    p.add_argument("--n-conversations", type=int, default=216)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--precision", default="bf16-mixed", choices=["bf16-mixed", "32-true"])
+    p.add_argument("--gradient-checkpointing", action="store_true", help="on for every variant (TRL's default)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default: 2 tiny, 1 otherwise)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default: 8 tiny, 3 otherwise)")
+    p.add_argument("--repeats", type=int, default=None, help="default: 2 tiny, 1 otherwise")
+    p.add_argument("--finetune", nargs="+", default=["lora", "full"], choices=["lora", "full"])
+    p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    p.add_argument("--threads", type=int, default=None, help="torch threads per child (default: cpu count)")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per child")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_throughput.json"))
+    args = p.parse_args(argv)
+    if args.child:
+        child_main(json.loads(args.child))
+        return {}
+
+    from bench_data import write_records
+
+    tiny = args.model == "tiny-random"
+    warmup = args.warmup if args.warmup is not None else (2 if tiny else 1)
+    steps = args.steps if args.steps is not None else (8 if tiny else 3)
+    repeats = args.repeats if args.repeats is not None else (2 if tiny else 1)
+    threads = args.threads or os.cpu_count() or 1
+    records = write_records(Path(tempfile.mkdtemp(prefix="clarify-bench-")) / "records.jsonl", args.n_conversations)
+    load_start = os.getloadavg()
+    t_start = time.time()
+    runs: dict[str, dict[str, list[dict]]] = {ft: {v: [] for v in args.variants} for ft in args.finetune}
+    for rep in range(repeats):
+        order = args.variants if rep % 2 == 0 else list(reversed(args.variants))
+        for ft in args.finetune:
+            for v in order:
+                spec = {"variant": v, "finetune": ft, "model": args.model, "records": str(records),
+                        "batch_size": args.batch_size, "max_length": args.max_length, "precision": args.precision,
+                        "gradient_checkpointing": args.gradient_checkpointing, "warmup": warmup, "steps": steps,
+                        "threads": threads}
+                res = run_child(spec, args.timeout)
+                runs[ft][v].append(res)
+                print(f"[rep {rep}] {ft:<4} {v:<21} {res['tokens_per_s']:>9.1f} tok/s  {res['s_per_step']:.3f} s/step"
+                      f"  peak RSS {res['peak_rss_mb']:.0f} MB  step-0 loss {res['step0_loss']:.4f}", flush=True)
+    summary = {ft: {v: aggregate(rs) for v, rs in per.items()} for ft, per in runs.items()}
+    same_work = {ft: checks(summary, ft) for ft in summary}
+    ratios, table = ratio_table(summary)
+    report = {
+        "command": "python benchmarks/train_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "model": args.model, "n_conversations": args.n_conversations, "batch_size": args.batch_size,
+        "max_length": args.max_length, "precision": args.precision,
+        "gradient_checkpointing": args.gradient_checkpointing, "warmup_steps": warmup, "timed_steps": steps,
+        "repeats": repeats, "dpo_pairs": "final_answer", "beta": BETA, "lora": _lora_kwargs({"model": args.model}),
+        "machine": {**machine_info(threads), "loadavg_start": [round(x, 2) for x in load_start],
+                    "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
+        "wall_s": round(time.time() - t_start, 1),
+        "notes": ("one subprocess per (mode, variant, repeat), variants interleaved, order reversed on odd repeats; "
+                  "tokens_per_s = trained tokens (labels != -100; TRL DPO also trains the '\\n' after <|im_end|>, "
+                  "one more token per sequence than ours) per second of the timed steps, median over repeats; "
+                  "peak_rss_mb = ru_maxrss of the child (median over repeats); the machine runs other jobs "
+                  "(see loadavg), so compare variants of the same run only"),
+        "results": summary, "runs": runs, "same_work_checks": same_work, "ratios_ours_over_trl": ratios,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    existing = json.loads(out.read_text()) if out.exists() else {}
+    existing[f"{args.model} {args.precision}{' gc' if args.gradient_checkpointing else ''}"] = report
+    out.write_text(json.dumps(existing, indent=1) + "\n")
+    print(f"\n{args.model}, batch {args.batch_size}, {args.precision}, {threads} threads, "
+          f"load {load_start[0]:.2f} -> {os.getloadavg()[0]:.2f}\n{table}\n-> {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,457 @@
+"""``clarify iterate``: iterated Refit/Swift — simulate with the current policy → fit → evaluate, for K rounds.
+
+The paper is one-shot offline RL: one batch of conversations logged with the base model, one fit. Here the loop is
+closed: round 0 simulates with the base model, fits and evaluates; round k > 0 simulates with round k − 1's exported
+policy (``--model round_{k-1}/fit/export``), fits on that round's conversations and evaluates again, so one can see
+whether re-collecting data with the improved policy keeps improving reward. Every stage is an ordinary ``clarify``
+command (run in a subprocess, or in this process with ``--in_process true``), printed before it runs and logged to
+``commands.sh``; the simulate and evaluate stages read a per-round YAML written next to their output. Examples::
+
+    clarify iterate --rounds 3 --output runs/iterate                     # SmolLM2, OpenBookQA, Refit, 3 rounds
+    clarify iterate --config my-iterate.yaml --rounds 4                  # a finished 3-round run gains round 3
+    clarify iterate --rounds 2 --dry_run true                            # print the commands, run nothing
+
+Output folder::
+
+    OUT/iterate_config.json                 the options (a rerun must match them; rounds may grow)
+    OUT/commands.sh                         every command run, in order
+    OUT/base/evaluate.yaml, base/eval/      the base model on the held-out questions (row "Base")
+    OUT/round_000/simulate.yaml, simulate/  round 0's conversations (logged with the base model)
+    OUT/round_000/fit/                      the clarify fit run; fit/export/ is round 0's policy
+    OUT/round_000/evaluate.yaml, eval/      that policy on the held-out questions (row "round 0")
+    OUT/round_001/...                       simulated with round_000/fit/export, …
+    OUT/report.md, report.json, report.png  reward and accuracy by round
+
+Resumable: a stage whose output exists is skipped (simulate: ``summary.json``; fit: ``export/``; evaluate:
+``metrics.json``), and an interrupted simulation resumes chunk-wise. Design choices are in docs/iterate.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from clarify_lit.simulate.command import DataOptions, RewardOptions, SimulateConfig, TeacherOptions
+
+log = logging.getLogger("clarify.iterate")
+
+REPORT_NAME = "report"
+CONFIG_FILE = "iterate_config.json"
+# options that may change between an interrupted (or shorter) run and its continuation
+_RUNTIME_FIELDS = ("rounds", "output", "in_process", "dry_run", "progress", "device")
+
+
+@dataclass
+class IterateConfig:
+    """Iterated Refit/Swift: K rounds of simulate (current policy) → fit → evaluate (see docs/iterate.md)."""
+
+    rounds: int = 2
+    """Number of rounds K (round 0 simulates with the base model)."""
+    output: str = "runs/iterate"
+    """Output folder (round_000/, round_001/, …, base/, report.md)."""
+    model: str = "embedded:smollm2-135m-instruct"
+    """Base model: round 0's logging policy, the Base row, and the default teacher/judge of every round."""
+    objective_config: str = "configs/objective/refit.yaml"
+    """Objective preset for clarify fit (refit.yaml, swift.yaml, sft.yaml, …)."""
+    model_config: str = "configs/model/smollm2-135m.yaml"
+    """Model preset for clarify fit (its model_name_or_path is replaced by --model)."""
+    trainer_config: str | None = "configs/trainer/cpu-bf16.yaml"
+    """Trainer preset for clarify fit (None: Lightning's defaults)."""
+    fit_args: list[str] = field(default_factory=list)
+    """Extra clarify fit arguments, e.g. ["--trainer.max_epochs=2", "--model.learning_rate=1e-4"]."""
+    init: Literal["continue", "base"] = "continue"
+    """Round k > 0 starts from round k-1's adapter (continue) or from the base model (base); both train on the
+    round's own conversations only."""
+    data: DataOptions = field(default_factory=DataOptions)
+    """Questions (clarify simulate's data options): simulation uses the train part, evaluation the test part."""
+    setting: Literal["reasoning", "clarifying"] = "reasoning"
+    mode: Literal["thinking", "standard"] = "thinking"
+    n_turns: int = 3
+    adaptive: bool = False
+    """Adaptive length: the agent may answer before turn n_turns (docs/simulate.md)."""
+    discount: float = 1.0
+    """γ: rewards are multiplied by γ^n, n = assistant turns used (1 = off)."""
+    teacher: TeacherOptions = field(default_factory=TeacherOptions)
+    reward: RewardOptions = field(default_factory=RewardOptions)
+    temperatures: list[float] = field(default_factory=lambda: [0.3, 0.7, 1.0])
+    """Simulation: one run per temperature per question."""
+    eval_temperatures: list[float] = field(default_factory=lambda: [0.0])
+    """Evaluation: one run per temperature per held-out question (0 = greedy)."""
+    n_questions: int | None = None
+    """Held-out questions evaluated (None: all of data.n_test)."""
+    max_new_tokens: int = 64
+    """Per assistant turn (simulation and evaluation)."""
+    batch_size: int = 8
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Generation dtype (simulate/evaluate); training precision comes from the trainer preset."""
+    device: str = "auto"
+    seed: int = 0
+    """Round k simulates with seed + k and fits with seed_everything = seed + k; evaluation always uses seed."""
+    simulate_args: list[str] = field(default_factory=list)
+    """Extra clarify simulate arguments (after the round's YAML), e.g. ["--chunk_size", "4"]."""
+    evaluate_args: list[str] = field(default_factory=list)
+    """Extra clarify evaluate arguments (after the round's YAML)."""
+    in_process: bool = False
+    """Run the clarify commands in this process instead of subprocesses (faster start; tests)."""
+    dry_run: bool = False
+    """Print the commands (and write the per-round YAMLs) without running anything."""
+    progress: bool = True
+
+
+def build_parser():
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="clarify iterate", description=__doc__.split("\n\n")[0],
+                            env_prefix="CLARIFY_ITERATE", default_env=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML with any of the options below")
+    parser.add_class_arguments(IterateConfig, None, as_group=False)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> IterateConfig:
+    parser = build_parser()
+    init = parser.instantiate(parser.parse_args(argv))
+    return IterateConfig(**{k: v for k, v in vars(init).items() if k in IterateConfig.__dataclass_fields__})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# layout
+
+def round_dir(out: Path, k: int) -> Path:
+    return out / f"round_{k:03d}"
+
+
+def round_label(k: int) -> str:
+    return f"round {k}"
+
+
+def policy_of_round(cfg: IterateConfig, out: Path, k: int) -> str:
+    """The logging policy of round k: the base model for k = 0, else round k − 1's export."""
+    return cfg.model if k == 0 else str(round_dir(out, k - 1) / "fit" / "export")
+
+
+def export_done(folder: Path) -> bool:
+    return (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file()
+
+
+def check_config(cfg: IterateConfig) -> None:
+    if not isinstance(cfg.rounds, int) or cfg.rounds < 1:
+        raise ValueError(f"rounds must be an integer >= 1, got {cfg.rounds!r}")
+    if not cfg.temperatures or not cfg.eval_temperatures:
+        raise ValueError("temperatures and eval_temperatures must each name at least one run")
+    if not 0 < cfg.discount <= 1:
+        raise ValueError(f"discount must be in (0, 1], got {cfg.discount}")
+    for name in ("objective_config", "model_config", "trainer_config"):
+        path = getattr(cfg, name)
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"--{name} {path!r} not found (paths are relative to the current folder)")
+
+
+def fingerprint(cfg: IterateConfig) -> dict[str, Any]:
+    return {k: v for k, v in asdict(cfg).items() if k not in _RUNTIME_FIELDS}
+
+
+def lock_config(cfg: IterateConfig, out: Path) -> None:
+    """Write ``iterate_config.json``, or check that a rerun uses the same options (rounds may differ)."""
+    path = out / CONFIG_FILE
+    want = json.loads(json.dumps(fingerprint(cfg)))
+    if path.is_file():
+        have = json.loads(path.read_text(encoding="utf-8"))
+        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        if diff:
+            raise ValueError(f"{out} holds an iterate run with other options (differ in: {', '.join(diff)}); use the "
+                             "same options (only --rounds may change) or another --output")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(want, indent=1) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the stages' arguments
+
+def _teacher_reward(cfg: IterateConfig) -> tuple[dict, dict]:
+    """Teacher and reward options with the *base* model as the default LLM teacher / judge, so every round's policy
+    meets the same teacher and judge (a trained policy is never its own judge, and rewards stay comparable)."""
+    teacher = asdict(cfg.teacher)
+    reward = asdict(cfg.reward)
+    teacher["model"] = teacher["model"] or cfg.model
+    reward["judge_model"] = reward["judge_model"] or cfg.model
+    return teacher, reward
+
+
+def simulate_config(cfg: IterateConfig, out: Path, k: int) -> dict[str, Any]:
+    """Round k's ``clarify simulate`` config (written to ``round_k/simulate.yaml``)."""
+    teacher, reward = _teacher_reward(cfg)
+    sim = SimulateConfig(
+        model=policy_of_round(cfg, out, k), dtype=cfg.dtype, device=cfg.device, data=replace(cfg.data, part="train"),
+        setting=cfg.setting, mode=cfg.mode, n_turns=cfg.n_turns, adaptive=cfg.adaptive, discount=cfg.discount,
+        temperatures=list(cfg.temperatures), max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+        seed=cfg.seed + k, output=str(round_dir(out, k) / "simulate"), resume=True, progress=cfg.progress)
+    values = asdict(sim)
+    values["teacher"], values["reward"] = teacher, reward
+    return values
+
+
+def evaluate_config(cfg: IterateConfig, out_dir: Path, label: str, *, model: str | None = None,
+                    export_dir: str | None = None) -> dict[str, Any]:
+    """A ``clarify evaluate`` config on the held-out questions (the same for every row)."""
+    teacher, reward = _teacher_reward(cfg)
+    source = {"model": model} if model is not None else {"export_dir": export_dir}
+    return {**source, "method": label, "out_dir": str(out_dir), "data": asdict(replace(cfg.data, part="test",
+                                                                                      limit=None)),
+            "n_questions": cfg.n_questions, "setting": cfg.setting, "mode": cfg.mode, "n_turns": cfg.n_turns,
+            "adaptive": cfg.adaptive, "discount": cfg.discount, "teacher": teacher, "reward": reward,
+            "temperatures": list(cfg.eval_temperatures), "max_new_tokens": cfg.max_new_tokens,
+            "batch_size": cfg.batch_size, "seed": cfg.seed, "dtype": cfg.dtype, "device": cfg.device,
+            "progress": cfg.progress}
+
+
+def fit_args(cfg: IterateConfig, out: Path, k: int) -> list[str]:
+    """Round k's ``clarify fit`` arguments.
+
+    ``init=continue`` and k > 0: a LoRA export of round k − 1 seeds the adapter (``--model.init_adapter``); a
+    full-weights export becomes the model itself (``--model.model_name_or_path``).
+    """
+    folder = round_dir(out, k)
+    args = ["fit", "--config", cfg.model_config]
+    if cfg.trainer_config:
+        args += ["--config", cfg.trainer_config]
+    args += ["--config", cfg.objective_config, "--model.model_name_or_path", cfg.model]
+    if cfg.init == "continue" and k > 0:
+        previous = round_dir(out, k - 1) / "fit" / "export"
+        full = (previous / "config.json").is_file() and not (previous / "adapter_config.json").is_file()
+        args += ["--model.model_name_or_path" if full else "--model.init_adapter", str(previous)]
+    args += [f"--data.train_files=[{folder / 'simulate' / 'conversations.jsonl'}]", "--data.val_fraction", "0",
+             "--data.seed", str(cfg.seed + k), "--seed_everything", str(cfg.seed + k),
+             "--trainer.default_root_dir", str(folder / "fit"), *cfg.fit_args]
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# running
+
+class Runner:
+    """Runs ``clarify <args>`` (subprocess or in-process) unless its output exists; logs to ``commands.sh``."""
+
+    def __init__(self, out: Path, in_process: bool, dry_run: bool):
+        self.out, self.in_process, self.dry_run = out, in_process, dry_run
+        self.ran: list[list[str]] = []
+
+    def run(self, args: list[str], done: bool) -> None:
+        shown = "clarify " + " ".join(shlex.quote(a) for a in args)
+        if done:
+            print(f"[iterate] skip (done): {shown}", flush=True)
+            return
+        print(f"\n[iterate] $ {shown}", flush=True)
+        if self.dry_run:
+            return
+        with (self.out / "commands.sh").open("a", encoding="utf-8") as f:
+            f.write(shown + "\n")
+        start = time.time()
+        if self.in_process:
+            from clarify_lit.cli import main as clarify_main
+
+            clarify_main(list(args))
+        else:
+            subprocess.run([sys.executable, "-m", "clarify_lit.cli", *args], check=True)
+        self.ran.append(list(args))
+        print(f"[iterate] done in {time.time() - start:.0f} s", flush=True)
+
+
+def write_yaml(path: Path, values: dict[str, Any]) -> Path:
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def run(cfg: IterateConfig) -> dict[str, Any] | None:
+    """Run (or resume) the K rounds and write the report; return the report's JSON summary (None on a dry run)."""
+    check_config(cfg)
+    out = Path(cfg.output)
+    if not cfg.dry_run:
+        lock_config(cfg, out)
+    runner = Runner(out, cfg.in_process, cfg.dry_run)
+    start = time.time()
+
+    base_eval = out / "base" / "eval"
+    conf = write_yaml(out / "base" / "evaluate.yaml", evaluate_config(cfg, base_eval, "Base", model=cfg.model))
+    runner.run(["evaluate", "--config", str(conf), *cfg.evaluate_args], (base_eval / "metrics.json").is_file())
+    for k in range(cfg.rounds):
+        folder = round_dir(out, k)
+        conf = write_yaml(folder / "simulate.yaml", simulate_config(cfg, out, k))
+        runner.run(["simulate", "--config", str(conf), *cfg.simulate_args],
+                   (folder / "simulate" / "summary.json").is_file())
+        export = folder / "fit" / "export"
+        runner.run(fit_args(cfg, out, k), export_done(export))
+        conf = write_yaml(folder / "evaluate.yaml",
+                          evaluate_config(cfg, folder / "eval", round_label(k), export_dir=str(export)))
+        runner.run(["evaluate", "--config", str(conf), *cfg.evaluate_args], (folder / "eval" / "metrics.json").is_file())
+    if cfg.dry_run:
+        return None
+    summary = write_report(out, cfg.rounds)
+    print(f"\n[iterate] {cfg.rounds} rounds finished in {(time.time() - start) / 60:.1f} min; report: "
+          f"{out / (REPORT_NAME + '.md')}", flush=True)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the report
+
+def _fmt(v: float | None, se: float | None = None, dec: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    text = f"{v:.{dec}f}"
+    if se is not None:
+        text += " ± " + ("?" if isinstance(se, float) and math.isnan(se) else f"{se:.{dec}f}")
+    return text
+
+
+def _data_metrics(path: Path) -> dict[str, float] | None:
+    """Reward/accuracy of a round's simulated conversations (train questions, sampling temperatures)."""
+    if not path.is_file():
+        return None
+    from clarify_lit.data.records import load_records
+    from clarify_lit.evaluate.metrics import compute_metrics
+
+    records, _ = load_records(path)
+    return compute_metrics(records)
+
+
+def collect_rows(out: Path, rounds: int) -> list[dict[str, Any]]:
+    """One row per policy: Base, round 0, …, round K−1 — its held-out evaluation and the conversations it logged
+    (Base logged round 0's data, round k's policy logged round k+1's), with the paired change from the row before."""
+    from clarify_lit.data.records import load_records
+    from clarify_lit.evaluate.metrics import paired_comparison
+    from clarify_lit.evaluate.report import read_metrics_file
+
+    rows: list[dict[str, Any]] = []
+    sources = [("Base", out / "base" / "eval", None)] + [
+        (round_label(k), round_dir(out, k) / "eval", round_dir(out, k) / "fit" / "export") for k in range(rounds)]
+    previous_rollouts = None
+    for i, (label, eval_dir, policy) in enumerate(sources):
+        metrics_file = eval_dir / "metrics.json"
+        if not metrics_file.is_file():
+            break
+        mf = read_metrics_file(metrics_file, label)
+        data_file = round_dir(out, i) / "simulate" / "conversations.jsonl"  # row i's policy logged round i
+        rollouts_path = mf.rollouts_path()
+        rollouts = load_records(rollouts_path)[0] if rollouts_path else None
+        paired = None
+        if rollouts is not None and previous_rollouts is not None:
+            try:
+                paired = {k: v.as_dict() for k, v in paired_comparison(rollouts, previous_rollouts).items()}
+            except ValueError:
+                paired = None
+        rows.append({"label": label, "policy": str(policy) if policy else None, "metrics_file": str(metrics_file),
+                     "eval": mf.metrics, "data_file": str(data_file) if data_file.is_file() else None,
+                     "data": _data_metrics(data_file), "paired_vs_previous": paired})
+        previous_rollouts = rollouts
+    return rows
+
+
+def by_round_table(rows: list[dict[str, Any]]) -> str:
+    adaptive = any("clarifying_turns" in r["eval"] for r in rows)
+    header = ["Policy", "n", "Accuracy", "Reward", *(["Clarifying turns"] if adaptive else []),
+              "Δ accuracy vs previous (sign p)", "Logged data: reward", "Logged data: accuracy"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r in rows:
+        m, d, p = r["eval"], r["data"] or {}, r["paired_vs_previous"]
+        delta = "–" if p is None else f"{_fmt(p['accuracy']['diff'], p['accuracy']['se'])} ({p['accuracy']['p_sign']:.3g})"
+        cells = [r["label"], f"{m.get('n', math.nan):.0f}", _fmt(m.get("accuracy"), m.get("accuracy_se")),
+                 _fmt(m.get("reward"), m.get("reward_se"))]
+        if adaptive:
+            cells.append(_fmt(m.get("clarifying_turns"), m.get("clarifying_turns_se"), 2))
+        cells += [delta, _fmt(d.get("reward"), d.get("reward_se")), _fmt(d.get("accuracy"), d.get("accuracy_se"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_rounds(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Held-out accuracy and reward by round (mean ± SE), with the reward of the data each policy logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key: str, source: str) -> tuple[list[float], list[float]]:
+        vals, errs = [], []
+        for r in rows:
+            m = r[source] or {}
+            v, e = m.get(key), m.get(f"{key}_se")
+            vals.append(math.nan if v is None else v)
+            errs.append(0.0 if e is None or math.isnan(e) else e)
+        return vals, errs
+
+    panels = [("accuracy", "Accuracy (held-out)"), ("reward", "Reward")]
+    if any("clarifying_turns" in r["eval"] for r in rows):
+        panels.append(("clarifying_turns", "Clarifying turns (held-out)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 1, 3.6), squeeze=False)
+    xs = list(range(len(rows)))
+    labels = [r["label"] for r in rows]
+    for ax, (key, title) in zip(axes[0], panels, strict=True):
+        ys, es = series(key, "eval")
+        ax.errorbar(xs, ys, yerr=es, fmt="o-", capsize=4, color="tab:blue", label="held-out (eval)")
+        if key == "reward":
+            ys, es = series(key, "data")
+            ax.errorbar([x + 0.05 for x in xs], ys, yerr=es, fmt="s--", capsize=4, color="tab:orange",
+                        label="logged data (train)")
+            ax.legend(fontsize=7)
+        ax.set_xticks(xs, labels, rotation=30, ha="right")
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("clarify iterate: by round (mean ± SE)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(out: Path, rounds: int) -> dict[str, Any]:
+    """``report.md`` (by-round table + every metric per policy), ``report.json`` and ``report.png``."""
+    from clarify_lit.evaluate.metrics import nan_to_none
+    from clarify_lit.evaluate.report import aggregate, read_metrics_file, results_table, table_columns
+
+    rows = collect_rows(out, rounds)
+    if not rows:
+        raise FileNotFoundError(f"{out}: no evaluated policy to report (base/eval/metrics.json missing)")
+    methods = aggregate([read_metrics_file(r["metrics_file"], r["label"]) for r in rows])
+    text = "\n".join([
+        f"# clarify iterate: {len(rows) - 1} of {rounds} rounds evaluated", "",
+        "## Reward and accuracy by round", "",
+        "Each row is a policy: Base, then the policy fitted in round k. Accuracy, reward (and clarifying turns) are "
+        "its held-out evaluation; Δ accuracy is paired per question against the row above (exact sign test); "
+        "*logged data* is the conversations this policy produced as the next round's logging policy (train "
+        "questions, sampling temperatures; – for the last policy).", "",
+        by_round_table(rows), "",
+        "## Every metric (mean ± SE; best in bold)", "",
+        results_table(methods, table_columns(methods)), ""])
+    md = out / f"{REPORT_NAME}.md"
+    md.write_text(text, encoding="utf-8")
+    plot_rounds(rows, out / f"{REPORT_NAME}.png")
+    summary = {"rounds": rounds, "rows": rows}
+    (out / f"{REPORT_NAME}.json").write_text(json.dumps(nan_to_none(summary), indent=1) + "\n", encoding="utf-8")
+    print(text)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``clarify iterate``."""
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run(parse_config(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Checkpoints that survive interruptions (wired into ``clarify fit`` by default, see docs/reliability.md).
+
+* :class:`AtomicCheckpointIO` writes each checkpoint to a temp file in the target's folder, fsyncs it and renames it
+  over the target, so a kill during a save leaves the previous ``last.ckpt`` intact. (Lightning's own writer goes
+  through a temp file in the system temp dir and ``shutil.move``, which degrades to copying *into* the target — a
+  torn file — when that dir is on another filesystem, as it usually is on clusters.)
+* :class:`ResumeState` stores the random-number generators' state in every checkpoint and puts it back when a fit
+  resumes, so dropout draws the same masks as in an uninterrupted run; together with the DataModule's resumable
+  batch order (``ConversationDataModule.state_dict``) a resumed fit retraces the uninterrupted one.
+* :class:`LastCheckpoint` (the default checkpoint callback) writes ``last.ckpt`` at every epoch end.
+* On SIGTERM (``kill``, a scheduler's preemption, ``docker stop``) Lightning stops after the current batch; this
+  callback then saves ``last.ckpt`` at that point (when it is an optimizer-step boundary) and ``clarify fit`` exits
+  with status 143 and one line saying how to resume, instead of Lightning's status 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def _is_local(path: str | os.PathLike) -> bool:
+    return "://" not in str(path) or str(path).startswith("file://")
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened/fsynced
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to ``.<name>.<random>.partial`` beside ``path``, fsync, then ``os.replace`` onto ``path``.
+
+    A reader (or a resumed run) sees either the old file or the complete new one, never a torn one. A failure
+    removes the temp file; a kill leaves it behind under a name no checkpoint glob matches, and the next save of the
+    same target removes it.
+    """
+    path = Path(str(path).removeprefix("file://"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*{PARTIAL_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the checkpoint from the user's group
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` with an atomic local write (:func:`atomic_torch_save`); remote URLs
+    (``s3://`` …) keep Lightning's own writer."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_torch_save(checkpoint, path)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` is also written at every epoch end (after validation, when there is
+    one), not only when training ends: Lightning 2.6 writes ``save_last`` only together with a top-k checkpoint, so
+    with ``save_top_k=0`` (``clarify fit``'s default: one file, no copies) a run killed in epoch 5 of 10 had no
+    checkpoint at all. ``every_n_train_steps`` / ``train_time_interval`` add saves within an epoch as usual."""
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_due(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_due(trainer)
+
+    def _save_last_if_due(self, trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer) and self._every_n_epochs >= 1 \
+                and (trainer.current_epoch + 1) % self._every_n_epochs == 0:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        # plain lists, so the checkpoint still loads with torch.load(weights_only=True)
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            log.warning("resuming: the checkpoint holds the CUDA RNG of %d devices, this machine has %d; CUDA random "
+                        "streams start afresh", len(cuda), torch.cuda.device_count())
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
+
+
+class ResumeState(Callback):
+    """Keeps the RNG state in checkpoints (restored when training starts after ``--ckpt_path``) and saves
+    ``last.ckpt`` when the fit is stopped by SIGTERM."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+        self.sigterm_checkpoint: str | None = None  # where the SIGTERM checkpoint went (for the CLI's message)
+        self.sigterm_step: int | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": _rng_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict.get("rng")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # restored here, not at load time: the sanity-check validation and setup in between must not shift the stream
+        if self._pending is not None:
+            _set_rng_state(self._pending)
+            self._pending = None
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException):
+            return
+        self.sigterm_step = exception.clarify_step = trainer.global_step
+        ckpt = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+        if ckpt is None or not ckpt.save_last:
+            log.warning("SIGTERM: no ModelCheckpoint with save_last; nothing saved at step %d", trainer.global_step)
+            return
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        if trainer.training and trainer.fit_loop.epoch_loop._should_accumulate():
+            # part of an optimizer step's gradient exists only in memory: saving here would lose it on resume
+            log.warning("SIGTERM arrived in the middle of a gradient-accumulation step; the last checkpoint stands")
+            self.sigterm_checkpoint = exception.clarify_checkpoint = ckpt.last_model_path or None
+            return
+        if ckpt._last_global_step_saved != trainer.global_step or not ckpt.last_model_path:
+            ckpt._save_last_checkpoint(trainer, ckpt._monitor_candidates(trainer))
+        self.sigterm_checkpoint = exception.clarify_checkpoint = ckpt.last_model_path or None
+        log.warning("SIGTERM: saved %s at step %d", self.sigterm_checkpoint, trainer.global_step)
