@@ -72,9 +72,6 @@ class ClarifyCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
 
-OBJECTIVE_NAMES = ("Refit", "Swift", "SFT", "DPO")
-
-
 class ClarifyArgumentParser(LightningArgumentParser):
     """A command-line mistake is reported in one line (``clarify: error: …``), not the whole usage text."""
 
@@ -85,12 +82,21 @@ class ClarifyArgumentParser(LightningArgumentParser):
         self.exit(2)
 
 
+def objective_names() -> list[str]:
+    """The objectives ``--model.objective`` accepts by name, in the order they are defined."""
+    from clarify_lit.train import objectives
+
+    return [c.__name__ for c in vars(objectives).values() if isinstance(c, type)
+            and issubclass(c, objectives.Objective) and c is not objectives.Objective
+            and c.__module__ == objectives.__name__]
+
+
 def _one_line_parse_error(message: str) -> str:
     text = " ".join(str(message).split())
     if text.startswith('Parser key "model.objective"'):
         m = re.search(r"Expected a path but (\S+) either", text)
         given = f" {m.group(1)!r}" if m else ""
-        return f"--model.objective:{given} is not an objective; choose one of {', '.join(OBJECTIVE_NAMES)}"
+        return f"--model.objective:{given} is not an objective; choose one of {', '.join(objective_names())}"
     return text
 
 

@@ -13,6 +13,7 @@ Choices for the CPU presets (where the paper is silent or its scale does not fit
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -245,8 +246,15 @@ def main(argv: list[str] | None = None) -> None:
                     help="after the preset, run `clarify iterate` for K rounds on its first experiment and seed "
                          "(opt-in; demo preset: about 4-5 min per round on a 2-core CPU)")
     ap.add_argument("--iterate-only", action="store_true", help="with --iterate: skip the preset's own stages")
+    ap.add_argument("--objectives", default=None, metavar="A,B,…",
+                    help=f"train only these rows, in this order (default: the preset's); from {list(OBJECTIVES)}")
     a = ap.parse_args(argv)
     p = PRESETS[a.preset]
+    if a.objectives:
+        try:  # replace() re-runs the preset's checks (known labels, SFT before STaR-GATE-D)
+            p = dataclasses.replace(p, objectives=[o.strip() for o in a.objectives.split(",") if o.strip()])
+        except ValueError as err:
+            ap.error(str(err))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out = Path(a.out or f"runs/{p.name}")
     if a.iterate_only and not a.iterate:

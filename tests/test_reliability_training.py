@@ -81,10 +81,14 @@ def records(tmp_path_factory) -> Path:
 def reference(records, cache_root, tmp_path_factory):
     """The uninterrupted run: ``(root, recorder, cli)``."""
     root = tmp_path_factory.mktemp("reference")
+    threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CLARIFY_CACHE", str(cache_root))
-        torch.set_num_threads(1)
-        cli, rec = fit_recording(fit_args(records, root))
+        torch.set_num_threads(1)  # as in the tests that compare with it (conftest's single_torch_thread)
+        try:
+            cli, rec = fit_recording(fit_args(records, root))
+        finally:
+            torch.set_num_threads(threads)
     assert cli.trainer.global_step == MAX_STEPS
     return root, rec, cli
 
@@ -106,8 +110,8 @@ def test_sigterm_then_sigkill_then_resume_equals_an_uninterrupted_run(reference,
            "resume with --ckpt_path last" in err.strip().splitlines()
     first = load_ckpt(root)
     assert first["global_step"] == 2
-    assert first["ConversationDataModule"]["train_loader"] | {"seed": 0} == \
-        {"epoch": 0, "batches_done": 4, "num_batches": 5, "seed": 0}  # 4 of the epoch's 5 micro-batches done
+    # the data position: 4 micro-batches (of the epoch's 5) trained
+    assert first["ConversationDataModule"]["train_loader"] == {"micro_batches": 4, "per_epoch": 5, "seed": 0}
 
     # 2. resume in a subprocess, SIGKILLed (no cleanup at all) as step 5 is about to start: the last checkpoint is
     #    the one ModelCheckpoint wrote at the end of epoch 0 (step 3)
@@ -133,7 +137,7 @@ def test_sigterm_then_sigkill_then_resume_equals_an_uninterrupted_run(reference,
     assert got["global_step"] == want["global_step"] == MAX_STEPS
     assert got["state_dict"].keys() == want["state_dict"].keys() and got["state_dict"]
     for k, v in want["state_dict"].items():
-        torch.testing.assert_close(got["state_dict"][k], v, rtol=0, atol=1e-6, msg=lambda m: k + m)
+        torch.testing.assert_close(got["state_dict"][k], v, rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
     opt_want, opt_got = want["optimizer_states"][0]["state"], got["optimizer_states"][0]["state"]
     assert opt_got.keys() == opt_want.keys()
     for i in opt_want:
@@ -143,6 +147,61 @@ def test_sigterm_then_sigkill_then_resume_equals_an_uninterrupted_run(reference,
     sched_want, sched_got = want["lr_schedulers"][0], got["lr_schedulers"][0]
     assert sched_got["last_epoch"] == sched_want["last_epoch"] == MAX_STEPS
     assert sched_got["_last_lr"] == sched_want["_last_lr"]
+
+
+def test_crash_mid_step_resumes_from_per_step_checkpoints(reference, records, cache_root, tmp_path, monkeypatch):
+    """With a ModelCheckpoint every step (docs/reliability.md: for long epochs), a crash in the middle of an
+    accumulation step loses only that step: the resume restarts it from its first micro-batch."""
+    monkeypatch.setenv("CLARIFY_CACHE", str(cache_root))
+    ref_root, ref, _ = reference
+    root = tmp_path / "run"
+    checkpoint = {"class_path": "clarify_lit.train.checkpointing.LastCheckpoint",  # the snippet in the docs
+                  "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True, "save_top_k": 0,
+                                "every_n_train_steps": 1}}
+    every_step, crash = tmp_path / "every-step.yaml", tmp_path / "every-step-crash.yaml"
+    every_step.write_text(yaml.safe_dump({"trainer": {"callbacks": [checkpoint]}}))
+    # (one list: a second --config's callbacks would replace the first's) the 2nd micro-batch of the 5th step
+    crash.write_text(yaml.safe_dump({"trainer": {"callbacks": [checkpoint, {
+        "class_path": "reliability_helpers.SignalAtStep", "init_args": {"step": 4, "signum": 0, "micro_batch": 1}}]}}))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        lightning_main(fit_args(records, root, "--config", str(crash)))
+    ckpt = load_ckpt(root)
+    assert ckpt["global_step"] == 4 and ckpt["ConversationDataModule"]["train_loader"]["micro_batches"] == 7
+    cli, rec = fit_recording(fit_args(records, root, "--ckpt_path", "last", "--config", str(every_step)))
+    assert rec.start_step == 4 and rec.batches == ref.batches[7:]
+    want, got = load_ckpt(ref_root), load_ckpt(root)
+    for k, v in want["state_dict"].items():
+        torch.testing.assert_close(got["state_dict"][k], v, rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_sigterm_mid_accumulation_keeps_the_last_step_checkpoint(reference, records, cache_root, tmp_path, capsys,
+                                                                 monkeypatch):
+    """SIGTERM after the first micro-batch of an accumulation step: saving there would lose that micro-batch's
+    gradient on resume, so the checkpoint of step 1 stands and the resume redoes the next step whole."""
+    monkeypatch.setenv("CLARIFY_CACHE", str(cache_root))
+    ref_root, ref, _ = reference
+    root = tmp_path / "run"
+    cfg = tmp_path / "sigterm-every-step.yaml"
+    cfg.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "clarify_lit.train.checkpointing.LastCheckpoint",
+         "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True, "save_top_k": 0,
+                       "every_n_train_steps": 1}},
+        {"class_path": "reliability_helpers.SignalAtStep", "init_args": {"step": 1, "signum": 15, "micro_batch": 0}}]}}))
+    with pytest.raises(SystemExit) as e:
+        main(fit_args(records, root, "--config", str(cfg)))
+    assert e.value.code == 143
+    assert f"stopped by SIGTERM at step 1; last checkpoint {root / 'checkpoints' / 'last.ckpt'}" in \
+        capsys.readouterr().err
+    ckpt = load_ckpt(root)
+    assert ckpt["global_step"] == 1 and ckpt["ConversationDataModule"]["train_loader"]["micro_batches"] == 2
+    every_step = tmp_path / "every-step.yaml"
+    every_step.write_text(yaml.safe_dump({"trainer": {"callbacks": yaml.safe_load(cfg.read_text())["trainer"][
+        "callbacks"][:1]}}))
+    cli, rec = fit_recording(fit_args(records, root, "--ckpt_path", "last", "--config", str(every_step)))
+    assert rec.start_step == 1 and rec.batches == ref.batches[2:]
+    want, got = load_ckpt(ref_root), load_ckpt(root)
+    for k, v in want["state_dict"].items():
+        torch.testing.assert_close(got["state_dict"][k], v, rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_checkpointing_is_wired_in_by_default(reference):
@@ -265,14 +324,15 @@ def test_nonfinite_loss_skip_option_skips_counts_and_logs(records, cache_root, t
     _poison(monkeypatch, "t2-r1")
     cli, rec = fit_recording(_nan_args(records, tmp_path / "run", "--model.on_nonfinite_loss=skip"))
     module = cli.model
-    poisoned = [b for b in rec.batches if "t2-r1" in b[2]]
-    assert len(poisoned) == 1 and module.nonfinite_skipped == 1
-    assert len(rec.batches) == 6 and cli.trainer.global_step == 5  # 12 samples / 2; no optimizer step for the NaN
+    poisoned = [i for i, b in enumerate(rec.batches) if "t2-r1" in b[2]]
+    assert len(poisoned) == 1 and module.nonfinite_skipped == 1 and len(rec.batches) == 6  # 12 samples / 2
+    # the skipped batch has no gradient, so its optimizer step leaves the weights as they were; the others train
+    assert rec.updated == [i not in poisoned for i in range(6)]
     assert all(torch.isfinite(p).all() for p in module.parameters())
     (events,) = (tmp_path / "run").glob("events.out.tfevents.*")
     acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
     acc.Reload()
-    assert [e.value for e in acc.Scalars("train/nonfinite_skipped")] == [1.0]
+    assert {e.value for e in acc.Scalars("train/nonfinite_skipped")} == {1.0}  # the running count
 
 
 def test_resume_state_survives_a_weights_only_load(reference):

@@ -8,9 +8,9 @@
   resumes, so dropout draws the same masks as in an uninterrupted run; together with the DataModule's resumable
   batch order (``ConversationDataModule.state_dict``) a resumed fit retraces the uninterrupted one.
 * :class:`LastCheckpoint` (the default checkpoint callback) writes ``last.ckpt`` at every epoch end.
-* On SIGTERM (``kill``, a scheduler's preemption, ``docker stop``) Lightning stops after the current batch; this
-  callback then saves ``last.ckpt`` at that point (when it is an optimizer-step boundary) and ``clarify fit`` exits
-  with status 143 and one line saying how to resume, instead of Lightning's status 0.
+* On SIGTERM (``kill``, a scheduler's preemption, ``docker stop``) Lightning stops after the current batch;
+  :class:`ResumeState` then saves ``last.ckpt`` at that point (when it is an optimizer-step boundary) and
+  ``clarify fit`` exits with status 143 and one line saying how to resume, instead of Lightning's status 0.
 """
 
 from __future__ import annotations
@@ -102,10 +102,26 @@ class LastCheckpoint(ModelCheckpoint):
         if not self._should_save_on_train_epoch_end(trainer):
             self._save_last_if_due(trainer)
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        # Lightning writes last.ckpt at train end only if it never wrote one; after epoch-end saves the final state
+        # (the last epoch, or max_steps reached mid-epoch) still has to be written
+        if self.save_last and self._last_checkpoint_saved and not trainer.fast_dev_run \
+                and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            return
+        super().on_train_end(trainer, pl_module)
+
     def _save_last_if_due(self, trainer) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer) and self._every_n_epochs >= 1 \
-                and (trainer.current_epoch + 1) % self._every_n_epochs == 0:
+                and (trainer.current_epoch + 1) % self._every_n_epochs == 0 and not _last_epoch(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def _last_epoch(trainer) -> bool:
+    """Training stops after this epoch: ``on_train_end`` writes ``last.ckpt`` then (one write, not two)."""
+    max_epochs = trainer.max_epochs
+    return (trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps) or trainer.should_stop or (
+        max_epochs is not None and max_epochs != -1 and trainer.current_epoch + 1 >= max_epochs)
 
 
 def _rng_state() -> dict[str, Any]:

@@ -17,8 +17,10 @@ from torch import Tensor
 
 from clarify_lit.data.tokenization import IGNORE_INDEX
 from clarify_lit.models import load_causal_lm, load_tokenizer, resolve_model_path
+from clarify_lit.train.logprobs import chunked_head_logps, uses_gradient_checkpointing
 from clarify_lit.train.losses import distillation_loss, dpo_sigmoid_loss, sequence_logps, weighted_nll_loss
 from clarify_lit.train.objectives import DPO, Distill, Objective, Refit, objective_name, objective_settings
+from clarify_lit.train.pair_packing import PACKED_KEY, packed_sequence_logps
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +46,8 @@ def target_logps(model, input_ids: Tensor, attention_mask: Tensor, labels: Tenso
         lp = logits.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
         return lp * mask, mask
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
-    h_sel = hidden[mask]  # [N, H]: trained positions only
-    y_sel = targets[mask]
-    parts = []
-    for s in range(0, h_sel.shape[0], chunk_size):
-        logits = head(h_sel[s: s + chunk_size]).float()
-        parts.append(logits.gather(-1, y_sel[s: s + chunk_size, None]).squeeze(-1) - logits.logsumexp(-1))
-    flat = torch.cat(parts) if parts else h_sel.new_zeros(0, dtype=torch.float32)
+    # trained positions only; under gradient checkpointing the chunks' logits are recomputed in backward too
+    flat = chunked_head_logps(head, hidden[mask], targets[mask], chunk_size, uses_gradient_checkpointing(base))
     out = torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device)
     out = out.masked_scatter(mask, flat)
     return out, mask
@@ -149,7 +146,8 @@ class ClarifyModule(L.LightningModule):
         weight_decay: AdamW weight decay.
         warmup_ratio: share of the total optimizer steps spent in linear warmup.
         lr_schedule: decay after warmup.
-        gradient_checkpointing: recompute activations in backward (less memory, ~30% slower).
+        gradient_checkpointing: recompute activations in backward (less memory, ~30% slower); the LM-head chunks of
+            the target log-probs are recomputed too (no ``[tokens, vocab]`` logits kept for backward).
         logprob_chunk_size: trained positions per LM-head chunk when gathering log-probs.
         on_nonfinite_loss: ``raise`` stops training naming the batch ids; ``skip`` skips the batch and counts it.
         export_on_fit_end: write an HF/PEFT folder (adapter or weights + tokenizer + chat template) at fit end.
@@ -295,17 +293,20 @@ class ClarifyModule(L.LightningModule):
         if dm is not None and getattr(dm, "stats", None) and self.logger is not None:
             self.logger.log_metrics(dm.stats, step=0)
 
+    def _pair_logps(self, model, batch: dict) -> Tensor:
+        """Sequence log-probs ``[2n]`` (chosen, then rejected) of a pair batch, stacked or packed (``pair_packing``)."""
+        if PACKED_KEY in batch:
+            return packed_sequence_logps(model, batch, self.hparams.logprob_chunk_size)
+        return sequence_logps(*target_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                            self.hparams.logprob_chunk_size))
+
     def _reference_logps(self, batch: dict) -> Tensor:
         mode = self._reference_mode()
         with torch.no_grad():
             if mode == "frozen_copy":
-                lp, mask = target_logps(self._frozen_reference[0], batch["input_ids"], batch["attention_mask"],
-                                        batch["labels"], self.hparams.logprob_chunk_size)
-            else:
-                with self.model.disable_adapter():
-                    lp, mask = target_logps(self.model, batch["input_ids"], batch["attention_mask"],
-                                            batch["labels"], self.hparams.logprob_chunk_size)
-        return sequence_logps(lp, mask)
+                return self._pair_logps(self._frozen_reference[0], batch)
+            with self.model.disable_adapter():
+                return self._pair_logps(self.model, batch)
 
     def _precompute_reference(self) -> None:
         """Reference log-probs once per sample, before training, stored on the in-memory dataset samples and, with
@@ -317,7 +318,7 @@ class ClarifyModule(L.LightningModule):
         from clarify_lit.train.reference_cache import ReferenceCache
 
         dm = self.trainer.datamodule
-        collate = PadCollator(dm.tokenizer.pad_token_id)
+        collate = PadCollator(dm.tokenizer.pad_token_id, share_prefix=getattr(dm, "share_pair_prefix", False))
         cache = ReferenceCache.for_model(self.model, str(self.trainer.precision)) if self.hparams.reference_cache \
             else None
         was_training = self.model.training
@@ -333,13 +334,12 @@ class ClarifyModule(L.LightningModule):
                 for i in range(0, len(todo), dm.batch_size):
                     chunk = todo[i: i + dm.batch_size]
                     b = {k: (v.to(self.device) if isinstance(v, Tensor) else v) for k, v in collate(chunk).items()}
-                    args = (b["input_ids"], b["attention_mask"], b["labels"], self.hparams.logprob_chunk_size)
                     with torch.no_grad(), self.trainer.precision_plugin.forward_context():
                         if self.hparams.use_lora:
                             with self.model.disable_adapter():
-                                ref = sequence_logps(*target_logps(self.model, *args)).float().cpu()
+                                ref = self._pair_logps(self.model, b).float().cpu()
                         else:
-                            ref = sequence_logps(*target_logps(self.model, *args)).float().cpu()
+                            ref = self._pair_logps(self.model, b).float().cpu()
                     for j, s in enumerate(chunk):
                         s["ref_chosen_logps"] = float(ref[j])
                         s["ref_rejected_logps"] = float(ref[len(chunk) + j])
@@ -356,10 +356,8 @@ class ClarifyModule(L.LightningModule):
     def _step(self, batch: dict, stage: str) -> tuple[Tensor, dict[str, Tensor]]:
         if self.is_distill:
             return self._distill_step(batch, stage)
-        lp, mask = target_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                self.hparams.logprob_chunk_size)
         if self.is_dpo:
-            seq = sequence_logps(lp, mask)
+            seq = self._pair_logps(self.model, batch)
             n = batch["n_pairs"]
             if "ref_chosen_logps" in batch:
                 ref_c, ref_r = batch["ref_chosen_logps"].to(seq), batch["ref_rejected_logps"].to(seq)
@@ -368,6 +366,8 @@ class ClarifyModule(L.LightningModule):
                 ref_c, ref_r = ref[:n], ref[n:]
             loss, metrics = dpo_sigmoid_loss(seq[:n], seq[n:], ref_c, ref_r, self.objective.beta)
         else:
+            lp, mask = target_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                    self.hparams.logprob_chunk_size)
             num_tokens = None
             if stage == "train" and "step_tokens" in batch:
                 # normalise by the whole optimizer step's tokens; Lightning divides by accumulate afterwards

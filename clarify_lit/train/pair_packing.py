@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from clarify_lit.data.tokenization import IGNORE_INDEX
+from clarify_lit.train.logprobs import chunked_head_logps, uses_gradient_checkpointing
 
 PACKED_KEY = "pair_tokens"  # present in a batch iff it is packed
 
@@ -107,11 +108,6 @@ def packed_sequence_logps(model, batch: dict, chunk_size: int = 1024) -> Tensor:
     else:
         hidden = decoder(input_ids=batch["input_ids"], attention_mask=mask,
                          position_ids=batch["position_ids"]).last_hidden_state
-        h_sel = hidden[rows, pos]
-        parts = []
-        for s in range(0, h_sel.shape[0], chunk_size):
-            logits = head(h_sel[s: s + chunk_size]).float()
-            parts.append(logits.gather(-1, y[s: s + chunk_size, None]).squeeze(-1) - logits.logsumexp(-1))
-        lp = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+        lp = chunked_head_logps(head, hidden[rows, pos], y, chunk_size, recompute=uses_gradient_checkpointing(base))
     out = torch.zeros(2 * n, dtype=lp.dtype, device=lp.device)
     return out.index_add(0, seq, lp)
