@@ -127,3 +127,28 @@ def test_gradient_checkpointing_keeps_packed_logps_and_gradients(records_factory
     (a, ga), (b, gb) = results
     assert torch.allclose(a, b, atol=1e-5) and ga.keys() == gb.keys()
     assert all(torch.allclose(ga[k], gb[k], rtol=1e-4, atol=1e-6) for k in ga)
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_padding_to_a_multiple_changes_no_logp(records_factory, tiny_model_dir, share):
+    samples, pad = pair_samples(records_factory, tiny_model_dir, "conversation")
+    model = lora_module(tiny_model_dir).eval()
+    tight, padded = PadCollator(pad, share, 1)(samples), PadCollator(pad, share, 64)(samples)
+    assert padded["input_ids"].shape[1] % 64 == 0 and padded["input_ids"].shape[1] > tight["input_ids"].shape[1]
+
+    def seq(batch):
+        if PACKED_KEY in batch:
+            return packed_sequence_logps(model, batch)
+        return sequence_logps(*target_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"]))
+
+    with torch.no_grad():
+        assert torch.allclose(seq(tight), seq(padded), rtol=1e-5, atol=1e-3)
+
+
+def test_datamodule_pads_to_a_multiple_of_16_by_default(records_factory, tiny_model_dir):
+    dm = ConversationDataModule([str(records_factory(n_tasks=2))], tokenizer_name_or_path=str(tiny_model_dir),
+                                val_fraction=0.0, cache_tokenized=False)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[1] % 16 == 0
+    assert batch["attention_mask"].sum(1).max() > batch["input_ids"].shape[1] - 16  # no whole block of padding

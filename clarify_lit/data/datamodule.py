@@ -139,24 +139,25 @@ class _EpochSetter:
         self.owner.set_epoch(epoch)
 
 
-def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
-    width = max(len(s) for s in seqs)
+def _pad(seqs: list[list[int]], value: int, multiple: int = 1) -> torch.Tensor:
+    width = -(-max(len(s) for s in seqs) // multiple) * multiple
     return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
 
 
 class PadCollator:
     """Right-pads and stacks. Pairwise samples become one batch ``[chosen_1..B, rejected_1..B]`` so DPO needs one
     forward for both; with ``share_prefix`` each pair is one row whose shared prefix is computed once
-    (``clarify_lit.train.pair_packing``)."""
+    (``clarify_lit.train.pair_packing``). The length is padded up to a multiple of ``pad_to_multiple_of``."""
 
-    def __init__(self, pad_token_id: int, share_prefix: bool = False):
+    def __init__(self, pad_token_id: int, share_prefix: bool = False, pad_to_multiple_of: int = 1):
         self.pad_token_id, self.share_prefix = pad_token_id, share_prefix
+        self.multiple = max(1, int(pad_to_multiple_of))
 
     def __call__(self, samples: list[dict]) -> dict:
         if "chosen_input_ids" in samples[0] and self.share_prefix:
             from clarify_lit.train.pair_packing import pack_pairs
 
-            batch = pack_pairs(samples, self.pad_token_id)
+            batch = pack_pairs(samples, self.pad_token_id, self.multiple)
             if "ref_chosen_logps" in samples[0]:
                 batch["ref_chosen_logps"] = torch.tensor([s["ref_chosen_logps"] for s in samples])
                 batch["ref_rejected_logps"] = torch.tensor([s["ref_rejected_logps"] for s in samples])
@@ -175,9 +176,9 @@ class PadCollator:
             ids = [s["input_ids"] for s in samples]
             labels = [s["labels"] for s in samples]
             batch = {"weights": torch.tensor([s["weight"] for s in samples], dtype=torch.float32)}
-        batch["input_ids"] = _pad(ids, self.pad_token_id)
-        batch["labels"] = _pad(labels, IGNORE_INDEX)
-        batch["attention_mask"] = _pad([[1] * len(s) for s in ids], 0)
+        batch["input_ids"] = _pad(ids, self.pad_token_id, self.multiple)
+        batch["labels"] = _pad(labels, IGNORE_INDEX, self.multiple)
+        batch["attention_mask"] = _pad([[1] * len(s) for s in ids], 0, self.multiple)
         batch["ids"] = [s["id"] for s in samples]
         if "step_tokens" in samples[0]:
             batch["step_tokens"] = torch.tensor(float(samples[0]["step_tokens"]))
@@ -200,6 +201,10 @@ class ConversationDataModule(L.LightningDataModule):
         share_pair_prefix: DPO pairs as one row each, their shared prefix (prompt) computed once instead of twice
             (``clarify_lit.train.pair_packing``; same log-probs, ~35 % fewer tokens for final-answer pairs). Needs
             ``sdpa`` or ``eager`` attention.
+        pad_to_multiple_of: pad each batch's length up to a multiple of this (1: no extra padding). Fewer distinct
+            shapes let CPU bf16 kernels (oneDNN) be reused instead of built per length: over a 96-step epoch of the
+            tiny model, 16 gave 830 vs 1380 MB RSS and 5-10 % less CPU time; no measurable change with SmolLM2
+            over 16 steps (4.7-4.8 GB, 135-150 CPU-s either way).
         num_workers: DataLoader workers.
         on_invalid_sample: ``raise`` on a sample that cannot be trained (no assistant tokens left, final turn cut);
             ``drop`` skips and counts it.
@@ -220,6 +225,7 @@ class ConversationDataModule(L.LightningDataModule):
         batch_size: int = 4,
         group_by_length: bool = True,
         share_pair_prefix: bool = True,
+        pad_to_multiple_of: int = 16,
         num_workers: int = 0,
         on_invalid_sample: Literal["raise", "drop"] = "raise",
         skip_invalid_records: bool = False,
@@ -240,7 +246,7 @@ class ConversationDataModule(L.LightningDataModule):
         self.val_fraction, self.split_seed = val_fraction, split_seed
         self.tokenizer_name_or_path, self.max_length = tokenizer_name_or_path, max_length
         self.batch_size, self.group_by_length, self.num_workers = batch_size, group_by_length, num_workers
-        self.share_pair_prefix = share_pair_prefix
+        self.share_pair_prefix, self.pad_to_multiple_of = share_pair_prefix, pad_to_multiple_of
         self.on_invalid_sample, self.skip_invalid_records = on_invalid_sample, skip_invalid_records
         self.cache_tokenized, self.seed = cache_tokenized, seed
         self.objective = objective
@@ -367,9 +373,10 @@ class ConversationDataModule(L.LightningDataModule):
         sampler = StepBatchSampler(
             [s["length"] for s in ds.samples], [s["trained"] for s in ds.samples], self.batch_size, accumulate,
             shuffle=train, seed=self.seed, group_by_length=self.group_by_length, rank=rank, world_size=world)
+        collate = PadCollator(self.tokenizer.pad_token_id, self.share_pair_prefix, self.pad_to_multiple_of)
         # a private generator: creating an iterator then never draws from the global torch RNG, so dropout sees the
         # same random stream whether or not the run was interrupted and resumed
-        kwargs = dict(batch_sampler=sampler, collate_fn=PadCollator(self.tokenizer.pad_token_id, self.share_pair_prefix),
+        kwargs = dict(batch_sampler=sampler, collate_fn=collate,
                       num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
         if not train:
             return DataLoader(ds, **kwargs)

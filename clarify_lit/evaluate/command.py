@@ -208,7 +208,7 @@ def evaluate(
     meta = {
         "method": method or info["default_method"], "model": info["model"], "base_model": info["base_model"],
         "source": info["source"], "n": len(records), "n_questions": len(tasks),
-        "dataset": data.label or data.dataset, "data": asdict(data),
+        "dataset": data.label or data.dataset, "data": {**asdict(data), "part": "test"},  # the part evaluated
         "teacher": teacher_obj.describe(), "reward": reward_obj.describe(), **asdict(spec), "dtype": dtype, "device": str(dev),
         "seconds": round(time.perf_counter() - start, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "rollouts": "rollouts.jsonl", "argv": sys.argv[1:],

@@ -17,8 +17,9 @@ def chunked_head_logps(head, hidden: Tensor, targets: Tensor, chunk_size: int = 
     """``log softmax(head(hidden))[targets]`` for ``hidden [N, H]``, ``targets [N]``, ``chunk_size`` rows at a time.
 
     ``recompute`` (used under gradient checkpointing) keeps no ``[N, V]`` logits for backward: each chunk's logits
-    are recomputed there, one chunk at a time (one more LM-head matmul over the targets, for up to ~15 % less peak
-    memory at a 49k vocabulary).
+    are recomputed there, one chunk at a time — one more LM-head matmul over the targets (~2 % of a SmolLM2 LoRA
+    step) against ~10 bytes × N × V kept otherwise (≈ 470 MB for 950 trained tokens at a 49k vocabulary; peak RSS
+    measured 3.10 vs 3.36 GB, mean of 4 runs each, within malloc noise).
     """
     parts = []
     grad = recompute and torch.is_grad_enabled() and hidden.requires_grad

@@ -318,7 +318,8 @@ class ClarifyModule(L.LightningModule):
         from clarify_lit.train.reference_cache import ReferenceCache
 
         dm = self.trainer.datamodule
-        collate = PadCollator(dm.tokenizer.pad_token_id, share_prefix=getattr(dm, "share_pair_prefix", False))
+        collate = PadCollator(dm.tokenizer.pad_token_id, getattr(dm, "share_pair_prefix", False),
+                              getattr(dm, "pad_to_multiple_of", 1))
         cache = ReferenceCache.for_model(self.model, str(self.trainer.precision)) if self.hparams.reference_cache \
             else None
         was_training = self.model.training

@@ -37,7 +37,7 @@ def _common_prefix(a_ids, a_lab, b_ids, b_lab) -> int:
     return p
 
 
-def pack_pairs(samples: list[dict], pad_token_id: int) -> dict:
+def pack_pairs(samples: list[dict], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict:
     """Collate tokenized pairs (``chosen_input_ids``/``chosen_labels``/``rejected_…``) into the packed layout.
 
     Returns ``input_ids``, ``position_ids`` ``[n, T]``, ``attention_mask`` ``[n, 1, T, T]`` (bool, True = attend),
@@ -63,7 +63,7 @@ def pack_pairs(samples: list[dict], pad_token_id: int) -> dict:
                     t_pos.append(k - 1 if k - 1 < p else k - 1 + shift[seq])
                     t_tok.append(lab[k])
                     t_seq.append(i + seq * n)
-    width = max(len(r) for r in rows)
+    width = -(-max(len(r) for r in rows) // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((n, width), dtype=torch.long)
     seg = torch.full((n, width), 3, dtype=torch.long)  # 3 = padding
