@@ -1,13 +1,14 @@
 """Scaling curve of our training: time per epoch and peak RSS vs the number of conversations (×1, ×2, ×4) and vs
 sequence length (each assistant turn's text ×1, ×2, ×4), Refit + LoRA on the tiny random model.
 
-    python benchmarks/scaling.py                 # ~3 min on 2 loaded cores
+    python benchmarks/scaling.py                 # ~4 min on 2 loaded cores
 
 Each point is one full epoch (``max_epochs=1``, batch size 4, bf16-mixed) in its own subprocess (clean peak RSS via
 ``ru_maxrss``); the points are interleaved and repeated (order reversed on the second repeat), the median is kept.
 Records come from ``benchmarks/bench_data.py`` (real SmolLM2 simulator conversations). Writes
-``benchmarks/results/scaling.json`` with per-point seconds per epoch, trained tokens, seconds per 1k trained tokens,
-and the cost ratios against the ×1 point (linear cost: time ratio ≈ data ratio).
+``benchmarks/results/scaling.json`` with per-point seconds per epoch (wall and process CPU time, one torch thread),
+trained tokens, seconds per 1k trained tokens, peak RSS, and the ratios against the ×1 point (linear cost: time
+ratio ≈ token ratio).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def child_main(spec: dict) -> None:
 
     class Timer(L.Callback):
         def on_train_epoch_start(self, trainer, pl_module):
-            marks["start"] = time.perf_counter()
+            marks["start"], marks["cpu_start"] = time.perf_counter(), time.process_time()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             tokens["trained"] += int((batch["labels"][:, 1:] != -100).sum())
@@ -60,16 +61,19 @@ def child_main(spec: dict) -> None:
             tokens["steps"] += 1
 
         def on_train_epoch_end(self, trainer, pl_module):
-            marks["end"] = time.perf_counter()
+            marks["end"], marks["cpu_end"] = time.perf_counter(), time.process_time()
 
     L.Trainer(accelerator="cpu", devices=1, precision=spec["precision"], max_epochs=1, gradient_clip_val=1.0,
               logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
               num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Timer()]).fit(module, datamodule=dm)
     seconds = marks["end"] - marks["start"]
-    res = {"conversations": len(dm.train_set), "epoch_s": round(seconds, 3), "steps": tokens["steps"],
+    cpu = marks["cpu_end"] - marks["cpu_start"]
+    res = {"conversations": len(dm.train_set), "epoch_s": round(seconds, 3), "epoch_cpu_s": round(cpu, 3),
+           "steps": tokens["steps"],
            "trained_tokens": tokens["trained"], "input_tokens": tokens["input"], "padded_tokens": tokens["padded"],
            "mean_length": round(tokens["input"] / len(dm.train_set), 1),
            "s_per_1k_trained_tokens": round(1000 * seconds / tokens["trained"], 4),
+           "cpu_s_per_1k_trained_tokens": round(1000 * cpu / tokens["trained"], 4),
            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     print("RESULT " + json.dumps(res), flush=True)
 
@@ -119,12 +123,16 @@ def main(argv: list[str] | None = None) -> dict:
             "trained_tokens": rs[0]["trained_tokens"], "steps": rs[0]["steps"],
             "epoch_s": round(statistics.median(r["epoch_s"] for r in rs), 3),
             "epoch_s_all": [r["epoch_s"] for r in rs],
+            "epoch_cpu_s": round(statistics.median(r["epoch_cpu_s"] for r in rs), 3),
+            "epoch_cpu_s_all": [r["epoch_cpu_s"] for r in rs],
+            "cpu_s_per_1k_trained_tokens": round(statistics.median(r["cpu_s_per_1k_trained_tokens"] for r in rs), 4),
             "s_per_1k_trained_tokens": round(statistics.median(r["s_per_1k_trained_tokens"] for r in rs), 4),
             "peak_rss_mb": round(statistics.median(r["peak_rss_mb"] for r in rs), 1)})
     for pts in curves.values():
         base = pts[0]
         for pt in pts:
             pt["time_ratio"] = round(pt["epoch_s"] / base["epoch_s"], 3)
+            pt["cpu_time_ratio"] = round(pt["epoch_cpu_s"] / base["epoch_cpu_s"], 3)
             pt["token_ratio"] = round(pt["trained_tokens"] / base["trained_tokens"], 3)
             pt["rss_ratio"] = round(pt["peak_rss_mb"] / base["peak_rss_mb"], 3)
     report = {
@@ -136,19 +144,20 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_s": round(time.time() - t0, 1),
         "notes": ("one subprocess per point and repeat, points interleaved, order reversed on odd repeats, median "
                   "kept; sequence_length xF repeats each assistant turn's text F times (same conversations); "
-                  "linear cost in data size means time_ratio ~ token_ratio"),
+                  "linear cost in data size means time_ratio ~ token_ratio; cpu_* use the process CPU time (one "
+                  "torch thread), much less sensitive than wall time to other jobs on the machine"),
         "curves": curves, "runs": runs,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({args.model: report}, indent=1) + "\n")
-    print(f"\n{'curve':<16} {'factor':>6} {'convs':>6} {'mean len':>8} {'epoch s':>8} {'time x':>7} {'tokens x':>8} "
-          f"{'s/1k tok':>8} {'peak MB':>8}")
+    print(f"\n{'curve':<16} {'factor':>6} {'convs':>6} {'mean len':>8} {'epoch s':>8} {'time x':>7} {'cpu s':>7} "
+          f"{'cpu x':>6} {'tokens x':>8} {'cpu s/1k tok':>12} {'peak MB':>8}")
     for kind, pts in curves.items():
         for pt in pts:
             print(f"{kind:<16} {pt['factor']:>6} {pt['conversations']:>6} {pt['mean_length']:>8.0f} "
-                  f"{pt['epoch_s']:>8.2f} {pt['time_ratio']:>7.2f} {pt['token_ratio']:>8.2f} "
-                  f"{pt['s_per_1k_trained_tokens']:>8.3f} {pt['peak_rss_mb']:>8.0f}")
+                  f"{pt['epoch_s']:>8.2f} {pt['time_ratio']:>7.2f} {pt['epoch_cpu_s']:>7.2f} {pt['cpu_time_ratio']:>6.2f} "
+                  f"{pt['token_ratio']:>8.2f} {pt['cpu_s_per_1k_trained_tokens']:>12.3f} {pt['peak_rss_mb']:>8.0f}")
     print(f"-> {out}")
     return report
 
