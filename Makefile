@@ -26,11 +26,12 @@ demo: $(STAMP)
 reproduce: $(STAMP)
 	$(PY) -m clarify_lit.demo --preset reproduce --results results
 
-# Benchmarks on the tiny model (~10 min on 2 loaded cores); TRL is a benchmark-only extra. The SmolLM2 numbers of the
-# README: $(PY) benchmarks/train_throughput.py --model embedded:smollm2-135m-instruct (see benchmarks/*.py).
+# Benchmarks on the tiny model (~7 min on 2 cores shared with other jobs; one torch thread each, since extra threads
+# only spin on a loaded machine); TRL is a benchmark-only extra. The SmolLM2 numbers of the README:
+# $(PY) benchmarks/train_throughput.py --model embedded:smollm2-135m-instruct (see benchmarks/*.py).
 bench: $(STAMP)
 	$(PIP) install -q -e ".[bench]"
-	$(PY) benchmarks/rollout_throughput.py
+	$(PY) benchmarks/rollout_throughput.py --threads 1
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/scaling.py
 
