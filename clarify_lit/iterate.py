@@ -40,7 +40,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from clarify_lit.simulate.command import DataOptions, RewardOptions, SimulateConfig, TeacherOptions
+from clarify_lit.simulate.command import (
+    DataOptions,
+    RewardOptions,
+    SimulateConfig,
+    TeacherOptions,
+    dataclass_parser,
+    parse_dataclass,
+)
 
 log = logging.getLogger("clarify.iterate")
 
@@ -108,19 +115,12 @@ class IterateConfig:
 
 
 def build_parser():
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    parser = ArgumentParser(prog="clarify iterate", description=__doc__.split("\n\n")[0],
-                            env_prefix="CLARIFY_ITERATE", default_env=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML with any of the options below")
-    parser.add_class_arguments(IterateConfig, None, as_group=False)
-    return parser
+    return dataclass_parser(IterateConfig, "clarify iterate", __doc__.split("\n\n")[0], "CLARIFY_ITERATE",
+                            "YAML with any of the options below")
 
 
 def parse_config(argv: list[str] | None = None) -> IterateConfig:
-    parser = build_parser()
-    init = parser.instantiate(parser.parse_args(argv))
-    return IterateConfig(**{k: v for k, v in vars(init).items() if k in IterateConfig.__dataclass_fields__})
+    return parse_dataclass(build_parser(), IterateConfig, argv)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -325,6 +326,21 @@ def _checked_iter(path, skip_invalid: bool, summary: LoadSummary) -> Iterator[tu
                 yield where, value
         return
     yield from iter_raw(p)
+
+
+def concat_files(parts: Iterable[str | os.PathLike], path: str | os.PathLike) -> Path:
+    """Concatenate ``parts`` in order into ``path`` atomically (temp file beside it, fsync, rename), e.g. a
+    simulation's shards into its final file."""
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f"{p.stem}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        for part in parts:
+            with open(part, "rb") as src:
+                shutil.copyfileobj(src, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, p)
+    return p
 
 
 def write_records(path: str | os.PathLike, records: Iterable[ConversationRecord | dict]) -> Path:

@@ -16,15 +16,12 @@ the parent's n — twice the logged generation at n = 3 (``branch_runs`` branche
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from clarify_lit.data.records import ConversationRecord
+from clarify_lit.data.records import ConversationRecord, concat_files
 from clarify_lit.data.tasks import QATask
 from clarify_lit.simulate.engine import derive_seed
 from clarify_lit.simulate.rollout import rollout_tasks
@@ -111,16 +108,7 @@ def check_branch_config(out: Path, config: dict[str, Any]) -> None:
 
 def merge_branch_shards(out: Path, n_chunks: int) -> Path:
     """Concatenate the branch shards in order into ``branches.jsonl`` (atomically)."""
-    final = out / BRANCH_FILE
-    fd, tmp = tempfile.mkstemp(dir=out, prefix="branches.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        for k in range(n_chunks):
-            with branch_shard_path(out, k).open("rb") as src:
-                shutil.copyfileobj(src, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    return final
+    return concat_files((branch_shard_path(out, k) for k in range(n_chunks)), out / BRANCH_FILE)
 
 
 def branch_summary(parents: Sequence[ConversationRecord], branches: Sequence[ConversationRecord],

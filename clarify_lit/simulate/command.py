@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from clarify_lit.data.records import ConversationRecord, load_records, write_records
+from clarify_lit.data.records import ConversationRecord, concat_files, load_records, write_records
 from clarify_lit.simulate.branches import (
     BRANCH_CONFIG,
     BRANCH_FILE,
@@ -194,22 +194,29 @@ class SimulateConfig:
 _RUNTIME_FIELDS = ("output", "resume", "overwrite", "progress", "device")
 
 
-def build_parser():
+def dataclass_parser(config_class: type, prog: str, description: str, env_prefix: str, config_help: str):
+    """A jsonargparse parser for a command configured by one dataclass (``--config`` YAML + one option per field)."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    parser = ArgumentParser(prog="clarify simulate", description=__doc__.split("\n\n")[0],
-                            env_prefix="CLARIFY_SIMULATE", default_env=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML config (e.g. configs/simulate/*.yaml)")
-    parser.add_class_arguments(SimulateConfig, None, as_group=False)
+    parser = ArgumentParser(prog=prog, description=description, env_prefix=env_prefix, default_env=False)
+    parser.add_argument("--config", action=ActionConfigFile, help=config_help)
+    parser.add_class_arguments(config_class, None, as_group=False)
     return parser
 
 
+def parse_dataclass(parser, config_class: type, argv: list[str] | None):
+    """Parse ``argv`` with a :func:`dataclass_parser` parser and build the dataclass from it."""
+    init = parser.instantiate(parser.parse_args(argv))
+    return config_class(**{k: v for k, v in vars(init).items() if k in config_class.__dataclass_fields__})
+
+
+def build_parser():
+    return dataclass_parser(SimulateConfig, "clarify simulate", __doc__.split("\n\n")[0], "CLARIFY_SIMULATE",
+                            "YAML config (e.g. configs/simulate/*.yaml)")
+
+
 def parse_config(argv: list[str] | None = None) -> SimulateConfig:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    init = parser.instantiate(ns)
-    values = {k: v for k, v in vars(init).items() if k in SimulateConfig.__dataclass_fields__}
-    return SimulateConfig(**values)
+    return parse_dataclass(build_parser(), SimulateConfig, argv)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -404,16 +411,7 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 def merge_shards(out: Path, n_chunks: int) -> Path:
     """Concatenate the shards in order into ``conversations.jsonl`` (atomically)."""
-    final = out / "conversations.jsonl"
-    fd, tmp = tempfile.mkstemp(dir=out, prefix="conversations.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        for k in range(n_chunks):
-            with shard_path(out, k).open("rb") as src:
-                shutil.copyfileobj(src, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    return final
+    return concat_files((shard_path(out, k) for k in range(n_chunks)), out / "conversations.jsonl")
 
 
 def summarize(records: list[ConversationRecord], *, timing: dict[str, float], cfg: SimulateConfig,
