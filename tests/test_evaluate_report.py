@@ -104,3 +104,18 @@ def test_bad_inputs_name_the_file(tmp_path):
 def _mkdir(p: Path) -> Path:
     p.mkdir()
     return p
+
+
+def test_rename_and_order_rows(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs / "a_sft", "SFT", m(0.4, 0.05), correct=[True, False])
+    write_run(runs / "b_base", "Base", m(0.3, 0.05), correct=[False, False])
+    write_run(runs / "c_refit", "Refit", m(0.5, 0.05), correct=[True, True])
+    text = run_report([str(runs)], out=tmp_path / "r.md", rename=["SFT=STaR-GATE"], order=["Base", "Refit"])
+    rows = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "vs" not in line]
+    assert rows[1:] == ["Base", "Refit", "STaR-GATE"]  # named first, the rest in first-seen order; SFT renamed
+    assert "| STaR-GATE vs Base |" in text  # the paired table follows the new names
+    with pytest.raises(ValueError, match=r"--order \['SFT'\]: not among"):  # the old name no longer exists
+        run_report([str(runs)], out=tmp_path / "r.md", rename=["SFT=STaR-GATE"], order=["SFT"])
+    with pytest.raises(ValueError, match="expected OLD=NEW"):
+        run_report([str(runs)], out=tmp_path / "r.md", rename=["SFT"])

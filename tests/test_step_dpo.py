@@ -247,6 +247,9 @@ def test_presets_branch_only_when_they_train_step_dpo(tmp_path, capsys):
     assert f"--model.objective.teacher {cell / 'fit' / 'SFT' / 'export'}" in distill
     step = next(ln for ln in lines if "step-dpo.yaml" in ln and str(cell) in ln)
     assert f"{cell / 'simulate' / 'branches.jsonl'}]" in step
+    # the report shows the paper's seven rows in its order; the SFT row under the paper's name
+    report = next(ln for ln in lines if " report " in ln)
+    assert "--order Base Refit Swift STaR-GATE STaR-GATE-D DPO StepDPO --rename SFT=STaR-GATE" in report
     with pytest.raises(ValueError, match="SFT must come before"):
         demo.Preset(name="x", model="m", experiments=[], n_train=1, n_test=1, seeds=[0],
                     objectives=["STaR-GATE-D", "SFT"])

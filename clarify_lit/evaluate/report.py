@@ -320,15 +320,23 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--baseline", default=None, help="compare every method against this one (default: Base)")
     ap.add_argument("--pairs", nargs="+", default=None, metavar="A:B", help="explicit paired comparisons A:B")
     ap.add_argument("--no-paired", action="store_true", help="skip the paired per-question table")
+    ap.add_argument("--rename", nargs="+", default=None, metavar="OLD=NEW",
+                    help="show method OLD as NEW (e.g. SFT=STaR-GATE: the paper's name for the SFT-on-best row)")
+    ap.add_argument("--order", nargs="+", default=None, metavar="LABEL",
+                    help="row order (labels after --rename); methods not named follow in first-seen order")
     return ap
 
 
 def run_report(inputs: Sequence[str], out: str | os.PathLike = "report.md", plot: str | os.PathLike | None = None,
                metrics: Sequence[str] | None = None, baseline: str | None = None,
-               pairs: Sequence[str] | None = None, paired: bool = True) -> str:
+               pairs: Sequence[str] | None = None, paired: bool = True, rename: Sequence[str] | None = None,
+               order: Sequence[str] | None = None) -> str:
     """Build the report, write ``out`` (.md), the plot (.png) and a .json summary; return the Markdown text."""
     files = [read_metrics_file(p, label) for label, p in expand_inputs(inputs)]
-    methods = aggregate(files)
+    names = parse_renames(rename)
+    for f in files:
+        f.label = names.get(f.label, f.label)
+    methods = order_methods(aggregate(files), order)
     columns = table_columns(methods, metrics)
     parts = ["## Results (mean ± SE; best in bold)", "", results_table(methods, columns)]
     if any(s.k > 1 for s in methods):
@@ -365,11 +373,34 @@ def run_report(inputs: Sequence[str], out: str | os.PathLike = "report.md", plot
     return text
 
 
+def parse_renames(rename: Sequence[str] | None) -> dict[str, str]:
+    """``["SFT=STaR-GATE"]`` → ``{"SFT": "STaR-GATE"}``; a malformed item is a clear error."""
+    names: dict[str, str] = {}
+    for item in rename or []:
+        old, sep, new = item.partition("=")
+        if not sep or not old or not new:
+            raise ValueError(f"--rename {item!r}: expected OLD=NEW")
+        names[old] = new
+    return names
+
+
+def order_methods(methods: Sequence[MethodSummary], order: Sequence[str] | None) -> list[MethodSummary]:
+    """Rows in ``order`` first (names not measured are an error: a typo would silently reorder), the rest after in
+    their first-seen order."""
+    if not order:
+        return list(methods)
+    by_label = {s.label: s for s in methods}
+    unknown = [o for o in order if o not in by_label]
+    if unknown:
+        raise ValueError(f"--order {unknown}: not among the methods {list(by_label)}")
+    return [by_label[o] for o in dict.fromkeys(order)] + [s for s in methods if s.label not in order]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``clarify report``."""
     args = build_parser().parse_args(argv)
     text = run_report(args.inputs, out=args.out, plot=args.plot, metrics=args.metrics, baseline=args.baseline,
-                      pairs=args.pairs, paired=not args.no_paired)
+                      pairs=args.pairs, paired=not args.no_paired, rename=args.rename, order=args.order)
     print(text)
 
 
