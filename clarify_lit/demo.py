@@ -225,11 +225,18 @@ def report_args(p: Preset, runs: Path, table_dir: Path) -> list[str]:
             *(["--rename", *renames] if renames else [])]
 
 
-def run_preset(p: Preset, out: Path, dry_run: bool = False, results: Path | None = None) -> None:
+def run_preset(p: Preset, out: Path, dry_run: bool = False, results: Path | None = None,
+               only_seeds: list[int] | None = None) -> None:
+    """Every stage of the preset (finished ones skipped). ``only_seeds`` runs a subset of the preset's seeds (e.g.
+    seed 0 of every experiment first); the Base row is still evaluated in the preset's first seed's cell only, so
+    running seeds separately never evaluates (and counts) Base twice."""
+    unknown = sorted(set(only_seeds or []) - set(p.seeds))
+    if unknown:
+        raise ValueError(f"preset {p.name!r}: seeds {unknown} are not among its seeds {p.seeds}")
     runner = Runner(out, dry_run)
     t0 = time.time()
     for e in p.experiments:
-        for seed in p.seeds:
+        for seed in [s for s in p.seeds if only_seeds is None or s in only_seeds]:
             cell = out / e.name / f"seed{seed}"
             sim = cell / "simulate"
             runner.run(simulate_args(p, e, seed, "train", sim),
@@ -260,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="after the preset, run `clarify iterate` for K rounds on its first experiment and seed "
                          "(opt-in; demo preset: about 4-5 min per round on a 2-core CPU)")
     ap.add_argument("--iterate-only", action="store_true", help="with --iterate: skip the preset's own stages")
+    ap.add_argument("--seeds", default=None, metavar="S,T,…",
+                    help="run only these of the preset's seeds (the report covers whatever has been run)")
     ap.add_argument("--objectives", default=None, metavar="A,B,…",
                     help=f"train only these rows, in this order (default: the preset's); from {list(OBJECTIVES)}")
     a = ap.parse_args(argv)
@@ -274,7 +283,11 @@ def main(argv: list[str] | None = None) -> None:
     if a.iterate_only and not a.iterate:
         ap.error("--iterate-only needs --iterate K")
     if not a.iterate_only:
-        run_preset(p, out, a.dry_run, Path(a.results) if a.results else None)
+        seeds = [int(x) for x in a.seeds.split(",") if x.strip()] if a.seeds else None
+        try:
+            run_preset(p, out, a.dry_run, Path(a.results) if a.results else None, only_seeds=seeds)
+        except ValueError as err:
+            ap.error(str(err))
     if a.iterate:
         run_iterate(p, out, a.iterate, a.dry_run)
 

@@ -250,6 +250,12 @@ def test_presets_branch_only_when_they_train_step_dpo(tmp_path, capsys):
     # the report shows the paper's seven rows in its order; the SFT row under the paper's name
     report = next(ln for ln in lines if " report " in ln)
     assert "--order Base Refit Swift STaR-GATE STaR-GATE-D DPO StepDPO --rename SFT=STaR-GATE" in report
+    # seeds run separately: Base is evaluated in the first seed's cell only, never twice
+    demo.run_preset(rep, tmp_path / "r", dry_run=True, only_seeds=[1])
+    seed1 = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[demo] $ clarify")]
+    assert seed1 and not any("--method Base" in ln for ln in seed1) and all("seed0" not in ln for ln in seed1)
+    with pytest.raises(ValueError, match=r"seeds \[7\] are not among"):
+        demo.run_preset(rep, tmp_path / "r", dry_run=True, only_seeds=[7])
     with pytest.raises(ValueError, match="SFT must come before"):
         demo.Preset(name="x", model="m", experiments=[], n_train=1, n_test=1, seeds=[0],
                     objectives=["STaR-GATE-D", "SFT"])
