@@ -154,6 +154,46 @@ def test_dpo_policy_equal_reference_gives_log2(records_factory, tiny_model_dir, 
         assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), base.state_dict().values()))
 
 
+@pytest.mark.parametrize("mode", ["frozen_copy", "precomputed"])
+def test_full_finetuning_dpo_resume_keeps_the_original_reference(records_factory, tiny_model_dir, tmp_path, mode):
+    """A resumed full-fine-tuning DPO fit must keep the starting model as its reference, not the resumed policy
+    (Lightning loads the checkpoint before on_fit_start, so the copy is taken in setup)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    records = records_factory(n_tasks=4)
+    kw = dict(objective=DPO(beta=0.1, reference=mode), use_lora=False, learning_rate=1e-2, warmup_ratio=0.0,
+              lr_schedule="constant")
+    first = make_module(tiny_model_dir, **kw)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+              num_sanity_val_steps=0, limit_val_batches=0, callbacks=[ckpt], max_steps=2,
+              default_root_dir=str(tmp_path)).fit(first, datamodule=make_dm(records, tiny_model_dir, batch_size=2))
+    dm = make_dm(records, tiny_model_dir, batch_size=2)
+    resumed = make_module(tiny_model_dir, **kw)
+    seen = {}
+
+    class Peek(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if mode == "frozen_copy":
+                ref = pl_module._frozen_reference[0]
+                seen["ref"] = {k: v.clone() for k, v in ref.state_dict().items()}
+            seen["policy"] = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
+
+    make_trainer(tmp_path, [Peek()], max_steps=3).fit(resumed, datamodule=dm, ckpt_path=str(tmp_path / "ckpt" /
+                                                                                                 "last.ckpt"))
+    base = ClarifyModule(model_name_or_path=str(tiny_model_dir), use_lora=False).model.state_dict()
+    assert any(not torch.equal(seen["policy"][k], base[k]) for k in base)  # the resumed policy has moved
+    if mode == "frozen_copy":
+        assert all(torch.equal(seen["ref"][k], base[k]) for k in base)  # the reference has not
+    else:  # reference log-probs of the starting weights: recompute them with a fresh (untrained) module
+        fresh_dm = make_dm(records, tiny_model_dir, batch_size=2)
+        make_trainer(tmp_path / "fresh", max_steps=0).fit(make_module(tiny_model_dir, **kw), datamodule=fresh_dm)
+        got = sorted(s["ref_chosen_logps"] for s in dm.train_set.samples)
+        want = sorted(s["ref_chosen_logps"] for s in fresh_dm.train_set.samples)
+        assert got == pytest.approx(want, abs=1e-6)
+        assert resumed._frozen_reference is None  # the copy is dropped after the precomputation
+
+
 def test_dpo_precomputed_reference(records_factory, tiny_model_dir, tmp_path):
     module = make_module(tiny_model_dir, objective=DPO(reference="precomputed"))
     dm = make_dm(records_factory(n_tasks=4), tiny_model_dir, batch_size=2, val_fraction=0.25)

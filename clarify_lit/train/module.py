@@ -279,16 +279,25 @@ class ClarifyModule(L.LightningModule):
             raise ValueError("DPO reference='adapter_disabled' needs use_lora=true")
         return mode
 
-    def on_fit_start(self) -> None:
-        if self.is_distill:
-            self.teacher_model()  # load now: a bad teacher path fails before the first step
-        if self.is_dpo and self._reference_mode() == "frozen_copy" and self._frozen_reference is None:
+    def setup(self, stage: str) -> None:
+        # Full fine-tuning DPO: the reference is the model this fit starts from. Lightning restores a resumed
+        # checkpoint after setup() and before on_fit_start(), so the copy is taken here; taken later, a resumed fit
+        # would use the resumed (trained) policy as its reference. With LoRA the reference is the adapter-free model.
+        if (stage == "fit" and self.is_dpo and not self.hparams.use_lora and self._frozen_reference is None
+                and self._reference_mode() in ("frozen_copy", "precomputed")):
             ref = copy.deepcopy(self.model).eval()
             for p in ref.parameters():
                 p.requires_grad_(False)
-            self._frozen_reference = [ref.to(self.device)]  # a list hides it from nn.Module registration
+            self._frozen_reference = [ref]  # a list hides it from nn.Module registration (not saved, not optimised)
+
+    def on_fit_start(self) -> None:
+        if self.is_distill:
+            self.teacher_model()  # load now: a bad teacher path fails before the first step
+        if self._frozen_reference is not None:
+            self._frozen_reference = [self._frozen_reference[0].to(self.device)]
         if self.is_dpo and self._reference_mode() == "precomputed":
             self._precompute_reference()
+            self._frozen_reference = None  # full fine-tuning: the copy served the precomputation only
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and getattr(dm, "stats", None) and self.logger is not None:
             self.logger.log_metrics(dm.stats, step=0)
@@ -311,7 +320,8 @@ class ClarifyModule(L.LightningModule):
     def _precompute_reference(self) -> None:
         """Reference log-probs once per sample, before training, stored on the in-memory dataset samples and, with
         ``reference_cache``, on disk (``reference_cache.py``), so a later fit on the same weights and data reads them
-        back. At fit start the policy is the reference (LoRA: adapter disabled; full fine-tuning: the model itself).
+        back. The reference is the model the fit started from (LoRA: adapter disabled; full fine-tuning: the copy taken in
+        ``setup``, before a resumed checkpoint is loaded).
         Computed under the trainer's precision (the training forward's autocast: policy == reference gives exactly
         log 2 at step 0), in batches of similar length (less padding)."""
         from clarify_lit.data.datamodule import PadCollator
@@ -320,7 +330,9 @@ class ClarifyModule(L.LightningModule):
         dm = self.trainer.datamodule
         collate = PadCollator(dm.tokenizer.pad_token_id, getattr(dm, "share_pair_prefix", False),
                               getattr(dm, "pad_to_multiple_of", 1))
-        cache = ReferenceCache.for_model(self.model, str(self.trainer.precision)) if self.hparams.reference_cache \
+        # LoRA: the policy with its adapter disabled; full fine-tuning: the copy of the starting weights (setup())
+        ref_model = self.model if self.hparams.use_lora else self._frozen_reference[0]
+        cache = ReferenceCache.for_model(ref_model, str(self.trainer.precision)) if self.hparams.reference_cache \
             else None
         was_training = self.model.training
         self.model.eval()
@@ -340,7 +352,7 @@ class ClarifyModule(L.LightningModule):
                             with self.model.disable_adapter():
                                 ref = self._pair_logps(self.model, b).float().cpu()
                         else:
-                            ref = self._pair_logps(self.model, b).float().cpu()
+                            ref = self._pair_logps(ref_model, b).float().cpu()
                     for j, s in enumerate(chunk):
                         s["ref_chosen_logps"] = float(ref[j])
                         s["ref_rejected_logps"] = float(ref[len(chunk) + j])
