@@ -16,16 +16,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_ddp_ranks_train_disjoint_shards_and_reduce_metrics(records_factory, cache_root, tmp_path):
-    records = records_factory(n_tasks=6, n_runs=3)  # 18 conversations: 2 tasks (6) held out, 12 trained
-    root, probe = tmp_path / "ddp", tmp_path / "probe"
-    callback = json.dumps({"class_path": "ddp_probe.ShardProbe", "init_args": {"out_dir": str(probe)}})
-    cmd = [sys.executable, "-m", "clarify_lit.cli", "fit", "--config", str(REPO / "configs/trainer/cpu-ddp.yaml"),
-           f"--data.train_files=[{records}]", "--data.val_fraction=0.34", "--data.batch_size=2",
-           "--model.model_name_or_path=tiny-random", "--model.learning_rate=1e-2", "--trainer.max_epochs=2",
-           f"--trainer.default_root_dir={root}", f"--trainer.callbacks+={callback}",
-           "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+def run_ddp_fit(cmd: list[str], cache_root: Path, probe: Path) -> list[dict]:
+    """Run a two-process ``clarify fit``; return each rank's probe record (tests/ddp_probe.py)."""
     env = {**os.environ, "CLARIFY_CACHE": str(cache_root), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -37,7 +29,20 @@ def test_ddp_ranks_train_disjoint_shards_and_reduce_metrics(records_factory, cac
         proc.communicate()
         pytest.fail("DDP fit hung")
     assert proc.returncode == 0, out[-4000:]
-    ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return [json.loads((probe / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_ddp_ranks_train_disjoint_shards_and_reduce_metrics(records_factory, cache_root, tmp_path):
+    records = records_factory(n_tasks=6, n_runs=3)  # 18 conversations: 2 tasks (6) held out, 12 trained
+    root, probe = tmp_path / "ddp", tmp_path / "probe"
+    callback = json.dumps({"class_path": "ddp_probe.ShardProbe", "init_args": {"out_dir": str(probe)}})
+    cmd = [sys.executable, "-m", "clarify_lit.cli", "fit", "--config", str(REPO / "configs/trainer/cpu-ddp.yaml"),
+           f"--data.train_files=[{records}]", "--data.val_fraction=0.34", "--data.batch_size=2",
+           "--model.model_name_or_path=tiny-random", "--model.learning_rate=1e-2", "--trainer.max_epochs=2",
+           f"--trainer.default_root_dir={root}", f"--trainer.callbacks+={callback}",
+           "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    ranks = run_ddp_fit(cmd, cache_root, probe)
     assert [r["world_size"] for r in ranks] == [2, 2]
 
     # both ranks trained, every epoch on disjoint shards that together cover the 12 training conversations
@@ -60,3 +65,42 @@ def test_ddp_ranks_train_disjoint_shards_and_reduce_metrics(records_factory, cac
     assert "val/nll" in shared
     for k in shared:
         assert ranks[0]["metrics"][k] == pytest.approx(ranks[1]["metrics"][k], rel=1e-6), k
+
+
+@pytest.mark.slow
+def test_ddp_precomputed_reference_is_split_across_ranks(records_factory, cache_root, tmp_path, tiny_model_dir):
+    """DPO with ``reference=precomputed`` under DDP: each rank computes half of the pairs' reference log-probs and
+    both end up holding all of them, equal to a one-process computation."""
+    records = records_factory(n_tasks=8, n_runs=3)
+    root, probe = tmp_path / "ddp", tmp_path / "probe"
+    callback = json.dumps({"class_path": "ddp_probe.ShardProbe", "init_args": {"out_dir": str(probe)}})
+    cmd = [sys.executable, "-m", "clarify_lit.cli", "fit", "--config", str(REPO / "configs/trainer/cpu-ddp.yaml"),
+           "--config", str(REPO / "configs/objective/dpo.yaml"), "--model.objective.reference=precomputed",
+           "--model.reference_cache=false", f"--data.train_files=[{records}]", "--data.val_fraction=0",
+           "--data.batch_size=2", f"--model.model_name_or_path={tiny_model_dir}", "--trainer.max_steps=1",
+           f"--trainer.default_root_dir={root}", f"--trainer.callbacks+={callback}",
+           "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    ranks = run_ddp_fit(cmd, cache_root, probe)
+    n_pairs = len(ranks[0]["ref_logps"])
+    assert n_pairs >= 4
+    assert ranks[0]["ref_logps"] == ranks[1]["ref_logps"]  # both ranks hold every pair's values
+    assert [r["reference_pairs_computed"] for r in ranks] == [(n_pairs + 1) // 2, n_pairs // 2]
+
+    # the same values as one process computing them all (configs/objective/dpo.yaml: final-answer pairs)
+    import lightning as L
+
+    from clarify_lit.data.datamodule import ConversationDataModule
+    from clarify_lit.train.module import ClarifyModule
+    from clarify_lit.train.objectives import DPO
+
+    dm = ConversationDataModule([str(records)], tokenizer_name_or_path=str(tiny_model_dir), objective=DPO(pairs="final_answer"),
+                                val_fraction=0.0, batch_size=2, cache_tokenized=False)
+    module = ClarifyModule(model_name_or_path=str(tiny_model_dir), objective=DPO(pairs="final_answer", reference="precomputed"),
+                           reference_cache=False, export_on_fit_end=False)
+    L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, max_steps=0, default_root_dir=str(tmp_path)).fit(module, datamodule=dm)
+    assert module.reference_pairs_computed == n_pairs
+    one = {s["id"]: [s["ref_chosen_logps"], s["ref_rejected_logps"]] for s in dm.train_set.samples}
+    assert one.keys() == ranks[0]["ref_logps"].keys()
+    for key, values in one.items():
+        assert ranks[0]["ref_logps"][key] == pytest.approx(values, abs=1e-5), key

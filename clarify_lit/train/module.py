@@ -205,6 +205,7 @@ class ClarifyModule(L.LightningModule):
         self._frozen_reference = None  # full fine-tuning + DPO: a frozen copy, kept out of state_dict/optimizer
         self._teacher = None  # Distill: [frozen teacher], loaded on first use, kept out of state_dict/optimizer
         self.nonfinite_skipped = 0
+        self.reference_pairs_computed = 0  # DPO precomputed reference: pairs this process computed (not cached)
         self.train_loss = torchmetrics.MeanMetric()
         self.val_loss = torchmetrics.MeanMetric()
 
@@ -343,9 +344,12 @@ class ClarifyModule(L.LightningModule):
                 todo = [s for s in ds.samples if "ref_chosen_logps" not in s]
                 if cache is not None:
                     todo = cache.fill(todo)
-                todo.sort(key=lambda s: s["length"])
-                for i in range(0, len(todo), dm.batch_size):
-                    chunk = todo[i: i + dm.batch_size]
+                todo.sort(key=lambda s: s["length"])  # the same order on every rank (same data, stable sort)
+                # DDP: each rank computes every world_size-th pair, then all ranks exchange their results
+                world, rank = self.trainer.world_size, self.trainer.global_rank
+                mine = todo[rank::world]
+                for i in range(0, len(mine), dm.batch_size):
+                    chunk = mine[i: i + dm.batch_size]
                     b = {k: (v.to(self.device) if isinstance(v, Tensor) else v) for k, v in collate(chunk).items()}
                     with torch.no_grad(), self.trainer.precision_plugin.forward_context():
                         if self.hparams.use_lora:
@@ -356,14 +360,33 @@ class ClarifyModule(L.LightningModule):
                     for j, s in enumerate(chunk):
                         s["ref_chosen_logps"] = float(ref[j])
                         s["ref_rejected_logps"] = float(ref[len(chunk) + j])
+                self.reference_pairs_computed += len(mine)
+                if world > 1:
+                    self._share_reference_logps(todo, world)
                 if cache is not None:
                     cache.add(todo)
         finally:
             self.model.train(was_training)
-        if cache is not None:
+        if cache is not None and self.trainer.is_global_zero:  # one writer for the shared cache file
             cache.save()
             log.info("DPO reference log-probs: %d pairs from the cache, %d computed (%s)", cache.hits, cache.misses,
                      cache.path)
+
+    def _share_reference_logps(self, todo: list[dict], world: int) -> None:
+        """After each rank computed ``todo[rank::world]``: gather every rank's values so all ranks hold all."""
+        import torch.distributed as dist
+
+        rank = self.trainer.global_rank
+        own = [(rank + world * k, s["ref_chosen_logps"], s["ref_rejected_logps"])
+               for k, s in enumerate(todo[rank::world])]
+        gathered: list[list[tuple[int, float, float]] | None] = [None] * world
+        dist.all_gather_object(gathered, own)
+        for part in gathered:
+            for pos, chosen, rejected in part or []:
+                todo[pos]["ref_chosen_logps"], todo[pos]["ref_rejected_logps"] = chosen, rejected
+        missing = [s.get("id") for s in todo if "ref_chosen_logps" not in s]
+        if missing:
+            raise RuntimeError(f"DPO precomputed reference: no log-probs gathered for samples {missing[:5]}")
 
     # ------------------------------------------------------------------------------------------------ steps
     def _step(self, batch: dict, stage: str) -> tuple[Tensor, dict[str, Tensor]]:
