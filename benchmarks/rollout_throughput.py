@@ -10,6 +10,9 @@ each variant is warmed up once, then timed over full ``rollout_tasks`` calls. Wr
 Notes: with sampling the variants generate different text (a batch's random draws depend on its composition), so
 tokens/s is reported next to conversations/s; greedy batched == one-by-one text is a test
 (tests/test_simulate_engine.py). The task prompts get extra context of varying length so sorting has work to do.
+``batched_per_temperature`` is the engine with ``mix_temperatures=False`` (one temperature per generate batch, the
+behaviour before runs of different temperatures could share a batch). The warm-up is excluded from
+``new_tokens`` and ``generate_calls``.
 """
 
 from __future__ import annotations
@@ -54,17 +57,18 @@ def make_tasks(n: int) -> list[QATask]:
     return tasks
 
 
-def time_variant(model, tok, tasks, *, batch_size: int, sort: bool, args) -> dict:
+def time_variant(model, tok, tasks, *, batch_size: int, sort: bool, args, mix: bool = True) -> dict:
     engine = GenerationEngine(model, tok, batch_size=batch_size, max_new_tokens=args.max_new_tokens,
-                              sort_by_length=sort)
+                              sort_by_length=sort, mix_temperatures=mix)
     kw = dict(setting="reasoning", mode="thinking", n_turns=args.n_turns, temperatures=args.temperatures,
               max_new_tokens=args.max_new_tokens, batch_size=batch_size, engine=engine)
     rollout_tasks(model, tok, tasks[:1], seed=999, **kw)  # warm-up: one-time kernel/allocator set-up
-    engine.stats.new_tokens = 0
+    engine.stats.new_tokens = engine.stats.calls = 0
     t0 = time.perf_counter()
     records = rollout_tasks(model, tok, tasks, seed=args.seed, **kw)
     seconds = time.perf_counter() - t0
-    return {"batch_size": batch_size, "sort_by_length": sort, "conversations": len(records),
+    return {"batch_size": batch_size, "sort_by_length": sort, "mix_temperatures": mix,
+            "generate_calls": engine.stats.calls, "conversations": len(records),
             "seconds": round(seconds, 3), "conversations_per_s": round(len(records) / seconds, 4),
             "new_tokens": engine.stats.new_tokens, "tokens_per_s": round(engine.stats.new_tokens / seconds, 2)}
 
@@ -93,12 +97,18 @@ def main(argv: list[str] | None = None) -> dict:
     print("batched, sorted  ", results["batched_sorted"], flush=True)
     results["batched_unsorted"] = time_variant(model, tok, tasks, batch_size=args.batch_size, sort=False, args=args)
     print("batched, unsorted", results["batched_unsorted"], flush=True)
+    if len(set(args.temperatures)) > 1:
+        results["batched_per_temperature"] = time_variant(model, tok, tasks, batch_size=args.batch_size, sort=True,
+                                                          args=args, mix=False)
+        print("batched, one temperature per batch", results["batched_per_temperature"], flush=True)
     if not args.skip_naive:
         results["naive_one_at_a_time"] = time_variant(model, tok, tasks, batch_size=1, sort=False, args=args)
         print("one at a time    ", results["naive_one_at_a_time"], flush=True)
 
     cps = {k: v["conversations_per_s"] for k, v in results.items()}
     ratios = {"sorted_vs_unsorted": round(cps["batched_sorted"] / cps["batched_unsorted"], 3)}
+    if "batched_per_temperature" in cps:
+        ratios["mixed_vs_per_temperature"] = round(cps["batched_sorted"] / cps["batched_per_temperature"], 3)
     if "naive_one_at_a_time" in cps:
         ratios["batched_vs_naive"] = round(cps["batched_sorted"] / cps["naive_one_at_a_time"], 3)
     report = {

@@ -81,6 +81,9 @@ class Preset:
     # names shown in the report where they differ from the run labels: the paper calls the SFT-on-best-runs row
     # STaR-GATE; the demo keeps "SFT" (its issue asks for those five row names), run folders keep the labels
     display_names: dict[str, str] = field(default_factory=dict)
+    # simulate's --mix_temperatures (runs of different temperatures in one generate batch); False reproduces
+    # simulations made before the option existed and lets a resume continue them
+    mix_temperatures: bool = True
 
     def __post_init__(self) -> None:
         unknown = [o for o in self.objectives if o not in OBJECTIVES]
@@ -110,6 +113,9 @@ PRESETS: dict[str, Preset] = {
         # equal Base): use the lr every other row uses on this model (configs/model/smollm2-135m.yaml)
         label_overrides={"STaR-GATE-D": ["--model.learning_rate", "2.0e-4"]},
         display_names={"SFT": "STaR-GATE"},
+        # the committed results/ were simulated with one temperature per batch (with chunk = batch = 32 questions a
+        # batch is full either way, so mixing would not speed this preset up)
+        mix_temperatures=False,
     ),
     "paper": Preset(
         name="paper", model="meta-llama/Llama-3.1-8B-Instruct",
@@ -160,7 +166,7 @@ def simulate_args(p: Preset, e: Experiment, seed: int, part: str, out: Path) -> 
             "--reward.kind", p.reward, "--temperatures", json.dumps(p.temperatures),
             "--max_new_tokens", str(p.max_new_tokens), "--batch_size", str(p.sim_batch_size),
             "--chunk_size", str(p.sim_chunk_size), "--dtype", p.gen_dtype, "--seed", str(seed), "--output", str(out),
-            "--resume", "true",
+            "--resume", "true", "--mix_temperatures", str(p.mix_temperatures).lower(),
             *(["--step_branches", "true"] if p.step_branches and part == "train" else [])]
 
 

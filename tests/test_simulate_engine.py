@@ -48,9 +48,11 @@ def test_sampling_is_seeded_and_leaves_state_alone(tiny):
 
 def test_plan_groups_by_temperature_and_sorts(tiny):
     model, tok = tiny
-    eng = GenerationEngine(model, tok, batch_size=2)
+    eng = GenerationEngine(model, tok, batch_size=2, mix_temperatures=False)
     plan = eng.plan([5, 9, 1, 7], [1.0, 0.0, 1.0, 0.0])
     assert plan == [(0.0, [1, 3]), (1.0, [0, 2])]
+    mixed = GenerationEngine(model, tok, batch_size=2).plan([5, 9, 1, 7], [1.0, 0.0, 1.0, 0.0])
+    assert mixed == [(None, [1, 3]), (None, [0, 2])]  # one group, longest first
     with pytest.raises(ValueError):
         eng.plan([1], [-0.1])
 
@@ -84,3 +86,38 @@ def test_next_token_logprobs_match_unpadded(tiny):
         with torch.no_grad():
             ref = torch.log_softmax(model(torch.tensor([p])).logits[0, -1].float(), -1)
         assert torch.allclose(batched[i], ref, atol=1e-4)
+
+
+def test_row_temperature_processor_on_hand_computed_scores():
+    from clarify_lit.simulate.engine import RowTemperature
+
+    scores = torch.tensor([[2.0, 1.0, 0.0], [2.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
+    out = RowTemperature([0.5, 2.0, 0.0])(None, scores)
+    assert out[0].tolist() == [4.0, 2.0, 0.0]  # / 0.5
+    assert out[1].tolist() == [1.0, 0.5, 0.0]  # / 2
+    assert out[2].tolist() == [float("-inf"), 0.0, float("-inf")]  # greedy: the arg-max alone survives
+
+
+def test_mixed_temperature_batches_match_grouped_ones(tiny):
+    """Greedy rows decode the same text in a mixed batch as alone; a mixed batch of one temperature is the grouped
+    batch itself (same seed, same text); sampled rows in a mixed batch are seeded (same seed → same text)."""
+    model, tok = tiny
+    temps = [0.0, 1.0, 0.7, 0.0, 1.0, 0.7]
+    mixed = GenerationEngine(model, tok, batch_size=6, max_new_tokens=12)
+    grouped = GenerationEngine(model, tok, batch_size=6, max_new_tokens=12, mix_temperatures=False)
+    a, b = mixed.generate(convs(), temps, seed=3), grouped.generate(convs(), temps, seed=3)
+    assert mixed.stats.calls == 1 and grouped.stats.calls == 3
+    assert [a[i].text for i in (0, 3)] == [b[i].text for i in (0, 3)]  # greedy rows: exact
+    assert [g.text for g in a] == [g.text for g in mixed.generate(convs(), temps, seed=3)]
+    one = [0.7] * 6
+    assert [g.text for g in mixed.generate(convs(), one, seed=4)] == \
+        [g.text for g in grouped.generate(convs(), one, seed=4)]
+
+
+def test_simulate_fingerprint_keeps_old_runs_resumable():
+    """``--mix_temperatures false`` (the behaviour before the option) fingerprints like older runs did, so their
+    ``--resume`` still matches; the new default is part of the fingerprint (it changes the sampled text)."""
+    from clarify_lit.simulate.command import SimulateConfig, run_fingerprint
+
+    assert "mix_temperatures" not in run_fingerprint(SimulateConfig(mix_temperatures=False), ["t"])["config"]
+    assert run_fingerprint(SimulateConfig(), ["t"])["config"]["mix_temperatures"] is True

@@ -1,10 +1,13 @@
 """Batched generation for many conversations at once.
 
 :class:`GenerationEngine` takes a list of conversations (chat messages ending with a ``user`` turn) and produces the
-next assistant turn of each, in left-padded batches through ``model.generate`` (KV cache on). Rows are grouped by
-temperature (``generate`` takes one temperature per call; 0 = greedy) and, optionally, sorted by prompt length so a
-batch pads little. Each ``generate`` call is seeded from ``(seed, temperature, batch index)`` inside a forked RNG, so
-the same inputs and seed give the same text, and the caller's RNG state is untouched.
+next assistant turn of each, in left-padded batches through ``model.generate`` (KV cache on). Rows of different
+temperatures share a batch (``mix_temperatures``, default): ``generate`` takes one temperature per call, so a
+:class:`RowTemperature` logits processor divides each row's logits by its own temperature (a greedy row keeps only
+its arg-max, so it decodes exactly as greedy search would) — with three temperatures per question this fills batches
+three times fuller than grouping by temperature. Rows are optionally sorted by prompt length so a batch pads little.
+Each ``generate`` call is seeded from ``(seed, temperature or "mixed", batch index)`` inside a forked RNG, so the
+same inputs and seed give the same text, and the caller's RNG state is untouched.
 
 The engine never changes the shared tokenizer (padding is done here, by hand) and puts the model back into the
 train/eval mode it found.
@@ -111,16 +114,37 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -
     return ids.to(device), mask.to(device)
 
 
+class RowTemperature:
+    """A ``LogitsProcessor`` with one temperature per batch row: ``scores / t`` for ``t > 0``; for ``t == 0`` all but
+    the row's arg-max are set to ``-inf``, so sampling picks the arg-max (greedy). ``generate`` applies it before its
+    own top-k/top-p warpers (and with ``temperature=1`` adds no temperature warper of its own), so every row samples
+    from exactly the distribution a one-temperature batch would give it."""
+
+    def __init__(self, temperatures: Sequence[float]):
+        self.temperatures = torch.tensor([float(t) for t in temperatures])
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        t = self.temperatures.to(scores.device, scores.dtype)
+        greedy = t <= 0
+        out = scores / torch.where(greedy, torch.ones_like(t), t).unsqueeze(1)
+        if greedy.any():
+            keep_best = torch.full_like(scores, float("-inf")).scatter_(1, scores.argmax(-1, keepdim=True), 0.0)
+            out = torch.where(greedy.unsqueeze(1), keep_best, out)
+        return out
+
+
 class GenerationEngine:
     """Next-assistant-turn generation for many conversations, batched and left-padded.
 
-    ``batch_size`` rows per ``generate`` call; ``sort_by_length`` orders rows of one temperature by prompt length
-    before batching (less padding, same greedy text); ``top_p``/``top_k`` apply when sampling (defaults: plain
-    temperature sampling). ``min_new_tokens=1`` keeps a turn from ending before it starts.
+    ``batch_size`` rows per ``generate`` call; ``mix_temperatures`` lets rows of different temperatures share a
+    batch (else one temperature per batch); ``sort_by_length`` orders rows by prompt length before batching (less
+    padding, same greedy text); ``top_p``/``top_k`` apply when sampling (defaults: plain temperature sampling).
+    ``min_new_tokens=1`` keeps a turn from ending before it starts.
     """
 
     def __init__(self, model, tokenizer, *, batch_size: int = 8, max_new_tokens: int = 64,
-                 sort_by_length: bool = True, top_p: float = 1.0, top_k: int = 0, min_new_tokens: int = 1):
+                 sort_by_length: bool = True, top_p: float = 1.0, top_k: int = 0, min_new_tokens: int = 1,
+                 mix_temperatures: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if max_new_tokens < 1:
@@ -133,6 +157,7 @@ class GenerationEngine:
         self.top_p = top_p
         self.top_k = top_k
         self.min_new_tokens = min_new_tokens
+        self.mix_temperatures = mix_temperatures
         self.end_ids = end_token_ids(tokenizer, model)
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.end_ids[0]
@@ -157,15 +182,16 @@ class GenerationEngine:
         return GenerationConfig(do_sample=True, temperature=float(temperature), top_p=self.top_p, top_k=self.top_k,
                                 **common)
 
-    def plan(self, lengths: Sequence[int], temperatures: Sequence[float]) -> list[tuple[float, list[int]]]:
-        """The batches as ``(temperature, row indices)``: by temperature (ascending), then optionally by length."""
-        groups: dict[float, list[int]] = {}
+    def plan(self, lengths: Sequence[int], temperatures: Sequence[float]) -> list[tuple[float | None, list[int]]]:
+        """The batches as ``(temperature, row indices)``: by temperature (ascending) unless ``mix_temperatures``
+        (then one group, temperature ``None``), then optionally by length."""
+        groups: dict[float | None, list[int]] = {}
         for i, t in enumerate(temperatures):
             if t < 0:
                 raise ValueError(f"temperature must be >= 0, got {t}")
-            groups.setdefault(float(t), []).append(i)
+            groups.setdefault(None if self.mix_temperatures else float(t), []).append(i)
         batches = []
-        for t in sorted(groups):
+        for t in sorted(groups, key=lambda k: -1.0 if k is None else k):
             rows = groups[t]
             if self.sort_by_length:
                 rows = sorted(rows, key=lambda i: -lengths[i])  # stable: ties keep input order
@@ -187,6 +213,8 @@ class GenerationEngine:
     def generate_ids(self, prompts: Sequence[Sequence[int]], temperatures: Sequence[float], *, seed: int,
                      max_new_tokens: int | None = None) -> list[Generation]:
         """Like :meth:`generate` for already-encoded prompts."""
+        from transformers import LogitsProcessorList
+
         max_new = max_new_tokens or self.max_new_tokens
         results: list[Generation | None] = [None] * len(prompts)
         device = model_device(self.model)
@@ -194,9 +222,15 @@ class GenerationEngine:
         with eval_mode(self.model), torch.inference_mode():
             for b, (temp, rows) in enumerate(self.plan([len(p) for p in prompts], temperatures)):
                 ids, mask = left_pad([prompts[i] for i in rows], self.pad_id, device)
-                with seeded(derive_seed(seed, temp, b)):
-                    out = self.model.generate(input_ids=ids, attention_mask=mask,
-                                              generation_config=self._config(temp, max_new))
+                row_temps = {float(temperatures[i]) for i in rows}
+                processors = LogitsProcessorList()
+                if temp is None and len(row_temps) == 1:  # a mixed plan's batch that holds one temperature
+                    temp = row_temps.pop()
+                if temp is None:  # several temperatures: sample at t=1 from logits scaled per row
+                    processors.append(RowTemperature([temperatures[i] for i in rows]))
+                with seeded(derive_seed(seed, "mixed" if temp is None else temp, b)):
+                    out = self.model.generate(input_ids=ids, attention_mask=mask, logits_processor=processors,
+                                              generation_config=self._config(1.0 if temp is None else temp, max_new))
                 new = out[:, ids.shape[1]:].tolist()
                 for i, toks in zip(rows, new, strict=True):
                     results[i] = self._decode(toks, max_new)
