@@ -121,3 +121,32 @@ def test_simulate_fingerprint_keeps_old_runs_resumable():
 
     assert "mix_temperatures" not in run_fingerprint(SimulateConfig(mix_temperatures=False), ["t"])["config"]
     assert run_fingerprint(SimulateConfig(), ["t"])["config"]["mix_temperatures"] is True
+
+
+def test_turn_cache_continues_batches_exactly(tiny):
+    """Turn 2 from the turn-1 caches (only the new tokens run through the model) gives the same greedy tokens as
+    prefilling the whole history; a row whose history changed is prefilled afresh; a finished row leaves its batch."""
+    from clarify_lit.simulate.engine import TurnCache
+
+    model, tok = tiny
+    eng = GenerationEngine(model, tok, batch_size=3, max_new_tokens=5)
+    first = [eng.encode(c) for c in convs(6)]
+    session = TurnCache()
+    eng.generate_ids(first, [0.0] * 6, seed=1, session=session, keys=list(range(6)))
+    assert sorted(k for b in session.batches for k in b.keys) == list(range(6))
+    history = {k: t for b in session.batches for k, t in zip(b.keys, b.tokens, strict=True)}
+    tail = tok("<|im_start|>user\nand then? " * 2 + "<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    keys = [0, 1, 2, 4, 5]  # conversation 3 is over
+    second = [history[k] + tail[: 5 + 3 * k] for k in keys]
+    second[-1] = [tail[0]] + second[-1]  # conversation 5's history changed: no longer starts with its cache
+    calls_before = eng.stats.calls
+    reused = eng.generate_ids(second, [0.0] * 5, seed=2, session=session, keys=keys)
+    assert eng.stats.reuse_misses == 1
+    assert eng.stats.reused_tokens == sum(len(history[k]) for k in keys[:-1])
+    assert eng.stats.calls - calls_before == 3  # the two turn-1 batches continued + one fresh batch for row 5
+    fresh = GenerationEngine(model, tok, batch_size=3, max_new_tokens=5).generate_ids(second, [0.0] * 5, seed=2)
+    assert [g.text for g in reused] == [g.text for g in fresh]
+    assert [g.n_tokens for g in reused] == [g.n_tokens for g in fresh]
+    assert sorted(k for b in session.batches for k in b.keys) == keys
+    with pytest.raises(ValueError, match="one distinct key per conversation"):
+        eng.generate_ids(second, [0.0] * 5, seed=2, session=session, keys=[0, 0, 1, 2, 3])

@@ -69,6 +69,7 @@ class RolloutSpec:
     seed: int = 0
     adaptive: bool = False
     discount: float = 1.0
+    reuse_kv_cache: bool = True
 
 
 def load_eval_tasks(data: DataOptions | None = None, n_questions: int | None = None) -> list[QATask]:
@@ -180,7 +181,7 @@ def run_rollouts(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[QATask]
                              n_turns=spec.n_turns, temperatures=list(spec.temperatures), teacher=teacher,
                              reward=reward, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size,
                              seed=spec.seed, progress=progress, model_name=model_name, adaptive=spec.adaptive,
-                             discount=spec.discount)
+                             discount=spec.discount, reuse_kv_cache=spec.reuse_kv_cache)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -149,6 +149,7 @@ def evaluate(
     temperatures: list[float] | None = None,
     max_new_tokens: int = 64,
     batch_size: int = 8,
+    reuse_kv_cache: bool = True,
     seed: int = 0,
     dtype: Literal["float32", "bfloat16", "float16"] = "float32",
     device: str = "auto",
@@ -181,6 +182,8 @@ def evaluate(
         temperatures: one run per temperature per question (default ``[0.0]``: one greedy run).
         max_new_tokens: token budget of each assistant turn.
         batch_size: conversations per ``generate`` call.
+        reuse_kv_cache: carry each batch's KV cache to the next turn instead of re-encoding the conversation
+            (same greedy text up to floating-point rounding; false = the behaviour before this option).
         seed: rollout seed.
         dtype: weights dtype for ``--model``/``--export_dir``.
         device: ``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:1`` ….
@@ -199,7 +202,7 @@ def evaluate(
                                                        setting=setting, device=dev, batch_size=batch_size)
     spec = RolloutSpec(setting=setting, mode=mode, n_turns=n_turns, temperatures=list(temperatures or [0.0]),
                        max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, adaptive=adaptive,
-                       discount=discount)
+                       discount=discount, reuse_kv_cache=reuse_kv_cache)
     records = run_rollouts(policy, tokenizer, tasks, spec, teacher=teacher_obj, reward=reward_obj,
                            progress=progress, model_name=info["model"])
     metrics = compute_metrics(records, tokenizer, setting=setting, choices={t.task_id: t.choices for t in tasks})

@@ -173,6 +173,9 @@ class SimulateConfig:
     mix_temperatures: bool = True
     """Let runs of different temperatures share a generate batch (per-row temperature; greedy rows stay exact).
     False: one temperature per batch, the behaviour of simulations made before this option existed."""
+    reuse_kv_cache: bool = True
+    """Carry each batch's KV cache from one turn to the next (only the teacher's message is encoded anew); false =
+    re-encode whole conversations every turn, the behaviour of simulations made before this option existed."""
     top_p: float = 1.0
     seed: int = 0
     chunk_size: int = 8
@@ -351,8 +354,9 @@ def run_fingerprint(cfg: SimulateConfig, task_ids: list[str]) -> dict[str, Any]:
     if not cfg.adaptive and cfg.discount == 1.0:  # off: fingerprints match those written before adaptive length
         conf.pop("adaptive")
         conf.pop("discount")
-    if not cfg.mix_temperatures:  # per-temperature batches: fingerprints match those written before the option
-        conf.pop("mix_temperatures")
+    for k in ("mix_temperatures", "reuse_kv_cache"):
+        if not conf[k]:  # off = the behaviour before the option: fingerprints match those written before it
+            conf.pop(k)
     for k in ("step_branches", "branch_runs", "branch_temperature"):
         conf.pop(k)  # branches never change the logged records; their options are checked by check_branch_config
     return {"config": conf, "task_ids": task_ids}
@@ -499,7 +503,7 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
         reward = build_reward(cfg, models)
         engine = GenerationEngine(model, tok, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                                   sort_by_length=cfg.sort_by_length, top_p=cfg.top_p,
-                                  mix_temperatures=cfg.mix_temperatures)
+                                  mix_temperatures=cfg.mix_temperatures, reuse_kv_cache=cfg.reuse_kv_cache)
     runs = len(cfg.temperatures)
     delay = float(os.environ.get(SHARD_DELAY_ENV, "0") or 0)
     start = time.perf_counter()

@@ -53,9 +53,13 @@ class GenerationStats:
     new_tokens: int = 0
     truncated: int = 0
     seconds: float = 0.0
+    prompt_tokens: int = 0  # prompt tokens of all rows (what re-encoding every turn would prefill)
+    reused_tokens: int = 0  # of those, tokens whose keys/values came from the previous turn's cache
+    reuse_misses: int = 0  # rows that could not continue their cache (re-tokenization changed their history)
 
     def add(self, other: GenerationStats) -> None:
-        for name in ("calls", "rows", "new_tokens", "truncated", "seconds"):
+        for name in ("calls", "rows", "new_tokens", "truncated", "seconds", "prompt_tokens", "reused_tokens",
+                     "reuse_misses"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
@@ -114,6 +118,39 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -
     return ids.to(device), mask.to(device)
 
 
+@dataclass
+class _CachedBatch:
+    """One generate batch kept for the next turn: its rows' keys, the full token ids and attention mask (padding,
+    and the filler after a row's end-of-turn token, masked out), each row's real tokens, and the KV cache."""
+
+    keys: list
+    ids: torch.Tensor
+    mask: torch.Tensor
+    tokens: list[list[int]]
+    cache: object
+
+    def keep(self, positions: list[int]) -> None:
+        if len(positions) == len(self.keys):
+            return
+        index = torch.tensor(positions, dtype=torch.long, device=self.ids.device)
+        self.cache.batch_select_indices(index)
+        self.keys = [self.keys[p] for p in positions]
+        self.tokens = [self.tokens[p] for p in positions]
+        self.ids, self.mask = self.ids[index], self.mask[index]
+
+
+class TurnCache:
+    """KV caches carried from one assistant turn to the next of the same conversations (``generate(...,
+    session=TurnCache(), keys=...)``). A conversation's next prompt is its previous prompt + the generated turn + the
+    teacher's message, so only that new part needs a forward pass: each cached batch is continued with the new
+    tokens appended after a masked gap (rows' new parts differ in length), positions following the real tokens.
+    A row whose re-encoded history does not start with the tokens it actually generated (text that re-tokenizes
+    differently) leaves its batch and is prefilled afresh — counted in ``GenerationStats.reuse_misses``."""
+
+    def __init__(self) -> None:
+        self.batches: list[_CachedBatch] = []
+
+
 class RowTemperature:
     """A ``LogitsProcessor`` with one temperature per batch row: ``scores / t`` for ``t > 0``; for ``t == 0`` all but
     the row's arg-max are set to ``-inf``, so sampling picks the arg-max (greedy). ``generate`` applies it before its
@@ -139,12 +176,14 @@ class GenerationEngine:
     ``batch_size`` rows per ``generate`` call; ``mix_temperatures`` lets rows of different temperatures share a
     batch (else one temperature per batch); ``sort_by_length`` orders rows by prompt length before batching (less
     padding, same greedy text); ``top_p``/``top_k`` apply when sampling (defaults: plain temperature sampling).
-    ``min_new_tokens=1`` keeps a turn from ending before it starts.
+    ``min_new_tokens=1`` keeps a turn from ending before it starts. ``reuse_kv_cache`` tells multi-turn callers
+    (``rollout_tasks``) to carry each batch's KV cache to the next turn (:class:`TurnCache`) instead of re-encoding
+    whole conversations.
     """
 
     def __init__(self, model, tokenizer, *, batch_size: int = 8, max_new_tokens: int = 64,
                  sort_by_length: bool = True, top_p: float = 1.0, top_k: int = 0, min_new_tokens: int = 1,
-                 mix_temperatures: bool = True):
+                 mix_temperatures: bool = True, reuse_kv_cache: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if max_new_tokens < 1:
@@ -158,6 +197,7 @@ class GenerationEngine:
         self.top_k = top_k
         self.min_new_tokens = min_new_tokens
         self.mix_temperatures = mix_temperatures
+        self.reuse_kv_cache = reuse_kv_cache  # read by multi-turn callers (rollout_tasks) to open a TurnCache
         self.end_ids = end_token_ids(tokenizer, model)
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.end_ids[0]
@@ -172,11 +212,12 @@ class GenerationEngine:
 
     # -- generation -------------------------------------------------------------------------------------------
 
-    def _config(self, temperature: float, max_new_tokens: int):
+    def _config(self, temperature: float, max_new_tokens: int, return_dict: bool = False):
         from transformers import GenerationConfig
 
         common = dict(max_new_tokens=max_new_tokens, min_new_tokens=min(self.min_new_tokens, max_new_tokens),
-                      eos_token_id=self.end_ids, pad_token_id=self.pad_id, use_cache=True)
+                      eos_token_id=self.end_ids, pad_token_id=self.pad_id, use_cache=True,
+                      return_dict_in_generate=return_dict)
         if temperature <= 0:
             return GenerationConfig(do_sample=False, **common)
         return GenerationConfig(do_sample=True, temperature=float(temperature), top_p=self.top_p, top_k=self.top_k,
@@ -199,8 +240,11 @@ class GenerationEngine:
         return batches
 
     def generate(self, conversations: Sequence[Sequence[Message]], temperatures: float | Sequence[float], *,
-                 seed: int, max_new_tokens: int | None = None) -> list[Generation]:
-        """The next assistant turn of every conversation, in input order."""
+                 seed: int, max_new_tokens: int | None = None, session: TurnCache | None = None,
+                 keys: Sequence | None = None) -> list[Generation]:
+        """The next assistant turn of every conversation, in input order. With ``session`` (and one stable ``key``
+        per conversation), the KV caches of the previous turn's batches are continued instead of re-encoding the
+        whole conversation (see :class:`TurnCache`)."""
         if isinstance(temperatures, int | float):
             temperatures = [float(temperatures)] * len(conversations)
         if len(temperatures) != len(conversations):
@@ -208,38 +252,108 @@ class GenerationEngine:
         if not conversations:
             return []
         prompts = [self.encode(c) for c in conversations]
-        return self.generate_ids(prompts, temperatures, seed=seed, max_new_tokens=max_new_tokens)
+        return self.generate_ids(prompts, temperatures, seed=seed, max_new_tokens=max_new_tokens, session=session,
+                                 keys=keys)
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], temperatures: Sequence[float], *, seed: int,
-                     max_new_tokens: int | None = None) -> list[Generation]:
+                     max_new_tokens: int | None = None, session: TurnCache | None = None,
+                     keys: Sequence | None = None) -> list[Generation]:
         """Like :meth:`generate` for already-encoded prompts."""
         from transformers import LogitsProcessorList
 
+        if session is not None and (keys is None or len(keys) != len(prompts) or len(set(keys)) != len(keys)):
+            raise ValueError("generate(session=...) needs one distinct key per conversation")
         max_new = max_new_tokens or self.max_new_tokens
         results: list[Generation | None] = [None] * len(prompts)
         device = model_device(self.model)
         start = time.perf_counter()
+        self.stats.prompt_tokens += sum(len(p) for p in prompts)
         with eval_mode(self.model), torch.inference_mode():
-            for b, (temp, rows) in enumerate(self.plan([len(p) for p in prompts], temperatures)):
-                ids, mask = left_pad([prompts[i] for i in rows], self.pad_id, device)
+            jobs: list[tuple[float | None, list[int], _CachedBatch | None]] = []
+            fresh = list(range(len(prompts)))
+            if session is not None:
+                continued, fresh = self._continuations(session, prompts, keys)
+                jobs += [(None, rows, batch) for rows, batch in continued]
+            lengths = [len(p) for p in prompts]
+            fresh_plan = self.plan([lengths[i] for i in fresh], [temperatures[i] for i in fresh])
+            jobs += [(t, [fresh[j] for j in rows], None) for t, rows in fresh_plan]
+            kept: list[_CachedBatch] = []
+            for b, (temp, rows, cached) in enumerate(jobs):
+                if cached is None:
+                    ids, mask = left_pad([prompts[i] for i in rows], self.pad_id, device)
+                else:
+                    ids, mask = self._continue_inputs(cached, [prompts[i] for i in rows], device)
                 row_temps = {float(temperatures[i]) for i in rows}
                 processors = LogitsProcessorList()
-                if temp is None and len(row_temps) == 1:  # a mixed plan's batch that holds one temperature
+                if temp is None and len(row_temps) == 1:  # a batch of one temperature
                     temp = row_temps.pop()
                 if temp is None:  # several temperatures: sample at t=1 from logits scaled per row
                     processors.append(RowTemperature([temperatures[i] for i in rows]))
+                extra = {} if cached is None else {"cache": cached.cache}
                 with seeded(derive_seed(seed, "mixed" if temp is None else temp, b)):
                     out = self.model.generate(input_ids=ids, attention_mask=mask, logits_processor=processors,
-                                              generation_config=self._config(1.0 if temp is None else temp, max_new))
-                new = out[:, ids.shape[1]:].tolist()
+                                              generation_config=self._config(1.0 if temp is None else temp, max_new,
+                                                                             return_dict=session is not None),
+                                              **extra)
+                seqs = out.sequences if session is not None else out
+                new = seqs[:, ids.shape[1]:].tolist()
                 for i, toks in zip(rows, new, strict=True):
                     results[i] = self._decode(toks, max_new)
+                if session is not None:
+                    kept.append(self._cached_batch([keys[i] for i in rows], seqs, mask, new, out.cache))
                 self.stats.calls += 1
+            if session is not None:
+                session.batches = kept
         self.stats.rows += len(prompts)
         self.stats.new_tokens += sum(r.n_tokens for r in results)  # type: ignore[union-attr]
         self.stats.truncated += sum(r.truncated for r in results)  # type: ignore[union-attr]
         self.stats.seconds += time.perf_counter() - start
         return results  # type: ignore[return-value]
+
+    # -- turn-to-turn KV reuse (TurnCache) ---------------------------------------------------------------------
+
+    def _continuations(self, session: TurnCache, prompts: Sequence[Sequence[int]], keys: Sequence
+                       ) -> tuple[list[tuple[list[int], _CachedBatch]], list[int]]:
+        """Which rows continue which cached batch (rows in batch order), and the rows to prefill afresh."""
+        where = {k: i for i, k in enumerate(keys)}
+        continued, placed = [], set()
+        for batch in session.batches:
+            positions, rows = [], []
+            for pos, (k, toks) in enumerate(zip(batch.keys, batch.tokens, strict=True)):
+                i = where.get(k)
+                if i is None:
+                    continue  # this conversation is over (or not in this call)
+                p = prompts[i]
+                if len(p) > len(toks) and list(p[:len(toks)]) == toks:
+                    positions.append(pos)
+                    rows.append(i)
+                else:
+                    self.stats.reuse_misses += 1
+            if rows:
+                batch.keep(positions)
+                continued.append((rows, batch))
+                placed.update(rows)
+                self.stats.reused_tokens += sum(len(t) for t in batch.tokens)
+        return continued, [i for i in range(len(prompts)) if i not in placed]
+
+    def _continue_inputs(self, batch: _CachedBatch, prompts: list[Sequence[int]], device: torch.device
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached ids + each row's new tokens, right-aligned after a masked gap."""
+        tails = [list(p[len(t):]) for p, t in zip(prompts, batch.tokens, strict=True)]
+        ids, mask = left_pad(tails, self.pad_id, device)
+        return torch.cat([batch.ids, ids], 1), torch.cat([batch.mask, mask], 1)
+
+    def _cached_batch(self, keys: list, seqs: torch.Tensor, mask: torch.Tensor, new: list[list[int]],
+                      cache) -> _CachedBatch:
+        """Keep a finished generate call for the next turn: generated tokens after a row's end token are filler
+        (masked out); each row's real tokens are its unmasked ids."""
+        gen_mask = torch.zeros((len(new), seqs.shape[1] - mask.shape[1]), dtype=mask.dtype, device=mask.device)
+        for r, toks in enumerate(new):
+            end = next((k for k, t in enumerate(toks) if t in self.end_ids), len(toks) - 1)
+            gen_mask[r, :end + 1] = 1
+        full = torch.cat([mask, gen_mask], 1)
+        tokens = [seqs[r][full[r].bool()].tolist() for r in range(len(new))]
+        return _CachedBatch(keys=list(keys), ids=seqs, mask=full, tokens=tokens, cache=cache)
 
     def _decode(self, toks: list[int], max_new: int) -> Generation:
         """Cut at the first end-of-turn token and decode without special tokens."""

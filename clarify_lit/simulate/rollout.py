@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from clarify_lit.data.records import ConversationRecord
 from clarify_lit.data.tasks import LETTERS, QATask
 from clarify_lit.simulate import prompts
-from clarify_lit.simulate.engine import GenerationEngine, derive_seed
+from clarify_lit.simulate.engine import GenerationEngine, TurnCache, derive_seed
 from clarify_lit.simulate.parsing import early_answer, parse_answer_letter
 from clarify_lit.simulate.prompts import Mode, Setting
 from clarify_lit.simulate.rewards import CorrectReward, Reward
@@ -95,6 +95,7 @@ def rollout_tasks(
     progress: bool = False,
     model_name: str = "",
     sort_by_length: bool = True,
+    reuse_kv_cache: bool = True,
     engine: GenerationEngine | None = None,
     prefixes: Sequence[Sequence[dict[str, str]]] | None = None,
     start_turn: int = 1,
@@ -106,7 +107,8 @@ def rollout_tasks(
     Records come back task-major (task 0 runs 0..m−1, task 1 …) with ``id = f"{task_id}#run{run}"``. Output depends
     only on the inputs and ``seed`` (not on what ran before), so a chunked run equals an unchunked one chunk-wise.
     ``engine`` (optional) reuses a :class:`GenerationEngine` (its ``stats`` then accumulate across calls); without
-    it one is built from ``batch_size``/``max_new_tokens``/``sort_by_length``.
+    it one is built from ``batch_size``/``max_new_tokens``/``sort_by_length``/``reuse_kv_cache`` (carry each batch's
+    KV cache from one turn to the next instead of re-encoding the conversation: :class:`TurnCache`).
 
     ``prefixes`` (one per task) continue given conversations instead of starting new ones (StepDPO's branches,
     ``simulate/branches.py``): each prefix is the system prompt, ``start_turn − 1`` teacher/assistant exchanges and
@@ -129,7 +131,7 @@ def rollout_tasks(
                          "would never speak — use the scripted teacher or setting='clarifying'")
     reward = reward or CorrectReward()
     engine = engine or GenerationEngine(model, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                        sort_by_length=sort_by_length)
+                                        sort_by_length=sort_by_length, reuse_kv_cache=reuse_kv_cache)
 
     rows = [(task, run, float(temp)) for task in tasks for run, temp in enumerate(temperatures)]
     if not rows:
@@ -147,6 +149,9 @@ def rollout_tasks(
     truncated = [0] * len(rows)
     ended_early = [False] * len(rows)
     active = list(range(len(rows)))  # conversations still going (all of them unless adaptive)
+    # the policy's KV caches carried from turn to turn (only the teacher's message and the new header are encoded)
+    session = TurnCache() if getattr(engine, "reuse_kv_cache", False) else None
+    reuse = {"session": session, "keys": None} if session is not None else {}
 
     bar = None
     if progress:
@@ -169,7 +174,8 @@ def rollout_tasks(
                     convs[i].append({"role": "user", "content": prompts.teacher_message(
                         rows[i][0], setting, mode, n_turns, turn, reply=replies.get(i), adaptive=adaptive)})
             gens = engine.generate([convs[i] for i in active], [row_temps[i] for i in active],
-                                   seed=derive_seed(seed, "turn", turn), max_new_tokens=max_new_tokens)
+                                   seed=derive_seed(seed, "turn", turn), max_new_tokens=max_new_tokens,
+                                   **({**reuse, "keys": active} if reuse else {}))
             going = []
             for i, g in zip(active, gens, strict=True):
                 text = g.text
@@ -188,6 +194,7 @@ def rollout_tasks(
     finally:
         if bar is not None:
             bar.close()
+        session = reuse = None  # free the caches before scoring
 
     results = reward.score(row_tasks, convs, seed=derive_seed(seed, "reward"))
     length_meta = adaptive or discount != 1.0
