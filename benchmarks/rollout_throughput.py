@@ -5,11 +5,15 @@ each variant is warmed up once, then timed over full ``rollout_tasks`` calls. Wr
 ``benchmarks/results/rollout_throughput.json`` and prints the speed-up ratios.
 
     python benchmarks/rollout_throughput.py                                   # tiny random model
-    python benchmarks/rollout_throughput.py --model embedded:smollm2-135m-instruct --n-tasks 4 --max-new-tokens 32
+    python benchmarks/rollout_throughput.py --model embedded:smollm2-135m-instruct --dtype bfloat16 --n-tasks 16 \
+        --temperatures 0.7 --batch-size 16 --threads 2          # the README's batch-16 numbers
 
 Notes: with sampling the variants generate different text (a batch's random draws depend on its composition), so
 tokens/s is reported next to conversations/s; greedy batched == one-by-one text is a test
 (tests/test_simulate_engine.py). The task prompts get extra context of varying length so sorting has work to do.
+``batched_sorted`` is the full engine (mixed temperatures, length-sorted, KV cache carried across turns); the
+other variants switch one thing off. ``naive_one_at_a_time`` is the loop a user would write (one conversation per
+``generate``, the whole conversation re-encoded every turn); ``one_at_a_time_kv_reuse`` isolates the batching gain.
 ``batched_per_temperature`` is the engine with ``mix_temperatures=False`` (one temperature per generate batch, the
 behaviour before runs of different temperatures could share a batch). The warm-up is excluded from
 ``new_tokens`` and ``generate_calls``.
@@ -57,18 +61,21 @@ def make_tasks(n: int) -> list[QATask]:
     return tasks
 
 
-def time_variant(model, tok, tasks, *, batch_size: int, sort: bool, args, mix: bool = True) -> dict:
+def time_variant(model, tok, tasks, *, batch_size: int, sort: bool, args, mix: bool = True,
+                 reuse: bool = True) -> dict:
     engine = GenerationEngine(model, tok, batch_size=batch_size, max_new_tokens=args.max_new_tokens,
-                              sort_by_length=sort, mix_temperatures=mix)
+                              sort_by_length=sort, mix_temperatures=mix, reuse_kv_cache=reuse)
     kw = dict(setting="reasoning", mode="thinking", n_turns=args.n_turns, temperatures=args.temperatures,
               max_new_tokens=args.max_new_tokens, batch_size=batch_size, engine=engine)
     rollout_tasks(model, tok, tasks[:1], seed=999, **kw)  # warm-up: one-time kernel/allocator set-up
-    engine.stats.new_tokens = engine.stats.calls = 0
+    engine.stats = type(engine.stats)()
     t0 = time.perf_counter()
     records = rollout_tasks(model, tok, tasks, seed=args.seed, **kw)
     seconds = time.perf_counter() - t0
-    return {"batch_size": batch_size, "sort_by_length": sort, "mix_temperatures": mix,
-            "generate_calls": engine.stats.calls, "conversations": len(records),
+    return {"batch_size": batch_size, "sort_by_length": sort, "mix_temperatures": mix, "reuse_kv_cache": reuse,
+            "generate_calls": engine.stats.calls, "prompt_tokens": engine.stats.prompt_tokens,
+            "reused_prompt_tokens": engine.stats.reused_tokens, "reuse_misses": engine.stats.reuse_misses,
+            "conversations": len(records),
             "seconds": round(seconds, 3), "conversations_per_s": round(len(records) / seconds, 4),
             "new_tokens": engine.stats.new_tokens, "tokens_per_s": round(engine.stats.new_tokens / seconds, 2)}
 
@@ -85,6 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-naive", action="store_true", help="skip the slow one-at-a-time loop")
+    p.add_argument("--key", default=None, help="entry name in the JSON (default: '<model> threads=<n>')")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rollout_throughput.json"))
     args = p.parse_args(argv)
     if args.threads:
@@ -101,16 +109,25 @@ def main(argv: list[str] | None = None) -> dict:
         results["batched_per_temperature"] = time_variant(model, tok, tasks, batch_size=args.batch_size, sort=True,
                                                           args=args, mix=False)
         print("batched, one temperature per batch", results["batched_per_temperature"], flush=True)
+    results["batched_no_kv_reuse"] = time_variant(model, tok, tasks, batch_size=args.batch_size, sort=True,
+                                                  args=args, reuse=False)
+    print("batched, every turn re-encoded", results["batched_no_kv_reuse"], flush=True)
     if not args.skip_naive:
-        results["naive_one_at_a_time"] = time_variant(model, tok, tasks, batch_size=1, sort=False, args=args)
+        # the loop a user would write: one conversation per generate call, the whole conversation encoded each turn
+        results["naive_one_at_a_time"] = time_variant(model, tok, tasks, batch_size=1, sort=False, args=args,
+                                                      reuse=False)
         print("one at a time    ", results["naive_one_at_a_time"], flush=True)
+        results["one_at_a_time_kv_reuse"] = time_variant(model, tok, tasks, batch_size=1, sort=False, args=args)
+        print("one at a time, KV reuse", results["one_at_a_time_kv_reuse"], flush=True)
 
     cps = {k: v["conversations_per_s"] for k, v in results.items()}
     ratios = {"sorted_vs_unsorted": round(cps["batched_sorted"] / cps["batched_unsorted"], 3)}
     if "batched_per_temperature" in cps:
         ratios["mixed_vs_per_temperature"] = round(cps["batched_sorted"] / cps["batched_per_temperature"], 3)
+    ratios["kv_reuse"] = round(cps["batched_sorted"] / cps["batched_no_kv_reuse"], 3)
     if "naive_one_at_a_time" in cps:
         ratios["batched_vs_naive"] = round(cps["batched_sorted"] / cps["naive_one_at_a_time"], 3)
+        ratios["batching_alone"] = round(cps["batched_sorted"] / cps["one_at_a_time_kv_reuse"], 3)
     report = {
         "model": args.model, "dtype": args.dtype, "n_tasks": args.n_tasks, "n_turns": args.n_turns,
         "temperatures": args.temperatures, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
@@ -124,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     existing = json.loads(out.read_text()) if out.exists() else {}
     if not isinstance(existing, dict) or "results" in existing:
         existing = {}
-    existing[f"{args.model} threads={torch.get_num_threads()}"] = report
+    existing[args.key or f"{args.model} threads={torch.get_num_threads()}"] = report
     out.write_text(json.dumps(existing, indent=1) + "\n")
     print(json.dumps(ratios), f"-> {out}")
     return report
