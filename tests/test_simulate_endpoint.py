@@ -104,6 +104,32 @@ def test_clarifying_rollout_with_endpoint_teacher_equals_local_teacher(tiny):
     assert remote[0].meta["teacher"] == "llm:endpoint:tiny"
 
 
+def test_simulate_with_the_policy_on_an_endpoint_equals_the_local_policy(tiny, tiny_model_dir, tmp_path,
+                                                                       clarify_cache):
+    """``clarify simulate --policy_endpoint.base_url``: the policy's turns come from the server (here serving the
+    tiny model's own greedy generations), and the logged conversations equal a local run's; StepDPO branches too."""
+    from pathlib import Path
+
+    from clarify_lit.data.records import load_records
+    from clarify_lit.simulate.command import main as simulate_main
+
+    root = Path(__file__).resolve().parents[1]
+    common = ["--config", str(root / "configs/simulate/tiny-reasoning.yaml"), "--model", str(tiny_model_dir),
+              "--data.path", str(root / "configs/simulate/tiny-tasks.jsonl"), "--data.limit", "2",
+              "--temperatures", "[0.0]", "--max_new_tokens", "5", "--progress", "false", "--step_branches", "true"]
+    simulate_main([*common, "--output", str(tmp_path / "local")])
+    with Server(HFChatBackend(*tiny)) as server:
+        simulate_main([*common, "--output", str(tmp_path / "served"), "--policy_endpoint.base_url", server.url,
+                       "--policy_endpoint.model", "tiny"])
+        served_requests = len(server.requests)
+    for name in ("conversations.jsonl", "branches.jsonl"):
+        local, _ = load_records(tmp_path / "local" / name)
+        served, _ = load_records(tmp_path / "served" / name)
+        assert [r.messages for r in served] == [r.messages for r in local]
+    # one request per assistant turn: 2 questions × 3 turns, plus the branches' turns (3 + 2 + 1 per conversation)
+    assert served_requests == 2 * 3 + 2 * (3 + 2 + 1)
+
+
 def test_api_key_is_sent(tiny, monkeypatch):
     model, tok = tiny
     monkeypatch.setenv("TEST_TEACHER_KEY", "s3cret")

@@ -173,6 +173,9 @@ class SimulateConfig:
     mix_temperatures: bool = True
     """Let runs of different temperatures share a generate batch (per-row temperature; greedy rows stay exact).
     False: one temperature per batch, the behaviour of simulations made before this option existed."""
+    policy_endpoint: EndpointOptions = field(default_factory=EndpointOptions)
+    """Generate the policy's turns through an OpenAI-compatible endpoint serving ``model`` (e.g. ``vllm serve``) instead
+    of locally: set base_url and model (simulate/endpoint_policy.py). Unset: the local batched engine."""
     reuse_kv_cache: bool = True
     """Carry each batch's KV cache from one turn to the next (only the teacher's message is encoded anew); false =
     re-encode whole conversations every turn, the behaviour of simulations made before this option existed."""
@@ -354,6 +357,8 @@ def run_fingerprint(cfg: SimulateConfig, task_ids: list[str]) -> dict[str, Any]:
     if not cfg.adaptive and cfg.discount == 1.0:  # off: fingerprints match those written before adaptive length
         conf.pop("adaptive")
         conf.pop("discount")
+    if not cfg.policy_endpoint.base_url:  # local policy: fingerprints match those written before the option
+        conf.pop("policy_endpoint")
     for k in ("mix_temperatures", "reuse_kv_cache"):
         if not conf[k]:  # off = the behaviour before the option: fingerprints match those written before it
             conf.pop(k)
@@ -497,13 +502,20 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
 
     models = _Models(_device(cfg.device))
     teacher = reward = engine = None
+    model = tok = None
     if todo or branch_todo:
-        model, tok = models.get(cfg.model, cfg.dtype)
         teacher = build_teacher(cfg, models)
         reward = build_reward(cfg, models)
-        engine = GenerationEngine(model, tok, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                                  sort_by_length=cfg.sort_by_length, top_p=cfg.top_p,
-                                  mix_temperatures=cfg.mix_temperatures, reuse_kv_cache=cfg.reuse_kv_cache)
+        if cfg.policy_endpoint.base_url:  # the policy lives on a server: nothing to load here
+            from clarify_lit.simulate.endpoint_policy import EndpointPolicyEngine
+
+            engine = EndpointPolicyEngine(_endpoint(cfg.policy_endpoint, "policy_endpoint"),
+                                          max_new_tokens=cfg.max_new_tokens)
+        else:
+            model, tok = models.get(cfg.model, cfg.dtype)
+            engine = GenerationEngine(model, tok, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+                                      sort_by_length=cfg.sort_by_length, top_p=cfg.top_p,
+                                      mix_temperatures=cfg.mix_temperatures, reuse_kv_cache=cfg.reuse_kv_cache)
     runs = len(cfg.temperatures)
     delay = float(os.environ.get(SHARD_DELAY_ENV, "0") or 0)
     start = time.perf_counter()

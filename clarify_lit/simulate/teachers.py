@@ -102,7 +102,9 @@ class EndpointChatBackend(ChatBackend):
             h["Authorization"] = f"Bearer {os.environ[self.api_key_env]}"
         return h
 
-    def _one(self, messages: Sequence[Message], temperature: float, max_new_tokens: int, seed: int) -> str:
+    def _complete_one(self, messages: Sequence[Message], temperature: float, max_new_tokens: int, seed: int
+                      ) -> tuple[str, str | None, int | None]:
+        """``(text, finish_reason, completion tokens)`` of one request (the last two as the server reports them)."""
         body = json.dumps({"model": self.model, "messages": list(messages), "temperature": float(temperature),
                            "max_tokens": int(max_new_tokens), "seed": int(seed) % (2**31)}).encode("utf-8")
         last = "no attempt made"
@@ -126,17 +128,27 @@ class EndpointChatBackend(ChatBackend):
                 last = f"reply is not JSON ({e.msg})"
                 continue
             try:
-                return str(payload["choices"][0]["message"]["content"] or "")
+                choice = payload["choices"][0]
+                text = str(choice["message"]["content"] or "")
             except (KeyError, IndexError, TypeError):
                 last = f"reply lacks choices[0].message.content: {str(payload)[:200]}"
                 continue
+            usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
+            tokens = usage.get("completion_tokens")
+            return text, choice.get("finish_reason"), tokens if isinstance(tokens, int) else None
         raise EndpointError(f"endpoint {self.url} gave no usable answer after {self.max_retries + 1} attempts "
                             f"(timeout {self.timeout}s each); last error: {last}. Is the server running and is "
                             f"base_url right?")
 
     def chat(self, requests, *, temperature=0.0, max_new_tokens=128, seed=0):
-        def call(i: int) -> str:
-            return self._one(requests[i], temperature, max_new_tokens, derive_seed(seed, i))
+        return [text for text, _, _ in self.complete(requests, temperature=temperature,
+                                                     max_new_tokens=max_new_tokens, seed=seed)]
+
+    def complete(self, requests, *, temperature=0.0, max_new_tokens=128, seed=0
+                 ) -> list[tuple[str, str | None, int | None]]:
+        """Like :meth:`chat`, with each reply's finish reason and completion-token count (``None`` if not sent)."""
+        def call(i: int) -> tuple[str, str | None, int | None]:
+            return self._complete_one(requests[i], temperature, max_new_tokens, derive_seed(seed, i))
 
         if self.concurrency == 1 or len(requests) <= 1:
             return [call(i) for i in range(len(requests))]
