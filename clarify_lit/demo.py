@@ -216,7 +216,8 @@ def iterate_args(p: Preset, e: Experiment, seed: int, rounds: int, out: Path) ->
             "--data.seed", str(seed), "--setting", e.setting, "--mode", e.mode, "--n_turns", "3",
             "--teacher.kind", e.teacher, "--reward.kind", p.reward, "--temperatures", json.dumps(p.temperatures),
             "--max_new_tokens", str(p.max_new_tokens), "--batch_size", str(p.sim_batch_size),
-            "--chunk_size", str(p.sim_chunk_size), "--dtype", p.gen_dtype, "--seed", str(seed)]
+            "--simulate_args", json.dumps(["--chunk_size", str(p.sim_chunk_size)]), "--dtype", p.gen_dtype,
+            "--seed", str(seed)]
 
 
 def run_iterate(p: Preset, out: Path, rounds: int, dry_run: bool = False) -> None:

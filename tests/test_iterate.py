@@ -140,3 +140,11 @@ def test_demo_iterate_step_is_opt_in(tmp_path, capsys):
     shown = capsys.readouterr().out
     assert shown.count("[demo] $ clarify ") == 1 and "clarify iterate --rounds 2" in shown
     assert "--model embedded:smollm2-135m-instruct" in shown and "--data.dataset sciq" in shown
+    # the command parses (a dry run only prints it): every option the demo passes is one clarify iterate takes
+    import shlex
+
+    from clarify_lit.iterate import parse_config
+
+    line = next(ln for ln in shown.splitlines() if ln.startswith("[demo] $ clarify iterate"))
+    cfg = parse_config(shlex.split(line)[4:])
+    assert cfg.rounds == 2 and cfg.simulate_args == ["--chunk_size", "8"] and cfg.data.dataset == "sciq"
