@@ -125,7 +125,8 @@ def test_simulate_fingerprint_keeps_old_runs_resumable():
 
 def test_turn_cache_continues_batches_exactly(tiny):
     """Turn 2 from the turn-1 caches (only the new tokens run through the model) gives the same greedy tokens as
-    prefilling the whole history; a row whose history changed is prefilled afresh; a finished row leaves its batch."""
+    prefilling the whole history; a row whose history changed is re-prefilled inside its batch (no extra generate
+    call); a finished row leaves its batch."""
     from clarify_lit.simulate.engine import TurnCache
 
     model, tok = tiny
@@ -143,7 +144,7 @@ def test_turn_cache_continues_batches_exactly(tiny):
     reused = eng.generate_ids(second, [0.0] * 5, seed=2, session=session, keys=keys)
     assert eng.stats.reuse_misses == 1
     assert eng.stats.reused_tokens == sum(len(history[k]) for k in keys[:-1])
-    assert eng.stats.calls - calls_before == 3  # the two turn-1 batches continued + one fresh batch for row 5
+    assert eng.stats.calls - calls_before == 2  # the two turn-1 batches continued, row 5 re-prefilled in its own
     fresh = GenerationEngine(model, tok, batch_size=3, max_new_tokens=5).generate_ids(second, [0.0] * 5, seed=2)
     assert [g.text for g in reused] == [g.text for g in fresh]
     assert [g.n_tokens for g in reused] == [g.n_tokens for g in fresh]

@@ -100,8 +100,8 @@ def test_greedy_rollout_independent_of_batching(tiny):
 @pytest.mark.parametrize("temperatures", [[0.0], [0.0, 0.7, 1.0]])
 def test_kv_reuse_across_turns_equals_reencoding(tiny, temperatures):
     """With the KV reuse on, a greedy rollout gives the same conversations as re-encoding every turn. The tiny model
-    emits byte soup that rarely survives decode → re-encode, so here most rows take the fallback (fresh prefill,
-    counted as a miss); the reuse itself is tested on token ids in tests/test_simulate_engine.py."""
+    emits byte soup that rarely survives decode → re-encode, so here most rows take the fallback (re-prefilled in
+    their batch, counted as misses); the reuse itself is tested on token ids in tests/test_simulate_engine.py."""
     from clarify_lit.simulate.engine import GenerationEngine
 
     model, tok = tiny
@@ -124,7 +124,7 @@ def test_kv_reuse_across_turns_equals_reencoding(tiny, temperatures):
     stats = engines[True].stats
     if temperatures == [0.0]:
         assert stats.prompt_tokens == engines[False].stats.prompt_tokens
-    # turns 2 and 3 of (nearly) every conversation fell back to a fresh prefill
+    # turns 2 and 3 of (nearly) every conversation were re-prefilled
     assert len(runs[True]) <= stats.reuse_misses <= 2 * len(runs[True])
     assert engines[False].stats.reuse_misses == engines[False].stats.reused_tokens == 0
 

@@ -55,7 +55,7 @@ class GenerationStats:
     seconds: float = 0.0
     prompt_tokens: int = 0  # prompt tokens of all rows (what re-encoding every turn would prefill)
     reused_tokens: int = 0  # of those, tokens whose keys/values came from the previous turn's cache
-    reuse_misses: int = 0  # rows that could not continue their cache (re-tokenization changed their history)
+    reuse_misses: int = 0  # rows whose cached history re-tokenized differently (re-prefilled, not reused)
 
     def add(self, other: GenerationStats) -> None:
         for name in ("calls", "rows", "new_tokens", "truncated", "seconds", "prompt_tokens", "reused_tokens",
@@ -145,7 +145,8 @@ class TurnCache:
     teacher's message, so only that new part needs a forward pass: each cached batch is continued with the new
     tokens appended after a masked gap (rows' new parts differ in length), positions following the real tokens.
     A row whose re-encoded history does not start with the tokens it actually generated (text that re-tokenizes
-    differently) leaves its batch and is prefilled afresh — counted in ``GenerationStats.reuse_misses``."""
+    differently) is re-prefilled inside its batch (its cache row rewritten) — counted in
+    ``GenerationStats.reuse_misses``."""
 
     def __init__(self) -> None:
         self.batches: list[_CachedBatch] = []
@@ -314,11 +315,15 @@ class GenerationEngine:
 
     def _continuations(self, session: TurnCache, prompts: Sequence[Sequence[int]], keys: Sequence
                        ) -> tuple[list[tuple[list[int], _CachedBatch]], list[int]]:
-        """Which rows continue which cached batch (rows in batch order), and the rows to prefill afresh."""
+        """Which rows continue which cached batch (rows in batch order), and the rows to prefill afresh.
+
+        A row whose new prompt does not start with its cached tokens (its turn re-tokenized differently) is a miss:
+        it is re-prefilled inside its batch (:meth:`_splice`) where the cache allows, else in a fresh batch — a
+        separate ``generate`` call whose decoding steps cost as much as the whole batch's."""
         where = {k: i for i, k in enumerate(keys)}
         continued, placed = [], set()
         for batch in session.batches:
-            positions, rows = [], []
+            positions, rows, misses = [], [], []
             for pos, (k, toks) in enumerate(zip(batch.keys, batch.tokens, strict=True)):
                 i = where.get(k)
                 if i is None:
@@ -327,14 +332,46 @@ class GenerationEngine:
                 if len(p) > len(toks) and list(p[:len(toks)]) == toks:
                     positions.append(pos)
                     rows.append(i)
-                else:
-                    self.stats.reuse_misses += 1
+                    continue
+                self.stats.reuse_misses += 1
+                if self._can_splice(batch, p):
+                    misses.append(len(rows))
+                    positions.append(pos)
+                    rows.append(i)
             if rows:
                 batch.keep(positions)
+                for r in misses:
+                    self._splice(batch, r, prompts[rows[r]])
                 continued.append((rows, batch))
                 placed.update(rows)
-                self.stats.reused_tokens += sum(len(t) for t in batch.tokens)
+                self.stats.reused_tokens += sum(len(t) for r, t in enumerate(batch.tokens) if r not in misses)
         return continued, [i for i in range(len(prompts)) if i not in placed]
+
+    @staticmethod
+    def _can_splice(batch: _CachedBatch, prompt: Sequence[int]) -> bool:
+        """Plain per-token caches only (no sliding-window or quantized layers), and a prompt of 2+ tokens."""
+        from transformers.cache_utils import DynamicLayer
+
+        layers = getattr(batch.cache, "layers", None)
+        return (len(prompt) >= 2 and bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+                and batch.cache.get_seq_length() == batch.ids.shape[1] - 1)
+
+    def _splice(self, batch: _CachedBatch, r: int, prompt: Sequence[int]) -> None:
+        """Re-prefill row ``r`` of a cached batch with ``prompt``: the KV of its first ``h`` tokens (one batch-1
+        forward) goes into the row's last ``h`` cache columns, everything before is masked, and the rest of the
+        prompt becomes the row's new tail. Positions follow the mask, so they run 0..h-1 as in that forward."""
+        width = batch.ids.shape[1] - 1  # cache columns (the last id has not been through the model yet)
+        h = min(width, len(prompt) - 1)
+        head = torch.tensor([list(prompt[:h])], dtype=torch.long, device=batch.ids.device)
+        row_cache = self.model(input_ids=head, use_cache=True).cache
+        for dst, src in zip(batch.cache.layers, row_cache.layers, strict=True):
+            dst.keys[r, :, width - h:width] = src.keys[0]
+            dst.values[r, :, width - h:width] = src.values[0]
+        batch.ids[r] = self.pad_id
+        batch.ids[r, width - h:width] = head[0]
+        batch.mask[r] = 0
+        batch.mask[r, width - h:width] = 1
+        batch.tokens[r] = list(prompt[:h])
 
     def _continue_inputs(self, batch: _CachedBatch, prompts: list[Sequence[int]], device: torch.device
                          ) -> tuple[torch.Tensor, torch.Tensor]:
