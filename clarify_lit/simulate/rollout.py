@@ -151,7 +151,6 @@ def rollout_tasks(
     active = list(range(len(rows)))  # conversations still going (all of them unless adaptive)
     # the policy's KV caches carried from turn to turn (only the teacher's message and the new header are encoded)
     session = TurnCache() if getattr(engine, "reuse_kv_cache", False) else None
-    reuse = {"session": session, "keys": None} if session is not None else {}
 
     bar = None
     if progress:
@@ -175,7 +174,7 @@ def rollout_tasks(
                         rows[i][0], setting, mode, n_turns, turn, reply=replies.get(i), adaptive=adaptive)})
             gens = engine.generate([convs[i] for i in active], [row_temps[i] for i in active],
                                    seed=derive_seed(seed, "turn", turn), max_new_tokens=max_new_tokens,
-                                   **({**reuse, "keys": active} if reuse else {}))
+                                   **({"session": session, "keys": active} if session is not None else {}))
             going = []
             for i, g in zip(active, gens, strict=True):
                 text = g.text
@@ -194,7 +193,7 @@ def rollout_tasks(
     finally:
         if bar is not None:
             bar.close()
-        session = reuse = None  # free the caches before scoring
+        session = None  # free the caches before scoring
 
     results = reward.score(row_tasks, convs, seed=derive_seed(seed, "reward"))
     length_meta = adaptive or discount != 1.0
