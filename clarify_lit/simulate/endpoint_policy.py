@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from clarify_lit.simulate.engine import Generation, GenerationStats, Message, derive_seed
+from clarify_lit.simulate.engine import Generation, GenerationStats, Message, derive_seed, row_temperatures
 from clarify_lit.simulate.teachers import EndpointChatBackend
 
 
@@ -35,24 +35,18 @@ class EndpointPolicyEngine:
     def generate(self, conversations: Sequence[Sequence[Message]], temperatures: float | Sequence[float], *,
                  seed: int, max_new_tokens: int | None = None) -> list[Generation]:
         """The next assistant turn of every conversation, in input order (one request each, per temperature)."""
-        if isinstance(temperatures, int | float):
-            temperatures = [float(temperatures)] * len(conversations)
-        if len(temperatures) != len(conversations):
-            raise ValueError(f"{len(conversations)} conversations but {len(temperatures)} temperatures")
+        temperatures = row_temperatures(len(conversations), temperatures)
         max_new = max_new_tokens or self.max_new_tokens
         results: list[Generation | None] = [None] * len(conversations)
         start = time.perf_counter()
-        for temp in sorted({float(t) for t in temperatures}):
+        for temp in sorted(set(temperatures)):
             if temp < 0:
                 raise ValueError(f"temperature must be >= 0, got {temp}")
-            rows = [i for i, t in enumerate(temperatures) if float(t) == temp]
+            rows = [i for i, t in enumerate(temperatures) if t == temp]
             replies = self.backend.complete([list(conversations[i]) for i in rows], temperature=temp,
                                             max_new_tokens=max_new, seed=derive_seed(seed, temp))
             for i, (text, finish, tokens) in zip(rows, replies, strict=True):
                 results[i] = Generation(text=text.strip(), n_tokens=tokens or 0, truncated=finish == "length")
             self.stats.calls += 1
-        self.stats.rows += len(conversations)
-        self.stats.new_tokens += sum(r.n_tokens for r in results)  # type: ignore[union-attr]
-        self.stats.truncated += sum(r.truncated for r in results)  # type: ignore[union-attr]
-        self.stats.seconds += time.perf_counter() - start
+        self.stats.record(results, time.perf_counter() - start)  # type: ignore[arg-type]
         return results  # type: ignore[return-value]

@@ -57,10 +57,26 @@ class GenerationStats:
     reused_tokens: int = 0  # of those, tokens whose keys/values came from the previous turn's cache
     reuse_misses: int = 0  # rows whose cached history re-tokenized differently (re-prefilled, not reused)
 
+    def record(self, results: Sequence[Generation], seconds: float) -> None:
+        """Count one ``generate`` call's rows, tokens, truncations and time."""
+        self.rows += len(results)
+        self.new_tokens += sum(r.n_tokens for r in results)
+        self.truncated += sum(r.truncated for r in results)
+        self.seconds += seconds
+
     def add(self, other: GenerationStats) -> None:
         for name in ("calls", "rows", "new_tokens", "truncated", "seconds", "prompt_tokens", "reused_tokens",
                      "reuse_misses"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+def row_temperatures(n_rows: int, temperatures: float | Sequence[float]) -> list[float]:
+    """One temperature per row: a single value is repeated; a list must have one per row."""
+    if isinstance(temperatures, int | float):
+        return [float(temperatures)] * n_rows
+    if len(temperatures) != n_rows:
+        raise ValueError(f"{n_rows} conversations but {len(temperatures)} temperatures")
+    return [float(t) for t in temperatures]
 
 
 @contextmanager
@@ -246,10 +262,7 @@ class GenerationEngine:
         """The next assistant turn of every conversation, in input order. With ``session`` (and one stable ``key``
         per conversation), the KV caches of the previous turn's batches are continued instead of re-encoding the
         whole conversation (see :class:`TurnCache`)."""
-        if isinstance(temperatures, int | float):
-            temperatures = [float(temperatures)] * len(conversations)
-        if len(temperatures) != len(conversations):
-            raise ValueError(f"{len(conversations)} conversations but {len(temperatures)} temperatures")
+        temperatures = row_temperatures(len(conversations), temperatures)
         if not conversations:
             return []
         prompts = [self.encode(c) for c in conversations]
@@ -305,10 +318,7 @@ class GenerationEngine:
                 self.stats.calls += 1
             if session is not None:
                 session.batches = kept
-        self.stats.rows += len(prompts)
-        self.stats.new_tokens += sum(r.n_tokens for r in results)  # type: ignore[union-attr]
-        self.stats.truncated += sum(r.truncated for r in results)  # type: ignore[union-attr]
-        self.stats.seconds += time.perf_counter() - start
+        self.stats.record(results, time.perf_counter() - start)  # type: ignore[arg-type]
         return results  # type: ignore[return-value]
 
     # -- turn-to-turn KV reuse (TurnCache) ---------------------------------------------------------------------
