@@ -143,7 +143,7 @@ def test_discount_on_a_wrong_answer_and_fixed_length():
 def test_default_records_are_unchanged():
     (rec,) = rollout_tasks(None, None, [TASK], temperatures=[0.5], engine=ScriptedEngine(SCRIPT))
     assert set(rec.meta) == {"setting", "mode", "n_turns", "model", "teacher", "reward", "seed", "max_new_tokens",
-                             "empty_turns", "truncated_turns", "reward_missing"}
+                             "empty_turns", "truncated_turns", "reward_missing", "question_prompt"}
     assert "undiscounted_reward" not in rec.reward_components
 
 
@@ -235,7 +235,8 @@ def _record(task: int, run: int, n_turns: int, reward: float) -> ConversationRec
                      f"Is it about energy {run}{' and plants' * k}?"})
     return ConversationRecord(id=f"t{task}#run{run}", task_id=f"t{task}", messages=msgs, reward=reward, gold="A",
                               run=run, meta={"adaptive": True, "n_turns": 3, "turns_used": n_turns,
-                                             "ended_early": n_turns < 3})
+                                             "ended_early": n_turns < 3,
+                                             "question_prompt": f"Question {task}: which option?"})
 
 
 def test_views_and_tokenization_on_mixed_length_groups(tokenizer, tmp_path, clarify_cache, tiny_model_dir):

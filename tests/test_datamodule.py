@@ -12,7 +12,12 @@ from conftest import make_record
 import clarify_lit.data.datamodule as dm_mod
 from clarify_lit.data.datamodule import ConversationDataModule, PadCollator, StepBatchSampler
 from clarify_lit.data.records import load_records, split_by_task
-from clarify_lit.data.tokenization import IGNORE_INDEX, TokenizationError, tokenize_conversation
+from clarify_lit.data.tokenization import (
+    IGNORE_INDEX,
+    TokenizationError,
+    end_of_turn_id,
+    tokenize_conversation,
+)
 from clarify_lit.train.objectives import DPO, SFT, Refit, Swift
 
 pytestmark = pytest.mark.usefixtures("clarify_cache")
@@ -321,3 +326,28 @@ def test_records_with_missing_rewards_are_dropped_and_counted(tiny_model_dir, tm
     assert dm.stats["data/reward_missing_records"] == 1
     assert rows[1]["id"] not in {s["id"] for s in dm.train_set.samples}
     assert len(dm.train_set) == 5
+
+
+@pytest.mark.parametrize("mode", ["mask_end", "drop"])
+def test_cut_turns_masked_or_dropped_and_counted(tiny_model_dir, tmp_path, mode):
+    """A turn cut by max_new_tokens never trains the end-of-turn token the template adds after the cut."""
+    import json
+
+    rows = [make_record(t, r, 1.0) for t in range(2) for r in range(2)]
+    rows[0]["meta"] = {"truncated_turns": [1, 3]}
+    rows[1]["meta"] = {"truncated_turns": 2}  # an old record: a count only
+    path = tmp_path / "cut.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = ConversationDataModule([str(path)], tokenizer_name_or_path=str(tiny_model_dir), val_fraction=0.0,
+                                objective=Refit(), cache_tokenized=False, truncated_turns=mode)
+    dm.setup("fit")
+    samples = {s["id"]: s for s in dm.train_set.samples}
+    assert dm.stats["data/truncated_records"] == 2
+    eot = end_of_turn_id(dm.tokenizer)
+    if mode == "drop":
+        assert set(samples) == {rows[2]["id"], rows[3]["id"]}
+        assert dm.stats["data/truncated_records_dropped"] == 2
+        return
+    trained_ends = {k: sum(i == eot and lab != IGNORE_INDEX for i, lab in zip(s["input_ids"], s["labels"]))
+                    for k, s in samples.items()}
+    assert trained_ends == {rows[0]["id"]: 1, rows[1]["id"]: 3, rows[2]["id"]: 3, rows[3]["id"]: 3}

@@ -306,3 +306,46 @@ def test_paired_comparison_joins_by_task_and_averages_runs():
     assert rew.diff == pytest.approx(((0.5 - 0.0) + (1.0 - 0.5)) / 2)
     with pytest.raises(ValueError, match="share no task_id"):
         paired_comparison(a[:1], b[1:])
+
+
+# --- trivial policies earn nothing; hedges and cut turns are counted -----------------------------------------------
+@pytest.mark.parametrize("reply", [
+    "The answer is A, B, C, D.",                  # naming every option
+    "A) sun\nB) moon\nC) rock\nD) water",         # an echo of the options
+    "A) sun B) moon C) rock D) water",
+    "The answer is A) sun B) moon C) rock D) water",
+    "",                                            # empty
+    "Which option is the moon?",                   # a question
+])
+def test_trivial_policies_score_zero_accuracy(reply):
+    records = [rec(f"q{i}", ["hmm", reply or "x"], gold) for i, gold in enumerate("ABCD")]
+    if not reply:
+        for r in records:
+            r.messages[-1]["content"] = ""
+    m = compute_metrics(records)
+    assert m["accuracy"] == 0.0 and m["format_rate"] == 0.0
+
+
+def test_constant_letter_scores_its_base_rate():
+    """A constant single letter is an honest commitment: it scores exactly the share of questions it is right on."""
+    records = [rec(f"q{i}", ["The answer is A."], gold) for i, gold in enumerate("AABCDD")]
+    assert compute_metrics(records)["accuracy"] == pytest.approx(2 / 6)
+
+
+def test_hedge_rate_and_truncated_rate():
+    records = [
+        rec("h1", ["The answer is A, B, C, and D."], "A"),
+        rec("h2", ["The answer is A or B."], "A"),
+        rec("ok", ["The answer is A."], "A", truncated_turns=[1]),
+        rec("old", ["plain", "The answer is B"], "A", truncated_turns=1),  # count only (older records)
+    ]
+    m = compute_metrics(records)
+    assert m["hedge_rate"] == pytest.approx(0.5)
+    assert m["hedge_rate_se"] == pytest.approx(proportion_se(2, 4))
+    assert m["accuracy"] == pytest.approx(0.25)  # the hedges earn nothing although they name the gold letter
+    assert m["truncated_rate"] == pytest.approx(2 / 5)  # 2 cut turns of 5 assistant turns
+    assert m["truncated_final_rate"] == pytest.approx(1 / 4)  # only known positions: "ok" was cut in its final turn
+    metric = RolloutMetrics()
+    metric.update(records[:2])
+    metric.update(records[2:])
+    assert metric.compute()["hedge_rate"] == pytest.approx(0.5)

@@ -170,11 +170,52 @@ def test_dpo_final_answer_pairs():
     assert pair.rejected == [worst.messages[0], question, worst.messages[-1]]
     assert [m["role"] for m in pair.chosen] == ["system", "user", "assistant"]
     assert pair.chosen[-1]["content"] != pair.rejected[-1]["content"]
-    # without meta.question_prompt the first teacher turn is the question
+    # without meta.question_prompt the first teacher turn's question block is the question — never the whole turn
     for r in records:
         r.meta = {}
+    with pytest.raises(ObjectiveDataError, match=r"t0-r1.*meta.question_prompt"):
+        DPO(pairs="final_answer").build_view(records)  # make_messages' teacher turns hold no lettered question
+
+
+CLARIFY_T1 = ("Question: Which gas do plants take in?\nA) oxygen\nB) carbon dioxide\nC) helium\nD) neon\n\nAsk me "
+              "ONE specific question about one option. Do not answer yet.\n\n[Instructions for your reply: one "
+              "question]")
+
+
+def test_dpo_final_answer_prompt_is_the_question_alone():
+    """The pair's prompt is exactly the question and options: no turn instruction (issue "Honest numbers")."""
+    records = recs({0: [0.0, 1.0]})
+    for r in records:
+        r.messages[1] = {"role": "user", "content": CLARIFY_T1}
+    # as the simulator writes it now
+    for r in records:
+        r.meta = {"question_prompt": "Question: Which gas do plants take in?\nA) oxygen\nB) carbon dioxide\n"
+                                     "C) helium\nD) neon"}
     (pair,), _ = DPO(pairs="final_answer").build_view(records)
-    assert pair.chosen[1] == best.messages[1]
+    assert pair.chosen[1]["content"] == records[1].meta["question_prompt"]
+    # old records: rebuilt from meta.question/choices ...
+    for r in records:
+        r.meta = {"question": "Which gas do plants take in?", "choices": ["oxygen", "carbon dioxide", "helium", "neon"]}
+    (pair2,), _ = DPO(pairs="final_answer").build_view(records)
+    assert pair2.chosen[1]["content"] == pair.chosen[1]["content"]
+    # ... or cut out of the first teacher turn, without its instruction
+    for r in records:
+        r.meta = {}
+    (pair3,), _ = DPO(pairs="final_answer").build_view(records)
+    assert pair3.chosen[1]["content"] == pair.chosen[1]["content"]
+    assert "Ask me" not in pair3.chosen[1]["content"] and "Instructions" not in pair3.rejected[1]["content"]
+
+
+def test_views_carry_the_cut_turns():
+    records = recs({0: [0.0, 1.0]})
+    records[0].meta["truncated_turns"] = [1, 3]  # make_messages has 3 assistant turns
+    records[1].meta["truncated_turns"] = 2  # an old record: a count only, positions unknown
+    ex, _ = Refit().build_view(records)
+    assert [e.cut_turns for e in ex] == [(1, 3), ()]
+    (pair,), _ = DPO().build_view(records)
+    assert pair.chosen_cut_turns == () and pair.rejected_cut_turns == (1, 3)
+    (fpair,), _ = DPO(pairs="final_answer").build_view(records)
+    assert fpair.rejected_cut_turns == (1,)  # the rejected run's final turn (3) was cut; it is turn 1 of the pair
 
 
 def test_check_finite_weights():

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from clarify_lit.simulate.parsing import (
+    analyze_answer,
+    early_answer,
     is_single_question,
     names_an_option,
     parse_answer_letter,
@@ -73,6 +77,79 @@ CASES = [
     ("The answer is B!!!", "B"),
     ("The answer is \"C\".", "C"),
     ("The answer is `D`;", "D"),
+    # the audit's table (issue "Honest numbers"): hedges, lists, questions and echoes earn no letter
+    ("The answer is A, B, C, D.", None),
+    ("The answer is A or B.", None),
+    ("The answer is A and B.", None),
+    ("A/B", None),
+    ("Is the answer A?", None),
+    ("Answer is A? Or maybe B?", None),
+    ("(B) or (C)", None),
+    ("(A) or (B)", None),
+    ("**B** is wrong; the answer must be C", "C"),
+    ("A) sun B) rock C) salt D) ice", None),
+    ("Answer is A) sun B) rock C) salt D) ice", None),
+    ("The answer is either A or B", None),
+    ("The answer is C?", None),
+    ("Answer is:\nA) x\nB) y\nC) z\nD) w", None),
+    ("the answer is a, b, c or d", None),
+    ("A, B, C, D", None),
+    ("A or B", None),
+    ("B?", None),
+    ("The answer is (A)/(B)", None),
+    ("The answer is A & C", None),
+    ("Answer: A, or B", None),
+    ("The answer is A. The correct answer is B.", None),
+    ("(B) is wrong", None),
+    ("not (C). I pick (A)", "A"),
+    ("The answer is B and C is wrong", "B"),
+    ("The answer is B, and a plant needs light", "B"),
+    ("Is it A? The answer is B.", "B"),
+    ("The answer is B. Why? Because it is.", "B"),
+    ("A is the correct answer.", "A"),
+    ("The answer is probably C.", "C"),
+    # plain commitments the rule keeps
+    ("The answer is D, because the others are wrong", "D"),
+    ("Answer: (a).", "A"),
+    ("The answer is B) photosynthesis.", "B"),
+    # real SmolLM2-135M final turns (benchmarks/data/smollm2_sciq_conversations.jsonl.gz, and the demo's logs)
+    ("I'd like to make sure I'm on the right track. Here's a revised answer:\n\nThe answer is A, B, C or D.", None),
+    ("The answer is indeed A, B, and C. In this case, the correct choice is indeed D, which is the correct answer.",
+     None),
+    ("I'm glad I could provide a helpful answer.\n\nThe answer is indeed A, B, C, and D.", None),
+    ("The answer is indeed A, B, C, and D.\n\nI will provide a justification for the answer.\n\nThe answer is A, B, "
+     "C, and D.", None),
+    ("I'm glad I could provide a helpful answer. I'll just reiterate my previous response:\n\nThe answer is A, B, C, "
+     "or D.", None),
+    ("The answer is A, B, and C. This is a logical fallacy that occurs when a statement is misinterpreted.", None),
+    ("The correct answer is not A, B, C or D but rather", None),
+    ("A) leaks food\nB) leaks water\nC) causes pollution\nD) causes erosion\n\nWhat are your initial thoughts on "
+     "this question?", None),
+    ("D) The main stem\nE) The roots", None),
+    ("The answer is A) short. The correct answer is the correct answer is B) long. The correct answer", None),
+    ("A is the correct answer, as it is one of the allowed options (B) and can be determined from the given options. "
+     "The other two options are incorrect: C and D.", "A"),
+    ("Choose option (C) is less likely, as it is not the correct response, but others, A and D, think the", None),
+    ("The answer is X.\n\nI will provide the next question.", None),
+    ("The answer is a number. Our DNA has an unknown number of molecules", None),
+    ("So guess A might be", None),
+    ("The answer is, Boolean A. X is indeed a question with Boolean logic.", None),
+    ("The answer is indeed D.", "D"),
+    ("The correct answer is A.", "A"),
+    ("The answer is indeed D) The answer is D.", "D"),
+    ("This question is a classic example of a \"what-to-choose\" problem. The answer is \"D\" (long). The correct "
+     "answer is \"D\" (long).", "D"),
+    ("The answer I would choose is option C, which is the moon.", "C"),
+    ("The answer is A). No other options are valid alternatives.\n\nThe last choice (X) is incorrect, and the answer "
+     "is indeed A, while the other options are still correct.", "A"),
+    ("This question is testing a concept in genetics, and the answer is (A) less difference in DNA.", "A"),
+    ("I would say the answer is C) causes erosion. This is a critical point.", "C"),
+    ("The correct choice is (D). This preference for option (D) is an example of incorrect reasoning", "D"),
+    ("This is a science exam question.\n\nThe answer is A.\n\nHere's my reasoning:\n\nA) This is a science", "A"),
+    ("The correct answer is A: atoms. This is a fundamental concept in chemistry.", "A"),
+    ("upon re-examining the options, it appears that the correct choice is D.", "D"),
+    ("2) This question does not filter itself.\n(1) This is a mathematical error.\nA) Chemistry; Computer Science."
+     "\nC) Chemistry;", None),
 ]
 
 
@@ -81,12 +158,87 @@ def test_parse_answer_letter(text, expected):
     assert parse_answer_letter(text) == expected
 
 
+# The issue's five trivial policies: none of them may earn a letter or a reward (a constant single letter is an
+# honest commitment and scores the base rate of that letter, which is what a constant policy deserves).
+TRIVIAL = [
+    "The answer is A, B, C, D.",                       # every option
+    "A) the sun\nB) water\nC) soil\nD) air",            # the options echoed back, several lines
+    "A) the sun B) water C) soil D) air",               # ... on one line
+    "The answer is A) the sun B) water C) soil D) air",  # ... after an answer phrase
+    "",                                                 # empty
+    "Which option is about the sun?",                   # a question
+    "Is the answer B?",
+]
+
+
+@pytest.mark.parametrize("text", TRIVIAL)
+def test_trivial_replies_earn_nothing(text):
+    assert parse_answer_letter(text, choices=["the sun", "water", "soil", "air"]) is None
+    assert early_answer(text) is None
+
+
+@pytest.mark.parametrize(("text", "hedged"), [
+    ("The answer is A, B, C, D.", True),
+    ("The answer is indeed A, B, C, and D.", True),
+    ("The answer is A or B", True),
+    ("(B) or (C)", True),
+    ("The answer is A. The correct answer is B.", True),
+    ("Answer is A) sun B) rock C) salt D) ice", True),
+    ("The answer is B", False),
+    ("A) sun B) rock C) salt D) ice", False),  # an echo without an answer phrase is no answer, not a hedge
+    ("Is the answer A?", False),
+    ("<thinking>A or B</thinking> The answer is B.", False),
+])
+def test_hedge_flag(text, hedged):
+    assert analyze_answer(text).hedged is hedged
+    if hedged:
+        assert analyze_answer(text).letter is None
+
+
+_PHRASES = ["The answer is", "Answer:", "The correct answer is", "The answer is indeed", "My answer would be",
+            "Final answer:", "The best option is", "answer is"]
+_WRAPS = [("", ""), ("(", ")"), ("**", "**"), ("'", "'"), ("option ", "")]
+_JOINS = [", ", " or ", " and ", "/", ", or ", ", and ", " & ", " or maybe "]
+_TAILS = ["", ".", "!", " because of the reasons above.", ".\nThat is my answer.", ", since both fit."]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    phrase=st.sampled_from(_PHRASES),
+    letters=st.lists(st.sampled_from("ABCD"), min_size=2, max_size=4, unique=True),
+    wrap=st.sampled_from(_WRAPS),
+    joins=st.lists(st.sampled_from(_JOINS), min_size=3, max_size=3),
+    tail=st.sampled_from(_TAILS),
+    lead=st.sampled_from(["", "I'm glad I could help.\n\n", "<thinking>hmm</thinking> "]),
+)
+def test_naming_several_letters_never_earns_credit(phrase, letters, wrap, joins, tail, lead):
+    """Property: a reply that names two or more distinct letters as the answer earns no letter (and is a hedge)."""
+    named = [f"{wrap[0]}{x}{wrap[1]}" for x in letters]
+    body = named[0] + "".join(j + n for j, n in zip(joins, named[1:]))
+    text = f"{lead}{phrase} {body}{tail}"
+    got = analyze_answer(text, choices=["the sun", "water", "soil", "air"])
+    assert got.letter is None, text
+    assert got.hedged, text
+    assert early_answer(text) is None, text
+
+
+@settings(max_examples=200, deadline=None)
+@given(first=st.sampled_from("ABCD"), second=st.sampled_from("ABCD"), phrase=st.sampled_from(_PHRASES),
+       middle=st.sampled_from([". Actually, ", ".\n\n", " — no wait. ", ". On reflection "]))
+def test_two_different_commitments_never_earn_credit(first, second, phrase, middle):
+    text = f"{phrase} {first}{middle}{phrase.lower()} {second}."
+    got = parse_answer_letter(text)
+    assert got == (first if first == second else None), text
+
+
 def test_parse_answer_by_option_text():
     choices = ["respiration", "photosynthesis", "digestion", "erosion"]
     assert parse_answer_letter("The answer is photosynthesis.", choices=choices) == "B"
     assert parse_answer_letter("The answer is photosynthesis.") is None
     # text that names two options is ambiguous
     assert parse_answer_letter("The answer is respiration or erosion", choices=choices) is None
+    assert analyze_answer("The answer is respiration or erosion", choices=choices).hedged
+    assert parse_answer_letter("Is the answer photosynthesis?", choices=choices) is None
 
 
 def test_split_thinking():

@@ -87,7 +87,10 @@ def test_records_fields_and_determinism(tiny, tmp_path):
     loaded = check_records(a, tmp_path)
     first = loaded[0]
     assert first.meta["setting"] == "reasoning" and first.meta["n_turns"] == 3 and first.meta["model"] == "tiny-random"
-    assert first.reward_components == {"correct": first.reward, "parsed": float(first.prediction is not None)}
+    assert first.reward_components == {"correct": first.reward, "parsed": float(first.prediction is not None),
+                                       "hedged": 0.0}
+    for r in loaded:  # which assistant turns hit max_new_tokens: 1-based turn numbers
+        assert all(1 <= t <= 3 for t in r.meta["truncated_turns"])
     assert "Which" not in first.messages[3]["content"]  # T2 is not T1
 
 

@@ -175,3 +175,23 @@ def test_template_that_rewrites_history_raises(tiny_model_dir):
 def test_no_assistant_turn_raises(tokenizer):
     with pytest.raises(TokenizationError, match="no assistant turn"):
         tokenize_conversation(tokenizer, [{"role": "user", "content": "hello"}], where="w")
+
+
+def test_cut_turn_trains_its_text_but_not_its_end_of_turn(tokenizer):
+    """A turn the token limit cut off: the template closes it, but the policy never chose to stop there."""
+    msgs = make_messages(1, 2)
+    full = tokenize_conversation(tokenizer, msgs)
+    cut = tokenize_conversation(tokenizer, msgs, cut_turns=[2])
+    assert cut.input_ids == full.input_ids
+    eot = end_of_turn_id(tokenizer)
+    ends = [t for t, (i, lab) in enumerate(zip(full.input_ids, full.labels)) if i == eot and lab != IGNORE_INDEX]
+    assert len(ends) == 3
+    diff = [t for t, (a, b) in enumerate(zip(full.labels, cut.labels)) if a != b]
+    assert diff == [ends[1]] and cut.labels[ends[1]] == IGNORE_INDEX  # only turn 2's end-of-turn is masked
+    assert cut.num_trained == full.num_trained - 1
+    assistants = [m["content"] for m in msgs if m["role"] == "assistant"]
+    trained = tokenizer.decode([i for i, lab in zip(cut.input_ids, cut.labels) if lab != IGNORE_INDEX])
+    assert trained == assistants[0] + EOT + assistants[1] + assistants[2] + EOT
+    # the final-answer view numbers turns within what it trains: turn 1 is its only assistant turn
+    only_last = tokenize_conversation(tokenizer, msgs, only_last_assistant=True, cut_turns=[3])
+    assert eot not in [i for i, lab in zip(only_last.input_ids, only_last.labels) if lab != IGNORE_INDEX]

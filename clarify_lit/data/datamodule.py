@@ -32,7 +32,7 @@ from clarify_lit.models import cache_dir, load_tokenizer
 from clarify_lit.train.objectives import Objective, PairExample, Refit, WeightedExample, check_finite_weights
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: end-of-turn after a cut turn is masked
 
 
 class SampleDataset(Dataset):
@@ -208,6 +208,11 @@ class ConversationDataModule(L.LightningDataModule):
         num_workers: DataLoader workers.
         on_invalid_sample: ``raise`` on a sample that cannot be trained (no assistant tokens left, final turn cut);
             ``drop`` skips and counts it.
+        truncated_turns: what to do with assistant turns the simulator's ``max_new_tokens`` cut off
+            (``meta.truncated_turns``): ``mask_end`` trains their text but not the end-of-turn token the chat
+            template adds after the cut (the policy never chose to stop there); ``drop`` leaves out every conversation
+            with a cut turn (counted as ``data/truncated_records_dropped``). Records from before per-turn marks
+            (a count only) cannot be masked: they are counted and, under ``mask_end``, trained as written.
         skip_invalid_records: skip (and count) records that fail validation instead of raising.
         cache_tokenized: cache tokenized samples under ``$CLARIFY_CACHE/tokenized``.
         seed: shuffling seed (the epoch is added each epoch).
@@ -228,6 +233,7 @@ class ConversationDataModule(L.LightningDataModule):
         pad_to_multiple_of: int = 16,
         num_workers: int = 0,
         on_invalid_sample: Literal["raise", "drop"] = "raise",
+        truncated_turns: Literal["mask_end", "drop"] = "mask_end",
         skip_invalid_records: bool = False,
         cache_tokenized: bool = True,
         seed: int = 0,
@@ -247,7 +253,10 @@ class ConversationDataModule(L.LightningDataModule):
         self.tokenizer_name_or_path, self.max_length = tokenizer_name_or_path, max_length
         self.batch_size, self.group_by_length, self.num_workers = batch_size, group_by_length, num_workers
         self.share_pair_prefix, self.pad_to_multiple_of = share_pair_prefix, pad_to_multiple_of
+        if truncated_turns not in ("mask_end", "drop"):
+            raise ValueError(f"truncated_turns must be 'mask_end' or 'drop', got {truncated_turns!r}")
         self.on_invalid_sample, self.skip_invalid_records = on_invalid_sample, skip_invalid_records
+        self.truncated_turns = truncated_turns
         self.cache_tokenized, self.seed = cache_tokenized, seed
         self.objective = objective
         self.tokenizer = None
@@ -288,6 +297,7 @@ class ConversationDataModule(L.LightningDataModule):
         else:
             train, val = split_by_task(records, self.val_fraction, self.split_seed)
         train, val = self._without_missing_rewards(train), self._without_missing_rewards(val or [])
+        train, val = self._handle_truncated(train), self._handle_truncated(val)
         self.train_set = self._prepare(objective, train, "train")
         self.val_set = self._prepare(objective, val, "val") if val else None
 
@@ -300,6 +310,23 @@ class ConversationDataModule(L.LightningDataModule):
             log.warning("dropped %d record(s) whose reward is missing (meta.reward_missing)", missing)
         self.stats["data/reward_missing_records"] = self.stats.get("data/reward_missing_records", 0.0) + missing
         return kept
+
+    def _handle_truncated(self, records):
+        """Count the conversations with turns cut by the token limit; drop them under ``truncated_turns=drop``."""
+        cut = [r for r in records if r.truncated_turns()[0] > 0]
+        unknown = sum(r.truncated_turns()[1] is None for r in cut)
+        self.stats["data/truncated_records"] = self.stats.get("data/truncated_records", 0.0) + len(cut)
+        if unknown and self.truncated_turns == "mask_end":
+            log.warning("%d record(s) hold only a count of cut turns (written before per-turn marks): their "
+                        "end-of-turn tokens after the cut cannot be masked — re-simulate, or set "
+                        "data.truncated_turns=drop", unknown)
+        if self.truncated_turns == "drop" and cut:
+            log.warning("dropped %d of %d record(s) with a turn cut by the token limit (truncated_turns=drop)",
+                        len(cut), len(records))
+            self.stats["data/truncated_records_dropped"] = (
+                self.stats.get("data/truncated_records_dropped", 0.0) + len(cut))
+            return [r for r in records if r.truncated_turns()[0] == 0]
+        return records
 
     def _prepare(self, objective: Objective, records, split: str) -> SampleDataset:
         examples, stats = objective.build_view(records)
@@ -343,15 +370,16 @@ class ConversationDataModule(L.LightningDataModule):
             try:
                 if isinstance(e, PairExample):
                     c = tokenize_conversation(self.tokenizer, e.chosen, self.max_length, e.where,
-                                              e.only_last_assistant)
+                                              e.only_last_assistant, e.chosen_cut_turns)
                     r = tokenize_conversation(self.tokenizer, e.rejected, self.max_length, e.where,
-                                              e.only_last_assistant)
+                                              e.only_last_assistant, e.rejected_cut_turns)
                     samples.append({"id": e.id, "chosen_input_ids": c.input_ids, "chosen_labels": c.labels,
                                     "rejected_input_ids": r.input_ids, "rejected_labels": r.labels,
                                     "length": len(c.input_ids) + len(r.input_ids),
                                     "trained": c.num_trained + r.num_trained})
                 else:
-                    s = tokenize_conversation(self.tokenizer, e.messages, self.max_length, e.where)
+                    s = tokenize_conversation(self.tokenizer, e.messages, self.max_length, e.where,
+                                              cut_turns=e.cut_turns)
                     samples.append({"id": e.id, "input_ids": s.input_ids, "labels": s.labels, "weight": e.weight,
                                     "length": len(s.input_ids), "trained": s.num_trained})
             except TokenizationError:

@@ -60,6 +60,20 @@ class ConversationRecord:
         """``file:line (id=…)`` for error messages."""
         return f"{self.source or '<memory>'} (id={self.id!r})"
 
+    def truncated_turns(self) -> tuple[int, list[int] | None]:
+        """The assistant turns cut by the token limit: ``(count, turn numbers)``.
+
+        ``meta["truncated_turns"]`` is a list of 1-based assistant-turn numbers (a turn that hit ``max_new_tokens``
+        before its end-of-turn token); records written before that was recorded hold only a count, for which the
+        numbers are ``None`` (unknown). Absent means no turn was cut.
+        """
+        value = self.meta.get("truncated_turns")
+        if isinstance(value, list):
+            return len(value), [int(t) for t in value]
+        if _is_number(value) and not isinstance(value, bool) and _is_finite(value):
+            return int(value), ([] if int(value) == 0 else None)
+        return 0, []
+
 
 @dataclass
 class LoadSummary:
@@ -171,6 +185,12 @@ def validate_record(raw: Any, source: str, where: str) -> ConversationRecord:
     meta = raw.get("meta") or {}
     if not isinstance(meta, dict):
         raise err("meta", f"must be an object, got {type(meta).__name__}")
+    cut = meta.get("truncated_turns")
+    if isinstance(cut, list):
+        n_assistant = sum(m["role"] == "assistant" for m in clean)
+        bad = [t for t in cut if not isinstance(t, int) or isinstance(t, bool) or not 1 <= t <= n_assistant]
+        if bad:
+            raise err("meta.truncated_turns", f"must list assistant-turn numbers 1..{n_assistant}, got {_short(bad)}")
     for name in ("gold", "prediction", "dataset"):
         v = raw.get(name)
         if v is not None and not isinstance(v, str):

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import random
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,27 @@ class QATask:
     gold: str
     knowledge: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def question_prompt(self) -> str:
+        """The question alone as every prompt shows it: ``Question: …`` and the ``A) …``–``D) …`` lines."""
+        return format_question(self.question, self.choices)
+
+
+def format_choices(choices: Sequence[str]) -> str:
+    """``A) first\nB) second…`` — the A)–D) layout the answer parser and both settings use."""
+    if len(choices) != len(LETTERS):
+        raise ValueError(f"expected {len(LETTERS)} choices, got {len(choices)}: {list(choices)!r}")
+    return "\n".join(f"{letter}) {text}" for letter, text in zip(LETTERS, choices, strict=True))
+
+
+def format_question(question: str, choices: Sequence[str]) -> str:
+    """``Question: <text>`` then the lettered options (:func:`format_choices`)."""
+    return f"Question: {question.strip()}\n{format_choices(choices)}"
+
+
+# the question block inside a teacher turn: "Question: …" through the "D) …" line
+QUESTION_BLOCK = re.compile(r"(?ms)^Question: .*?^D\) [^\n]*")
 
 
 BUILTIN_DATASETS = ("openbookqa", "arc_easy", "arc_challenge", "sciq", "mmlu")

@@ -1,8 +1,10 @@
 """Chat-template tokenization with assistant-only labels, built once when the dataset is prepared.
 
 Labels are −100 everywhere except the assistant turns; each assistant turn's end-of-turn token is trained (the model
-must learn to stop), template glue after it (e.g. ChatML's trailing newline) is not. System, teacher (``user``)
-and template tokens are masked.
+must learn to stop), template glue after it (e.g. ChatML's trailing newline) is not — except after a turn that the
+token limit cut off (``cut_turns``): the template closes it anyway, but the policy never chose to stop there, so
+that end-of-turn token is masked (training it would teach stopping mid-sentence). System, teacher (``user``) and
+template tokens are masked.
 
 How assistant spans are found: the conversation is rendered once; for every assistant turn ``i`` the template is also
 rendered for ``messages[:i]`` with the generation prompt and for ``messages[:i+1]``. Both renders must be text
@@ -12,6 +14,7 @@ prefixes of the full render (else the template rewrites history, e.g. strips ear
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 IGNORE_INDEX = -100
@@ -50,8 +53,12 @@ def tokenize_conversation(
     max_length: int | None = None,
     where: str = "<conversation>",
     only_last_assistant: bool = False,
+    cut_turns: Collection[int] = (),
 ) -> TokenizedSample:
     """Tokenize ``messages`` with the chat template; train on assistant turns only.
+
+    ``cut_turns``: assistant turns (1-based, counted in ``messages``) that hit the generation limit; their text is
+    trained, their end-of-turn token is not.
 
     ``only_last_assistant`` trains the final assistant turn alone (DPO's final-answer pairs). Over-long samples keep
     the system prompt and lose tokens from the left of the middle; if that would cut into the final assistant turn a
@@ -68,6 +75,7 @@ def tokenize_conversation(
     assistant_idx = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not assistant_idx:
         raise TokenizationError(f"{where}: field 'messages': no assistant turn to train on")
+    cut_idx = {assistant_idx[t - 1] for t in cut_turns if 1 <= t <= len(assistant_idx)}
     if only_last_assistant:
         assistant_idx = assistant_idx[-1:]
     final_start = len(ids)
@@ -88,7 +96,7 @@ def tokenize_conversation(
                 f"({tokenizer.convert_ids_to_tokens(eot)!r}) inside the assistant turn, so the model would never "
                 "learn to stop; fix the template or the tokenizer's eos_token")
         for t in span:
-            if t <= eot_pos[-1]:
+            if t < eot_pos[-1] or (t == eot_pos[-1] and i not in cut_idx):
                 labels[t] = ids[t]
         final_start = span[0] if span else final_start
 

@@ -44,6 +44,7 @@ _JUDGE_PREFIX = re.compile(r"^(?:llm_)?judge[_/.:-]")
 BASE_STATS = (
     "n",                 # conversations
     "parsed",            # final answer parseable
+    "hedged",            # final answer names several letters as the answer (earns none)
     "correct",           # parsed final answer == gold
     "reward_n",          # conversations with a reward (a failed judge leaves meta["reward_missing"] = true)
     "reward_missing",
@@ -51,6 +52,7 @@ BASE_STATS = (
     "turns",             # assistant turns
     "thinking_turns",    # assistant turns using <thinking> tags
     "truncated_turns",   # assistant turns cut by max_new_tokens (rollout meta["truncated_turns"])
+    "truncated_final",   # conversations whose final turn was cut (known positions only)
     "words",             # whitespace words over assistant turns
     "token_turns", "tokens",  # assistant turns whose tokens were counted, and their token total
     "first_turns",       # clarifying-setting conversations whose first turn was checked
@@ -145,23 +147,30 @@ def known_choices(record: ConversationRecord, choices: Mapping[str, Sequence[str
     return choices_from_messages(record)
 
 
-def final_answer(record: ConversationRecord, choices: Mapping[str, Sequence[str]] | None = None) -> str | None:
-    """The answer letter parsed from the last assistant turn (``None`` when it follows no answer format).
+def final_answer_parse(record: ConversationRecord, choices: Mapping[str, Sequence[str]] | None = None):
+    """The :class:`~clarify_lit.simulate.parsing.AnswerParse` of the last assistant turn (letter or none, hedged).
 
     The text is re-parsed with the project's one parser (so metrics of old files follow the current parser), with
     the options when known, as the rewards do ("The answer is <option text>" then counts). Only when the options
-    are unknown and the parse fails is the rollout's stored ``record.prediction`` used.
+    are unknown and the parse finds nothing (no letter, no hedge) is the rollout's stored ``record.prediction``
+    used — and only if the current parser agrees that the text does not hedge.
     """
+    parsing = _parsing()
     turns = assistant_turns(record)
     if not turns:
-        return None
+        return parsing.AnswerParse(None)
     options = known_choices(record, choices)
-    pred = _parsing().parse_answer_letter(turns[-1], options)
-    if pred is None and options is None and record.prediction:
+    got = parsing.analyze_answer(turns[-1], options)
+    if got.letter is None and not got.hedged and options is None and record.prediction:
         # without the options the parser cannot map "The answer is <option text>" to a letter; the rollout parsed
         # with them and stored the letter, so use it (with options the two parses agree by construction)
-        pred = record.prediction
-    return pred
+        got = parsing.AnswerParse(record.prediction, how="stored")
+    return got
+
+
+def final_answer(record: ConversationRecord, choices: Mapping[str, Sequence[str]] | None = None) -> str | None:
+    """The answer letter parsed from the last assistant turn (``None`` when it commits to none or to several)."""
+    return final_answer_parse(record, choices).letter
 
 
 def is_correct(record: ConversationRecord, source: str = "<records>",
@@ -274,7 +283,9 @@ def accumulate_stats(
         st["n"] += 1
         if rec.gold is None:
             raise RecordError(source, "record", rec.id, "gold", "missing: accuracy needs the correct letter")
-        pred = final_answer(rec, choices)
+        parsed = final_answer_parse(rec, choices)
+        pred = parsed.letter
+        st["hedged"] += float(parsed.hedged)
         if pred is not None:
             st["parsed"] += 1
             st["correct"] += float(pred.strip().upper() == rec.gold.strip().upper())
@@ -287,9 +298,9 @@ def accumulate_stats(
             st["reward_sq"] += rec.reward * rec.reward
         st["turns"] += len(turns)
         st["thinking_turns"] += sum(bool(parsing.uses_thinking_tags(t)) for t in turns)
-        truncated = rec.meta.get("truncated_turns")
-        if isinstance(truncated, int | float) and not isinstance(truncated, bool):
-            st["truncated_turns"] += truncated
+        n_cut, cut_at = rec.truncated_turns()
+        st["truncated_turns"] += n_cut
+        st["truncated_final"] += float(bool(cut_at) and len(turns) in cut_at)
         st["words"] += sum(len(t.split()) for t in turns)
         _add_tokens(st, rec, turns, count_tokens)
         if rec.meta.get("adaptive") and turns:
@@ -361,6 +372,10 @@ def metrics_from_stats(st: Mapping[str, float]) -> dict[str, float]:
     out["accuracy_parsed"] = st["correct"] / st["parsed"] if st["parsed"] else math.nan
     out["format_rate"] = st["parsed"] / n if n else math.nan
     out["format_rate_se"] = proportion_se(st["parsed"], n)
+    # final answers that name several letters ("The answer is A, B, C, D."): they earn nothing, and a rising rate
+    # means a policy is learning to hedge rather than to answer
+    out["hedge_rate"] = st["hedged"] / n if n else math.nan
+    out["hedge_rate_se"] = proportion_se(st["hedged"], n)
     out["reward"], out["reward_se"] = mean_se(st["reward_sum"], st["reward_sq"], st["reward_n"])
     if st["reward_missing"]:
         out["reward_missing"] = st["reward_missing"]
@@ -370,6 +385,8 @@ def metrics_from_stats(st: Mapping[str, float]) -> dict[str, float]:
     out["n_assistant_turns"] = turns
     # a high rate means max_new_tokens cuts answers off: format and accuracy then measure the budget, not the policy
     out["truncated_rate"] = st["truncated_turns"] / turns if turns else math.nan
+    out["truncated_rate_se"] = proportion_se(st["truncated_turns"], turns)
+    out["truncated_final_rate"] = st["truncated_final"] / n if n else math.nan
     out["words_per_turn"] = st["words"] / turns if turns else math.nan
     if st["token_turns"]:
         out["tokens_per_turn"] = st["tokens"] / st["token_turns"]

@@ -9,7 +9,9 @@ one method and are aggregated: the mean over seeds, with the combined standard e
 sampling error of the mean of k independent estimates; the spread between seeds is reported separately as
 ``<metric>_seed_sd`` in the JSON output). Outputs: a Markdown table (stdout and ``--out``), a PNG plot with error
 bars, a JSON file with the aggregated numbers and, when rollouts are available, a second table of paired
-per-question comparisons (accuracy and reward differences with paired SE and an exact sign test).
+per-question comparisons (accuracy and reward differences with paired SE and an exact sign test). ``--html PATH``
+also writes one self-contained audit page: the tables, the plot and every conversation side by side per question
+(:mod:`clarify_lit.evaluate.audit_html`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from clarify_lit.data.records import ConversationRecord, load_records
+from clarify_lit.evaluate.audit_html import write_audit_html
 from clarify_lit.evaluate.metrics import HIGHER_IS_BETTER, PairedDiff, nan_to_none, paired_comparison
 
 METRICS_FILE = "metrics.json"
@@ -33,6 +36,8 @@ METRICS_FILE = "metrics.json"
 COLUMNS: dict[str, tuple[str, int]] = {
     "accuracy": ("Accuracy", 3),
     "format_rate": ("Format", 3),
+    "hedge_rate": ("Hedged", 3),
+    "truncated_rate": ("Cut turns", 3),
     "thinking_pct": ("Thinking %", 1),
     "reward": ("Reward", 3),
     "single_question_rate": ("One question", 3),
@@ -324,14 +329,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="show method OLD as NEW (e.g. SFT=STaR-GATE: the paper's name for the SFT-on-best row)")
     ap.add_argument("--order", nargs="+", default=None, metavar="LABEL",
                     help="row order (labels after --rename); methods not named follow in first-seen order")
+    ap.add_argument("--html", default=None, metavar="PATH",
+                    help="also write a self-contained HTML audit page (tables, plot, conversations side by side)")
     return ap
 
 
 def run_report(inputs: Sequence[str], out: str | os.PathLike = "report.md", plot: str | os.PathLike | None = None,
                metrics: Sequence[str] | None = None, baseline: str | None = None,
                pairs: Sequence[str] | None = None, paired: bool = True, rename: Sequence[str] | None = None,
-               order: Sequence[str] | None = None) -> str:
-    """Build the report, write ``out`` (.md), the plot (.png) and a .json summary; return the Markdown text."""
+               order: Sequence[str] | None = None, html: str | os.PathLike | None = None) -> str:
+    """Build the report, write ``out`` (.md), the plot (.png), a .json summary and, with ``html``, the audit page;
+    return the Markdown text."""
     files = [read_metrics_file(p, label) for label, p in expand_inputs(inputs)]
     names = parse_renames(rename)
     for f in files:
@@ -363,13 +371,15 @@ def run_report(inputs: Sequence[str], out: str | os.PathLike = "report.md", plot
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
-    plot_methods(methods, columns, plot or out.with_suffix(".png"))
+    plot_path = plot_methods(methods, columns, plot or out.with_suffix(".png"))
     summary = {
         "methods": [{"label": s.label, "seeds": s.k, "files": [str(f.path) for f in s.files], "mean": s.mean,
                      "se": s.se, "seed_sd": s.seed_sd} for s in methods],
         "paired": [{"a": a, "b": b, **{k: v.as_dict() for k, v in r.items()}} for a, b, r in comparisons],
     }
     out.with_suffix(".json").write_text(json.dumps(nan_to_none(summary), indent=2), encoding="utf-8")
+    if html:
+        write_audit_html(html, methods, text, plot_path, title=f"Evaluation audit: {out.stem}")
     return text
 
 
@@ -400,7 +410,8 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of ``clarify report``."""
     args = build_parser().parse_args(argv)
     text = run_report(args.inputs, out=args.out, plot=args.plot, metrics=args.metrics, baseline=args.baseline,
-                      pairs=args.pairs, paired=not args.no_paired, rename=args.rename, order=args.order)
+                      pairs=args.pairs, paired=not args.no_paired, rename=args.rename, order=args.order,
+                      html=args.html)
     print(text)
 
 

@@ -82,8 +82,12 @@ def branch_rollouts(
                                 prefixes=[branch_prefix(p.messages, step) for p in members], start_turn=step,
                                 seed=derive_seed(seed, "step", step, "run", run), **rollout_kw)
             for p, rec in zip(members, out, strict=True):
+                # the prefix's cut turns are the parent's (turns before `step`); the rollout counted only its own
+                _, parent_cut = p.truncated_turns()
+                cut = sorted({*(t for t in (parent_cut or []) if t < step), *rec.meta["truncated_turns"]})
                 made[(p.id, step)] = replace(rec, id=f"{p.id}#step{step}", run=p.run,
-                                             meta={**rec.meta, "branch_of": p.id, "branch_step": step})
+                                             meta={**rec.meta, "truncated_turns": cut, "branch_of": p.id,
+                                                   "branch_step": step})
     return [made[(p.id, s)] for p in branched for s in range(1, len(assistant_positions(p.messages)) + 1)]
 
 

@@ -46,7 +46,7 @@ from clarify_lit.simulate.branches import (
     merge_branch_shards,
 )
 from clarify_lit.simulate.engine import GenerationEngine, derive_seed
-from clarify_lit.simulate.parsing import uses_thinking_tags
+from clarify_lit.simulate.parsing import is_hedge, uses_thinking_tags
 from clarify_lit.simulate.rewards import Reward, make_reward
 from clarify_lit.simulate.rollout import DEFAULT_TEMPERATURES, check_discount, rollout_tasks
 from clarify_lit.simulate.teachers import (
@@ -449,12 +449,15 @@ def summarize(records: list[ConversationRecord], *, timing: dict[str, float], cf
         "reward_missing": sum(bool(r.meta.get("reward_missing")) for r in records),
         "components_mean": {k: statistics.fmean(v) for k, v in sorted(comps.items())},
         "parse_failures": sum(r.prediction is None for r in records),
+        "hedged": sum(is_hedge(r.messages[-1]["content"]) for r in records),
         "accuracy": statistics.fmean(float(r.prediction == r.gold) for r in records) if records else None,
         "thinking_rate": statistics.fmean(float(uses_thinking_tags(r.messages[-1]["content"])) for r in records)
         if records else None,
         "tasks_with_reward_variance": sum(len(v) > 1 for v in per_task.values()),
         "empty_turns": sum(int(r.meta.get("empty_turns", 0)) for r in records),
-        "truncated_turns": sum(int(r.meta.get("truncated_turns", 0)) for r in records),
+        "truncated_turns": sum(r.truncated_turns()[0] for r in records),
+        "truncated_rate": (sum(r.truncated_turns()[0] for r in records)
+                           / max(1, sum(m["role"] == "assistant" for r in records for m in r.messages))),
         **({"mean_turns_used": statistics.fmean(sum(m["role"] == "assistant" for m in r.messages) for r in records),
             "ended_early": sum(bool(r.meta.get("ended_early")) for r in records)}
            if cfg.adaptive and records else {}),

@@ -26,7 +26,7 @@ import re
 from collections.abc import Sequence
 from typing import Literal
 
-from clarify_lit.data.tasks import LETTERS, QATask
+from clarify_lit.data.tasks import LETTERS, QATask, format_choices  # noqa: F401  (format_choices: re-exported)
 
 Setting = Literal["reasoning", "clarifying"]
 Mode = Literal["thinking", "standard"]
@@ -59,15 +59,8 @@ def dataset_line(dataset: str) -> str:
     return DEFAULT_DATASET_LINE
 
 
-def format_choices(choices: Sequence[str]) -> str:
-    """``A) first\\nB) second…`` — the A)–D) layout the answer parser and both settings use."""
-    if len(choices) != len(LETTERS):
-        raise ValueError(f"expected {len(LETTERS)} choices, got {len(choices)}: {list(choices)!r}")
-    return "\n".join(f"{letter}) {text}" for letter, text in zip(LETTERS, choices, strict=True))
-
-
 def format_question(task: QATask) -> str:
-    return f"Question: {task.question.strip()}\n{format_choices(task.choices)}"
+    return task.question_prompt
 
 
 def with_instruction(text: str, instruction: str | None) -> str:

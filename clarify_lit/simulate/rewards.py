@@ -30,7 +30,7 @@ import torch
 from clarify_lit.data.tasks import LETTERS, QATask
 from clarify_lit.simulate import prompts
 from clarify_lit.simulate.engine import GenerationEngine, derive_seed
-from clarify_lit.simulate.parsing import parse_answer_letter
+from clarify_lit.simulate.parsing import analyze_answer
 from clarify_lit.simulate.teachers import ChatBackend
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,9 @@ def final_answer(messages: Sequence[Message]) -> str:
 
 
 def correctness(task: QATask, messages: Sequence[Message]) -> dict[str, float | None]:
-    letter = parse_answer_letter(final_answer(messages), choices=task.choices)
-    return {"correct": float(letter == task.gold), "parsed": float(letter is not None)}
+    got = analyze_answer(final_answer(messages), choices=task.choices)
+    return {"correct": float(got.letter == task.gold), "parsed": float(got.letter is not None),
+            "hedged": float(got.hedged)}
 
 
 class Reward(ABC):

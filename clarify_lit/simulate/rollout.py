@@ -146,7 +146,7 @@ def rollout_tasks(
     elif start_turn != 1:
         raise ValueError(f"start_turn={start_turn} needs prefixes (the conversations to continue)")
     empty = [0] * len(rows)
-    truncated = [0] * len(rows)
+    truncated: list[list[int]] = [[] for _ in rows]  # per row: the assistant-turn numbers cut by the limit
     ended_early = [False] * len(rows)
     active = list(range(len(rows)))  # conversations still going (all of them unless adaptive)
     # the policy's KV caches carried from turn to turn (only the teacher's message and the new header are encoded)
@@ -181,7 +181,8 @@ def rollout_tasks(
                 if not text:
                     empty[i] += 1
                     text = EMPTY_TURN_PLACEHOLDER
-                truncated[i] += g.truncated
+                if g.truncated:
+                    truncated[i].append(1 + sum(m["role"] == "assistant" for m in convs[i]))
                 convs[i].append({"role": "assistant", "content": text})
                 if adaptive and turn < n_turns and early_answer(text) is not None:
                     ended_early[i] = True  # the agent gave its final answer: this conversation is over
@@ -223,6 +224,7 @@ def rollout_tasks(
             meta={
                 "setting": setting, "mode": mode, "n_turns": n_turns, "model": model_name,
                 "teacher": teacher.describe(), "reward": reward.describe(), "seed": seed,
+                "question_prompt": task.question_prompt,  # the final-answer DPO prompt (question + options alone)
                 "max_new_tokens": max_new_tokens, "empty_turns": empty[i], "truncated_turns": truncated[i],
                 "reward_missing": res.value is None,
                 **({"adaptive": adaptive, "turns_used": turns_used, "ended_early": ended_early[i],

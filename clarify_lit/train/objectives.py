@@ -17,6 +17,7 @@ from typing import ClassVar, Literal
 import torch
 
 from clarify_lit.data.records import ConversationRecord, group_by_task
+from clarify_lit.data.tasks import QUESTION_BLOCK, format_question
 from clarify_lit.train.losses import standardize_rewards
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class WeightedExample:
     messages: list[dict[str, str]]
     weight: float
     where: str = ""  # "file:line (id=…)" of the source record, for errors
+    cut_turns: tuple[int, ...] = ()  # assistant turns (1-based) cut by the token limit: their end-of-turn is not trained
 
 
 @dataclass
@@ -47,6 +49,8 @@ class PairExample:
     rejected: list[dict[str, str]]
     only_last_assistant: bool = False
     where: str = ""
+    chosen_cut_turns: tuple[int, ...] = ()  # as WeightedExample.cut_turns, numbered within ``chosen``
+    rejected_cut_turns: tuple[int, ...] = ()
 
 
 @dataclass
@@ -61,6 +65,16 @@ class ViewStats:
     def line(self, name: str) -> str:
         ex = ", ".join(f"{k}: {v}" for k, v in self.excluded.items()) or "none"
         return f"{name} view: {self.records} records of {self.tasks} tasks → {self.examples} examples (excluded: {ex})"
+
+
+def cut_turns(record: ConversationRecord) -> tuple[int, ...]:
+    """The record's assistant turns (1-based) known to be cut by the token limit (``()`` when none or unknown)."""
+    _, numbers = record.truncated_turns()
+    return tuple(numbers or ())
+
+
+def _weighted(r: ConversationRecord, weight: float) -> WeightedExample:
+    return WeightedExample(r.id, r.task_id, r.messages, weight, r.where(), cut_turns(r))
 
 
 def _grouped(records: list[ConversationRecord]) -> tuple[dict[str, list[ConversationRecord]], ViewStats]:
@@ -95,7 +109,7 @@ class Refit(Objective):
                 raise ObjectiveDataError(
                     f"{r.where()} (task {r.task_id!r}): field 'reward' = {r.reward} is negative; Refit needs "
                     "rewards ≥ 0 (its lower bound on the policy value assumes it) — rescale the reward or use Swift")
-            out.append(WeightedExample(r.id, r.task_id, r.messages, r.reward, r.where()))
+            out.append(_weighted(r, r.reward))
         return out, ViewStats(len(records), len(out), len({r.task_id for r in records}))
 
 
@@ -132,7 +146,7 @@ class Swift(Objective):
                 weights = torch.zeros_like(rewards)
             if self.min_weight is not None:
                 weights = weights.clamp_min(self.min_weight)
-            out += [WeightedExample(r.id, r.task_id, r.messages, float(w), r.where()) for r, w in zip(runs, weights)]
+            out += [_weighted(r, float(w)) for r, w in zip(runs, weights)]
         stats.examples = len(out)
         stats.excluded["zero_std_groups"] = zero
         if zero:
@@ -165,7 +179,7 @@ class SFT(Objective):
                 if self.min_reward is not None and r.reward < self.min_reward:
                     below += 1
                     continue
-                out.append(WeightedExample(r.id, r.task_id, r.messages, 1.0, r.where()))
+                out.append(_weighted(r, 1.0))
         stats.examples = len(out)
         stats.excluded["below_min_reward"] = below
         stats.excluded["not_top_k"] = len(records) - len(out) - below
@@ -207,10 +221,12 @@ class DPO(Objective):
                 continue
             if self.pairs == "final_answer":
                 out.append(PairExample(f"{task_id}#dpo", task_id, _question_then(chosen), _question_then(rejected),
-                                       only_last_assistant=True, where=chosen.where()))
+                                       only_last_assistant=True, where=chosen.where(),
+                                       chosen_cut_turns=_final_cut(chosen), rejected_cut_turns=_final_cut(rejected)))
             else:
                 out.append(PairExample(f"{task_id}#dpo", task_id, chosen.messages, rejected.messages,
-                                       where=chosen.where()))
+                                       where=chosen.where(), chosen_cut_turns=cut_turns(chosen),
+                                       rejected_cut_turns=cut_turns(rejected)))
         stats.examples = len(out)
         stats.excluded["gap_below_min"] = small_gap
         if not out:
@@ -275,7 +291,9 @@ class StepDPO(DPO):
                 continue
             win, lose = (b, parent) if gap > 0 else (parent, b)
             out.append(PairExample(f"{b.id}#stepdpo", b.task_id, [*prefix, win.messages[at]],
-                                   [*prefix, lose.messages[at]], only_last_assistant=True, where=b.where()))
+                                   [*prefix, lose.messages[at]], only_last_assistant=True, where=b.where(),
+                                   chosen_cut_turns=(step,) if step in cut_turns(win) else (),
+                                   rejected_cut_turns=(step,) if step in cut_turns(lose) else ()))
         stats.examples = len(out)
         stats.excluded.update(ties=ties, same_action=same, no_parent=no_parent)
         if no_parent:
@@ -313,16 +331,39 @@ class Distill(SFT):
         self.teacher, self.alpha, self.temperature = teacher, alpha, temperature
 
 
+def question_prompt(record: ConversationRecord) -> str:
+    """The question alone — text and lettered options, no turn instruction: ``meta.question_prompt`` as the simulator
+    stores it, else built from ``meta.question``/``meta.choices``, else the options read back from the first teacher
+    turn with that turn's instruction removed. Never the raw teacher turn (in the clarifying setting it says "ask
+    me one question, do not answer", which the final-answer pairs would then train against)."""
+    stored = record.meta.get("question_prompt")
+    if isinstance(stored, str) and stored.strip():
+        return stored
+    question, choices = record.meta.get("question"), record.meta.get("choices")
+    if isinstance(question, str) and question.strip() and isinstance(choices, list) and choices:
+        return format_question(question, [str(c) for c in choices])
+    first = next((m["content"] for m in record.messages if m["role"] == "user"), "")
+    block = QUESTION_BLOCK.search(first)
+    if block:
+        return block.group(0)
+    raise ObjectiveDataError(
+        f"{record.where()}: field 'meta.question_prompt': missing, and the question cannot be rebuilt (no "
+        "meta.question/meta.choices, no lettered options in the first teacher turn); re-simulate to record it")
+
+
 def _question_then(record: ConversationRecord) -> list[dict[str, str]]:
-    """The final-answer DPO prompt: system + the question alone (``meta.question_prompt`` when the simulator stored
-    it, else the first teacher turn), then the record's final assistant turn."""
+    """The final-answer DPO prompt: system + the question alone (:func:`question_prompt`), then the record's final
+    assistant turn."""
     msgs = record.messages
     system = [msgs[0]] if msgs[0]["role"] == "system" else []
-    question = record.meta.get("question_prompt")
-    if not isinstance(question, str) or not question:
-        question = next(m["content"] for m in msgs if m["role"] == "user")
     final = next(m for m in reversed(msgs) if m["role"] == "assistant")
-    return [*system, {"role": "user", "content": question}, final]
+    return [*system, {"role": "user", "content": question_prompt(record)}, final]
+
+
+def _final_cut(record: ConversationRecord) -> tuple[int, ...]:
+    """``(1,)`` if the record's final assistant turn was cut (it is turn 1 of the final-answer pair), else ``()``."""
+    n = sum(m["role"] == "assistant" for m in record.messages)
+    return (1,) if n in cut_turns(record) else ()
 
 
 def objective_name(objective: Objective) -> str:
