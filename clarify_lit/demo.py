@@ -1,6 +1,6 @@
 """The main job: simulate → fit ×4 → evaluate ×5 (with Base) → report, driven through the ``clarify`` commands.
 
-    python -m clarify_lit.demo --preset demo        # `make demo`: ~15 min on a 2-core CPU
+    python -m clarify_lit.demo --preset demo        # `make demo`: ~10 min on a 2-core CPU
     python -m clarify_lit.demo --preset reproduce   # `make reproduce`: the paper's protocol scaled to ≤ 2 h on CPU
     python -m clarify_lit.demo --preset paper --dry-run   # the paper's full scale (GPU): print the commands
     python -m clarify_lit.demo --preset demo --iterate 2  # then `clarify iterate`, 2 rounds (~10 more min on CPU)
@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -42,6 +44,9 @@ class Experiment:
     setting: str  # reasoning | clarifying
     mode: str  # thinking | standard
     teacher: str  # scripted | retrieval | llm
+    # the per-turn token cap of this cell's simulate and evaluate (None: the preset's); chosen from measured turn
+    # lengths (docs/demo.md#token-caps)
+    max_new_tokens: int | None = None
 
     @property
     def name(self) -> str:
@@ -107,18 +112,17 @@ PRESETS: dict[str, Preset] = {
     ),
     "reproduce": Preset(
         name="reproduce", model="embedded:smollm2-135m-instruct",
+        # token caps from measured base-policy turn lengths (docs/demo.md#token-caps): clarifying turns finish under
+        # 64 tokens 75-94 % of the time; reasoning turns 1-2 ramble past 160 tokens whatever the cap, so the cheap 40
+        # stays (the cut turns' end-of-turn tokens are masked in training; the final answer's letter comes first)
         experiments=[Experiment("sciq", "reasoning", "standard", "scripted"),
-                     Experiment("sciq", "clarifying", "thinking", "retrieval")],
+                     Experiment("sciq", "clarifying", "thinking", "retrieval", max_new_tokens=64)],
         n_train=32, n_test=100, seeds=[0, 1], split_seed=0, max_new_tokens=40, eval_max_new_tokens=40, epochs=1,
         sim_batch_size=32, sim_chunk_size=32, eval_batch_size=50, objectives=list(OBJECTIVES),
         # the paper's lr 3e-6 barely moves a fresh LoRA on 135M in 2 epochs of ~32 conversations (STaR-GATE-D would
         # equal Base): use the lr every other row uses on this model (configs/model/smollm2-135m.yaml)
         label_overrides={"STaR-GATE-D": ["--model.learning_rate", "2.0e-4"]},
         display_names={"SFT": "STaR-GATE"},
-        # the committed results/ were made before these two engine speed-ups: one temperature per batch (with chunk =
-        # batch = 32 questions a batch is full either way) and every turn re-encoded; kept so that all rows of its
-        # table come from the same rollout code
-        mix_temperatures=False, reuse_kv_cache=False,
     ),
     "paper": Preset(
         name="paper", model="meta-llama/Llama-3.1-8B-Instruct",
@@ -155,7 +159,12 @@ class Runner:
             f.write(shown + "\n")
         t = time.time()
         subprocess.run(cmd, check=True)
-        print(f"[demo] done in {time.time() - t:.0f} s", flush=True)
+        took = time.time() - t
+        print(f"[demo] done in {took:.0f} s", flush=True)
+        # per-stage wall times with the machine's load, for the README's timing claims
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        with (self.out / "stage-times.tsv").open("a") as f:
+            f.write(f"{took:.0f}\t{load:.1f}\t{args[0]}\t{shown}\n")
 
 
 def split_seed(p: Preset, seed: int) -> int:
@@ -167,7 +176,7 @@ def simulate_args(p: Preset, e: Experiment, seed: int, part: str, out: Path) -> 
             "--data.n_train", str(p.n_train), "--data.n_test", str(p.n_test), "--data.seed", str(split_seed(p, seed)),
             "--setting", e.setting, "--mode", e.mode, "--n_turns", "3", "--teacher.kind", e.teacher,
             "--reward.kind", p.reward, "--temperatures", json.dumps(p.temperatures),
-            "--max_new_tokens", str(p.max_new_tokens), "--batch_size", str(p.sim_batch_size),
+            "--max_new_tokens", str(e.max_new_tokens or p.max_new_tokens), "--batch_size", str(p.sim_batch_size),
             "--chunk_size", str(p.sim_chunk_size), "--dtype", p.gen_dtype, "--seed", str(seed), "--output", str(out),
             "--resume", "true", "--mix_temperatures", str(p.mix_temperatures).lower(),
             "--reuse_kv_cache", str(p.reuse_kv_cache).lower(),
@@ -198,7 +207,8 @@ def evaluate_args(p: Preset, e: Experiment, seed: int, label: str, out: Path, ex
     return ["evaluate", *source, "--method", label, "--data.dataset", e.dataset,
             "--data.n_train", str(p.n_train), "--data.n_test", str(p.n_test), "--data.seed", str(split_seed(p, seed)),
             "--n_questions", str(p.n_test), "--setting", e.setting, "--mode", e.mode, "--teacher.kind", e.teacher,
-            "--reward.kind", p.reward, "--max_new_tokens", str(p.eval_max_new_tokens), "--dtype", p.gen_dtype,
+            "--reward.kind", p.reward, "--max_new_tokens", str(e.max_new_tokens or p.eval_max_new_tokens),
+            "--dtype", p.gen_dtype,
             "--batch_size", str(p.eval_batch_size), "--reuse_kv_cache", str(p.reuse_kv_cache).lower(),
             "--seed", str(seed), "--out_dir", str(out)]
 
@@ -215,7 +225,7 @@ def iterate_args(p: Preset, e: Experiment, seed: int, rounds: int, out: Path) ->
             "--data.dataset", e.dataset, "--data.n_train", str(p.n_train), "--data.n_test", str(p.n_test),
             "--data.seed", str(seed), "--setting", e.setting, "--mode", e.mode, "--n_turns", "3",
             "--teacher.kind", e.teacher, "--reward.kind", p.reward, "--temperatures", json.dumps(p.temperatures),
-            "--max_new_tokens", str(p.max_new_tokens), "--batch_size", str(p.sim_batch_size),
+            "--max_new_tokens", str(e.max_new_tokens or p.max_new_tokens), "--batch_size", str(p.sim_batch_size),
             "--simulate_args", json.dumps(["--chunk_size", str(p.sim_chunk_size)]), "--dtype", p.gen_dtype,
             "--seed", str(seed)]
 
@@ -233,7 +243,8 @@ def report_args(p: Preset, runs: Path, table_dir: Path) -> list[str]:
     show = [p.display_names.get(label, label) for label in ["Base", *p.objectives]]
     renames = [f"{old}={new}" for old, new in p.display_names.items() if old in p.objectives]
     return ["report", str(runs), "--out", str(table_dir / f"{runs.name}.md"), "--plot",
-            str(table_dir / f"{runs.name}.png"), "--baseline", "Base", "--order", *show,
+            str(table_dir / f"{runs.name}.png"), "--html", str(table_dir / f"{runs.name}.html"),
+            "--baseline", "Base", "--order", *show,
             *(["--rename", *renames] if renames else [])]
 
 
@@ -266,7 +277,27 @@ def run_preset(p: Preset, out: Path, dry_run: bool = False, results: Path | None
                            cell / "eval" / label / "metrics.json")
         table_dir = results or out
         runner.run(report_args(p, out / e.name, table_dir))
+        if not dry_run:
+            archive_rollouts(out / e.name, table_dir / f"{e.name}-rollouts")
     print(f"\n[demo] preset {p.name!r} finished in {(time.time() - t0) / 60:.1f} min; outputs in {out}")
+
+
+def archive_rollouts(runs: Path, dest: Path) -> list[Path]:
+    """Gzip every evaluation's rollouts and every simulation's logged conversations of one experiment into ``dest``
+    (``<seed>-<label>.jsonl.gz``, ``<seed>-logged.jsonl.gz``), so a committed table comes with what the policies said.
+    Written with a fixed gzip mtime: rerunning on the same rollouts gives the same bytes."""
+    dest.mkdir(parents=True, exist_ok=True)
+    made = []
+    for cell in sorted(runs.glob("seed*")):
+        sources = [(f"{cell.name}-{e.name}", e / "rollouts.jsonl") for e in sorted((cell / "eval").glob("*"))]
+        sources.append((f"{cell.name}-logged", cell / "simulate" / "conversations.jsonl"))
+        for name, src in sources:
+            if src.is_file():
+                target = dest / f"{name}.jsonl.gz"
+                with src.open("rb") as f, gzip.GzipFile(target, "wb", mtime=0) as g:
+                    shutil.copyfileobj(f, g)
+                made.append(target)
+    return made
 
 
 def main(argv: list[str] | None = None) -> None:
