@@ -36,6 +36,8 @@ class ShardProbe(Callback):
                 h.update(name.encode())
                 h.update(p.detach().to(torch.float64).cpu().numpy().tobytes())
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({n: p.detach().cpu() for n, p in pl_module.named_parameters() if p.requires_grad},
+                   self.out_dir / f"rank{trainer.global_rank}.pt")
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps({
             "rank": trainer.global_rank, "world_size": trainer.world_size, "train_ids": self.train_ids,
             "val_losses": self.val_losses, "trainable_hash": h.hexdigest(),

@@ -104,3 +104,31 @@ def test_ddp_precomputed_reference_is_split_across_ranks(records_factory, cache_
     assert one.keys() == ranks[0]["ref_logps"].keys()
     for key, values in one.items():
         assert ranks[0]["ref_logps"][key] == pytest.approx(values, abs=1e-5), key
+
+
+@pytest.mark.slow
+def test_ddp_zero_weight_skip_keeps_the_trajectory(records_factory, cache_root, tmp_path):
+    """Under DDP (2 ranks, accumulation 2) skipping weight-0 conversations leaves the trained parameters as they were:
+    a rank whose micro-batch is all zeros still joins the gradient all-reduce with an exact zero gradient."""
+    import torch
+
+    nonzero = {(0, 1): 1.0, (3, 0): 0.5, (5, 2): 1.0}
+    records = records_factory(n_tasks=6, n_runs=3, rewards=lambda t, r: nonzero.get((t, r), 0.0))
+    params = {}
+    for skip in (False, True):
+        root, probe = tmp_path / f"ddp-{skip}", tmp_path / f"probe-{skip}"
+        callback = json.dumps({"class_path": "ddp_probe.ShardProbe", "init_args": {"out_dir": str(probe)}})
+        cmd = [sys.executable, "-m", "clarify_lit.cli", "fit", "--config", str(REPO / "configs/trainer/cpu-ddp.yaml"),
+               f"--data.train_files=[{records}]", "--data.val_fraction=0", "--data.batch_size=1",
+               "--model.model_name_or_path=tiny-random", "--model.learning_rate=1e-2", "--model.lora_dropout=0",
+               f"--model.skip_zero_weight={str(skip).lower()}", "--trainer.max_steps=4",
+               "--trainer.accumulate_grad_batches=2", f"--trainer.default_root_dir={root}",
+               f"--trainer.callbacks+={callback}", "--trainer.enable_progress_bar=false",
+               "--trainer.enable_model_summary=false", "--model.export_on_fit_end=false"]
+        ranks = run_ddp_fit(cmd, cache_root, probe)
+        assert ranks[0]["trainable_hash"] == ranks[1]["trainable_hash"]
+        params[skip] = torch.load(probe / "rank0.pt")
+    assert params[False].keys() == params[True].keys()
+    assert max(p.abs().max().item() for n, p in params[False].items() if "lora_B" in n) > 1e-3
+    for n, p in params[False].items():
+        assert torch.allclose(p, params[True][n], atol=1e-6, rtol=0), n

@@ -294,3 +294,60 @@ def test_default_lazy_objective_is_recorded_by_its_real_name(tiny_model_dir):
     module = ClarifyModule(str(tiny_model_dir))
     assert module.hparams["objective_config"] == {"class": "Refit"}
     assert type(build_objective(module.hparams["objective_config"])) is Refit
+
+
+# ------------------------------------------------------------------------------------------------ zero-weight skip
+class BatchWeights(Callback):
+    """The weights of every trained micro-batch."""
+
+    def __init__(self):
+        self.weights: list[list[float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.weights.append(batch["weights"].tolist())
+
+
+def _train_params(tmp_path, tiny_model_dir, path, skip: bool, steps: int, batch_size: int, accumulate: int,
+                  monkeypatch):
+    """Train ``steps`` optimizer steps; return the trainable parameters, the rows that went through the model and
+    the micro-batches' weights."""
+    import clarify_lit.train.module as module_mod
+
+    seen = []
+    real = module_mod.target_logps
+
+    def counting(model, input_ids, *args, **kw):
+        seen.append(input_ids.shape[0])
+        return real(model, input_ids, *args, **kw)
+
+    monkeypatch.setattr(module_mod, "target_logps", counting)
+    torch.manual_seed(0)
+    module = make_module(tiny_model_dir, objective=Refit(), lora_dropout=0.0, learning_rate=1e-2,
+                         skip_zero_weight=skip, warmup_ratio=0.0, lr_schedule="constant")
+    dm = make_dm(path, tiny_model_dir, batch_size=batch_size, group_by_length=True)
+    rec = BatchWeights()
+    make_trainer(tmp_path, [rec], max_steps=steps, accumulate_grad_batches=accumulate).fit(module, datamodule=dm)
+    params = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    return params, sum(seen), rec.weights
+
+
+@pytest.mark.parametrize("batch_size, accumulate", [(2, 1), (2, 3)])
+def test_zero_weight_skip_keeps_the_trajectory(records_factory, tiny_model_dir, tmp_path, monkeypatch, batch_size,
+                                               accumulate):
+    """Refit with most rewards 0: skipping the weight-0 conversations gives the same parameters after k steps
+    (AdamW moments included: all-zero micro-batches still step with an exact zero gradient), computing only the
+    non-zero rows."""
+    nonzero = {(0, 1): 1.0, (2, 0): 0.5, (3, 2): 1.0}
+    path = records_factory(n_tasks=5, n_runs=3, rewards=lambda t, r: nonzero.get((t, r), 0.0))
+    steps = 5
+    before, rows_before, weights = _train_params(tmp_path / "a", tiny_model_dir, path, False, steps, batch_size,
+                                                 accumulate, monkeypatch)
+    after, rows_after, weights_after = _train_params(tmp_path / "b", tiny_model_dir, path, True, steps, batch_size,
+                                                     accumulate, monkeypatch)
+    assert weights_after == weights  # the same micro-batches in the same order
+    assert rows_before == sum(len(w) for w in weights)
+    assert rows_after == sum(x != 0 for w in weights for x in w) < rows_before
+    assert any(all(x == 0 for x in w) for w in weights)  # the all-zero path ran
+    assert max(p.abs().max().item() for n, p in before.items() if "lora_B" in n) > 1e-3  # training moved B
+    for n in before:
+        assert torch.allclose(before[n], after[n], atol=1e-6, rtol=0), n

@@ -157,6 +157,11 @@ class ClarifyModule(L.LightningModule):
         reference_cache: with ``DPO(reference=precomputed)``, keep the reference log-probs on disk
             (``$CLARIFY_CACHE/reference_logps``, keyed by the reference weights, the precision and each pair's
             tokens) so that a later fit on the same model and data does not compute them again.
+        skip_zero_weight: weighted objectives (Refit, Swift, SFT): in training, conversations whose weight is
+            exactly 0 get no forward or backward pass — they add nothing to the gradient. The objective is unchanged:
+            the loss is still normalised by the optimizer step's trained tokens counted over *all* its conversations,
+            and a micro-batch of only zero weights still feeds the optimizer an exact zero gradient, so the step (and
+            AdamW's moments) happen as before. ``train/nll`` then covers the computed conversations only.
     """
 
     def __init__(
@@ -179,6 +184,7 @@ class ClarifyModule(L.LightningModule):
         export_on_fit_end: bool = True,
         init_adapter: str | None = None,
         reference_cache: bool = True,
+        skip_zero_weight: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["objective"])
@@ -402,17 +408,46 @@ class ClarifyModule(L.LightningModule):
                 ref_c, ref_r = ref[:n], ref[n:]
             loss, metrics = dpo_sigmoid_loss(seq[:n], seq[n:], ref_c, ref_r, self.objective.beta)
         else:
-            lp, mask = target_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                    self.hparams.logprob_chunk_size)
             num_tokens = None
             if stage == "train" and "step_tokens" in batch:
                 # normalise by the whole optimizer step's tokens; Lightning divides by accumulate afterwards
                 num_tokens = batch["step_tokens"] / self.trainer.accumulate_grad_batches
-            loss, metrics = weighted_nll_loss(lp, mask, batch["weights"].to(lp), num_tokens)
+            loss, metrics = self._weighted_step(batch, num_tokens,
+                                                skip_zero=stage == "train" and self.hparams.skip_zero_weight)
         bs = len(batch["ids"])
         for k, v in metrics.items():
             self.log(f"{stage}/{k}", v, batch_size=bs, on_step=stage == "train", on_epoch=True,
                      sync_dist=stage != "train")
+        return loss, metrics
+
+    def _weighted_step(self, batch: dict, num_tokens: Tensor | None, skip_zero: bool
+                       ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Refit/Swift/SFT on one micro-batch; with ``skip_zero`` the weight-0 rows are left out of the forward.
+
+        Leaving a row out changes nothing but cost: its term ``w·Σ log π`` is 0, and ``num_tokens`` (the step's
+        token count, computed by the sampler over every conversation) keeps it in the denominator.
+        """
+        weights = batch["weights"]
+        keep = weights != 0 if skip_zero else torch.ones_like(weights, dtype=torch.bool)
+        all_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        if num_tokens is None:  # no step count from the sampler: this micro-batch's tokens, all rows counted
+            num_tokens = all_tokens
+        if not keep.any():
+            # nothing to compute, but the optimizer step must still see an exact zero gradient on every trained
+            # parameter (as a forward of zero-weight rows would give): AdamW's moments decay and its step count moves
+            loss = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
+            return loss, {"weight_mean": weights.float().mean(), "tokens": all_tokens.float(),
+                          "rows_computed": torch.tensor(0.0)}
+        rows = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+        if not keep.all():
+            width = int(batch["attention_mask"][keep].sum(dim=1).max())  # right padding: trailing columns are pad
+            rows = {k: v[keep][:, :width] for k, v in rows.items()}
+        lp, mask = target_logps(self.model, rows["input_ids"], rows["attention_mask"], rows["labels"],
+                                self.hparams.logprob_chunk_size)
+        loss, metrics = weighted_nll_loss(lp, mask, weights[keep].to(lp), num_tokens)
+        # weight_mean and tokens describe the whole micro-batch, as without skipping
+        metrics.update(weight_mean=weights.float().mean(), tokens=all_tokens.to(metrics["tokens"]),
+                       rows_computed=keep.sum().float())
         return loss, metrics
 
     def training_step(self, batch: dict, batch_idx: int):
