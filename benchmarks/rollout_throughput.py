@@ -27,6 +27,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -37,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from clarify_lit.data.tasks import QATask  # noqa: E402
 from clarify_lit.models import load_causal_lm, load_tokenizer  # noqa: E402
 from clarify_lit.simulate.engine import GenerationEngine  # noqa: E402
-from clarify_lit.simulate.rollout import rollout_tasks  # noqa: E402
+from clarify_lit.simulate.rollout import RolloutSpec, rollout_tasks  # noqa: E402
 
 BASE = [
     ("What do plants need to make their own food?", ["sunlight", "sand", "salt", "smoke"], "A"),
@@ -65,12 +66,12 @@ def time_variant(model, tok, tasks, *, batch_size: int, sort: bool, args, mix: b
                  reuse: bool = True) -> dict:
     engine = GenerationEngine(model, tok, batch_size=batch_size, max_new_tokens=args.max_new_tokens,
                               sort_by_length=sort, mix_temperatures=mix, reuse_kv_cache=reuse)
-    kw = dict(setting="reasoning", mode="thinking", n_turns=args.n_turns, temperatures=args.temperatures,
-              max_new_tokens=args.max_new_tokens, batch_size=batch_size, engine=engine)
-    rollout_tasks(model, tok, tasks[:1], seed=999, **kw)  # warm-up: one-time kernel/allocator set-up
+    spec = RolloutSpec(setting="reasoning", mode="thinking", n_turns=args.n_turns, temperatures=args.temperatures,
+                       max_new_tokens=args.max_new_tokens, batch_size=batch_size)
+    rollout_tasks(model, tok, tasks[:1], replace(spec, seed=999), engine=engine)  # warm-up: one-time set-up
     engine.stats = type(engine.stats)()
     t0 = time.perf_counter()
-    records = rollout_tasks(model, tok, tasks, seed=args.seed, **kw)
+    records = rollout_tasks(model, tok, tasks, replace(spec, seed=args.seed), engine=engine)
     seconds = time.perf_counter() - t0
     return {"batch_size": batch_size, "sort_by_length": sort, "mix_temperatures": mix, "reuse_kv_cache": reuse,
             "generate_calls": engine.stats.calls, "prompt_tokens": engine.stats.prompt_tokens,

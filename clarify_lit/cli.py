@@ -25,21 +25,28 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from clarify_lit import __version__
 from clarify_lit.data.datamodule import ConversationDataModule
+from clarify_lit.simulate.teachers import EndpointError
+from clarify_lit.train import objectives
 from clarify_lit.train.checkpointing import AtomicCheckpointIO, LastCheckpoint, ResumeState
-from clarify_lit.train.module import ClarifyModule
+from clarify_lit.train.module import ClarifyModule, NonFiniteLossError
 
-PIPELINE_COMMANDS = {
+# The one dispatch table: command → (the module whose ``main(argv)`` runs it, one line of ``clarify --help``).
+# Modules are named, not imported: ``clarify <command>`` loads only what that command needs, and ``clarify iterate
+# --in_process true`` runs its stages through :func:`main` (clarify_lit.stages) without an import cycle.
+# fit/validate/test/predict are LightningCLI's subcommands, run by :func:`lightning_main` in this module.
+COMMANDS = {
     "simulate": ("clarify_lit.simulate.command", "roll out conversations with a teacher and score them"),
+    "fit": (__name__, "train a policy on conversation records (Refit, Swift, SFT, DPO, StepDPO or Distill)"),
+    "validate": (__name__, "run one validation pass"),
+    "test": (__name__, "run one test pass"),
+    "predict": (__name__, "run prediction"),
     "evaluate": ("clarify_lit.evaluate.command", "roll out a base model, checkpoint or export on held-out questions"),
     "report": ("clarify_lit.evaluate.report", "compare evaluated runs: Markdown table, plot, paired tests"),
     "iterate": ("clarify_lit.iterate", "K rounds of simulate (current policy) → fit → evaluate; report by round"),
-}
-LIGHTNING_COMMANDS = {
-    "fit": "train a policy on conversation records (Refit, Swift, SFT or DPO)",
-    "validate": "run one validation pass",
-    "test": "run one test pass",
-    "predict": "run prediction",
+    "export": ("clarify_lit.train.export_command", "write a run's adapter, or a merged standalone model, from its "
+               "checkpoint"),
 }
 
 DEFAULT_ROOT = "runs/default"
@@ -84,8 +91,6 @@ class ClarifyArgumentParser(LightningArgumentParser):
 
 def objective_names() -> list[str]:
     """The objectives ``--model.objective`` accepts by name, in the order they are defined."""
-    from clarify_lit.train import objectives
-
     return [c.__name__ for c in vars(objectives).values() if isinstance(c, type)
             and issubclass(c, objectives.Objective) and c is not objectives.Objective
             and c.__module__ == objectives.__name__]
@@ -109,17 +114,16 @@ def lightning_main(args: list[str] | None = None, run: bool = True) -> ClarifyCL
         save_config_kwargs={"overwrite": True},
         # the DataModule's batch sampler shards across ranks itself (it must know optimizer-step boundaries)
         trainer_defaults={"use_distributed_sampler": False, "default_root_dir": DEFAULT_ROOT},
-        parser_kwargs={"description": "clarify: reward-weighted fine-tuning (Refit/Swift/SFT/DPO) on conversations"},
+        parser_kwargs={"description": "clarify: reward-weighted fine-tuning (Refit/Swift/SFT/DPO/StepDPO/Distill) on "
+                       "conversations"},
         parser_class=ClarifyArgumentParser,
     )
 
 
 def usage() -> str:
-    lines = ["usage: clarify <command> [options]   (clarify <command> --help for each)", "",
+    lines = ["usage: clarify <command> [options]   (clarify <command> --help for each; clarify --version)", "",
              "Pipeline: simulate → fit → evaluate → report", "", "commands:"]
-    for name, (_, text) in PIPELINE_COMMANDS.items():
-        lines.append(f"  {name:<10} {text}")
-    for name, text in LIGHTNING_COMMANDS.items():
+    for name, (_, text) in COMMANDS.items():
         lines.append(f"  {name:<10} {text}")
     return "\n".join(lines)
 
@@ -128,9 +132,6 @@ def usage() -> str:
 def reported_errors(command: str):
     """Bad input (a config, a path, a record, an endpoint) ends the command with one line on stderr and status 1
     instead of a stack trace (``CLARIFY_DEBUG=1`` shows the trace). A fit stopped by SIGTERM exits 143."""
-    from clarify_lit.simulate.teachers import EndpointError
-    from clarify_lit.train.module import NonFiniteLossError
-
     try:
         yield
     except SIGTERMException as e:
@@ -151,12 +152,15 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return
-    if argv[0] in PIPELINE_COMMANDS:
-        module = importlib.import_module(PIPELINE_COMMANDS[argv[0]][0])
+    if argv[0] in ("-V", "--version"):
+        print(f"clarify_lit {__version__}")
+        return
+    if argv[0] in COMMANDS and COMMANDS[argv[0]][0] != __name__:
+        module = importlib.import_module(COMMANDS[argv[0]][0])
         with reported_errors(argv[0]):
             module.main(argv[1:])
         return
-    if argv[0] not in LIGHTNING_COMMANDS and not argv[0].startswith("-"):
+    if argv[0] not in COMMANDS and not argv[0].startswith("-"):
         print(f"clarify: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
     with reported_errors(argv[0]):

@@ -1,8 +1,8 @@
 """The main job: simulate → fit ×4 → evaluate ×5 (with Base) → report, driven through the ``clarify`` commands.
 
-    python -m clarify_lit.demo --preset demo        # `make demo`: ~10 min on a 2-core CPU
+    python -m clarify_lit.demo --preset demo        # `make demo`: ≈ 8 min on a 2-core CPU (7.7 measured, README)
     python -m clarify_lit.demo --preset reproduce   # `make reproduce`: the paper's protocol scaled to ≤ 2 h on CPU
-    python -m clarify_lit.demo --preset paper --dry-run   # the paper's full scale (GPU): print the commands
+    python -m clarify_lit.demo --preset paper --dry_run true   # the paper's full scale (GPU): print the commands
     python -m clarify_lit.demo --preset demo --iterate 2  # then `clarify iterate`, 2 rounds (~10 more min on CPU)
 
 Every stage is an ordinary ``clarify`` command run in a subprocess (printed before it runs, so the demo doubles as a
@@ -12,18 +12,19 @@ Choices for the CPU presets (where the paper is silent or its scale does not fit
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gzip
 import json
 import os
-import shlex
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+from clarify_lit.arguments import dataclass_parser, parse_dataclass, renamed_switches
+from clarify_lit.io import atomic_write
+from clarify_lit.stages import StageRunner
 
 OBJECTIVES = {  # label → objective preset; the table's row names follow the paper
     "Refit": "configs/objective/refit.yaml",
@@ -139,34 +140,6 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-class Runner:
-    def __init__(self, out: Path, dry_run: bool):
-        self.out, self.dry_run = out, dry_run
-        self.log = out / "commands.sh"
-
-    def run(self, args: list[str], done_marker: Path | None = None) -> None:
-        """Run ``clarify <args>`` unless ``done_marker`` exists (resume)."""
-        cmd = [sys.executable, "-m", "clarify_lit.cli", *args]
-        shown = "clarify " + " ".join(shlex.quote(a) for a in args)
-        if done_marker is not None and done_marker.exists():
-            print(f"[demo] skip (done): {shown}", flush=True)
-            return
-        print(f"\n[demo] $ {shown}", flush=True)
-        if self.dry_run:
-            return
-        self.out.mkdir(parents=True, exist_ok=True)
-        with self.log.open("a") as f:
-            f.write(shown + "\n")
-        t = time.time()
-        subprocess.run(cmd, check=True)
-        took = time.time() - t
-        print(f"[demo] done in {took:.0f} s", flush=True)
-        # per-stage wall times with the machine's load, for the README's timing claims
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        with (self.out / "stage-times.tsv").open("a") as f:
-            f.write(f"{took:.0f}\t{load:.1f}\t{args[0]}\t{shown}\n")
-
-
 def split_seed(p: Preset, seed: int) -> int:
     return seed if p.split_seed is None else p.split_seed
 
@@ -234,7 +207,8 @@ def run_iterate(p: Preset, out: Path, rounds: int, dry_run: bool = False) -> Non
     """``clarify iterate`` on the preset's first experiment and seed, under ``<out>/iterate/<experiment>``. No done
     marker: the command skips its own finished stages, and a larger ``rounds`` extends an earlier run."""
     e, seed = p.experiments[0], p.seeds[0]
-    Runner(out, dry_run).run(iterate_args(p, e, seed, rounds, out / "iterate" / e.name))
+    StageRunner(out, tag="demo", dry_run=dry_run, stage_times=True).run(
+        iterate_args(p, e, seed, rounds, out / "iterate" / e.name))
 
 
 def report_args(p: Preset, runs: Path, table_dir: Path) -> list[str]:
@@ -256,25 +230,25 @@ def run_preset(p: Preset, out: Path, dry_run: bool = False, results: Path | None
     unknown = sorted(set(only_seeds or []) - set(p.seeds))
     if unknown:
         raise ValueError(f"preset {p.name!r}: seeds {unknown} are not among its seeds {p.seeds}")
-    runner = Runner(out, dry_run)
+    runner = StageRunner(out, tag="demo", dry_run=dry_run, stage_times=True)
     t0 = time.time()
     for e in p.experiments:
         for seed in [s for s in p.seeds if only_seeds is None or s in only_seeds]:
             cell = out / e.name / f"seed{seed}"
             sim = cell / "simulate"
             runner.run(simulate_args(p, e, seed, "train", sim),
-                       sim / ("branches.jsonl" if p.step_branches else "conversations.jsonl"))
+                       (sim / ("branches.jsonl" if p.step_branches else "conversations.jsonl")).exists())
             # greedy evaluation of the untrained model depends only on the questions: once per split
             if p.split_seed is None or seed == p.seeds[0]:
                 runner.run(evaluate_args(p, e, seed, "Base", cell / "eval" / "Base", None),
-                           cell / "eval" / "Base" / "metrics.json")
+                           (cell / "eval" / "Base" / "metrics.json").exists())
             for label in p.objectives:
                 root = cell / "fit" / label
                 files, extra = label_fit_inputs(p, label, cell)
                 runner.run(fit_args(p, files, OBJECTIVES[label], seed, root, extra),
-                           root / "export" / "adapter_config.json")
+                           (root / "export" / "adapter_config.json").exists())
                 runner.run(evaluate_args(p, e, seed, label, cell / "eval" / label, root / "export"),
-                           cell / "eval" / label / "metrics.json")
+                           (cell / "eval" / label / "metrics.json").exists())
         table_dir = results or out
         runner.run(report_args(p, out / e.name, table_dir))
         if not dry_run:
@@ -294,43 +268,67 @@ def archive_rollouts(runs: Path, dest: Path) -> list[Path]:
         for name, src in sources:
             if src.is_file():
                 target = dest / f"{name}.jsonl.gz"
-                with src.open("rb") as f, gzip.GzipFile(target, "wb", mtime=0) as g:
+                # the header names the target, not the temp file: the same rollouts give the same bytes
+                with src.open("rb") as f, atomic_write(target, "wb") as out, \
+                        gzip.GzipFile(str(target), "wb", fileobj=out, mtime=0) as g:
                     shutil.copyfileobj(f, g)
                 made.append(target)
     return made
 
 
+PresetName = Literal["demo", "reproduce", "paper"]  # the keys of PRESETS (tests/test_iterate.py checks)
+
+
+@dataclass
+class DemoOptions:
+    """Run a preset: simulate → fit ×N → evaluate → report, as ordinary clarify commands (see docs/demo.md)."""
+
+    preset: PresetName = "demo"
+    """demo (`make demo`), reproduce (`make reproduce`) or paper (the paper's scale, GPU)."""
+    out: str | None = None
+    """Output folder (default runs/<preset>)."""
+    results: str | None = None
+    """Where tables, plots and archived rollouts go (default: the output folder)."""
+    dry_run: bool = False
+    """Print the commands without running them."""
+    iterate: int = 0
+    """After the preset, run `clarify iterate` for this many rounds on its first experiment and seed (0 = off; demo
+    preset: about 4-5 min per round on a 2-core CPU)."""
+    iterate_only: bool = False
+    """With --iterate: skip the preset's own stages."""
+    seeds: str | None = None
+    """Comma-separated: run only these of the preset's seeds, e.g. 0,1 (the report covers whatever has been run)."""
+    objectives: str | None = None
+    """Comma-separated: train only these rows, in this order (default: the preset's), e.g. Refit,Swift; from
+    Refit, Swift, SFT, STaR-GATE-D, DPO, StepDPO."""
+
+
+def build_parser():
+    return dataclass_parser(DemoOptions, "python -m clarify_lit.demo", __doc__.split("\n\n")[0], "CLARIFY_DEMO",
+                            "YAML with any of the options below")
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="demo")
-    ap.add_argument("--out", default=None, help="output folder (default runs/<preset>)")
-    ap.add_argument("--results", default=None, help="where tables/plots go (default: the output folder)")
-    ap.add_argument("--dry-run", action="store_true", help="print the commands without running them")
-    ap.add_argument("--iterate", type=int, default=0, metavar="K",
-                    help="after the preset, run `clarify iterate` for K rounds on its first experiment and seed "
-                         "(opt-in; demo preset: about 4-5 min per round on a 2-core CPU)")
-    ap.add_argument("--iterate-only", action="store_true", help="with --iterate: skip the preset's own stages")
-    ap.add_argument("--seeds", default=None, metavar="S,T,…",
-                    help="run only these of the preset's seeds (the report covers whatever has been run)")
-    ap.add_argument("--objectives", default=None, metavar="A,B,…",
-                    help=f"train only these rows, in this order (default: the preset's); from {list(OBJECTIVES)}")
-    a = ap.parse_args(argv)
+    """Entry point of ``python -m clarify_lit.demo`` (the Makefile's demo and reproduce targets)."""
+    parser = build_parser()
+    a = parse_dataclass(parser, DemoOptions, renamed_switches(
+        argv, {"--dry-run": "--dry_run", "--iterate-only": "--iterate_only"}, "python -m clarify_lit.demo"))
     p = PRESETS[a.preset]
     if a.objectives:
         try:  # replace() re-runs the preset's checks (known labels, SFT before STaR-GATE-D)
             p = dataclasses.replace(p, objectives=[o.strip() for o in a.objectives.split(",") if o.strip()])
         except ValueError as err:
-            ap.error(str(err))
+            parser.error(str(err))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out = Path(a.out or f"runs/{p.name}")
     if a.iterate_only and not a.iterate:
-        ap.error("--iterate-only needs --iterate K")
+        parser.error("--iterate_only needs --iterate K")
     if not a.iterate_only:
         seeds = [int(x) for x in a.seeds.split(",") if x.strip()] if a.seeds else None
         try:
             run_preset(p, out, a.dry_run, Path(a.results) if a.results else None, only_seeds=seeds)
         except ValueError as err:
-            ap.error(str(err))
+            parser.error(str(err))
     if a.iterate:
         run_iterate(p, out, a.iterate, a.dry_run)
 

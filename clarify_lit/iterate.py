@@ -32,22 +32,29 @@ import json
 import logging
 import math
 import os
-import shlex
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from clarify_lit.simulate.command import (
-    DataOptions,
-    RewardOptions,
-    SimulateConfig,
-    TeacherOptions,
-    dataclass_parser,
-    parse_dataclass,
+import yaml
+
+from clarify_lit.arguments import dataclass_parser, parse_dataclass
+from clarify_lit.data.records import load_records
+from clarify_lit.evaluate.metrics import compute_metrics, nan_to_none, paired_comparison
+from clarify_lit.evaluate.report import (
+    aggregate,
+    format_mean_se,
+    read_metrics_file,
+    results_table,
+    table_columns,
 )
+from clarify_lit.io import atomic_write, atomic_write_text
+from clarify_lit.models import DType
+from clarify_lit.simulate.command import SimulateConfig
+from clarify_lit.simulate.options import DataOptions, RewardOptions, TeacherOptions
+from clarify_lit.simulate.prompts import Mode, Setting
+from clarify_lit.stages import StageRunner
 
 log = logging.getLogger("clarify.iterate")
 
@@ -80,8 +87,8 @@ class IterateConfig:
     round's own conversations only."""
     data: DataOptions = field(default_factory=DataOptions)
     """Questions (clarify simulate's data options): simulation uses the train part, evaluation the test part."""
-    setting: Literal["reasoning", "clarifying"] = "reasoning"
-    mode: Literal["thinking", "standard"] = "thinking"
+    setting: Setting = "reasoning"
+    mode: Mode = "thinking"
     n_turns: int = 3
     adaptive: bool = False
     """Adaptive length: the agent may answer before turn n_turns (docs/simulate.md)."""
@@ -98,7 +105,7 @@ class IterateConfig:
     max_new_tokens: int = 64
     """Per assistant turn (simulation and evaluation)."""
     batch_size: int = 8
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: DType = "float32"
     """Generation dtype (simulate/evaluate); training precision comes from the trainer preset."""
     device: str = "auto"
     seed: int = 0
@@ -171,8 +178,7 @@ def lock_config(cfg: IterateConfig, out: Path) -> None:
             raise ValueError(f"{out} holds an iterate run with other options (differ in: {', '.join(diff)}); use the "
                              "same options (only --rounds may change) or another --output")
         return
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(want, indent=1) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(want, indent=1) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -239,40 +245,8 @@ def fit_args(cfg: IterateConfig, out: Path, k: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # running
 
-class Runner:
-    """Runs ``clarify <args>`` (subprocess or in-process) unless its output exists; logs to ``commands.sh``."""
-
-    def __init__(self, out: Path, in_process: bool, dry_run: bool):
-        self.out, self.in_process, self.dry_run = out, in_process, dry_run
-        self.ran: list[list[str]] = []
-
-    def run(self, args: list[str], done: bool) -> None:
-        shown = "clarify " + " ".join(shlex.quote(a) for a in args)
-        if done:
-            print(f"[iterate] skip (done): {shown}", flush=True)
-            return
-        print(f"\n[iterate] $ {shown}", flush=True)
-        if self.dry_run:
-            return
-        with (self.out / "commands.sh").open("a", encoding="utf-8") as f:
-            f.write(shown + "\n")
-        start = time.time()
-        if self.in_process:
-            from clarify_lit.cli import main as clarify_main
-
-            clarify_main(list(args))
-        else:
-            subprocess.run([sys.executable, "-m", "clarify_lit.cli", *args], check=True)
-        self.ran.append(list(args))
-        print(f"[iterate] done in {time.time() - start:.0f} s", flush=True)
-
-
 def write_yaml(path: Path, values: dict[str, Any]) -> Path:
-    import yaml
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
-    return path
+    return atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))
 
 
 def run(cfg: IterateConfig) -> dict[str, Any] | None:
@@ -281,7 +255,7 @@ def run(cfg: IterateConfig) -> dict[str, Any] | None:
     out = Path(cfg.output)
     if not cfg.dry_run:
         lock_config(cfg, out)
-    runner = Runner(out, cfg.in_process, cfg.dry_run)
+    runner = StageRunner(out, tag="iterate", dry_run=cfg.dry_run, in_process=cfg.in_process)
     start = time.time()
 
     base_eval = out / "base" / "eval"
@@ -308,22 +282,10 @@ def run(cfg: IterateConfig) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------------------------------------------
 # the report
 
-def _fmt(v: float | None, se: float | None = None, dec: int = 3) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    text = f"{v:.{dec}f}"
-    if se is not None:
-        text += " ± " + ("?" if isinstance(se, float) and math.isnan(se) else f"{se:.{dec}f}")
-    return text
-
-
 def _data_metrics(path: Path) -> dict[str, float] | None:
     """Reward/accuracy of a round's simulated conversations (train questions, sampling temperatures)."""
     if not path.is_file():
         return None
-    from clarify_lit.data.records import load_records
-    from clarify_lit.evaluate.metrics import compute_metrics
-
     records, _ = load_records(path)
     return compute_metrics(records)
 
@@ -331,10 +293,6 @@ def _data_metrics(path: Path) -> dict[str, float] | None:
 def collect_rows(out: Path, rounds: int) -> list[dict[str, Any]]:
     """One row per policy: Base, round 0, …, round K−1 — its held-out evaluation and the conversations it logged
     (Base logged round 0's data, round k's policy logged round k+1's), with the paired change from the row before."""
-    from clarify_lit.data.records import load_records
-    from clarify_lit.evaluate.metrics import paired_comparison
-    from clarify_lit.evaluate.report import read_metrics_file
-
     rows: list[dict[str, Any]] = []
     sources = [("Base", out / "base" / "eval", None)] + [
         (round_label(k), round_dir(out, k) / "eval", round_dir(out, k) / "fit" / "export") for k in range(rounds)]
@@ -367,12 +325,12 @@ def by_round_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for r in rows:
         m, d, p = r["eval"], r["data"] or {}, r["paired_vs_previous"]
-        delta = "–" if p is None else f"{_fmt(p['accuracy']['diff'], p['accuracy']['se'])} ({p['accuracy']['p_sign']:.3g})"
-        cells = [r["label"], f"{m.get('n', math.nan):.0f}", _fmt(m.get("accuracy"), m.get("accuracy_se")),
-                 _fmt(m.get("reward"), m.get("reward_se"))]
+        delta = "–" if p is None else f"{format_mean_se(p['accuracy']['diff'], p['accuracy']['se'])} ({p['accuracy']['p_sign']:.3g})"
+        cells = [r["label"], f"{m.get('n', math.nan):.0f}", format_mean_se(m.get("accuracy"), m.get("accuracy_se")),
+                 format_mean_se(m.get("reward"), m.get("reward_se"))]
         if adaptive:
-            cells.append(_fmt(m.get("clarifying_turns"), m.get("clarifying_turns_se"), 2))
-        cells += [delta, _fmt(d.get("reward"), d.get("reward_se")), _fmt(d.get("accuracy"), d.get("accuracy_se"))]
+            cells.append(format_mean_se(m.get("clarifying_turns"), m.get("clarifying_turns_se"), 2))
+        cells += [delta, format_mean_se(d.get("reward"), d.get("reward_se")), format_mean_se(d.get("accuracy"), d.get("accuracy_se"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -412,17 +370,14 @@ def plot_rounds(rows: list[dict[str, Any]], path: Path) -> Path:
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle("clarify iterate: by round (mean ± SE)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, dpi=120, format=path.suffix.lstrip(".") or None)
     plt.close(fig)
     return path
 
 
 def write_report(out: Path, rounds: int) -> dict[str, Any]:
     """``report.md`` (by-round table + every metric per policy), ``report.json`` and ``report.png``."""
-    from clarify_lit.evaluate.metrics import nan_to_none
-    from clarify_lit.evaluate.report import aggregate, read_metrics_file, results_table, table_columns
-
     rows = collect_rows(out, rounds)
     if not rows:
         raise FileNotFoundError(f"{out}: no evaluated policy to report (base/eval/metrics.json missing)")
@@ -437,11 +392,10 @@ def write_report(out: Path, rounds: int) -> dict[str, Any]:
         by_round_table(rows), "",
         "## Every metric (mean ± SE; best in bold)", "",
         results_table(methods, table_columns(methods)), ""])
-    md = out / f"{REPORT_NAME}.md"
-    md.write_text(text, encoding="utf-8")
+    atomic_write_text(out / f"{REPORT_NAME}.md", text)
     plot_rounds(rows, out / f"{REPORT_NAME}.png")
     summary = {"rounds": rounds, "rows": rows}
-    (out / f"{REPORT_NAME}.json").write_text(json.dumps(nan_to_none(summary), indent=1) + "\n", encoding="utf-8")
+    atomic_write_text(out / f"{REPORT_NAME}.json", json.dumps(nan_to_none(summary), indent=1) + "\n")
     print(text)
     return summary
 

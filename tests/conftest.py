@@ -1,8 +1,9 @@
 """Shared fixtures: a per-session ``$CLARIFY_CACHE``, the tiny random model/tokenizer, and a conversation-records
 factory (system prompt + 3 teacher/assistant exchanges, several tasks × runs, rewards chosen by the test).
 
-``$CLARIFY_CACHE`` is set per test (``clarify_cache`` fixture, restored afterwards) to one tmp folder per session, so
-tests never read or write the user's cache; the tiny model is built once per session inside it.
+``$CLARIFY_CACHE`` is set for every test (the autouse ``clarify_cache`` fixture, restored afterwards) to one tmp folder
+per session, so tests never read or write the user's cache; the tiny model is built once per session inside it. Tests
+that need the network are marked ``network`` and left out of ``make test`` (``make test-full`` runs them).
 """
 
 from __future__ import annotations
@@ -34,10 +35,14 @@ def single_torch_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def clarify_cache(cache_root, monkeypatch) -> Path:
-    """Point ``$CLARIFY_CACHE`` at the session cache for this test only."""
+@pytest.fixture(autouse=True)
+def clarify_cache(cache_root, monkeypatch, request) -> Path:
+    """Every test: ``$CLARIFY_CACHE`` is the session cache (never the user's), and — unless the test is marked
+    ``network`` (``make test-full``) — pip cannot reach a package index (``PIP_NO_INDEX``), so a test that would
+    download a model or a data package fails at once instead of fetching it."""
     monkeypatch.setenv("CLARIFY_CACHE", str(cache_root))
+    if request.node.get_closest_marker("network") is None:
+        monkeypatch.setenv("PIP_NO_INDEX", "1")
     return cache_root
 
 

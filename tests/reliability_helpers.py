@@ -1,12 +1,50 @@
-"""Callbacks the reliability tests inject into ``clarify fit`` (also in a subprocess, through a YAML config)."""
+"""Helpers of the interruption tests: callbacks they inject into ``clarify fit`` (also in a subprocess, through a
+YAML config), and :func:`interrupt_simulate_after_first_shard` for ``clarify simulate``."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+
+from clarify_lit.simulate.command import SHARD_DELAY_ENV
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def interrupt_simulate_after_first_shard(argv: list[str], out: Path, signum: int, cache: Path,
+                                         timeout: float = 120) -> int:
+    """Run ``clarify simulate argv`` (writing to ``out``) in a subprocess that pauses 3 s after each shard, send it
+    ``signum`` as soon as its first shard exists, and return its exit status (``-signum`` when the signal ended
+    it)."""
+    env = {**os.environ, SHARD_DELAY_ENV: "3", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "CLARIFY_CACHE": str(cache)}
+    proc = subprocess.Popen([sys.executable, "-m", "clarify_lit.simulate.command", *argv], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = out / "shards" / "shard-00000.jsonl"
+    deadline = time.monotonic() + timeout
+    try:
+        while not first.exists():
+            if proc.poll() is not None:
+                pytest.fail(f"simulate exited early ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no shard after {timeout:.0f} s")
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    return proc.returncode
 
 
 class SignalAtStep(Callback):

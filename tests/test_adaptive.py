@@ -16,7 +16,7 @@ from clarify_lit.evaluate.metrics import compute_metrics
 from clarify_lit.simulate import prompts
 from clarify_lit.simulate.engine import Generation
 from clarify_lit.simulate.parsing import early_answer, parse_answer_letter
-from clarify_lit.simulate.rollout import rollout_tasks
+from clarify_lit.simulate.rollout import RolloutSpec, rollout_tasks
 from clarify_lit.simulate.teachers import ScriptedTeacher
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,8 +100,9 @@ class CountingTeacher(ScriptedTeacher):
 
 def test_adaptive_rollout_stops_early_and_discounts(tmp_path):
     engine = ScriptedEngine(SCRIPT)
-    records = rollout_tasks(None, None, [TASK], setting="reasoning", temperatures=[0.0, 0.5, 1.0], engine=engine,
-                            adaptive=True, discount=0.9, model_name="scripted")
+    records = rollout_tasks(None, None, [TASK], RolloutSpec(setting="reasoning", temperatures=[0.0, 0.5, 1.0],
+                                                            adaptive=True, discount=0.9),
+                            engine=engine, model_name="scripted")
     assert engine.calls == [3, 2, 1]  # finished conversations are not advanced
     turns = [sum(m["role"] == "assistant" for m in r.messages) for r in records]
     assert turns == [1, 2, 3]
@@ -129,19 +130,20 @@ def test_adaptive_rollout_stops_early_and_discounts(tmp_path):
 
 def test_discount_on_a_wrong_answer_and_fixed_length():
     wrong = {0.0: ["The answer is B.", "x", "x"]}
-    (rec,) = rollout_tasks(None, None, [TASK], temperatures=[0.0], engine=ScriptedEngine(wrong), adaptive=True,
-                           discount=0.5)
+    (rec,) = rollout_tasks(None, None, [TASK], RolloutSpec(temperatures=[0.0], adaptive=True, discount=0.5),
+                           engine=ScriptedEngine(wrong))
     assert rec.reward == 0.0 and rec.reward_components["undiscounted_reward"] == 0.0 and rec.meta["turns_used"] == 1
     # not adaptive: an early answer does not stop the conversation; γ^n is the same factor for every record
     answers = {0.0: ["The answer is A.", "More on light.", "The answer is A."]}
-    (rec,) = rollout_tasks(None, None, [TASK], temperatures=[0.0], engine=ScriptedEngine(answers), discount=0.5)
+    (rec,) = rollout_tasks(None, None, [TASK], RolloutSpec(temperatures=[0.0], discount=0.5),
+                           engine=ScriptedEngine(answers))
     assert rec.meta["turns_used"] == 3 and not rec.meta["ended_early"] and not rec.meta["adaptive"]
     assert rec.reward == pytest.approx(0.125)  # 0.5^3 · 1
     assert "clarifying_turns" not in compute_metrics([rec])  # the length metrics are for adaptive runs
 
 
 def test_default_records_are_unchanged():
-    (rec,) = rollout_tasks(None, None, [TASK], temperatures=[0.5], engine=ScriptedEngine(SCRIPT))
+    (rec,) = rollout_tasks(None, None, [TASK], RolloutSpec(temperatures=[0.5]), engine=ScriptedEngine(SCRIPT))
     assert set(rec.meta) == {"setting", "mode", "n_turns", "model", "teacher", "reward", "seed", "max_new_tokens",
                              "empty_turns", "truncated_turns", "reward_missing", "question_prompt"}
     assert "undiscounted_reward" not in rec.reward_components
@@ -150,7 +152,8 @@ def test_default_records_are_unchanged():
 @pytest.mark.parametrize("discount", [0, -0.5, 1.5, float("nan"), True])
 def test_discount_must_be_in_unit_interval(discount):
     with pytest.raises(ValueError, match="discount"):
-        rollout_tasks(None, None, [TASK], temperatures=[0.0], engine=ScriptedEngine(SCRIPT), discount=discount)
+        rollout_tasks(None, None, [TASK], RolloutSpec(temperatures=[0.0], discount=discount),
+                      engine=ScriptedEngine(SCRIPT))
 
 
 def test_clarifying_teacher_answers_only_running_conversations():
@@ -158,8 +161,8 @@ def test_clarifying_teacher_answers_only_running_conversations():
               1.0: ["Which option uses light?", "Is it about (A)?", "<thinking>light</thinking> hmm",
                     "Answer is A"]}
     teacher = CountingTeacher()
-    records = rollout_tasks(None, None, [TASK, TASK2], setting="clarifying", n_turns=4, temperatures=[0.0, 1.0],
-                            engine=ScriptedEngine(script), teacher=teacher, adaptive=True)
+    spec = RolloutSpec(setting="clarifying", n_turns=4, temperatures=[0.0, 1.0], adaptive=True)
+    records = rollout_tasks(None, None, [TASK, TASK2], spec, engine=ScriptedEngine(script), teacher=teacher)
     assert teacher.sizes == [2, 2]  # teacher turns 2 and 3 follow "ask" turns, for the 2 conversations still going
     assert [r.meta["turns_used"] for r in records] == [1, 4, 1, 4]
     assert [r.reward for r in records] == [1.0, 1.0, 0.0, 0.0]  # TASK2's gold is B; discount 1 = off
@@ -242,7 +245,8 @@ def _record(task: int, run: int, n_turns: int, reward: float) -> ConversationRec
 def test_views_and_tokenization_on_mixed_length_groups(tokenizer, tmp_path, clarify_cache, tiny_model_dir):
     from clarify_lit.data.datamodule import ConversationDataModule
     from clarify_lit.data.tokenization import IGNORE_INDEX, tokenize_conversation
-    from clarify_lit.train.objectives import DPO, SFT, PairExample, Refit, Swift
+    from clarify_lit.data.views import PairExample
+    from clarify_lit.train.objectives import DPO, SFT, Refit, Swift
 
     # one question, three runs of 1, 2 and 3 assistant turns (γ = 0.9 already applied), and a second question
     records = [_record(0, 0, 1, 0.9), _record(0, 1, 2, 0.0), _record(0, 2, 3, 0.729),

@@ -215,7 +215,7 @@ def test_page_structure_flags_and_escaping(runs, tmp_path):
 def test_cli_html_and_method_without_rollouts(runs, tmp_path, capsys):
     write_eval(runs / "star", "STaR-GATE", 0, None)  # metrics only: its column says why it is empty
     page = tmp_path / "audit.html"
-    main([str(runs), "--out", str(tmp_path / "r.md"), "--html", str(page), "--no-paired"])
+    main([str(runs), "--out", str(tmp_path / "r.md"), "--html", str(page), "--no_paired", "true"])
     assert "| STaR-GATE |" in capsys.readouterr().out
     doc = parse(page)
     qs = sections(doc)

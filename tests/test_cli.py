@@ -35,6 +35,41 @@ def test_unknown_command_exits_2(capsys):
     assert e.value.code == 2 and "unknown command 'trian'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["simulate", "evaluate", "report", "iterate", "fit"])
+def test_every_command_prints_its_config_and_help(command, capsys):
+    """One command-line style: every subcommand is jsonargparse-parsed, with --help and --print_config."""
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0 and "--print_config" in capsys.readouterr().out
+    needs = {"report": ["runs/x"], "fit": ["--data.train_files=[r.jsonl]"]}.get(command, [])
+    with pytest.raises(SystemExit) as e:
+        main([command, *needs, "--print_config"])
+    assert e.value.code == 0 and yaml.safe_load(capsys.readouterr().out)
+
+
+def test_demo_options_and_deprecated_switches(tmp_path, capsys):
+    """``python -m clarify_lit.demo`` parses like the clarify commands (underscore options, --print_config); the old
+    hyphenated switches still work, with a deprecation message."""
+    import typing
+
+    from clarify_lit import demo
+    from clarify_lit.evaluate.report import build_parser
+    from clarify_lit.evaluate.report import main as report_main
+
+    assert set(typing.get_args(demo.PresetName)) == set(demo.PRESETS)
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--preset", "paper", "--print_config"])
+    assert e.value.code == 0 and yaml.safe_load(capsys.readouterr().out)["preset"] == "paper"
+    demo.main(["--preset", "demo", "--dry-run", "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert "--dry-run is deprecated, use --dry_run true" in captured.err and "[demo] $ clarify simulate" in captured.out
+    assert not (tmp_path / "commands.sh").exists()  # a dry run
+    with pytest.raises(FileNotFoundError):
+        report_main([str(tmp_path / "none"), "--no-paired"])  # no metrics.json there: the options parsed
+    assert "--no-paired is deprecated, use --no_paired true" in capsys.readouterr().err
+    assert build_parser().parse_args(["a", "b", "--order", "X", "Y", "--no_paired", "true"]).order == ["X", "Y"]
+
+
 def test_fit_help_shows_model_and_data_options(capsys):
     with pytest.raises(SystemExit) as e:
         main(["fit", "--help"])
@@ -85,7 +120,8 @@ def test_objective_shorthand(capsys):
         main(["fit", "--data.train_files=[r.jsonl]", "--model.objective=Swift", "--model.objective.zero_std=epsilon",
               "--print_config"])
     objective = yaml.safe_load(capsys.readouterr().out)["model"]["objective"]
-    assert objective["class_path"] == "clarify_lit.train.objectives.Swift"
+    # jsonargparse writes the shortest import path: the package exports the objectives (clarify_lit.Swift)
+    assert objective["class_path"] == "clarify_lit.Swift"
     assert objective["init_args"]["zero_std"] == "epsilon"
 
 

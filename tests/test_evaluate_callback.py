@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from clarify_lit.data.records import load_records
 from clarify_lit.evaluate.callback import RolloutEvaluation, isolated, load_eval_tasks, render_markdown
 from clarify_lit.evaluate.metrics import compute_metrics, nan_to_none
-from clarify_lit.simulate.command import DataOptions
+from clarify_lit.simulate.options import DataOptions
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_TASKS = REPO / "configs" / "simulate" / "tiny-tasks.jsonl"

@@ -59,7 +59,7 @@ def test_method_label_temperatures_and_clarifying(clarify_cache, tmp_path, capsy
     main(["--model", "tiny-random", "--method", "Base-greedy", "--setting", "clarifying", "--n_questions", "2",
           "--temperatures", "[0.0, 1.0]", "--out_dir", str(tmp_path), *DATA_ARGS])
     saved, recs = read_out(tmp_path)
-    assert saved["meta"]["method"] == "Base-greedy" and saved["meta"]["teacher"] == "retrieval"
+    assert saved["meta"]["method"] == "Base-greedy" and saved["meta"]["teacher"] == "retrieval:blank"
     assert len(recs) == 4 and {r.run for r in recs} == {0, 1}  # 2 questions × 2 temperatures
     assert saved["metrics"]["n_first_turns"] == 4  # clarifying: the one-question check ran
     assert "accuracy" in capsys.readouterr().out

@@ -98,12 +98,12 @@ def test_iterate_two_rounds_end_to_end(tmp_path, capsys):
         ClarifyModule("tiny-random", lora_r=8, init_adapter=str(export0))
 
     # clarify simulate --model <export> runs the merged policy; its judge/teacher default to the adapter's base
-    from clarify_lit.simulate.command import _Models, policy_base
+    from clarify_lit.models import FrozenModels, policy_base
 
-    assert policy_base(str(export0)) == json.loads((export0 / "adapter_config.json").read_text())[
-        "base_model_name_or_path"]
-    policy, _ = _Models("cpu").get(str(export0), "float32")
-    base, _ = _Models("cpu").get("tiny-random", "float32")
+    # the adapter's base as clarify resolved it for training (clarify_export.json), not its portable name
+    assert policy_base(str(export0)) == "tiny-random"
+    policy, _ = FrozenModels("cpu").get(str(export0), "float32")
+    base, _ = FrozenModels("cpu").get("tiny-random", "float32")
     assert not hasattr(policy, "peft_config")  # merged
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(policy.state_dict()[q], base.state_dict()[q])
@@ -134,9 +134,10 @@ def test_iterate_dry_run_and_cli(tmp_path, capsys):
 def test_demo_iterate_step_is_opt_in(tmp_path, capsys):
     from clarify_lit.demo import main as demo_main
 
-    demo_main(["--preset", "demo", "--dry-run", "--out", str(tmp_path)])
+    demo_main(["--preset", "demo", "--dry_run", "true", "--out", str(tmp_path)])
     assert "clarify iterate" not in capsys.readouterr().out  # make demo is unchanged
-    demo_main(["--preset", "demo", "--dry-run", "--out", str(tmp_path), "--iterate", "2", "--iterate-only"])
+    demo_main(["--preset", "demo", "--dry_run", "true", "--out", str(tmp_path), "--iterate", "2",
+               "--iterate_only", "true"])
     shown = capsys.readouterr().out
     assert shown.count("[demo] $ clarify ") == 1 and "clarify iterate --rounds 2" in shown
     assert "--model embedded:smollm2-135m-instruct" in shown and "--data.dataset sciq" in shown

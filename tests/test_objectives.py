@@ -8,16 +8,8 @@ import pytest
 from conftest import make_record
 
 from clarify_lit.data.records import ConversationRecord
-from clarify_lit.train.objectives import (
-    DPO,
-    SFT,
-    ObjectiveDataError,
-    PairExample,
-    Refit,
-    Swift,
-    WeightedExample,
-    check_finite_weights,
-)
+from clarify_lit.data.views import ObjectiveDataError, PairExample, WeightedExample, check_finite_weights
+from clarify_lit.train.objectives import DPO, SFT, Refit, Swift
 
 S2 = math.sqrt(2)
 

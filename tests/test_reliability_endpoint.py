@@ -7,12 +7,11 @@ hang, never a reward of 0 passed off as real. An unparseable judge verdict is re
 from __future__ import annotations
 
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from fake_endpoint import FakeEndpoint
 
 from clarify_lit.cli import main
 from clarify_lit.data.records import load_records
@@ -30,67 +29,40 @@ VERDICT = json.dumps({"accuracy": 9, "reasoning": 8, "comprehensiveness": 7, "pe
 HANG_S = 1.5  # longer than the clients' timeout below
 
 
-class FaultServer:
-    """127.0.0.1 chat-completions server; ``script`` gives the behaviour of each request in turn (the last one
-    repeats): ``ok``, ``500``, ``hang``, ``garbage`` (200, not JSON), ``no_choices`` (200, JSON without choices),
-    ``drop`` (connection closed, no reply), ``truncated`` (Content-Length promised, half the body sent),
-    ``unparseable`` (a valid reply whose text is no verdict). ``ok`` answers ``VERDICT``."""
+class FaultServer(FakeEndpoint):
+    """The fake endpoint; ``script`` gives the behaviour of each request in turn (the last one repeats): ``ok``,
+    ``500``, ``hang``, ``garbage`` (200, not JSON), ``no_choices`` (200, JSON without choices), ``drop`` (connection
+    closed, no reply), ``truncated`` (Content-Length promised, half the body sent), ``unparseable`` (a valid reply
+    whose text is no verdict). ``ok`` answers ``VERDICT``."""
 
     def __init__(self, script: list[str]):
-        self.script, self.requests = list(script), 0
-        self.lock = threading.Lock()
-        outer = self
+        super().__init__()
+        self.script = list(script)
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                self.rfile.read(int(self.headers["Content-Length"]))
-                with outer.lock:
-                    i, outer.requests = outer.requests, outer.requests + 1
-                    what = outer.script[min(i, len(outer.script) - 1)]
-                if what == "drop":
-                    self.close_connection = True
-                    return
-                if what == "hang":
-                    time.sleep(HANG_S)
-                    return self._send(200, b"{}")
-                if what == "500":
-                    return self._send(500, b'{"error": {"message": "internal error"}}')
-                if what == "garbage":
-                    return self._send(200, b"<html>502 Bad Gateway</html")
-                if what == "no_choices":
-                    return self._send(200, b'{"object": "error", "message": "model overloaded"}')
-                text = "I cannot grade this." if what == "unparseable" else VERDICT
-                body = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
-                if what == "truncated":
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body.encode()[: len(body) // 2])
-                    self.close_connection = True
-                    return
-                return self._send(200, body.encode())
-
-            def _send(self, code, data: bytes):
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def respond(self, handler, body, index):
+        what = self.script[min(index, len(self.script) - 1)]
+        if what == "drop":
+            handler.close_connection = True
+            return
+        if what == "hang":
+            time.sleep(HANG_S)
+            return handler.send(200, b"{}")
+        if what == "500":
+            return handler.send(500, b'{"error": {"message": "internal error"}}')
+        if what == "garbage":
+            return handler.send(200, b"<html>502 Bad Gateway</html")
+        if what == "no_choices":
+            return handler.send(200, b'{"object": "error", "message": "model overloaded"}')
+        text = "I cannot grade this." if what == "unparseable" else VERDICT
+        data = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}).encode()
+        if what == "truncated":
+            handler.send_response(200)
+            handler.send_header("Content-Length", str(len(data)))
+            handler.end_headers()
+            handler.wfile.write(data[: len(data) // 2])
+            handler.close_connection = True
+            return
+        return handler.send(200, data)
 
 
 def backend(server: FaultServer, retries: int = 2) -> EndpointChatBackend:
@@ -117,7 +89,7 @@ def test_persistent_fault_is_a_clear_error_after_bounded_retries(fault, role):
         elapsed = time.perf_counter() - t0
     msg = str(e.value)
     assert server.url in msg and "after 3 attempts" in msg and any(f in msg for f in FAULTS[fault]), msg
-    assert server.requests == 3  # 1 try + max_retries=2, then it stops: no endless retrying
+    assert len(server.requests) == 3  # 1 try + max_retries=2, then it stops: no endless retrying
     assert elapsed < 3 * 0.3 + 2.0  # three timeouts at most, plus the backoff: never a hang
 
 
@@ -130,7 +102,7 @@ def test_transient_faults_are_retried_to_the_real_answer(role):
         else:
             (res,) = LLMJudgeReward(be).score([TASK], [CONVERSATION])
             assert res.value == 0.7 and res.components["overall"] == 7.0
-    assert server.requests == 4
+    assert len(server.requests) == 4
 
 
 def test_unparseable_verdict_is_a_missing_reward_not_a_zero():
@@ -139,7 +111,7 @@ def test_unparseable_verdict_is_a_missing_reward_not_a_zero():
         (res,) = judge.score([TASK], [CONVERSATION])
     assert res.value is None and res.missing and judge.missing == 1
     assert res.components["llm_judge"] is None and res.components["overall"] is None
-    assert server.requests == 3  # max_attempts, each a well-formed HTTP exchange
+    assert len(server.requests) == 3  # max_attempts, each a well-formed HTTP exchange
 
 
 def simulate_args(out: Path, url: str, *extra: str) -> list[str]:

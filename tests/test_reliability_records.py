@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from clarify_lit.data.datamodule import ConversationDataModule
 from clarify_lit.data.records import RecordError, load_records, write_records
 from clarify_lit.data.tokenization import TokenizationError
-from clarify_lit.train.objectives import DPO, ObjectiveDataError, Refit, Swift
+from clarify_lit.data.views import ObjectiveDataError
+from clarify_lit.train.objectives import DPO, Refit, Swift
 
 pytestmark = pytest.mark.usefixtures("clarify_cache")
 

@@ -5,15 +5,13 @@ conversation, byte-identical to an uninterrupted run. (SIGKILL: tests/test_simul
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
+from reliability_helpers import interrupt_simulate_after_first_shard
+
 from clarify_lit.data.records import load_records
-from clarify_lit.simulate.command import SHARD_DELAY_ENV, main
+from clarify_lit.simulate.command import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,25 +26,8 @@ def test_resume_after_sigterm_is_byte_identical(tmp_path, clarify_cache):
     full = tmp_path / "full"
     main(args(full))
     killed = tmp_path / "killed"
-    env = {**os.environ, SHARD_DELAY_ENV: "3", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-           "CLARIFY_CACHE": str(clarify_cache)}
-    proc = subprocess.Popen([sys.executable, "-m", "clarify_lit.simulate.command", *args(killed)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first = killed / "shards" / "shard-00000.jsonl"
-    deadline = time.monotonic() + 120
-    try:
-        while not first.exists():
-            assert proc.poll() is None, f"simulate exited early: {proc.stderr.read().decode()[-2000:]}"
-            assert time.monotonic() < deadline, "no shard after 120 s"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGTERM  # ended by the signal, not a clean exit that looks finished
+    status = interrupt_simulate_after_first_shard(args(killed), killed, signal.SIGTERM, clarify_cache)
+    assert status == -signal.SIGTERM  # ended by the signal, not a clean exit that looks finished
     assert not (killed / "conversations.jsonl").exists() and not (killed / "summary.json").exists()
     assert [p.name for p in (killed / "shards").iterdir()] == ["shard-00000.jsonl"]  # no half-written shard
     main(args(killed, "--resume", "true"))

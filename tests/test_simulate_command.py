@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from reliability_helpers import interrupt_simulate_after_first_shard
 
 from clarify_lit.data.records import load_records
-from clarify_lit.simulate.command import SHARD_DELAY_ENV, main, parse_config
+from clarify_lit.simulate.command import main, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "configs" / "simulate" / "tiny-tasks.jsonl"
@@ -70,24 +67,9 @@ def test_resume_after_sigkill_is_byte_identical(tmp_path, clarify_cache):
     main(args("tiny-clarifying.yaml", full))
     # the same run in a subprocess, killed (SIGKILL: no cleanup at all) right after its first shard
     killed = tmp_path / "killed"
-    env = {**os.environ, SHARD_DELAY_ENV: "3", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-           "CLARIFY_CACHE": str(clarify_cache)}
-    proc = subprocess.Popen([sys.executable, "-m", "clarify_lit.simulate.command", *args("tiny-clarifying.yaml", killed)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first = killed / "shards" / "shard-00000.jsonl"
-    deadline = time.monotonic() + 120
-    try:
-        while not first.exists():
-            if proc.poll() is not None:
-                pytest.fail(f"simulate exited early ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail("no shard after 120 s")
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    status = interrupt_simulate_after_first_shard(args("tiny-clarifying.yaml", killed), killed, signal.SIGKILL,
+                                                  clarify_cache)
+    assert status == -signal.SIGKILL
     assert not (killed / "conversations.jsonl").exists()
     assert len(list((killed / "shards").glob("shard-*.jsonl"))) == 1
     main(args("tiny-clarifying.yaml", killed, "--resume", "true"))
@@ -96,4 +78,4 @@ def test_resume_after_sigkill_is_byte_identical(tmp_path, clarify_cache):
     assert summary["shards_resumed"] == 1 and summary["conversations"] == 12
     records, _ = load_records(killed / "conversations.jsonl")
     assert len({r.id for r in records}) == 12
-    assert {r.meta["teacher"] for r in records} == {"retrieval"} and {r.meta["reward"] for r in records} == {"gold_prob"}
+    assert {r.meta["teacher"] for r in records} == {"retrieval:blank"} and {r.meta["reward"] for r in records} == {"gold_prob"}

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from fake_endpoint import FakeEndpoint, completion
 
 from clarify_lit.data.tasks import QATask
 from clarify_lit.simulate.rewards import CorrectReward
-from clarify_lit.simulate.rollout import rollout_tasks
+from clarify_lit.simulate.rollout import RolloutSpec, rollout_tasks
 from clarify_lit.simulate.teachers import EndpointChatBackend, EndpointError, HFChatBackend, LLMTeacher
 
 TASKS = [
@@ -24,58 +23,29 @@ TASKS = [
 
 
 
-class Server:
-    """A 127.0.0.1 server in a thread; ``behaviour`` decides each reply (``"model"`` = the tiny model answers)."""
+class Server(FakeEndpoint):
+    """The fake endpoint; ``behaviour`` decides each reply (``"model"`` = the tiny model answers)."""
 
     def __init__(self, backend: HFChatBackend | None, behaviour: str = "model", api_key: str | None = None):
+        super().__init__()
         self.backend, self.behaviour, self.api_key = backend, behaviour, api_key
-        self.requests: list[dict] = []
-        self.lock = threading.Lock()
-        outer = self
+        self.generate_lock = threading.Lock()
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep pytest output clean
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append(body)
-                if outer.api_key and self.headers.get("Authorization") != f"Bearer {outer.api_key}":
-                    return self._send(401, {"error": {"message": "bad key"}})
-                if self.path != "/v1/chat/completions":
-                    return self._send(404, {"error": {"message": f"no route {self.path}"}})
-                if outer.behaviour == "unavailable":
-                    return self._send(503, {"error": {"message": "overloaded"}})
-                if outer.behaviour == "bad_request":
-                    return self._send(400, {"error": {"message": "unknown model"}})
-                if outer.behaviour == "slow":
-                    time.sleep(0.5)
-                with outer.lock:  # one generate at a time on the shared model
-                    text = outer.backend.chat([body["messages"]], temperature=body.get("temperature", 0.0),
-                                              max_new_tokens=body["max_tokens"])[0]
-                return self._send(200, {"id": "x", "object": "chat.completion", "model": body["model"],
-                                        "choices": [{"index": 0, "finish_reason": "stop",
-                                                     "message": {"role": "assistant", "content": text}}]})
-
-            def _send(self, code, payload):
-                data = json.dumps(payload).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def respond(self, handler, body, index):
+        if self.api_key and handler.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return handler.send(401, {"error": {"message": "bad key"}})
+        if handler.path != "/v1/chat/completions":
+            return handler.send(404, {"error": {"message": f"no route {handler.path}"}})
+        if self.behaviour == "unavailable":
+            return handler.send(503, {"error": {"message": "overloaded"}})
+        if self.behaviour == "bad_request":
+            return handler.send(400, {"error": {"message": "unknown model"}})
+        if self.behaviour == "slow":
+            time.sleep(0.5)
+        with self.generate_lock:  # one generate at a time on the shared model
+            text = self.backend.chat([body["messages"]], temperature=body.get("temperature", 0.0),
+                                     max_new_tokens=body["max_tokens"])[0]
+        return handler.send(200, completion(text, body["model"]))
 
 
 def test_endpoint_serves_the_models_own_generation(tiny):
@@ -93,12 +63,12 @@ def test_endpoint_serves_the_models_own_generation(tiny):
 def test_clarifying_rollout_with_endpoint_teacher_equals_local_teacher(tiny):
     model, tok = tiny
     hf = HFChatBackend(model, tok, batch_size=4)
-    args = dict(setting="clarifying", mode="thinking", n_turns=3, temperatures=[0.0, 1.0], max_new_tokens=6,
-                batch_size=4, seed=3, reward=CorrectReward())
-    local = rollout_tasks(model, tok, TASKS, teacher=LLMTeacher(hf, max_new_tokens=8), **args)
+    spec = RolloutSpec(setting="clarifying", mode="thinking", n_turns=3, temperatures=[0.0, 1.0], max_new_tokens=6,
+                       batch_size=4, seed=3)
+    local = rollout_tasks(model, tok, TASKS, spec, teacher=LLMTeacher(hf, max_new_tokens=8), reward=CorrectReward())
     with Server(hf) as server:
-        remote = rollout_tasks(model, tok, TASKS, teacher=LLMTeacher(EndpointChatBackend(server.url, "tiny"),
-                                                                      max_new_tokens=8), **args)
+        remote = rollout_tasks(model, tok, TASKS, spec, reward=CorrectReward(),
+                               teacher=LLMTeacher(EndpointChatBackend(server.url, "tiny"), max_new_tokens=8))
     assert len(server.requests) == len(TASKS) * 2  # one teacher reply per conversation
     assert [r.messages for r in remote] == [r.messages for r in local]
     assert remote[0].meta["teacher"] == "llm:endpoint:tiny"

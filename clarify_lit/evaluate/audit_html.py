@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from clarify_lit.data.records import ConversationRecord, load_records
 from clarify_lit.evaluate.metrics import final_answer_parse
+from clarify_lit.io import atomic_write_text
 
 if TYPE_CHECKING:  # report imports this module lazily; a runtime import back would be circular
     from clarify_lit.evaluate.report import MethodSummary
@@ -420,7 +421,4 @@ def render_page(methods: Sequence[MethodSummary], report_markdown: str, plot: st
 def write_audit_html(path: str | os.PathLike, methods: Sequence[MethodSummary], report_markdown: str,
                      plot: str | os.PathLike | None = None, title: str = "Evaluation audit") -> Path:
     """Write the audit page to ``path`` and return it."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_page(methods, report_markdown, plot, title), encoding="utf-8")
-    return out
+    return atomic_write_text(path, render_page(methods, report_markdown, plot, title))

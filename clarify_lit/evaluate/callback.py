@@ -34,9 +34,9 @@ import random
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
@@ -44,32 +44,23 @@ from lightning.pytorch.callbacks import Callback
 
 from clarify_lit.data.records import ConversationRecord, write_records
 from clarify_lit.data.tasks import QATask
-from clarify_lit.evaluate.metrics import RolloutMetrics, is_correct, nan_to_none
-from clarify_lit.simulate.command import DataOptions, RewardOptions, TeacherOptions
+from clarify_lit.evaluate.metrics import RolloutMetrics, final_answer, is_correct, nan_to_none
+from clarify_lit.io import atomic_write_text
+from clarify_lit.models import FrozenModels
+from clarify_lit.simulate.options import (
+    DataOptions,
+    RewardOptions,
+    TeacherOptions,
+    build_reward,
+    build_teacher,
+    load_data_tasks,
+)
+from clarify_lit.simulate.prompts import Mode, Setting, split_instruction
+from clarify_lit.simulate.rewards import Reward
+from clarify_lit.simulate.rollout import RolloutSpec, rollout_tasks
+from clarify_lit.simulate.teachers import Teacher
 
 log = logging.getLogger(__name__)
-
-Setting = Literal["reasoning", "clarifying"]
-Mode = Literal["thinking", "standard"]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# What to roll out (shared with `clarify evaluate`)
-# ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class RolloutSpec:
-    """How conversations are played: everything :func:`rollout_tasks` needs besides model, tasks, teacher, reward."""
-
-    setting: Setting = "reasoning"
-    mode: Mode = "thinking"
-    n_turns: int = 3
-    temperatures: list[float] = field(default_factory=lambda: [0.0])
-    max_new_tokens: int = 64
-    batch_size: int = 8
-    seed: int = 0
-    adaptive: bool = False
-    discount: float = 1.0
-    reuse_kv_cache: bool = True
 
 
 def load_eval_tasks(data: DataOptions | None = None, n_questions: int | None = None) -> list[QATask]:
@@ -80,8 +71,6 @@ def load_eval_tasks(data: DataOptions | None = None, n_questions: int | None = N
     on. ``data.part`` is always replaced by ``"test"`` (evaluation never runs on the training part) and
     ``data.limit`` must be unset (``n_questions`` says how many).
     """
-    from clarify_lit.simulate import command as sim
-
     data = data or DataOptions()
     if data.limit is not None:
         raise ValueError(f"data.limit={data.limit}: evaluation takes the number of questions from n_questions")
@@ -89,7 +78,7 @@ def load_eval_tasks(data: DataOptions | None = None, n_questions: int | None = N
         log.info("evaluation uses the held-out test part (data.part=%r replaced by 'test')", data.part)
     if n_questions is not None and n_questions < 1:
         raise ValueError(f"n_questions must be >= 1, got {n_questions}")
-    tasks = sim.load_config_tasks(sim.SimulateConfig(data=replace(data, part="test", limit=None)))
+    tasks = load_data_tasks(replace(data, part="test", limit=None))
     if n_questions is not None:
         if n_questions > len(tasks):
             raise ValueError(f"n_questions={n_questions} but only {len(tasks)} held-out questions are available "
@@ -98,42 +87,19 @@ def load_eval_tasks(data: DataOptions | None = None, n_questions: int | None = N
     return tasks
 
 
-class ModelCache:
-    """Frozen teacher/judge models, each ``(name, dtype)`` loaded once on ``device`` (teacher and judge share a copy
-    when they are the same model). Same ``get(name, dtype)`` interface as ``clarify simulate``'s cache."""
-
-    def __init__(self, device: torch.device | str):
-        self.device = torch.device(device)
-        self.cache: dict[tuple[str, str], tuple[Any, Any]] = {}
-
-    def get(self, name: str, dtype: str) -> tuple[Any, Any]:
-        if not name:
-            raise ValueError("the teacher/judge model is not known: set teacher.model / reward.judge_model (it "
-                             "defaults to the policy's base model, which is unknown here: a full-weights export "
-                             "or a module without the hparam model_name_or_path)")
-        from clarify_lit.models import load_causal_lm, load_tokenizer
-
-        key = (name, dtype)
-        if key not in self.cache:
-            model = load_causal_lm(name, dtype=dtype).to(self.device).eval()
-            model.requires_grad_(False)  # never trained: kept out of any optimizer by construction
-            self.cache[key] = (model, load_tokenizer(name))
-        return self.cache[key]
-
-
 def build_teacher_and_reward(teacher: TeacherOptions | None, reward: RewardOptions | None, *, base_model: str | None,
-                             setting: Setting, device: torch.device | str, batch_size: int = 8) -> tuple[Any, Any]:
+                             setting: Setting, device: torch.device | str, batch_size: int = 8
+                             ) -> tuple[Teacher, Reward]:
     """The teacher and reward objects, built exactly as ``clarify simulate`` builds them from the same options.
 
     ``base_model`` (the policy's *base*, never the trained weights) is the default teacher/judge model, so every
-    method is evaluated against the same teacher and judge.
+    method is evaluated against the same teacher and judge. Teacher and judge share one frozen copy when they are
+    the same model.
     """
-    from clarify_lit.simulate import command as sim
-
-    cfg = sim.SimulateConfig(model=base_model or "", setting=setting, teacher=teacher or TeacherOptions(),
-                             reward=reward or RewardOptions(), batch_size=batch_size)
-    models = ModelCache(device)
-    return sim.build_teacher(cfg, models), sim.build_reward(cfg, models)
+    models = FrozenModels(device)
+    policy = base_model or ""
+    return (build_teacher(teacher, setting=setting, policy=policy, models=models, batch_size=batch_size),
+            build_reward(reward, policy=policy, models=models, batch_size=batch_size))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -169,19 +135,14 @@ def isolated(module: torch.nn.Module, tokenizer: Any) -> Iterator[None]:
 
 
 def run_rollouts(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[QATask], spec: RolloutSpec, *,
-                 teacher: Any = None, reward: Any = None, progress: bool = False,
+                 teacher: Teacher | None = None, reward: Reward | None = None, progress: bool = False,
                  model_name: str = "") -> list[ConversationRecord]:
     """:func:`rollout_tasks` inside :func:`isolated` (no-op for an empty task list)."""
     if not tasks:
         return []
-    from clarify_lit.simulate.rollout import rollout_tasks
-
     with isolated(model, tokenizer):
-        return rollout_tasks(model, tokenizer, list(tasks), setting=spec.setting, mode=spec.mode,
-                             n_turns=spec.n_turns, temperatures=list(spec.temperatures), teacher=teacher,
-                             reward=reward, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size,
-                             seed=spec.seed, progress=progress, model_name=model_name, adaptive=spec.adaptive,
-                             discount=spec.discount, reuse_kv_cache=spec.reuse_kv_cache)
+        return rollout_tasks(model, tokenizer, list(tasks), spec, teacher=teacher, reward=reward, progress=progress,
+                             model_name=model_name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -203,9 +164,6 @@ def _quote(text: str) -> str:
 def render_markdown(record: ConversationRecord) -> str:
     """A readable Markdown view of one conversation: header (question id, gold, parsed answer, reward), then each
     turn with its role in bold; the per-turn instructions appended to teacher turns are shown apart, in italics."""
-    from clarify_lit.evaluate.metrics import final_answer
-    from clarify_lit.simulate.prompts import split_instruction
-
     pred = final_answer(record) or "—"
     mark = "correct" if record.gold is not None and is_correct(record) else "wrong"
     lines = [f"**{_md_escape(record.task_id)}** (run {record.run}, T={record.temperature:g}) · gold "
@@ -437,8 +395,8 @@ class RolloutEvaluation(Callback):
             folder = run_dir / "rollouts"
             path = write_records(folder / f"step_{step:06d}.jsonl", records)
             meta = self.run_meta(pl_module, step, path.name)
-            (folder / f"step_{step:06d}.metrics.json").write_text(
-                json.dumps(nan_to_none({"metrics": values, "meta": meta}), indent=2), encoding="utf-8")
+            atomic_write_text(folder / f"step_{step:06d}.metrics.json",
+                              json.dumps(nan_to_none({"metrics": values, "meta": meta}), indent=2))
         tb = next((lg.experiment for lg in trainer.loggers
                    if type(lg).__name__ == "TensorBoardLogger" and hasattr(lg.experiment, "add_text")), None)
         if tb is None:

@@ -28,81 +28,21 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import torch
+from jsonargparse import CLI
 
 from clarify_lit.data.records import write_records
-from clarify_lit.evaluate.callback import (
-    Mode,
-    RolloutSpec,
-    Setting,
-    build_teacher_and_reward,
-    load_eval_tasks,
-    run_rollouts,
-)
+from clarify_lit.evaluate.callback import build_teacher_and_reward, load_eval_tasks, run_rollouts
 from clarify_lit.evaluate.metrics import compute_metrics, nan_to_none
-from clarify_lit.simulate.command import DataOptions, RewardOptions, TeacherOptions
-from clarify_lit.simulate.rollout import check_discount
+from clarify_lit.io import atomic_write_text
+from clarify_lit.models import DType, load_causal_lm, load_export, load_tokenizer, resolve_device
+from clarify_lit.simulate.options import DataOptions, RewardOptions, TeacherOptions
+from clarify_lit.simulate.prompts import Mode, Setting
+from clarify_lit.simulate.rollout import RolloutSpec, check_discount
+from clarify_lit.train.module import load_checkpoint
 
 log = logging.getLogger(__name__)
-
-ADAPTER_CONFIG = "adapter_config.json"
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def load_export(export_dir: str | Path, dtype: str = "float32", merge_lora: bool = True
-                ) -> tuple[Any, Any, str | None]:
-    """Load an exported folder: ``(model, tokenizer, base model name or None)``.
-
-    A PEFT adapter folder (``adapter_config.json``) is applied to its ``base_model_name_or_path`` (and merged into
-    it with ``merge_lora``: same outputs, faster generation); anything else loads as a full model, whose base is
-    unknown (``None``: an LLM teacher or judge then needs an explicit model, never the trained weights).
-    """
-    from clarify_lit.models import load_causal_lm, load_tokenizer
-
-    folder = Path(export_dir)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"export folder not found: {folder}")
-    has_tokenizer = any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
-    adapter = folder / ADAPTER_CONFIG
-    if not adapter.is_file():
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{folder}: neither {ADAPTER_CONFIG} (PEFT adapter) nor config.json (full model)")
-        return load_causal_lm(str(folder), dtype), load_tokenizer(str(folder)), None
-    try:
-        base = json.loads(adapter.read_text(encoding="utf-8"))["base_model_name_or_path"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise ValueError(f"{adapter}: field 'base_model_name_or_path' unreadable ({e})") from None
-    if not base:
-        raise ValueError(f"{adapter}: field 'base_model_name_or_path' is empty: cannot tell which base to load")
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(load_causal_lm(base, dtype), str(folder))
-    if merge_lora:
-        model = model.merge_and_unload()
-    tokenizer = load_tokenizer(str(folder) if has_tokenizer else base)
-    return model, tokenizer, base
-
-
-def load_checkpoint(ckpt_path: str | Path, merge_lora: bool = True) -> tuple[Any, Any, str, str]:
-    """Load a ``ClarifyModule`` checkpoint: ``(model, tokenizer, base model name, objective name)``."""
-    from clarify_lit.train.module import ClarifyModule
-
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    module = ClarifyModule.from_checkpoint(path)
-    model = module.model
-    if merge_lora and hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    objective = (module.hparams.get("objective_config") or {}).get("class") or "checkpoint"
-    return model, module.tokenizer, str(module.hparams.get("model_name_or_path", "")), objective
 
 
 def check_one_source(model: str | None, ckpt_path: str | None, export_dir: str | None) -> None:
@@ -117,8 +57,6 @@ def load_policy(model: str | None, ckpt_path: str | None, export_dir: str | None
     """Load exactly one of the three policy sources; return ``(model, tokenizer, info)`` (info goes into meta)."""
     check_one_source(model, ckpt_path, export_dir)
     if model:
-        from clarify_lit.models import load_causal_lm, load_tokenizer
-
         return load_causal_lm(model, dtype), load_tokenizer(model), {
             "source": "model", "model": model, "base_model": model, "default_method": "Base"}
     if ckpt_path:
@@ -151,7 +89,7 @@ def evaluate(
     batch_size: int = 8,
     reuse_kv_cache: bool = True,
     seed: int = 0,
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    dtype: DType = "float32",
     device: str = "auto",
     merge_lora: bool = True,
     progress: bool = True,
@@ -216,8 +154,8 @@ def evaluate(
         "seconds": round(time.perf_counter() - start, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "rollouts": "rollouts.jsonl", "argv": sys.argv[1:],
     }
-    (out / "metrics.json").write_text(json.dumps(nan_to_none({"metrics": metrics, "meta": meta}), indent=2),
-                                      encoding="utf-8")
+    # written last and atomically: metrics.json is the "stage done" marker `clarify iterate` and the demo resume on
+    atomic_write_text(out / "metrics.json", json.dumps(nan_to_none({"metrics": metrics, "meta": meta}), indent=2))
     print(summary_line(meta["method"], metrics, out))
     return metrics
 
@@ -233,8 +171,6 @@ def summary_line(method: str, m: dict[str, float], out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``clarify evaluate`` (jsonargparse: every argument of :func:`evaluate`, plus ``--config``)."""
-    from jsonargparse import CLI
-
     CLI(evaluate, args=argv, as_positional=False, prog="clarify evaluate",
         description="Roll a policy (--model, --ckpt_path or --export_dir) out on held-out questions; write "
         "metrics.json and rollouts.jsonl to --out_dir. See docs/evaluation.md.")

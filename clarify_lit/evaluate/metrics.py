@@ -26,18 +26,12 @@ import torch
 from torchmetrics import Metric
 
 from clarify_lit.data.records import ConversationRecord, RecordError
+from clarify_lit.simulate import parsing
+from clarify_lit.simulate.prompts import JUDGE_METRIC_NAMES, judge_key
 
-# The six scores of the paper's LLM judge (Table columns), canonical names in table order.
-JUDGE_SCORES = ("overall", "accuracy", "reasoning", "comprehensiveness", "pedagogical_value", "confidence")
-# Spellings a reward implementation may use for the same scores (after lower-casing, prefix stripping, "_" joins).
-_JUDGE_ALIASES = {
-    "overall": "overall", "overall_score": "overall",
-    "accuracy": "accuracy",
-    "reasoning": "reasoning", "reasoning_ability": "reasoning",
-    "comprehensiveness": "comprehensiveness",
-    "pedagogical_value": "pedagogical_value", "pedagogical": "pedagogical_value", "pedagogy": "pedagogical_value",
-    "confidence": "confidence", "confidence_calibration": "confidence", "calibration": "confidence",
-}
+# The six scores of the paper's LLM judge by metric name (Table columns), overall first; the vocabulary (keys,
+# metric names, other spellings) is defined once, with the judge's prompt (simulate/prompts.py).
+JUDGE_SCORES = ("overall", *(name for name in JUDGE_METRIC_NAMES.values() if name != "overall"))
 _JUDGE_PREFIX = re.compile(r"^(?:llm_)?judge[_/.:-]")
 
 # Order of the statistics vector (the single state of RolloutMetrics). Everything is a plain sum over records.
@@ -109,13 +103,6 @@ def nan_to_none(obj: Any) -> Any:
 # ---------------------------------------------------------------------------------------------------------------
 # Per-record reading
 # ---------------------------------------------------------------------------------------------------------------
-def _parsing():
-    """Import the one answer parser lazily (``clarify_lit.simulate.parsing``), keeping this module importable alone."""
-    from clarify_lit.simulate import parsing
-
-    return parsing
-
-
 def assistant_turns(record: ConversationRecord) -> list[str]:
     """The assistant messages of a record, in order."""
     return [m["content"] for m in record.messages if m["role"] == "assistant"]
@@ -155,7 +142,6 @@ def final_answer_parse(record: ConversationRecord, choices: Mapping[str, Sequenc
     are unknown and the parse finds nothing (no letter, no hedge) is the rollout's stored ``record.prediction``
     used — and only if the current parser agrees that the text does not hedge.
     """
-    parsing = _parsing()
     turns = assistant_turns(record)
     if not turns:
         return parsing.AnswerParse(None)
@@ -190,8 +176,8 @@ def normalize_judge_key(key: str) -> str | None:
     """
     k = key.strip().lower()
     k = _JUDGE_PREFIX.sub("", k)
-    k = re.sub(r"[\s\-/.]+", "_", k)
-    return _JUDGE_ALIASES.get(k)
+    key = judge_key(re.sub(r"[\s\-/.]+", "_", k))
+    return None if key is None else JUDGE_METRIC_NAMES[key]
 
 
 def judge_scores(record: ConversationRecord) -> dict[str, float | None] | None:
@@ -276,7 +262,6 @@ def accumulate_stats(
         source: a file name for error messages.
     """
     st = stats if stats is not None else empty_stats()
-    parsing = _parsing()
     count_tokens = token_counter(tokenizer)
     for rec in records:
         turns = assistant_turns(rec)

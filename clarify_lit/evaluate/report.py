@@ -16,7 +16,6 @@ also writes one self-contained audit page: the tables, the plot and every conver
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import math
@@ -26,9 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from clarify_lit.arguments import renamed_switches
 from clarify_lit.data.records import ConversationRecord, load_records
 from clarify_lit.evaluate.audit_html import write_audit_html
 from clarify_lit.evaluate.metrics import HIGHER_IS_BETTER, PairedDiff, nan_to_none, paired_comparison
+from clarify_lit.io import atomic_write, atomic_write_text
 
 METRICS_FILE = "metrics.json"
 
@@ -195,7 +198,8 @@ def table_columns(methods: Sequence[MethodSummary], wanted: Sequence[str] | None
     return [c for c in COLUMNS if any(c in s.mean for s in methods)]
 
 
-def _fmt(value: float, se: float | None, decimals: int) -> str:
+def format_mean_se(value: float | None, se: float | None = None, decimals: int = 3) -> str:
+    """``mean ± SE`` at ``decimals`` places: ``–`` for a missing mean, ``?`` for a missing SE, no ``±`` without one."""
     if not _finite(value):
         return "–"
     text = f"{value:.{decimals}f}"
@@ -220,7 +224,7 @@ def results_table(methods: Sequence[MethodSummary], columns: Sequence[str]) -> s
         for c in columns:
             dec = COLUMNS.get(c, (c, 3))[1]
             v = s.mean.get(c, math.nan)
-            cell = _fmt(v, s.se.get(c) if c in s.se else None, dec)
+            cell = format_mean_se(v, s.se.get(c) if c in s.se else None, dec)
             if c in best and _finite(v) and f"{v:.{dec}f}" == best[c]:
                 cell = f"**{cell}**"
             cells.append(cell)
@@ -274,8 +278,8 @@ def paired_table(results: Sequence[tuple[str, str, dict[str, PairedDiff]]]) -> s
     rows = []
     for a, b, res in results:
         acc, rew = res["accuracy"], res["reward"]
-        rows.append([f"{a} vs {b}", str(acc.n), _fmt(acc.diff, acc.se, 3), f"{acc.wins}/{acc.losses}/{acc.ties}",
-                     f"{acc.p_sign:.3g}", _fmt(rew.diff, rew.se, 3), f"{rew.wins}/{rew.losses}/{rew.ties}",
+        rows.append([f"{a} vs {b}", str(acc.n), format_mean_se(acc.diff, acc.se, 3), f"{acc.wins}/{acc.losses}/{acc.ties}",
+                     f"{acc.p_sign:.3g}", format_mean_se(rew.diff, rew.se, 3), f"{rew.wins}/{rew.losses}/{rew.ties}",
                      f"{rew.p_sign:.3g}"])
     return _markdown(header, rows)
 
@@ -305,8 +309,8 @@ def plot_methods(methods: Sequence[MethodSummary], columns: Sequence[str], path:
     fig.suptitle("mean ± SE")
     fig.tight_layout()
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    with atomic_write(out, "wb") as f:
+        fig.savefig(f, dpi=120, format=out.suffix.lstrip(".") or None)
     plt.close(fig)
     return out
 
@@ -314,22 +318,24 @@ def plot_methods(methods: Sequence[MethodSummary], columns: Sequence[str], path:
 # ---------------------------------------------------------------------------------------------------------------
 # Command
 # ---------------------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="clarify report", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("inputs", nargs="+", help="metrics.json files, folders or globs; LABEL=PATH sets the label")
-    ap.add_argument("--out", default="report.md", help="Markdown output (the PNG and JSON go next to it)")
-    ap.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
-    ap.add_argument("--metrics", nargs="+", default=None, help="metric columns (default: all measured)")
-    ap.add_argument("--baseline", default=None, help="compare every method against this one (default: Base)")
-    ap.add_argument("--pairs", nargs="+", default=None, metavar="A:B", help="explicit paired comparisons A:B")
-    ap.add_argument("--no-paired", action="store_true", help="skip the paired per-question table")
-    ap.add_argument("--rename", nargs="+", default=None, metavar="OLD=NEW",
+def build_parser() -> ArgumentParser:
+    """``clarify report``'s options (jsonargparse, like every command: ``--config`` YAML, ``--print_config``)."""
+    ap = ArgumentParser(prog="clarify report", description=__doc__.split("\n\n")[0], env_prefix="CLARIFY_REPORT",
+                        default_env=False)
+    ap.add_argument("--config", action=ActionConfigFile, help="YAML with any of the options below")
+    ap.add_argument("inputs", type=str, nargs="+", help="metrics.json files, folders or globs; LABEL=PATH sets the label")
+    ap.add_argument("--out", type=str, default="report.md", help="Markdown output (the PNG and JSON go next to it)")
+    ap.add_argument("--plot", type=str | None, default=None, help="PNG path (default: --out with .png)")
+    ap.add_argument("--metrics", type=str, nargs="+", default=None, help="metric columns (default: all measured)")
+    ap.add_argument("--baseline", type=str | None, default=None,
+                    help="compare every method against this one (default: Base)")
+    ap.add_argument("--pairs", type=str, nargs="+", default=None, metavar="A:B", help="explicit paired comparisons A:B")
+    ap.add_argument("--no_paired", type=bool, default=False, help="skip the paired per-question table")
+    ap.add_argument("--rename", type=str, nargs="+", default=None, metavar="OLD=NEW",
                     help="show method OLD as NEW (e.g. SFT=STaR-GATE: the paper's name for the SFT-on-best row)")
-    ap.add_argument("--order", nargs="+", default=None, metavar="LABEL",
+    ap.add_argument("--order", type=str, nargs="+", default=None, metavar="LABEL",
                     help="row order (labels after --rename); methods not named follow in first-seen order")
-    ap.add_argument("--html", default=None, metavar="PATH",
+    ap.add_argument("--html", type=str | None, default=None, metavar="PATH",
                     help="also write a self-contained HTML audit page (tables, plot, conversations side by side)")
     return ap
 
@@ -369,15 +375,14 @@ def run_report(inputs: Sequence[str], out: str | os.PathLike = "report.md", plot
         parts += [""] + [f"- {n}" for n in notes]
     text = "\n".join(parts) + "\n"
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
+    atomic_write_text(out, text)
     plot_path = plot_methods(methods, columns, plot or out.with_suffix(".png"))
     summary = {
         "methods": [{"label": s.label, "seeds": s.k, "files": [str(f.path) for f in s.files], "mean": s.mean,
                      "se": s.se, "seed_sd": s.seed_sd} for s in methods],
         "paired": [{"a": a, "b": b, **{k: v.as_dict() for k, v in r.items()}} for a, b, r in comparisons],
     }
-    out.with_suffix(".json").write_text(json.dumps(nan_to_none(summary), indent=2), encoding="utf-8")
+    atomic_write_text(out.with_suffix(".json"), json.dumps(nan_to_none(summary), indent=2))
     if html:
         write_audit_html(html, methods, text, plot_path, title=f"Evaluation audit: {out.stem}")
     return text
@@ -408,7 +413,7 @@ def order_methods(methods: Sequence[MethodSummary], order: Sequence[str] | None)
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``clarify report``."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(renamed_switches(argv, {"--no-paired": "--no_paired"}, "clarify report"))
     text = run_report(args.inputs, out=args.out, plot=args.plot, metrics=args.metrics, baseline=args.baseline,
                       pairs=args.pairs, paired=not args.no_paired, rename=args.rename, order=args.order,
                       html=args.html)

@@ -23,8 +23,9 @@ from typing import Any
 
 from clarify_lit.data.records import ConversationRecord, concat_files
 from clarify_lit.data.tasks import QATask
+from clarify_lit.io import atomic_write_text
 from clarify_lit.simulate.engine import derive_seed
-from clarify_lit.simulate.rollout import rollout_tasks
+from clarify_lit.simulate.rollout import RolloutSpec, rollout_tasks
 
 BRANCH_FILE = "branches.jsonl"
 BRANCH_CONFIG = "branch_config.json"
@@ -49,20 +50,21 @@ def branch_rollouts(
     tokenizer,
     tasks: Sequence[QATask],
     parents: Sequence[ConversationRecord],
+    spec: RolloutSpec,
     *,
-    seed: int,
     runs: Sequence[int] | None = None,
     temperature: float | None = None,
     **rollout_kw: Any,
 ) -> list[ConversationRecord]:
     """One branch per (parent, assistant step t): a new turn t sampled from the parent's prefix, completed and scored.
 
-    ``parents`` are the logged records of ``tasks``; ``runs`` restricts which runs are branched (None: all);
-    ``temperature`` samples the branches (None: each parent's own temperature, i.e. the logging policy of that run).
-    ``rollout_kw`` are :func:`rollout_tasks`' options (setting, mode, n_turns, teacher, reward, engine, …), the same
-    as the logged rollout's. Branches of one (step, run) go through one batched call (a task appears once per call);
-    each call's seed is ``derive_seed(seed, "step", t, "run", run)``, so the output depends on its inputs alone.
-    Records come back ordered by parent, then step.
+    ``parents`` are the logged records of ``tasks``; ``spec`` is the logged rollout's (its ``temperatures`` are not
+    used, its ``seed`` seeds the branches); ``runs`` restricts which runs are branched (None: all); ``temperature``
+    samples the branches (None: each parent's own temperature, i.e. the logging policy of that run). ``rollout_kw``
+    are :func:`rollout_tasks`' other arguments (teacher, reward, engine, model_name), the same as the logged
+    rollout's. Branches of one (step, run) go through one batched call (a task appears once per call); each call's
+    seed is ``derive_seed(spec.seed, "step", t, "run", run)``, so the output depends on its inputs alone. Records come
+    back ordered by parent, then step.
     """
     by_id = {t.task_id: t for t in tasks}
     run_set = None if runs is None else set(runs)
@@ -78,9 +80,10 @@ def branch_rollouts(
         temps = {p.temperature if temperature is None else float(temperature) for p in group}
         for temp in sorted(temps):  # one temperature per call (a run has one temperature unless records were mixed)
             members = [p for p in group if (p.temperature if temperature is None else float(temperature)) == temp]
-            out = rollout_tasks(model, tokenizer, [by_id[p.task_id] for p in members], temperatures=[temp],
+            call = replace(spec, temperatures=[temp], seed=derive_seed(spec.seed, "step", step, "run", run))
+            out = rollout_tasks(model, tokenizer, [by_id[p.task_id] for p in members], call,
                                 prefixes=[branch_prefix(p.messages, step) for p in members], start_turn=step,
-                                seed=derive_seed(seed, "step", step, "run", run), **rollout_kw)
+                                **rollout_kw)
             for p, rec in zip(members, out, strict=True):
                 # the prefix's cut turns are the parent's (turns before `step`); the rollout counted only its own
                 _, parent_cut = p.truncated_turns()
@@ -107,7 +110,7 @@ def check_branch_config(out: Path, config: dict[str, Any]) -> None:
         if old != config:
             raise ValueError(f"--resume: {out} holds branches made with {old}, this run asks for {config}; use the "
                              "same branch options or another --output")
-    path.write_text(json.dumps(config, sort_keys=True) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(config, sort_keys=True) + "\n")
 
 
 def merge_branch_shards(out: Path, n_chunks: int) -> Path:

@@ -28,14 +28,16 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from clarify_lit.arguments import dataclass_parser, parse_dataclass
 from clarify_lit.data.records import ConversationRecord, concat_files, load_records, write_records
+from clarify_lit.io import atomic_write_text
+from clarify_lit.models import DType, FrozenModels, resolve_device
 from clarify_lit.simulate.branches import (
     BRANCH_CONFIG,
     BRANCH_FILE,
@@ -45,103 +47,25 @@ from clarify_lit.simulate.branches import (
     check_branch_config,
     merge_branch_shards,
 )
+from clarify_lit.simulate.endpoint_policy import EndpointPolicyEngine
 from clarify_lit.simulate.engine import GenerationEngine, derive_seed
-from clarify_lit.simulate.parsing import is_hedge, uses_thinking_tags
-from clarify_lit.simulate.rewards import Reward, make_reward
-from clarify_lit.simulate.rollout import DEFAULT_TEMPERATURES, check_discount, rollout_tasks
-from clarify_lit.simulate.teachers import (
-    ChatBackend,
-    EndpointChatBackend,
-    HFChatBackend,
-    Teacher,
-    make_teacher,
+from clarify_lit.simulate.options import (
+    DataOptions,
+    EndpointOptions,
+    RewardOptions,
+    TeacherOptions,
+    build_reward,
+    build_teacher,
+    endpoint_backend,
+    load_data_tasks,
 )
+from clarify_lit.simulate.parsing import is_hedge, uses_thinking_tags
+from clarify_lit.simulate.prompts import Mode, Setting
+from clarify_lit.simulate.rollout import DEFAULT_TEMPERATURES, RolloutSpec, check_discount, rollout_tasks
 
 log = logging.getLogger("clarify.simulate")
 
 SHARD_DELAY_ENV = "CLARIFY_SIMULATE_SHARD_DELAY"  # test hook: seconds to sleep after each shard (kill window)
-
-
-@dataclass
-class DataOptions:
-    """Which questions (passed to ``clarify_lit.data.tasks.load_tasks``)."""
-
-    dataset: str = "openbookqa"
-    """openbookqa, arc_easy, arc_challenge, sciq, mmlu, hub or local."""
-    part: Literal["train", "test", "all"] = "train"
-    """Our deterministic train/test division (400/100 by default)."""
-    split: str | None = None
-    """Source split (hub datasets; built-ins ship one)."""
-    seed: int = 0
-    """Seed of the train/test division."""
-    n_train: int = 400
-    n_test: int = 100
-    path: str | None = None
-    """File (local), hub id (hub) or an override folder (built-ins)."""
-    name: str | None = None
-    """Hub config name."""
-    columns: dict[str, Any] | None = None
-    """Column mapping for hub/local sources (ColumnMap fields)."""
-    label: str | None = None
-    on_bad_row: Literal["raise", "skip"] | None = None
-    limit: int | None = None
-    """Use only the first N tasks of the part (small runs)."""
-
-
-@dataclass
-class EndpointOptions:
-    """An OpenAI-compatible chat-completions endpoint."""
-
-    base_url: str | None = None
-    """e.g. http://127.0.0.1:8000/v1"""
-    model: str | None = None
-    """Model name sent to the endpoint."""
-    api_key_env: str | None = None
-    """Name of the environment variable holding the API key (none: no auth header)."""
-    timeout: float = 60.0
-    max_retries: int = 3
-    backoff: float = 1.0
-    concurrency: int = 4
-
-
-@dataclass
-class TeacherOptions:
-    """Who answers the student's clarifying questions (the reasoning setting is always scripted)."""
-
-    kind: Literal["scripted", "retrieval", "llm"] | None = None
-    """None: scripted (reasoning) / retrieval (clarifying)."""
-    backend: Literal["hf", "endpoint"] = "hf"
-    """For kind=llm: a local HF model or an endpoint."""
-    model: str | None = None
-    """HF backend: model name/path (None: the policy's model)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    endpoint: EndpointOptions = field(default_factory=EndpointOptions)
-    temperature: float = 0.0
-    max_new_tokens: int = 96
-    show_gold: bool = True
-    """LLM teacher is told the answer (and told never to reveal it)."""
-    show_knowledge: bool = True
-    top_k: int = 2
-    """Retrieval: sentences per reply."""
-    hide_gold_text: bool = True
-    """Retrieval: drop sentences quoting the gold option's text."""
-
-
-@dataclass
-class RewardOptions:
-    """How a whole conversation is scored (reward >= 0)."""
-
-    kind: Literal["correct", "gold_prob", "llm_judge", "weighted"] = "correct"
-    judge_model: str | None = None
-    """gold_prob / llm_judge with backend=hf: judge model (None: the policy's base model)."""
-    judge_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    backend: Literal["hf", "endpoint"] = "hf"
-    """llm_judge: local HF model or endpoint."""
-    endpoint: EndpointOptions = field(default_factory=EndpointOptions)
-    weights: dict[str, float] | None = None
-    """weighted: e.g. {correct: 0.5, gold_prob: 0.5}."""
-    max_attempts: int = 3
-    """llm_judge: tries before a reward is recorded as missing."""
 
 
 @dataclass
@@ -151,12 +75,12 @@ class SimulateConfig:
     model: str = "embedded:smollm2-135m-instruct"
     """Policy (= logging policy): hub id, local folder, embedded:smollm2-135m-instruct, tiny-random, or an exported
     LoRA adapter folder (runs/<run>/export: applied to its base and merged; teacher/judge default to that base)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: DType = "float32"
     device: str = "auto"
     """auto (cuda if available), cpu, cuda, cuda:1 …"""
     data: DataOptions = field(default_factory=DataOptions)
-    setting: Literal["reasoning", "clarifying"] = "reasoning"
-    mode: Literal["thinking", "standard"] = "thinking"
+    setting: Setting = "reasoning"
+    mode: Mode = "thinking"
     n_turns: int = 3
     adaptive: bool = False
     """Adaptive length: the agent may give its final answer before turn n_turns, which ends the conversation."""
@@ -198,25 +122,16 @@ class SimulateConfig:
     """Delete an existing output folder's shards first."""
     progress: bool = True
 
+    def rollout_spec(self, seed: int) -> RolloutSpec:
+        """How this simulation plays its conversations, seeded with ``seed`` (a chunk's or the branches' own)."""
+        return RolloutSpec(setting=self.setting, mode=self.mode, n_turns=self.n_turns,
+                           temperatures=list(self.temperatures), max_new_tokens=self.max_new_tokens,
+                           batch_size=self.batch_size, seed=seed, adaptive=self.adaptive, discount=self.discount,
+                           reuse_kv_cache=self.reuse_kv_cache)
+
 
 # fields that may differ between an interrupted run and its resumption
 _RUNTIME_FIELDS = ("output", "resume", "overwrite", "progress", "device")
-
-
-def dataclass_parser(config_class: type, prog: str, description: str, env_prefix: str, config_help: str):
-    """A jsonargparse parser for a command configured by one dataclass (``--config`` YAML + one option per field)."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    parser = ArgumentParser(prog=prog, description=description, env_prefix=env_prefix, default_env=False)
-    parser.add_argument("--config", action=ActionConfigFile, help=config_help)
-    parser.add_class_arguments(config_class, None, as_group=False)
-    return parser
-
-
-def parse_dataclass(parser, config_class: type, argv: list[str] | None):
-    """Parse ``argv`` with a :func:`dataclass_parser` parser and build the dataclass from it."""
-    init = parser.instantiate(parser.parse_args(argv))
-    return config_class(**{k: v for k, v in vars(init).items() if k in config_class.__dataclass_fields__})
 
 
 def build_parser():
@@ -226,122 +141,6 @@ def build_parser():
 
 def parse_config(argv: list[str] | None = None) -> SimulateConfig:
     return parse_dataclass(build_parser(), SimulateConfig, argv)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# building the pieces
-
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
-class _Models:
-    """Loads each (name, dtype) once, so policy, teacher and judge share one copy when they are the same model."""
-
-    def __init__(self, device: str):
-        self.device = device
-        self.cache: dict[tuple[str, str], tuple[Any, Any]] = {}
-
-    def get(self, name: str, dtype: str):
-        from clarify_lit.models import load_causal_lm, load_tokenizer
-
-        key = (name, dtype)
-        if key not in self.cache:
-            log.info("loading %s (%s) on %s", name, dtype, self.device)
-            if is_adapter_folder(name):  # an exported policy (clarify fit's export/): its base + the LoRA, merged
-                from clarify_lit.evaluate.command import load_export
-
-                model, tok, _ = load_export(name, dtype, merge_lora=True)
-                model = model.to(self.device).eval()
-                model.requires_grad_(False)
-                self.cache[key] = (model, tok)
-                return self.cache[key]
-            model = load_causal_lm(name, dtype=dtype).to(self.device)
-            model.eval()
-            model.requires_grad_(False)  # frozen: logging policy, teacher and judge are never trained here
-            self.cache[key] = (model, load_tokenizer(name))
-        return self.cache[key]
-
-
-def is_adapter_folder(name: str) -> bool:
-    """Whether ``name`` is a PEFT adapter folder (``adapter_config.json``), e.g. ``<run>/export`` of ``clarify fit``."""
-    return bool(name) and (Path(name) / "adapter_config.json").is_file()
-
-
-def policy_base(name: str) -> str:
-    """The base model of a policy: an adapter folder's ``base_model_name_or_path``, else ``name`` itself.
-
-    The LLM teacher and the judges default to it, so a trained policy (``--model runs/swift/export``) meets the same
-    teacher and judge as the base model did and is never its own judge. A full-weights export does not name its
-    base: set ``--teacher.model``/``--reward.judge_model`` explicitly there.
-    """
-    if is_adapter_folder(name):
-        base = json.loads((Path(name) / "adapter_config.json").read_text(encoding="utf-8")).get(
-            "base_model_name_or_path")
-        if base:
-            return str(base)
-    return name
-
-
-def _endpoint(opts: EndpointOptions, what: str) -> EndpointChatBackend:
-    if not opts.base_url or not opts.model:
-        raise ValueError(f"{what} with backend=endpoint needs endpoint.base_url and endpoint.model")
-    return EndpointChatBackend(opts.base_url, opts.model, api_key_env=opts.api_key_env, timeout=opts.timeout,
-                               max_retries=opts.max_retries, backoff=opts.backoff, concurrency=opts.concurrency)
-
-
-def build_teacher(cfg: SimulateConfig, models: _Models) -> Teacher | None:
-    t = cfg.teacher
-    kind = t.kind or ("scripted" if cfg.setting == "reasoning" else "retrieval")
-    if kind == "scripted":
-        return make_teacher("scripted")
-    if kind == "retrieval":
-        return make_teacher("retrieval", top_k=t.top_k, hide_gold_text=t.hide_gold_text)
-    backend: ChatBackend
-    if t.backend == "endpoint":
-        backend = _endpoint(t.endpoint, "teacher")
-    else:
-        name = t.model or policy_base(cfg.model)
-        model, tok = models.get(name, t.dtype)
-        backend = HFChatBackend(model, tok, batch_size=cfg.batch_size, name=f"hf:{name}")
-    return make_teacher("llm", backend=backend, temperature=t.temperature, max_new_tokens=t.max_new_tokens,
-                        show_gold=t.show_gold, show_knowledge=t.show_knowledge)
-
-
-def build_reward(cfg: SimulateConfig, models: _Models) -> Reward:
-    r = cfg.reward
-    kinds = set(r.weights or {}) if r.kind == "weighted" else {r.kind}
-    judge_model = judge_tok = judge_backend = None
-    judge_name = r.judge_model or policy_base(cfg.model)
-    if "gold_prob" in kinds:
-        judge_model, judge_tok = models.get(judge_name, r.judge_dtype)
-    if "llm_judge" in kinds:
-        if r.backend == "endpoint":
-            judge_backend = _endpoint(r.endpoint, "reward llm_judge")
-        else:
-            m, tok = models.get(judge_name, r.judge_dtype)
-            judge_backend = HFChatBackend(m, tok, batch_size=cfg.batch_size, name=f"hf:{judge_name}")
-    return make_reward(r.kind, judge_model=judge_model, judge_tokenizer=judge_tok, judge_backend=judge_backend,
-                       weights=r.weights, batch_size=cfg.batch_size, max_attempts=r.max_attempts)
-
-
-def load_config_tasks(cfg: SimulateConfig):
-    from clarify_lit.data.tasks import load_tasks  # lazy: dataset loaders pull in `datasets`
-
-    d = cfg.data
-    tasks = load_tasks(d.dataset, d.split, seed=d.seed, n_train=d.n_train, n_test=d.n_test, part=d.part,
-                       path=d.path, name=d.name, columns=d.columns, label=d.label, on_bad_row=d.on_bad_row)
-    if d.limit is not None:
-        if d.limit < 1:
-            raise ValueError(f"data.limit must be >= 1, got {d.limit}")
-        tasks = tasks[: d.limit]
-    if not tasks:
-        raise ValueError(f"dataset {d.dataset!r} part {d.part!r} gave no tasks")
-    return tasks
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -365,16 +164,6 @@ def run_fingerprint(cfg: SimulateConfig, task_ids: list[str]) -> dict[str, Any]:
     for k in ("step_branches", "branch_runs", "branch_temperature"):
         conf.pop(k)  # branches never change the logged records; their options are checked by check_branch_config
     return {"config": conf, "task_ids": task_ids}
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def prepare_output(cfg: SimulateConfig, fingerprint: dict[str, Any]) -> tuple[Path, set[int]]:
@@ -407,7 +196,7 @@ def prepare_output(cfg: SimulateConfig, fingerprint: dict[str, Any]) -> tuple[Pa
     shards.mkdir(parents=True, exist_ok=True)
     for tmp in shards.glob("*.tmp"):  # a shard half-written when the run was killed (never renamed into place)
         tmp.unlink()
-    _atomic_write_text(cfg_file, json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(cfg_file, json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
     done = {int(p.stem.split("-")[1]) for p in shards.glob("shard-*.jsonl")}
     return out, done
 
@@ -488,7 +277,7 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
     bt = cfg.branch_temperature
     if bt is not None and not (bt >= 0 and math.isfinite(bt)):
         raise ValueError(f"branch_temperature must be a finite number >= 0, got {bt}")
-    tasks = load_config_tasks(cfg)
+    tasks = load_data_tasks(cfg.data)
     chunks = [tasks[i:i + cfg.chunk_size] for i in range(0, len(tasks), cfg.chunk_size)]
     out, done = prepare_output(cfg, run_fingerprint(cfg, [t.task_id for t in tasks]))
     stray = sorted(k for k in done if k >= len(chunks))
@@ -503,16 +292,15 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
         if branch_todo:
             log.info("branching the %d chunk(s) already logged without branches", len(branch_todo))
 
-    models = _Models(_device(cfg.device))
+    models = FrozenModels(resolve_device(cfg.device))
     teacher = reward = engine = None
     model = tok = None
     if todo or branch_todo:
-        teacher = build_teacher(cfg, models)
-        reward = build_reward(cfg, models)
+        teacher = build_teacher(cfg.teacher, setting=cfg.setting, policy=cfg.model, models=models,
+                                batch_size=cfg.batch_size)
+        reward = build_reward(cfg.reward, policy=cfg.model, models=models, batch_size=cfg.batch_size)
         if cfg.policy_endpoint.base_url:  # the policy lives on a server: nothing to load here
-            from clarify_lit.simulate.endpoint_policy import EndpointPolicyEngine
-
-            engine = EndpointPolicyEngine(_endpoint(cfg.policy_endpoint, "policy_endpoint"),
+            engine = EndpointPolicyEngine(endpoint_backend(cfg.policy_endpoint, "policy_endpoint"),
                                           max_new_tokens=cfg.max_new_tokens)
         else:
             model, tok = models.get(cfg.model, cfg.dtype)
@@ -530,14 +318,12 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
                    desc="simulate", dynamic_ncols=True, file=sys.stderr)
     new_convs = new_branches = 0
     # the logged runs and their StepDPO branches share every rollout option
-    rollout_kw = dict(setting=cfg.setting, mode=cfg.mode, n_turns=cfg.n_turns, teacher=teacher,
-                      reward=reward, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                      progress=False, model_name=cfg.model, engine=engine, adaptive=cfg.adaptive,
-                      discount=cfg.discount)
+    rollout_kw = dict(teacher=teacher, reward=reward, progress=False, model_name=cfg.model, engine=engine)
 
     def branch(k: int, parents: list[ConversationRecord]) -> int:
-        branches = branch_rollouts(model, tok, chunks[k], parents, seed=derive_seed(cfg.seed, "branches", k),
-                                   runs=cfg.branch_runs, temperature=cfg.branch_temperature, **rollout_kw)
+        spec = cfg.rollout_spec(derive_seed(cfg.seed, "branches", k))
+        branches = branch_rollouts(model, tok, chunks[k], parents, spec, runs=cfg.branch_runs,
+                                   temperature=cfg.branch_temperature, **rollout_kw)
         write_records(branch_shard_path(out, k), branches)
         return len(branches)
 
@@ -545,8 +331,8 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
         for k in branch_todo:
             new_branches += branch(k, load_records(shard_path(out, k))[0])
         for k in todo:
-            records = rollout_tasks(model, tok, chunks[k], temperatures=cfg.temperatures,
-                                    seed=derive_seed(cfg.seed, "chunk", k), **rollout_kw)
+            records = rollout_tasks(model, tok, chunks[k], cfg.rollout_spec(derive_seed(cfg.seed, "chunk", k)),
+                                    **rollout_kw)
             if cfg.step_branches:  # written before the shard: a finished shard implies its branches (resume)
                 new_branches += branch(k, records)
             write_records(shard_path(out, k), records)
@@ -582,7 +368,7 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
         extra["teacher_empty_replies"] = getattr(teacher, "empty_replies", None)
     summary = summarize(records, timing=timing, cfg=cfg, n_tasks=len(tasks), shards_total=len(chunks),
                         shards_resumed=len(done), extra=extra)
-    _atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     log.info("wrote %d conversations to %s (mean reward %s, %d parse failures)", len(records), final,
              summary["mean_reward"], summary["parse_failures"])
     return summary

@@ -16,7 +16,8 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from clarify_lit.simulate.engine import Generation, GenerationStats, Message, derive_seed, row_temperatures
+from clarify_lit.data.records import Message
+from clarify_lit.simulate.engine import Generation, GenerationStats, derive_seed, row_temperatures
 from clarify_lit.simulate.teachers import EndpointChatBackend
 
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-log = logging.getLogger(__name__)
+from clarify_lit.data.records import Message
 
-Message = dict[str, str]
+log = logging.getLogger(__name__)
 
 
 def derive_seed(*parts: object) -> int:

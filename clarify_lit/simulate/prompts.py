@@ -289,6 +289,11 @@ def teacher_request(task: QATask, student_message: str, *, show_gold: bool = Tru
 
 # ---------------------------------------------------------------------------------------------------------------
 # judges
+#
+# The one vocabulary of the paper's LLM judge. A score's *key* is what the judge is asked to return and what the
+# reward stores in ``reward_components``; its *metric name* is how metrics.json and the report call it
+# (``judge_<name>``), the same except for confidence calibration. Rewards (parsing a reply) and metrics (reading
+# records) both map a spelling to a score with :func:`judge_key`.
 
 JUDGE_CRITERIA: tuple[tuple[str, str], ...] = (
     ("accuracy", "Accuracy: is the assistant's final answer correct?"),
@@ -298,6 +303,18 @@ JUDGE_CRITERIA: tuple[tuple[str, str], ...] = (
     ("confidence_calibration", "Confidence calibration: is the confidence it expresses warranted by its reasoning?"),
     ("overall", "Overall: the overall quality of the assistant's part of the conversation."),
 )
+JUDGE_KEYS = tuple(key for key, _ in JUDGE_CRITERIA)
+#: key → metric name, for every score
+JUDGE_METRIC_NAMES = {key: {"confidence_calibration": "confidence"}.get(key, key) for key in JUDGE_KEYS}
+#: other spellings of the scores (a judge's reply, another tool's records) → key
+JUDGE_ALIASES = {"reasoning_ability": "reasoning", "pedagogical": "pedagogical_value", "pedagogy": "pedagogical_value",
+                 "calibration": "confidence_calibration", "overall_score": "overall", "overall_quality": "overall",
+                 **{name: key for key, name in JUDGE_METRIC_NAMES.items()}}
+
+
+def judge_key(spelling: str) -> str | None:
+    """The judge score key that ``spelling`` (lower case, words joined by ``_``) names, or ``None``."""
+    return spelling if spelling in JUDGE_METRIC_NAMES else JUDGE_ALIASES.get(spelling)
 
 JUDGE_SYSTEM_PROMPT = "You are a strict, impartial expert who evaluates tutoring conversations."
 

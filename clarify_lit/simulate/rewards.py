@@ -10,6 +10,8 @@
   missing: components ``None`` and ``missing=True`` (the record gets ``meta.reward_missing = true`` and reward 0 —
   flagged, never a silent 0; training should drop such records).
 * ``weighted`` — Σ wᵢ·rᵢ over named rewards (weights ≥ 0); missing if any part with weight > 0 is missing.
+* ``rubric`` — an offline judge-like score of the clarifying protocol (:mod:`clarify_lit.simulate.rubric`, built by
+  ``simulate.options.build_reward``).
 
 All rewards also report ``correct`` and ``parsed`` (cheap, and the metrics want them).
 """
@@ -27,6 +29,7 @@ from typing import Literal
 
 import torch
 
+from clarify_lit.data.records import Message
 from clarify_lit.data.tasks import LETTERS, QATask
 from clarify_lit.simulate import prompts
 from clarify_lit.simulate.engine import GenerationEngine, derive_seed
@@ -35,8 +38,7 @@ from clarify_lit.simulate.teachers import ChatBackend
 
 log = logging.getLogger(__name__)
 
-Message = dict[str, str]
-RewardKind = Literal["correct", "gold_prob", "llm_judge", "weighted"]
+RewardKind = Literal["correct", "gold_prob", "llm_judge", "weighted", "rubric"]  # rubric: simulate/rubric.py
 
 
 @dataclass
@@ -51,7 +53,7 @@ class RewardResult:
         return self.value is None
 
 
-def final_answer(messages: Sequence[Message]) -> str:
+def final_assistant_text(messages: Sequence[Message]) -> str:
     """The last assistant turn's text (the one the answer is parsed from)."""
     for m in reversed(messages):
         if m["role"] == "assistant":
@@ -60,7 +62,7 @@ def final_answer(messages: Sequence[Message]) -> str:
 
 
 def correctness(task: QATask, messages: Sequence[Message]) -> dict[str, float | None]:
-    got = analyze_answer(final_answer(messages), choices=task.choices)
+    got = analyze_answer(final_assistant_text(messages), choices=task.choices)
     return {"correct": float(got.letter == task.gold), "parsed": float(got.letter is not None),
             "hedged": float(got.hedged)}
 
@@ -140,10 +142,7 @@ class GoldProbReward(Reward):
         return out
 
 
-JUDGE_KEYS = tuple(k for k, _ in prompts.JUDGE_CRITERIA)
-_ALIASES = {"reasoning_ability": "reasoning", "pedagogical": "pedagogical_value", "pedagogy": "pedagogical_value",
-            "confidence": "confidence_calibration", "calibration": "confidence_calibration",
-            "overall_score": "overall", "overall_quality": "overall"}
+JUDGE_KEYS = prompts.JUDGE_KEYS
 
 
 def parse_judge_scores(text: str) -> dict[str, float] | None:
@@ -163,8 +162,8 @@ def parse_judge_scores(text: str) -> dict[str, float] | None:
         scores: dict[str, float] = {}
         for k, v in obj.items():
             key = re.sub(r"[^a-z]+", "_", str(k).lower()).strip("_")
-            key = _ALIASES.get(key, key)
-            if key not in JUDGE_KEYS:
+            key = prompts.judge_key(key)
+            if key is None:
                 continue
             try:
                 x = float(v)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from clarify_lit.data.records import ConversationRecord
 from clarify_lit.data.tasks import LETTERS, QATask
@@ -31,6 +32,34 @@ DEFAULT_TEMPERATURES = (0.3, 0.7, 1.0)
 # Stands in for an assistant turn that decoded to nothing (the schema forbids empty assistant turns); every use is
 # counted in the record's meta ``empty_turns`` and in the run summary.
 EMPTY_TURN_PLACEHOLDER = "..."
+
+
+@dataclass
+class RolloutSpec:
+    """How conversations are played: everything :func:`rollout_tasks` needs besides the model, the tasks, the teacher
+    and the reward. ``clarify simulate``, ``clarify evaluate`` and the evaluation callback each fill one from their
+    options (their ``metrics.json`` record it under ``meta``)."""
+
+    setting: Setting = "reasoning"
+    """reasoning (scripted teacher) or clarifying (the student may ask the teacher)."""
+    mode: Mode = "thinking"
+    """thinking (reasoning inside <thinking> tags) or standard."""
+    n_turns: int = 3
+    """Assistant turns per conversation (the most, with adaptive)."""
+    temperatures: list[float] = field(default_factory=lambda: list(DEFAULT_TEMPERATURES))
+    """One run per temperature per question (0 = greedy)."""
+    max_new_tokens: int = 64
+    """Token budget of each assistant turn."""
+    batch_size: int = 8
+    """Conversations per generate call."""
+    seed: int = 0
+    """Rollout seed (sampling, teacher, reward)."""
+    adaptive: bool = False
+    """The agent may end a conversation before turn n_turns by giving its final answer."""
+    discount: float = 1.0
+    """γ in (0, 1]: every reward is multiplied by γ^n, n = assistant turns used (1 = off)."""
+    reuse_kv_cache: bool = True
+    """Carry each batch's KV cache from one turn to the next instead of re-encoding the conversation."""
 
 
 def check_tasks(tasks: Sequence[QATask]) -> None:
@@ -82,33 +111,26 @@ def rollout_tasks(
     model,
     tokenizer,
     tasks: Sequence[QATask],
+    spec: RolloutSpec | None = None,
     *,
-    setting: Setting = "reasoning",
-    mode: Mode = "thinking",
-    n_turns: int = 3,
-    temperatures: Sequence[float] = DEFAULT_TEMPERATURES,
     teacher: Teacher | None = None,
     reward: Reward | None = None,
-    max_new_tokens: int = 64,
-    batch_size: int = 8,
-    seed: int = 0,
-    progress: bool = False,
-    model_name: str = "",
-    sort_by_length: bool = True,
-    reuse_kv_cache: bool = True,
     engine: GenerationEngine | None = None,
     prefixes: Sequence[Sequence[dict[str, str]]] | None = None,
     start_turn: int = 1,
-    adaptive: bool = False,
-    discount: float = 1.0,
+    progress: bool = False,
+    model_name: str = "",
+    sort_by_length: bool = True,
 ) -> list[ConversationRecord]:
-    """Simulate ``len(temperatures)`` conversations per task and score each one.
+    """Simulate ``len(spec.temperatures)`` conversations per task as ``spec`` says (default :class:`RolloutSpec`)
+    and score each one.
 
     Records come back task-major (task 0 runs 0..m−1, task 1 …) with ``id = f"{task_id}#run{run}"``. Output depends
-    only on the inputs and ``seed`` (not on what ran before), so a chunked run equals an unchunked one chunk-wise.
-    ``engine`` (optional) reuses a :class:`GenerationEngine` (its ``stats`` then accumulate across calls); without
-    it one is built from ``batch_size``/``max_new_tokens``/``sort_by_length``/``reuse_kv_cache`` (carry each batch's
-    KV cache from one turn to the next instead of re-encoding the conversation: :class:`TurnCache`).
+    only on the inputs and ``spec.seed`` (not on what ran before), so a chunked run equals an unchunked one
+    chunk-wise. ``engine`` (optional) reuses a :class:`GenerationEngine` (its ``stats`` then accumulate across calls);
+    without it one is built from the spec's ``batch_size``/``max_new_tokens``/``reuse_kv_cache`` (carry each batch's
+    KV cache from one turn to the next instead of re-encoding the conversation: :class:`TurnCache`) and
+    ``sort_by_length``.
 
     ``prefixes`` (one per task) continue given conversations instead of starting new ones (StepDPO's branches,
     ``simulate/branches.py``): each prefix is the system prompt, ``start_turn − 1`` teacher/assistant exchanges and
@@ -120,6 +142,9 @@ def rollout_tasks(
     such runs carry ``meta.adaptive``, ``meta.turns_used``, ``meta.ended_early`` and ``meta.discount``, and (γ < 1)
     the undiscounted reward as ``reward_components["undiscounted_reward"]``.
     """
+    spec = spec or RolloutSpec()
+    setting, mode, n_turns, temperatures = spec.setting, spec.mode, spec.n_turns, spec.temperatures
+    max_new_tokens, seed, adaptive, discount = spec.max_new_tokens, spec.seed, spec.adaptive, spec.discount
     prompts.check_setting(setting, mode, n_turns)
     check_discount(discount)
     check_tasks(tasks)
@@ -130,8 +155,8 @@ def rollout_tasks(
         raise ValueError(f"the reasoning setting's teacher is scripted (as in the paper); teacher={teacher.kind!r} "
                          "would never speak — use the scripted teacher or setting='clarifying'")
     reward = reward or CorrectReward()
-    engine = engine or GenerationEngine(model, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                        sort_by_length=sort_by_length, reuse_kv_cache=reuse_kv_cache)
+    engine = engine or GenerationEngine(model, tokenizer, batch_size=spec.batch_size, max_new_tokens=max_new_tokens,
+                                        sort_by_length=sort_by_length, reuse_kv_cache=spec.reuse_kv_cache)
 
     rows = [(task, run, float(temp)) for task in tasks for run, temp in enumerate(temperatures)]
     if not rows:

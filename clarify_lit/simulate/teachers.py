@@ -31,13 +31,13 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
+from clarify_lit.data.records import Message
 from clarify_lit.data.tasks import LETTERS, QATask
 from clarify_lit.simulate import prompts
 from clarify_lit.simulate.engine import GenerationEngine, derive_seed
 
 log = logging.getLogger(__name__)
 
-Message = dict[str, str]
 TeacherKind = Literal["scripted", "retrieval", "llm"]
 
 
@@ -215,8 +215,10 @@ def split_sentences(text: str) -> list[str]:
     return [p.strip() for p in parts if len(p.strip()) > 1]
 
 
-def bm25_scores(query: list[str], docs: list[list[str]], k1: float = 1.2, b: float = 0.75) -> list[float]:
-    """Okapi BM25 of each doc for the query, IDF from these docs alone (one task's sentences)."""
+def bm25_scores(query: list[str] | Counter, docs: list[list[str]], k1: float = 1.2, b: float = 0.75) -> list[float]:
+    """Okapi BM25 of each doc for the query, IDF from these docs alone (one task's sentences). A ``Counter`` query
+    weighs its terms (a term's contribution times its weight); a list counts each distinct term once."""
+    weights = query if isinstance(query, Counter) else Counter(set(query))
     n = len(docs)
     if n == 0:
         return []
@@ -226,11 +228,11 @@ def bm25_scores(query: list[str], docs: list[list[str]], k1: float = 1.2, b: flo
     for d in docs:
         tf = Counter(d)
         s = 0.0
-        for w in set(query):
+        for w, weight in weights.items():
             if w not in tf:
                 continue
             idf = math.log(1 + (n - df[w] + 0.5) / (df[w] + 0.5))
-            s += idf * tf[w] * (k1 + 1) / (tf[w] + k1 * (1 - b + b * len(d) / avg))
+            s += weight * idf * tf[w] * (k1 + 1) / (tf[w] + k1 * (1 - b + b * len(d) / avg))
         scores.append(s)
     return scores
 
@@ -256,36 +258,90 @@ def referenced_options(question: str, choices: Sequence[str]) -> list[int]:
     return found
 
 
-def _contains_text(sentence: str, text: str) -> bool:
-    norm = lambda s: f" {' '.join(_WORD.findall(s.lower()))} "  # noqa: E731
-    t = norm(text).strip()
-    return len(t) >= 3 and f" {t} " in norm(sentence)
+BLANK = "____"
+_ARTICLES = frozenset({"a", "an", "the"})
+
+
+_SUFFIXES = ("ation", "ition", "ment", "ies", "ing", "ion", "ia", "um", "us", "on", "es", "ed", "er", "s", "y",
+             "e", "a", "i")
+
+
+def _stem(word: str) -> str:
+    """A crude stem so one pattern matches a word's singular/plural, inflected and derived forms (cell/cells,
+    energy/energies, evaporation/evaporates/evaporating, mitochondria/mitochondrion); the stem keeps ≥ 4 letters."""
+    for suffix in _SUFFIXES:
+        if len(word) - len(suffix) >= 4 and word.endswith(suffix):
+            return word[: -len(suffix)]
+    return word
+
+
+def option_pattern(text: str) -> re.Pattern[str] | None:
+    """A case-insensitive pattern for an option's text in any inflection ("a zygospore" → zygospore(s), "carbon
+    dioxide" → carbon dioxide(s)); leading articles are optional. ``None`` when the text has no word to match."""
+    words = [w for w in _WORD.findall(text.lower()) if len(w) > 1]  # drops the "s" of a possessive "Earth's"
+    while words and words[0] in _ARTICLES:
+        words = words[1:]
+    if not words or len("".join(words)) < 2:
+        return None
+    # between words: any run of non-letters, or a possessive "'s" ("Earth's rotation", "earths rotation")
+    parts = [re.escape(_stem(w)) + r"[a-z]{0,6}" for w in words]
+    return re.compile(r"(?i)\b" + r"(?:'s)?[^a-z0-9]+".join(parts) + r"\b")
+
+
+def blank_text(sentence: str, pattern: re.Pattern[str]) -> str:
+    """``sentence`` with every match of ``pattern`` replaced by :data:`BLANK`."""
+    return pattern.sub(BLANK, sentence)
 
 
 class RetrievalTeacher(Teacher):
     """Answers from the task's hidden knowledge by BM25 sentence ranking (see the module docstring).
 
-    ``top_k`` best sentences with a positive score are returned in their original order, cut to ``max_words``.
-    ``hide_gold_text`` drops sentences quoting the gold option's text (they would hand over the answer). With no
-    usable sentence the reply points at the option asked about without judging it.
+    The query weighs the text of the options the student names 2 (the reply should be about the option asked about),
+    the student's own words 1 and the task question's words 0.5 (so that, when the student's words are vague, the
+    sentences relevant to the question rank first). ``top_k`` best sentences with a positive score are returned in their
+    original order, cut to ``max_words``. ``hide_gold_text`` keeps the answer out of every reply:
+    ``hide_mode="blank"`` (default) replaces the gold option's text, in any inflection, by ``____`` in the chosen
+    sentences — the sentence that explains the answer stays useful without naming it; ``"drop"`` leaves out every
+    sentence quoting the gold text (the older behaviour, which leaves little to say on most questions). With no
+    usable sentence the reply points at the option asked about without judging it (counted in ``fallbacks``).
     """
 
     kind: TeacherKind = "retrieval"
 
-    def __init__(self, top_k: int = 2, max_words: int = 60, hide_gold_text: bool = True):
+    def __init__(self, top_k: int = 2, max_words: int = 60, hide_gold_text: bool = True,
+                 hide_mode: Literal["blank", "drop"] = "blank"):
+        if hide_mode not in ("blank", "drop"):
+            raise ValueError(f"hide_mode must be 'blank' or 'drop', got {hide_mode!r}")
         self.top_k = top_k
         self.max_words = max_words
         self.hide_gold_text = hide_gold_text
+        self.hide_mode = hide_mode
         self.fallbacks = 0  # replies made without a knowledge sentence (counted, reported in meta)
+
+    def describe(self) -> str:
+        return "retrieval" if self.hide_mode == "drop" or not self.hide_gold_text else "retrieval:blank"
 
     def answer(self, task: QATask, question: str) -> tuple[str, bool]:
         """``(reply, used_knowledge)`` for one student question."""
         question, _ = prompts.split_instruction(question)
         refs = referenced_options(question, task.choices)
-        query = tokens(question) + [w for i in refs for w in tokens(task.choices[i])]
+        query = Counter()
+        for w in tokens(task.question):
+            query[w] = 0.5
+        for w in tokens(question):
+            query[w] = 1.0
+        for i in refs:
+            for w in tokens(task.choices[i]):
+                query[w] = 2.0
         sentences = split_sentences(task.knowledge or "")
         gold_text = task.choices[LETTERS.index(task.gold)]
-        usable = [s for s in sentences if not (self.hide_gold_text and _contains_text(s, gold_text))]
+        gold = option_pattern(gold_text) if self.hide_gold_text else None
+        if gold is None:
+            usable = sentences
+        elif self.hide_mode == "blank":
+            usable = [blank_text(s, gold) for s in sentences]
+        else:  # any inflection counts: "zygospores" gives "a zygospore" away as much as the exact text does
+            usable = [s for s in sentences if not gold.search(s)]
         scores = bm25_scores(query, [tokens(s) for s in usable])
         ranked = sorted((i for i, sc in enumerate(scores) if sc > 0), key=lambda i: (-scores[i], i))[: self.top_k]
         if ranked:
@@ -297,9 +353,10 @@ class RetrievalTeacher(Teacher):
             text = " ".join(words[: self.max_words])
             return ("Good question. " + text if text[-1:] in ".!?" else "Good question. " + text + " ..."), True
         if refs:
-            i = refs[0]
-            return (f"Good question. Option {LETTERS[i]} says \"{task.choices[i]}\". Think about what that means and "
-                    "whether it matches exactly what the question asks."), False
+            # the same words whichever option was named: quoting the option back only when it is not the gold one
+            # (the gold text is never written) would tell the student which one is
+            return (f"Good question. Think about what option {LETTERS[refs[0]]} means and whether it matches exactly "
+                    "what the question asks."), False
         return ("Good question. Look at the key words of the question and check each option against them one by "
                 "one."), False
 

@@ -7,7 +7,7 @@ import copy
 import logging
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -15,12 +15,23 @@ import torchmetrics
 from jsonargparse import lazy_instance
 from torch import Tensor
 
+from clarify_lit.data.datamodule import PadCollator
 from clarify_lit.data.tokenization import IGNORE_INDEX
-from clarify_lit.models import load_causal_lm, load_tokenizer, resolve_model_path
+from clarify_lit.models import (
+    DType,
+    export_base,
+    load_causal_lm,
+    load_export,
+    load_tokenizer,
+    resolve_model_path,
+)
+from clarify_lit.train import objectives
+from clarify_lit.train.export import export_merged, write_export
 from clarify_lit.train.logprobs import chunked_head_logps, uses_gradient_checkpointing
 from clarify_lit.train.losses import distillation_loss, dpo_sigmoid_loss, sequence_logps, weighted_nll_loss
 from clarify_lit.train.objectives import DPO, Distill, Objective, Refit, objective_name, objective_settings
 from clarify_lit.train.pair_packing import PACKED_KEY, packed_sequence_logps
+from clarify_lit.train.reference_cache import ReferenceCache
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +123,8 @@ def load_teacher(source: str, dtype: str = "float32"):
     name/path for ``load_causal_lm``."""
     path = Path(source)
     if path.is_file():
-        from clarify_lit.evaluate.command import load_checkpoint
-
         model = load_checkpoint(path, merge_lora=True)[0]
     elif path.is_dir() and ((path / "adapter_config.json").is_file() or (path / "config.json").is_file()):
-        from clarify_lit.evaluate.command import load_export
-
         model = load_export(path, dtype, merge_lora=True)[0]
     elif path.is_absolute() or source.startswith(".") or path.name == "export" or path.suffix == ".ckpt":
         raise FileNotFoundError(f"Distill teacher {source!r} not found: give the teacher run's export folder "
@@ -129,8 +136,24 @@ def load_teacher(source: str, dtype: str = "float32"):
     return model
 
 
+def load_checkpoint(ckpt_path: str | Path, merge_lora: bool = True) -> tuple[Any, Any, str, str]:
+    """Load a ``ClarifyModule`` checkpoint: ``(model, tokenizer, base model name, objective name)``.
+
+    Here rather than in ``clarify_lit.models`` (which loads every other kind of model): only the training layer knows
+    the module a checkpoint holds."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    module = ClarifyModule.from_checkpoint(path)
+    model = module.model
+    if merge_lora and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    objective = (module.hparams.get("objective_config") or {}).get("class") or "checkpoint"
+    return model, module.tokenizer, str(module.hparams.get("model_name_or_path", "")), objective
+
+
 class ClarifyModule(L.LightningModule):
-    """Fine-tunes a causal LM on simulated conversations with Refit, Swift, SFT or DPO.
+    """Fine-tunes a causal LM on simulated conversations with Refit, Swift, SFT, DPO, StepDPO or Distill.
 
     Args:
         model_name_or_path: hub id, local folder, ``embedded:smollm2-135m-instruct`` or ``tiny-random``.
@@ -150,7 +173,11 @@ class ClarifyModule(L.LightningModule):
             the target log-probs are recomputed too (no ``[tokens, vocab]`` logits kept for backward).
         logprob_chunk_size: trained positions per LM-head chunk when gathering log-probs.
         on_nonfinite_loss: ``raise`` stops training naming the batch ids; ``skip`` skips the batch and counts it.
-        export_on_fit_end: write an HF/PEFT folder (adapter or weights + tokenizer + chat template) at fit end.
+        export_on_fit_end: write an HF/PEFT folder (adapter or weights + tokenizer + chat template + model card)
+            to ``<run>/export`` at fit end (``clarify_lit.train.export``).
+        export_merged: at fit end also write ``<run>/export_merged``: the LoRA merged into the base weights, a
+            standalone ``transformers`` folder (no peft needed), in ``export_dtype``.
+        export_dtype: dtype of the merged export; ``None`` keeps the training ``dtype``.
         init_adapter: start the LoRA adapter from an exported adapter folder (``<run>/export``) instead of zeros —
             training continues from that policy (``clarify iterate --init continue``). Its rank, alpha, target
             modules and base model must match this module's; the optimizer and schedule start fresh.
@@ -168,7 +195,7 @@ class ClarifyModule(L.LightningModule):
         self,
         model_name_or_path: str = "tiny-random",
         objective: Objective = lazy_instance(Refit),
-        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        dtype: DType = "float32",
         use_lora: bool = True,
         lora_r: int = 8,
         lora_alpha: int = 16,
@@ -182,6 +209,8 @@ class ClarifyModule(L.LightningModule):
         logprob_chunk_size: int = 1024,
         on_nonfinite_loss: Literal["raise", "skip"] = "raise",
         export_on_fit_end: bool = True,
+        export_merged: bool = False,
+        export_dtype: DType | None = None,
         init_adapter: str | None = None,
         reference_cache: bool = True,
         skip_zero_weight: bool = True,
@@ -331,9 +360,6 @@ class ClarifyModule(L.LightningModule):
         ``setup``, before a resumed checkpoint is loaded).
         Computed under the trainer's precision (the training forward's autocast: policy == reference gives exactly
         log 2 at step 0), in batches of similar length (less padding)."""
-        from clarify_lit.data.datamodule import PadCollator
-        from clarify_lit.train.reference_cache import ReferenceCache
-
         dm = self.trainer.datamodule
         collate = PadCollator(dm.tokenizer.pad_token_id, getattr(dm, "share_pair_prefix", False),
                               getattr(dm, "pad_to_multiple_of", 1))
@@ -497,11 +523,16 @@ class ClarifyModule(L.LightningModule):
                                         if k in trainable or not k.startswith("model.")}
 
     def on_fit_end(self) -> None:
-        if self.hparams.export_on_fit_end:
+        merged = self.hparams.get("export_merged")  # .get: absent from checkpoints of older versions
+        if self.hparams.export_on_fit_end or merged:
             # trainer.log_dir broadcasts from rank 0 under DDP: every rank must call it, not rank 0 alone
             root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
             if self.trainer.is_global_zero:
-                export_model(self, root / "export")
+                if self.hparams.export_on_fit_end:
+                    export_model(self, root / "export", run_dir=root)
+                if merged:
+                    export_merged(self, root / "export_merged", self.hparams.get("export_dtype"), run_dir=root,
+                                  trainer=self.trainer)
 
 
 def load_adapter_weights(model, folder: str | Path, model_name_or_path: str) -> None:
@@ -521,6 +552,8 @@ def load_adapter_weights(model, folder: str | Path, model_name_or_path: str) -> 
     if set(saved.get("target_modules") or []) != set(ours.target_modules or []):
         diff["target_modules"] = (sorted(saved.get("target_modules") or []), sorted(ours.target_modules or []))
     base = saved.get("base_model_name_or_path")
+    if base:  # a portable name (the embedded model's hub id) maps back to what was trained on (clarify_export.json)
+        base = resolve_model_path(export_base(folder, base))
     if base and str(Path(base).resolve()) != str(Path(resolve_model_path(model_name_or_path)).resolve()):
         diff["base_model_name_or_path"] = (base, resolve_model_path(model_name_or_path))
     if diff:
@@ -534,8 +567,6 @@ def load_adapter_weights(model, folder: str | Path, model_name_or_path: str) -> 
 
 def build_objective(config: dict) -> Objective:
     """Rebuild an objective from ``{"class": name, **settings}`` (as stored in checkpoints)."""
-    from clarify_lit.train import objectives
-
     config = dict(config)
     name = config.pop("class")
     cls = getattr(objectives, name, None)
@@ -544,16 +575,11 @@ def build_objective(config: dict) -> Objective:
     return cls(**config)
 
 
-def export_model(module: ClarifyModule, folder: str | Path) -> Path:
-    """Write an HF folder loadable with ``transformers``/``peft`` alone: adapter (LoRA) or full weights, plus the
-    tokenizer with its chat template. The adapter's ``base_model_name_or_path`` is the resolved base model."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model = module.model
-    if hasattr(model, "peft_config"):
-        for cfg in model.peft_config.values():
-            cfg.base_model_name_or_path = resolve_model_path(module.hparams.model_name_or_path)
-    model.save_pretrained(folder)
-    module.tokenizer.save_pretrained(folder)
-    log.info("exported %s to %s", "adapter" if hasattr(model, "peft_config") else "model", folder)
-    return folder
+def export_model(module: ClarifyModule, folder: str | Path, run_dir: Path | None = None) -> Path:
+    """Write an HF folder loadable with ``transformers``/``peft`` alone: adapter (LoRA) or full weights, the
+    tokenizer with its chat template, a model card and ``clarify_export.json``; the adapter names its base portably
+    (the embedded SmolLM2 by its hub id). See :mod:`clarify_lit.train.export`."""
+    trainer = module._trainer  # None outside a fit: the card then describes the module alone
+    if run_dir is None and trainer is not None:
+        run_dir = Path(trainer.default_root_dir)  # not trainer.log_dir: a collective under DDP, and rank 0 is alone here
+    return write_export(module, folder, run_dir=run_dir, trainer=trainer)

@@ -3,6 +3,8 @@
 * which **data view** it trains on (``build_view``: records → weighted conversations or preference pairs), and
 * which **pure loss** it applies (``clarify_lit.train.losses``).
 
+The examples and the view protocol the DataModule relies on live in the data layer (``clarify_lit.data.views``).
+
 Switching objective is one config value (``--model.objective=Swift``); the DataModule asks the module's objective for
 its view, so there is no second flag to keep in sync. Equations and decisions: docs/objectives.md.
 """
@@ -10,71 +12,26 @@ its view, so there is no second flag to keep in sync. Equations and decisions: d
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
 
 from clarify_lit.data.records import ConversationRecord, group_by_task
 from clarify_lit.data.tasks import QUESTION_BLOCK, format_question
+from clarify_lit.data.views import (
+    ObjectiveDataError,
+    PairExample,
+    ViewStats,
+    cut_turns,
+    reward_weighted_view,
+    weighted,
+)
 from clarify_lit.train.losses import standardize_rewards
 
 log = logging.getLogger(__name__)
 
-
-class ObjectiveDataError(ValueError):
-    """The records do not suit the objective (e.g. negative rewards under Refit, no DPO pairs)."""
-
-
-@dataclass
-class WeightedExample:
-    """One conversation trained with per-sequence weight ``weight`` on its assistant turns."""
-
-    id: str
-    task_id: str
-    messages: list[dict[str, str]]
-    weight: float
-    where: str = ""  # "file:line (id=…)" of the source record, for errors
-    cut_turns: tuple[int, ...] = ()  # assistant turns (1-based) cut by the token limit: their end-of-turn is not trained
-
-
-@dataclass
-class PairExample:
-    """One preference pair. ``only_last_assistant``: train/score the final assistant turn alone (final-answer DPO)."""
-
-    id: str
-    task_id: str
-    chosen: list[dict[str, str]]
-    rejected: list[dict[str, str]]
-    only_last_assistant: bool = False
-    where: str = ""
-    chosen_cut_turns: tuple[int, ...] = ()  # as WeightedExample.cut_turns, numbered within ``chosen``
-    rejected_cut_turns: tuple[int, ...] = ()
-
-
-@dataclass
-class ViewStats:
-    """What a view kept and left out, for logging (``data/…`` scalars) and the run summary."""
-
-    records: int = 0
-    examples: int = 0
-    tasks: int = 0
-    excluded: dict[str, int] = field(default_factory=dict)
-
-    def line(self, name: str) -> str:
-        ex = ", ".join(f"{k}: {v}" for k, v in self.excluded.items()) or "none"
-        return f"{name} view: {self.records} records of {self.tasks} tasks → {self.examples} examples (excluded: {ex})"
-
-
-def cut_turns(record: ConversationRecord) -> tuple[int, ...]:
-    """The record's assistant turns (1-based) known to be cut by the token limit (``()`` when none or unknown)."""
-    _, numbers = record.truncated_turns()
-    return tuple(numbers or ())
-
-
-def _weighted(r: ConversationRecord, weight: float) -> WeightedExample:
-    return WeightedExample(r.id, r.task_id, r.messages, weight, r.where(), cut_turns(r))
+#: How DPO gets the reference policy's log-probs (see :class:`DPO`).
+Reference = Literal["auto", "adapter_disabled", "frozen_copy", "precomputed"]
 
 
 def _grouped(records: list[ConversationRecord]) -> tuple[dict[str, list[ConversationRecord]], ViewStats]:
@@ -103,14 +60,7 @@ class Refit(Objective):
     """
 
     def build_view(self, records):
-        out = []
-        for r in records:
-            if r.reward < 0:
-                raise ObjectiveDataError(
-                    f"{r.where()} (task {r.task_id!r}): field 'reward' = {r.reward} is negative; Refit needs "
-                    "rewards ≥ 0 (its lower bound on the policy value assumes it) — rescale the reward or use Swift")
-            out.append(_weighted(r, r.reward))
-        return out, ViewStats(len(records), len(out), len({r.task_id for r in records}))
+        return reward_weighted_view(records)
 
 
 class Swift(Objective):
@@ -146,7 +96,7 @@ class Swift(Objective):
                 weights = torch.zeros_like(rewards)
             if self.min_weight is not None:
                 weights = weights.clamp_min(self.min_weight)
-            out += [_weighted(r, float(w)) for r, w in zip(runs, weights)]
+            out += [weighted(r, float(w)) for r, w in zip(runs, weights)]
         stats.examples = len(out)
         stats.excluded["zero_std_groups"] = zero
         if zero:
@@ -179,7 +129,7 @@ class SFT(Objective):
                 if self.min_reward is not None and r.reward < self.min_reward:
                     below += 1
                     continue
-                out.append(_weighted(r, 1.0))
+                out.append(weighted(r, 1.0))
         stats.examples = len(out)
         stats.excluded["below_min_reward"] = below
         stats.excluded["not_top_k"] = len(records) - len(out) - below
@@ -205,7 +155,7 @@ class DPO(Objective):
 
     def __init__(self, beta: float = 0.1, pairs: Literal["conversation", "final_answer"] = "conversation",
                  min_gap: float = 1e-6,
-                 reference: Literal["auto", "adapter_disabled", "frozen_copy", "precomputed"] = "auto"):
+                 reference: Reference = "auto"):
         if not min_gap > 0:
             raise ValueError(f"min_gap must be > 0 (equal rewards carry no preference), got {min_gap}")
         self.beta, self.pairs, self.min_gap, self.reference = beta, pairs, min_gap, reference
@@ -252,7 +202,7 @@ class StepDPO(DPO):
     """
 
     def __init__(self, beta: float = 0.1, min_gap: float = 1e-6,
-                 reference: Literal["auto", "adapter_disabled", "frozen_copy", "precomputed"] = "auto"):
+                 reference: Reference = "auto"):
         if not min_gap > 0:
             raise ValueError(f"min_gap must be > 0 (equal rewards carry no preference), got {min_gap}")
         self.beta, self.min_gap, self.reference = beta, min_gap, reference
@@ -377,9 +327,3 @@ def objective_name(objective: Objective) -> str:
 def objective_settings(objective: Objective) -> dict:
     """Constructor settings of an objective, without lazy-instance bookkeeping attributes."""
     return {k: v for k, v in vars(objective).items() if not k.startswith("_") and not callable(v)}
-
-
-def check_finite_weights(examples: list[WeightedExample]) -> None:
-    for e in examples:
-        if not math.isfinite(e.weight):
-            raise ObjectiveDataError(f"record {e.id!r}: field 'reward' gives a non-finite weight {e.weight}")

@@ -20,14 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
-from clarify_lit.models import cache_dir
+from clarify_lit.io import atomic_write, cache_dir
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -103,9 +101,6 @@ class ReferenceCache:
     def save(self) -> None:
         if not self._dirty:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
-        os.close(fd)
-        torch.save({"version": CACHE_VERSION, "logps": {k: list(v) for k, v in self.table.items()}}, tmp)
-        os.replace(tmp, self.path)
+        with atomic_write(self.path, "wb") as f:
+            torch.save({"version": CACHE_VERSION, "logps": {k: list(v) for k, v in self.table.items()}}, f)
         self._dirty = False

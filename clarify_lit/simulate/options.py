@@ -1,0 +1,191 @@
+"""The options every rollout command shares, and the builders that turn them into objects.
+
+``clarify simulate``, ``clarify evaluate``, ``clarify iterate`` and the evaluation callback take the same option
+blocks — which questions (:class:`DataOptions`), who answers the student (:class:`TeacherOptions`), how a conversation
+is scored (:class:`RewardOptions`), an endpoint (:class:`EndpointOptions`) — and build the same objects from them with
+:func:`build_teacher`, :func:`build_reward` and :func:`load_data_tasks`. The builders take the option blocks (never a
+whole command config), so every command builds its teacher and judge the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from clarify_lit.data.tasks import OnBadRow, Part, QATask, load_tasks
+from clarify_lit.models import DType, FrozenModels, policy_base
+from clarify_lit.simulate.prompts import Setting
+from clarify_lit.simulate.rewards import GoldProbReward, Reward, RewardKind, make_reward
+from clarify_lit.simulate.rubric import RubricReward
+from clarify_lit.simulate.teachers import (
+    ChatBackend,
+    EndpointChatBackend,
+    HFChatBackend,
+    Teacher,
+    TeacherKind,
+    make_teacher,
+)
+
+Backend = Literal["hf", "endpoint"]
+
+
+@dataclass
+class DataOptions:
+    """Which questions (passed to ``clarify_lit.data.tasks.load_tasks``)."""
+
+    dataset: str = "openbookqa"
+    """openbookqa, arc_easy, arc_challenge, sciq, mmlu, hub or local."""
+    part: Part = "train"
+    """Our deterministic train/test division (400/100 by default)."""
+    split: str | None = None
+    """Source split (hub datasets; built-ins ship one)."""
+    seed: int = 0
+    """Seed of the train/test division."""
+    n_train: int = 400
+    n_test: int = 100
+    path: str | None = None
+    """File (local), hub id (hub) or an override folder (built-ins)."""
+    name: str | None = None
+    """Hub config name."""
+    columns: dict[str, Any] | None = None
+    """Column mapping for hub/local sources (ColumnMap fields)."""
+    label: str | None = None
+    on_bad_row: OnBadRow | None = None
+    limit: int | None = None
+    """Use only the first N tasks of the part (small runs)."""
+
+
+@dataclass
+class EndpointOptions:
+    """An OpenAI-compatible chat-completions endpoint."""
+
+    base_url: str | None = None
+    """e.g. http://127.0.0.1:8000/v1"""
+    model: str | None = None
+    """Model name sent to the endpoint."""
+    api_key_env: str | None = None
+    """Name of the environment variable holding the API key (none: no auth header)."""
+    timeout: float = 60.0
+    max_retries: int = 3
+    backoff: float = 1.0
+    concurrency: int = 4
+
+
+@dataclass
+class TeacherOptions:
+    """Who answers the student's clarifying questions (the reasoning setting is always scripted)."""
+
+    kind: TeacherKind | None = None
+    """None: scripted (reasoning) / retrieval (clarifying)."""
+    backend: Backend = "hf"
+    """For kind=llm: a local HF model or an endpoint."""
+    model: str | None = None
+    """HF backend: model name/path (None: the policy's model)."""
+    dtype: DType = "float32"
+    endpoint: EndpointOptions = field(default_factory=EndpointOptions)
+    temperature: float = 0.0
+    max_new_tokens: int = 96
+    show_gold: bool = True
+    """LLM teacher is told the answer (and told never to reveal it)."""
+    show_knowledge: bool = True
+    top_k: int = 2
+    """Retrieval: sentences per reply."""
+    hide_gold_text: bool = True
+    """Retrieval: keep the gold option's text out of every reply (see hide_mode)."""
+    hide_mode: Literal["blank", "drop"] = "blank"
+    """Retrieval: blank = replace the gold text (any inflection) by ____ in the chosen sentences; drop = leave out
+    every sentence quoting it (the older teacher, informative on few questions)."""
+
+
+@dataclass
+class RewardOptions:
+    """How a whole conversation is scored (reward >= 0)."""
+
+    kind: RewardKind = "correct"
+    judge_model: str | None = None
+    """gold_prob / llm_judge with backend=hf: judge model (None: the policy's base model)."""
+    judge_dtype: DType = "float32"
+    backend: Backend = "hf"
+    """llm_judge: local HF model or endpoint."""
+    endpoint: EndpointOptions = field(default_factory=EndpointOptions)
+    weights: dict[str, float] | None = None
+    """weighted: e.g. {correct: 0.5, gold_prob: 0.5}."""
+    max_attempts: int = 3
+    """llm_judge: tries before a reward is recorded as missing."""
+    rubric_weights: dict[str, float] | None = None
+    """rubric: weights of its components correct, asks_one, thinking, concise (None: 0.4/0.2/0.2/0.2)."""
+    rubric_accuracy: Literal["correct", "gold_prob"] = "correct"
+    """rubric: the accuracy term, 0/1 correctness or the judge's gold-answer probability (dense)."""
+    word_limit: int = 60
+    """rubric: an assistant turn within this many words counts as concise."""
+
+
+def endpoint_backend(opts: EndpointOptions, what: str) -> EndpointChatBackend:
+    """The chat backend of an endpoint block; ``what`` names the option in the error when it is incomplete."""
+    if not opts.base_url or not opts.model:
+        raise ValueError(f"{what} with backend=endpoint needs endpoint.base_url and endpoint.model")
+    return EndpointChatBackend(opts.base_url, opts.model, api_key_env=opts.api_key_env, timeout=opts.timeout,
+                               max_retries=opts.max_retries, backoff=opts.backoff, concurrency=opts.concurrency)
+
+
+def build_teacher(options: TeacherOptions | None, *, setting: Setting, policy: str, models: FrozenModels,
+                  batch_size: int = 8) -> Teacher:
+    """The teacher of ``options`` (default: scripted in the reasoning setting, retrieval in the clarifying one).
+
+    An HF ``llm`` teacher defaults to the *base* of ``policy`` (:func:`~clarify_lit.models.policy_base`), so a trained
+    policy meets the same teacher as its base model did."""
+    t = options or TeacherOptions()
+    kind = t.kind or ("scripted" if setting == "reasoning" else "retrieval")
+    if kind == "scripted":
+        return make_teacher("scripted")
+    if kind == "retrieval":
+        return make_teacher("retrieval", top_k=t.top_k, hide_gold_text=t.hide_gold_text, hide_mode=t.hide_mode)
+    backend: ChatBackend
+    if t.backend == "endpoint":
+        backend = endpoint_backend(t.endpoint, "teacher")
+    else:
+        name = t.model or policy_base(policy)
+        model, tok = models.get(name, t.dtype)
+        backend = HFChatBackend(model, tok, batch_size=batch_size, name=f"hf:{name}")
+    return make_teacher("llm", backend=backend, temperature=t.temperature, max_new_tokens=t.max_new_tokens,
+                        show_gold=t.show_gold, show_knowledge=t.show_knowledge)
+
+
+def build_reward(options: RewardOptions | None, *, policy: str, models: FrozenModels, batch_size: int = 8) -> Reward:
+    """The reward of ``options``; judges (``gold_prob``, HF ``llm_judge``) default to the base of ``policy``, so a
+    trained policy is never its own judge."""
+    r = options or RewardOptions()
+    if r.kind == "rubric":
+        gold_prob = None
+        if r.rubric_accuracy == "gold_prob":
+            model, tok = models.get(r.judge_model or policy_base(policy), r.judge_dtype)
+            gold_prob = GoldProbReward(model, tok, batch_size=batch_size)
+        return RubricReward(r.rubric_weights, accuracy=r.rubric_accuracy, gold_prob=gold_prob,
+                            word_limit=r.word_limit)
+    kinds = set(r.weights or {}) if r.kind == "weighted" else {r.kind}
+    judge_model = judge_tok = judge_backend = None
+    judge_name = r.judge_model or policy_base(policy)
+    if "gold_prob" in kinds:
+        judge_model, judge_tok = models.get(judge_name, r.judge_dtype)
+    if "llm_judge" in kinds:
+        if r.backend == "endpoint":
+            judge_backend = endpoint_backend(r.endpoint, "reward llm_judge")
+        else:
+            m, tok = models.get(judge_name, r.judge_dtype)
+            judge_backend = HFChatBackend(m, tok, batch_size=batch_size, name=f"hf:{judge_name}")
+    return make_reward(r.kind, judge_model=judge_model, judge_tokenizer=judge_tok, judge_backend=judge_backend,
+                       weights=r.weights, batch_size=batch_size, max_attempts=r.max_attempts)
+
+
+def load_data_tasks(data: DataOptions) -> list[QATask]:
+    """The questions of ``data`` (its ``part``, the first ``limit`` of them when set); none at all is an error."""
+    d = data
+    tasks = load_tasks(d.dataset, d.split, seed=d.seed, n_train=d.n_train, n_test=d.n_test, part=d.part,
+                       path=d.path, name=d.name, columns=d.columns, label=d.label, on_bad_row=d.on_bad_row)
+    if d.limit is not None:
+        if d.limit < 1:
+            raise ValueError(f"data.limit must be >= 1, got {d.limit}")
+        tasks = tasks[: d.limit]
+    if not tasks:
+        raise ValueError(f"dataset {d.dataset!r} part {d.part!r} gave no tasks")
+    return tasks

@@ -1,0 +1,86 @@
+"""``clarify export``: write a run's policy as an HF folder, after the fit, from its checkpoint.
+
+Examples::
+
+    clarify export --run_dir runs/swift --merge true                      # runs/swift/export_merged (training dtype)
+    clarify export --run_dir runs/swift --merge true --dtype bfloat16 --out_dir /tmp/swift-bf16
+    clarify export --ckpt_path runs/swift/checkpoints/last.ckpt --out_dir /tmp/swift-adapter
+
+``--merge true`` writes a standalone ``transformers`` folder (the LoRA merged into the base weights; no peft needed:
+what vLLM, lm-evaluation-harness and GGUF converters take); without it, the adapter folder that ``clarify fit``
+writes to ``<run>/export``. Either way with tokenizer, chat template, generation config, a model card filled from
+the run (checkpoint step, last logged losses, data, rollout evaluation, ``config.yaml``) and ``clarify_export.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from clarify_lit.train.export import export_merged, write_export
+from clarify_lit.train.module import ClarifyModule
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_of(run_dir: str | None, ckpt_path: str | None) -> tuple[Path, Path]:
+    """``(checkpoint file, run folder)`` from exactly one of a run folder (its ``checkpoints/last.ckpt``) or a
+    checkpoint (its run folder: the parent of ``checkpoints/``)."""
+    if (run_dir is None) == (ckpt_path is None):
+        raise ValueError("clarify export needs exactly one of --run_dir (a clarify fit run folder) or --ckpt_path "
+                         "(a checkpoint file)")
+    if ckpt_path is not None:
+        ckpt = Path(ckpt_path)
+        run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    else:
+        run = Path(run_dir)
+        ckpt = run / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {ckpt} (give --ckpt_path, or --run_dir of a clarify fit run "
+                                "with checkpoints/last.ckpt)")
+    return ckpt, run
+
+
+def export(run_dir: str | None = None, ckpt_path: str | None = None, out_dir: str | None = None,
+           merge: bool = False, dtype: Literal["float32", "bfloat16", "float16"] | None = None) -> Path:
+    """Export a ``clarify fit`` run from its checkpoint.
+
+    Args:
+        run_dir: a ``clarify fit`` run folder; its ``checkpoints/last.ckpt`` is exported.
+        ckpt_path: a ``ClarifyModule`` checkpoint (instead of ``run_dir``).
+        out_dir: the folder to write; default ``<run>/export_merged`` with ``merge``, else ``<run>/export``.
+        merge: write a standalone model (LoRA merged into the base weights) instead of the adapter.
+        dtype: dtype of the merged weights (``merge`` only); default the training dtype.
+    """
+    ckpt, run = checkpoint_of(run_dir, ckpt_path)
+    if dtype is not None and not merge:
+        raise ValueError("--dtype applies to --merge true (an adapter keeps the dtype it was trained in)")
+    out = Path(out_dir) if out_dir else run / ("export_merged" if merge else "export")
+    module = ClarifyModule.from_checkpoint(ckpt)
+    # the step and epoch for the card; the weights were restored above
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+    state = {k: checkpoint.get(k) for k in ("global_step", "epoch")}
+    if merge:
+        folder = export_merged(module, out, dtype, run_dir=run, checkpoint=state)
+    else:
+        folder = write_export(module, out, run_dir=run, checkpoint=state)
+    print(f"[clarify export] {'merged model' if merge else 'export'} of {ckpt} (step {state['global_step']}) → "
+          f"{folder}")
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``clarify export`` (jsonargparse: every argument of :func:`export`, plus ``--config``)."""
+    from jsonargparse import CLI
+
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    CLI(export, args=argv, as_positional=False, prog="clarify export",
+        description="Write a clarify fit run's adapter, or with --merge true a standalone merged model, with its "
+        "model card, from the run's checkpoint.")
+
+
+if __name__ == "__main__":
+    main()
