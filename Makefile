@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-full demo reproduce bench lint package-check clean
+.PHONY: install test test-full demo reproduce clarify bench lint package-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,10 @@ demo: $(STAMP)
 reproduce: $(STAMP)
 	$(PY) -m clarify_lit.demo --preset reproduce --results results
 
+# the clarifying cell with the informative teacher and the rubric reward (docs/simulate.md; ~3x reproduce's cell)
+clarify: $(STAMP)
+	$(PY) -m clarify_lit.demo --preset clarify --results results/clarify
+
 # Benchmarks on the tiny model (~7 min on 2 cores shared with other jobs; one torch thread each, since extra threads
 # only spin on a loaded machine); TRL is a benchmark-only extra. The SmolLM2 numbers of the README:
 # $(PY) benchmarks/train_throughput.py --model embedded:smollm2-135m-instruct (see benchmarks/*.py).
@@ -45,7 +49,7 @@ package-check: $(STAMP)
 	$(PY) -m pytest -q tests/test_packaging.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check clarify_lit tests benchmarks
+	$(VENV)/bin/ruff check clarify_lit tests benchmarks experiments
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -48,10 +48,15 @@ class Experiment:
     # the per-turn token cap of this cell's simulate and evaluate (None: the preset's); chosen from measured turn
     # lengths (docs/demo.md#token-caps)
     max_new_tokens: int | None = None
+    # the cell's reward (None: the preset's) and extra teacher/reward flags passed to both its simulate and its
+    # evaluate commands (e.g. ["--teacher.hide_mode", "drop"]); ``tag`` tells such a cell apart in folder names
+    reward: str | None = None
+    options: list[str] = field(default_factory=list)
+    tag: str = ""
 
     @property
     def name(self) -> str:
-        return f"{self.dataset}-{self.setting}-{self.mode}"
+        return f"{self.dataset}-{self.setting}-{self.mode}" + (f"-{self.tag}" if self.tag else "")
 
 
 @dataclass
@@ -116,12 +121,30 @@ PRESETS: dict[str, Preset] = {
         # token caps from measured base-policy turn lengths (docs/demo.md#token-caps): clarifying turns finish under
         # 64 tokens 75-94 % of the time; reasoning turns 1-2 ramble past 160 tokens whatever the cap, so the cheap 40
         # stays (the cut turns' end-of-turn tokens are masked in training; the final answer's letter comes first)
+        # the clarifying cell keeps the teacher it was first measured with (hide_mode drop): the paper-faithful
+        # `correct` baseline; the `clarify` preset holds the cells with the informative teacher and the rubric
         experiments=[Experiment("sciq", "reasoning", "standard", "scripted"),
-                     Experiment("sciq", "clarifying", "thinking", "retrieval", max_new_tokens=64)],
+                     Experiment("sciq", "clarifying", "thinking", "retrieval", max_new_tokens=64,
+                                options=["--teacher.hide_mode", "drop"])],
         n_train=32, n_test=100, seeds=[0, 1], split_seed=0, max_new_tokens=40, eval_max_new_tokens=40, epochs=1,
         sim_batch_size=32, sim_chunk_size=32, eval_batch_size=50, objectives=list(OBJECTIVES),
         # the paper's lr 3e-6 barely moves a fresh LoRA on 135M in 2 epochs of ~32 conversations (STaR-GATE-D would
         # equal Base): use the lr every other row uses on this model (configs/model/smollm2-135m.yaml)
+        label_overrides={"STaR-GATE-D": ["--model.learning_rate", "2.0e-4"]},
+        display_names={"SFT": "STaR-GATE"},
+    ),
+    # issue "Learning to clarify": the clarifying cell with the three levers — the teacher that blanks the gold text
+    # (worth asking), and the reward: 0/1 correctness, the offline rubric, and the rubric with the dense gold-answer
+    # probability in place of correctness (so Swift has variance on most questions). Same split and rows as
+    # `reproduce`; about 3x its clarifying cell's time on this CPU.
+    "clarify": Preset(
+        name="clarify", model="embedded:smollm2-135m-instruct",
+        experiments=[Experiment("sciq", "clarifying", "thinking", "retrieval", max_new_tokens=64, reward=r,
+                                options=["--teacher.hide_mode", "blank", *o], tag=tag)
+                     for r, o, tag in (("correct", [], "correct"), ("rubric", [], "rubric"),
+                                       ("rubric", ["--reward.rubric_accuracy", "gold_prob"], "rubric-dense"))],
+        n_train=32, n_test=100, seeds=[0, 1], split_seed=0, max_new_tokens=64, eval_max_new_tokens=64, epochs=1,
+        sim_batch_size=32, sim_chunk_size=32, eval_batch_size=50, objectives=list(OBJECTIVES),
         label_overrides={"STaR-GATE-D": ["--model.learning_rate", "2.0e-4"]},
         display_names={"SFT": "STaR-GATE"},
     ),
@@ -148,7 +171,7 @@ def simulate_args(p: Preset, e: Experiment, seed: int, part: str, out: Path) -> 
     return ["simulate", "--model", p.model, "--data.dataset", e.dataset, "--data.part", part,
             "--data.n_train", str(p.n_train), "--data.n_test", str(p.n_test), "--data.seed", str(split_seed(p, seed)),
             "--setting", e.setting, "--mode", e.mode, "--n_turns", "3", "--teacher.kind", e.teacher,
-            "--reward.kind", p.reward, "--temperatures", json.dumps(p.temperatures),
+            "--reward.kind", e.reward or p.reward, *e.options, "--temperatures", json.dumps(p.temperatures),
             "--max_new_tokens", str(e.max_new_tokens or p.max_new_tokens), "--batch_size", str(p.sim_batch_size),
             "--chunk_size", str(p.sim_chunk_size), "--dtype", p.gen_dtype, "--seed", str(seed), "--output", str(out),
             "--resume", "true", "--mix_temperatures", str(p.mix_temperatures).lower(),
@@ -180,7 +203,8 @@ def evaluate_args(p: Preset, e: Experiment, seed: int, label: str, out: Path, ex
     return ["evaluate", *source, "--method", label, "--data.dataset", e.dataset,
             "--data.n_train", str(p.n_train), "--data.n_test", str(p.n_test), "--data.seed", str(split_seed(p, seed)),
             "--n_questions", str(p.n_test), "--setting", e.setting, "--mode", e.mode, "--teacher.kind", e.teacher,
-            "--reward.kind", p.reward, "--max_new_tokens", str(e.max_new_tokens or p.eval_max_new_tokens),
+            "--reward.kind", e.reward or p.reward, *e.options,
+            "--max_new_tokens", str(e.max_new_tokens or p.eval_max_new_tokens),
             "--dtype", p.gen_dtype,
             "--batch_size", str(p.eval_batch_size), "--reuse_kv_cache", str(p.reuse_kv_cache).lower(),
             "--seed", str(seed), "--out_dir", str(out)]
@@ -276,7 +300,7 @@ def archive_rollouts(runs: Path, dest: Path) -> list[Path]:
     return made
 
 
-PresetName = Literal["demo", "reproduce", "paper"]  # the keys of PRESETS (tests/test_iterate.py checks)
+PresetName = Literal["demo", "reproduce", "clarify", "paper"]  # the keys of PRESETS (tests/test_iterate.py checks)
 
 
 @dataclass

@@ -1,0 +1,40 @@
+"""Per-turn behaviour of logged clarifying conversations and reward variance per question under `correct` vs the
+rubric (issue 15 part 2/3). Usage: coverage.py conversations.jsonl[.gz] ..."""
+import gzip
+import json
+import sys
+from collections import defaultdict
+
+from clarify_lit.data.records import ConversationRecord
+from clarify_lit.data.tasks import QATask
+from clarify_lit.evaluate.metrics import choices_from_messages
+from clarify_lit.simulate.parsing import analyze_answer, uses_thinking_tags
+from clarify_lit.simulate.rubric import RubricReward, asks_one_question
+
+recs = []
+for path in sys.argv[1:]:
+    op = gzip.open if path.endswith(".gz") else open
+    with op(path, "rt") as f:
+        recs += [json.loads(line) for line in f if line.strip()]
+n = len(recs)
+out = {"conversations": n, "questions": len({r["task_id"] for r in recs}), "per_turn": []}
+for t in range(3):
+    turns = [[m["content"] for m in r["messages"] if m["role"] == "assistant"][t] for r in recs]
+    ch = [choices_from_messages(ConversationRecord(**{k: r[k] for k in ("id", "task_id", "messages", "reward")})) for r in recs]
+    out["per_turn"].append({
+        "turn": t + 1, "question_rate": sum("?" in x for x in turns) / n,
+        "one_question_about_one_option": sum(asks_one_question(x, c) for x, c in zip(turns, ch)) / n,
+        "thinking_tags": sum(uses_thinking_tags(x) for x in turns) / n,
+        "answer_format": sum(analyze_answer(x, c).letter is not None for x, c in zip(turns, ch)) / n,
+        "truncated": sum((t + 1) in (r["meta"].get("truncated_turns") or []) for r in recs) / n})
+rub = RubricReward()
+by_task = defaultdict(list)
+for r, c in zip(recs, ch):
+    task = QATask(r["task_id"], r.get("dataset", ""), "", c, r["gold"])
+    by_task[r["task_id"]].append((r["reward_components"].get("correct", r["reward"]), rub.score([task], [r["messages"]])[0].value))
+out["questions_with_reward_variance"] = {
+    "correct": sum(len({a for a, _ in v}) > 1 for v in by_task.values()) / len(by_task),
+    "rubric": sum(len({round(b, 6) for _, b in v}) > 1 for v in by_task.values()) / len(by_task)}
+out["mean_reward"] = {"correct": sum(a for v in by_task.values() for a, _ in v) / n,
+                      "rubric": sum(b for v in by_task.values() for _, b in v) / n}
+print(json.dumps(out, indent=1))
