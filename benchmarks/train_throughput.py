@@ -5,6 +5,7 @@ DPOTrainer, on the same records, model, batch size, precision and LoRA/full sett
     python benchmarks/train_throughput.py --model embedded:smollm2-135m-instruct   # SmolLM2-135M, ~11 min
     python benchmarks/train_throughput.py --model embedded:smollm2-135m-instruct --gradient-checkpointing \
         --finetune lora --variants ours_refit trl_sft_weighted ours_dpo ours_dpo_precomputed trl_dpo      # ~6 min
+    python benchmarks/train_throughput.py --accelerator gpu    # Lightning and TRL on a CUDA GPU (see gpu_bench.py)
 
 (times on a 2-core machine shared with other jobs, load ~3). Results are merged into
 ``benchmarks/results/train_throughput.json`` under ``"<model> <precision>[ gc]"``.
@@ -114,7 +115,23 @@ class _Steps:
 
 
 def _lora_kwargs(spec: dict) -> dict:
-    return PRESETS.get(spec["model"], PRESETS["tiny-random"])
+    return spec.get("lora") or PRESETS.get(spec["model"], PRESETS["tiny-random"])
+
+
+def _device(spec: dict):
+    """Where the child builds its model (a ``torch.device`` is also a context manager): the GPU with
+    ``accelerator=gpu`` (benchmarks/gpu_bench.py builds random-weight models there directly), else the CPU."""
+    import torch
+
+    return torch.device("cuda" if spec.get("accelerator") == "gpu" else "cpu")
+
+
+def _sync() -> None:
+    """Wait for the queued GPU work, so that a step's end time includes its kernels (no-op without CUDA)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def _lora_dropout(variant: str) -> float:
@@ -151,7 +168,8 @@ def _our_objective(variant: str):
 def _datamodule(spec: dict, objective):
     from clarify_lit.data.datamodule import ConversationDataModule
 
-    dm = ConversationDataModule([spec["records"]], val_fraction=0.0, tokenizer_name_or_path=spec["model"],
+    dm = ConversationDataModule([spec["records"]], val_fraction=0.0,
+                                tokenizer_name_or_path=spec.get("tokenizer") or spec["model"],
                                 max_length=spec["max_length"], batch_size=spec["batch_size"], cache_tokenized=False,
                                 seed=0, objective=objective, share_pair_prefix=spec["variant"] != "ours_dpo_stacked")
     dm.setup("fit")
@@ -168,15 +186,18 @@ def run_ours(spec: dict) -> dict:
     variant, lora = spec["variant"], spec["finetune"] == "lora"
     objective = _our_objective(variant)
     lk = _lora_kwargs(spec)
-    module = ClarifyModule(model_name_or_path=spec["model"], objective=objective, use_lora=lora,
-                           lora_r=lk["lora_r"], lora_alpha=lk["lora_alpha"], lora_dropout=_lora_dropout(variant),
-                           lora_target_modules=lk["lora_target_modules"], learning_rate=LR, warmup_ratio=0.0,
-                           lr_schedule="constant", gradient_checkpointing=spec["gradient_checkpointing"],
-                           export_on_fit_end=False, reference_cache=False)
+    with _device(spec):
+        module = ClarifyModule(model_name_or_path=spec["model"], objective=objective, use_lora=lora,
+                               lora_r=lk["lora_r"], lora_alpha=lk["lora_alpha"], lora_dropout=_lora_dropout(variant),
+                               lora_target_modules=lk["lora_target_modules"], learning_rate=LR, warmup_ratio=0.0,
+                               lr_schedule="constant", gradient_checkpointing=spec["gradient_checkpointing"],
+                               export_on_fit_end=False, reference_cache=False, dtype=spec.get("dtype", "float32"))
     dm = _datamodule(spec, objective)
     out: dict = {"data_tokens": _our_data_tokens(dm.train_set.samples)}
     if variant == "ours_refit":  # same-batch loss check, fp32, before any update
         batch = PadCollator(dm.tokenizer.pad_token_id)(dm.train_set.samples[: spec["batch_size"]])
+        at = next(module.parameters()).device
+        batch = {k: (v.to(at) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         with torch.no_grad():
             out["check_loss_real_weights"] = float(module._step(batch, "val")[0])
             batch["weights"] = torch.ones_like(batch["weights"])
@@ -193,6 +214,7 @@ def run_ours(spec: dict) -> dict:
             marks["train_start"] = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            _sync()
             rec.t_end.append(time.perf_counter())
             rec.cpu_end.append(time.process_time())
             trained, inputs = _batch_tokens(batch)
@@ -200,7 +222,7 @@ def run_ours(spec: dict) -> dict:
             rec.inputs.append(inputs)
             rec.losses.append(float(outputs["loss"]))
 
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision=spec["precision"],
+    trainer = L.Trainer(accelerator=spec.get("accelerator", "cpu"), devices=1, precision=spec["precision"],
                         max_steps=spec["warmup"] + spec["steps"], gradient_clip_val=1.0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Timer()])
@@ -223,20 +245,23 @@ def run_trl(spec: dict) -> dict:
 
     variant, lora = spec["variant"], spec["finetune"] == "lora"
     lk = _lora_kwargs(spec)
-    tok = load_tokenizer(spec["model"])
-    model = load_causal_lm(spec["model"], "float32")
+    tok = load_tokenizer(spec.get("tokenizer") or spec["model"])
+    with _device(spec):
+        model = load_causal_lm(spec["model"], spec.get("dtype", "float32"))
     peft_config = LoraConfig(r=lk["lora_r"], lora_alpha=lk["lora_alpha"], lora_dropout=_lora_dropout(variant),
                              target_modules=lk["lora_target_modules"], task_type="CAUSAL_LM") if lora else None
     rec = _Steps()
     common = dict(output_dir=tempfile.mkdtemp(prefix="trl-bench-"), per_device_train_batch_size=spec["batch_size"],
                   gradient_accumulation_steps=1, max_steps=spec["warmup"] + spec["steps"], learning_rate=LR,
                   lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-                  logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+                  logging_steps=1, save_strategy="no", report_to="none",
+                  use_cpu=spec.get("accelerator", "cpu") == "cpu",
                   bf16=spec["precision"] == "bf16-mixed", gradient_checkpointing=spec["gradient_checkpointing"],
                   dataloader_num_workers=0, seed=0, disable_tqdm=True, max_length=spec["max_length"])
 
     class Timer(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
+            _sync()
             rec.t_end.append(time.perf_counter())
             rec.cpu_end.append(time.process_time())
 
@@ -278,7 +303,8 @@ def run_trl(spec: dict) -> dict:
         first = rows[: spec["batch_size"]]
         n_before = len(rec.trained)
         with torch.no_grad():
-            batch = collator(first)
+            batch = {k: (v.to(trainer.args.device) if isinstance(v, torch.Tensor) else v)
+                     for k, v in collator(first).items()}
             out["check_loss_real_weights"] = float(trainer.compute_loss(trainer.model, dict(batch)))
             batch["weight"] = torch.ones_like(batch["weight"])
             out["check_loss_weights_1"] = float(trainer.compute_loss(trainer.model, dict(batch)))
@@ -460,6 +486,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per child (1: on a shared 2-core machine more threads only spin, 3-7x slower)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per child")
+    p.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"], help="Lightning's / TRL's device")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_throughput.json"))
     args = p.parse_args(argv)
     if args.child:
@@ -487,7 +514,7 @@ def main(argv: list[str] | None = None) -> dict:
                 spec = {"variant": v, "finetune": ft, "model": args.model, "records": str(records),
                         "batch_size": args.batch_size, "max_length": args.max_length, "precision": args.precision,
                         "gradient_checkpointing": args.gradient_checkpointing, "warmup": warmup, "steps": steps,
-                        "threads": threads}
+                        "threads": threads, "accelerator": args.accelerator}
                 res = run_child(spec, args.timeout)
                 runs[ft][v].append(res)
                 print(f"[rep {rep}] {ft:<4} {v:<21} {res['tokens_per_s']:>9.1f} tok/s  {res['s_per_step']:.3f} s/step"

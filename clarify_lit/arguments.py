@@ -6,15 +6,104 @@ options as one dataclass (``SimulateConfig``, ``IterateConfig``, ``DemoOptions``
 checked, ``--config`` YAML files, ``--print_config`` and a ``--help`` that shows each field's documentation.
 Options are spelled with underscores and booleans take a value (``--dry_run true``); :func:`renamed_switches` keeps
 the older hyphenated switches (``--dry-run``) working, with a deprecation message.
+
+Every parser is a :class:`ClarifyParser`: abbreviations are off (``--teacher.endpoint.api_key`` is an unknown option,
+never taken for ``api_key_env``) and an error message never repeats a value that looks like a secret.
+:func:`refuse_secrets` refuses a parsed configuration that holds a key where an environment variable's *name* belongs
+(``*_env`` fields) or a recognisable API key anywhere, before anything is written: keys come from the environment
+only.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
+
+# API keys of the common providers (OpenAI sk-…, Hugging Face hf_…, GitHub, GitLab, Slack, AWS, Google)
+_KEY_PATTERN = re.compile(r"(?:sk-|sk_|hf_|ghp_|gho_|ghs_|ghu_|github_pat_|glpat-|xox[abpr]-|AKIA|AIza)"
+                          r"[A-Za-z0-9_\-]{12,}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# an option whose value may be a secret: its value is never repeated in an error message
+_SECRET_OPTION = re.compile(r"(--[\w.\-]*(?:key|token|secret|password|_env)[\w.\-]*(?:=|\s+))([^\s;,')\]]+)",
+                            re.IGNORECASE)
+
+
+def looks_like_secret(value: str) -> bool:
+    """A recognisable API key (``sk-…``, ``hf_…``, ``ghp_…`` …) inside ``value``."""
+    return bool(_KEY_PATTERN.search(value))
+
+
+def _random_token(value: str, min_length: int) -> bool:
+    """A long token mixing upper case, lower case and digits (how keys look; environment variable names do not)."""
+    for token in re.findall(r"[A-Za-z0-9_\-+=]{" + str(min_length) + ",}", value):
+        if any(c.isupper() for c in token) and any(c.islower() for c in token) and any(c.isdigit() for c in token):
+            return True
+    return False
+
+
+def redact(text: str) -> str:
+    """``text`` with every value that may be a secret replaced by ``<redacted>`` (for error messages)."""
+    def hide(m: re.Match) -> str:
+        option, value = m.group(1), m.group(2)
+        if option.rstrip("= \t").endswith("_env") and _ENV_NAME.fullmatch(value) and not _random_token(value, 20):
+            return m.group(0)  # an environment variable's name is no secret
+        return option + "<redacted>"
+
+    text = _SECRET_OPTION.sub(hide, text)
+    text = _KEY_PATTERN.sub("<redacted>", text)
+    return re.sub(r"[A-Za-z0-9_\-+=]{32,}", lambda m: "<redacted>" if _random_token(m.group(0), 32) else m.group(0),
+                  text)
+
+
+class SecretInConfigError(ValueError):
+    """A configuration value looks like a secret; the message names the field, never the value."""
+
+
+def refuse_secrets(config: Any, prefix: str = "") -> None:
+    """Refuse a configuration (dict, :class:`~jsonargparse.Namespace`, dataclass, list) that holds a secret.
+
+    A field named ``*_env`` must be the *name* of an environment variable (``OPENAI_API_KEY``); a value that is not
+    such a name, or that looks like a key, is refused. Anywhere else a recognisable API key (``sk-…``, ``hf_…`` …) is
+    refused too (e.g. inside ``fit_args``). The message names the field and never the value.
+    """
+    if isinstance(config, Namespace):
+        config = config.as_dict()
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    if isinstance(config, Mapping):
+        for key, value in config.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, str) and str(key).endswith("_env") and (
+                    not _ENV_NAME.fullmatch(value) or looks_like_secret(value) or _random_token(value, 20)):
+                raise SecretInConfigError(
+                    f"{name} takes the NAME of an environment variable that holds the key (e.g. OPENAI_API_KEY), "
+                    "and the value given is not such a name (not shown: it may be the key itself). Set "
+                    f"`export SOME_NAME=<key>` and pass --{name} SOME_NAME; never put a key on the command line "
+                    "or in a config file")
+            refuse_secrets(value, f"{name}.")
+    elif isinstance(config, list | tuple):
+        for i, value in enumerate(config):
+            refuse_secrets(value, f"{prefix.rstrip('.')}[{i}].")
+    elif isinstance(config, str) and looks_like_secret(config):
+        raise SecretInConfigError(
+            f"{prefix.rstrip('.') or 'an argument'} holds what looks like an API key (not shown); keys are read from "
+            "environment variables only (the endpoint options' api_key_env names one)")
+
+
+class ClarifyParser(ArgumentParser):
+    """jsonargparse's parser with abbreviations off and secrets kept out of error messages."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None):
+        return super().error(redact(str(message)), ex)
 
 
 def dataclass_parser(config_class: type, prog: str, description: str, env_prefix: str, config_help: str
@@ -22,16 +111,31 @@ def dataclass_parser(config_class: type, prog: str, description: str, env_prefix
     """A parser for a command configured by one dataclass (``--config`` YAML + one option per field; ``--help`` shows
     each field's docstring)."""
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    parser = ArgumentParser(prog=prog, description=description, env_prefix=env_prefix, default_env=False)
+    parser = ClarifyParser(prog=prog, description=description, env_prefix=env_prefix, default_env=False)
     parser.add_argument("--config", action=ActionConfigFile, help=config_help)
     parser.add_class_arguments(config_class, None, as_group=False)
     return parser
 
 
 def parse_dataclass(parser: ArgumentParser, config_class: type, argv: list[str] | None) -> Any:
-    """Parse ``argv`` with a :func:`dataclass_parser` parser and build the dataclass from it."""
-    init = parser.instantiate(parser.parse_args(argv))
+    """Parse ``argv`` with a :func:`dataclass_parser` parser and build the dataclass from it (a secret in the
+    configuration is refused first: :func:`refuse_secrets`)."""
+    parsed = parser.parse_args(argv)
+    refuse_secrets({k: v for k, v in parsed.as_dict().items() if k != "config"})
+    init = parser.instantiate(parsed)
     return config_class(**{k: v for k, v in vars(init).items() if k in config_class.__dataclass_fields__})
+
+
+def run_function(function: Callable[..., Any], argv: list[str] | None, prog: str, description: str) -> Any:
+    """Parse ``argv`` into the typed keyword arguments of ``function`` (``--config`` YAML, ``--print_config``,
+    ``--help`` from its docstring), refuse secrets (:func:`refuse_secrets`) and call it."""
+    parser = ClarifyParser(prog=prog, description=description, default_env=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML with any of the options below")
+    parser.add_function_arguments(function, None, as_group=False)
+    parsed = parser.parse_args(argv)
+    refuse_secrets({k: v for k, v in parsed.as_dict().items() if k != "config"})
+    init = parser.instantiate(parsed)
+    return function(**{k: v for k, v in vars(init).items() if k != "config"})
 
 
 def renamed_switches(argv: list[str] | None, renames: Mapping[str, str], prog: str) -> list[str]:

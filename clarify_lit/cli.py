@@ -6,31 +6,43 @@
 
 Run layout: everything of one run lives in ``trainer.default_root_dir`` (default ``runs/default``):
 ``config.yaml``, ``checkpoints/last.ckpt``, TensorBoard events, ``export/`` (HF/PEFT folder written at fit end),
-``rollouts/`` (evaluation callback). ``--ckpt_path last`` therefore finds the previous run's last checkpoint.
+``rollouts/`` (evaluation callback). ``--ckpt_path last`` therefore finds the previous run's last checkpoint
+(``last_or_none``: that, or a new run when there is none yet); a resumed segment's config goes to
+``config.resume-N.yaml`` and what it changed to ``resumes.jsonl`` (``clarify_lit.train.run_folder``). A folder holding
+another run is refused unless ``--ckpt_path`` resumes it or ``--overwrite true`` replaces it; the folder is locked
+while a fit writes it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
+import yaml
 from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from clarify_lit import __version__
+from clarify_lit.arguments import redact, refuse_secrets
 from clarify_lit.data.datamodule import ConversationDataModule
+from clarify_lit.io import output_lock
 from clarify_lit.simulate.teachers import EndpointError
-from clarify_lit.train import objectives
+from clarify_lit.train import objectives, run_folder
 from clarify_lit.train.checkpointing import AtomicCheckpointIO, LastCheckpoint, ResumeState
 from clarify_lit.train.module import ClarifyModule, NonFiniteLossError
+
+log = logging.getLogger("clarify.fit")
 
 # The one dispatch table: command → (the module whose ``main(argv)`` runs it, one line of ``clarify --help``).
 # Modules are named, not imported: ``clarify <command>`` loads only what that command needs, and ``clarify iterate
@@ -53,9 +65,91 @@ DEFAULT_ROOT = "runs/default"
 
 
 class ClarifyCLI(LightningCLI):
+    _overwrite = False  # fit's --overwrite (read before the config is saved with it reset)
+
     def add_arguments_to_parser(self, parser) -> None:
         # one tokenizer: the model's
         parser.link_arguments("model.model_name_or_path", "data.tokenizer_name_or_path")
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="fit: replace the run already in trainer.default_root_dir (its config, checkpoints, "
+                            "export and events); without it such a folder is refused unless --ckpt_path resumes it")
+
+    # ------------------------------------------------------------------------------------------- the run folder
+    def _root(self) -> Path:
+        trainer = self.config[self.subcommand].get("trainer") if self.subcommand else None
+        return Path((trainer or {}).get("default_root_dir") or DEFAULT_ROOT)
+
+    def before_instantiate_classes(self) -> None:
+        """Before any model loads: no secret in the configuration, and a fit never starts over another run."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        refuse_secrets({k: v for k, v in config.as_dict().items() if k != "config"})
+        if self.subcommand == "fit":
+            self._overwrite = bool(config.get("overwrite"))
+            config["overwrite"] = False  # the saved config.yaml must not replace the next run by itself
+            if _rank_zero():
+                # a resume may write into an occupied folder (last_or_none too: it resumes, or restarts a run that
+                # never saved a checkpoint)
+                run_folder.refuse_occupied(self._root(), config.get("ckpt_path"), self._overwrite)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """``fit`` holds the run folder's lock throughout (a second writer is refused in one line)."""
+        root = self._root()
+        if subcommand != "fit" or "://" in str(root) or not _rank_zero():
+            return super()._run_subcommand(subcommand)
+        with output_lock(root, "clarify fit"):
+            return super()._run_subcommand(subcommand)
+
+    def before_fit(self) -> None:
+        """Resolve ``--ckpt_path`` and check the resume against its checkpoint (``clarify_lit.train.run_folder``)."""
+        root = self._root()
+        kwargs = self.config_init["fit"]
+        ckpt = requested = kwargs.get("ckpt_path")
+        if ckpt in ("last", "last_or_none"):
+            found = self._last_checkpoint()
+            if found is None and ckpt == "last":
+                raise FileNotFoundError(f"--ckpt_path last: {root} holds no checkpoint to resume; drop --ckpt_path "
+                                        "to start a new run, or pass --ckpt_path last_or_none to resume when there "
+                                        "is a checkpoint and start a new run otherwise")
+            if found is None:
+                log.info("--ckpt_path last_or_none: no checkpoint in %s yet, starting a new run", root)
+            ckpt = kwargs["ckpt_path"] = found
+        if ckpt is None:
+            if _rank_zero() and (self._overwrite or requested == "last_or_none"):
+                run_folder.clear_run(root)  # --overwrite, or last_or_none over a run that never saved a checkpoint
+            return
+        if str(ckpt) in ("best", "hpc") or "://" in str(ckpt):
+            return  # Lightning's own ways to name a checkpoint
+        ckpt = Path(ckpt)
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"--ckpt_path {ckpt}: checkpoint not found")
+        saved = run_folder.read_checkpoint(ckpt)
+        changed = run_folder.check_resume(ckpt, dict(saved.get("hyper_parameters") or {}), dict(self.model.hparams))
+        if not _rank_zero():
+            return
+        before = run_folder.latest_config(root)
+        config_name = "config.yaml"
+        if before is not None:
+            now = yaml.safe_load(self._parser("fit").dump(self.config["fit"], skip_none=False))
+            changed.update(run_folder.config_differences(yaml.safe_load(before.read_text(encoding="utf-8")) or {},
+                                                         now))
+            config_name = run_folder.next_resume_config(root)
+            for cb in self.trainer.callbacks:  # the original config.yaml keeps describing the steps it produced
+                if isinstance(cb, SaveConfigCallback):
+                    cb.config_filename = config_name
+        if changed:
+            log.warning("resuming %s with %d changed setting(s): %s (recorded in %s)", ckpt, len(changed),
+                        ", ".join(changed), root / run_folder.RESUMES_FILE)
+        run_folder.record_resume(root, ckpt, saved.get("global_step"), config_name, changed)
+
+    def _last_checkpoint(self) -> str | None:
+        """The newest ``last*.ckpt`` of the trainer's checkpoint callbacks (Lightning's ``"last"``), or None."""
+        found: set[str] = set()
+        for cb in self.trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint):
+                with contextlib.suppress(Exception):
+                    found |= cb._find_last_checkpoints(self.trainer)
+        found = {p for p in found if os.path.isfile(p)}
+        return max(found, key=os.path.getmtime) if found else None
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
         root = Path(config.get("default_root_dir") or DEFAULT_ROOT)
@@ -80,13 +174,21 @@ class ClarifyCLI(LightningCLI):
 
 
 class ClarifyArgumentParser(LightningArgumentParser):
-    """A command-line mistake is reported in one line (``clarify: error: …``), not the whole usage text."""
+    """A command-line mistake is reported in one line (``clarify: error: …``), not the whole usage text, and never
+    repeats a value that looks like a secret."""
 
     def error(self, message: str, ex: Exception | None = None):
+        message = redact(str(message))
         if not self.exit_on_error:
             return super().error(message, ex)
         sys.stderr.write(f"clarify: error: {_one_line_parse_error(message)} (see clarify <command> --help)\n")
         self.exit(2)
+
+
+def _rank_zero() -> bool:
+    """This process is rank 0 (a DDP rank started by Lightning's launcher runs the CLI again: it must not refuse
+    or clear the folder rank 0 is writing)."""
+    return (getattr(rank_zero_only, "rank", 0) or 0) == 0
 
 
 def objective_names() -> list[str]:
@@ -106,18 +208,22 @@ def _one_line_parse_error(message: str) -> str:
 
 
 def lightning_main(args: list[str] | None = None, run: bool = True) -> ClarifyCLI:
-    return ClarifyCLI(
-        ClarifyModule,
-        ConversationDataModule,
-        args=args,
-        run=run,
-        save_config_kwargs={"overwrite": True},
-        # the DataModule's batch sampler shards across ranks itself (it must know optimizer-step boundaries)
-        trainer_defaults={"use_distributed_sampler": False, "default_root_dir": DEFAULT_ROOT},
-        parser_kwargs={"description": "clarify: reward-weighted fine-tuning (Refit/Swift/SFT/DPO/StepDPO/Distill) on "
-                       "conversations"},
-        parser_class=ClarifyArgumentParser,
-    )
+    with warnings.catch_warnings():
+        # run in-process (clarify iterate --in_process, the Python API) LightningCLI warns that both ``args`` and
+        # sys.argv are set and prints ``args`` whole: it would repeat anything on the command line, a key included
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return ClarifyCLI(
+            ClarifyModule,
+            ConversationDataModule,
+            args=args,
+            run=run,
+            save_config_kwargs={"overwrite": True},
+            # the DataModule's batch sampler shards across ranks itself (it must know optimizer-step boundaries)
+            trainer_defaults={"use_distributed_sampler": False, "default_root_dir": DEFAULT_ROOT},
+            parser_kwargs={"description": "clarify: reward-weighted fine-tuning (Refit/Swift/SFT/DPO/StepDPO/Distill) "
+                           "on conversations", "allow_abbrev": False},
+            parser_class=ClarifyArgumentParser,
+        )
 
 
 def usage() -> str:
@@ -137,13 +243,14 @@ def reported_errors(command: str):
     except SIGTERMException as e:
         where = getattr(e, "clarify_checkpoint", None)
         saved = f"; last checkpoint {where}, resume with --ckpt_path last" if where else ""
-        print(f"clarify {command}: stopped by SIGTERM at step {getattr(e, 'clarify_step', '?')}{saved}",
-              file=sys.stderr)
-        raise SystemExit(143) from None
+        by = getattr(e, "clarify_signal", "SIGTERM")  # Ctrl-C is turned into the same stop (ResumeState)
+        print(f"clarify {command}: stopped by {'Ctrl-C (SIGINT)' if by == 'SIGINT' else by} at step "
+              f"{getattr(e, 'clarify_step', '?')}{saved}", file=sys.stderr)
+        raise SystemExit(130 if by == "SIGINT" else 143) from None
     except (ValueError, OSError, EndpointError, NonFiniteLossError) as e:
         if os.environ.get("CLARIFY_DEBUG"):
             raise
-        print(f"clarify {command}: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+        print(f"clarify {command}: error: {redact(' '.join(str(e).split())) or type(e).__name__}", file=sys.stderr)
         raise SystemExit(1) from None
 
 

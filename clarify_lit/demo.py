@@ -185,7 +185,8 @@ def fit_args(p: Preset, records: Path | list[Path], objective: str, seed: int, r
     return ["fit", "--config", p.model_config, "--config", p.trainer_config, "--config", objective,
             "--model.model_name_or_path", p.model, f"--data.train_files=[{files}]", "--data.val_fraction", "0",
             "--data.seed", str(seed), "--seed_everything", str(seed), "--trainer.max_epochs", str(p.epochs),
-            "--trainer.default_root_dir", str(root), *p.fit_overrides, *(extra or [])]
+            "--trainer.default_root_dir", str(root), "--ckpt_path", "last_or_none",  # an interrupted fit resumes
+            *p.fit_overrides, *(extra or [])]
 
 
 def label_fit_inputs(p: Preset, label: str, cell: Path) -> tuple[list[Path], list[str]]:

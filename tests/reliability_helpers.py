@@ -89,3 +89,17 @@ class RecordBatches(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         after = [p.detach() for p in pl_module.parameters() if p.requires_grad]
         self.updated.append(any(not torch.equal(a, b) for a, b in zip(after, self._before)))
+
+
+def one_line_error(argv: list[str], capsys) -> tuple[int, str]:
+    """``clarify <argv>`` in-process, expected to fail: (exit status, the one ``clarify …`` line on stderr). Fails the
+    test on a stack trace or on more than one line of ours."""
+    from clarify_lit.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err[-3000:]
+    lines = [x for x in err.splitlines() if x.startswith("clarify")]
+    assert len(lines) == 1, err[-3000:]
+    return e.value.code, lines[0]

@@ -145,7 +145,8 @@ def test_discount_on_a_wrong_answer_and_fixed_length():
 def test_default_records_are_unchanged():
     (rec,) = rollout_tasks(None, None, [TASK], RolloutSpec(temperatures=[0.5]), engine=ScriptedEngine(SCRIPT))
     assert set(rec.meta) == {"setting", "mode", "n_turns", "model", "teacher", "reward", "seed", "max_new_tokens",
-                             "empty_turns", "truncated_turns", "reward_missing", "question_prompt"}
+                             "empty_turns", "truncated_turns", "reward_missing", "question_prompt",
+                             "question_hash"}  # issue 17: what clarify report checks before pairing questions
     assert "undiscounted_reward" not in rec.reward_components
 
 

@@ -61,6 +61,7 @@ CASES = {
     "option of the wrong type": (["--data.batch_size=two"], 2, ['"data.batch_size"', "two"]),
     "DPO without a single preference": (["--model.objective=DPO", "--data.val_fraction=0"], 1,
                                         ["DPO: no task has a reward gap"]),
+    "batch size 0": (["--data.batch_size=0"], 1, ["data.batch_size must be an integer >= 1, got 0"]),
 }
 
 

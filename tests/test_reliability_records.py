@@ -68,6 +68,14 @@ def _insert_assistant(r):
     r["messages"].insert(3, {"role": "assistant", "content": "And another thing."})
 
 
+def _assistant_first(r):
+    r["messages"].insert(1, {"role": "assistant", "content": "Hello, I will answer."})
+
+
+def _ends_on_user(r):
+    r["messages"].append({"role": "user", "content": "Anything else?"})
+
+
 def _parquet_wrong_types(tmp_path: Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -163,6 +171,20 @@ CORPUS = [
     ("Swift where every task has zero spread", lambda p: write_lines(
         p / "r.jsonl", [make_record(t, r, float(t)) for t in range(2) for r in range(2)]),
      Swift(), {}, ObjectiveDataError, ("Swift", None, "zero reward spread")),
+    # issue 17
+    ("lone surrogate in a message", lambda p: write_lines(p / "r.jsonl", with_bad(_msg(2, "content", "Why \ud800?"))),
+     None, {}, RecordError, ("line 3", "t0-r2", "'messages[2].content'")),
+    ("assistant turn before any user turn", lambda p: write_lines(p / "r.jsonl", with_bad(_assistant_first)),
+     None, {}, RecordError, ("line 3", "t0-r2", "'messages[1].role'")),
+    ("conversation ending on a user turn", lambda p: write_lines(p / "r.jsonl", with_bad(_ends_on_user)),
+     None, {}, RecordError, ("line 3", "t0-r2", "'messages[7].role'")),
+    ("reward beyond float32 under Refit", lambda p: write_lines(p / "r.jsonl", with_bad(_set("reward", 1e308))),
+     Refit(), {}, ObjectiveDataError, ("line 3", "t0-r2", "'reward'")),
+    ("all-zero rewards under Refit", lambda p: write_lines(p / "r.jsonl", [make_record(t, r, 0.0) for t in range(2)
+                                                                           for r in range(3)]),
+     Refit(), {}, ObjectiveDataError, ("all 6 training conversations", None, "every reward is 0")),
+    ("a record over max_record_chars", lambda p: write_lines(p / "r.jsonl", with_bad(_msg(2, "content", "x" * 900))),
+     None, {"max_record_chars": 800}, RecordError, ("line 3", "t0-r2", "'messages'")),
 ]
 
 
@@ -195,6 +217,11 @@ def test_skip_invalid_records_skips_counts_and_logs_every_record_level_fault(tin
     bad[4]["reward"] = float("nan")
     bad[5]["reward"] = "1"
     bad[6]["reward"] = 10**400
+    more = [make_record(8, r, 1.0) for r in range(3)]  # issue 17: a lone surrogate, roles out of order
+    more[0]["messages"][2]["content"] = "Why \ud800?"
+    _assistant_first(more[1])
+    _ends_on_user(more[2])
+    bad += more
     lines = [rows[0], "{oops", *rows[1:5], *bad, *rows[5:], rows[3]]  # + a duplicate id
     path = write_lines(tmp_path / "mixed.jsonl", lines)
     with path.open("ab") as f:
@@ -205,10 +232,11 @@ def test_skip_invalid_records_skips_counts_and_logs_every_record_level_fault(tin
     with caplog.at_level("INFO", logger="clarify_lit.data.datamodule"):
         dm.setup("fit")
     assert sorted(s["id"] for s in dm.train_set.samples) == sorted(r["id"] for r in rows)
-    assert dm.stats["data/skipped_records"] == 10.0  # 7 bad + bad JSON + duplicate + bad UTF-8
+    assert dm.stats["data/skipped_records"] == 13.0  # 10 bad + bad JSON + duplicate + bad UTF-8
     line = next(r.getMessage() for r in caplog.records if "skipped invalid" in r.getMessage())
-    assert "9 read, 10 skipped invalid" in line and "<json>: 1" in line and "<encoding>: 1" in line \
-        and "reward: 3" in line and "id: 1" in line
+    assert "9 read, 13 skipped invalid" in line and "<json>: 1" in line and "<encoding>: 1" in line \
+        and "reward: 3" in line and "id: 1" in line and "messages[2].content: 1" in line \
+        and "messages[1].role: 2" in line and "messages[7].role: 1" in line
 
 
 def test_parquet_and_byte_order_mark_are_read(tiny_model_dir, tmp_path):

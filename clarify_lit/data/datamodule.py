@@ -26,10 +26,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from clarify_lit.data.pair_packing import pack_pairs
-from clarify_lit.data.records import load_records, split_by_task
-from clarify_lit.data.tokenization import IGNORE_INDEX, TokenizationError, tokenize_conversation
+from clarify_lit.data.records import RecordError, load_records, split_by_task
+from clarify_lit.data.tokenization import (
+    IGNORE_INDEX,
+    ChatTemplateError,
+    SystemPrompt,
+    TokenizationError,
+    tokenize_conversation,
+)
 from clarify_lit.data.views import (
     DataView,
+    ObjectiveDataError,
     PairExample,
     RewardWeightedView,
     WeightedExample,
@@ -219,6 +226,12 @@ class ConversationDataModule(L.LightningDataModule):
             with a cut turn (counted as ``data/truncated_records_dropped``). Records from before per-turn marks
             (a count only) cannot be masked: they are counted and, under ``mask_end``, trained as written.
         skip_invalid_records: skip (and count) records that fail validation instead of raising.
+        max_record_chars: the longest conversation accepted, in characters of message text (``None``: no limit). A
+            longer record is refused naming it (skipped and counted under ``skip_invalid_records``) before it is
+            tokenized: one 30 MB line took 12.9 GB to tokenize.
+        system_prompt: ``keep`` renders the system message as the chat template does; ``fold`` merges it into the
+            first user turn (``<system>\n\n<user>``) for templates that refuse a system role (Gemma's "System role not
+            supported").
         cache_tokenized: cache tokenized samples under ``$CLARIFY_CACHE/tokenized``.
         seed: shuffling seed (the epoch is added each epoch).
         objective: normally left unset: the LightningModule's objective is used, so the view follows the objective
@@ -242,6 +255,8 @@ class ConversationDataModule(L.LightningDataModule):
         on_invalid_sample: Literal["raise", "drop"] = "raise",
         truncated_turns: Literal["mask_end", "drop"] = "mask_end",
         skip_invalid_records: bool = False,
+        max_record_chars: int | None = 1_000_000,
+        system_prompt: SystemPrompt = "keep",
         cache_tokenized: bool = True,
         seed: int = 0,
         objective: DataView | None = None,
@@ -255,6 +270,13 @@ class ConversationDataModule(L.LightningDataModule):
                     raise FileNotFoundError(f"data.{name}: record file not found: {f}")
         if on_invalid_sample not in ("raise", "drop"):
             raise ValueError(f"on_invalid_sample must be 'raise' or 'drop', got {on_invalid_sample!r}")
+        for name, value, least in (("batch_size", batch_size, 1), ("max_length", max_length, 1),
+                                   ("pad_to_multiple_of", pad_to_multiple_of, 1), ("num_workers", num_workers, 0),
+                                   ("max_record_chars", max_record_chars, 1)):
+            if value is not None and (not isinstance(value, int) or value < least):
+                raise ValueError(f"data.{name} must be an integer >= {least}, got {value!r}")
+        if system_prompt not in ("keep", "fold"):
+            raise ValueError(f"system_prompt must be 'keep' or 'fold', got {system_prompt!r}")
         self.train_files, self.val_files = list(train_files), list(val_files or [])
         self.val_fraction, self.split_seed = val_fraction, split_seed
         self.tokenizer_name_or_path, self.max_length = tokenizer_name_or_path, max_length
@@ -264,6 +286,7 @@ class ConversationDataModule(L.LightningDataModule):
             raise ValueError(f"truncated_turns must be 'mask_end' or 'drop', got {truncated_turns!r}")
         self.on_invalid_sample, self.skip_invalid_records = on_invalid_sample, skip_invalid_records
         self.truncated_turns = truncated_turns
+        self.max_record_chars, self.system_prompt = max_record_chars, system_prompt
         self.cache_tokenized, self.seed = cache_tokenized, seed
         self.objective = objective
         self.tokenizer = None
@@ -291,11 +314,13 @@ class ConversationDataModule(L.LightningDataModule):
         objective = self._resolve_objective()
         self.tokenizer = load_tokenizer(self.tokenizer_name_or_path)
         records, summary = load_records(self.train_files, skip_invalid=self.skip_invalid_records)
+        records = self._within_size_limit(records, summary)
         log.info(summary.line())
         self.stats["data/skipped_records"] = float(summary.skipped)
         if self.val_files:
             train, _ = records, None
             val, vsum = load_records(self.val_files, skip_invalid=self.skip_invalid_records)
+            val = self._within_size_limit(val, vsum)
             self.stats["data/skipped_records"] += vsum.skipped
             overlap = {r.task_id for r in train} & {r.task_id for r in val}
             if overlap:
@@ -307,6 +332,26 @@ class ConversationDataModule(L.LightningDataModule):
         train, val = self._handle_truncated(train), self._handle_truncated(val)
         self.train_set = self._prepare(objective, train, "train")
         self.val_set = self._prepare(objective, val, "val") if val else None
+
+    def _within_size_limit(self, records, summary):
+        """Refuse (or, under ``skip_invalid_records``, skip and count) records longer than ``max_record_chars``."""
+        if self.max_record_chars is None:
+            return records
+        kept = []
+        for r in records:
+            chars = sum(len(m["content"]) for m in r.messages)
+            if chars <= self.max_record_chars:
+                kept.append(r)
+                continue
+            file, _, where = r.source.rpartition(":") if r.source.count(":") else (r.source, "", "")
+            err = RecordError(file or "<memory>", where or "record", r.id, "messages",
+                              f"{chars} characters of message text exceed data.max_record_chars="
+                              f"{self.max_record_chars} (raise it to train on such conversations)")
+            if not self.skip_invalid_records:
+                raise err
+            summary.add_skip(err)
+            summary.read -= 1
+        return kept
 
     def _without_missing_rewards(self, records):
         """Drop (and count) records whose reward could not be obtained (``meta.reward_missing``, e.g. a judge that
@@ -343,6 +388,12 @@ class ConversationDataModule(L.LightningDataModule):
             self.stats[f"data/{split}_excluded_{k}"] = float(v)
         if examples and isinstance(examples[0], WeightedExample):
             check_finite_weights(examples)
+            if split == "train" and all(e.weight == 0 for e in examples):
+                files = ", ".join(self.train_files)
+                raise ObjectiveDataError(
+                    f"{objective.describe()}: all {len(examples)} training conversations in {files} have weight 0 "
+                    f"(every reward is 0): nothing to learn, the fit would leave the policy as it is; simulate "
+                    "data in which some conversations earn a reward (more turns or tokens, another reward kind)")
         key = self._cache_key(examples)
         path = cache_dir() / "tokenized" / f"{key}.pt"
         if self.cache_tokenized and path.exists():
@@ -363,29 +414,35 @@ class ConversationDataModule(L.LightningDataModule):
         h = hashlib.sha256()
         tok = self.tokenizer
         h.update(json.dumps([CACHE_VERSION, self.tokenizer_name_or_path, tok.chat_template, len(tok),
-                             self.max_length, self.on_invalid_sample]).encode())
+                             self.max_length, self.on_invalid_sample]
+                            + ([self.system_prompt] if self.system_prompt != "keep" else [])).encode())
         for e in examples:
             h.update(json.dumps(e.__dict__, sort_keys=True, default=str).encode())
         return h.hexdigest()[:32]
 
     def _tokenize(self, examples, split: str) -> list[dict]:
-        samples, dropped = [], 0
+        samples, dropped, cut = [], 0, []
+        opts = {"system_prompt": self.system_prompt}
         for e in examples:
             try:
                 if isinstance(e, PairExample):
                     c = tokenize_conversation(self.tokenizer, e.chosen, self.max_length, e.where,
-                                              e.only_last_assistant, e.chosen_cut_turns)
+                                              e.only_last_assistant, e.chosen_cut_turns, **opts)
                     r = tokenize_conversation(self.tokenizer, e.rejected, self.max_length, e.where,
-                                              e.only_last_assistant, e.rejected_cut_turns)
+                                              e.only_last_assistant, e.rejected_cut_turns, **opts)
                     samples.append({"id": e.id, "chosen_input_ids": c.input_ids, "chosen_labels": c.labels,
                                     "rejected_input_ids": r.input_ids, "rejected_labels": r.labels,
                                     "length": len(c.input_ids) + len(r.input_ids),
                                     "trained": c.num_trained + r.num_trained})
+                    cut += [x.truncated for x in (c, r) if x.truncated]
                 else:
                     s = tokenize_conversation(self.tokenizer, e.messages, self.max_length, e.where,
-                                              cut_turns=e.cut_turns)
+                                              cut_turns=e.cut_turns, **opts)
                     samples.append({"id": e.id, "input_ids": s.input_ids, "labels": s.labels, "weight": e.weight,
                                     "length": len(s.input_ids), "trained": s.num_trained})
+                    cut += [s.truncated] if s.truncated else []
+            except ChatTemplateError:
+                raise  # the template refuses every conversation alike: dropping would drop them all
             except TokenizationError:
                 if self.on_invalid_sample == "raise":
                     raise
@@ -393,7 +450,11 @@ class ConversationDataModule(L.LightningDataModule):
         if dropped:
             log.warning("%s: dropped %d of %d samples that could not be trained (on_invalid_sample=drop)",
                         split, dropped, len(examples))
+        if cut:
+            log.warning("%s: %d of %d samples were cut to max_length=%d (%d tokens removed from their middles, at "
+                        "most %d from one)", split, len(cut), len(examples), self.max_length, sum(cut), max(cut))
         self.stats[f"data/{split}_dropped_samples"] = float(dropped)
+        self.stats[f"data/{split}_truncated_samples"] = float(len(cut))
         return samples
 
     # ----------------------------------------------------------------------------------------------- loaders

@@ -118,6 +118,16 @@ def _short(x: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _not_unicode(text: str) -> str | None:
+    """Why ``text`` cannot be written as UTF-8 (a lone surrogate such as ``\\ud800``, which JSON escapes allow), or
+    None. Tokenizers and writers fail on such text deep inside their own code."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"contains a lone surrogate {text[e.start]!r} at character {e.start}: not valid Unicode text"
+    return None
+
+
 def validate_record(raw: Any, source: str, where: str) -> ConversationRecord:
     """Check one raw mapping and build a :class:`ConversationRecord`; raise :class:`RecordError` if bad."""
     if not isinstance(raw, dict):
@@ -133,9 +143,13 @@ def validate_record(raw: Any, source: str, where: str) -> ConversationRecord:
             raise err(name, "missing")
     if not isinstance(rid, str) or not rid:
         raise err("id", f"must be a non-empty string, got {_short(rid)}")
+    if _not_unicode(rid):
+        raise RecordError(source, where, None, "id", _not_unicode(rid))
     task_id = raw["task_id"]
     if not isinstance(task_id, str | int) or isinstance(task_id, bool) or str(task_id) == "":
         raise err("task_id", f"must be a non-empty string, got {_short(task_id)}")
+    if isinstance(task_id, str) and _not_unicode(task_id):
+        raise err("task_id", _not_unicode(task_id))
 
     reward = raw["reward"]
     if not _is_number(reward):
@@ -156,8 +170,12 @@ def validate_record(raw: Any, source: str, where: str) -> ConversationRecord:
             raise err(f"messages[{i}].role", f"must be one of {ROLES}, got {_short(role)}")
         if not isinstance(content, str):
             raise err(f"messages[{i}].content", f"must be a string, got {type(content).__name__}")
+        if _not_unicode(content):
+            raise err(f"messages[{i}].content", _not_unicode(content))
         if role == "system" and i != 0:
             raise err(f"messages[{i}].role", "a system message is only allowed first")
+        if role == "assistant" and prev_role in (None, "system"):
+            raise err(f"messages[{i}].role", "an assistant turn before any user turn")
         if role == "assistant" and prev_role == "assistant":
             raise err(f"messages[{i}].role", "two consecutive assistant turns")
         if role == "assistant" and not content.strip():
@@ -166,6 +184,9 @@ def validate_record(raw: Any, source: str, where: str) -> ConversationRecord:
         prev_role = role
     if not any(m["role"] == "assistant" for m in clean):
         raise err("messages", "no assistant turn")
+    if clean[-1]["role"] != "assistant":
+        raise err(f"messages[{len(clean) - 1}].role", f"the conversation ends on a {clean[-1]['role']} turn that no "
+                  "assistant turn answers (the reward scored the last assistant turn)")
 
     run = raw.get("run", 0)
     if run is None:
@@ -197,6 +218,8 @@ def validate_record(raw: Any, source: str, where: str) -> ConversationRecord:
         v = raw.get(name)
         if v is not None and not isinstance(v, str):
             raise err(name, f"must be a string or null, got {_short(v)}")
+        if isinstance(v, str) and _not_unicode(v):
+            raise err(name, _not_unicode(v))
     return ConversationRecord(
         id=rid, task_id=str(task_id), messages=clean, reward=float(reward), dataset=raw.get("dataset") or "",
         run=run, temperature=float(temperature), reward_components=comps, gold=raw.get("gold"),

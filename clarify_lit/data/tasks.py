@@ -62,6 +62,18 @@ class QATask:
         """The question alone as every prompt shows it: ``Question: …`` and the ``A) …``–``D) …`` lines."""
         return format_question(self.question, self.choices)
 
+    @property
+    def content_hash(self) -> str:
+        """A short hash of what makes the question this question — its text, options and gold letter (not its id):
+        two evaluations are paired per question only where these agree (``clarify report``)."""
+        return question_hash(self.question, self.choices, self.gold)
+
+
+def question_hash(question: str, choices: Sequence[str], gold: str | None) -> str:
+    """The first 16 hex digits of SHA-256 over ``[question, choices, gold]`` (whitespace-trimmed JSON)."""
+    text = json.dumps([question.strip(), [c.strip() for c in choices], gold], ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
 
 def format_choices(choices: Sequence[str]) -> str:
     """``A) first\nB) second…`` — the A)–D) layout the answer parser and both settings use."""

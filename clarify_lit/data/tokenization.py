@@ -16,12 +16,32 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Literal
 
 IGNORE_INDEX = -100
+#: How a system message reaches the chat template: as is, or folded into the first user turn (templates without a
+#: system role, e.g. Gemma's).
+SystemPrompt = Literal["keep", "fold"]
 
 
 class TokenizationError(ValueError):
     """A conversation cannot be turned into a valid training sample; the message names source, record and field."""
+
+
+class ChatTemplateError(TokenizationError):
+    """The tokenizer's chat template raised on a conversation (e.g. "System role not supported")."""
+
+
+def fold_system_prompt(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """``messages`` with a leading system message merged into the first user turn (``<system>\n\n<user>``)."""
+    if not messages or messages[0]["role"] != "system":
+        return messages
+    system, rest = messages[0]["content"], list(messages[1:])
+    for i, m in enumerate(rest):
+        if m["role"] == "user":
+            rest[i] = {"role": "user", "content": f"{system}\n\n{m['content']}"}
+            return rest
+    return [{"role": "user", "content": system}, *rest]
 
 
 @dataclass
@@ -35,8 +55,19 @@ class TokenizedSample:
         return sum(1 for x in self.labels if x != IGNORE_INDEX)
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, where: str = "<conversation>") -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # jinja2's TemplateError (raise_exception in the template) and its kin
+        if isinstance(e, TokenizationError):
+            raise
+        problem = " ".join(str(e).split())[:200] or type(e).__name__
+        hint = ""
+        if messages and messages[0].get("role") == "system" and "system" in problem.lower():
+            hint = ("; this template accepts no system message: set --data.system_prompt fold to merge it into the "
+                    "first user turn")
+        raise ChatTemplateError(f"{where}: field 'messages': the tokenizer's chat template refused the conversation "
+                                f"({problem}){hint}") from None
 
 
 def end_of_turn_id(tokenizer) -> int:
@@ -54,6 +85,7 @@ def tokenize_conversation(
     where: str = "<conversation>",
     only_last_assistant: bool = False,
     cut_turns: Collection[int] = (),
+    system_prompt: SystemPrompt = "keep",
 ) -> TokenizedSample:
     """Tokenize ``messages`` with the chat template; train on assistant turns only.
 
@@ -63,9 +95,12 @@ def tokenize_conversation(
     ``only_last_assistant`` trains the final assistant turn alone (DPO's final-answer pairs). Over-long samples keep
     the system prompt and lose tokens from the left of the middle; if that would cut into the final assistant turn a
     :class:`TokenizationError` is raised (the final answer is what the reward scored). ``where`` names the source
-    and record id in every error.
+    and record id in every error. ``system_prompt="fold"`` merges a system message into the first user turn first
+    (:func:`fold_system_prompt`); a template that raises gives :class:`ChatTemplateError`.
     """
-    full = _render(tokenizer, messages, add_generation_prompt=False)
+    if system_prompt == "fold":
+        messages = fold_system_prompt(messages)
+    full = _render(tokenizer, messages, add_generation_prompt=False, where=where)
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = list(enc["input_ids"])
     starts = [s for s, _ in enc["offset_mapping"]]
@@ -80,8 +115,8 @@ def tokenize_conversation(
         assistant_idx = assistant_idx[-1:]
     final_start = len(ids)
     for i in assistant_idx:
-        before = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True, where=where)
+        through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False, where=where)
         if not through.startswith(before) or not full.startswith(through):
             raise TokenizationError(
                 f"{where}: field 'messages[{i}]': chat template prefix mismatch — rendering the conversation up to "
@@ -105,7 +140,7 @@ def tokenize_conversation(
         excess = len(ids) - max_length
         head = 0
         if messages[0]["role"] == "system":
-            sys_end = len(_render(tokenizer, messages[:1], add_generation_prompt=False))
+            sys_end = len(_render(tokenizer, messages[:1], add_generation_prompt=False, where=where))
             head = sum(1 for s in starts if s < sys_end)
         if head + excess > final_start:
             raise TokenizationError(

@@ -103,8 +103,16 @@ class RewardWeightedView:
         return "Refit"
 
 
+# the largest float32: weights are float32 tensors in training (the collator's), so a larger one becomes inf there
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def check_finite_weights(examples: list[WeightedExample]) -> None:
-    """Refuse a non-finite weight (it would turn the whole step's loss into NaN), naming the record."""
+    """Refuse a non-finite weight (it would turn the whole step's loss into NaN), or one beyond float32's range (finite
+    in the file, infinite in training: a reward of 1e308), naming the record."""
     for e in examples:
         if not math.isfinite(e.weight):
-            raise ObjectiveDataError(f"record {e.id!r}: field 'reward' gives a non-finite weight {e.weight}")
+            raise ObjectiveDataError(f"{e.where or repr(e.id)}: field 'reward' gives a non-finite weight {e.weight}")
+        if abs(e.weight) > FLOAT32_MAX:
+            raise ObjectiveDataError(f"{e.where or repr(e.id)}: field 'reward' gives the weight {e.weight:g}, beyond "
+                                     "the float32 range (±3.4e38) training computes in; rescale the rewards")

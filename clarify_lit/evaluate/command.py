@@ -25,17 +25,17 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import CLI
-
+from clarify_lit.arguments import refuse_secrets, run_function
 from clarify_lit.data.records import write_records
 from clarify_lit.evaluate.callback import build_teacher_and_reward, load_eval_tasks, run_rollouts
 from clarify_lit.evaluate.metrics import compute_metrics, nan_to_none
-from clarify_lit.io import atomic_write_text
+from clarify_lit.io import atomic_write_text, output_lock
 from clarify_lit.models import DType, load_causal_lm, load_export, load_tokenizer, resolve_device
 from clarify_lit.simulate.options import DataOptions, RewardOptions, TeacherOptions
 from clarify_lit.simulate.prompts import Mode, Setting
@@ -69,6 +69,27 @@ def load_policy(model: str | None, ckpt_path: str | None, export_dir: str | None
     return m, tok, {"source": "export", "model": str(export_dir), "base_model": base, "default_method": label}
 
 
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse a folder holding a finished evaluation (``metrics.json``) unless ``overwrite``, and make sure the folder
+    can be written — before any model loads or rollout runs, not after all the work."""
+    finished = out / "metrics.json"
+    if finished.exists() and not overwrite:
+        try:
+            method = json.loads(finished.read_text(encoding="utf-8")).get("meta", {}).get("method")
+        except (ValueError, OSError, AttributeError):
+            method = None
+        held = f" (method {method!r})" if method else ""
+        raise FileExistsError(f"--out_dir {out} already holds a finished evaluation{held}: metrics.json; pass "
+                              "--overwrite true to replace it, or choose another --out_dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise PermissionError(f"--out_dir {out} cannot be written ({e.strerror or e}); choose another --out_dir") \
+            from None
+
+
 def evaluate(
     model: str | None = None,
     ckpt_path: str | None = None,
@@ -93,6 +114,7 @@ def evaluate(
     device: str = "auto",
     merge_lora: bool = True,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, float]:
     """Evaluate a policy on held-out questions (see the module docstring).
 
@@ -127,9 +149,27 @@ def evaluate(
         device: ``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:1`` ….
         merge_lora: merge a LoRA adapter into the base weights before generating (faster, same outputs).
         progress: show a progress bar.
+        overwrite: replace a finished evaluation (``metrics.json``) already in ``out_dir``; without it such a folder
+            is refused.
     """
     check_one_source(model, ckpt_path, export_dir)  # before any loading: fail fast on a bad command line
     check_discount(discount)
+    refuse_secrets({"teacher": teacher, "reward": reward})  # keys come from environment variables only
+    out = Path(out_dir)
+    check_out_dir(out, overwrite)
+    with output_lock(out, "clarify evaluate"):
+        check_out_dir(out, overwrite)  # again under the lock: another evaluation may have finished meanwhile
+        if overwrite:  # the old marker goes first: the folder never pairs old metrics with new rollouts
+            (out / "metrics.json").unlink(missing_ok=True)
+        return _evaluate(model, ckpt_path, export_dir, method, out, data, n_questions, setting, mode, n_turns,
+                         adaptive, discount, teacher, reward, temperatures, max_new_tokens, batch_size,
+                         reuse_kv_cache, seed, dtype, device, merge_lora, progress)
+
+
+def _evaluate(model, ckpt_path, export_dir, method, out: Path, data, n_questions, setting, mode, n_turns, adaptive,
+              discount, teacher, reward, temperatures, max_new_tokens, batch_size, reuse_kv_cache, seed, dtype,
+              device, merge_lora, progress) -> dict[str, float]:
+    """:func:`evaluate`'s work, once ``out`` is checked and locked."""
     start = time.perf_counter()
     dev = resolve_device(device)
     data = data or DataOptions()
@@ -144,7 +184,6 @@ def evaluate(
     records = run_rollouts(policy, tokenizer, tasks, spec, teacher=teacher_obj, reward=reward_obj,
                            progress=progress, model_name=info["model"])
     metrics = compute_metrics(records, tokenizer, setting=setting, choices={t.task_id: t.choices for t in tasks})
-    out = Path(out_dir)
     write_records(out / "rollouts.jsonl", records)
     meta = {
         "method": method or info["default_method"], "model": info["model"], "base_model": info["base_model"],
@@ -171,9 +210,8 @@ def summary_line(method: str, m: dict[str, float], out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``clarify evaluate`` (jsonargparse: every argument of :func:`evaluate`, plus ``--config``)."""
-    CLI(evaluate, args=argv, as_positional=False, prog="clarify evaluate",
-        description="Roll a policy (--model, --ckpt_path or --export_dir) out on held-out questions; write "
-        "metrics.json and rollouts.jsonl to --out_dir. See docs/evaluation.md.")
+    run_function(evaluate, argv, "clarify evaluate", "Roll a policy (--model, --ckpt_path or --export_dir) out on "
+                 "held-out questions; write metrics.json and rollouts.jsonl to --out_dir. See docs/evaluation.md.")
 
 
 if __name__ == "__main__":

@@ -470,6 +470,34 @@ def sign_test_p(n_pos: int, n_neg: int) -> float:
     return min(1.0, 2 * tail / 2**n)
 
 
+class QuestionMismatchError(ValueError):
+    """Two evaluations hold different questions under the same ``task_id`` (``meta.question_hash`` differs)."""
+
+
+def check_same_questions(records_a: Sequence[ConversationRecord], records_b: Sequence[ConversationRecord],
+                         task_ids: set[str]) -> None:
+    """Refuse to pair two sets of rollouts whose questions differ under the same ``task_id``: every record written
+    by a rollout stores ``meta.question_hash`` (question text, options, gold); records without one (written before
+    it existed) are not checked."""
+    def hashes(records):
+        out: dict[str, set[str]] = {}
+        for r in records:
+            h = r.meta.get("question_hash")
+            if r.task_id in task_ids and isinstance(h, str):
+                out.setdefault(r.task_id, set()).add(h)
+        return out
+
+    ha, hb = hashes(records_a), hashes(records_b)
+    differ = sorted(t for t in ha.keys() & hb.keys() if ha[t] != hb[t])
+    if differ:
+        first = next(r for r in records_a if r.task_id == differ[0])
+        other = next(r for r in records_b if r.task_id == differ[0])
+        raise QuestionMismatchError(
+            f"{len(differ)} of {len(task_ids)} shared task ids hold different questions (text, options or gold) in "
+            f"the two evaluations, e.g. {differ[0]!r} ({first.where()} vs {other.where()}); they cannot be paired — "
+            "were they evaluated on different data (--data.path, --data.seed, a changed file)?")
+
+
 def per_task_scores(records: Iterable[ConversationRecord], source: str = "<records>") -> dict[str, tuple[float, float]]:
     """``task_id -> (accuracy, reward)`` averaged over all records of the task (runs, temperatures, seeds).
 
@@ -527,10 +555,12 @@ def paired_comparison(
     runs or seeds); the paired differences over shared questions then give ``{"accuracy": ..., "reward": ...}``.
     Raises ``ValueError`` when the two share no question.
     """
+    records_a, records_b = list(records_a), list(records_b)
     sa, sb = per_task_scores(records_a), per_task_scores(records_b)
     shared = sorted(sa.keys() & sb.keys())
     if not shared:
         raise ValueError("the two methods share no task_id: a paired comparison needs the same questions")
+    check_same_questions(records_a, records_b, set(shared))
     rewarded = [t for t in shared if not (math.isnan(sa[t][1]) or math.isnan(sb[t][1]))]
     return {
         "accuracy": paired_diff([sa[t][0] for t in shared], [sb[t][0] for t in shared]),

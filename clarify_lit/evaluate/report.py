@@ -20,6 +20,7 @@ import glob
 import json
 import math
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +28,16 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from clarify_lit.arguments import renamed_switches
+from clarify_lit.arguments import ClarifyParser, renamed_switches
 from clarify_lit.data.records import ConversationRecord, load_records
 from clarify_lit.evaluate.audit_html import write_audit_html
-from clarify_lit.evaluate.metrics import HIGHER_IS_BETTER, PairedDiff, nan_to_none, paired_comparison
+from clarify_lit.evaluate.metrics import (
+    HIGHER_IS_BETTER,
+    PairedDiff,
+    QuestionMismatchError,
+    nan_to_none,
+    paired_comparison,
+)
 from clarify_lit.io import atomic_write, atomic_write_text
 
 METRICS_FILE = "metrics.json"
@@ -320,7 +327,7 @@ def plot_methods(methods: Sequence[MethodSummary], columns: Sequence[str], path:
 # ---------------------------------------------------------------------------------------------------------------
 def build_parser() -> ArgumentParser:
     """``clarify report``'s options (jsonargparse, like every command: ``--config`` YAML, ``--print_config``)."""
-    ap = ArgumentParser(prog="clarify report", description=__doc__.split("\n\n")[0], env_prefix="CLARIFY_REPORT",
+    ap = ClarifyParser(prog="clarify report", description=__doc__.split("\n\n")[0], env_prefix="CLARIFY_REPORT",
                         default_env=False)
     ap.add_argument("--config", action=ActionConfigFile, help="YAML with any of the options below")
     ap.add_argument("inputs", type=str, nargs="+", help="metrics.json files, folders or globs; LABEL=PATH sets the label")
@@ -353,6 +360,10 @@ def run_report(inputs: Sequence[str], out: str | os.PathLike = "report.md", plot
     methods = order_methods(aggregate(files), order)
     columns = table_columns(methods, metrics)
     parts = ["## Results (mean ± SE; best in bold)", "", results_table(methods, columns)]
+    mixed = mixed_datasets(files)
+    if mixed:
+        print(f"clarify report: warning: {mixed}", file=sys.stderr)
+        parts += ["", f"**Warning:** {mixed}."]
     if any(s.k > 1 for s in methods):
         parts += ["", "Methods with several seeds: mean over seeds, SE = sqrt(Σ SE_i²)/k."]
     comparisons: list[tuple[str, str, dict[str, PairedDiff]]] = []
@@ -366,6 +377,8 @@ def run_report(inputs: Sequence[str], out: str | os.PathLike = "report.md", plot
                 continue
             try:
                 comparisons.append((a, b, paired_comparison(ra, rb)))
+            except QuestionMismatchError as e:
+                raise ValueError(f"{a} vs {b}: {e}") from None
             except ValueError as e:
                 notes.append(f"{a} vs {b}: skipped ({e})")
     if comparisons:
@@ -386,6 +399,21 @@ def run_report(inputs: Sequence[str], out: str | os.PathLike = "report.md", plot
     if html:
         write_audit_html(html, methods, text, plot_path, title=f"Evaluation audit: {out.stem}")
     return text
+
+
+def mixed_datasets(files: Sequence[MetricsFile]) -> str | None:
+    """A warning when the table's rows were evaluated on different datasets (``meta.dataset``), else None."""
+    by_dataset: dict[str, list[str]] = {}
+    for f in files:
+        name = f.meta.get("dataset")
+        if isinstance(name, str):
+            by_dataset.setdefault(name, [])
+            if f.label not in by_dataset[name]:
+                by_dataset[name].append(f.label)
+    if len(by_dataset) < 2:
+        return None
+    parts = "; ".join(f"{d}: {', '.join(labels)}" for d, labels in by_dataset.items())
+    return f"the table mixes datasets ({parts}); its rows are not comparable"
 
 
 def parse_renames(rename: Sequence[str] | None) -> dict[str, str]:

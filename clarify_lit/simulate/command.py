@@ -36,7 +36,7 @@ from typing import Any
 
 from clarify_lit.arguments import dataclass_parser, parse_dataclass
 from clarify_lit.data.records import ConversationRecord, concat_files, load_records, write_records
-from clarify_lit.io import atomic_write_text
+from clarify_lit.io import atomic_write_text, output_lock
 from clarify_lit.models import DType, FrozenModels, resolve_device
 from clarify_lit.simulate.branches import (
     BRANCH_CONFIG,
@@ -196,7 +196,8 @@ def prepare_output(cfg: SimulateConfig, fingerprint: dict[str, Any]) -> tuple[Pa
     shards.mkdir(parents=True, exist_ok=True)
     for tmp in shards.glob("*.tmp"):  # a shard half-written when the run was killed (never renamed into place)
         tmp.unlink()
-    atomic_write_text(cfg_file, json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
+    # run_config.json is written by run() once the models and endpoints are built: a command that fails its checks
+    # leaves nothing behind that would refuse the corrected command
     done = {int(p.stem.split("-")[1]) for p in shards.glob("shard-*.jsonl")}
     return out, done
 
@@ -262,7 +263,15 @@ def summarize(records: list[ConversationRecord], *, timing: dict[str, float], cf
 # main
 
 def run(cfg: SimulateConfig) -> dict[str, Any]:
-    """Run a simulation described by ``cfg``; return the summary (also written to ``summary.json``)."""
+    """Run a simulation described by ``cfg``; return the summary (also written to ``summary.json``).
+
+    The output folder is locked for the whole run (:func:`~clarify_lit.io.output_lock`): a second simulation into
+    the same folder is refused instead of mixing its shards with this one's."""
+    with output_lock(Path(cfg.output), "clarify simulate"):
+        return _run(cfg)
+
+
+def _run(cfg: SimulateConfig) -> dict[str, Any]:
     if cfg.chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {cfg.chunk_size}")
     if not cfg.temperatures or any(t < 0 or not math.isfinite(t) for t in cfg.temperatures):
@@ -279,7 +288,8 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
         raise ValueError(f"branch_temperature must be a finite number >= 0, got {bt}")
     tasks = load_data_tasks(cfg.data)
     chunks = [tasks[i:i + cfg.chunk_size] for i in range(0, len(tasks), cfg.chunk_size)]
-    out, done = prepare_output(cfg, run_fingerprint(cfg, [t.task_id for t in tasks]))
+    fingerprint = run_fingerprint(cfg, [t.task_id for t in tasks])
+    out, done = prepare_output(cfg, fingerprint)
     stray = sorted(k for k in done if k >= len(chunks))
     if stray:
         raise ValueError(f"{out}/shards holds shards {stray} beyond the {len(chunks)} chunks of this run")
@@ -307,6 +317,7 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
             engine = GenerationEngine(model, tok, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                                       sort_by_length=cfg.sort_by_length, top_p=cfg.top_p,
                                       mix_temperatures=cfg.mix_temperatures, reuse_kv_cache=cfg.reuse_kv_cache)
+    atomic_write_text(out / "run_config.json", json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
     runs = len(cfg.temperatures)
     delay = float(os.environ.get(SHARD_DELAY_ENV, "0") or 0)
     start = time.perf_counter()
@@ -374,11 +385,24 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
     return summary
 
 
+def interrupted_line(out: Path) -> str:
+    """What Ctrl-C left in ``out`` and how to go on, in one line."""
+    shards = sorted((out / "shards").glob("shard-*.jsonl")) if (out / "shards").is_dir() else []
+    if (out / "run_config.json").exists():
+        return (f"clarify simulate: interrupted (Ctrl-C); kept {len(shards)} finished shard(s) in {out / 'shards'}; "
+                "finish with the same command and --resume true")
+    return f"clarify simulate: interrupted (Ctrl-C) before the first shard; nothing kept in {out}; run it again"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``clarify simulate``."""
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     cfg = parse_config(argv)
-    summary = run(cfg)
+    try:
+        summary = run(cfg)
+    except KeyboardInterrupt:
+        print(interrupted_line(Path(cfg.output)), file=sys.stderr)
+        raise SystemExit(130) from None
     print(json.dumps({k: summary[k] for k in ("conversations", "mean_reward", "accuracy", "parse_failures",
                                               "reward_missing", "timing")}, indent=1))
     print(f"records: {Path(cfg.output) / 'conversations.jsonl'}")

@@ -224,7 +224,15 @@ class GenerationEngine:
 
     def encode(self, messages: Sequence[Message], assistant_prefix: str = "") -> list[int]:
         """Token ids of a chat prompt ending with the assistant header (plus an optional forced prefix)."""
-        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        try:
+            text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # jinja2's TemplateError (raise_exception in the template), not a stack trace
+            problem = " ".join(str(e).split())[:200] or type(e).__name__
+            name = getattr(self.tokenizer, "name_or_path", "") or "the policy"
+            hint = (" — this model's template accepts no system message; records from such a model can be trained "
+                    "with --data.system_prompt fold, but the rollout prompts themselves start with one"
+                    if messages and messages[0].get("role") == "system" and "system" in problem.lower() else "")
+            raise ValueError(f"the chat template of {name} refused the conversation ({problem}){hint}") from None
         return list(self.tokenizer(text + assistant_prefix, add_special_tokens=False)["input_ids"])
 
     # -- generation -------------------------------------------------------------------------------------------

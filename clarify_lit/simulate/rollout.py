@@ -250,6 +250,7 @@ def rollout_tasks(
                 "setting": setting, "mode": mode, "n_turns": n_turns, "model": model_name,
                 "teacher": teacher.describe(), "reward": reward.describe(), "seed": seed,
                 "question_prompt": task.question_prompt,  # the final-answer DPO prompt (question + options alone)
+                "question_hash": task.content_hash,  # what clarify report checks before pairing two evaluations
                 "max_new_tokens": max_new_tokens, "empty_turns": empty[i], "truncated_turns": truncated[i],
                 "reward_missing": res.value is None,
                 **({"adaptive": adaptive, "turns_used": turns_used, "ended_early": ended_early[i],

@@ -11,13 +11,19 @@
 * On SIGTERM (``kill``, a scheduler's preemption, ``docker stop``) Lightning stops after the current batch;
   :class:`ResumeState` then saves ``last.ckpt`` at that point (when it is an optimizer-step boundary) and
   ``clarify fit`` exits with status 143 and one line saying how to resume, instead of Lightning's status 0.
+* Ctrl-C (SIGINT) is turned into the same stop (single-process fits): the fit stops after the current batch,
+  ``last.ckpt`` is saved there (at an optimizer-step boundary) and ``clarify fit`` exits with status 130. A second
+  Ctrl-C stops at once, as Lightning does (nothing saved).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +147,8 @@ class ResumeState(Callback):
         self._pending: dict[str, Any] | None = None
         self.sigterm_checkpoint: str | None = None  # where the SIGTERM checkpoint went (for the CLI's message)
         self.sigterm_step: int | None = None
+        self.sigint = False  # the stop came from Ctrl-C
+        self._previous_sigint: Any = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": _rng_state()}
@@ -153,10 +161,46 @@ class ResumeState(Callback):
         if self._pending is not None:
             _set_rng_state(self._pending)
             self._pending = None
+        self._catch_sigint(trainer)
+
+    def _catch_sigint(self, trainer) -> None:
+        """First Ctrl-C: stop after the current batch as SIGTERM does (saving ``last.ckpt``); a second one: at once.
+        Single process only: DDP ranks must agree on where to stop, which Lightning's own SIGTERM handling does."""
+        if trainer.world_size != 1 or threading.current_thread() is not threading.main_thread() \
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is None or not hasattr(connector, "received_sigterm"):
+            return
+
+        def stop_after_this_batch(signum, frame):
+            if self.sigint:  # the second Ctrl-C
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+            self.sigint = True
+            log.warning("Ctrl-C: stopping after this batch and saving last.ckpt (press Ctrl-C again to stop at once)")
+            connector.received_sigterm = True
+
+        self._previous_sigint = signal.signal(signal.SIGINT, stop_after_this_batch)
+
+    def _release_sigint(self) -> None:
+        if self._previous_sigint is not None:
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._release_sigint()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._release_sigint()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._release_sigint()
         if not isinstance(exception, SIGTERMException):
             return
+        if self.sigint:
+            exception.clarify_signal = "SIGINT"
         self.sigterm_step = exception.clarify_step = trainer.global_step
         ckpt = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
         if ckpt is None or not ckpt.save_last:

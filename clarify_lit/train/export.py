@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from clarify_lit.base_reference import base_metadata, portable_base_name, write_export_metadata
+from clarify_lit.io import atomic_folder
 from clarify_lit.models import ADAPTER_CONFIG, DTYPES, DType, resolve_model_path
 from clarify_lit.train.model_card import ExportFormat, gather_card_facts, render_model_card
 
@@ -68,10 +69,19 @@ def export_merged(module, folder: str | Path, dtype: DType | None = None, *, run
         gen.eos_token_id = tok.eos_token_id
     if gen.pad_token_id is None:
         gen.pad_token_id = tok.pad_token_id
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    _describe(module, folder, "merged", dtype, run_dir, trainer, checkpoint)
+
+    def build(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        _describe(module, tmp, "merged", dtype, run_dir, trainer, checkpoint)
+
+    # built in a temp sibling and renamed into place: a full disk leaves no half-written folder and no temp files
+    try:
+        atomic_folder(folder, build, done=lambda _: False)
+    except OSError as e:
+        message = (f"writing the merged export {folder} failed: {e.strerror or e}; nothing was left there (the "
+                   "previous export, if any, is unchanged)")
+        raise (OSError(e.errno, message) if e.errno is not None else OSError(message)) from None
     log.info("exported the merged model (%s) to %s", dtype, folder)
     return folder
 

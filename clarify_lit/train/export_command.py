@@ -20,6 +20,7 @@ from typing import Literal
 
 import torch
 
+from clarify_lit.arguments import ClarifyParser
 from clarify_lit.train.export import export_merged, write_export
 from clarify_lit.train.module import ClarifyModule
 
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     from jsonargparse import CLI
 
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-    CLI(export, args=argv, as_positional=False, prog="clarify export",
+    CLI(export, args=argv, as_positional=False, prog="clarify export", parser_class=ClarifyParser,
         description="Write a clarify fit run's adapter, or with --merge true a standalone merged model, with its "
         "model card, from the run's checkpoint.")
 
