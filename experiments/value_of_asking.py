@@ -52,7 +52,10 @@ for name, teacher in teachers.items():
     used = sum(not r.startswith("Good question. Think about") and r != prompts.SCRIPTED_CLARIFY_REPLY
                for _, _, r in rows) / len(rows)
     gold_leak = sum(t.choices[LETTERS.index(t.gold)].lower() in r.lower() for t, _, r in rows)
+    probs = torch.softmax(lp, -1)
+    gold_p = sum(float(probs[i, LETTERS.index(t.gold)]) for i, (t, _, _) in enumerate(rows)) / len(rows)
     out[name] = {"questions": len(tasks), "conversations": len(rows), "letter_logit_accuracy": logit_acc,
+                 "gold_letter_probability": gold_p, "picked": {x: pick.count(x) for x in LETTERS},
                  "generated_questions": n_gen, "generated_accuracy": gen_acc, "generated_format_rate": fmt,
                  "replies_from_knowledge": used, "replies_quoting_gold_text": gold_leak,
                  "seconds": round(time.time() - t0), "example_replies": [r for _, _, r in rows[:4]]}
