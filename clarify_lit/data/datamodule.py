@@ -365,8 +365,9 @@ class ConversationDataModule(L.LightningDataModule):
 
     def _handle_truncated(self, records):
         """Count the conversations with turns cut by the token limit; drop them under ``truncated_turns=drop``."""
-        cut = [r for r in records if r.truncated_turns()[0] > 0]
-        unknown = sum(r.truncated_turns()[1] is None for r in cut)
+        counts = [r.truncated_turns() for r in records]
+        cut = [r for r, (n, _) in zip(records, counts) if n > 0]
+        unknown = sum(turns is None for n, turns in counts if n > 0)
         self.stats["data/truncated_records"] = self.stats.get("data/truncated_records", 0.0) + len(cut)
         if unknown and self.truncated_turns == "mask_end":
             log.warning("%d record(s) hold only a count of cut turns (written before per-turn marks): their "
@@ -377,7 +378,7 @@ class ConversationDataModule(L.LightningDataModule):
                         len(cut), len(records))
             self.stats["data/truncated_records_dropped"] = (
                 self.stats.get("data/truncated_records_dropped", 0.0) + len(cut))
-            return [r for r in records if r.truncated_turns()[0] == 0]
+            return [r for r, (n, _) in zip(records, counts) if n == 0]
         return records
 
     def _prepare(self, objective: DataView, records, split: str) -> SampleDataset:

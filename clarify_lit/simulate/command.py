@@ -229,6 +229,7 @@ def summarize(records: list[ConversationRecord], *, timing: dict[str, float], cf
     per_task: dict[str, set[float]] = {}
     for r in records:
         per_task.setdefault(r.task_id, set()).add(r.reward)
+    cut_turns = sum(r.truncated_turns()[0] for r in records)
     return {
         "tasks": n_tasks,
         "conversations": len(records),
@@ -245,9 +246,8 @@ def summarize(records: list[ConversationRecord], *, timing: dict[str, float], cf
         if records else None,
         "tasks_with_reward_variance": sum(len(v) > 1 for v in per_task.values()),
         "empty_turns": sum(int(r.meta.get("empty_turns", 0)) for r in records),
-        "truncated_turns": sum(r.truncated_turns()[0] for r in records),
-        "truncated_rate": (sum(r.truncated_turns()[0] for r in records)
-                           / max(1, sum(m["role"] == "assistant" for r in records for m in r.messages))),
+        "truncated_turns": cut_turns,
+        "truncated_rate": cut_turns / max(1, sum(m["role"] == "assistant" for r in records for m in r.messages)),
         **({"mean_turns_used": statistics.fmean(sum(m["role"] == "assistant" for m in r.messages) for r in records),
             "ended_early": sum(bool(r.meta.get("ended_early")) for r in records)}
            if cfg.adaptive and records else {}),

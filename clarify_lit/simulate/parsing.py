@@ -295,11 +295,11 @@ def analyze_answer(text: str, choices: Sequence[str] | None = None, letters: str
         for part, is_outside in ((outside, True), (inside, False)):
             if not part.strip():
                 continue
+            # None = no evidence here, read on; anything else decides (a weak "several marked letters" is a
+            # decided none: weaker evidence is not read)
             got = _parse_strong(part, pats) if strong else _parse_weak(part, pats, choices, is_outside)
-            if got is not None and (got.letter is not None or got.hedged):
+            if got is not None:
                 return got
-            if got is not None and not strong:
-                return got  # several marked letters: none, and weaker evidence is not read
     return _NONE
 
 
