@@ -222,7 +222,8 @@ def iterate_args(p: Preset, e: Experiment, seed: int, rounds: int, out: Path) ->
             "--fit_args", json.dumps([f"--trainer.max_epochs={p.epochs}", *p.fit_overrides]),
             "--data.dataset", e.dataset, "--data.n_train", str(p.n_train), "--data.n_test", str(p.n_test),
             "--data.seed", str(seed), "--setting", e.setting, "--mode", e.mode, "--n_turns", "3",
-            "--teacher.kind", e.teacher, "--reward.kind", p.reward, "--temperatures", json.dumps(p.temperatures),
+            "--teacher.kind", e.teacher, "--reward.kind", e.reward or p.reward, *e.options,
+            "--temperatures", json.dumps(p.temperatures),
             "--max_new_tokens", str(e.max_new_tokens or p.max_new_tokens), "--batch_size", str(p.sim_batch_size),
             "--simulate_args", json.dumps(["--chunk_size", str(p.sim_chunk_size)]), "--dtype", p.gen_dtype,
             "--seed", str(seed)]
@@ -323,6 +324,9 @@ class DemoOptions:
     """With --iterate: skip the preset's own stages."""
     seeds: str | None = None
     """Comma-separated: run only these of the preset's seeds, e.g. 0,1 (the report covers whatever has been run)."""
+    experiments: str | None = None
+    """Comma-separated: run only these of the preset's cells, by folder name or tag (e.g. rubric,rubric-dense for
+    `clarify`); --iterate then runs on the first of them."""
     objectives: str | None = None
     """Comma-separated: train only these rows, in this order (default: the preset's), e.g. Refit,Swift; from
     Refit, Swift, SFT, STaR-GATE-D, DPO, StepDPO."""
@@ -344,6 +348,13 @@ def main(argv: list[str] | None = None) -> None:
             p = dataclasses.replace(p, objectives=[o.strip() for o in a.objectives.split(",") if o.strip()])
         except ValueError as err:
             parser.error(str(err))
+    if a.experiments:
+        wanted = [x.strip() for x in a.experiments.split(",") if x.strip()]
+        by_key = {k: e for e in p.experiments for k in (e.name, e.tag) if k}
+        unknown = [w for w in wanted if w not in by_key]
+        if unknown:
+            parser.error(f"preset {p.name!r} has no experiments {unknown}; choose from {sorted(by_key)}")
+        p = dataclasses.replace(p, experiments=[by_key[w] for w in dict.fromkeys(wanted)])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out = Path(a.out or f"runs/{p.name}")
     if a.iterate_only and not a.iterate:

@@ -322,3 +322,22 @@ def test_ddp_two_cpu_processes_with_an_odd_number_of_samples(records_factory, ca
     # per epoch: 8 of 9 samples (cut to a multiple of the world size) = 2 steps of 2 per rank × 2 ranks
     assert ckpt["global_step"] == 4 and ckpt["epoch"] == 2
     assert (root / "export" / "adapter_model.safetensors").exists()
+
+
+def test_demo_experiment_filter_and_iterate_use_the_cells_options(tmp_path, capsys):
+    """``--experiments`` picks cells by name or tag (unknown ones refused by name); --iterate runs on the first
+    picked cell with that cell's reward and teacher flags, not the preset's defaults."""
+    from clarify_lit import demo
+
+    demo.main(["--preset", "clarify", "--experiments", "rubric-dense", "--seeds", "0", "--objectives", "Refit",
+               "--iterate", "2", "--dry_run", "true", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    commands = [line for line in out.splitlines() if line.startswith("[demo] $ clarify")]
+    assert commands and all("sciq-clarifying-thinking-rubric-dense" in c for c in commands if "simulate" in c)
+    assert not any("sciq-clarifying-thinking-correct" in c or "thinking-rubric/" in c for c in commands)
+    iterate = [c for c in commands if c.startswith("[demo] $ clarify iterate")]
+    assert len(iterate) == 1 and "--reward.kind rubric" in iterate[0]
+    assert "--reward.rubric_accuracy gold_prob" in iterate[0] and "--teacher.hide_mode blank" in iterate[0]
+    with pytest.raises(SystemExit):
+        demo.main(["--preset", "clarify", "--experiments", "nope", "--dry_run", "true", "--out", str(tmp_path)])
+    assert "has no experiments ['nope']" in capsys.readouterr().err
