@@ -6,6 +6,14 @@ DPOTrainer, on the same records, model, batch size, precision and LoRA/full sett
     python benchmarks/train_throughput.py --model embedded:smollm2-135m-instruct --gradient-checkpointing \
         --finetune lora --variants ours_refit trl_sft_weighted ours_dpo ours_dpo_precomputed trl_dpo      # ~6 min
     python benchmarks/train_throughput.py --accelerator gpu    # Lightning and TRL on a CUDA GPU (see gpu_bench.py)
+    python benchmarks/train_throughput.py --model embedded:smollm2-135m-instruct --finetune lora \
+        --variants ours_refit ours_dpo --warmup 1 --steps 2 --profile    # where the time goes (~5 min under load)
+
+Our variants also report model FLOPs utilisation (``mfu``): the timed steps' matmul FLOPs (formula in
+``benchmarks/mfu.py``) per wall second and per CPU second, over a bf16 ``torch.matmul`` peak measured in the same
+child after training. ``--profile`` runs our variants under ``torch.profiler`` and writes the CPU time per part
+(attention, base linears, LoRA adapters, LM head, optimizer, data; ``profile``) and what a training forward keeps for
+backward per part (``saved_activations``), under the key ``"<model> <precision> profile"``.
 
 (times on a 2-core machine shared with other jobs, load ~3). Results are merged into
 ``benchmarks/results/train_throughput.json`` under ``"<model> <precision>[ gc]"``.
@@ -69,6 +77,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from mfu import (  # noqa: E402
+    batch_shape,
+    breakdown,
+    matmul_peak,
+    model_shapes,
+    profile_scopes,
+    saved_activation_bytes,
+    step_flops,
+)
 
 VARIANTS = ["ours_refit", "trl_sft_weighted", "ours_dpo", "ours_dpo_stacked", "ours_dpo_precomputed", "trl_dpo"]
 LORA_ONLY = {"ours_dpo_stacked"}  # ablation (packing off), measured with LoRA only to keep the run short
@@ -205,6 +223,10 @@ def run_ours(spec: dict) -> dict:
     out["rss_before_train_mb"] = round(_rss_mb(), 1)
     rec = _Steps()
     marks: dict[str, float] = {}
+    shapes = model_shapes(module.model)
+    step_flop: list[dict] = []  # per step, mfu.step_flops parts
+    reference_forward = variant in ("ours_dpo", "ours_dpo_stacked")  # auto reference: a no-grad forward per step
+    profiler = _StepProfiler(spec, module.model)
 
     class Timer(L.Callback):
         def on_fit_start(self, trainer, pl_module):
@@ -221,16 +243,95 @@ def run_ours(spec: dict) -> dict:
             rec.trained.append(trained)
             rec.inputs.append(inputs)
             rec.losses.append(float(outputs["loss"]))
+            step_flop.append(step_flops(shapes, *batch_shape(batch), reference_forward=reference_forward))
+            profiler.after_step(len(rec.t_end))
 
     trainer = L.Trainer(accelerator=spec.get("accelerator", "cpu"), devices=1, precision=spec["precision"],
                         max_steps=spec["warmup"] + spec["steps"], gradient_clip_val=1.0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Timer()])
-    trainer.fit(module, datamodule=dm)
+    with profiler:
+        trainer.fit(module, datamodule=dm)
     out.update(rec.summary(spec["warmup"], spec["steps"]))
     out["setup_s"] = round(marks["train_start"] - marks["fit_start"], 3)
     out["step0_loss"] = rec.losses[0]
+    if spec.get("accelerator", "cpu") == "cpu":
+        out["mfu"] = _mfu(out, step_flop[spec["warmup"]: spec["warmup"] + spec["steps"]], matmul_peak())
+    if profiler.result is not None:
+        out["profile"] = profiler.result
+        out["saved_activations"] = _saved_activations(module, dm, spec)
     return out
+
+
+def _saved_activations(module, dm, spec: dict) -> dict:
+    """``--profile``: what a training forward of the first micro-batch keeps for backward, by part (mfu.py)."""
+    import torch
+
+    from clarify_lit.data.datamodule import PadCollator
+    from clarify_lit.train.module import target_logps
+
+    collate = PadCollator(dm.tokenizer.pad_token_id, getattr(dm, "share_pair_prefix", False),
+                          getattr(dm, "pad_to_multiple_of", 1))
+    batch = collate(dm.train_set.samples[: spec["batch_size"]])
+    shapes = {(mod.out_features, mod.in_features) for mod in module.model.modules()
+              if isinstance(mod, torch.nn.Linear)}
+
+    def forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["precision"] == "bf16-mixed"):
+            if module.is_dpo:
+                return module._pair_logps(module.model, batch)
+            return target_logps(module.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                module.hparams.logprob_chunk_size)
+
+    module.model.train()
+    return {**saved_activation_bytes(module.model, forward, shapes), "tokens": batch_shape(batch)[0]}
+
+
+class _StepProfiler:
+    """``--profile``: ``torch.profiler`` over the timed steps (after the warm-up), time attributed to scopes by
+    ``mfu.breakdown``. A no-op without the flag (profiling slows the steps: those runs are not timed runs)."""
+
+    def __init__(self, spec: dict, model):
+        self.on, self.warmup, self.model = bool(spec.get("profile")), spec["warmup"], model
+        self.prof, self.scopes, self.result = None, None, None
+
+    def __enter__(self):
+        if self.on:
+            self.scopes = profile_scopes(self.model)
+            self.scopes.__enter__()
+            if self.warmup == 0:
+                self._start()
+        return self
+
+    def _start(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        self.prof = profile(activities=[ProfilerActivity.CPU])
+        self.prof.__enter__()
+
+    def after_step(self, done: int) -> None:
+        if self.on and done == self.warmup:
+            self._start()
+
+    def __exit__(self, *exc):
+        if self.prof is not None:
+            self.prof.__exit__(None, None, None)
+            self.result = breakdown(self.prof)
+        if self.scopes is not None:
+            self.scopes.__exit__(None, None, None)
+
+
+def _mfu(timed: dict, flops: list[dict], peak: dict) -> dict:
+    """Model FLOPs utilisation of the timed steps (FLOP formula: benchmarks/mfu.py) against the bf16 matmul peak
+    measured in this process after training; by wall time and by CPU time (robust to other jobs)."""
+    total = sum(f["total"] for f in flops)
+    parts = {k: sum(f[k] for f in flops) for k in flops[0] if k != "total"}
+    wall = total / timed["seconds"] / 1e9
+    cpu = total / (timed["cpu_s_per_step"] * timed["timed_steps"]) / 1e9
+    return {"gflop_per_step": round(total / len(flops) / 1e9, 2),
+            "gflop_parts_share": {k: round(v / total, 3) for k, v in parts.items()},
+            "achieved_gflops_wall": round(wall, 2), "achieved_gflops_cpu": round(cpu, 2), "peak": peak,
+            "mfu_wall": round(wall / peak["gflops_wall_best"], 3), "mfu_cpu": round(cpu / peak["gflops_cpu_best"], 3)}
 
 
 def run_trl(spec: dict) -> dict:
@@ -411,6 +512,13 @@ def aggregate(runs: list[dict]) -> dict:
     for k in ("check_loss_weights_1", "check_loss_real_weights"):
         if k in runs[0]:
             agg[k] = runs[0][k]
+    if "mfu" in runs[0]:  # ours: model FLOPs utilisation (benchmarks/mfu.py), medians over repeats
+        m = [r["mfu"] for r in runs]
+        agg["mfu"] = {**m[0], **{k: round(statistics.median(x[k] for x in m), 3)
+                                for k in ("mfu_wall", "mfu_cpu", "achieved_gflops_wall", "achieved_gflops_cpu")},
+                      "mfu_cpu_all": [x["mfu_cpu"] for x in m]}
+    if "profile" in runs[0]:
+        agg["profile"], agg["saved_activations"] = runs[0]["profile"], runs[0]["saved_activations"]
     return agg
 
 
@@ -487,6 +595,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="torch threads per child (1: on a shared 2-core machine more threads only spin, 3-7x slower)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per child")
     p.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"], help="Lightning's / TRL's device")
+    p.add_argument("--profile", action="store_true",
+                   help="torch.profiler over our variants' timed steps: time per part (attention, LM head, LoRA, "
+                        "optimizer, data; benchmarks/mfu.py) under the result key '... profile' (slower: not timings)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_throughput.json"))
     args = p.parse_args(argv)
     if args.child:
@@ -514,11 +625,16 @@ def main(argv: list[str] | None = None) -> dict:
                 spec = {"variant": v, "finetune": ft, "model": args.model, "records": str(records),
                         "batch_size": args.batch_size, "max_length": args.max_length, "precision": args.precision,
                         "gradient_checkpointing": args.gradient_checkpointing, "warmup": warmup, "steps": steps,
-                        "threads": threads, "accelerator": args.accelerator}
+                        "threads": threads, "accelerator": args.accelerator, "profile": args.profile}
                 res = run_child(spec, args.timeout)
                 runs[ft][v].append(res)
+                mfu = f"  MFU {res['mfu']['mfu_cpu']:.1%} (CPU time)" if "mfu" in res else ""
                 print(f"[rep {rep}] {ft:<4} {v:<21} {res['tokens_per_s']:>9.1f} tok/s  {res['s_per_step']:.3f} s/step"
-                      f"  peak RSS {res['peak_rss_mb']:.0f} MB  step-0 loss {res['step0_loss']:.4f}", flush=True)
+                      f"  peak RSS {res['peak_rss_mb']:.0f} MB  step-0 loss {res['step0_loss']:.4f}{mfu}  load "
+                      f"{os.getloadavg()[0]:.2f}", flush=True)
+                if "profile" in res:
+                    print("      profile (share of CPU time): " + ", ".join(
+                        f"{k} {v:.0%}" for k, v in res["profile"]["share"].items()), flush=True)
     summary = {ft: {v: aggregate(rs) for v, rs in per.items()} for ft, per in runs.items()}
     checked = {ft: checks(summary, ft) for ft in summary}
     same_work = {ft: c[0] for ft, c in checked.items()}
@@ -544,7 +660,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(out.read_text()) if out.exists() else {}
-    existing[f"{args.model} {args.precision}{' gc' if args.gradient_checkpointing else ''}"] = report
+    key = f"{args.model} {args.precision}{' gc' if args.gradient_checkpointing else ''}{' profile' if args.profile else ''}"
+    existing[key] = report
     out.write_text(json.dumps(existing, indent=1) + "\n")
     print(f"\n{args.model}, batch {args.batch_size}, {args.precision}, {threads} threads, "
           f"load {load_start[0]:.2f} -> {os.getloadavg()[0]:.2f}\n{table}\n-> {out}")
