@@ -48,7 +48,7 @@ from clarify_lit.simulate.branches import (
     merge_branch_shards,
 )
 from clarify_lit.simulate.endpoint_policy import EndpointPolicyEngine
-from clarify_lit.simulate.engine import GenerationEngine, derive_seed
+from clarify_lit.simulate.engine import Attention, GenerationEngine, derive_seed
 from clarify_lit.simulate.options import (
     DataOptions,
     EndpointOptions,
@@ -103,6 +103,13 @@ class SimulateConfig:
     reuse_kv_cache: bool = True
     """Carry each batch's KV cache from one turn to the next (only the teacher's message is encoded anew); false =
     re-encode whole conversations every turn, the behaviour of simulations made before this option existed."""
+    share_prefix: bool = False
+    """Prefill each fresh batch's common prompt prefix (the system prompt) once and share its keys/values across the
+    rows: less prefill, but greedy text may differ in bfloat16 (docs/simulate.md, Throughput)."""
+    attention: Attention = "model"
+    """Attention kernel while generating: model (as loaded: SDPA), sdpa, eager, or gqa (SDPA for prompts, two
+    matmuls over the key/value heads for each decode step). eager and gqa decode faster on CPU at long contexts, but
+    greedy text may differ from SDPA's where two tokens nearly tie (docs/simulate.md, Throughput)."""
     top_p: float = 1.0
     seed: int = 0
     chunk_size: int = 8
@@ -127,7 +134,8 @@ class SimulateConfig:
         return RolloutSpec(setting=self.setting, mode=self.mode, n_turns=self.n_turns,
                            temperatures=list(self.temperatures), max_new_tokens=self.max_new_tokens,
                            batch_size=self.batch_size, seed=seed, adaptive=self.adaptive, discount=self.discount,
-                           reuse_kv_cache=self.reuse_kv_cache)
+                           reuse_kv_cache=self.reuse_kv_cache, share_prefix=self.share_prefix,
+                           attention=self.attention)
 
 
 # fields that may differ between an interrupted run and its resumption
@@ -161,6 +169,10 @@ def run_fingerprint(cfg: SimulateConfig, task_ids: list[str]) -> dict[str, Any]:
     for k in ("mix_temperatures", "reuse_kv_cache"):
         if not conf[k]:  # off = the behaviour before the option: fingerprints match those written before it
             conf.pop(k)
+    if not conf["share_prefix"]:  # off = the behaviour before the option
+        conf.pop("share_prefix")
+    if conf["attention"] == "model":  # the kernel the model was loaded with: as before the option existed
+        conf.pop("attention")
     for k in ("step_branches", "branch_runs", "branch_temperature"):
         conf.pop(k)  # branches never change the logged records; their options are checked by check_branch_config
     return {"config": conf, "task_ids": task_ids}
@@ -316,7 +328,8 @@ def _run(cfg: SimulateConfig) -> dict[str, Any]:
             model, tok = models.get(cfg.model, cfg.dtype)
             engine = GenerationEngine(model, tok, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                                       sort_by_length=cfg.sort_by_length, top_p=cfg.top_p,
-                                      mix_temperatures=cfg.mix_temperatures, reuse_kv_cache=cfg.reuse_kv_cache)
+                                      mix_temperatures=cfg.mix_temperatures, reuse_kv_cache=cfg.reuse_kv_cache,
+                                      share_prefix=cfg.share_prefix, attention=cfg.attention)
     atomic_write_text(out / "run_config.json", json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
     runs = len(cfg.temperatures)
     delay = float(os.environ.get(SHARD_DELAY_ENV, "0") or 0)

@@ -21,12 +21,21 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from clarify_lit.data.records import Message
 
 log = logging.getLogger(__name__)
+
+#: Attention kernel for generation: ``model`` keeps what the model was loaded with (SDPA by default); ``eager`` is
+#: transformers' plain matmul-softmax-matmul; ``gqa`` is SDPA for prompts and, for one-token decode steps, two
+#: matmuls over the key/value heads (:func:`gqa_decode_attention`). On CPU both decode faster than SDPA at long
+#: contexts, but their numerics differ from SDPA's, so greedy text can differ where two tokens nearly tie
+#: (docs/simulate.md, Throughput).
+Attention = Literal["model", "sdpa", "eager", "gqa"]
+GQA_DECODE = "clarify_gqa_decode"  # the name ``gqa`` is registered under in transformers' attention interface
 
 
 def derive_seed(*parts: object) -> int:
@@ -56,6 +65,7 @@ class GenerationStats:
     prompt_tokens: int = 0  # prompt tokens of all rows (what re-encoding every turn would prefill)
     reused_tokens: int = 0  # of those, tokens whose keys/values came from the previous turn's cache
     reuse_misses: int = 0  # rows whose cached history re-tokenized differently (re-prefilled, not reused)
+    shared_tokens: int = 0  # prompt tokens of fresh rows served by their batch's common prefix (prefilled once)
 
     def record(self, results: Sequence[Generation], seconds: float) -> None:
         """Count one ``generate`` call's rows, tokens, truncations and time."""
@@ -66,7 +76,7 @@ class GenerationStats:
 
     def add(self, other: GenerationStats) -> None:
         for name in ("calls", "rows", "new_tokens", "truncated", "seconds", "prompt_tokens", "reused_tokens",
-                     "reuse_misses"):
+                     "reuse_misses", "shared_tokens"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
@@ -88,6 +98,55 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+def gqa_decode_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                         **kwargs) -> tuple[torch.Tensor, None]:
+    """Attention for ``attention="gqa"``: a one-token query (a decode step) is two matmuls over the key/value heads,
+    the query heads of a group stacked as rows — no copy of the cache per query head (transformers' eager
+    ``repeat_kv``), and none of the tiling SDPA's CPU kernel spends on a one-token query. Prompts (and training) go
+    to SDPA unchanged. Masks are SDPA's (boolean, or none)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[2] != 1 or module.training:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    b, heads, _, dim = query.shape
+    groups = key.shape[1]
+    scores = torch.matmul(query.reshape(b, groups, heads // groups, dim), key.transpose(2, 3))
+    scores = scores * (dim ** -0.5 if scaling is None else scaling)
+    if attention_mask is not None:  # (b, 1, 1, kv_len): broadcast over groups and their heads
+        mask = attention_mask[..., : key.shape[-2]]
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    return torch.matmul(probs, value).reshape(b, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+def attention_implementation(attention: Attention) -> str:
+    """transformers' name of an :data:`Attention` choice (registering ``gqa`` on first use)."""
+    if attention != "gqa":
+        return attention
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(GQA_DECODE, gqa_decode_attention)
+    AttentionMaskInterface.register(GQA_DECODE, sdpa_mask)
+    return GQA_DECODE
+
+
+@contextmanager
+def attention_kernel(model: torch.nn.Module, attention: Attention) -> Iterator[None]:
+    """Run the block with ``attention`` as the model's attention implementation and restore the one it had."""
+    before = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    switch = attention != "model" and before is not None and before != attention_implementation(attention)
+    if switch:
+        model.set_attn_implementation(attention_implementation(attention))
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation(before)
 
 
 @contextmanager
@@ -132,6 +191,95 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -
             ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
             mask[i, width - len(r):] = 1
     return ids.to(device), mask.to(device)
+
+
+# Room a preallocated cache keeps beyond what it holds: enough for a turn's new tokens and the next teacher message
+# before it has to grow again (growing copies the cache once, as every step of a concatenating cache does).
+KV_HEADROOM_MIN = 256
+KV_HEADROOM_FRACTION = 0.25
+# A batch's common prompt prefix is prefilled once only from this many tokens (below it the extra forward costs more
+# than it saves).
+MIN_SHARED_PREFIX = 8
+
+
+def _append_kv(held: torch.Tensor, buffer: torch.Tensor | None, new: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``held`` + ``new`` along the sequence axis, written into ``buffer`` when ``held`` is its leading part and it
+    has room (else into a new buffer with headroom); returns the view of the filled part and the buffer."""
+    n = held.shape[-2] if held.dim() == 4 else 0
+    need = n + new.shape[-2]
+    fits = (buffer is not None and buffer.shape[-2] >= need and buffer.shape[:2] == new.shape[:2]
+            and buffer.dtype == new.dtype and buffer.device == new.device
+            and (n == 0 or (held.data_ptr() == buffer.data_ptr() and held.stride() == buffer.stride())))
+    if not fits:
+        room = max(KV_HEADROOM_MIN, int(need * KV_HEADROOM_FRACTION))
+        buffer = new.new_empty((*new.shape[:2], need + room, new.shape[-1]))
+        if n:
+            buffer[:, :, :n] = held
+    buffer[:, :, n:need] = new
+    return buffer[:, :, :need], buffer
+
+
+def _preallocated_layer_class() -> type:
+    """:class:`PreallocatedLayer` on top of transformers' ``DynamicLayer`` (built on first use: transformers is
+    imported lazily in this module)."""
+    from transformers.cache_utils import DynamicLayer
+
+    global _PREALLOCATED_LAYER
+    if _PREALLOCATED_LAYER is None:
+        _PREALLOCATED_LAYER = type("PreallocatedLayer", (DynamicLayer,), {
+            "__doc__": PREALLOCATED_DOC, "update": _preallocated_update, "_key_buffer": None,
+            "_value_buffer": None})
+    return _PREALLOCATED_LAYER
+
+
+PREALLOCATED_DOC = """A ``DynamicLayer`` whose keys/values live in a buffer with room to grow, ``keys``/``values`` being
+views of its filled part: a decode step writes one column instead of ``torch.cat`` copying the whole cache (at batch
+50 and 600 cached tokens that copy moves more bytes per step than the weights). Same values as the concatenating
+layer; ``crop``, ``batch_select_indices`` and in-place writes to ``keys``/``values`` (``_splice``) keep working (a
+layer whose tensors were replaced re-adopts them on its next append)."""
+_PREALLOCATED_LAYER: type | None = None
+
+
+def _preallocated_update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    if not self.is_initialized:
+        self.lazy_initialization(key_states, value_states)
+    self.keys, self._key_buffer = _append_kv(self.keys, self._key_buffer, key_states)
+    self.values, self._value_buffer = _append_kv(self.values, self._value_buffer, value_states)
+    return self.keys, self.values
+
+
+def plain_cache_layers(cache) -> bool:
+    """Whether every layer of ``cache`` is a plain per-token one (no sliding window, no quantization)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) in (DynamicLayer, _preallocated_layer_class()) for layer in layers)
+
+
+def new_cache(model, preallocate: bool):
+    """An empty ``DynamicCache`` for ``model``; with ``preallocate`` its plain per-token layers are
+    ``PreallocatedLayer``s (sliding-window or other special layers stay as transformers builds them)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=model.config)
+    if preallocate:
+        cache.layers = [_preallocated_layer_class()() if type(layer) is DynamicLayer else layer
+                        for layer in cache.layers]
+    return cache
+
+
+def common_prefix(rows: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix all rows share."""
+    first, n = rows[0], min(len(r) for r in rows)
+    for r in rows[1:]:
+        k = 0
+        while k < n and r[k] == first[k]:
+            k += 1
+        n = k
+    return n
 
 
 @dataclass
@@ -195,12 +343,17 @@ class GenerationEngine:
     padding, same greedy text); ``top_p``/``top_k`` apply when sampling (defaults: plain temperature sampling).
     ``min_new_tokens=1`` keeps a turn from ending before it starts. ``reuse_kv_cache`` tells multi-turn callers
     (``rollout_tasks``) to carry each batch's KV cache to the next turn (:class:`TurnCache`) instead of re-encoding
-    whole conversations.
+    whole conversations. ``preallocate_kv`` keeps the KV cache in buffers with room to grow (no per-step copy of the
+    whole cache; same values, same text); ``share_prefix`` prefills a fresh batch's common prompt prefix (the system
+    prompt) once and shares its keys/values across the rows (off by default: a batch-1 prefill rounds differently in
+    bfloat16, so greedy text can differ); ``attention`` picks the attention kernel for generation
+    (:data:`Attention`).
     """
 
     def __init__(self, model, tokenizer, *, batch_size: int = 8, max_new_tokens: int = 64,
                  sort_by_length: bool = True, top_p: float = 1.0, top_k: int = 0, min_new_tokens: int = 1,
-                 mix_temperatures: bool = True, reuse_kv_cache: bool = True):
+                 mix_temperatures: bool = True, reuse_kv_cache: bool = True, preallocate_kv: bool = True,
+                 share_prefix: bool = False, attention: Attention = "model"):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if max_new_tokens < 1:
@@ -215,6 +368,11 @@ class GenerationEngine:
         self.min_new_tokens = min_new_tokens
         self.mix_temperatures = mix_temperatures
         self.reuse_kv_cache = reuse_kv_cache  # read by multi-turn callers (rollout_tasks) to open a TurnCache
+        self.preallocate_kv = preallocate_kv
+        self.share_prefix = share_prefix
+        if attention not in ("model", "sdpa", "eager", "gqa"):
+            raise ValueError(f"attention must be model, sdpa, eager or gqa, got {attention!r}")
+        self.attention = attention
         self.end_ids = end_token_ids(tokenizer, model)
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.end_ids[0]
@@ -290,7 +448,7 @@ class GenerationEngine:
         device = model_device(self.model)
         start = time.perf_counter()
         self.stats.prompt_tokens += sum(len(p) for p in prompts)
-        with eval_mode(self.model), torch.inference_mode():
+        with eval_mode(self.model), attention_kernel(self.model, self.attention), torch.inference_mode():
             jobs: list[tuple[float | None, list[int], _CachedBatch | None]] = []
             fresh = list(range(len(prompts)))
             if session is not None:
@@ -301,17 +459,21 @@ class GenerationEngine:
             jobs += [(t, [fresh[j] for j in rows], None) for t, rows in fresh_plan]
             kept: list[_CachedBatch] = []
             for b, (temp, rows, cached) in enumerate(jobs):
-                if cached is None:
-                    ids, mask = left_pad([prompts[i] for i in rows], self.pad_id, device)
-                else:
+                cache = cached.cache if cached is not None else None
+                if cached is not None:
                     ids, mask = self._continue_inputs(cached, [prompts[i] for i in rows], device)
+                elif self.preallocate_kv or self.share_prefix:
+                    cache = new_cache(self.model, self.preallocate_kv)
+                    ids, mask = self._fresh_inputs([prompts[i] for i in rows], cache, device)
+                else:
+                    ids, mask = left_pad([prompts[i] for i in rows], self.pad_id, device)
                 row_temps = {float(temperatures[i]) for i in rows}
                 processors = LogitsProcessorList()
                 if temp is None and len(row_temps) == 1:  # a batch of one temperature
                     temp = row_temps.pop()
                 if temp is None:  # several temperatures: sample at t=1 from logits scaled per row
                     processors.append(RowTemperature([temperatures[i] for i in rows]))
-                extra = {} if cached is None else {"cache": cached.cache}
+                extra = {} if cache is None else {"cache": cache}
                 with seeded(derive_seed(seed, "mixed" if temp is None else temp, b)):
                     out = self.model.generate(input_ids=ids, attention_mask=mask, logits_processor=processors,
                                               generation_config=self._config(1.0 if temp is None else temp, max_new,
@@ -328,6 +490,24 @@ class GenerationEngine:
                 session.batches = kept
         self.stats.record(results, time.perf_counter() - start)  # type: ignore[arg-type]
         return results  # type: ignore[return-value]
+
+    def _fresh_inputs(self, rows: list[Sequence[int]], cache, device: torch.device
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fresh batch's ``(input_ids, attention_mask)``, left-padded. With ``share_prefix`` and a common prefix
+        of ``MIN_SHARED_PREFIX``+ tokens (the system prompt), that prefix is prefilled once into ``cache`` (one
+        batch-1 forward, then repeated across the rows) and the rows' remaining tokens follow it after a masked gap,
+        as a continued turn does (positions follow the mask, so they are the plain left-padded batch's)."""
+        # keep one token of every row out of the prefix: generate needs a real last column to predict from
+        n = min(common_prefix(rows), min(len(r) for r in rows) - 1) if self.share_prefix and len(rows) > 1 else 0
+        if n < MIN_SHARED_PREFIX or not plain_cache_layers(cache):
+            return left_pad(rows, self.pad_id, device)
+        prefix = torch.tensor([list(rows[0][:n])], dtype=torch.long, device=device)
+        self.model(input_ids=prefix, cache=cache, use_cache=True)
+        cache.batch_repeat_interleave(len(rows))
+        self.stats.shared_tokens += n * (len(rows) - 1)
+        ids, mask = left_pad([r[n:] for r in rows], self.pad_id, device)
+        return (torch.cat([prefix.expand(len(rows), -1), ids], 1),
+                torch.cat([torch.ones((len(rows), n), dtype=mask.dtype, device=device), mask], 1))
 
     # -- turn-to-turn KV reuse (TurnCache) ---------------------------------------------------------------------
 
@@ -368,10 +548,7 @@ class GenerationEngine:
     @staticmethod
     def _can_splice(batch: _CachedBatch, prompt: Sequence[int]) -> bool:
         """Plain per-token caches only (no sliding-window or quantized layers), and a prompt of 2+ tokens."""
-        from transformers.cache_utils import DynamicLayer
-
-        layers = getattr(batch.cache, "layers", None)
-        return (len(prompt) >= 2 and bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+        return (len(prompt) >= 2 and plain_cache_layers(batch.cache)
                 and batch.cache.get_seq_length() == batch.ids.shape[1] - 1)
 
     def _splice(self, batch: _CachedBatch, r: int, prompt: Sequence[int]) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from clarify_lit.data.records import ConversationRecord
 from clarify_lit.data.tasks import LETTERS, QATask
 from clarify_lit.simulate import prompts
-from clarify_lit.simulate.engine import GenerationEngine, TurnCache, derive_seed
+from clarify_lit.simulate.engine import Attention, GenerationEngine, TurnCache, derive_seed
 from clarify_lit.simulate.parsing import early_answer, parse_answer_letter
 from clarify_lit.simulate.prompts import Mode, Setting
 from clarify_lit.simulate.rewards import CorrectReward, Reward
@@ -60,6 +60,13 @@ class RolloutSpec:
     """γ in (0, 1]: every reward is multiplied by γ^n, n = assistant turns used (1 = off)."""
     reuse_kv_cache: bool = True
     """Carry each batch's KV cache from one turn to the next instead of re-encoding the conversation."""
+    share_prefix: bool = False
+    """Prefill each fresh batch's common prompt prefix (the system prompt) once and share its keys/values across the
+    rows: less turn-1 prefill; greedy text may differ in bfloat16 (docs/simulate.md, Throughput)."""
+    attention: Attention = "model"
+    """Attention kernel while generating: model (as loaded: SDPA), sdpa, eager, or gqa (SDPA for prompts, two
+    matmuls over the key/value heads for each decode step). eager and gqa decode faster on CPU at long contexts, but
+    greedy text may differ from SDPA's where two tokens nearly tie (docs/simulate.md, Throughput)."""
 
 
 def check_tasks(tasks: Sequence[QATask]) -> None:
@@ -129,8 +136,8 @@ def rollout_tasks(
     only on the inputs and ``spec.seed`` (not on what ran before), so a chunked run equals an unchunked one
     chunk-wise. ``engine`` (optional) reuses a :class:`GenerationEngine` (its ``stats`` then accumulate across calls);
     without it one is built from the spec's ``batch_size``/``max_new_tokens``/``reuse_kv_cache`` (carry each batch's
-    KV cache from one turn to the next instead of re-encoding the conversation: :class:`TurnCache`) and
-    ``sort_by_length``.
+    KV cache from one turn to the next instead of re-encoding the conversation: :class:`TurnCache`)/``share_prefix``/
+    ``attention`` and ``sort_by_length``.
 
     ``prefixes`` (one per task) continue given conversations instead of starting new ones (StepDPO's branches,
     ``simulate/branches.py``): each prefix is the system prompt, ``start_turn − 1`` teacher/assistant exchanges and
@@ -156,7 +163,8 @@ def rollout_tasks(
                          "would never speak — use the scripted teacher or setting='clarifying'")
     reward = reward or CorrectReward()
     engine = engine or GenerationEngine(model, tokenizer, batch_size=spec.batch_size, max_new_tokens=max_new_tokens,
-                                        sort_by_length=sort_by_length, reuse_kv_cache=spec.reuse_kv_cache)
+                                        sort_by_length=sort_by_length, reuse_kv_cache=spec.reuse_kv_cache,
+                                        share_prefix=spec.share_prefix, attention=spec.attention)
 
     rows = [(task, run, float(temp)) for task in tasks for run, temp in enumerate(temperatures)]
     if not rows:
