@@ -7,6 +7,11 @@ each variant is warmed up once, then timed over full ``rollout_tasks`` calls. Wr
     python benchmarks/rollout_throughput.py                                   # tiny random model
     python benchmarks/rollout_throughput.py --model embedded:smollm2-135m-instruct --dtype bfloat16 --n-tasks 16 \
         --temperatures 0.7 --batch-size 16 --threads 2          # the README's batch-16 numbers
+    python benchmarks/rollout_throughput.py --decode-step --model embedded:smollm2-135m-instruct --threads 1 \
+        --decode-batches 16 --decode-contexts 30 300            # one decode step vs the weight-bytes / FLOP bounds
+    python benchmarks/rollout_throughput.py --paths plain fast --model embedded:smollm2-135m-instruct \
+        --dtype bfloat16 --threads 1 --n-tasks 8 --temperatures 0 --batch-size 8 --max-new-tokens 24 --rounds 1
+                                                                # the engine's decode paths: speed and same text
 
 Notes: with sampling the variants generate different text (a batch's random draws depend on its composition), so
 tokens/s is reported next to conversations/s; greedy batched == one-by-one text is a test
