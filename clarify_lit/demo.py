@@ -97,6 +97,12 @@ class Preset:
     # options existed (and lets a resume continue such a simulation)
     mix_temperatures: bool = True
     reuse_kv_cache: bool = True
+    # rollout curves in TensorBoard during every fit (configs/callbacks/rollout-eval.yaml; docs/demo.md#rollout-curves):
+    # greedy rollouts of the policy being trained on the first `rollout_questions` TEST questions of the cell's split
+    # (never a training question), before the first step and `rollout_evals_per_epoch` times per epoch (the fits have
+    # no validation split, so the callback runs on training-epoch progress); 0 = no callback
+    rollout_questions: int = 0
+    rollout_evals_per_epoch: int = 1
 
     def __post_init__(self) -> None:
         unknown = [o for o in self.objectives if o not in OBJECTIVES]
@@ -104,6 +110,11 @@ class Preset:
             raise ValueError(f"preset {self.name!r}: unknown objectives {unknown}; choose from {list(OBJECTIVES)}")
         if "STaR-GATE-D" in self.objectives and "SFT" not in self.objectives[: self.objectives.index("STaR-GATE-D")]:
             raise ValueError(f"preset {self.name!r}: STaR-GATE-D distils the SFT run, so SFT must come before it")
+        if not 0 <= self.rollout_questions <= self.n_test:
+            raise ValueError(f"preset {self.name!r}: rollout_questions={self.rollout_questions} must be in "
+                             f"[0, n_test={self.n_test}] (the callback rolls out test questions only)")
+        if self.rollout_evals_per_epoch < 1:
+            raise ValueError(f"preset {self.name!r}: rollout_evals_per_epoch must be >= 1")
 
     @property
     def step_branches(self) -> bool:
@@ -115,6 +126,7 @@ PRESETS: dict[str, Preset] = {
         name="demo", model="embedded:smollm2-135m-instruct",
         experiments=[Experiment("sciq", "reasoning", "standard", "scripted")],
         n_train=16, n_test=16, seeds=[0], max_new_tokens=40, eval_max_new_tokens=40, epochs=2,
+        rollout_questions=4,  # 3 points (step 0 and each epoch's end), +~10 % of `make demo` (docs/demo.md)
     ),
     "reproduce": Preset(
         name="reproduce", model="embedded:smollm2-135m-instruct",
@@ -132,6 +144,7 @@ PRESETS: dict[str, Preset] = {
         # equal Base): use the lr every other row uses on this model (configs/model/smollm2-135m.yaml)
         label_overrides={"STaR-GATE-D": ["--model.learning_rate", "2.0e-4"]},
         display_names={"SFT": "STaR-GATE"},
+        rollout_questions=8, rollout_evals_per_epoch=2,  # one epoch: points at step 0, mid-epoch and the end
     ),
     # issue "Learning to clarify": the clarifying cell with the three levers — the teacher that blanks the gold text
     # (worth asking), and the reward: 0/1 correctness, the offline rubric, and the rubric with the dense gold-answer
@@ -147,6 +160,7 @@ PRESETS: dict[str, Preset] = {
         sim_batch_size=32, sim_chunk_size=32, eval_batch_size=50, objectives=list(OBJECTIVES),
         label_overrides={"STaR-GATE-D": ["--model.learning_rate", "2.0e-4"]},
         display_names={"SFT": "STaR-GATE"},
+        rollout_questions=8, rollout_evals_per_epoch=2,  # one epoch: points at step 0, mid-epoch and the end
     ),
     "paper": Preset(
         name="paper", model="meta-llama/Llama-3.1-8B-Instruct",
@@ -187,6 +201,30 @@ def fit_args(p: Preset, records: Path | list[Path], objective: str, seed: int, r
             "--data.seed", str(seed), "--seed_everything", str(seed), "--trainer.max_epochs", str(p.epochs),
             "--trainer.default_root_dir", str(root), "--ckpt_path", "last_or_none",  # an interrupted fit resumes
             *p.fit_overrides, *(extra or [])]
+
+
+ROLLOUT_EVAL = "configs/callbacks/rollout-eval.yaml"
+CALLBACK = "--trainer.callbacks.init_args."  # flags of the (only) callback the rollout-eval config adds
+
+
+def rollout_eval_args(p: Preset, e: Experiment, seed: int) -> list[str]:
+    """``clarify fit`` args adding the rollout callback on the cell's held-out questions (none when the preset's
+    ``rollout_questions`` is 0): the same data options as the cell's simulate and evaluate commands (so the same
+    split: the callback always takes the *test* part, the first ``rollout_questions`` of the questions ``clarify
+    evaluate`` scores), setting, mode, teacher, reward and token cap. The cell's extra teacher/reward flags
+    (``Experiment.options``) are passed to the callback's own ``teacher``/``reward`` options."""
+    if not p.rollout_questions:
+        return []
+    options = [CALLBACK + o[2:] if o.startswith("--") else o for o in e.options]
+    return ["--config", ROLLOUT_EVAL, f"{CALLBACK}data.dataset={e.dataset}", f"{CALLBACK}data.part=test",
+            f"{CALLBACK}data.n_train={p.n_train}",
+            f"{CALLBACK}data.n_test={p.n_test}", f"{CALLBACK}data.seed={split_seed(p, seed)}",
+            f"{CALLBACK}n_questions={p.rollout_questions}", f"{CALLBACK}setting={e.setting}", f"{CALLBACK}mode={e.mode}",
+            f"{CALLBACK}teacher.kind={e.teacher}", f"{CALLBACK}reward.kind={e.reward or p.reward}", *options,
+            f"{CALLBACK}max_new_tokens={e.max_new_tokens or p.eval_max_new_tokens}",
+            f"{CALLBACK}batch_size={min(p.rollout_questions, p.eval_batch_size)}", f"{CALLBACK}seed={seed}",
+            f"{CALLBACK}dtype={p.gen_dtype}",  # a merged copy in the evaluation's dtype: ~2x faster than fp32
+            f"{CALLBACK}evals_per_epoch={p.rollout_evals_per_epoch}", f"{CALLBACK}at_fit_start=true"]
 
 
 def label_fit_inputs(p: Preset, label: str, cell: Path) -> tuple[list[Path], list[str]]:
@@ -271,7 +309,8 @@ def run_preset(p: Preset, out: Path, dry_run: bool = False, results: Path | None
             for label in p.objectives:
                 root = cell / "fit" / label
                 files, extra = label_fit_inputs(p, label, cell)
-                runner.run(fit_args(p, files, OBJECTIVES[label], seed, root, extra),
+                runner.run(fit_args(p, files, OBJECTIVES[label], seed, root,
+                                    [*rollout_eval_args(p, e, seed), *extra]),
                            (root / "export" / "adapter_config.json").exists())
                 runner.run(evaluate_args(p, e, seed, label, cell / "eval" / label, root / "export"),
                            (cell / "eval" / label / "metrics.json").exists())
@@ -330,6 +369,10 @@ class DemoOptions:
     objectives: str | None = None
     """Comma-separated: train only these rows, in this order (default: the preset's), e.g. Refit,Swift; from
     Refit, Swift, SFT, STaR-GATE-D, DPO, StepDPO."""
+    rollout_questions: int | None = None
+    """Held-out test questions the rollout callback plays during each fit, for rollout/accuracy, reward, format
+    and hedge curves and sample conversations in TensorBoard (default: the preset's; demo 4, reproduce and clarify
+    8, paper 0); 0 turns the callback off."""
 
 
 def build_parser():
@@ -346,6 +389,11 @@ def main(argv: list[str] | None = None) -> None:
     if a.objectives:
         try:  # replace() re-runs the preset's checks (known labels, SFT before STaR-GATE-D)
             p = dataclasses.replace(p, objectives=[o.strip() for o in a.objectives.split(",") if o.strip()])
+        except ValueError as err:
+            parser.error(str(err))
+    if a.rollout_questions is not None:
+        try:
+            p = dataclasses.replace(p, rollout_questions=a.rollout_questions)
         except ValueError as err:
             parser.error(str(err))
     if a.experiments:

@@ -162,7 +162,8 @@ def test_evaluate_writes_files_and_tensorboard_without_side_effects(tiny_model_d
 
     # same seed, same questions: a second evaluation repeats the first exactly (greedy, seeded, isolated)
     trainer.global_step = 8
-    assert cb.evaluate(trainer, policy) == {**values, "seconds": cb.last_metrics["seconds"]}
+    assert cb.evaluate(trainer, policy) == {**values, "seconds": cb.last_metrics["seconds"],
+                                            "cpu_seconds": cb.last_metrics["cpu_seconds"]}
     again, _ = load_records(tmp_path / "rollouts" / "step_000008.jsonl")
     assert [r.messages for r in again] == [r.messages for r in records]
 
@@ -181,12 +182,17 @@ def test_render_markdown_marks_roles_and_keeps_tags_visible(tiny_model_dir):
 
 
 # --- inside a real Trainer ----------------------------------------------------------------------------------------
+def quiet_trainer(root: Path, cb: RolloutEvaluation, **kwargs) -> L.Trainer:
+    """A Trainer with the callback, TensorBoard in ``root``, no progress bar, summary or checkpoints."""
+    return L.Trainer(default_root_dir=str(root), callbacks=[cb], enable_progress_bar=False, enable_model_summary=False,
+                     enable_checkpointing=False, logger=TensorBoardLogger(str(root), name="", version=""),
+                     log_every_n_steps=1, **kwargs)
+
+
 def test_trainer_schedule_and_tensorboard_scalars(tiny_model_dir, tmp_path):
     policy = TinyPolicy(str(tiny_model_dir))
     cb = RolloutEvaluation(data=tiny_data(), n_questions=2, max_new_tokens=3, every_n_val_epochs=2)
-    trainer = L.Trainer(max_epochs=3, default_root_dir=str(tmp_path), callbacks=[cb], enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=1,
-                        logger=TensorBoardLogger(str(tmp_path), name="", version=""), log_every_n_steps=1)
+    trainer = quiet_trainer(tmp_path, cb, max_epochs=3, num_sanity_val_steps=1)
     trainer.fit(policy)
     # 3 validation epochs (steps 2, 4, 6) → evaluated at the 2nd (step 4); at fit end (step 6) once more
     assert sorted(p.name for p in (tmp_path / "rollouts").glob("*.jsonl")) == ["step_000004.jsonl",
@@ -196,6 +202,45 @@ def test_trainer_schedule_and_tensorboard_scalars(tiny_model_dir, tmp_path):
     assert scalar_steps(accs, "rollout/accuracy_se") == [4, 6]
     assert "rollout/accuracy" in trainer.callback_metrics  # monitorable by ModelCheckpoint
     assert cb.state_dict() == {"val_runs": 3, "last_eval_step": 6}
+
+
+def test_train_progress_schedule_without_validation(tiny_model_dir, tmp_path):
+    """evals_per_epoch + at_fit_start (fits without validation, as the demo's): step 0, then evenly spaced batches."""
+    policy = TinyPolicy(str(tiny_model_dir))
+    cb = RolloutEvaluation(data=tiny_data(), n_questions=2, max_new_tokens=3, evals_per_epoch=2, at_fit_start=True)
+    trainer = quiet_trainer(tmp_path, cb, max_epochs=2, limit_val_batches=0)
+    trainer.fit(policy)
+    # 2 batches per epoch, 2 evaluations per epoch: after every step; the fit-end evaluation repeats step 4: skipped
+    assert scalar_steps(read_events(tmp_path), "rollout/accuracy") == [0, 1, 2, 3, 4]
+    assert cb.epoch_marks(10) == {5, 10} and cb.epoch_marks(3) == {2, 3} and cb.epoch_marks(float("inf")) == set()
+
+
+def test_train_progress_and_validation_at_one_step_evaluate_once(tiny_model_dir, tmp_path):
+    policy = TinyPolicy(str(tiny_model_dir))
+    cb = RolloutEvaluation(data=tiny_data(), n_questions=2, max_new_tokens=3, evals_per_epoch=1)
+    trainer = quiet_trainer(tmp_path, cb, max_epochs=1, num_sanity_val_steps=0)
+    trainer.fit(policy)
+    assert [p.name for p in (tmp_path / "rollouts").glob("*.jsonl")] == ["step_000002.jsonl"]
+    assert "rollout/accuracy" in trainer.callback_metrics  # the validation still exposes it for ModelCheckpoint
+
+
+def test_dtype_generates_with_a_merged_copy(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from clarify_lit.evaluate.callback import generation_copy
+
+    policy = TinyPolicy(str(tiny_model_dir))
+    policy.model = get_peft_model(policy.model, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    before = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    twin = generation_copy(policy.model, "bfloat16")
+    assert not hasattr(twin, "peft_config") and next(twin.parameters()).dtype == torch.bfloat16 and not twin.training
+    cb = RolloutEvaluation(data=tiny_data(), n_questions=2, max_new_tokens=3, dtype="bfloat16")
+    trainer = fake_trainer(tmp_path, step=3)
+    values = cb.evaluate(trainer, policy)
+    assert values["n"] == 2 and values["cpu_seconds"] > 0
+    after = policy.model.state_dict()  # the training weights: untouched, still fp32, adapter still separate
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert json.loads((tmp_path / "rollouts" / "step_000003.metrics.json").read_text())["meta"]["dtype"] == "bfloat16"
 
 
 # --- DDP: shards, reduced metrics, rank-zero files ------------------------------------------------------------------
@@ -224,7 +269,8 @@ def test_ddp_sharded_rollout_gathers_on_rank_zero(tiny_model_dir):
         records, _ = load_records(Path(tmp) / "rollouts" / "step_000005.jsonl")
     # 3 questions over 2 ranks (2 + 1): all gathered, in question order, and both ranks logged the same metrics
     assert [r.task_id for r in records] == [t.task_id for t in load_eval_tasks(tiny_data(), 3)]
-    v0.pop("seconds"), v1.pop("seconds")
+    for v in (v0, v1):
+        v.pop("seconds"), v.pop("cpu_seconds")
     assert nan_to_none(v0) == nan_to_none(v1) and v0["n"] == 3
     assert v0["words_per_turn"] == pytest.approx(compute_metrics(records)["words_per_turn"])
 
