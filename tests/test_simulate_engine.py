@@ -123,6 +123,28 @@ def test_simulate_fingerprint_keeps_old_runs_resumable():
     assert run_fingerprint(SimulateConfig(), ["t"])["config"]["mix_temperatures"] is True
 
 
+def test_fingerprint_leaves_out_options_that_cannot_change_the_records():
+    """The retrieval teacher's hide_mode and the rubric's settings are part of the fingerprint only where they act, so
+    a scripted-teacher / `correct` run made before they existed resumes (e.g. to add StepDPO branches); where they act
+    (retrieval teacher, rubric reward) a change is refused."""
+    from clarify_lit.simulate.command import SimulateConfig, run_fingerprint
+    from clarify_lit.simulate.options import RewardOptions, TeacherOptions
+
+    plain = run_fingerprint(SimulateConfig(), ["t"])["config"]
+    assert "hide_mode" not in plain["teacher"] and "rubric_accuracy" not in plain["reward"]
+    assert "word_limit" not in plain["reward"] and "rubric_weights" not in plain["reward"]
+    old_run = run_fingerprint(SimulateConfig(teacher=TeacherOptions(hide_mode="drop")), ["t"])
+    assert old_run == run_fingerprint(SimulateConfig(), ["t"])
+    retrieval = [run_fingerprint(SimulateConfig(teacher=TeacherOptions(kind="retrieval", hide_mode=m)), ["t"])
+                 for m in ("blank", "drop")]
+    assert retrieval[0] != retrieval[1] and retrieval[0]["config"]["teacher"]["hide_mode"] == "blank"
+    rubric = [run_fingerprint(SimulateConfig(reward=RewardOptions(kind="rubric", word_limit=w)), ["t"])
+              for w in (60, 30)]
+    assert rubric[0] != rubric[1] and rubric[0]["config"]["reward"]["rubric_accuracy"] == "correct"
+    # the clarifying setting's default teacher is the retrieval one: there hide_mode acts
+    assert "hide_mode" in run_fingerprint(SimulateConfig(setting="clarifying"), ["t"])["config"]["teacher"]
+
+
 def test_turn_cache_continues_batches_exactly(tiny):
     """Turn 2 from the turn-1 caches (only the new tokens run through the model) gives the same greedy tokens as
     prefilling the whole history; a row whose history changed is re-prefilled inside its batch (no extra generate

@@ -58,6 +58,7 @@ from clarify_lit.simulate.options import (
     build_teacher,
     endpoint_backend,
     load_data_tasks,
+    teacher_kind,
 )
 from clarify_lit.simulate.parsing import is_hedge, uses_thinking_tags
 from clarify_lit.simulate.prompts import Mode, Setting
@@ -173,6 +174,13 @@ def run_fingerprint(cfg: SimulateConfig, task_ids: list[str]) -> dict[str, Any]:
         conf.pop("share_prefix")
     if conf["attention"] == "model":  # the kernel the model was loaded with: as before the option existed
         conf.pop("attention")
+    # options that cannot change these records stay out, so runs made before the options existed still resume:
+    # the gold-text hiding of the retrieval teacher, and the rubric's settings under any other reward
+    if teacher_kind(cfg.teacher, cfg.setting) != "retrieval" or not cfg.teacher.hide_gold_text:
+        conf["teacher"].pop("hide_mode")
+    if cfg.reward.kind != "rubric":
+        for k in ("rubric_weights", "rubric_accuracy", "word_limit"):
+            conf["reward"].pop(k)
     for k in ("step_branches", "branch_runs", "branch_temperature"):
         conf.pop(k)  # branches never change the logged records; their options are checked by check_branch_config
     return {"config": conf, "task_ids": task_ids}

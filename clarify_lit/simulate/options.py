@@ -128,6 +128,11 @@ def endpoint_backend(opts: EndpointOptions, what: str) -> EndpointChatBackend:
                                max_retries=opts.max_retries, backoff=opts.backoff, concurrency=opts.concurrency)
 
 
+def teacher_kind(options: TeacherOptions, setting: Setting) -> str:
+    """The teacher that acts: ``options.kind``, or by default scripted (reasoning) / retrieval (clarifying)."""
+    return options.kind or ("scripted" if setting == "reasoning" else "retrieval")
+
+
 def build_teacher(options: TeacherOptions | None, *, setting: Setting, policy: str, models: FrozenModels,
                   batch_size: int = 8) -> Teacher:
     """The teacher of ``options`` (default: scripted in the reasoning setting, retrieval in the clarifying one).
@@ -135,7 +140,7 @@ def build_teacher(options: TeacherOptions | None, *, setting: Setting, policy: s
     An HF ``llm`` teacher defaults to the *base* of ``policy`` (:func:`~clarify_lit.models.policy_base`), so a trained
     policy meets the same teacher as its base model did."""
     t = options or TeacherOptions()
-    kind = t.kind or ("scripted" if setting == "reasoning" else "retrieval")
+    kind = teacher_kind(t, setting)
     if kind == "scripted":
         return make_teacher("scripted")
     if kind == "retrieval":
