@@ -206,7 +206,8 @@ def test_page_structure_flags_and_escaping(runs, tmp_path):
 
     # the summary table carries the Markdown table's numbers
     md_rows = [[c.strip().strip("*") for c in line.strip("|").split("|")]
-               for line in text.splitlines() if line.startswith("| ") and " vs " not in line]
+               for line in text.split("## Final-answer letters")[0].splitlines()
+               if line.startswith("| ") and " vs " not in line]
     table = doc.all("table", "results")[0]
     html_rows = [[c.text() for c in tr.all() if c.tag in ("th", "td")] for tr in table.all("tr")]
     assert html_rows == md_rows
@@ -269,3 +270,38 @@ def test_size_for_seven_methods_two_seeds_hundred_questions(tmp_path):
     assert len(sections(parse(page))) == 100
     size = page.stat().st_size
     assert size < 3_000_000, size
+
+
+def test_letters_table_shows_a_collapse_onto_one_letter_and_the_constant_answer_baseline(tmp_path):
+    """A policy that always answers A scores exactly the share of questions whose gold is A; the report's letter
+    table shows its collapse (A 1.00) and the constant-answer accuracies next to it, so its accuracy cannot pass
+    for learning. A hedge or a question counts as "none"."""
+    from clarify_lit.evaluate.report import constant_answer_accuracy, letter_shares
+
+    golds = {"q0": "A", "q1": "B", "q2": "B", "q3": "C"}
+
+    def recs(method: str, finals: dict[str, str]) -> list[ConversationRecord]:
+        out = []
+        for task, final in finals.items():
+            r = record(method, 0, task, final)
+            r.gold = golds[task]
+            out.append(r)
+        return out
+
+    always_a = recs("Const", {t: "The answer is A." for t in golds})
+    mixed = recs("Mixed", {"q0": "Answer is B", "q1": HEDGE, "q2": "Is it C?", "q3": "C"})
+    assert letter_shares(always_a) == {"A": 1.0, "B": 0.0, "C": 0.0, "D": 0.0, "none": 0.0}
+    assert letter_shares(mixed) == {"A": 0.0, "B": 0.25, "C": 0.25, "D": 0.0, "none": 0.5}
+    assert constant_answer_accuracy(always_a + mixed) == {"A": 0.25, "B": 0.5, "C": 0.25, "D": 0.0}
+    for name, rs in (("const", always_a), ("mixed", mixed)):
+        folder = tmp_path / "runs" / name
+        folder.mkdir(parents=True)
+        write_records(folder / "rollouts.jsonl", rs)
+        (folder / "metrics.json").write_text(json.dumps({"metrics": {"n": 4, "accuracy": 0.25},
+                                                         "meta": {"method": rs[0].id.split("-")[0],
+                                                                  "rollouts": "rollouts.jsonl"}}))
+    text = run_report([str(tmp_path / "runs")], out=tmp_path / "r.md", baseline="Const")
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in text.split("## Final-answer letters")[1].splitlines() if line.startswith("| ")}
+    assert rows["Const"] == ["1.00", "0.00", "0.00", "0.00", "0.00", "A (1.00)"]
+    assert rows["*accuracy of always answering X*"] == ["0.25", "0.50", "0.25", "0.00", "", "B (0.50)"]

@@ -112,7 +112,8 @@ def test_rename_and_order_rows(tmp_path):
     write_run(runs / "b_base", "Base", m(0.3, 0.05), correct=[False, False])
     write_run(runs / "c_refit", "Refit", m(0.5, 0.05), correct=[True, True])
     text = run_report([str(runs)], out=tmp_path / "r.md", rename=["SFT=STaR-GATE"], order=["Base", "Refit"])
-    rows = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "vs" not in line]
+    rows = [line.split("|")[1].strip() for line in text.split("## Final-answer letters")[0].splitlines()
+            if line.startswith("| ") and "vs" not in line]
     assert rows[1:] == ["Base", "Refit", "STaR-GATE"]  # named first, the rest in first-seen order; SFT renamed
     assert "| STaR-GATE vs Base |" in text  # the paired table follows the new names
     with pytest.raises(ValueError, match=r"--order \['SFT'\]: not among"):  # the old name no longer exists

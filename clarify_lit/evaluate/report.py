@@ -35,6 +35,7 @@ from clarify_lit.evaluate.metrics import (
     HIGHER_IS_BETTER,
     PairedDiff,
     QuestionMismatchError,
+    final_answer,
     nan_to_none,
     paired_comparison,
 )
@@ -278,6 +279,50 @@ def method_rollouts(s: MethodSummary) -> list[ConversationRecord] | None:
     return records
 
 
+LETTERS = "ABCD"
+
+
+def letter_shares(records: Sequence[ConversationRecord]) -> dict[str, float]:
+    """Share of conversations whose final answer commits to each letter (``none``: no single letter), parsed as the
+    accuracy is (:func:`~clarify_lit.evaluate.metrics.final_answer`)."""
+    counts = dict.fromkeys([*LETTERS, "none"], 0)
+    for r in records:
+        letter = (final_answer(r) or "none").strip().upper()
+        counts[letter if letter in counts else "none"] += 1
+    n = max(len(records), 1)
+    return {k: v / n for k, v in counts.items()}
+
+
+def constant_answer_accuracy(records: Sequence[ConversationRecord]) -> dict[str, float]:
+    """Accuracy of always answering one letter on these records' questions (each question once)."""
+    gold = {r.task_id: (r.gold or "").strip().upper() for r in records}
+    n = max(len(gold), 1)
+    return {x: sum(g == x for g in gold.values()) / n for x in LETTERS}
+
+
+def letters_table(methods: Sequence[MethodSummary]) -> str:
+    """Markdown: each method's spread of final-answer letters (all seeds), then the accuracy of always answering one
+    letter. A policy that collapses onto one letter scores that letter's base rate, so an accuracy gain is only a
+    gain where it beats the best constant answer (issue "Honest numbers": test metrics against a constant answer)."""
+    header = ["Method", *LETTERS, "none", "top letter"]
+    rows, golds = [], []
+    for s in methods:
+        recs = method_rollouts(s)
+        if not recs:
+            continue
+        golds.extend(recs)
+        sh = letter_shares(recs)
+        top = max(LETTERS, key=lambda x: sh[x])
+        rows.append([s.label, *(f"{sh[x]:.2f}" for x in [*LETTERS, "none"]), f"{top} ({sh[top]:.2f})"])
+    if not rows:
+        return ""
+    const = constant_answer_accuracy(golds)
+    best = max(LETTERS, key=lambda x: const[x])
+    rows.append(["*accuracy of always answering X*", *(f"{const[x]:.2f}" for x in LETTERS), "", f"{best} "
+                 f"({const[best]:.2f})"])
+    return _markdown(header, rows)
+
+
 def paired_table(results: Sequence[tuple[str, str, dict[str, PairedDiff]]]) -> str:
     """Markdown table of paired comparisons: Δ = A − B per shared question, paired SE, wins/losses/ties, sign p."""
     header = ["A vs B", "questions", "Δ accuracy ± SE", "acc. W/L/T", "sign p (acc.)",
@@ -384,6 +429,10 @@ def run_report(inputs: Sequence[str], out: str | os.PathLike = "report.md", plot
     if comparisons:
         parts += ["", "## Paired per-question comparison (Δ = A − B; exact two-sided sign test, ties dropped)", "",
                   paired_table(comparisons)]
+    letters = letters_table(methods) if paired else ""
+    if letters:
+        parts += ["", "## Final-answer letters (share of conversations; last row: a constant answer's accuracy)", "",
+                  letters]
     if notes:
         parts += [""] + [f"- {n}" for n in notes]
     text = "\n".join(parts) + "\n"
