@@ -45,6 +45,7 @@ from clarify_lit.evaluate.metrics import compute_metrics, nan_to_none, paired_co
 from clarify_lit.evaluate.report import (
     aggregate,
     format_mean_se,
+    letters_table,
     read_metrics_file,
     results_table,
     table_columns,
@@ -419,6 +420,10 @@ def write_report(out: Path, rounds: int) -> dict[str, Any]:
         by_round_table(rows), "",
         "## Every metric (mean ± SE; best in bold)", "",
         results_table(methods, table_columns(methods)), ""])
+    letters = letters_table(methods)
+    if letters:  # a round that only collapsed onto one letter scores that letter's base rate (docs/evaluation.md)
+        text += "\n".join(["", "## Final-answer letters (share of conversations; last row: a constant answer's "
+                            "accuracy)", "", letters, ""])
     atomic_write_text(out / f"{REPORT_NAME}.md", text)
     plot_rounds(rows, out / f"{REPORT_NAME}.png")
     summary = {"rounds": rounds, "rows": rows}

@@ -69,6 +69,9 @@ def test_iterate_two_rounds_end_to_end(tmp_path, capsys):
     assert "## Reward and accuracy by round" in text
     for label in ("Base", "round 0", "round 1"):
         assert f"| {label} |" in text
+    letters = text.split("## Final-answer letters")[1]  # each policy's letter spread + the constant-answer row
+    assert all(f"| {label} |" in letters for label in ("Base", "round 0", "round 1")), letters
+    assert "| *accuracy of always answering X* |" in letters
     summary = json.loads((out / "report.json").read_text())
     rows = summary["rows"]
     assert [r["label"] for r in rows] == ["Base", "round 0", "round 1"]

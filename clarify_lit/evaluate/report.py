@@ -313,7 +313,8 @@ def letters_table(methods: Sequence[MethodSummary]) -> str:
         golds.extend(recs)
         sh = letter_shares(recs)
         top = max(LETTERS, key=lambda x: sh[x])
-        rows.append([s.label, *(f"{sh[x]:.2f}" for x in [*LETTERS, "none"]), f"{top} ({sh[top]:.2f})"])
+        rows.append([s.label, *(f"{sh[x]:.2f}" for x in [*LETTERS, "none"]),
+                     f"{top} ({sh[top]:.2f})" if sh[top] else "–"])
     if not rows:
         return ""
     const = constant_answer_accuracy(golds)
