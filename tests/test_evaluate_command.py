@@ -65,6 +65,18 @@ def test_method_label_temperatures_and_clarifying(clarify_cache, tmp_path, capsy
     assert "accuracy" in capsys.readouterr().out
 
 
+def test_faster_decode_options_reach_the_rollouts(clarify_cache, tmp_path):
+    """``--share_prefix`` and ``--attention`` (issue 16.2's opt-in decode paths) reach the rollout spec and are
+    recorded in the metrics' meta; on the tiny model in fp32 they give the default path's greedy text."""
+    main(["--model", "tiny-random", "--n_questions", "2", "--out_dir", str(tmp_path / "plain"), *DATA_ARGS])
+    main(["--model", "tiny-random", "--n_questions", "2", "--share_prefix", "true", "--attention", "gqa",
+          "--out_dir", str(tmp_path / "fast"), *DATA_ARGS])
+    (plain, recs_a), (fast, recs_b) = read_out(tmp_path / "plain"), read_out(tmp_path / "fast")
+    assert (plain["meta"]["share_prefix"], plain["meta"]["attention"]) == (False, "model")
+    assert (fast["meta"]["share_prefix"], fast["meta"]["attention"]) == (True, "gqa")
+    assert [r.messages for r in recs_a] == [r.messages for r in recs_b]
+
+
 @pytest.mark.parametrize("args,match", [
     ([], "exactly one of --model"),
     (["--model", "tiny-random", "--export_dir", "x"], "exactly one of --model"),

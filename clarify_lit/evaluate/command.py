@@ -37,6 +37,7 @@ from clarify_lit.evaluate.callback import build_teacher_and_reward, load_eval_ta
 from clarify_lit.evaluate.metrics import compute_metrics, nan_to_none
 from clarify_lit.io import atomic_write_text, output_lock
 from clarify_lit.models import DType, load_causal_lm, load_export, load_tokenizer, resolve_device
+from clarify_lit.simulate.engine import Attention
 from clarify_lit.simulate.options import DataOptions, RewardOptions, TeacherOptions
 from clarify_lit.simulate.prompts import Mode, Setting
 from clarify_lit.simulate.rollout import RolloutSpec, check_discount
@@ -109,6 +110,8 @@ def evaluate(
     max_new_tokens: int = 64,
     batch_size: int = 8,
     reuse_kv_cache: bool = True,
+    share_prefix: bool = False,
+    attention: Attention = "model",
     seed: int = 0,
     dtype: DType = "float32",
     device: str = "auto",
@@ -144,6 +147,10 @@ def evaluate(
         batch_size: conversations per ``generate`` call.
         reuse_kv_cache: carry each batch's KV cache to the next turn instead of re-encoding the conversation
             (same greedy text up to floating-point rounding; false = the behaviour before this option).
+        share_prefix: prefill each batch's common prompt prefix once and share it across the rows (faster; in
+            bfloat16 greedy text can differ where two tokens nearly tie: docs/simulate.md, Throughput).
+        attention: attention kernel for generation: ``model`` (as loaded, SDPA), ``sdpa``, ``eager`` or ``gqa``
+            (decode steps as two matmuls over the key/value heads; faster on CPU at long contexts, same caveat).
         seed: rollout seed.
         dtype: weights dtype for ``--model``/``--export_dir``.
         device: ``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:1`` ….
@@ -163,12 +170,12 @@ def evaluate(
             (out / "metrics.json").unlink(missing_ok=True)
         return _evaluate(model, ckpt_path, export_dir, method, out, data, n_questions, setting, mode, n_turns,
                          adaptive, discount, teacher, reward, temperatures, max_new_tokens, batch_size,
-                         reuse_kv_cache, seed, dtype, device, merge_lora, progress)
+                         reuse_kv_cache, share_prefix, attention, seed, dtype, device, merge_lora, progress)
 
 
 def _evaluate(model, ckpt_path, export_dir, method, out: Path, data, n_questions, setting, mode, n_turns, adaptive,
-              discount, teacher, reward, temperatures, max_new_tokens, batch_size, reuse_kv_cache, seed, dtype,
-              device, merge_lora, progress) -> dict[str, float]:
+              discount, teacher, reward, temperatures, max_new_tokens, batch_size, reuse_kv_cache, share_prefix,
+              attention, seed, dtype, device, merge_lora, progress) -> dict[str, float]:
     """:func:`evaluate`'s work, once ``out`` is checked and locked."""
     start = time.perf_counter()
     dev = resolve_device(device)
@@ -180,7 +187,8 @@ def _evaluate(model, ckpt_path, export_dir, method, out: Path, data, n_questions
                                                        setting=setting, device=dev, batch_size=batch_size)
     spec = RolloutSpec(setting=setting, mode=mode, n_turns=n_turns, temperatures=list(temperatures or [0.0]),
                        max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, adaptive=adaptive,
-                       discount=discount, reuse_kv_cache=reuse_kv_cache)
+                       discount=discount, reuse_kv_cache=reuse_kv_cache, share_prefix=share_prefix,
+                       attention=attention)
     records = run_rollouts(policy, tokenizer, tasks, spec, teacher=teacher_obj, reward=reward_obj,
                            progress=progress, model_name=info["model"])
     metrics = compute_metrics(records, tokenizer, setting=setting, choices={t.task_id: t.choices for t in tasks})
