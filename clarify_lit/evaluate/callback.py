@@ -29,6 +29,7 @@ rollout runs inside ``summon_full_params``; DeepSpeed ZeRO-3 is not supported (p
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -139,8 +140,6 @@ def isolated(module: torch.nn.Module, tokenizer: Any) -> Iterator[None]:
 def generation_copy(model: torch.nn.Module, dtype: DType) -> torch.nn.Module:
     """A copy of ``model`` in ``dtype`` with any LoRA adapter merged into its weights — what ``clarify evaluate
     --export_dir … --dtype`` generates with — so the training weights (and their dtype) are left alone."""
-    import copy
-
     twin = copy.deepcopy(model)
     if hasattr(twin, "merge_and_unload"):  # a peft model: merge, so each decode step runs plain linear layers
         twin = twin.merge_and_unload()

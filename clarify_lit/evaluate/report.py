@@ -21,7 +21,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -300,14 +300,16 @@ def constant_answer_accuracy(records: Sequence[ConversationRecord]) -> dict[str,
     return {x: sum(g == x for g in gold.values()) / n for x in LETTERS}
 
 
-def letters_table(methods: Sequence[MethodSummary]) -> str:
+def letters_table(methods: Sequence[MethodSummary],
+                  rollouts: Mapping[str, list[ConversationRecord] | None] | None = None) -> str:
     """Markdown: each method's spread of final-answer letters (all seeds), then the accuracy of always answering one
     letter. A policy that collapses onto one letter scores that letter's base rate, so an accuracy gain is only a
-    gain where it beats the best constant answer (issue "Honest numbers": test metrics against a constant answer)."""
+    gain where it beats the best constant answer (issue "Honest numbers": test metrics against a constant answer).
+    ``rollouts``: each method's records by label, when the caller has loaded them already (else read here)."""
     header = ["Method", *LETTERS, "none", "top letter"]
     rows, golds = [], []
     for s in methods:
-        recs = method_rollouts(s)
+        recs = rollouts[s.label] if rollouts is not None else method_rollouts(s)
         if not recs:
             continue
         golds.extend(recs)
@@ -414,10 +416,11 @@ def run_report(inputs: Sequence[str], out: str | os.PathLike = "report.md", plot
         parts += ["", "Methods with several seeds: mean over seeds, SE = sqrt(Σ SE_i²)/k."]
     comparisons: list[tuple[str, str, dict[str, PairedDiff]]] = []
     notes: list[str] = []
-    if paired:
-        by_label = {s.label: s for s in methods}
-        for a, b in choose_pairs(list(by_label), pairs, baseline):
-            ra, rb = method_rollouts(by_label[a]), method_rollouts(by_label[b])
+    rollouts: dict[str, list[ConversationRecord] | None] = {}
+    if paired:  # each method's rollouts read once, for the pairs and the letter table
+        rollouts = {s.label: method_rollouts(s) for s in methods}
+        for a, b in choose_pairs(list(rollouts), pairs, baseline):
+            ra, rb = rollouts[a], rollouts[b]
             if ra is None or rb is None:
                 notes.append(f"{a} vs {b}: skipped (no rollouts file next to a metrics.json)")
                 continue
@@ -430,7 +433,7 @@ def run_report(inputs: Sequence[str], out: str | os.PathLike = "report.md", plot
     if comparisons:
         parts += ["", "## Paired per-question comparison (Δ = A − B; exact two-sided sign test, ties dropped)", "",
                   paired_table(comparisons)]
-    letters = letters_table(methods) if paired else ""
+    letters = letters_table(methods, rollouts) if paired else ""
     if letters:
         parts += ["", "## Final-answer letters (share of conversations; last row: a constant answer's accuracy)", "",
                   letters]
