@@ -1,7 +1,7 @@
 """The ``clarify`` console script.
 
 ``fit``/``validate``/``test``/``predict`` are LightningCLI subcommands over :class:`ClarifyModule` and
-:class:`ConversationDataModule`; ``simulate``, ``evaluate`` and ``report`` are the pipeline's other stages, and
+:class:`ConversationDataModule`; ``simulate``, ``rescore``, ``evaluate`` and ``report`` are the pipeline's other stages, and
 ``iterate`` loops simulate → fit → evaluate over rounds.
 
 Run layout: everything of one run lives in ``trainer.default_root_dir`` (default ``runs/default``):
@@ -50,6 +50,8 @@ log = logging.getLogger("clarify.fit")
 # fit/validate/test/predict are LightningCLI's subcommands, run by :func:`lightning_main` in this module.
 COMMANDS = {
     "simulate": ("clarify_lit.simulate.command", "roll out conversations with a teacher and score them"),
+    "rescore": ("clarify_lit.simulate.rescore", "score finished conversations again with another reward (no "
+                "generation)"),
     "fit": (__name__, "train a policy on conversation records (Refit, Swift, SFT, DPO, StepDPO or Distill)"),
     "validate": (__name__, "run one validation pass"),
     "test": (__name__, "run one test pass"),

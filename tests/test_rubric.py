@@ -39,7 +39,7 @@ def test_worked_example_from_the_docstring():
     assert comps == {"committed": 1.0, "hedged": 0.0, "correct": 1.0, "asks_one": 1.0, "thinking": 0.5,
                      "concise": 1.0}
     assert score(turns) == pytest.approx((0.4 + 0.2 + 0.1 + 0.2) / 1.0)  # 0.9
-    wrong = [*turns[:2], "Answer is A <thinking>oxygen</thinking>"]
+    wrong = [*turns[:2], "Answer is A <thinking>oxygen is the gas that plants take in</thinking>"]
     assert score(wrong) == pytest.approx(0.5)
     assert score([*turns[:2], "The answer is B or C."]) == 0.0
     assert score(GOOD) == pytest.approx(1.0)
@@ -63,12 +63,63 @@ def test_trivial_final_turns_earn_nothing(final):
     assert score([GOOD[0], GOOD[1], final]) == 0.0
 
 
-def test_question_only_policy_earns_nothing_and_constant_letter_earns_its_accuracy():
+def test_question_only_policy_earns_nothing_and_constant_letter_earns_only_its_accuracy():
     ask = "What does option A mean?"
     assert score([ask, ask, ask]) == 0.0
     constant = "The answer is A."
-    # commits (wrong here), no question, no tags: only the concise term, weighted 0.2 of 1.0
-    assert score([constant] * 3) == pytest.approx(0.2)
+    # commits, but a bare answer line has no substance: not concise; no question, no tags -> only the accuracy term
+    assert score([constant] * 3) == 0.0  # wrong letter (gold B)
+    assert score(["The answer is B."] * 3) == pytest.approx(0.4)  # right letter: 0.4 * 1 / 1.0, nothing more
+
+
+# the trivial policies of the project's standards, each played in every turn; the best any may earn is its
+# accuracy term (0.4 when its letter happens to be the gold)
+TRIVIAL = {
+    "constant answer": "The answer is B.",
+    "constant option line": "B) carbon dioxide",
+    "every option": "The answer is A, B, C, D.",
+    "echo of the options": "A) oxygen B) carbon dioxide C) helium D) neon",
+    "echo, one per line": "A) oxygen\nB) carbon dioxide\nC) helium\nD) neon",
+    "empty reply": "...",
+    "a question": "What does option B mean?",
+    "padded answer": "The answer is B. The answer is B. The answer is B. The answer is B.",
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRIVIAL))
+def test_trivial_policies_earn_at_most_their_accuracy(name):
+    reply = TRIVIAL[name]
+    comps = rubric_components(TASK, conversation([reply] * 3))
+    assert comps["thinking"] == 0.0 and comps["concise"] <= 1 / 3  # at most its first turn (the question) counts
+    assert score([reply] * 3) == pytest.approx(0.4 * comps["correct"] * comps["committed"])
+    # and each earns far less than the worked example's honest conversation
+    assert score([reply] * 3) < score(GOOD) - 0.5
+
+
+def test_a_constant_template_is_credited_once():
+    """A template with thinking tags, repeated every turn: its first use counts, the copies do not."""
+    template = "<thinking>I will think about every option carefully here.</thinking> The answer is B, the best option."
+    comps = rubric_components(TASK, conversation([template] * 3))
+    assert comps["concise"] == pytest.approx(1 / 3)  # turn 1 has substance; turns 2-3 repeat it
+    assert comps["thinking"] == 0.0  # asked in turns 2 and 3, which only repeat turn 1's thoughts
+    fresh = rubric_components(TASK, conversation([GOOD[0], template, template]))
+    assert fresh["thinking"] == pytest.approx(1 / 2)  # turn 2's thoughts are new, turn 3 copies them
+    assert score([template] * 3) < score(GOOD)
+
+
+def test_substance_and_word_limit():
+    from clarify_lit.simulate.rubric import echoes_options, has_substance
+
+    assert has_substance("Is option B a gas?", [], TASK.choices)  # a short question about one option counts
+    assert not has_substance("The answer is B.", [], TASK.choices)
+    assert has_substance("Carbon dioxide seems right because plants breathe it in.", [], TASK.choices)
+    assert not has_substance("Carbon dioxide seems right because plants breathe it in.",
+                             ["carbon dioxide seems right, because plants breathe it in"], TASK.choices)
+    assert echoes_options("(A) oxygen (B) carbon dioxide (C) helium")
+    assert not echoes_options("A) oxygen is wrong, B) is right")
+    long = " ".join(f"word{i}" for i in range(61))
+    assert rubric_components(TASK, conversation([long, GOOD[1], GOOD[2]]))["concise"] == pytest.approx(2 / 3)
+    assert rubric_components(TASK, conversation([long, GOOD[1], GOOD[2]]), word_limit=61)["concise"] == 1.0
 
 
 def test_asks_one_question():
@@ -98,6 +149,8 @@ def test_bad_configuration_is_refused():
         RubricReward({"correct": 0.0})
     with pytest.raises(ValueError, match="GoldProbReward"):
         RubricReward(accuracy="gold_prob")
+    with pytest.raises(ValueError, match="min_words"):
+        RubricReward(min_words=0)
 
 
 def test_simulate_options_build_the_rubric():

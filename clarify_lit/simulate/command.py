@@ -179,7 +179,7 @@ def run_fingerprint(cfg: SimulateConfig, task_ids: list[str]) -> dict[str, Any]:
     if teacher_kind(cfg.teacher, cfg.setting) != "retrieval" or not cfg.teacher.hide_gold_text:
         conf["teacher"].pop("hide_mode")
     if cfg.reward.kind != "rubric":
-        for k in ("rubric_weights", "rubric_accuracy", "word_limit"):
+        for k in ("rubric_weights", "rubric_accuracy", "word_limit", "min_words"):
             conf["reward"].pop(k)
     for k in ("step_branches", "branch_runs", "branch_temperature"):
         conf.pop(k)  # branches never change the logged records; their options are checked by check_branch_config

@@ -16,7 +16,7 @@ from clarify_lit.data.tasks import OnBadRow, Part, QATask, load_tasks
 from clarify_lit.models import DType, FrozenModels, policy_base
 from clarify_lit.simulate.prompts import Setting
 from clarify_lit.simulate.rewards import GoldProbReward, Reward, RewardKind, make_reward
-from clarify_lit.simulate.rubric import RubricReward
+from clarify_lit.simulate.rubric import DEFAULT_MIN_WORDS, RubricReward
 from clarify_lit.simulate.teachers import (
     ChatBackend,
     EndpointChatBackend,
@@ -117,7 +117,10 @@ class RewardOptions:
     rubric_accuracy: Literal["correct", "gold_prob"] = "correct"
     """rubric: the accuracy term, 0/1 correctness or the judge's gold-answer probability (dense)."""
     word_limit: int = 60
-    """rubric: an assistant turn within this many words counts as concise."""
+    """rubric: an assistant turn over this many words is not concise."""
+    min_words: int = DEFAULT_MIN_WORDS
+    """rubric: fewest words (half of them distinct) for a turn to have substance and count as concise; a single
+    question about one option counts at any length (simulate/rubric.py)."""
 
 
 def endpoint_backend(opts: EndpointOptions, what: str) -> EndpointChatBackend:
@@ -166,7 +169,7 @@ def build_reward(options: RewardOptions | None, *, policy: str, models: FrozenMo
             model, tok = models.get(r.judge_model or policy_base(policy), r.judge_dtype)
             gold_prob = GoldProbReward(model, tok, batch_size=batch_size)
         return RubricReward(r.rubric_weights, accuracy=r.rubric_accuracy, gold_prob=gold_prob,
-                            word_limit=r.word_limit)
+                            word_limit=r.word_limit, min_words=r.min_words)
     kinds = set(r.weights or {}) if r.kind == "weighted" else {r.kind}
     judge_model = judge_tok = judge_backend = None
     judge_name = r.judge_model or policy_base(policy)
