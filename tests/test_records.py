@@ -312,3 +312,24 @@ def test_nonfinite_json_literal_reward(tmp_path):
     with pytest.raises(RecordError) as e:
         load_records(path)
     assert e.value.field_name == "reward" and "finite" in str(e.value)
+
+
+def test_gzipped_jsonl_reads_like_the_plain_file_and_a_damaged_stream_is_named(tmp_path):
+    import gzip
+
+    from clarify_lit.data.records import RecordError, load_records, write_records
+
+    rows = [{"id": f"r{i}", "task_id": f"t{i}", "messages": [{"role": "user", "content": "q"},
+                                                              {"role": "assistant", "content": "A"}],
+             "reward": float(i)} for i in range(3)]
+    plain = write_records(tmp_path / "x.jsonl", rows)
+    packed = tmp_path / "x.jsonl.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    a, _ = load_records(plain)
+    b, _ = load_records(packed)
+    assert [r.to_dict() for r in a] == [r.to_dict() for r in b]
+    assert b[1].source == f"{packed}:line 2"
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(packed.read_bytes()[:-12])  # the stream ends early
+    with pytest.raises(RecordError, match=r"cut.jsonl.gz:line \d+: field '<gzip>'"):
+        load_records(cut)

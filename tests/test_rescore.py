@@ -84,3 +84,16 @@ def test_records_from_other_data_are_named(logged, tmp_path):
         main(["--inputs", f"[{bad}]", "--output", str(tmp_path / "y"), *DATA, "--reward.kind", "correct",
               "--model", "tiny-random"])
     assert not (tmp_path / "x").exists() and not (tmp_path / "y" / "bad.jsonl").exists()
+
+
+def test_committed_gzipped_rollouts_can_be_rescored(logged, tmp_path):
+    import gzip
+
+    packed = tmp_path / "seed0-Refit.jsonl.gz"
+    packed.write_bytes(gzip.compress(logged.read_bytes()))
+    common = [*DATA, "--reward.kind", "rubric", "--model", "tiny-random"]
+    main(["--inputs", f"[{packed}]", "--output", str(tmp_path / "gz"), *common])
+    main(["--inputs", f"[{logged}]", "--output", str(tmp_path / "plain"), *common])
+    a, _ = load_records(tmp_path / "gz" / "seed0-Refit.jsonl")  # written plain, under the name without .gz
+    b, _ = load_records(tmp_path / "plain" / "conversations.jsonl")
+    assert [r.reward for r in a] == [r.reward for r in b]

@@ -7,11 +7,13 @@ validated on load and a bad one raises :class:`RecordError` naming the file, the
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import math
 import os
 import shutil
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -229,27 +231,43 @@ def validate_record(raw: Any, source: str, where: str) -> ConversationRecord:
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
     """``(where, value)`` per non-blank line; ``value`` is a :class:`RecordError` for a line that is not valid UTF-8
-    or not JSON (the callers raise it or, under ``skip_invalid``, count it and go on)."""
+    or not JSON (the callers raise it or, under ``skip_invalid``, count it and go on). ``*.jsonl.gz`` is read
+    through gzip (the committed rollouts in results/); a damaged gzip stream ends the file with an error."""
+    if path.name.endswith(".gz"):
+        lineno = 0
+        try:
+            with gzip.open(path, "rb") as f:
+                for lineno, raw in enumerate(f, start=1):
+                    yield from _jsonl_row(path, lineno, raw)
+        except (OSError, EOFError, zlib.error) as e:
+            yield f"line {lineno + 1}", RecordError(str(path), f"line {lineno + 1}", None, "<gzip>",
+                                                    f"not a readable gzip stream ({_short(str(e), 120)})")
+        return
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
-            where = f"line {lineno}"
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                yield where, RecordError(str(path), where, None, "<encoding>",
-                                         f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})")
-                continue
-            if not line.strip():
-                continue
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as e:
-                hint = ""
-                if lineno == 1 and line.strip() in ("[", "{"):
-                    hint = " (this looks like a pretty-printed JSON document; expected JSONL: one record per line)"
-                yield where, RecordError(str(path), where, None, "<json>", f"invalid JSON: {e.msg}{hint}")
-            except (ValueError, RecursionError) as e:  # an int too long to convert, nesting too deep
-                yield where, RecordError(str(path), where, None, "<json>", f"invalid JSON: {_short(str(e), 120)}")
+            yield from _jsonl_row(path, lineno, raw)
+
+
+def _jsonl_row(path: Path, lineno: int, raw: bytes) -> Iterator[tuple[str, Any]]:
+    """The ``(where, value)`` of one raw line (nothing for a blank one)."""
+    where = f"line {lineno}"
+    try:
+        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        yield where, RecordError(str(path), where, None, "<encoding>",
+                                 f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})")
+        return
+    if not line.strip():
+        return
+    try:
+        yield where, json.loads(line)
+    except json.JSONDecodeError as e:
+        hint = ""
+        if lineno == 1 and line.strip() in ("[", "{"):
+            hint = " (this looks like a pretty-printed JSON document; expected JSONL: one record per line)"
+        yield where, RecordError(str(path), where, None, "<json>", f"invalid JSON: {e.msg}{hint}")
+    except (ValueError, RecursionError) as e:  # an int too long to convert, nesting too deep
+        yield where, RecordError(str(path), where, None, "<json>", f"invalid JSON: {_short(str(e), 120)}")
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
@@ -308,7 +326,7 @@ def _decode_json_columns(row: dict) -> dict:
 
 
 def _is_jsonl(p: Path) -> bool:
-    return p.suffix in (".jsonl", ".json") or p.name.endswith(".jsonl.tmp")
+    return p.suffix in (".jsonl", ".json") or p.name.endswith((".jsonl.tmp", ".jsonl.gz"))
 
 
 def iter_raw(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
@@ -322,7 +340,8 @@ def iter_raw(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
         return _iter_parquet(p)
     if _is_jsonl(p):
         return _iter_jsonl(p)
-    raise RecordError(str(p), "file", None, "<format>", "unknown format (expected .jsonl, .parquet or a folder)")
+    raise RecordError(str(p), "file", None, "<format>",
+                      "unknown format (expected .jsonl, .jsonl.gz, .parquet or a folder)")
 
 
 def load_records(

@@ -44,8 +44,9 @@ class RescoreConfig:
     """Score finished conversation records again with another reward (no generation; see docs/simulate.md)."""
 
     inputs: list[str] = field(default_factory=list)
-    """Record files (JSONL, Parquet or a datasets folder): a simulation's conversations.jsonl/branches.jsonl or an
-    evaluation's rollouts.jsonl. Each is written to the output folder under its own name (names must differ)."""
+    """Record files (JSONL, .jsonl.gz, Parquet or a datasets folder): a simulation's conversations.jsonl and
+    branches.jsonl, an evaluation's rollouts.jsonl, or committed rollouts (results/*-rollouts/*.jsonl.gz). Each is
+    written to the output folder under its own name, without .gz (names must differ)."""
     output: str = "runs/rescore"
     """Output folder."""
     data: DataOptions = field(default_factory=DataOptions)
@@ -99,7 +100,7 @@ def run(cfg: RescoreConfig) -> dict[str, Any]:
     """Rescore every input; return the summary (also written to ``DIR/rescore.json``)."""
     if not cfg.inputs:
         raise ValueError("clarify rescore: give the record files to rescore with --inputs")
-    names = [Path(p).name for p in cfg.inputs]
+    names = [Path(p).name.removesuffix(".gz") for p in cfg.inputs]  # a gzipped input is written as plain JSONL
     if len(set(names)) != len(names):
         raise ValueError(f"clarify rescore: inputs must have distinct file names (each is written under its own "
                          f"name in --output), got {names}")
