@@ -135,8 +135,9 @@ PRESETS: dict[str, Preset] = {
         # token caps from measured base-policy turn lengths (docs/demo.md#token-caps): clarifying turns finish under
         # 64 tokens 75-94 % of the time; reasoning turns 1-2 ramble past 160 tokens whatever the cap, so the cheap 40
         # stays (the cut turns' end-of-turn tokens are masked in training; the final answer's letter comes first)
-        # the clarifying cell keeps the teacher it was first measured with (hide_mode drop): the paper-faithful
-        # `correct` baseline; the `clarify` preset holds the cells with the informative teacher and the rubric
+        # the clarifying cell keeps the dropping teacher (hide_mode drop, with the BM25 ranking of 2026-11-30; the
+        # first seed-0 cell used an older ranking and was re-run): the paper-faithful `correct` baseline; the
+        # `clarify` preset holds the cells with the informative (blanking) teacher and the rubric
         experiments=[Experiment("sciq", "reasoning", "standard", "scripted"),
                      Experiment("sciq", "clarifying", "thinking", "retrieval", max_new_tokens=64,
                                 options=["--teacher.hide_mode", "drop"])],
