@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -422,6 +423,16 @@ def write_records(path: str | os.PathLike, records: Iterable[ConversationRecord 
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
     return p
+
+
+def mean_components(records: Iterable[ConversationRecord]) -> dict[str, float]:
+    """The mean of each ``reward_components`` entry over the records that have it (``None`` values left out)."""
+    comps: dict[str, list[float]] = {}
+    for r in records:
+        for k, v in (r.reward_components or {}).items():
+            if v is not None:
+                comps.setdefault(k, []).append(float(v))
+    return {k: statistics.fmean(v) for k, v in sorted(comps.items())}
 
 
 def split_by_task(

@@ -35,7 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from clarify_lit.arguments import dataclass_parser, parse_dataclass
-from clarify_lit.data.records import ConversationRecord, concat_files, load_records, write_records
+from clarify_lit.data.records import (
+    ConversationRecord,
+    concat_files,
+    load_records,
+    mean_components,
+    write_records,
+)
 from clarify_lit.io import atomic_write_text, output_lock
 from clarify_lit.models import DType, FrozenModels, resolve_device
 from clarify_lit.simulate.branches import (
@@ -241,11 +247,6 @@ def merge_shards(out: Path, n_chunks: int) -> Path:
 def summarize(records: list[ConversationRecord], *, timing: dict[str, float], cfg: SimulateConfig,
               n_tasks: int, shards_total: int, shards_resumed: int, extra: dict[str, Any]) -> dict[str, Any]:
     rewards = [r.reward for r in records if not r.meta.get("reward_missing")]
-    comps: dict[str, list[float]] = {}
-    for r in records:
-        for k, v in (r.reward_components or {}).items():
-            if v is not None:
-                comps.setdefault(k, []).append(float(v))
     per_task: dict[str, set[float]] = {}
     for r in records:
         per_task.setdefault(r.task_id, set()).add(r.reward)
@@ -258,7 +259,7 @@ def summarize(records: list[ConversationRecord], *, timing: dict[str, float], cf
         "mean_reward": statistics.fmean(rewards) if rewards else None,
         "std_reward": statistics.pstdev(rewards) if len(rewards) > 1 else None,
         "reward_missing": sum(bool(r.meta.get("reward_missing")) for r in records),
-        "components_mean": {k: statistics.fmean(v) for k, v in sorted(comps.items())},
+        "components_mean": mean_components(records),
         "parse_failures": sum(r.prediction is None for r in records),
         "hedged": sum(is_hedge(r.messages[-1]["content"]) for r in records),
         "accuracy": statistics.fmean(float(r.prediction == r.gold) for r in records) if records else None,

@@ -29,7 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from clarify_lit.arguments import dataclass_parser, parse_dataclass
-from clarify_lit.data.records import ConversationRecord, RecordError, load_records, write_records
+from clarify_lit.data.records import (
+    ConversationRecord,
+    RecordError,
+    load_records,
+    mean_components,
+    write_records,
+)
 from clarify_lit.io import atomic_write_text, output_lock
 from clarify_lit.models import DType, FrozenModels, resolve_device
 from clarify_lit.simulate.options import DataOptions, RewardOptions, build_reward, load_data_tasks
@@ -87,15 +93,6 @@ def _reward_stats(records: list[ConversationRecord]) -> dict[str, Any]:
             "questions_with_reward_variance": sum(len(v) > 1 for v in per_task.values())}
 
 
-def _components_mean(records: list[ConversationRecord]) -> dict[str, float]:
-    comps: dict[str, list[float]] = {}
-    for r in records:
-        for k, v in (r.reward_components or {}).items():
-            if v is not None:
-                comps.setdefault(k, []).append(float(v))
-    return {k: statistics.fmean(v) for k, v in sorted(comps.items())}
-
-
 def run(cfg: RescoreConfig) -> dict[str, Any]:
     """Rescore every input; return the summary (also written to ``DIR/rescore.json``)."""
     if not cfg.inputs:
@@ -143,7 +140,7 @@ def run(cfg: RescoreConfig) -> dict[str, Any]:
                 r.reward, r.reward_components = float(res.value), dict(res.components)
             write_records(out / name, records)
             summary["files"][name] = {"input": str(path), "records": len(records), "before": before,
-                                      "after": _reward_stats(records), "components_mean": _components_mean(records)}
+                                      "after": _reward_stats(records), "components_mean": mean_components(records)}
             log.info("%s: %d records, mean reward %.4f -> %.4f", name, len(records), before["mean_reward"],
                      summary["files"][name]["after"]["mean_reward"])
         atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")

@@ -35,7 +35,8 @@ Version 1 of ``concise`` (any turn under the word limit) was such a term: on the
 logged conversation, and a constant "The answer is A." every turn earned 0.28 on the clarifying test questions,
 more than any trained policy (README, "Learning to clarify"). Now a constant committed letter earns exactly
 ``w_correct · accuracy / Σw`` (its base rate), a constant template is credited once (repeats earn nothing), and
-the hedges, echoes, empty replies and questions earn 0 (tests/test_rubric.py).
+the hedges, echoes, empty replies and questions earn 0 (tests/test_rubric.py). Every component (and ``committed``,
+``hedged``) is logged in ``reward_components``.
 
 Worked example (default weights correct 0.4, asks_one 0.2, thinking 0.2, concise 0.2): a conversation that asks
 one question about option B, uses thinking tags in 1 of the 2 turns that asked for them, keeps 3 of 3 turns short
