@@ -435,6 +435,14 @@ def mean_components(records: Iterable[ConversationRecord]) -> dict[str, float]:
     return {k: statistics.fmean(v) for k, v in sorted(comps.items())}
 
 
+def questions_with_reward_variance(records: Iterable[ConversationRecord]) -> int:
+    """How many questions (``task_id``) have runs whose rewards differ: the ones Swift and DPO can learn from."""
+    per_task: dict[str, set[float]] = {}
+    for r in records:
+        per_task.setdefault(r.task_id, set()).add(r.reward)
+    return sum(len(v) > 1 for v in per_task.values())
+
+
 def split_by_task(
     records: Sequence[ConversationRecord], val_fraction: float, seed: int = 0
 ) -> tuple[list[ConversationRecord], list[ConversationRecord]]:

@@ -40,6 +40,7 @@ from clarify_lit.data.records import (
     concat_files,
     load_records,
     mean_components,
+    questions_with_reward_variance,
     write_records,
 )
 from clarify_lit.io import atomic_write_text, output_lock
@@ -247,9 +248,6 @@ def merge_shards(out: Path, n_chunks: int) -> Path:
 def summarize(records: list[ConversationRecord], *, timing: dict[str, float], cfg: SimulateConfig,
               n_tasks: int, shards_total: int, shards_resumed: int, extra: dict[str, Any]) -> dict[str, Any]:
     rewards = [r.reward for r in records if not r.meta.get("reward_missing")]
-    per_task: dict[str, set[float]] = {}
-    for r in records:
-        per_task.setdefault(r.task_id, set()).add(r.reward)
     cut_turns = sum(r.truncated_turns()[0] for r in records)
     return {
         "tasks": n_tasks,
@@ -265,7 +263,7 @@ def summarize(records: list[ConversationRecord], *, timing: dict[str, float], cf
         "accuracy": statistics.fmean(float(r.prediction == r.gold) for r in records) if records else None,
         "thinking_rate": statistics.fmean(float(uses_thinking_tags(r.messages[-1]["content"])) for r in records)
         if records else None,
-        "tasks_with_reward_variance": sum(len(v) > 1 for v in per_task.values()),
+        "tasks_with_reward_variance": questions_with_reward_variance(records),
         "empty_turns": sum(int(r.meta.get("empty_turns", 0)) for r in records),
         "truncated_turns": cut_turns,
         "truncated_rate": cut_turns / max(1, sum(m["role"] == "assistant" for r in records for m in r.messages)),

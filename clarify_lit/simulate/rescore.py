@@ -34,6 +34,7 @@ from clarify_lit.data.records import (
     RecordError,
     load_records,
     mean_components,
+    questions_with_reward_variance,
     write_records,
 )
 from clarify_lit.io import atomic_write_text, output_lock
@@ -84,13 +85,10 @@ def _line(r: ConversationRecord) -> str:
 
 def _reward_stats(records: list[ConversationRecord]) -> dict[str, Any]:
     rewards = [r.reward for r in records]
-    per_task: dict[str, set[float]] = {}
-    for r in records:
-        per_task.setdefault(r.task_id, set()).add(r.reward)
     return {"mean_reward": statistics.fmean(rewards),
             "se_reward": statistics.stdev(rewards) / math.sqrt(len(rewards)) if len(rewards) > 1 else None,
-            "questions": len(per_task),
-            "questions_with_reward_variance": sum(len(v) > 1 for v in per_task.values())}
+            "questions": len({r.task_id for r in records}),
+            "questions_with_reward_variance": questions_with_reward_variance(records)}
 
 
 def run(cfg: RescoreConfig) -> dict[str, Any]:
