@@ -53,6 +53,11 @@ class Experiment:
     reward: str | None = None
     options: list[str] = field(default_factory=list)
     tag: str = ""
+    # flags for the cell's simulate command only (how the logged data is made, e.g. seeded exploration); never
+    # passed to evaluate, which always rolls the policy out unaided
+    sim_options: list[str] = field(default_factory=list)
+    # the cell's runs per question (None: the preset's temperatures)
+    temperatures: list[float] | None = None
 
     @property
     def name(self) -> str:
@@ -123,6 +128,12 @@ class Preset:
         return "StepDPO" in self.objectives
 
 
+# seeded exploration of the `clarify` preset's rubric-explore cell: runs 1 and 3 of [0.3, 0.7, 1.0, 0.7] are seeded
+EXPLORE_TEMPERATURES = [0.3, 0.7, 1.0, 0.7]
+# (turn 1 only: seeding turn 2 with "<thinking>" was probed on 8 questions and the 135M model closed the tag in 0 of
+# 8 replies, writing filler that cost the seeded runs their `concise` credit, i.e. the reward of asking)
+EXPLORE_OPTIONS = ["--explore_runs", "[1, 3]", "--explore_prefixes", json.dumps({1: "What does option {letter}"})]
+
 PRESETS: dict[str, Preset] = {
     "demo": Preset(
         name="demo", model="embedded:smollm2-135m-instruct",
@@ -152,13 +163,18 @@ PRESETS: dict[str, Preset] = {
     # issue "Learning to clarify": the clarifying cell with the three levers — the teacher that blanks the gold text
     # (worth asking), and the reward: 0/1 correctness, the offline rubric, and the rubric with the dense gold-answer
     # probability in place of correctness (so Swift has variance on most questions). Same split and rows as
-    # `reproduce`; about 3x its clarifying cell's time on this CPU.
+    # `reproduce`; about 3x its clarifying cell's time on this CPU. The fourth cell, rubric-explore, adds seeded
+    # exploration to the rubric cell's logging policy (docs/simulate.md#seeded-exploration): a fourth run per
+    # question, and runs 1 and 3 start turn 1 with "What does option X", because the 135M model alone asks one
+    # question in 2 % of turn-1 replies (nothing to reweight).
     "clarify": Preset(
         name="clarify", model="embedded:smollm2-135m-instruct",
         experiments=[Experiment("sciq", "clarifying", "thinking", "retrieval", max_new_tokens=64, reward=r,
-                                options=["--teacher.hide_mode", "blank", *o], tag=tag)
-                     for r, o, tag in (("correct", [], "correct"), ("rubric", [], "rubric"),
-                                       ("rubric", ["--reward.rubric_accuracy", "gold_prob"], "rubric-dense"))],
+                                options=["--teacher.hide_mode", "blank", *o], tag=tag, sim_options=so,
+                                temperatures=EXPLORE_TEMPERATURES if so else None)
+                     for r, o, tag, so in (("correct", [], "correct", []), ("rubric", [], "rubric", []),
+                                           ("rubric", ["--reward.rubric_accuracy", "gold_prob"], "rubric-dense", []),
+                                           ("rubric", [], "rubric-explore", EXPLORE_OPTIONS))],
         n_train=32, n_test=100, seeds=[0, 1], split_seed=0, max_new_tokens=64, eval_max_new_tokens=64, epochs=1,
         sim_batch_size=32, sim_chunk_size=32, eval_batch_size=50, objectives=list(OBJECTIVES),
         label_overrides={"STaR-GATE-D": ["--model.learning_rate", "2.0e-4"]},
@@ -188,12 +204,12 @@ def simulate_args(p: Preset, e: Experiment, seed: int, part: str, out: Path) -> 
     return ["simulate", "--model", p.model, "--data.dataset", e.dataset, "--data.part", part,
             "--data.n_train", str(p.n_train), "--data.n_test", str(p.n_test), "--data.seed", str(split_seed(p, seed)),
             "--setting", e.setting, "--mode", e.mode, "--n_turns", "3", "--teacher.kind", e.teacher,
-            "--reward.kind", e.reward or p.reward, *e.options, "--temperatures", json.dumps(p.temperatures),
-            "--max_new_tokens", str(e.max_new_tokens or p.max_new_tokens), "--batch_size", str(p.sim_batch_size),
+            "--reward.kind", e.reward or p.reward, *e.options,
+            "--temperatures", json.dumps(e.temperatures or p.temperatures), "--max_new_tokens", str(e.max_new_tokens or p.max_new_tokens), "--batch_size", str(p.sim_batch_size),
             "--chunk_size", str(p.sim_chunk_size), "--dtype", p.gen_dtype, "--seed", str(seed), "--output", str(out),
             "--resume", "true", "--mix_temperatures", str(p.mix_temperatures).lower(),
             "--reuse_kv_cache", str(p.reuse_kv_cache).lower(),
-            *(["--step_branches", "true"] if p.step_branches and part == "train" else [])]
+            *(["--step_branches", "true"] if p.step_branches and part == "train" else []), *e.sim_options]
 
 
 def fit_args(p: Preset, records: Path | list[Path], objective: str, seed: int, root: Path,
@@ -264,9 +280,10 @@ def iterate_args(p: Preset, e: Experiment, seed: int, rounds: int, out: Path) ->
             "--data.dataset", e.dataset, "--data.n_train", str(p.n_train), "--data.n_test", str(p.n_test),
             "--data.seed", str(seed), "--setting", e.setting, "--mode", e.mode, "--n_turns", "3",
             "--teacher.kind", e.teacher, "--reward.kind", e.reward or p.reward, *e.options,
-            "--temperatures", json.dumps(p.temperatures),
+            "--temperatures", json.dumps(e.temperatures or p.temperatures),
             "--max_new_tokens", str(e.max_new_tokens or p.max_new_tokens), "--batch_size", str(p.sim_batch_size),
-            "--simulate_args", json.dumps(["--chunk_size", str(p.sim_chunk_size)]), "--dtype", p.gen_dtype,
+            "--simulate_args", json.dumps(["--chunk_size", str(p.sim_chunk_size), *e.sim_options]),
+            "--dtype", p.gen_dtype,
             "--seed", str(seed)]
 
 

@@ -80,7 +80,10 @@ def branch_rollouts(
         temps = {p.temperature if temperature is None else float(temperature) for p in group}
         for temp in sorted(temps):  # one temperature per call (a run has one temperature unless records were mixed)
             members = [p for p in group if (p.temperature if temperature is None else float(temperature)) == temp]
-            call = replace(spec, temperatures=[temp], seed=derive_seed(spec.seed, "step", step, "run", run))
+            # branches continue logged prefixes: never seeded (a seeded parent's branch at its seeded turn is the
+            # model's own reply, the contrast StepDPO learns from)
+            call = replace(spec, temperatures=[temp], seed=derive_seed(spec.seed, "step", step, "run", run),
+                           explore_runs=[], explore_prefixes={})
             out = rollout_tasks(model, tokenizer, [by_id[p.task_id] for p in members], call,
                                 prefixes=[branch_prefix(p.messages, step) for p in members], start_turn=step,
                                 **rollout_kw)

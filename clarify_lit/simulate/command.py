@@ -69,7 +69,13 @@ from clarify_lit.simulate.options import (
 )
 from clarify_lit.simulate.parsing import is_hedge, uses_thinking_tags
 from clarify_lit.simulate.prompts import Mode, Setting
-from clarify_lit.simulate.rollout import DEFAULT_TEMPERATURES, RolloutSpec, check_discount, rollout_tasks
+from clarify_lit.simulate.rollout import (
+    DEFAULT_TEMPERATURES,
+    RolloutSpec,
+    check_discount,
+    check_explore,
+    rollout_tasks,
+)
 
 log = logging.getLogger("clarify.simulate")
 
@@ -129,6 +135,13 @@ class SimulateConfig:
     """Runs (indices into temperatures) whose conversations are branched (None: all)."""
     branch_temperature: float | None = None
     """Temperature of the branches (None: each parent run's own temperature)."""
+    explore_runs: list[int] | None = None
+    """Seeded exploration (docs/simulate.md): runs (indices into temperatures) whose replies are forced to begin
+    with explore_prefixes — a logging policy that asks where the model alone rarely does. None: off."""
+    explore_prefixes: dict[int, str] | None = None
+    """Assistant turn → forced start of a seeded run's reply ({letter}: an option letter drawn per conversation),
+    e.g. {1: "What does option {letter}", 2: "<thinking>"}. Logged as part of the reply (trained on); recorded in
+    the record's meta.explore_prefixes. Evaluation and StepDPO branches never seed."""
     output: str = "runs/simulate"
     """Output folder."""
     resume: bool = False
@@ -143,7 +156,8 @@ class SimulateConfig:
                            temperatures=list(self.temperatures), max_new_tokens=self.max_new_tokens,
                            batch_size=self.batch_size, seed=seed, adaptive=self.adaptive, discount=self.discount,
                            reuse_kv_cache=self.reuse_kv_cache, share_prefix=self.share_prefix,
-                           attention=self.attention)
+                           attention=self.attention, explore_runs=list(self.explore_runs or []),
+                           explore_prefixes={int(k): v for k, v in (self.explore_prefixes or {}).items()})
 
 
 # fields that may differ between an interrupted run and its resumption
@@ -188,6 +202,9 @@ def run_fingerprint(cfg: SimulateConfig, task_ids: list[str]) -> dict[str, Any]:
     if cfg.reward.kind != "rubric":
         for k in ("rubric_weights", "rubric_accuracy", "word_limit", "min_words"):
             conf["reward"].pop(k)
+    if not cfg.explore_runs and not cfg.explore_prefixes:  # off: as before the option
+        conf.pop("explore_runs")
+        conf.pop("explore_prefixes")
     for k in ("step_branches", "branch_runs", "branch_temperature"):
         conf.pop(k)  # branches never change the logged records; their options are checked by check_branch_config
     return {"config": conf, "task_ids": task_ids}
@@ -212,8 +229,9 @@ def prepare_output(cfg: SimulateConfig, fingerprint: dict[str, Any]) -> tuple[Pa
                               "finish it or --overwrite true to start again")
     if cfg.resume and cfg_file.exists():
         old = json.loads(cfg_file.read_text(encoding="utf-8"))
-        if old != json.loads(json.dumps(fingerprint)):
-            diff = _diff_keys(old.get("config", {}), fingerprint["config"])
+        new = json.loads(json.dumps(fingerprint))  # as written: JSON keys are strings
+        if old != new:
+            diff = _diff_keys(old.get("config", {}), new["config"])
             if old.get("task_ids") != fingerprint["task_ids"]:
                 diff.append("task_ids")
             raise ValueError(f"--resume: {out} was produced by a different configuration (differs in: "
@@ -265,6 +283,7 @@ def summarize(records: list[ConversationRecord], *, timing: dict[str, float], cf
         if records else None,
         "tasks_with_reward_variance": questions_with_reward_variance(records),
         "empty_turns": sum(int(r.meta.get("empty_turns", 0)) for r in records),
+        **({"explore_seeded": sum("explore_prefixes" in r.meta for r in records)} if cfg.explore_runs else {}),
         "truncated_turns": cut_turns,
         "truncated_rate": cut_turns / max(1, sum(m["role"] == "assistant" for r in records for m in r.messages)),
         **({"mean_turns_used": statistics.fmean(sum(m["role"] == "assistant" for m in r.messages) for r in records),
@@ -296,6 +315,10 @@ def _run(cfg: SimulateConfig) -> dict[str, Any]:
     if not cfg.temperatures or any(t < 0 or not math.isfinite(t) for t in cfg.temperatures):
         raise ValueError(f"temperatures must be a non-empty list of finite numbers >= 0, got {cfg.temperatures}")
     check_discount(cfg.discount)
+    check_explore(cfg.rollout_spec(cfg.seed))  # before loading any model
+    if cfg.explore_runs and cfg.policy_endpoint.base_url:
+        raise ValueError("explore_runs with policy_endpoint: a chat-completions endpoint cannot be made to continue "
+                         "a forced start of the assistant's reply; seed a local policy")
     if cfg.discount != 1.0 and not cfg.adaptive:
         log.warning("discount=%g without adaptive: every conversation has n_turns turns, so the discount only "
                     "rescales all rewards by the same factor", cfg.discount)

@@ -34,8 +34,12 @@ class EndpointPolicyEngine:
         self.stats = GenerationStats()
 
     def generate(self, conversations: Sequence[Sequence[Message]], temperatures: float | Sequence[float], *,
-                 seed: int, max_new_tokens: int | None = None) -> list[Generation]:
+                 seed: int, max_new_tokens: int | None = None,
+                 assistant_prefixes: Sequence[str] | None = None) -> list[Generation]:
         """The next assistant turn of every conversation, in input order (one request each, per temperature)."""
+        if assistant_prefixes is not None and any(assistant_prefixes):
+            raise NotImplementedError("seeded exploration (forced reply starts) needs a local policy: a "
+                                      "chat-completions endpoint cannot continue a forced assistant prefix")
         temperatures = row_temperatures(len(conversations), temperatures)
         max_new = max_new_tokens or self.max_new_tokens
         results: list[Generation | None] = [None] * len(conversations)

@@ -424,25 +424,32 @@ class GenerationEngine:
 
     def generate(self, conversations: Sequence[Sequence[Message]], temperatures: float | Sequence[float], *,
                  seed: int, max_new_tokens: int | None = None, session: TurnCache | None = None,
-                 keys: Sequence | None = None) -> list[Generation]:
+                 keys: Sequence | None = None, assistant_prefixes: Sequence[str] | None = None) -> list[Generation]:
         """The next assistant turn of every conversation, in input order. With ``session`` (and one stable ``key``
         per conversation), the KV caches of the previous turn's batches are continued instead of re-encoding the
-        whole conversation (see :class:`TurnCache`)."""
+        whole conversation (see :class:`TurnCache`). ``assistant_prefixes`` (one per conversation, "" = none) force
+        the start of a reply (seeded exploration): the returned text begins with it, the token budget counts only
+        the generated tokens."""
         temperatures = row_temperatures(len(conversations), temperatures)
         if not conversations:
             return []
-        prompts = [self.encode(c) for c in conversations]
+        forced = list(assistant_prefixes) if assistant_prefixes is not None else [""] * len(conversations)
+        if len(forced) != len(conversations):
+            raise ValueError(f"{len(forced)} assistant prefixes for {len(conversations)} conversations")
+        prompts = [self.encode(c, assistant_prefix=f) for c, f in zip(conversations, forced, strict=True)]
         return self.generate_ids(prompts, temperatures, seed=seed, max_new_tokens=max_new_tokens, session=session,
-                                 keys=keys)
+                                 keys=keys, text_prefixes=forced)
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], temperatures: Sequence[float], *, seed: int,
                      max_new_tokens: int | None = None, session: TurnCache | None = None,
-                     keys: Sequence | None = None) -> list[Generation]:
-        """Like :meth:`generate` for already-encoded prompts."""
+                     keys: Sequence | None = None, text_prefixes: Sequence[str] | None = None) -> list[Generation]:
+        """Like :meth:`generate` for already-encoded prompts; ``text_prefixes`` (the forced starts already encoded at
+        the end of the prompts) are put back in front of the decoded replies."""
         from transformers import LogitsProcessorList
 
         if session is not None and (keys is None or len(keys) != len(prompts) or len(set(keys)) != len(keys)):
             raise ValueError("generate(session=...) needs one distinct key per conversation")
+        text_prefixes = list(text_prefixes) if text_prefixes is not None else [""] * len(prompts)
         max_new = max_new_tokens or self.max_new_tokens
         results: list[Generation | None] = [None] * len(prompts)
         device = model_device(self.model)
@@ -482,7 +489,7 @@ class GenerationEngine:
                 seqs = out.sequences if session is not None else out
                 new = seqs[:, ids.shape[1]:].tolist()
                 for i, toks in zip(rows, new, strict=True):
-                    results[i] = self._decode(toks, max_new)
+                    results[i] = self._decode(toks, max_new, text_prefixes[i])
                 if session is not None:
                     kept.append(self._cached_batch([keys[i] for i in rows], seqs, mask, new, out.cache))
                 self.stats.calls += 1
@@ -587,11 +594,12 @@ class GenerationEngine:
         tokens = [seqs[r][full[r].bool()].tolist() for r in range(len(new))]
         return _CachedBatch(keys=list(keys), ids=seqs, mask=full, tokens=tokens, cache=cache)
 
-    def _decode(self, toks: list[int], max_new: int) -> Generation:
-        """Cut at the first end-of-turn token and decode without special tokens."""
+    def _decode(self, toks: list[int], max_new: int, prefix: str = "") -> Generation:
+        """Cut at the first end-of-turn token and decode without special tokens (after a forced ``prefix``, whose
+        continuation keeps its leading space: "What does option C" + " mean?")."""
         end = next((k for k, t in enumerate(toks) if t in self.end_ids), None)
         body = toks if end is None else toks[:end]
-        text = self.tokenizer.decode(body, skip_special_tokens=True).strip()
+        text = (prefix + self.tokenizer.decode(body, skip_special_tokens=True)).strip()
         n = len(toks) if end is None else end + 1
         return Generation(text=text, n_tokens=n, truncated=end is None and len(toks) >= max_new)
 

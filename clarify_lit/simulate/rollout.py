@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
+import random
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -67,6 +69,12 @@ class RolloutSpec:
     """Attention kernel while generating: model (as loaded: SDPA), sdpa, eager, or gqa (SDPA for prompts, two
     matmuls over the key/value heads for each decode step). eager and gqa decode faster on CPU at long contexts, but
     greedy text may differ from SDPA's where two tokens nearly tie (docs/simulate.md, Throughput)."""
+    explore_runs: list[int] = field(default_factory=list)
+    """Seeded exploration: the runs (indices into ``temperatures``) whose replies start with ``explore_prefixes``
+    (none: off). Only fresh conversations are seeded, never continued ones (StepDPO branches) or evaluations."""
+    explore_prefixes: dict[int, str] = field(default_factory=dict)
+    """Assistant turn → the text a seeded run's reply is forced to begin with; ``{letter}`` is an option letter drawn
+    per conversation (e.g. ``{1: "What does option {letter}", 2: "<thinking>"}``). Part of the logged reply."""
 
 
 def check_tasks(tasks: Sequence[QATask]) -> None:
@@ -95,6 +103,33 @@ def check_prefixes(prefixes: Sequence[Sequence[dict[str, str]]], tasks: Sequence
         if roles != want:
             raise ValueError(f"task {task.task_id}: a prefix continued at turn {start_turn} must have roles {want}, "
                              f"got {roles}")
+
+
+def check_explore(spec: RolloutSpec) -> None:
+    """Seeded exploration's options name existing runs and turns, and templates use only ``{letter}``."""
+    if not spec.explore_runs:
+        if spec.explore_prefixes:
+            raise ValueError("explore_prefixes without explore_runs seeds nothing; name the runs to seed "
+                             "(indices into temperatures)")
+        return
+    bad = [r for r in spec.explore_runs if not 0 <= r < len(spec.temperatures)]
+    if bad:
+        raise ValueError(f"explore_runs {bad} are not runs: indices into temperatures go 0..{len(spec.temperatures) - 1}")
+    if not spec.explore_prefixes:
+        raise ValueError("explore_runs needs explore_prefixes (assistant turn → forced start of the reply)")
+    for turn, template in spec.explore_prefixes.items():
+        if not 1 <= int(turn) <= spec.n_turns:
+            raise ValueError(f"explore_prefixes turn {turn} is not an assistant turn (1..{spec.n_turns})")
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        if fields - {"letter"} or not template.strip():
+            raise ValueError(f"explore_prefixes[{turn}] = {template!r}: a non-empty text whose only placeholder "
+                             "is {letter}")
+
+
+def explore_letter(task: QATask, run: int, seed: int) -> str:
+    """The option a seeded conversation asks about: drawn per (question, run, rollout seed), uniform over the
+    question's letters, independent of the gold letter."""
+    return random.Random(derive_seed(seed, "explore", task.task_id, run)).choice(LETTERS[:len(task.choices)])
 
 
 def check_discount(discount: float) -> None:
@@ -154,6 +189,7 @@ def rollout_tasks(
     max_new_tokens, seed, adaptive, discount = spec.max_new_tokens, spec.seed, spec.adaptive, spec.discount
     prompts.check_setting(setting, mode, n_turns)
     check_discount(discount)
+    check_explore(spec)
     check_tasks(tasks)
     if not temperatures:
         raise ValueError("temperatures must name at least one run per task")
@@ -178,6 +214,10 @@ def rollout_tasks(
         convs = [[dict(m) for m in prefixes[i // len(temperatures)]] for i in range(len(rows))]
     elif start_turn != 1:
         raise ValueError(f"start_turn={start_turn} needs prefixes (the conversations to continue)")
+    # seeded exploration: the forced start of each seeded run's reply, per turn (fresh conversations only)
+    seeded = {i: {int(t): tpl.format(letter=explore_letter(task, run, seed))
+                  for t, tpl in spec.explore_prefixes.items()}
+              for i, (task, run, _) in enumerate(rows) if prefixes is None and run in set(spec.explore_runs)}
     empty = [0] * len(rows)
     truncated: list[list[int]] = [[] for _ in rows]  # per row: the assistant-turn numbers cut by the limit
     ended_early = [False] * len(rows)
@@ -205,9 +245,11 @@ def rollout_tasks(
                 if teacher_speaks:
                     convs[i].append({"role": "user", "content": prompts.teacher_message(
                         rows[i][0], setting, mode, n_turns, turn, reply=replies.get(i), adaptive=adaptive)})
+            forced = [seeded.get(i, {}).get(turn, "") for i in active]
             gens = engine.generate([convs[i] for i in active], [row_temps[i] for i in active],
                                    seed=derive_seed(seed, "turn", turn), max_new_tokens=max_new_tokens,
-                                   **({"session": session, "keys": active} if session is not None else {}))
+                                   **({"session": session, "keys": active} if session is not None else {}),
+                                   **({"assistant_prefixes": forced} if any(forced) else {}))
             going = []
             for i, g in zip(active, gens, strict=True):
                 text = g.text
@@ -263,6 +305,7 @@ def rollout_tasks(
                 "reward_missing": res.value is None,
                 **({"adaptive": adaptive, "turns_used": turns_used, "ended_early": ended_early[i],
                     "discount": discount} if length_meta else {}),
+                **({"explore_prefixes": seeded[i]} if i in seeded else {}),
             },
         ))
     n_missing = sum(r.meta["reward_missing"] for r in records)
