@@ -150,3 +150,22 @@ def test_fingerprint_without_exploration_is_unchanged():
     cfg = parse_config(["--config", str(ROOT / "configs" / "simulate" / "tiny-clarifying.yaml")])
     conf = run_fingerprint(cfg, ["a"])["config"]
     assert "explore_runs" not in conf and "explore_prefixes" not in conf
+
+
+def test_clarify_preset_seeds_only_the_explore_cells_simulation(tmp_path):
+    from clarify_lit.demo import PRESETS, evaluate_args, iterate_args, rollout_eval_args, simulate_args
+    from clarify_lit.simulate.command import parse_config
+
+    p = PRESETS["clarify"]
+    cells = {e.tag: e for e in p.experiments}
+    explore, plain = cells["rubric-explore"], cells["rubric"]
+    sim = parse_config(simulate_args(p, explore, 0, "train", tmp_path)[1:])
+    assert sim.explore_runs == [1, 3] and sim.temperatures == [0.3, 0.7, 1.0, 0.7]
+    assert {int(k): v for k, v in sim.explore_prefixes.items()} == {1: "What does option {letter}"}
+    assert parse_config(simulate_args(p, plain, 0, "train", tmp_path)[1:]).explore_runs is None
+    # the trained policy is evaluated unaided: no exploration flag reaches evaluation or the rollout callback
+    for args in (evaluate_args(p, explore, 0, "Refit", tmp_path, tmp_path / "export"), rollout_eval_args(p, explore, 0)):
+        assert not any("explore" in a for a in args)
+    # clarify iterate logs each round's data the same way (its simulate args carry the seeding)
+    it = iterate_args(p, explore, 0, 2, tmp_path)
+    assert "--explore_runs" in json.loads(it[it.index("--simulate_args") + 1])
