@@ -3,54 +3,45 @@ rubric (issue 15 part 2/3). Usage: clarify_coverage.py conversations.jsonl[.gz] 
 
 With seeded exploration (records carrying meta.explore_prefixes) the per-turn rates are also given for the seeded
 and the unseeded runs apart (`by_runs`)."""
-import gzip
 import json
 import sys
 from collections import defaultdict
 
-from clarify_lit.data.records import ConversationRecord
+from clarify_lit.data.records import ConversationRecord, load_records
 from clarify_lit.data.tasks import QATask
 from clarify_lit.evaluate.metrics import choices_from_messages
 from clarify_lit.simulate.parsing import analyze_answer, uses_thinking_tags
 from clarify_lit.simulate.rubric import RubricReward, asks_one_question
 
 
-def choices(r: dict) -> list[str]:
-    return choices_from_messages(ConversationRecord(**{k: r[k] for k in ("id", "task_id", "messages", "reward")}))
-
-
-def per_turn(recs: list[dict]) -> list[dict]:
+def per_turn(recs: list[ConversationRecord]) -> list[dict]:
     n, rows = len(recs), []
-    ch = [choices(r) for r in recs]
+    ch = [choices_from_messages(r) for r in recs]
     for t in range(3):
-        turns = [[m["content"] for m in r["messages"] if m["role"] == "assistant"][t] for r in recs]
+        turns = [[m["content"] for m in r.messages if m["role"] == "assistant"][t] for r in recs]
         rows.append({
             "turn": t + 1, "question_rate": sum("?" in x for x in turns) / n,
             "one_question_about_one_option": sum(asks_one_question(x, c) for x, c in zip(turns, ch)) / n,
             "thinking_tags": sum(uses_thinking_tags(x) for x in turns) / n,
             "answer_format": sum(analyze_answer(x, c).letter is not None for x, c in zip(turns, ch)) / n,
-            "truncated": sum((t + 1) in (r["meta"].get("truncated_turns") or []) for r in recs) / n})
+            "truncated": sum((t + 1) in (r.meta.get("truncated_turns") or []) for r in recs) / n})
     return rows
 
 
-recs = []
-for path in sys.argv[1:]:
-    op = gzip.open if path.endswith(".gz") else open
-    with op(path, "rt") as f:
-        recs += [json.loads(line) for line in f if line.strip()]
+recs = [r for path in sys.argv[1:] for r in load_records(path)[0]]  # plain or .gz; validated
 n = len(recs)
-out = {"conversations": n, "questions": len({r["task_id"] for r in recs}), "per_turn": per_turn(recs)}
-seeded = [r for r in recs if "explore_prefixes" in r["meta"]]
+out = {"conversations": n, "questions": len({r.task_id for r in recs}), "per_turn": per_turn(recs)}
+seeded = [r for r in recs if "explore_prefixes" in r.meta]
 if seeded:
-    plain = [r for r in recs if "explore_prefixes" not in r["meta"]]
+    plain = [r for r in recs if "explore_prefixes" not in r.meta]
     out["by_runs"] = {"seeded": {"conversations": len(seeded), "per_turn": per_turn(seeded)},
                       "unseeded": {"conversations": len(plain), "per_turn": per_turn(plain)}}
 rub = RubricReward()
 by_task = defaultdict(list)
 for r in recs:
-    task = QATask(r["task_id"], r.get("dataset", ""), "", choices(r), r["gold"])
-    by_task[r["task_id"]].append((r["reward_components"].get("correct", r["reward"]),
-                                  rub.score([task], [r["messages"]])[0].value, "explore_prefixes" in r["meta"]))
+    task = QATask(r.task_id, r.dataset or "", "", choices_from_messages(r), r.gold)
+    by_task[r.task_id].append(((r.reward_components or {}).get("correct", r.reward),
+                               rub.score([task], [r.messages])[0].value, "explore_prefixes" in r.meta))
 out["questions_with_reward_variance"] = {
     "correct": sum(len({a for a, _, _ in v}) > 1 for v in by_task.values()) / len(by_task),
     "rubric": sum(len({round(b, 6) for _, b, _ in v}) > 1 for v in by_task.values()) / len(by_task)}

@@ -215,9 +215,10 @@ def rollout_tasks(
     elif start_turn != 1:
         raise ValueError(f"start_turn={start_turn} needs prefixes (the conversations to continue)")
     # seeded exploration: the forced start of each seeded run's reply, per turn (fresh conversations only)
+    explore_runs = set(spec.explore_runs) if prefixes is None else set()
     seeded = {i: {int(t): tpl.format(letter=explore_letter(task, run, seed))
                   for t, tpl in spec.explore_prefixes.items()}
-              for i, (task, run, _) in enumerate(rows) if prefixes is None and run in set(spec.explore_runs)}
+              for i, (task, run, _) in enumerate(rows) if run in explore_runs}
     empty = [0] * len(rows)
     truncated: list[list[int]] = [[] for _ in rows]  # per row: the assistant-turn numbers cut by the limit
     ended_early = [False] * len(rows)
