@@ -91,8 +91,8 @@ def load_eval_tasks(data: DataOptions | None = None, n_questions: int | None = N
 
 
 def build_teacher_and_reward(teacher: TeacherOptions | None, reward: RewardOptions | None, *, base_model: str | None,
-                             setting: Setting, device: torch.device | str, batch_size: int = 8
-                             ) -> tuple[Teacher, Reward]:
+                             setting: Setting, device: torch.device | str, batch_size: int = 8,
+                             mode: Mode = "thinking") -> tuple[Teacher, Reward]:
     """The teacher and reward objects, built exactly as ``clarify simulate`` builds them from the same options.
 
     ``base_model`` (the policy's *base*, never the trained weights) is the default teacher/judge model, so every
@@ -101,8 +101,8 @@ def build_teacher_and_reward(teacher: TeacherOptions | None, reward: RewardOptio
     """
     models = FrozenModels(device)
     policy = base_model or ""
-    return (build_teacher(teacher, setting=setting, policy=policy, models=models, batch_size=batch_size),
-            build_reward(reward, policy=policy, models=models, batch_size=batch_size))
+    return (build_teacher(teacher, setting=setting, policy=policy, models=models, batch_size=batch_size, mode=mode),
+            build_reward(reward, policy=policy, models=models, batch_size=batch_size, mode=mode))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -342,7 +342,8 @@ class RolloutEvaluation(Callback):
         if self._teacher is None or self._reward is None:
             self._teacher, self._reward = build_teacher_and_reward(
                 self.teacher_options, self.reward_options, base_model=_hparam(pl_module, "model_name_or_path"),
-                setting=self.spec.setting, device=pl_module.device, batch_size=self.spec.batch_size)
+                setting=self.spec.setting, device=pl_module.device, batch_size=self.spec.batch_size,
+                mode=self.spec.mode)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # not on_fit_start: a resumed fit's global_step is restored only after it (a resume is never step 0)

@@ -184,7 +184,8 @@ def _evaluate(model, ckpt_path, export_dir, method, out: Path, data, n_questions
     policy, tokenizer, info = load_policy(model, ckpt_path, export_dir, dtype, merge_lora)
     policy = policy.to(dev).eval()
     teacher_obj, reward_obj = build_teacher_and_reward(teacher, reward, base_model=info["base_model"],
-                                                       setting=setting, device=dev, batch_size=batch_size)
+                                                       setting=setting, device=dev, batch_size=batch_size,
+                                                       mode=mode)
     spec = RolloutSpec(setting=setting, mode=mode, n_turns=n_turns, temperatures=list(temperatures or [0.0]),
                        max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, adaptive=adaptive,
                        discount=discount, reuse_kv_cache=reuse_kv_cache, share_prefix=share_prefix,

@@ -27,6 +27,7 @@ from torchmetrics import Metric
 
 from clarify_lit.data.records import ConversationRecord, RecordError
 from clarify_lit.simulate import parsing
+from clarify_lit.simulate.open_answer import asks_one_question, grade_open_answer
 from clarify_lit.simulate.prompts import JUDGE_METRIC_NAMES, judge_key
 
 # The six scores of the paper's LLM judge by metric name (Table columns), overall first; the vocabulary (keys,
@@ -51,6 +52,9 @@ BASE_STATS = (
     "token_turns", "tokens",  # assistant turns whose tokens were counted, and their token total
     "first_turns",       # clarifying-setting conversations whose first turn was checked
     "single_question",   # ... of which the first turn asks exactly one question
+    "asked_correct",     # ... of which the final answer is correct (accuracy when asking vs not)
+    "open_n",            # open-mode conversations (meta["mode"] == "open": answers graded by the option text named)
+    "names_none",        # ... whose final answer names no option (wrong, counted apart from hedges)
     "adaptive_n",        # conversations rolled out with adaptive length (meta["adaptive"])
     "clarifying_turns_sum", "clarifying_turns_sq",  # ... their assistant turns before the final answer
     "ended_early",       # ... that the agent ended before the last turn
@@ -146,12 +150,19 @@ def final_answer_parse(record: ConversationRecord, choices: Mapping[str, Sequenc
     if not turns:
         return parsing.AnswerParse(None)
     options = known_choices(record, choices)
+    if is_open(record):  # graded by the option text it names; the options are in meta (never in the conversation)
+        return grade_open_answer(turns[-1], record_choices(record, choices))
     got = parsing.analyze_answer(turns[-1], options)
     if got.letter is None and not got.hedged and options is None and record.prediction:
         # without the options the parser cannot map "The answer is <option text>" to a letter; the rollout parsed
         # with them and stored the letter, so use it (with options the two parses agree by construction)
         got = parsing.AnswerParse(record.prediction, how="stored")
     return got
+
+
+def is_open(record: ConversationRecord) -> bool:
+    """Whether the record was rolled out in open mode (the question without options, the answer in words)."""
+    return record.meta.get("mode") == "open"
 
 
 def final_answer(record: ConversationRecord, choices: Mapping[str, Sequence[str]] | None = None) -> str | None:
@@ -271,9 +282,13 @@ def accumulate_stats(
         parsed = final_answer_parse(rec, choices)
         pred = parsed.letter
         st["hedged"] += float(parsed.hedged)
+        correct = pred is not None and pred.strip().upper() == rec.gold.strip().upper()
         if pred is not None:
             st["parsed"] += 1
-            st["correct"] += float(pred.strip().upper() == rec.gold.strip().upper())
+            st["correct"] += float(correct)
+        if is_open(rec):
+            st["open_n"] += 1
+            st["names_none"] += float(pred is None and not parsed.hedged)
         if rec.meta.get("reward_missing"):
             # the stored 0 is a placeholder, not a score: averaging it in would bias the mean reward down
             st["reward_missing"] += 1
@@ -292,8 +307,12 @@ def accumulate_stats(
             _add_length(st, rec, turns)
         if record_setting(rec, setting) == "clarifying" and turns:
             st["first_turns"] += 1
-            opts = record_choices(rec, choices, source)
-            st["single_question"] += float(bool(parsing.is_single_question(turns[0], opts)))
+            if is_open(rec):  # no options to ask about: exactly one question
+                asked = asks_one_question(turns[0])
+            else:
+                asked = bool(parsing.is_single_question(turns[0], record_choices(rec, choices, source)))
+            st["single_question"] += float(asked)
+            st["asked_correct"] += float(asked and correct)
         scores = judge_scores(rec)
         if scores is not None:
             for j, v in scores.items():
@@ -379,6 +398,13 @@ def metrics_from_stats(st: Mapping[str, float]) -> dict[str, float]:
         out["single_question_rate"] = st["single_question"] / st["first_turns"]
         out["single_question_rate_se"] = proportion_se(st["single_question"], st["first_turns"])
         out["n_first_turns"] = st["first_turns"]
+        # is asking worth it? accuracy of the conversations whose first turn asked one question, and of the others
+        asked, not_asked = st["single_question"], st["first_turns"] - st["single_question"]
+        out["accuracy_when_asked"] = st["asked_correct"] / asked if asked else math.nan
+        out["accuracy_when_not_asked"] = (st["correct"] - st["asked_correct"]) / not_asked if not_asked else math.nan
+    if st["open_n"]:
+        out["names_none_rate"] = st["names_none"] / st["open_n"]
+        out["names_none_rate_se"] = proportion_se(st["names_none"], st["open_n"])
     if st["adaptive_n"]:
         # adaptive length: how many turns the agent spent before answering, and how often it stopped early
         out["clarifying_turns"], out["clarifying_turns_se"] = mean_se(

@@ -197,7 +197,7 @@ def run_fingerprint(cfg: SimulateConfig, task_ids: list[str]) -> dict[str, Any]:
         conf.pop("attention")
     # options that cannot change these records stay out, so runs made before the options existed still resume:
     # the gold-text hiding of the retrieval teacher, and the rubric's settings under any other reward
-    if teacher_kind(cfg.teacher, cfg.setting) != "retrieval" or not cfg.teacher.hide_gold_text:
+    if teacher_kind(cfg.teacher, cfg.setting, cfg.mode) != "retrieval" or not cfg.teacher.hide_gold_text:
         conf["teacher"].pop("hide_mode")
     if cfg.reward.kind != "rubric":
         for k in ("rubric_weights", "rubric_accuracy", "word_limit", "min_words"):
@@ -349,8 +349,8 @@ def _run(cfg: SimulateConfig) -> dict[str, Any]:
     model = tok = None
     if todo or branch_todo:
         teacher = build_teacher(cfg.teacher, setting=cfg.setting, policy=cfg.model, models=models,
-                                batch_size=cfg.batch_size)
-        reward = build_reward(cfg.reward, policy=cfg.model, models=models, batch_size=cfg.batch_size)
+                                batch_size=cfg.batch_size, mode=cfg.mode)
+        reward = build_reward(cfg.reward, policy=cfg.model, models=models, batch_size=cfg.batch_size, mode=cfg.mode)
         if cfg.policy_endpoint.base_url:  # the policy lives on a server: nothing to load here
             engine = EndpointPolicyEngine(endpoint_backend(cfg.policy_endpoint, "policy_endpoint"),
                                           max_new_tokens=cfg.max_new_tokens)

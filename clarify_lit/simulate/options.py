@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from clarify_lit.data.tasks import OnBadRow, Part, QATask, load_tasks
 from clarify_lit.models import DType, FrozenModels, policy_base
-from clarify_lit.simulate.prompts import Setting
-from clarify_lit.simulate.rewards import GoldProbReward, Reward, RewardKind, make_reward
+from clarify_lit.simulate.prompts import Mode, Setting
+from clarify_lit.simulate.rewards import CorrectReward, GoldProbReward, Reward, RewardKind, make_reward
 from clarify_lit.simulate.rubric import DEFAULT_MIN_WORDS, RubricReward
 from clarify_lit.simulate.teachers import (
     ChatBackend,
@@ -76,7 +76,8 @@ class TeacherOptions:
     """Who answers the student's clarifying questions (the reasoning setting is always scripted)."""
 
     kind: TeacherKind | None = None
-    """None: scripted (reasoning) / retrieval (clarifying)."""
+    """None: scripted (reasoning) / retrieval (clarifying) / open (clarifying in open mode: answers questions only,
+    from the notes, never seeing the options)."""
     backend: Backend = "hf"
     """For kind=llm: a local HF model or an endpoint."""
     model: str | None = None
@@ -89,7 +90,7 @@ class TeacherOptions:
     """LLM teacher is told the answer (and told never to reveal it)."""
     show_knowledge: bool = True
     top_k: int = 2
-    """Retrieval: sentences per reply."""
+    """Retrieval and open: sentences per reply."""
     hide_gold_text: bool = True
     """Retrieval: keep the gold option's text out of every reply (see hide_mode)."""
     hide_mode: Literal["blank", "drop"] = "blank"
@@ -131,21 +132,28 @@ def endpoint_backend(opts: EndpointOptions, what: str) -> EndpointChatBackend:
                                max_retries=opts.max_retries, backoff=opts.backoff, concurrency=opts.concurrency)
 
 
-def teacher_kind(options: TeacherOptions, setting: Setting) -> str:
-    """The teacher that acts: ``options.kind``, or by default scripted (reasoning) / retrieval (clarifying)."""
-    return options.kind or ("scripted" if setting == "reasoning" else "retrieval")
+def teacher_kind(options: TeacherOptions, setting: Setting, mode: Mode = "thinking") -> str:
+    """The teacher that acts: ``options.kind``, or by default scripted (reasoning) / retrieval (clarifying) / open
+    (clarifying in open mode)."""
+    if options.kind:
+        return options.kind
+    if setting == "reasoning":
+        return "scripted"
+    return "open" if mode == "open" else "retrieval"
 
 
 def build_teacher(options: TeacherOptions | None, *, setting: Setting, policy: str, models: FrozenModels,
-                  batch_size: int = 8) -> Teacher:
+                  batch_size: int = 8, mode: Mode = "thinking") -> Teacher:
     """The teacher of ``options`` (default: scripted in the reasoning setting, retrieval in the clarifying one).
 
     An HF ``llm`` teacher defaults to the *base* of ``policy`` (:func:`~clarify_lit.models.policy_base`), so a trained
     policy meets the same teacher as its base model did."""
     t = options or TeacherOptions()
-    kind = teacher_kind(t, setting)
+    kind = teacher_kind(t, setting, mode)
     if kind == "scripted":
         return make_teacher("scripted")
+    if kind == "open":
+        return make_teacher("open", top_k=t.top_k)
     if kind == "retrieval":
         return make_teacher("retrieval", top_k=t.top_k, hide_gold_text=t.hide_gold_text, hide_mode=t.hide_mode)
     backend: ChatBackend
@@ -159,10 +167,17 @@ def build_teacher(options: TeacherOptions | None, *, setting: Setting, policy: s
                         show_gold=t.show_gold, show_knowledge=t.show_knowledge)
 
 
-def build_reward(options: RewardOptions | None, *, policy: str, models: FrozenModels, batch_size: int = 8) -> Reward:
+def build_reward(options: RewardOptions | None, *, policy: str, models: FrozenModels, batch_size: int = 8,
+                 mode: Mode = "thinking") -> Reward:
     """The reward of ``options``; judges (``gold_prob``, HF ``llm_judge``) default to the base of ``policy``, so a
-    trained policy is never its own judge."""
+    trained policy is never its own judge. In open mode only ``correct`` is defined (graded by the option text the
+    answer names)."""
     r = options or RewardOptions()
+    if mode == "open":
+        if r.kind != "correct":
+            raise NotImplementedError(f"reward {r.kind!r} is not implemented in open mode: its judges and rubric "
+                                      "read answer letters; use --reward.kind correct")
+        return CorrectReward(open_answers=True)
     if r.kind == "rubric":
         gold_prob = None
         if r.rubric_accuracy == "gold_prob":

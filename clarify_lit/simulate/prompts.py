@@ -13,6 +13,13 @@ Turn plans (one *kind* per assistant turn, :func:`turn_kinds`):
   turn that follows an ``ask`` turn starts with the teacher's answer to that question (the only non-scripted text);
   the first and the last teacher turns are hard-coded. n ≥ 2.
 
+Open mode (``mode="open"``, both settings; docs/simulate.md#open-mode): the student sees the question without its
+options (:func:`format_question`) and gives its final answer in a few words, graded by the option text it names
+(:mod:`.open_answer`). The clarifying plan is ``ask`` × (n − 1), ``final``: the student asks, the teacher answers
+the question asked (:class:`~.teachers.OpenTeacher`), and the last turn asks for the answer. The prompts are the ones
+measured before any training (shared/notes/measured-baselines.md, "Options hidden, answers in words"), with no
+per-turn instruction block. Adaptive length is not defined in open mode.
+
 Adaptive length (``adaptive=True``; the paper's third use case): the system prompt and every turn before the last
 tell the assistant that it may give its final answer early, in the usual answer format, and that doing so ends the
 conversation (the rollout detects it with ``parsing.early_answer``). In the reasoning setting the note is a per-turn
@@ -29,7 +36,7 @@ from typing import Literal
 from clarify_lit.data.tasks import LETTERS, QATask, format_choices  # noqa: F401  (format_choices: re-exported)
 
 Setting = Literal["reasoning", "clarifying"]
-Mode = Literal["thinking", "standard"]
+Mode = Literal["thinking", "standard", "open"]
 TurnKind = Literal["initial", "critique", "elaborate", "final", "ask", "reason"]
 
 INSTRUCTION_MARK = "[Instructions for your reply:"
@@ -59,8 +66,14 @@ def dataset_line(dataset: str) -> str:
     return DEFAULT_DATASET_LINE
 
 
-def format_question(task: QATask) -> str:
-    return task.question_prompt
+def format_question(task: QATask, mode: Mode | None = None) -> str:
+    """The question as the student sees it: with its lettered options, or (open mode) the question alone."""
+    return open_question(task) if mode == "open" else task.question_prompt
+
+
+def open_question(task: QATask) -> str:
+    """``Question: <text>`` without the options (open mode)."""
+    return f"Question: {task.question.strip()}"
 
 
 def with_instruction(text: str, instruction: str | None) -> str:
@@ -85,18 +98,20 @@ def check_setting(setting: str, mode: str, n_turns: int) -> None:
     """Raise a clear error for combinations the simulator does not define."""
     if setting not in ("reasoning", "clarifying"):
         raise ValueError(f"setting must be 'reasoning' or 'clarifying', got {setting!r}")
-    if mode not in ("thinking", "standard"):
-        raise ValueError(f"mode must be 'thinking' or 'standard', got {mode!r}")
-    if setting == "clarifying" and mode != "thinking":
-        raise ValueError("the clarifying setting is defined in thinking mode only (as in the paper); use "
-                         "mode='thinking'")
+    if mode not in ("thinking", "standard", "open"):
+        raise ValueError(f"mode must be 'thinking', 'standard' or 'open', got {mode!r}")
+    if setting == "clarifying" and mode == "standard":
+        raise ValueError("the clarifying setting is defined in thinking mode (as in the paper) and in open mode; use "
+                         "mode='thinking' or mode='open'")
     minimum = 1 if setting == "reasoning" else 2
     if not isinstance(n_turns, int) or n_turns < minimum:
         raise ValueError(f"n_turns must be an integer >= {minimum} in the {setting} setting, got {n_turns!r}")
 
 
-def turn_kinds(setting: Setting, n_turns: int) -> list[TurnKind]:
+def turn_kinds(setting: Setting, n_turns: int, mode: Mode | None = None) -> list[TurnKind]:
     """What each assistant turn is for (see the module docstring)."""
+    if setting == "clarifying" and mode == "open":
+        return ["ask"] * (n_turns - 1) + ["final"]
     if setting == "reasoning":
         if n_turns == 1:
             return ["final"]
@@ -107,9 +122,9 @@ def turn_kinds(setting: Setting, n_turns: int) -> list[TurnKind]:
     return ["ask"] * (n_turns - 2) + ["reason", "final"]
 
 
-def needs_teacher_reply(setting: Setting, n_turns: int, turn: int) -> bool:
+def needs_teacher_reply(setting: Setting, n_turns: int, turn: int, mode: Mode | None = None) -> bool:
     """Whether teacher turn ``turn`` (1-based) starts with the teacher's reply to the previous assistant turn."""
-    return setting == "clarifying" and turn >= 2 and turn_kinds(setting, n_turns)[turn - 2] == "ask"
+    return setting == "clarifying" and turn >= 2 and turn_kinds(setting, n_turns, mode)[turn - 2] == "ask"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -239,9 +254,53 @@ def clarifying_teacher_turn(task: QATask, kind: TurnKind, previous: TurnKind | N
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# open mode (both settings): the question without its options, the final answer in words
+
+OPEN_SYSTEM_PROMPTS: dict[str, str] = {
+    "clarifying": "You are a curious student. Ask the teacher one question, then answer.",
+    "reasoning": "You are an expert at answering science questions. Think it through, then answer in a few words.",
+}
+OPEN_ASK = "Ask me one question that would help you answer."
+OPEN_FINAL = "Now give your final answer in a few words, starting with 'The answer is'."
+OPEN_INITIAL = "What are your initial thoughts on this question?"
+OPEN_CRITIQUE = "Good start. What facts do you need to answer it, and what might be a tempting wrong answer?"
+OPEN_ELABORATE = "Nice work. Please elaborate on the key concepts behind this question."
+# the open teacher's two fixed replies (teachers.OpenTeacher): a turn without a question gets no information
+OPEN_ASK_FOR_QUESTION = "Please ask me one question about the problem."
+OPEN_NOTHING_ON_THAT = "My notes say nothing about that."
+
+
+def check_open(adaptive: bool) -> None:
+    if adaptive:
+        raise NotImplementedError("adaptive length is not implemented in open mode: an early final answer is "
+                                  "recognised by its answer letter (parsing.early_answer), and open answers have none")
+
+
+def open_teacher_turn(task: QATask, setting: Setting, kind: TurnKind, previous: TurnKind | None,
+                      reply: str | None) -> str:
+    """The teacher message before an open-mode assistant turn of ``kind`` (``previous``: the turn before's kind)."""
+    parts: list[str] = []
+    if previous is None:
+        parts.append(open_question(task))
+    if previous == "ask":
+        if reply is None or not reply.strip():
+            raise ValueError(f"task {task.task_id}: the teacher's answer to the student's question is missing")
+        parts.append(reply.strip())
+    follow = {"ask": OPEN_ASK, "final": OPEN_FINAL, "initial": OPEN_INITIAL, "critique": OPEN_CRITIQUE,
+              "elaborate": OPEN_ELABORATE}.get(kind)
+    if follow is None:
+        raise ValueError(f"turn kind {kind!r} does not belong to open mode's {setting} setting")
+    parts.append(follow)
+    return "\n\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # one entry point for the rollout
 
 def system_prompt(setting: Setting, mode: Mode, adaptive: bool = False) -> str:
+    if mode == "open":
+        check_open(adaptive)
+        return OPEN_SYSTEM_PROMPTS[setting]
     if setting == "reasoning":
         return reasoning_system_prompt(mode, adaptive)
     return CLARIFYING_SYSTEM_PROMPT + (ADAPTIVE_SYSTEM_CLARIFYING if adaptive else "")
@@ -251,10 +310,13 @@ def teacher_message(task: QATask, setting: Setting, mode: Mode, n_turns: int, tu
                     reply: str | None = None, adaptive: bool = False) -> str:
     """Teacher message ``turn`` (1-based) of a conversation; ``reply`` is the teacher's answer when
     :func:`needs_teacher_reply` says one is needed; ``adaptive`` offers an early final answer (turns < n)."""
-    kinds = turn_kinds(setting, n_turns)
+    kinds = turn_kinds(setting, n_turns, mode)
     if not 1 <= turn <= n_turns:
         raise ValueError(f"turn must be in 1..{n_turns}, got {turn}")
     kind = kinds[turn - 1]
+    if mode == "open":
+        check_open(adaptive)
+        return open_teacher_turn(task, setting, kind, kinds[turn - 2] if turn >= 2 else None, reply)
     if setting == "reasoning":
         return reasoning_teacher_turn(task, kind, mode, first=turn == 1, adaptive=adaptive)
     return clarifying_teacher_turn(task, kind, kinds[turn - 2] if turn >= 2 else None, reply, adaptive=adaptive)

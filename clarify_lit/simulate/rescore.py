@@ -123,8 +123,12 @@ def run(cfg: RescoreConfig) -> dict[str, Any]:
                                   f"{r.gold!r} but the dataset's gold for {r.task_id!r} is {task.gold!r}: the "
                                   "records come from other data options")
         loaded.append((path, records))
+    modes = {str(r.meta.get("mode", "thinking")) for _, records in loaded for r in records}
+    if len(modes) > 1:
+        raise ValueError(f"clarify rescore: the inputs mix modes {sorted(modes)}; rescore open-mode records "
+                         "(graded by the option text named) apart from lettered ones")
     reward = build_reward(cfg.reward, policy=cfg.model, models=FrozenModels(resolve_device(cfg.device)),
-                          batch_size=cfg.batch_size)
+                          batch_size=cfg.batch_size, mode="open" if modes == {"open"} else "thinking")
     summary: dict[str, Any] = {"reward": reward.describe(), "files": {}, "config": asdict(cfg)}
     with output_lock(out, "clarify rescore"):
         for (path, records), name in zip(loaded, names, strict=True):

@@ -33,7 +33,8 @@ from clarify_lit.data.records import Message
 from clarify_lit.data.tasks import LETTERS, QATask
 from clarify_lit.simulate import prompts
 from clarify_lit.simulate.engine import GenerationEngine, derive_seed
-from clarify_lit.simulate.parsing import analyze_answer
+from clarify_lit.simulate.open_answer import grade_open_answer
+from clarify_lit.simulate.parsing import AnswerParse, analyze_answer
 from clarify_lit.simulate.teachers import ChatBackend
 
 log = logging.getLogger(__name__)
@@ -61,10 +62,19 @@ def final_assistant_text(messages: Sequence[Message]) -> str:
     raise ValueError("conversation has no assistant turn")
 
 
-def correctness(task: QATask, messages: Sequence[Message]) -> dict[str, float | None]:
-    got = analyze_answer(final_assistant_text(messages), choices=task.choices)
-    return {"correct": float(got.letter == task.gold), "parsed": float(got.letter is not None),
-            "hedged": float(got.hedged)}
+def final_answer_of(text: str, choices: Sequence[str], *, open_answers: bool = False) -> AnswerParse:
+    """What a final turn commits to: the letter it asserts (:func:`~.parsing.analyze_answer`), or in open mode the
+    one option whose text it names (:func:`~.open_answer.grade_open_answer`)."""
+    return grade_open_answer(text, choices) if open_answers else analyze_answer(text, choices=choices)
+
+
+def correctness(task: QATask, messages: Sequence[Message], *, open_answers: bool = False) -> dict[str, float | None]:
+    got = final_answer_of(final_assistant_text(messages), task.choices, open_answers=open_answers)
+    comps = {"correct": float(got.letter == task.gold), "parsed": float(got.letter is not None),
+             "hedged": float(got.hedged)}
+    if open_answers:  # an answer naming no option is wrong, and counted apart (open_answer's module docstring)
+        comps["names_none"] = float(got.letter is None and not got.hedged)
+    return comps
 
 
 class Reward(ABC):
@@ -81,12 +91,21 @@ class Reward(ABC):
 
 
 class CorrectReward(Reward):
+    """1 when the final answer is the gold option, else 0. ``open_answers``: the answer is graded by the option text
+    it names (open mode), not by its letter."""
+
     kind: RewardKind = "correct"
+
+    def __init__(self, open_answers: bool = False):
+        self.open_answers = open_answers
+
+    def describe(self) -> str:
+        return "correct:open" if self.open_answers else "correct"
 
     def score(self, tasks, conversations, *, seed=0):
         out = []
         for t, c in zip(tasks, conversations, strict=True):
-            comps = correctness(t, c)
+            comps = correctness(t, c, open_answers=self.open_answers)
             out.append(RewardResult(value=comps["correct"], components=comps))
         return out
 

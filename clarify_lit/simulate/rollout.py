@@ -23,10 +23,10 @@ from clarify_lit.data.records import ConversationRecord
 from clarify_lit.data.tasks import LETTERS, QATask
 from clarify_lit.simulate import prompts
 from clarify_lit.simulate.engine import Attention, GenerationEngine, TurnCache, derive_seed
-from clarify_lit.simulate.parsing import early_answer, parse_answer_letter
+from clarify_lit.simulate.parsing import early_answer
 from clarify_lit.simulate.prompts import Mode, Setting
-from clarify_lit.simulate.rewards import CorrectReward, Reward
-from clarify_lit.simulate.teachers import RetrievalTeacher, ScriptedTeacher, Teacher
+from clarify_lit.simulate.rewards import CorrectReward, Reward, final_answer_of
+from clarify_lit.simulate.teachers import OpenTeacher, RetrievalTeacher, ScriptedTeacher, Teacher
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +144,12 @@ def discounted_reward(reward: float, discount: float, turns_used: int) -> float:
     return reward * discount ** turns_used
 
 
-def default_teacher(setting: Setting) -> Teacher:
-    """The reasoning setting is scripted; the clarifying setting defaults to the offline retrieval teacher."""
-    return ScriptedTeacher() if setting == "reasoning" else RetrievalTeacher()
+def default_teacher(setting: Setting, mode: Mode = "thinking") -> Teacher:
+    """The reasoning setting is scripted; the clarifying setting defaults to the offline retrieval teacher, or in open
+    mode to the teacher that answers questions only."""
+    if setting == "reasoning":
+        return ScriptedTeacher()
+    return OpenTeacher() if mode == "open" else RetrievalTeacher()
 
 
 def rollout_tasks(
@@ -193,11 +196,14 @@ def rollout_tasks(
     check_tasks(tasks)
     if not temperatures:
         raise ValueError("temperatures must name at least one run per task")
-    teacher = teacher or default_teacher(setting)
+    teacher = teacher or default_teacher(setting, mode)
     if setting == "reasoning" and teacher.kind != "scripted":
         raise ValueError(f"the reasoning setting's teacher is scripted (as in the paper); teacher={teacher.kind!r} "
                          "would never speak — use the scripted teacher or setting='clarifying'")
-    reward = reward or CorrectReward()
+    reward = reward or CorrectReward(open_answers=mode == "open")
+    if getattr(reward, "open_answers", False) != (mode == "open"):
+        raise ValueError(f"mode={mode!r} but the reward grades {'open' if mode != 'open' else 'lettered'} answers: "
+                         "build the reward for the rollout's mode (simulate.options.build_reward(..., mode=...))")
     engine = engine or GenerationEngine(model, tokenizer, batch_size=spec.batch_size, max_new_tokens=max_new_tokens,
                                         sort_by_length=sort_by_length, reuse_kv_cache=spec.reuse_kv_cache,
                                         share_prefix=spec.share_prefix, attention=spec.attention)
@@ -238,7 +244,7 @@ def rollout_tasks(
                 break
             replies: dict[int, str | None] = {}
             teacher_speaks = prefixes is None or turn > start_turn  # a prefix ends with teacher turn start_turn
-            if teacher_speaks and prompts.needs_teacher_reply(setting, n_turns, turn):
+            if teacher_speaks and prompts.needs_teacher_reply(setting, n_turns, turn, mode):
                 got = teacher.reply([row_tasks[i] for i in active], [convs[i] for i in active],
                                     seed=derive_seed(seed, "teacher", turn))
                 replies = dict(zip(active, got, strict=True))
@@ -296,17 +302,20 @@ def rollout_tasks(
             temperature=temp,
             reward_components=components,
             gold=task.gold,
-            prediction=parse_answer_letter(final, choices=task.choices),
+            prediction=final_answer_of(final, task.choices, open_answers=mode == "open").letter,
             meta={
                 "setting": setting, "mode": mode, "n_turns": n_turns, "model": model_name,
                 "teacher": teacher.describe(), "reward": reward.describe(), "seed": seed,
-                "question_prompt": task.question_prompt,  # the final-answer DPO prompt (question + options alone)
+                # the final-answer DPO prompt (the question as the student saw it: with its options, or alone)
+                "question_prompt": prompts.format_question(task, mode),
                 "question_hash": task.content_hash,  # what clarify report checks before pairing two evaluations
                 "max_new_tokens": max_new_tokens, "empty_turns": empty[i], "truncated_turns": truncated[i],
                 "reward_missing": res.value is None,
                 **({"adaptive": adaptive, "turns_used": turns_used, "ended_early": ended_early[i],
                     "discount": discount} if length_meta else {}),
                 **({"explore_prefixes": seeded[i]} if i in seeded else {}),
+                # open mode: the options never appear in the conversation; kept here for grading (metrics, rescore)
+                **({"choices": list(task.choices)} if mode == "open" else {}),
             },
         ))
     n_missing = sum(r.meta["reward_missing"] for r in records)

@@ -7,6 +7,8 @@
   (query = the student's words + the text of the options the question names). It never names a letter as right,
   and by default drops sentences that quote the gold option's text, so it clarifies without giving the answer away.
   Deterministic, no model, no network.
+* ``open`` — open mode's teacher (:class:`OpenTeacher`): answers only a question, from the knowledge notes ranked
+  against that question alone, never seeing the options and blanking nothing (docs/simulate.md#open-mode).
 * ``llm`` — an LLM answers with the paper's teacher prompt (:func:`.prompts.teacher_request`), through a
   :class:`ChatBackend`: :class:`HFChatBackend` (any local HF causal LM, batched via :class:`.engine.GenerationEngine`)
   or :class:`EndpointChatBackend` (any OpenAI-compatible ``/chat/completions`` server, stdlib ``http.client``).
@@ -35,10 +37,11 @@ from clarify_lit.data.records import Message
 from clarify_lit.data.tasks import LETTERS, QATask
 from clarify_lit.simulate import prompts
 from clarify_lit.simulate.engine import GenerationEngine, derive_seed
+from clarify_lit.simulate.open_answer import option_pattern, questions_in
 
 log = logging.getLogger(__name__)
 
-TeacherKind = Literal["scripted", "retrieval", "llm"]
+TeacherKind = Literal["scripted", "retrieval", "open", "llm"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -259,33 +262,6 @@ def referenced_options(question: str, choices: Sequence[str]) -> list[int]:
 
 
 BLANK = "____"
-_ARTICLES = frozenset({"a", "an", "the"})
-
-
-_SUFFIXES = ("ation", "ition", "ment", "ies", "ing", "ion", "ia", "um", "us", "on", "es", "ed", "er", "s", "y",
-             "e", "a", "i")
-
-
-def _stem(word: str) -> str:
-    """A crude stem so one pattern matches a word's singular/plural, inflected and derived forms (cell/cells,
-    energy/energies, evaporation/evaporates/evaporating, mitochondria/mitochondrion); the stem keeps ≥ 4 letters."""
-    for suffix in _SUFFIXES:
-        if len(word) - len(suffix) >= 4 and word.endswith(suffix):
-            return word[: -len(suffix)]
-    return word
-
-
-def option_pattern(text: str) -> re.Pattern[str] | None:
-    """A case-insensitive pattern for an option's text in any inflection ("a zygospore" → zygospore(s), "carbon
-    dioxide" → carbon dioxide(s)); leading articles are optional. ``None`` when the text has no word to match."""
-    words = [w for w in _WORD.findall(text.lower()) if len(w) > 1]  # drops the "s" of a possessive "Earth's"
-    while words and words[0] in _ARTICLES:
-        words = words[1:]
-    if not words or len("".join(words)) < 2:
-        return None
-    # between words: any run of non-letters, or a possessive "'s" ("Earth's rotation", "earths rotation")
-    parts = [re.escape(_stem(w)) + r"[a-z]{0,6}" for w in words]
-    return re.compile(r"(?i)\b" + r"(?:'s)?[^a-z0-9]+".join(parts) + r"\b")
 
 
 def blank_text(sentence: str, pattern: re.Pattern[str]) -> str:
@@ -369,6 +345,56 @@ class RetrievalTeacher(Teacher):
         return out
 
 
+class OpenTeacher(Teacher):
+    """Open mode's clarifying teacher: it answers questions, and only questions (docs/simulate.md#open-mode).
+
+    When the student's turn holds a question (a sentence ending in "?"; with several, the first), the reply is the
+    ``top_k`` knowledge sentences that BM25 ranks highest against *that question's* words alone — not the task's
+    question, not the options, which this teacher never sees — in their original order, cut to ``max_words``, with
+    nothing blanked: what the notes say about what was asked. A turn without a question gets :data:`ASK_FOR_QUESTION`;
+    a question that shares no content word with the notes gets :data:`NOTHING_ON_THAT`. Both are counted
+    (``no_question``, ``no_match``). So information reaches the student only through a question, and a question
+    that names what the problem is about earns more of it than a generic one ("Can you give me a hint?").
+    """
+
+    kind: TeacherKind = "open"
+    ASK_FOR_QUESTION = prompts.OPEN_ASK_FOR_QUESTION
+    NOTHING_ON_THAT = prompts.OPEN_NOTHING_ON_THAT
+
+    def __init__(self, top_k: int = 2, max_words: int = 60):
+        if top_k < 1 or max_words < 1:
+            raise ValueError(f"top_k and max_words must be >= 1, got {top_k}, {max_words}")
+        self.top_k = top_k
+        self.max_words = max_words
+        self.no_question = 0  # turns without a question (answered with ASK_FOR_QUESTION)
+        self.no_match = 0  # questions the notes say nothing about (answered with NOTHING_ON_THAT)
+
+    def describe(self) -> str:
+        return "open"
+
+    def answer(self, task: QATask, student_turn: str) -> str:
+        """The reply to one student turn (see the class docstring)."""
+        text, _ = prompts.split_instruction(student_turn)
+        asked = questions_in(text)
+        if not asked:
+            self.no_question += 1
+            return self.ASK_FOR_QUESTION
+        sentences = split_sentences(task.knowledge or "")
+        scores = bm25_scores(tokens(asked[0]), [tokens(s) for s in sentences])
+        ranked = sorted((i for i, sc in enumerate(scores) if sc > 0), key=lambda i: (-scores[i], i))[: self.top_k]
+        if not ranked:
+            self.no_match += 1
+            return self.NOTHING_ON_THAT
+        words: list[str] = []
+        for i in sorted(ranked):
+            words.extend(sentences[i].split())
+        reply = " ".join(words[: self.max_words])
+        return reply if len(words) <= self.max_words else reply + " ..."
+
+    def reply(self, tasks, conversations, *, seed=0):
+        return [self.answer(t, _last_student_turn(c)) for t, c in zip(tasks, conversations, strict=True)]
+
+
 class LLMTeacher(Teacher):
     """An LLM answers each student question (paper's teacher prompt) through a :class:`ChatBackend`.
 
@@ -417,8 +443,10 @@ def make_teacher(kind: TeacherKind, *, backend: ChatBackend | None = None, **opt
         return ScriptedTeacher()
     if kind == "retrieval":
         return RetrievalTeacher(**options)
+    if kind == "open":
+        return OpenTeacher(**options)
     if kind == "llm":
         if backend is None:
             raise ValueError("teacher 'llm' needs a backend (a local HF model or an OpenAI-compatible endpoint)")
         return LLMTeacher(backend, **options)
-    raise ValueError(f"teacher must be one of scripted, retrieval, llm; got {kind!r}")
+    raise ValueError(f"teacher must be one of scripted, retrieval, open, llm; got {kind!r}")
