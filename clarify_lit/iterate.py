@@ -51,7 +51,7 @@ from clarify_lit.evaluate.report import (
     table_columns,
 )
 from clarify_lit.io import atomic_write, atomic_write_text, output_lock
-from clarify_lit.models import DType
+from clarify_lit.models import DTypeChoice, resolve_device, resolve_dtype
 from clarify_lit.simulate.command import SimulateConfig
 from clarify_lit.simulate.options import DataOptions, RewardOptions, TeacherOptions
 from clarify_lit.simulate.prompts import Mode, Setting
@@ -79,8 +79,9 @@ class IterateConfig:
     """Objective preset for clarify fit (refit.yaml, swift.yaml, sft.yaml, …)."""
     model_config: str = "configs/model/smollm2-135m.yaml"
     """Model preset for clarify fit (its model_name_or_path is replaced by --model)."""
-    trainer_config: str | None = "configs/trainer/cpu-bf16.yaml"
-    """Trainer preset for clarify fit (None: Lightning's defaults)."""
+    trainer_config: str | None = "configs/trainer/cpu-auto.yaml"
+    """Trainer preset for clarify fit (None: Lightning's defaults); cpu-auto.yaml trains in bf16-mixed where the CPU
+    has native bf16, else 32-true (docs/environment.md)."""
     fit_args: list[str] = field(default_factory=list)
     """Extra clarify fit arguments, e.g. ["--trainer.max_epochs=2", "--model.learning_rate=1e-4"]."""
     init: Literal["continue", "base"] = "continue"
@@ -106,8 +107,10 @@ class IterateConfig:
     max_new_tokens: int = 64
     """Per assistant turn (simulation and evaluation)."""
     batch_size: int = 8
-    dtype: DType = "float32"
-    """Generation dtype (simulate/evaluate); training precision comes from the trainer preset."""
+    dtype: DTypeChoice = "auto"
+    """Generation dtype (simulate/evaluate): auto = bfloat16 where the device computes it natively, else float32
+    (docs/environment.md), resolved once before round 0, so every round and iterate_config.json hold the same
+    concrete dtype; training precision comes from the trainer preset."""
     device: str = "auto"
     seed: int = 0
     """Round k simulates with seed + k and fits with seed_everything = seed + k; evaluation always uses seed."""
@@ -271,6 +274,7 @@ def write_yaml(path: Path, values: dict[str, Any]) -> Path:
 
 def run(cfg: IterateConfig) -> dict[str, Any] | None:
     """Run (or resume) the K rounds and write the report; return the report's JSON summary (None on a dry run)."""
+    cfg = replace(cfg, dtype=resolve_dtype(cfg.dtype, resolve_device(cfg.device)))
     check_config(cfg)
     out = Path(cfg.output)
     if cfg.dry_run:
