@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -44,8 +45,10 @@ from clarify_lit.data.records import load_records
 from clarify_lit.evaluate.metrics import compute_metrics, nan_to_none, paired_comparison
 from clarify_lit.evaluate.report import (
     aggregate,
+    environment_footer,
     format_mean_se,
     letters_table,
+    mixed_environments,
     read_metrics_file,
     results_table,
     table_columns,
@@ -413,7 +416,8 @@ def write_report(out: Path, rounds: int) -> dict[str, Any]:
     rows = collect_rows(out, rounds)
     if not rows:
         raise FileNotFoundError(f"{out}: no evaluated policy to report (base/eval/metrics.json missing)")
-    methods = aggregate([read_metrics_file(r["metrics_file"], r["label"]) for r in rows])
+    files = [read_metrics_file(r["metrics_file"], r["label"]) for r in rows]
+    methods = aggregate(files)
     text = "\n".join([
         f"# clarify iterate: {len(rows) - 1} of {rounds} rounds evaluated", "",
         "## Reward and accuracy by round", "",
@@ -428,6 +432,10 @@ def write_report(out: Path, rounds: int) -> dict[str, Any]:
     if letters:  # a round that only collapsed onto one letter scores that letter's base rate (docs/evaluation.md)
         text += "\n".join(["", "## Final-answer letters (share of conversations; last row: a constant answer's "
                             "accuracy)", "", letters, ""])
+    mixed = mixed_environments(files)  # e.g. a run resumed on a CPU of another kind
+    if mixed:
+        print(f"clarify iterate: warning: {mixed}", file=sys.stderr)
+    text += "\n".join(["", *environment_footer(files, mixed), ""])
     atomic_write_text(out / f"{REPORT_NAME}.md", text)
     plot_rounds(rows, out / f"{REPORT_NAME}.png")
     summary = {"rounds": rounds, "rows": rows}

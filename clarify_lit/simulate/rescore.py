@@ -37,8 +37,9 @@ from clarify_lit.data.records import (
     questions_with_reward_variance,
     write_records,
 )
+from clarify_lit.environment import environment_stamp
 from clarify_lit.io import atomic_write_text, output_lock
-from clarify_lit.models import DType, FrozenModels, resolve_device
+from clarify_lit.models import DType, FrozenModels, resolve_device, resolve_dtype
 from clarify_lit.simulate.options import DataOptions, RewardOptions, build_reward, load_data_tasks
 
 log = logging.getLogger("clarify.rescore")
@@ -123,9 +124,10 @@ def run(cfg: RescoreConfig) -> dict[str, Any]:
                                   f"{r.gold!r} but the dataset's gold for {r.task_id!r} is {task.gold!r}: the "
                                   "records come from other data options")
         loaded.append((path, records))
-    reward = build_reward(cfg.reward, policy=cfg.model, models=FrozenModels(resolve_device(cfg.device)),
-                          batch_size=cfg.batch_size)
-    summary: dict[str, Any] = {"reward": reward.describe(), "files": {}, "config": asdict(cfg)}
+    device = resolve_device(cfg.device)
+    reward = build_reward(cfg.reward, policy=cfg.model, models=FrozenModels(device), batch_size=cfg.batch_size)
+    summary: dict[str, Any] = {"reward": reward.describe(), "files": {}, "config": asdict(cfg),
+                               "environment": environment_stamp(device, resolve_dtype(cfg.reward.judge_dtype, device))}
     with output_lock(out, "clarify rescore"):
         for (path, records), name in zip(loaded, names, strict=True):
             before = _reward_stats(records)
