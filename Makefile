@@ -1,21 +1,43 @@
 # Self-installing targets: the first run creates .venv, installs the CPU torch wheel in its own pip call
-# (any other torch spec may pull a multi-GB CUDA build), then the package with its dev extra.
+# (any other torch spec may pull a multi-GB CUDA build), then the package with its dev extra, every other
+# dependency pinned by constraints.txt (`make lock` writes it), so a commit always installs the same stack (CI too).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+CONSTRAINTS := constraints.txt
+LATEST_VENV ?= .venv-latest
 
-.PHONY: install test test-full demo reproduce clarify bench lint package-check clean
+.PHONY: install lock test test-full test-latest demo reproduce clarify bench lint package-check clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Re-pin: constraints.txt = this venv's packages (pip freeze, minus the editable clarify_lit and torch, which
+# TORCH_SPEC pins in its own pip call: a +cpu local version in a constraint would refuse a CUDA wheel). Run after
+# changing pyproject.toml's dependencies or to move to newer releases (after `make test-latest` passes); commit it.
+lock:
+	@test -x $(PY) || { echo "make lock: no $(VENV) yet (make install first)"; exit 1; }
+	{ echo "# pip constraints of make install, written by make lock (pip freeze of the venv; torch: TORCH_SPEC in the Makefile)"; \
+	  $(PIP) freeze --exclude-editable | grep -iv '^torch=='; } > $(CONSTRAINTS).tmp
+	mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
+
+# Not in CI: the newest releases of every dependency (torch stays TORCH_SPEC: another torch may be a CUDA build) in a
+# separate venv, then the offline tests: does the next `make lock` hold?
+test-latest:
+	test -x $(LATEST_VENV)/bin/python || python3 -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/pip install -q "$(TORCH_SPEC)"
+	$(LATEST_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(LATEST_VENV)/bin/pip freeze --exclude-editable | grep -iE '^(transformers|peft|lightning|torch)=='
+	$(LATEST_VENV)/bin/python -m pytest -q -x --durations=15 -m "not network" tests
 
 # offline, on a cold cache: tests marked `network` (the real QA data packages, ~88 MB from PyPI) run in test-full only
 test: $(STAMP)
@@ -52,4 +74,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check clarify_lit tests benchmarks experiments
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) .pytest_cache

@@ -36,11 +36,13 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from clarify_lit import __version__
 from clarify_lit.arguments import redact, refuse_secrets
 from clarify_lit.data.datamodule import ConversationDataModule
+from clarify_lit.environment import environment_stamp
 from clarify_lit.io import output_lock
 from clarify_lit.simulate.teachers import EndpointError
 from clarify_lit.train import objectives, run_folder
 from clarify_lit.train.checkpointing import AtomicCheckpointIO, LastCheckpoint, ResumeState
 from clarify_lit.train.module import ClarifyModule, NonFiniteLossError
+from clarify_lit.train.trainer import ClarifyTrainer
 
 log = logging.getLogger("clarify.fit")
 
@@ -102,7 +104,15 @@ class ClarifyCLI(LightningCLI):
             return super()._run_subcommand(subcommand)
 
     def before_fit(self) -> None:
-        """Resolve ``--ckpt_path`` and check the resume against its checkpoint (``clarify_lit.train.run_folder``)."""
+        """Resolve ``--ckpt_path``, check the resume against its checkpoint (``clarify_lit.train.run_folder``) and
+        record this segment's environment stamp in ``run_info.json``."""
+        self._resolve_ckpt_path()
+        if _rank_zero() and "://" not in str(self._root()):
+            stamp = environment_stamp(self.trainer.strategy.root_device, str(self.trainer.precision))
+            run_folder.record_run_info(self._root(), stamp)
+
+    def _resolve_ckpt_path(self) -> None:
+        """``last``/``last_or_none`` → the newest last checkpoint; a resume checked and recorded (``resumes.jsonl``)."""
         root = self._root()
         kwargs = self.config_init["fit"]
         ckpt = requested = kwargs.get("ckpt_path")
@@ -217,6 +227,7 @@ def lightning_main(args: list[str] | None = None, run: bool = True) -> ClarifyCL
         return ClarifyCLI(
             ClarifyModule,
             ConversationDataModule,
+            trainer_class=ClarifyTrainer,  # --trainer.precision auto (clarify_lit/train/trainer.py)
             args=args,
             run=run,
             save_config_kwargs={"overwrite": True},

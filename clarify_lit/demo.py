@@ -24,6 +24,7 @@ from typing import Literal
 
 from clarify_lit.arguments import dataclass_parser, parse_dataclass, renamed_switches
 from clarify_lit.io import atomic_write
+from clarify_lit.models import DTypeChoice
 from clarify_lit.stages import StageRunner
 
 OBJECTIVES = {  # label → objective preset; the table's row names follow the paper
@@ -82,10 +83,14 @@ class Preset:
     sim_chunk_size: int = 8
     eval_batch_size: int = 16
     model_config: str = "configs/model/smollm2-135m.yaml"
-    trainer_config: str = "configs/trainer/cpu-bf16.yaml"
+    # precision auto: bf16-mixed on a CPU with native bf16, else 32-true (docs/environment.md)
+    trainer_config: str = "configs/trainer/cpu-auto.yaml"
     epochs: int = 1
     fit_overrides: list[str] = field(default_factory=list)
-    gen_dtype: str = "bfloat16"  # generation dtype for simulate/evaluate (~1.7x faster than fp32 on this CPU)
+    # generation dtype of simulate/evaluate/the rollout callback: auto = bfloat16 where the CPU has native bf16
+    # (avx512_bf16/amx_bf16: ~1.7x faster than fp32 there; the README's tables), else float32 (bf16 is emulated and
+    # ~2x slower on such a CPU: issue 24); docs/environment.md
+    gen_dtype: DTypeChoice = "auto"
     # question split: None = each seed draws its own train/test questions; an int fixes one split for all seeds, so
     # seeds vary only sampling, LoRA init and data order, every method is paired on the same test questions, and
     # the deterministic (greedy) Base evaluation runs once instead of once per seed
@@ -243,7 +248,7 @@ def rollout_eval_args(p: Preset, e: Experiment, seed: int) -> list[str]:
             f"{CALLBACK}teacher.kind={e.teacher}", f"{CALLBACK}reward.kind={e.reward or p.reward}", *options,
             f"{CALLBACK}max_new_tokens={e.max_new_tokens or p.eval_max_new_tokens}",
             f"{CALLBACK}batch_size={min(p.rollout_questions, p.eval_batch_size)}", f"{CALLBACK}seed={seed}",
-            f"{CALLBACK}dtype={p.gen_dtype}",  # a merged copy in the evaluation's dtype: ~2x faster than fp32
+            f"{CALLBACK}dtype={p.gen_dtype}",  # a merged copy in the evaluation's dtype (auto: as evaluate resolves it)
             f"{CALLBACK}evals_per_epoch={p.rollout_evals_per_epoch}", f"{CALLBACK}at_fit_start=true"]
 
 

@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -44,14 +45,16 @@ from clarify_lit.data.records import load_records
 from clarify_lit.evaluate.metrics import compute_metrics, nan_to_none, paired_comparison
 from clarify_lit.evaluate.report import (
     aggregate,
+    environment_footer,
     format_mean_se,
     letters_table,
+    mixed_environments,
     read_metrics_file,
     results_table,
     table_columns,
 )
 from clarify_lit.io import atomic_write, atomic_write_text, output_lock
-from clarify_lit.models import DType
+from clarify_lit.models import DTypeChoice, resolve_device, resolve_dtype
 from clarify_lit.simulate.command import SimulateConfig
 from clarify_lit.simulate.options import DataOptions, RewardOptions, TeacherOptions
 from clarify_lit.simulate.prompts import Mode, Setting
@@ -79,8 +82,9 @@ class IterateConfig:
     """Objective preset for clarify fit (refit.yaml, swift.yaml, sft.yaml, …)."""
     model_config: str = "configs/model/smollm2-135m.yaml"
     """Model preset for clarify fit (its model_name_or_path is replaced by --model)."""
-    trainer_config: str | None = "configs/trainer/cpu-bf16.yaml"
-    """Trainer preset for clarify fit (None: Lightning's defaults)."""
+    trainer_config: str | None = "configs/trainer/cpu-auto.yaml"
+    """Trainer preset for clarify fit (None: Lightning's defaults); cpu-auto.yaml trains in bf16-mixed where the CPU
+    has native bf16, else 32-true (docs/environment.md)."""
     fit_args: list[str] = field(default_factory=list)
     """Extra clarify fit arguments, e.g. ["--trainer.max_epochs=2", "--model.learning_rate=1e-4"]."""
     init: Literal["continue", "base"] = "continue"
@@ -106,8 +110,10 @@ class IterateConfig:
     max_new_tokens: int = 64
     """Per assistant turn (simulation and evaluation)."""
     batch_size: int = 8
-    dtype: DType = "float32"
-    """Generation dtype (simulate/evaluate); training precision comes from the trainer preset."""
+    dtype: DTypeChoice = "auto"
+    """Generation dtype (simulate/evaluate): auto = bfloat16 where the device computes it natively, else float32
+    (docs/environment.md), resolved once before round 0, so every round and iterate_config.json hold the same
+    concrete dtype; training precision comes from the trainer preset."""
     device: str = "auto"
     seed: int = 0
     """Round k simulates with seed + k and fits with seed_everything = seed + k; evaluation always uses seed."""
@@ -271,6 +277,7 @@ def write_yaml(path: Path, values: dict[str, Any]) -> Path:
 
 def run(cfg: IterateConfig) -> dict[str, Any] | None:
     """Run (or resume) the K rounds and write the report; return the report's JSON summary (None on a dry run)."""
+    cfg = replace(cfg, dtype=resolve_dtype(cfg.dtype, resolve_device(cfg.device)))
     check_config(cfg)
     out = Path(cfg.output)
     if cfg.dry_run:
@@ -409,7 +416,8 @@ def write_report(out: Path, rounds: int) -> dict[str, Any]:
     rows = collect_rows(out, rounds)
     if not rows:
         raise FileNotFoundError(f"{out}: no evaluated policy to report (base/eval/metrics.json missing)")
-    methods = aggregate([read_metrics_file(r["metrics_file"], r["label"]) for r in rows])
+    files = [read_metrics_file(r["metrics_file"], r["label"]) for r in rows]
+    methods = aggregate(files)
     text = "\n".join([
         f"# clarify iterate: {len(rows) - 1} of {rounds} rounds evaluated", "",
         "## Reward and accuracy by round", "",
@@ -424,6 +432,10 @@ def write_report(out: Path, rounds: int) -> dict[str, Any]:
     if letters:  # a round that only collapsed onto one letter scores that letter's base rate (docs/evaluation.md)
         text += "\n".join(["", "## Final-answer letters (share of conversations; last row: a constant answer's "
                             "accuracy)", "", letters, ""])
+    mixed = mixed_environments(files)  # e.g. a run resumed on a CPU of another kind
+    if mixed:
+        print(f"clarify iterate: warning: {mixed}", file=sys.stderr)
+    text += "\n".join(["", *environment_footer(files, mixed), ""])
     atomic_write_text(out / f"{REPORT_NAME}.md", text)
     plot_rounds(rows, out / f"{REPORT_NAME}.png")
     summary = {"rounds": rounds, "rows": rows}

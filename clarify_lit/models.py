@@ -35,6 +35,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
+from clarify_lit import environment
 from clarify_lit.io import atomic_folder, atomic_write, cache_dir, download_wheel
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,12 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-#: The weights dtypes a model may be loaded in (every ``dtype`` option of the package).
+#: The weights dtypes a model may be loaded in.
 DType = Literal["float32", "bfloat16", "float16"]
 DTYPES = {name: getattr(torch, name) for name in get_args(DType)}
+#: What a ``dtype`` option accepts: a :data:`DType`, or ``auto`` (the faster of bf16 and fp32 on the device,
+#: :func:`resolve_dtype`), resolved once by the command before any model loads.
+DTypeChoice = Literal["auto", "float32", "bfloat16", "float16"]
 ADAPTER_CONFIG = "adapter_config.json"
 # beside an export: how clarify resolved its base (spec, local folder, dtype); see clarify_lit/base_reference.py
 EXPORT_METADATA = "clarify_export.json"
@@ -242,6 +246,46 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+_ANNOUNCED: set[tuple[str, str]] = set()  # (device type, dtype) pairs `auto` has printed (once per process)
+
+
+def resolve_dtype(dtype: DTypeChoice, device: torch.device | str = "cpu") -> DType:
+    """``auto`` → the dtype that computes fastest on ``device``; any other choice is returned as is.
+
+    * CPU: ``bfloat16`` only where the CPU has native bf16 (``avx512_bf16`` or ``amx_bf16`` in its flags,
+      :func:`clarify_lit.environment.native_bf16_flags`), else ``float32``: without those instructions torch emulates
+      bf16 and decodes ~2x *slower* than fp32 (issue 24: 51.8 s vs 26.8 s for the demo's Base evaluation on a Xeon
+      without them), while with them bf16 is ~1.7-2x faster. The flags decide, not a timed matmul, so the choice is
+      the same on every run of one machine however loaded it is (docs/environment.md).
+    * CUDA: ``bfloat16`` where ``torch.cuda.is_bf16_supported()``, else ``float32``.
+    * Any other device (MPS …): ``float32``.
+
+    The first resolution of ``auto`` per device and result is printed to stderr; the resolved value is what outputs
+    record (``dtype`` in metrics.json's meta and in the environment stamp).
+    """
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
+        return dtype
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        flags = environment.native_bf16_flags()
+        chosen: DType = "bfloat16" if flags else "float32"
+        why = (f"the CPU has native bf16 ({', '.join(flags)})" if flags else
+               "the CPU lacks avx512_bf16/amx_bf16, so bf16 would be emulated (slower than fp32)")
+    elif dev.type == "cuda":
+        supported = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        chosen = "bfloat16" if supported else "float32"
+        why = "the GPU supports bf16" if supported else "the GPU does not support bf16"
+    else:
+        chosen, why = "float32", f"no bf16 rule for device type {dev.type!r}"
+    if (dev.type, chosen) not in _ANNOUNCED:
+        _ANNOUNCED.add((dev.type, chosen))
+        where = environment.cpu_model() if dev.type == "cpu" else str(dev)
+        print(f"[clarify] dtype auto -> {chosen} on {dev.type}: {why} ({where})", file=sys.stderr)
+    return chosen
+
+
 def is_adapter_folder(name: str | os.PathLike) -> bool:
     """Whether ``name`` is a PEFT adapter folder (``adapter_config.json``), e.g. ``<run>/export`` of ``clarify fit``."""
     return bool(name) and (Path(name) / ADAPTER_CONFIG).is_file()
@@ -364,12 +408,14 @@ class FrozenModels:
         self.device = torch.device(device)
         self.cache: dict[tuple[str, str], tuple[Any, Any]] = {}
 
-    def get(self, name: str, dtype: str) -> tuple[Any, Any]:
-        """``(model, tokenizer)`` of ``name`` in ``dtype`` on this cache's device."""
+    def get(self, name: str, dtype: DTypeChoice) -> tuple[Any, Any]:
+        """``(model, tokenizer)`` of ``name`` in ``dtype`` (``auto``: :func:`resolve_dtype` on this cache's device)
+        on this cache's device."""
         if not name:
             raise ValueError("the teacher/judge model is not known: set teacher.model / reward.judge_model (it "
                              "defaults to the policy's base model, which is unknown here: a full-weights export "
                              "or a module without the hparam model_name_or_path)")
+        dtype = resolve_dtype(dtype, self.device)
         key = (name, dtype)
         if key not in self.cache:
             log.info("loading %s (%s) on %s", name, dtype, self.device)

@@ -36,6 +36,16 @@ def single_torch_thread():
 
 
 @pytest.fixture(autouse=True)
+def cpu_without_native_bf16(monkeypatch):
+    """Every test in this process sees a CPU without native bf16, so ``dtype: auto`` and ``precision: auto`` resolve
+    to float32 / 32-true on every machine: the suite's numbers do not depend on the CPU it runs on (the tests of
+    ``auto`` itself patch the flags they need; tests/test_environment.py)."""
+    from clarify_lit import environment
+
+    monkeypatch.setattr(environment, "cpu_flags", lambda: frozenset({"avx512f"}))
+
+
+@pytest.fixture(autouse=True)
 def clarify_cache(cache_root, monkeypatch, request) -> Path:
     """Every test: ``$CLARIFY_CACHE`` is the session cache (never the user's), and — unless the test is marked
     ``network`` (``make test-full``) — pip cannot reach a package index (``PIP_NO_INDEX``), so a test that would

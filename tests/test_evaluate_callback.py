@@ -240,7 +240,8 @@ def test_dtype_generates_with_a_merged_copy(tiny_model_dir, tmp_path):
     assert values["n"] == 2 and values["cpu_seconds"] > 0
     after = policy.model.state_dict()  # the training weights: untouched, still fp32, adapter still separate
     assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert json.loads((tmp_path / "rollouts" / "step_000003.metrics.json").read_text())["meta"]["dtype"] == "bfloat16"
+    meta = json.loads((tmp_path / "rollouts" / "step_000003.metrics.json").read_text())["meta"]
+    assert meta["dtype"] == "bfloat16" and meta["environment"]["dtype"] == "bfloat16"  # the environment stamp
 
 
 # --- DDP: shards, reduced metrics, rank-zero files ------------------------------------------------------------------

@@ -72,6 +72,9 @@ def test_iterate_two_rounds_end_to_end(tmp_path, capsys):
     letters = text.split("## Final-answer letters")[1]  # each policy's letter spread + the constant-answer row
     assert all(f"| {label} |" in letters for label in ("Base", "round 0", "round 1")), letters
     assert "| *accuracy of always answering X* |" in letters
+    assert "## Environment" in text and "different machines" not in text  # every row: one machine, one dtype
+    segments = json.loads((r0 / "fit" / "run_info.json").read_text())["segments"]  # the fit's stamp
+    assert len(segments) == 1 and segments[0]["environment"]["dtype"] in ("32-true", "bf16-mixed")
     summary = json.loads((out / "report.json").read_text())
     rows = summary["rows"]
     assert [r["label"] for r in rows] == ["Base", "round 0", "round 1"]

@@ -32,6 +32,7 @@ PACKAGE = "clarify_lit"
 LAYERS = {
     "clarify_lit.io": 0,
     "clarify_lit.arguments": 0,
+    "clarify_lit.environment": 0,
     "clarify_lit.models": 1,
     "clarify_lit.base_reference": 1,
     "clarify_lit.data": 2,

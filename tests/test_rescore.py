@@ -48,6 +48,7 @@ def test_rescore_with_the_rubric_and_back(logged, tmp_path, capsys):
     summary = json.loads((tmp_path / "rubric" / "rescore.json").read_text())
     f = summary["files"]["conversations.jsonl"]
     assert summary["reward"].startswith("rubric(") and f["records"] == len(original)
+    assert summary["environment"]["device"] == "cpu"  # the environment stamp (docs/environment.md)
     assert f["before"]["mean_reward"] == pytest.approx(sum(r.reward for r in original) / len(original))
     assert "concise" in f["components_mean"]
     # back to `correct`: the original rewards exactly (the rescore is a pure function of the messages)

@@ -76,6 +76,7 @@ def test_resume_after_sigkill_is_byte_identical(tmp_path, clarify_cache):
     assert (killed / "conversations.jsonl").read_bytes() == (full / "conversations.jsonl").read_bytes()
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["shards_resumed"] == 1 and summary["conversations"] == 12
+    assert summary["environment"]["dtype"] == "float32" and summary["environment"]["torch"]  # the stamp
     records, _ = load_records(killed / "conversations.jsonl")
     assert len({r.id for r in records}) == 12
     assert {r.meta["teacher"] for r in records} == {"retrieval:blank"} and {r.meta["reward"] for r in records} == {"gold_prob"}

@@ -47,9 +47,10 @@ from lightning.pytorch.callbacks import Callback
 
 from clarify_lit.data.records import ConversationRecord, write_records
 from clarify_lit.data.tasks import QATask
+from clarify_lit.environment import environment_stamp
 from clarify_lit.evaluate.metrics import RolloutMetrics, final_answer, is_correct, nan_to_none
 from clarify_lit.io import atomic_write_text
-from clarify_lit.models import DTYPES, DType, FrozenModels
+from clarify_lit.models import DTYPES, DType, DTypeChoice, FrozenModels, resolve_dtype
 from clarify_lit.simulate.options import (
     DataOptions,
     RewardOptions,
@@ -264,9 +265,11 @@ class RolloutEvaluation(Callback):
         batch_size: conversations per ``generate`` call.
         seed: rollout seed (sampling and teacher); the same at every evaluation.
         dtype: generate with a copy of the policy in this dtype, LoRA merged (as ``clarify evaluate --dtype`` loads
-            an export); ``bfloat16`` decodes ~2x faster than fp32 weights on CPUs with bf16 and is what the demo
-            presets evaluate with. ``None``: generate with the training module itself (no copy: the choice for models
-            too large to copy, or sharded under FSDP).
+            an export); ``auto`` (what ``configs/callbacks/rollout-eval.yaml`` and the demo presets use) resolves on
+            the module's device as ``clarify evaluate --dtype auto`` does: bfloat16 where it is native (a CPU with
+            avx512_bf16 or amx_bf16: ~2x faster than fp32 there), else float32 (docs/environment.md). ``None``
+            (the class default): generate with the training module itself (no copy: the choice for models too large
+            to copy, or sharded under FSDP).
         n_text_examples: conversations written to TensorBoard as text at each evaluation.
         log_prefix: prefix of every logged name.
         write_files: write ``rollouts/step_XXXXXX.{jsonl,metrics.json}`` in the run directory.
@@ -292,7 +295,7 @@ class RolloutEvaluation(Callback):
         max_new_tokens: int = 64,
         batch_size: int = 8,
         seed: int = 0,
-        dtype: DType | None = None,
+        dtype: DTypeChoice | None = None,
         n_text_examples: int = 3,
         log_prefix: str = "rollout",
         write_files: bool = True,
@@ -316,6 +319,7 @@ class RolloutEvaluation(Callback):
         self.at_fit_start = at_fit_start
         self.at_fit_end = at_fit_end
         self.dtype = dtype
+        self.resolved_dtype: DType | None = None  # `dtype` resolved on the module's device (_ensure_built)
         self.n_text_examples = n_text_examples
         self.prefix = log_prefix.rstrip("/")
         self.write_files = write_files
@@ -338,7 +342,10 @@ class RolloutEvaluation(Callback):
         self._ensure_built(pl_module)
 
     def _ensure_built(self, pl_module: L.LightningModule) -> None:
-        """Build the teacher and reward once, on the module's device (judge/teacher models load here)."""
+        """Resolve ``dtype`` and build the teacher and reward once, on the module's device (judge/teacher models load
+        here)."""
+        if self.dtype is not None and self.resolved_dtype is None:
+            self.resolved_dtype = resolve_dtype(self.dtype, pl_module.device)
         if self._teacher is None or self._reward is None:
             self._teacher, self._reward = build_teacher_and_reward(
                 self.teacher_options, self.reward_options, base_model=_hparam(pl_module, "model_name_or_path"),
@@ -429,7 +436,8 @@ class RolloutEvaluation(Callback):
         with full_params(trainer):
             local = run_rollouts(pl_module.model, pl_module.tokenizer, shard, self.spec, teacher=self._teacher,
                                  reward=self._reward, progress=self.progress and trainer.is_global_zero,
-                                 model_name=str(_hparam(pl_module, "model_name_or_path") or ""), dtype=self.dtype)
+                                 model_name=str(_hparam(pl_module, "model_name_or_path") or ""),
+                                 dtype=self.resolved_dtype)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         metric = RolloutMetrics(tokenizer=pl_module.tokenizer, setting=self.spec.setting,
                                 choices={t.task_id: t.choices for t in self.tasks})
@@ -480,11 +488,18 @@ class RolloutEvaluation(Callback):
     def run_meta(self, pl_module: L.LightningModule, step: int, rollouts: str) -> dict[str, Any]:
         """The ``meta`` block of ``step_XXXXXX.metrics.json`` (same keys as ``clarify evaluate``)."""
         objective = (_hparam(pl_module, "objective_config") or {}).get("class")
+        dtype = self.resolved_dtype or _weights_dtype(pl_module)  # None: generated with the module's own weights
         return {
             "method": objective or type(pl_module).__name__, "model": _hparam(pl_module, "model_name_or_path") or "",
             "source": "callback", "step": step, "n": len(self.tasks or []) * len(self.spec.temperatures),
             "n_questions": len(self.tasks or []), "dataset": self.data.label or self.data.dataset,
             "data": asdict(self.data), "teacher": self._teacher.describe() if self._teacher else None,
-            "reward": self._reward.describe() if self._reward else None, "dtype": self.dtype,
-            **asdict(self.spec), "rollouts": rollouts,
+            "reward": self._reward.describe() if self._reward else None, "dtype": dtype,
+            **asdict(self.spec), "rollouts": rollouts, "environment": environment_stamp(pl_module.device, dtype),
         }
+
+
+def _weights_dtype(pl_module: L.LightningModule) -> str | None:
+    """The dtype name of the module's first parameter (``float32`` …), None for a module without parameters."""
+    param = next(iter(pl_module.parameters()), None)
+    return str(param.dtype).removeprefix("torch.") if param is not None else None

@@ -33,10 +33,19 @@ from typing import Any
 
 from clarify_lit.arguments import refuse_secrets, run_function
 from clarify_lit.data.records import write_records
+from clarify_lit.environment import environment_stamp
 from clarify_lit.evaluate.callback import build_teacher_and_reward, load_eval_tasks, run_rollouts
 from clarify_lit.evaluate.metrics import compute_metrics, nan_to_none
 from clarify_lit.io import atomic_write_text, output_lock
-from clarify_lit.models import DType, load_causal_lm, load_export, load_tokenizer, resolve_device
+from clarify_lit.models import (
+    DTYPES,
+    DTypeChoice,
+    load_causal_lm,
+    load_export,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
 from clarify_lit.simulate.engine import Attention
 from clarify_lit.simulate.options import DataOptions, RewardOptions, TeacherOptions
 from clarify_lit.simulate.prompts import Mode, Setting
@@ -113,7 +122,7 @@ def evaluate(
     share_prefix: bool = False,
     attention: Attention = "model",
     seed: int = 0,
-    dtype: DType = "float32",
+    dtype: DTypeChoice = "auto",
     device: str = "auto",
     merge_lora: bool = True,
     progress: bool = True,
@@ -152,7 +161,9 @@ def evaluate(
         attention: attention kernel for generation: ``model`` (as loaded, SDPA), ``sdpa``, ``eager`` or ``gqa``
             (decode steps as two matmuls over the key/value heads; faster on CPU at long contexts, same caveat).
         seed: rollout seed.
-        dtype: weights dtype for ``--model``/``--export_dir``.
+        dtype: weights dtype the policy generates in (any source; a checkpoint is cast): ``auto`` = bfloat16 where the device computes it
+            natively (a CPU with avx512_bf16 or amx_bf16, a GPU with bf16), else float32 (docs/environment.md); the
+            resolved dtype is recorded in ``metrics.json`` (``meta.dtype`` and ``meta.environment``).
         device: ``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:1`` ….
         merge_lora: merge a LoRA adapter into the base weights before generating (faster, same outputs).
         progress: show a progress bar.
@@ -179,10 +190,12 @@ def _evaluate(model, ckpt_path, export_dir, method, out: Path, data, n_questions
     """:func:`evaluate`'s work, once ``out`` is checked and locked."""
     start = time.perf_counter()
     dev = resolve_device(device)
+    dtype = resolve_dtype(dtype, dev)
     data = data or DataOptions()
     tasks = load_eval_tasks(data, n_questions)
     policy, tokenizer, info = load_policy(model, ckpt_path, export_dir, dtype, merge_lora)
-    policy = policy.to(dev).eval()
+    # every source generates in the resolved dtype (a checkpoint holds its training dtype until cast here)
+    policy = policy.to(device=dev, dtype=DTYPES[dtype]).eval()
     teacher_obj, reward_obj = build_teacher_and_reward(teacher, reward, base_model=info["base_model"],
                                                        setting=setting, device=dev, batch_size=batch_size,
                                                        mode=mode)
@@ -201,6 +214,7 @@ def _evaluate(model, ckpt_path, export_dir, method, out: Path, data, n_questions
         "teacher": teacher_obj.describe(), "reward": reward_obj.describe(), **asdict(spec), "dtype": dtype, "device": str(dev),
         "seconds": round(time.perf_counter() - start, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "rollouts": "rollouts.jsonl", "argv": sys.argv[1:],
+        "environment": environment_stamp(dev, dtype),  # what made these numbers (clarify report compares them)
     }
     # written last and atomically: metrics.json is the "stage done" marker `clarify iterate` and the demo resume on
     atomic_write_text(out / "metrics.json", json.dumps(nan_to_none({"metrics": metrics, "meta": meta}), indent=2))

@@ -30,6 +30,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 
 from clarify_lit.arguments import ClarifyParser, renamed_switches
 from clarify_lit.data.records import ConversationRecord, load_records
+from clarify_lit.environment import describe_stamp, stamp_key
 from clarify_lit.evaluate.audit_html import write_audit_html
 from clarify_lit.evaluate.metrics import (
     HIGHER_IS_BETTER,
@@ -439,6 +440,10 @@ def run_report(inputs: Sequence[str], out: str | os.PathLike = "report.md", plot
                   letters]
     if notes:
         parts += [""] + [f"- {n}" for n in notes]
+    mixed_env = mixed_environments(files)
+    if mixed_env:
+        print(f"clarify report: warning: {mixed_env}", file=sys.stderr)
+    parts += ["", *environment_footer(files, mixed_env)]
     text = "\n".join(parts) + "\n"
     out = Path(out)
     atomic_write_text(out, text)
@@ -467,6 +472,49 @@ def mixed_datasets(files: Sequence[MetricsFile]) -> str | None:
         return None
     parts = "; ".join(f"{d}: {', '.join(labels)}" for d, labels in by_dataset.items())
     return f"the table mixes datasets ({parts}); its rows are not comparable"
+
+
+def _stamp(f: MetricsFile) -> dict[str, Any] | None:
+    stamp = f.meta.get("environment")
+    return stamp if isinstance(stamp, dict) else None
+
+
+def mixed_environments(files: Sequence[MetricsFile]) -> str | None:
+    """A warning naming the methods when the table's rows were made on different environment stamps (CPU kind and
+    its bf16 flags, device, dtype or library versions: :func:`clarify_lit.environment.stamp_key`), else None. Files
+    without a stamp (written before stamps existed) are left out: nothing to compare them by."""
+    groups: dict[tuple, tuple[list[str], dict[str, Any]]] = {}
+    for f in files:
+        stamp = _stamp(f)
+        key = stamp_key(stamp)
+        if key is None or stamp is None:
+            continue
+        labels, _ = groups.setdefault(key, ([], stamp))
+        if f.label not in labels:
+            labels.append(f.label)
+    if len(groups) < 2:
+        return None
+    parts = "; ".join(f"{', '.join(labels)} on {describe_stamp(stamp)}" for labels, stamp in groups.values())
+    return (f"the table's methods were made on different machines, dtypes or library versions ({parts}); greedy "
+            "text differs across them, so paired comparisons mix machine noise into the result")
+
+
+def environment_footer(files: Sequence[MetricsFile], mixed: str | None) -> list[str]:
+    """The report's last section: which environment made each method's numbers (one line when all share one)."""
+    described: dict[str, list[str]] = {}
+    for f in files:
+        text = describe_stamp(_stamp(f))
+        if text not in described.setdefault(f.label, []):
+            described[f.label].append(text)
+    texts = {t for ts in described.values() for t in ts}
+    lines = ["## Environment", ""]
+    if len(texts) == 1:
+        lines.append(f"All methods: {texts.pop()}.")
+    else:
+        lines += [f"- {label}: {' | '.join(ts)}" for label, ts in described.items()]
+    if mixed:
+        lines += ["", f"**Warning:** {mixed}."]
+    return lines
 
 
 def parse_renames(rename: Sequence[str] | None) -> dict[str, str]:

@@ -30,9 +30,11 @@ import statistics
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from clarify_lit.arguments import dataclass_parser, parse_dataclass
 from clarify_lit.data.records import (
@@ -43,8 +45,9 @@ from clarify_lit.data.records import (
     questions_with_reward_variance,
     write_records,
 )
+from clarify_lit.environment import environment_stamp
 from clarify_lit.io import atomic_write_text, output_lock
-from clarify_lit.models import DType, FrozenModels, resolve_device
+from clarify_lit.models import DTypeChoice, FrozenModels, resolve_device, resolve_dtype
 from clarify_lit.simulate.branches import (
     BRANCH_CONFIG,
     BRANCH_FILE,
@@ -89,7 +92,10 @@ class SimulateConfig:
     model: str = "embedded:smollm2-135m-instruct"
     """Policy (= logging policy): hub id, local folder, embedded:smollm2-135m-instruct, tiny-random, or an exported
     LoRA adapter folder (runs/<run>/export: applied to its base and merged; teacher/judge default to that base)."""
-    dtype: DType = "float32"
+    dtype: DTypeChoice = "auto"
+    """Policy weights dtype: auto = bfloat16 where the device computes it natively (a CPU with avx512_bf16 or
+    amx_bf16, a GPU with bf16), else float32 (docs/environment.md); resolved before the run, and the resolved dtype
+    is what run_config.json and summary.json record (so a resume on a CPU of the other kind is refused)."""
     device: str = "auto"
     """auto (cuda if available), cpu, cuda, cuda:1 …"""
     data: DataOptions = field(default_factory=DataOptions)
@@ -297,6 +303,14 @@ def summarize(records: list[ConversationRecord], *, timing: dict[str, float], cf
     }
 
 
+def resolve_dtypes(cfg: SimulateConfig, device: torch.device | str) -> SimulateConfig:
+    """``cfg`` with every ``auto`` dtype (policy, teacher, judge) resolved for ``device``
+    (:func:`~clarify_lit.models.resolve_dtype`): the fingerprint and the summary record what actually ran."""
+    return replace(cfg, dtype=resolve_dtype(cfg.dtype, device),
+                   teacher=replace(cfg.teacher, dtype=resolve_dtype(cfg.teacher.dtype, device)),
+                   reward=replace(cfg.reward, judge_dtype=resolve_dtype(cfg.reward.judge_dtype, device)))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # main
 
@@ -328,6 +342,8 @@ def _run(cfg: SimulateConfig) -> dict[str, Any]:
     bt = cfg.branch_temperature
     if bt is not None and not (bt >= 0 and math.isfinite(bt)):
         raise ValueError(f"branch_temperature must be a finite number >= 0, got {bt}")
+    device = resolve_device(cfg.device)
+    cfg = resolve_dtypes(cfg, device)
     tasks = load_data_tasks(cfg.data)
     chunks = [tasks[i:i + cfg.chunk_size] for i in range(0, len(tasks), cfg.chunk_size)]
     fingerprint = run_fingerprint(cfg, [t.task_id for t in tasks])
@@ -344,7 +360,7 @@ def _run(cfg: SimulateConfig) -> dict[str, Any]:
         if branch_todo:
             log.info("branching the %d chunk(s) already logged without branches", len(branch_todo))
 
-    models = FrozenModels(resolve_device(cfg.device))
+    models = FrozenModels(device)
     teacher = reward = engine = None
     model = tok = None
     if todo or branch_todo:
@@ -411,7 +427,9 @@ def _run(cfg: SimulateConfig) -> dict[str, Any]:
     timing = {"seconds": round(seconds, 3), "conversations": new_convs, "new_tokens": new_tokens,
               "conversations_per_s": round(new_convs / seconds, 4) if seconds > 0 and new_convs else None,
               "tokens_per_s": round(new_tokens / seconds, 2) if seconds > 0 and new_tokens else None}
-    extra: dict[str, Any] = {}
+    # the process that finished the run (earlier shards of a resumed run were made under the same resolved dtype:
+    # run_config.json holds it)
+    extra: dict[str, Any] = {"environment": environment_stamp(device, cfg.dtype)}
     if cfg.step_branches:
         branch_records, _ = load_records(merge_branch_shards(out, len(chunks)))
         extra["step_branches"] = branch_summary(records, branch_records)

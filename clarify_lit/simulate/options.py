@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from clarify_lit.data.tasks import OnBadRow, Part, QATask, load_tasks
-from clarify_lit.models import DType, FrozenModels, policy_base
+from clarify_lit.models import DTypeChoice, FrozenModels, policy_base
 from clarify_lit.simulate.prompts import Mode, Setting
 from clarify_lit.simulate.rewards import CorrectReward, GoldProbReward, Reward, RewardKind, make_reward
 from clarify_lit.simulate.rubric import DEFAULT_MIN_WORDS, RubricReward
@@ -82,7 +82,8 @@ class TeacherOptions:
     """For kind=llm: a local HF model or an endpoint."""
     model: str | None = None
     """HF backend: model name/path (None: the policy's model)."""
-    dtype: DType = "float32"
+    dtype: DTypeChoice = "float32"
+    """HF backend: weights dtype; float32 by default (not auto) so a teacher says the same on every machine."""
     endpoint: EndpointOptions = field(default_factory=EndpointOptions)
     temperature: float = 0.0
     max_new_tokens: int = 96
@@ -105,7 +106,8 @@ class RewardOptions:
     kind: RewardKind = "correct"
     judge_model: str | None = None
     """gold_prob / llm_judge with backend=hf: judge model (None: the policy's base model)."""
-    judge_dtype: DType = "float32"
+    judge_dtype: DTypeChoice = "float32"
+    """Judge weights dtype; float32 by default (not auto): a reward is a measurement, kept comparable across CPUs."""
     backend: Backend = "hf"
     """llm_judge: local HF model or endpoint."""
     endpoint: EndpointOptions = field(default_factory=EndpointOptions)

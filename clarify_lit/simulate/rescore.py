@@ -37,8 +37,9 @@ from clarify_lit.data.records import (
     questions_with_reward_variance,
     write_records,
 )
+from clarify_lit.environment import environment_stamp
 from clarify_lit.io import atomic_write_text, output_lock
-from clarify_lit.models import DType, FrozenModels, resolve_device
+from clarify_lit.models import DType, FrozenModels, resolve_device, resolve_dtype
 from clarify_lit.simulate.options import DataOptions, RewardOptions, build_reward, load_data_tasks
 
 log = logging.getLogger("clarify.rescore")
@@ -127,9 +128,11 @@ def run(cfg: RescoreConfig) -> dict[str, Any]:
     if len(modes) > 1:
         raise ValueError(f"clarify rescore: the inputs mix modes {sorted(modes)}; rescore open-mode records "
                          "(graded by the option text named) apart from lettered ones")
-    reward = build_reward(cfg.reward, policy=cfg.model, models=FrozenModels(resolve_device(cfg.device)),
-                          batch_size=cfg.batch_size, mode="open" if modes == {"open"} else "thinking")
-    summary: dict[str, Any] = {"reward": reward.describe(), "files": {}, "config": asdict(cfg)}
+    device = resolve_device(cfg.device)
+    reward = build_reward(cfg.reward, policy=cfg.model, models=FrozenModels(device), batch_size=cfg.batch_size,
+                          mode="open" if modes == {"open"} else "thinking")
+    summary: dict[str, Any] = {"reward": reward.describe(), "files": {}, "config": asdict(cfg),
+                               "environment": environment_stamp(device, resolve_dtype(cfg.reward.judge_dtype, device))}
     with output_lock(out, "clarify rescore"):
         for (path, records), name in zip(loaded, names, strict=True):
             before = _reward_stats(records)

@@ -27,11 +27,12 @@ from clarify_lit.io import atomic_write_text
 log = logging.getLogger(__name__)
 
 RESUMES_FILE = "resumes.jsonl"
+RUN_INFO = "run_info.json"  # the environment stamp of every segment of the run (record_run_info)
 # what clarify fit writes into its run folder (trainer.default_root_dir); the rollout callback's rollouts/ alone does
 # not make a folder a run (it is removed with the run by --overwrite)
 RUN_FILES = ("config.yaml", "hparams.yaml", RESUMES_FILE, "checkpoints", "export", "export_merged")
 RUN_GLOBS = ("config.resume-*.yaml", "events.out.tfevents.*")
-ALSO_CLEARED = ("rollouts",)
+ALSO_CLEARED = ("rollouts", RUN_INFO)
 # settings that change the shape (or the meaning) of the trained weights a checkpoint holds
 SHAPE_KEYS = ("model_name_or_path", "use_lora", "lora_r", "lora_alpha", "lora_target_modules")
 DEFAULT_LORA_TARGETS = ["q_proj", "v_proj"]  # ClarifyModule's default when lora_target_modules is None
@@ -158,6 +159,20 @@ def next_resume_config(root: Path) -> str:
     while (root / f"config.resume-{n}.yaml").exists():
         n += 1
     return f"config.resume-{n}.yaml"
+
+
+def record_run_info(root: Path, stamp: dict[str, Any]) -> Path:
+    """Append this fit segment's environment stamp (:func:`clarify_lit.environment.environment_stamp`: machine,
+    library versions, resolved precision) to ``run_info.json``'s ``segments``: a resumed run lists each segment's
+    machine, so a run trained partly on another CPU kind says so."""
+    path = root / RUN_INFO
+    try:
+        info = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); remove it or restore it") from None
+    segments = list(info.get("segments") or []) if isinstance(info, dict) else []
+    segments.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "environment": stamp})
+    return atomic_write_text(path, json.dumps({"segments": segments}, indent=1) + "\n")
 
 
 def record_resume(root: Path, ckpt_path: Path, step: Any, config_name: str, changed: dict[str, list]) -> Path:
