@@ -113,6 +113,32 @@ def test_single_question_rate_clarifying_only():
     assert compute_metrics(recs, setting="clarifying")["n_first_turns"] == 4
 
 
+def test_single_question_rate_counts_one_option_only():
+    """Issue 25: the column is "one question about one option"; a question naming two options is not one."""
+    recs = [
+        rec("one", ["Is option B a planet?", "Answer is B"], "B", setting="clarifying"),
+        rec("two", ["Is option B or option C a planet?", "Answer is B"], "B", setting="clarifying"),
+        rec("text", [f"Is {CHOICES[0]} hotter than {CHOICES[1]}?", "Answer is B"], "B", setting="clarifying"),
+        rec("none", ["Is it hot?", "Answer is B"], "B", setting="clarifying"),
+    ]
+    assert compute_metrics(recs)["single_question_rate"] == pytest.approx(1 / 4)
+
+
+def test_conflict_rate():
+    """A letter with another option's text earns nothing and is counted (issue 25)."""
+    recs = [
+        rec("c1", [f"The answer is A) {CHOICES[1]}."], "A"),   # option A's letter, option B's text
+        rec("c2", [f"A) {CHOICES[2]}"], "A"),
+        rec("ok", [f"The answer is A) {CHOICES[0]}."], "A"),
+        rec("rej", ["The answer is not A."], "A"),             # a rejection: no credit, no conflict
+    ]
+    m = compute_metrics(recs)
+    assert m["accuracy"] == pytest.approx(1 / 4)
+    assert m["conflict_rate"] == pytest.approx(2 / 4)
+    assert m["conflict_rate_se"] == pytest.approx(proportion_se(2, 4))
+    assert m["hedge_rate"] == 0.0
+
+
 def test_clarifying_without_choices_names_the_record():
     r = rec("nochoice", ["Is B right?", "Answer is B"], "B", setting="clarifying")
     r.meta.pop("choices")

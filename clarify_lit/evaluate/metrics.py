@@ -28,6 +28,7 @@ from torchmetrics import Metric
 from clarify_lit.data.records import ConversationRecord, RecordError
 from clarify_lit.simulate import parsing
 from clarify_lit.simulate.prompts import JUDGE_METRIC_NAMES, judge_key
+from clarify_lit.simulate.rubric import asks_one_question
 
 # The six scores of the paper's LLM judge by metric name (Table columns), overall first; the vocabulary (keys,
 # metric names, other spellings) is defined once, with the judge's prompt (simulate/prompts.py).
@@ -39,6 +40,7 @@ BASE_STATS = (
     "n",                 # conversations
     "parsed",            # final answer parseable
     "hedged",            # final answer names several letters as the answer (earns none)
+    "conflicted",        # final answer pairs a letter with another option's text, or asserts and rejects it
     "correct",           # parsed final answer == gold
     "reward_n",          # conversations with a reward (a failed judge leaves meta["reward_missing"] = true)
     "reward_missing",
@@ -50,7 +52,7 @@ BASE_STATS = (
     "words",             # whitespace words over assistant turns
     "token_turns", "tokens",  # assistant turns whose tokens were counted, and their token total
     "first_turns",       # clarifying-setting conversations whose first turn was checked
-    "single_question",   # ... of which the first turn asks exactly one question
+    "single_question",   # ... of which the first turn asks exactly one question about exactly one option
     "adaptive_n",        # conversations rolled out with adaptive length (meta["adaptive"])
     "clarifying_turns_sum", "clarifying_turns_sq",  # ... their assistant turns before the final answer
     "ended_early",       # ... that the agent ended before the last turn
@@ -271,6 +273,7 @@ def accumulate_stats(
         parsed = final_answer_parse(rec, choices)
         pred = parsed.letter
         st["hedged"] += float(parsed.hedged)
+        st["conflicted"] += float(parsed.conflict)
         if pred is not None:
             st["parsed"] += 1
             st["correct"] += float(pred.strip().upper() == rec.gold.strip().upper())
@@ -293,7 +296,8 @@ def accumulate_stats(
         if record_setting(rec, setting) == "clarifying" and turns:
             st["first_turns"] += 1
             opts = record_choices(rec, choices, source)
-            st["single_question"] += float(bool(parsing.is_single_question(turns[0], opts)))
+            # exactly one option, as the name and the rubric's asks_one say: "Is it A or B?" names two (issue 25)
+            st["single_question"] += float(asks_one_question(turns[0], opts))
         scores = judge_scores(rec)
         if scores is not None:
             for j, v in scores.items():
@@ -361,6 +365,9 @@ def metrics_from_stats(st: Mapping[str, float]) -> dict[str, float]:
     # means a policy is learning to hedge rather than to answer
     out["hedge_rate"] = st["hedged"] / n if n else math.nan
     out["hedge_rate_se"] = proportion_se(st["hedged"], n)
+    # "The answer is A) Isaac Newton" with Isaac Newton option B: two answers, none credited (docs/evaluation.md)
+    out["conflict_rate"] = st["conflicted"] / n if n else math.nan
+    out["conflict_rate_se"] = proportion_se(st["conflicted"], n)
     out["reward"], out["reward_se"] = mean_se(st["reward_sum"], st["reward_sq"], st["reward_n"])
     if st["reward_missing"]:
         out["reward_missing"] = st["reward_missing"]

@@ -48,10 +48,11 @@ COLUMNS: dict[str, tuple[str, int]] = {
     "accuracy": ("Accuracy", 3),
     "format_rate": ("Format", 3),
     "hedge_rate": ("Hedged", 3),
+    "conflict_rate": ("Conflict", 3),
     "truncated_rate": ("Cut turns", 3),
     "thinking_pct": ("Thinking %", 1),
     "reward": ("Reward", 3),
-    "single_question_rate": ("One question", 3),
+    "single_question_rate": ("One question, one option", 3),
     "clarifying_turns": ("Clarifying turns", 2),  # adaptive length only
     "ended_early_rate": ("Ended early", 3),
     "tokens_per_turn": ("Tokens/turn", 1),
