@@ -14,6 +14,7 @@ from clarify_lit.data.records import ConversationRecord, RecordError
 from clarify_lit.evaluate.metrics import (
     RolloutMetrics,
     compute_metrics,
+    holm_adjust,
     judge_scores,
     mean_se,
     normalize_judge_key,
@@ -375,3 +376,14 @@ def test_hedge_rate_and_truncated_rate():
     metric.update(records[:2])
     metric.update(records[2:])
     assert metric.compute()["hedge_rate"] == pytest.approx(0.5)
+
+
+def test_holm_adjust_hand_computed():
+    # the reproduce clarifying table's six accuracy comparisons against Base (raw sign p, issue 25):
+    # sorted 0.0129 · 6 = 0.0774; then 0.375 · 5 = 1.875 → 1; every later one 1
+    assert holm_adjust([0.754, 0.388, 0.508, 0.375, 0.375, 0.0129]) == pytest.approx([1, 1, 1, 1, 1, 0.0774])
+    # 0.01 · 3 = 0.03; 0.03 · 2 = 0.06; max(0.06, 0.04 · 1) = 0.06 (the step-down keeps the order)
+    assert holm_adjust([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm_adjust([0.2]) == [0.2] and holm_adjust([]) == []
+    with pytest.raises(ValueError, match="p-values"):
+        holm_adjust([0.5, float("nan")])

@@ -477,6 +477,33 @@ def sign_test_p(n_pos: int, n_neg: int) -> float:
     return min(1.0, 2 * tail / 2**n)
 
 
+def holm_adjust(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the input order (family-wise error control over the comparisons).
+
+    Sort ascending, ``p_(1) <= … <= p_(m)``; the adjusted ``p~_(i) = max_{j <= i} min(1, (m − j + 1) · p_(j))``, so
+    adjusted values keep the raw order and never fall below the raw ones. A table of m comparisons against one
+    baseline reports these beside the raw sign-test p: a raw 0.013 among six comparisons is not "significant" alone.
+
+    Worked example (hand-computed in tests/test_evaluate_metrics.py)::
+
+        holm_adjust([0.0129, 0.388, 0.508, 0.375, 0.375, 0.754])
+        # sorted: 0.0129·6 = 0.0774; 0.375·5 = 1.875 → 1; the rest 1
+        # → [0.0774, 1.0, 1.0, 1.0, 1.0, 1.0]
+        holm_adjust([0.01, 0.04, 0.03])  # 0.01·3 = 0.03; 0.03·2 = 0.06; max(0.06, 0.04·1) = 0.06
+        # → [0.03, 0.06, 0.06]
+    """
+    ps = [float(p) for p in pvalues]
+    if any(not 0.0 <= p <= 1.0 for p in ps):  # also catches NaN
+        raise ValueError(f"p-values must be in [0, 1], got {ps}")
+    m = len(ps)
+    out = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda k: ps[k])):
+        running = max(running, min(1.0, (m - rank) * ps[i]))
+        out[i] = running
+    return out
+
+
 class QuestionMismatchError(ValueError):
     """Two evaluations hold different questions under the same ``task_id`` (``meta.question_hash`` differs)."""
 
