@@ -190,7 +190,7 @@ ISSUE_TABLE = {
     'the option-A question, then "The answer is A." with <thinking> filler': (0.680, 0.080),
     'the option-B question, then "The answer is B." with <thinking> filler': (0.716, 0.116),
 }
-BEST_TRAINED = 0.119  # rubric-explore StepDPO, two seeds (README), the best trained row under this reward
+BEST_TRAINED = 0.119  # rubric-explore StepDPO as the audit read it (0.106 under the third-pass parser; README)
 
 
 @pytest.fixture(scope="module")

@@ -336,7 +336,7 @@ REAL_THIRD_PASS = [
     ("This question is testing the ability to identify the correct answer based on the given options. The answer is "
      "not A, which is tubes, but rather B. This is a classic example of a logical fallacy",
      ["tubes", "arms", "connections", "bonds"], None, False),
-    # a letter with another option's text, credited as correct before (of 46 such records in all; 27 by an answer
+    # a letter with another option's text, credited as correct before (of 46 such records in all; 28 by an answer
     # phrase): results/sciq-clarifying-thinking-rollouts/seed0-Swift validation-721; clarify/rubric-explore seed1-StepDPO
     # 373; clarify correct cell seed0-Refit 721 (names the other letters after); reproduce seed0-StepDPO 397;
     # reasoning seed1-Refit 721, seed1-StepDPO 465, seed1-Swift 721; rubric-v2 seed1-DPO 653
