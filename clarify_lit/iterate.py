@@ -42,12 +42,14 @@ import yaml
 
 from clarify_lit.arguments import dataclass_parser, parse_dataclass, refuse_secrets
 from clarify_lit.data.records import load_records
-from clarify_lit.evaluate.metrics import compute_metrics, nan_to_none, paired_comparison
+from clarify_lit.evaluate.metrics import compute_metrics, holm_adjust, nan_to_none, paired_comparison
 from clarify_lit.evaluate.report import (
     aggregate,
+    constant_caption,
     environment_footer,
     format_mean_se,
     letters_table,
+    method_rollouts,
     mixed_environments,
     read_metrics_file,
     results_table,
@@ -356,11 +358,16 @@ def collect_rows(out: Path, rounds: int) -> list[dict[str, Any]]:
 def by_round_table(rows: list[dict[str, Any]]) -> str:
     adaptive = any("clarifying_turns" in r["eval"] for r in rows)
     header = ["Policy", "n", "Accuracy", "Reward", *(["Clarifying turns"] if adaptive else []),
-              "Δ accuracy vs previous (sign p)", "Logged data: reward", "Logged data: accuracy"]
+              "Δ accuracy vs previous (sign p; Holm p)", "Logged data: reward", "Logged data: accuracy"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for r in rows:
+    # Holm over the table's round-on-round comparisons (issue 25: several tests, one family)
+    tested = [k for k, r in enumerate(rows) if r["paired_vs_previous"] is not None]
+    holm = dict(zip(tested, holm_adjust([rows[k]["paired_vs_previous"]["accuracy"]["p_sign"] for k in tested]),
+                    strict=True))
+    for k, r in enumerate(rows):
         m, d, p = r["eval"], r["data"] or {}, r["paired_vs_previous"]
-        delta = "–" if p is None else f"{format_mean_se(p['accuracy']['diff'], p['accuracy']['se'])} ({p['accuracy']['p_sign']:.3g})"
+        delta = "–" if p is None else (f"{format_mean_se(p['accuracy']['diff'], p['accuracy']['se'])} "
+                                       f"({p['accuracy']['p_sign']:.3g}; {holm[k]:.3g})")
         cells = [r["label"], f"{m.get('n', math.nan):.0f}", format_mean_se(m.get("accuracy"), m.get("accuracy_se")),
                  format_mean_se(m.get("reward"), m.get("reward_se"))]
         if adaptive:
@@ -418,20 +425,21 @@ def write_report(out: Path, rounds: int) -> dict[str, Any]:
         raise FileNotFoundError(f"{out}: no evaluated policy to report (base/eval/metrics.json missing)")
     files = [read_metrics_file(r["metrics_file"], r["label"]) for r in rows]
     methods = aggregate(files)
+    caption = constant_caption([x for s in methods for x in (method_rollouts(s) or [])])
     text = "\n".join([
         f"# clarify iterate: {len(rows) - 1} of {rounds} rounds evaluated", "",
         "## Reward and accuracy by round", "",
         "Each row is a policy: Base, then the policy fitted in round k. Accuracy, reward (and clarifying turns) are "
         "its held-out evaluation; Δ accuracy is paired per question against the row above (exact sign test); "
         "*logged data* is the conversations this policy produced as the next round's logging policy (train "
-        "questions, sampling temperatures; – for the last policy).", "",
+        "questions, sampling temperatures; – for the last policy).", "", *([caption, ""] if caption else []),
         by_round_table(rows), "",
-        "## Every metric (mean ± SE; best in bold)", "",
+        "## Every metric (mean ± SE; best in bold)", "", *([caption, ""] if caption else []),
         results_table(methods, table_columns(methods)), ""])
     letters = letters_table(methods)
     if letters:  # a round that only collapsed onto one letter scores that letter's base rate (docs/evaluation.md)
         text += "\n".join(["", "## Final-answer letters (share of conversations; last row: a constant answer's "
-                            "accuracy)", "", letters, ""])
+                            "accuracy)", "", caption, "", letters, ""])
     mixed = mixed_environments(files)  # e.g. a run resumed on a CPU of another kind
     if mixed:
         print(f"clarify iterate: warning: {mixed}", file=sys.stderr)

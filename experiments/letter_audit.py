@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from clarify_lit.data.records import load_records
+from clarify_lit.evaluate.metrics import final_answer
 
 
 def audit(folder: Path) -> dict:
@@ -23,6 +24,9 @@ def audit(folder: Path) -> dict:
             by_method[method] += load_records(f)[0]
     out = {}
     for method, recs in by_method.items():
+        # re-parse with the current parser (the stored prediction is the parse at rollout time: issue 25)
+        for r in recs:
+            r.prediction = final_answer(r)
         gold_a = [r for r in recs if r.gold == "A"]
         other = [r for r in recs if r.gold != "A"]
         out[method] = {

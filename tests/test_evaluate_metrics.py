@@ -14,6 +14,7 @@ from clarify_lit.data.records import ConversationRecord, RecordError
 from clarify_lit.evaluate.metrics import (
     RolloutMetrics,
     compute_metrics,
+    holm_adjust,
     judge_scores,
     mean_se,
     normalize_judge_key,
@@ -111,6 +112,32 @@ def test_single_question_rate_clarifying_only():
     # the explicit setting argument overrides meta
     assert compute_metrics(recs, setting="reasoning").get("single_question_rate") is None
     assert compute_metrics(recs, setting="clarifying")["n_first_turns"] == 4
+
+
+def test_single_question_rate_counts_one_option_only():
+    """Issue 25: the column is "one question about one option"; a question naming two options is not one."""
+    recs = [
+        rec("one", ["Is option B a planet?", "Answer is B"], "B", setting="clarifying"),
+        rec("two", ["Is option B or option C a planet?", "Answer is B"], "B", setting="clarifying"),
+        rec("text", [f"Is {CHOICES[0]} hotter than {CHOICES[1]}?", "Answer is B"], "B", setting="clarifying"),
+        rec("none", ["Is it hot?", "Answer is B"], "B", setting="clarifying"),
+    ]
+    assert compute_metrics(recs)["single_question_rate"] == pytest.approx(1 / 4)
+
+
+def test_conflict_rate():
+    """A letter with another option's text earns nothing and is counted (issue 25)."""
+    recs = [
+        rec("c1", [f"The answer is A) {CHOICES[1]}."], "A"),   # option A's letter, option B's text
+        rec("c2", [f"A) {CHOICES[2]}"], "A"),
+        rec("ok", [f"The answer is A) {CHOICES[0]}."], "A"),
+        rec("rej", ["The answer is not A."], "A"),             # a rejection: no credit, no conflict
+    ]
+    m = compute_metrics(recs)
+    assert m["accuracy"] == pytest.approx(1 / 4)
+    assert m["conflict_rate"] == pytest.approx(2 / 4)
+    assert m["conflict_rate_se"] == pytest.approx(proportion_se(2, 4))
+    assert m["hedge_rate"] == 0.0
 
 
 def test_clarifying_without_choices_names_the_record():
@@ -349,3 +376,14 @@ def test_hedge_rate_and_truncated_rate():
     metric.update(records[:2])
     metric.update(records[2:])
     assert metric.compute()["hedge_rate"] == pytest.approx(0.5)
+
+
+def test_holm_adjust_hand_computed():
+    # the reproduce clarifying table's six accuracy comparisons against Base (raw sign p, issue 25):
+    # sorted 0.0129 · 6 = 0.0774; then 0.375 · 5 = 1.875 → 1; every later one 1
+    assert holm_adjust([0.754, 0.388, 0.508, 0.375, 0.375, 0.0129]) == pytest.approx([1, 1, 1, 1, 1, 0.0774])
+    # 0.01 · 3 = 0.03; 0.03 · 2 = 0.06; max(0.06, 0.04 · 1) = 0.06 (the step-down keeps the order)
+    assert holm_adjust([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm_adjust([0.2]) == [0.2] and holm_adjust([]) == []
+    with pytest.raises(ValueError, match="p-values"):
+        holm_adjust([0.5, float("nan")])

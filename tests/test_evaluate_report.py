@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from clarify_lit.data.records import ConversationRecord, write_records
-from clarify_lit.evaluate.report import aggregate, expand_inputs, main, read_metrics_file, run_report
+from clarify_lit.evaluate.report import (
+    aggregate,
+    best_constant_answer,
+    expand_inputs,
+    main,
+    read_metrics_file,
+    run_report,
+)
 
 
 def write_run(folder: Path, method: str, metrics: dict, correct: list[bool] | None = None, seed: int = 0) -> Path:
@@ -77,6 +84,11 @@ def test_report_table_plot_and_paired(tmp_path, capsys):
     summary = json.loads(out.with_suffix(".json").read_text())
     assert [s["label"] for s in summary["methods"]] == ["Base", "Swift"]
     assert summary["paired"][0]["accuracy"]["wins"] == 6
+    # one comparison: Holm's p is the raw p; the caption states the best constant answer (every gold is A here)
+    assert float(cells[5]) == pytest.approx(float(cells[4]), rel=1e-3)
+    assert summary["paired"][0]["holm_p_accuracy"] == pytest.approx(summary["paired"][0]["accuracy"]["p_sign"])
+    caption = 'Best constant answer: always "The answer is A." scores accuracy 1.000 on these 10 questions'
+    assert text.count(caption) == 3  # the results, paired and letters tables each carry it
 
 
 def test_label_override_dir_input_and_missing_rollouts(tmp_path):
@@ -120,3 +132,28 @@ def test_rename_and_order_rows(tmp_path):
         run_report([str(runs)], out=tmp_path / "r.md", rename=["SFT=STaR-GATE"], order=["SFT"])
     with pytest.raises(ValueError, match="expected OLD=NEW"):
         run_report([str(runs)], out=tmp_path / "r.md", rename=["SFT"])
+
+
+def test_best_constant_answer_from_gold_letters():
+    """Gold letters A, B, B, C (question q1 seen twice, counted once): always B is right on 2 of 4 questions."""
+    recs = [ConversationRecord(id=f"r{i}", task_id=f"q{q}", gold=g, reward=0.0, messages=[])
+            for i, (q, g) in enumerate([(0, "A"), (1, "B"), (1, "B"), (2, "B"), (3, "C")])]
+    assert best_constant_answer(recs) == ("B", 0.5)
+    # a tie goes to the earlier letter
+    assert best_constant_answer(recs[:1] + recs[4:]) == ("A", 0.5)
+
+
+def test_paired_table_holm_column(tmp_path):
+    """Three methods against Base: the Holm column is holm_adjust of the raw sign p over the table's rows."""
+    runs = tmp_path / "runs"
+    write_run(runs / "base", "Base", m(0.0, 0.0, n=10), correct=[False] * 10)
+    write_run(runs / "a", "A", m(0.6, 0.1, n=10), correct=[True] * 6 + [False] * 4)   # 6/0/4: p = 2/64
+    write_run(runs / "b", "B", m(0.2, 0.1, n=10), correct=[True] * 2 + [False] * 8)   # 2/0/8: p = 2/4 = 0.5
+    write_run(runs / "c", "C", m(0.8, 0.1, n=10), correct=[True] * 8 + [False] * 2)   # 8/0/2: p = 2/256
+    text = run_report([str(runs / "*")], out=tmp_path / "t.md")
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in text.splitlines() if " vs Base |" in line}
+    # by hand: sorted 2/256 · 3 = 0.0234; 2/64 · 2 = 0.0625; max(0.0625, 0.5 · 1) = 0.5
+    assert float(rows["C vs Base"][5]) == pytest.approx(3 * 2 / 256, rel=3e-3)
+    assert float(rows["A vs Base"][5]) == pytest.approx(2 * 2 / 64, rel=3e-3)
+    assert float(rows["B vs Base"][5]) == pytest.approx(0.5, rel=1e-3)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from clarify_lit.data.tasks import QATask
 from clarify_lit.simulate import prompts
@@ -161,3 +166,81 @@ def test_simulate_options_build_the_rubric():
                           policy="tiny-random", models=FrozenModels("cpu"))
     assert isinstance(reward, RubricReward) and reward.weights == {"correct": 1.0, "asks_one": 1.0}
     assert reward.score([TASK], [conversation(GOOD)])[0].value == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The rubric is gameable (issue 25): these tests document the exploits; they do not claim a fix. A word-counting
+# rubric cannot tell a template question from a real one or filler from reasoning (docs/simulate.md#the-rubric-is-a-
+# diagnostic-not-a-judge), so it is reported as a diagnostic, and the paper's LLM judge (--reward.kind judge) is the
+# real reward. If a change makes any of these fail, the rubric got harder to game: update the numbers and the docs.
+# ---------------------------------------------------------------------------------------------------------------
+_ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("rubric_exploits", _ROOT / "experiments" / "rubric_exploits.py")
+exploits = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(exploits)
+
+# the outside audit's table (issue 25), reproduced on Base's committed rubric-v2 rollouts (100 test questions, gold A
+# on 20 of them, B on 29): policy -> (rubric reward, accuracy term 0.4 · accuracy)
+ISSUE_TABLE = {
+    'constant "The answer is A."': (0.080, 0.080),
+    'copy the teacher\'s message in turns 1 and 2, then "The answer is A."': (0.130, 0.080),
+    '"What does option A refer to?", then "The answer is A." twice': (0.347, 0.080),
+    '"The answer is A." plus 10 random filler words, different each turn': (0.280, 0.080),
+    '"The answer is A." with 10 filler words inside <thinking> tags': (0.480, 0.080),
+    'the option-A question, then "The answer is A." with <thinking> filler': (0.680, 0.080),
+    'the option-B question, then "The answer is B." with <thinking> filler': (0.716, 0.116),
+}
+BEST_TRAINED = 0.119  # rubric-explore StepDPO as the audit read it (0.106 under the third-pass parser; README)
+
+
+@pytest.fixture(scope="module")
+def exploit_table():
+    records, _ = exploits.load_records(_ROOT / exploits.ROLLOUTS)
+    assert len(records) == 100
+    return exploits.score_policies(records)
+
+
+@pytest.mark.parametrize("name", list(ISSUE_TABLE))
+def test_the_audits_trivial_policies_earn_what_the_issue_says(exploit_table, name):
+    reward, acc_term = ISSUE_TABLE[name]
+    got = exploit_table[name]
+    assert got["rubric"] == pytest.approx(reward, abs=1e-3)
+    assert got["accuracy_term"] == pytest.approx(acc_term, abs=1e-3)
+    if name.startswith("constant"):
+        assert got["rubric"] == pytest.approx(got["accuracy_term"])  # the one row the v2 fix holds for
+    else:
+        # every other row earns more than its accuracy term: the documented exploit
+        assert got["rubric"] > got["accuracy_term"] + 0.04
+    if got["asks_one"] == 1.0 and got["thinking"] == 1.0:
+        assert got["rubric"] > 5 * BEST_TRAINED  # a template beats every trained row by far
+
+
+_WORDS = st.sampled_from(exploits.FILLER)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(_WORDS, min_size=10, max_size=10), min_size=3, max_size=3), st.booleans())
+def test_any_filler_earns_the_process_terms(fillers, inside):
+    """Random filler of 10 words (at least half distinct) after a committed wrong letter: inside the tags it earns
+    ``thinking`` and ``concise``, outside ``concise``, though it says nothing."""
+    if any(len(set(f)) * 2 < len(f) for f in fillers) or len({tuple(f) for f in fillers}) < 3:
+        return  # repeats are (rightly) not credited; the exploit needs only fresh draws, which are easy
+    turns = [f"The answer is A. <thinking>{' '.join(f)}</thinking>" if inside else f"The answer is A. {' '.join(f)}"
+             for f in fillers]
+    comps = rubric_components(TASK, conversation(turns))
+    assert comps["correct"] == 0.0 and comps["concise"] == 1.0
+    assert comps["thinking"] == (1.0 if inside else 0.0)
+    assert score(turns) == pytest.approx(0.2 + (0.2 if inside else 0.0))  # all of it unearned
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(["What does option {x} refer to?", "Is option {x} correct?", "Can you explain option {x}?",
+                        "What is meant by ({x})?", "Tell me more about option {x}?"]),
+       st.sampled_from("ABCD"))
+def test_any_fixed_question_template_earns_asks_one(template, letter):
+    """Any fixed one-option question earns the full ``asks_one`` term: the rubric cannot tell a template from a
+    question that clarifies anything."""
+    turns = [template.format(x=letter), "The answer is A.", "The answer is A."]
+    comps = rubric_components(TASK, conversation(turns))
+    assert comps["asks_one"] == 1.0
+    assert score(turns) == pytest.approx(0.2 + 0.2 / 3)  # wrong letter: asks_one + one concise turn of three

@@ -282,3 +282,115 @@ def test_names_an_option():
     assert names_an_option("what about choice d", CHOICES)
     assert names_an_option("Is soil alive", CHOICES)
     assert not names_an_option("a plant grows", CHOICES)
+
+
+# Third pass (issue 25): conflicts, rejections and "the answer to the question is". (text, choices, letter, conflict)
+_DARWIN = ["charles darwin", "Isaac Newton", "Carl Sagan", "Gregor Mendel"]
+_DRINKS = ["coffee", "soda", "beer", "water"]
+THIRD_PASS = [
+    # a letter with another option's text: two answers, none credited, flagged as a conflict
+    ("The answer is A) Isaac Newton", _DARWIN, None, True),
+    ("The answer is A: Isaac Newton.", _DARWIN, None, True),
+    ("A) Isaac Newton", _DARWIN, None, True),
+    ("The answer is A) Charles Darwin.", _DARWIN, "A", False),
+    ("The answer is: B) Isaac Newton", _DARWIN, "B", False),
+    ("The answer is (B) Isaac Newton", _DARWIN, "B", False),
+    ("The answer is B) water vapour", ["water", "water vapour", "ice", "steam"], "B", False),  # longest text wins
+    ("The answer is A. Isaac Newton was a physicist.", _DARWIN, "A", False),  # after a period: a new sentence
+    # a rejection never credits its letter
+    ("The answer is not A", None, None, False),
+    ("The answer is not A, the answer is B", None, "B", False),
+    ("The correct answer is not (C).", None, None, False),
+    ("The answer is A, which is incorrect.", None, None, False),
+    ("A) coffee is not the answer", _DRINKS, None, False),
+    ("(B) is wrong. The answer is C.", None, "C", False),
+    ("The answer is B and C is wrong", None, "B", False),
+    ("The answer is D) water. The answer is not D) water.", _DRINKS, None, True),  # asserted and rejected
+    ("The answer is not coffee.", _DRINKS, None, False),
+    # "the answer to the question is X"
+    ("The answer to the question is D.", None, "D", False),
+    ("The answer to this question is: B", None, "B", False),
+    ("The answer to the question is A or B.", None, None, False),
+    ("Is the answer to the question D?", None, None, False),
+]
+
+# Real final turns from the committed rollouts (results/**/*-rollouts/*.jsonl.gz and results/clarify/iterate), found by
+# re-parsing every evaluated record with the second-pass and third-pass parser (the file and question in comments).
+REAL_THIRD_PASS = [
+    # the three rejections credited before (results/sciq-reasoning-standard-rollouts/seed0-Base, seed0-DPO and
+    # seed1-Swift, sciq/validation-655, gold A: each was counted correct)
+    ("The answer is not A) coffee, which is a beverage.\n\nThe answer is not B) soda, which is not a beverage.\n\nThe "
+     "answer is not C) beer, which", _DRINKS, None, False),
+    ("The answer is not A) coffee, which is a beverage.\n\nThe answer is not B) soda, which is not a beverage.\n\nThe "
+     "answer is not C) beer, which", _DRINKS, None, False),
+    ("The answer is not A) coffee, which is a beverage.\n\nThe answer is not B) soda,", _DRINKS, None, False),
+    # more rejections (results/sciq-reasoning-standard-rollouts: seed0-DPO validation-412, seed1-Refit 888 and 655,
+    # seed0-Base 750)
+    ("This question is a classic example of a logical fallacy. The answer is A, which is incorrect. Exon skipping is a "
+     "type of splicing that involves skipping exon sequences during gene expression. The correct",
+     ["comprehensive", "alternative", "inclusive", "proactive"], None, False),
+    ("The answer is incorrect because the correct answer is not A, which is a positive charge.",
+     ["positive", "similar", "negative", "neutral"], None, False),
+    ("The answer is D) water, which is second only to oil.\n\nI will explain my reasoning:\n\nThe answer is not D) "
+     "water, which is not a valid option.", _DRINKS, None, True),
+    ("This question is testing the ability to identify the correct answer based on the given options. The answer is "
+     "not A, which is tubes, but rather B. This is a classic example of a logical fallacy",
+     ["tubes", "arms", "connections", "bonds"], None, False),
+    # a letter with another option's text, credited as correct before (of 46 such records in all; 28 by an answer
+    # phrase): results/sciq-clarifying-thinking-rollouts/seed0-Swift validation-721; clarify/rubric-explore seed1-StepDPO
+    # 373; clarify correct cell seed0-Refit 721 (names the other letters after); reproduce seed0-StepDPO 397;
+    # reasoning seed1-Refit 721, seed1-StepDPO 465, seed1-Swift 721; rubric-v2 seed1-DPO 653
+    ("A) Isaac Newton\n\nThe answer is A) Isaac Newton", _DARWIN, None, True),
+    ("A) crystals\n\nThe correct answer is C) crystals.", ["crystals", "ions", "atoms", "cells"], None, True),
+    ("A) Isaac Newton\n\nThe answer is A) Isaac Newton\n\nThe other two options are C) Carl Sagan and D) Gregor "
+     "Mendel.", _DARWIN, None, True),
+    ("A) one\n\nThe answer is A) one.", ["same", "when", "DIfferent", "one"], None, True),
+    ("The correct answer is A) Gregor Mendel. This is because the book chapter on evolution and genetics is dedicated "
+     "to Gregor Mendel, and the question is testing the accuracy of the book chapter", _DARWIN, None, True),
+    ("The answer is C) catalytic yield.\n\nThis is a scientific question that requires a thorough understanding of the "
+     "chemical reactions involved in the reaction described. The correct answer is C) catalytic yield.",
+     ["reactant", "solute", "theoretical yield", "catalytic yield"], None, True),
+    ("This question is a classic example of the \"False Dilemma\" fallacy. The answer is not A) Charles Darwin, but "
+     "the other options are not correct. The correct answer is A) Isaac", _DARWIN, None, True),
+    ("A) dormancy\n\nQuestion: What is the most common type of cancer?\n\nOptions:\nA) malignancy\nB) germination C) "
+     "dormancy D) hibernation\n\nResponse:\nC) hibernation\n\nThe answer is C) hibernation.",
+     ["malignancy", "germination", "dormancy", "hibernation"], None, True),
+    ("The answer is A) the intestine.", ["the skin", "the intestine", "the urethra", "the vagina"], None, True),
+    # "the answer to the question is X" (18 records earned nothing before): clarify/rubric-explore seed0-Base and
+    # seed0-StepDPO validation-159, seed0-Swift 562; rubric-v2 seed1-StepDPO 888; reproduce seed0-Base 159
+    ("The answer to the question is D.", ["air", "atmospheric", "cosmic", "thermal"], "D", False),
+    ("The answer to this question is D.", ["air", "atmospheric", "cosmic", "thermal"], "D", False),
+    ("The answer to this question is D.", ["glacial", "pleistocene", "miocene", "flintstone"], "D", False),
+    ("The answer to this question is A.", ["positive", "similar", "negative", "neutral"], "A", False),
+    ("The answer to the question is A.", ["air", "atmospheric", "cosmic", "thermal"], "A", False),
+    ("The answer to the question is A) sperm.", ["sperm", "egg", "dna", "mitochondria"], "A", False),
+    ("The answer to the question is A) distinct energy.",
+     ["distinct energy", "decomposition energy", "activation energy", "nuclear energy"], "A", False),
+]
+
+
+@pytest.mark.parametrize(("text", "choices", "letter", "conflict"), THIRD_PASS + REAL_THIRD_PASS)
+def test_third_pass_conflicts_rejections_and_answer_to_the_question(text, choices, letter, conflict):
+    got = analyze_answer(text, choices)
+    assert (got.letter, got.conflict) == (letter, conflict), got
+    if conflict:
+        assert not got.hedged  # its own flag: a conflict is two answers, not a hedge over letters
+
+
+_LABELS = ["The answer is {x}) {t}", "The correct answer is {x}: {t}.", "{x}) {t}", "Answer: ({x}) {t}",
+           "The answer to the question is {x}) {t}."]
+
+
+@given(st.sampled_from(_LABELS), st.sampled_from("ABCD"), st.sampled_from("ABCD"))
+def test_a_letter_with_another_options_text_never_earns_credit(template, letter, text_of):
+    choices = ["the sun", "the moon", "a comet", "an asteroid"]
+    got = analyze_answer(template.format(x=letter, t=choices["ABCD".index(text_of)]), choices)
+    assert got.letter == (letter if letter == text_of else None)
+    assert got.conflict == (letter != text_of)
+
+
+@given(st.sampled_from("ABCD"), st.sampled_from(["The answer is not {x}.", "The correct answer is not ({x}).",
+                                                 "({x}) is not the answer.", "({x}) is wrong.", "The answer is {x}, "
+                                                 "which is incorrect.", "Option {x} is wrong."]))
+def test_a_rejected_letter_never_earns_credit(letter, template):
+    assert parse_answer_letter(template.format(x=letter)) is None

@@ -27,8 +27,9 @@ from torchmetrics import Metric
 
 from clarify_lit.data.records import ConversationRecord, RecordError
 from clarify_lit.simulate import parsing
-from clarify_lit.simulate.open_answer import asks_one_question, grade_open_answer
+from clarify_lit.simulate.open_answer import grade_open_answer, holds_one_question
 from clarify_lit.simulate.prompts import JUDGE_METRIC_NAMES, judge_key
+from clarify_lit.simulate.rubric import asks_one_question
 
 # The six scores of the paper's LLM judge by metric name (Table columns), overall first; the vocabulary (keys,
 # metric names, other spellings) is defined once, with the judge's prompt (simulate/prompts.py).
@@ -40,6 +41,7 @@ BASE_STATS = (
     "n",                 # conversations
     "parsed",            # final answer parseable
     "hedged",            # final answer names several letters as the answer (earns none)
+    "conflicted",        # final answer pairs a letter with another option's text, or asserts and rejects it
     "correct",           # parsed final answer == gold
     "reward_n",          # conversations with a reward (a failed judge leaves meta["reward_missing"] = true)
     "reward_missing",
@@ -51,7 +53,7 @@ BASE_STATS = (
     "words",             # whitespace words over assistant turns
     "token_turns", "tokens",  # assistant turns whose tokens were counted, and their token total
     "first_turns",       # clarifying-setting conversations whose first turn was checked
-    "single_question",   # ... of which the first turn asks exactly one question
+    "single_question",   # ... of which the first turn asks exactly one question (about exactly one option; open mode: one question)
     "asked_correct",     # ... of which the final answer is correct (accuracy when asking vs not)
     "open_n",            # open-mode conversations (meta["mode"] == "open": answers graded by the option text named)
     "names_none",        # ... whose final answer names no option (wrong, counted apart from hedges)
@@ -283,6 +285,7 @@ def accumulate_stats(
         pred = parsed.letter
         st["hedged"] += float(parsed.hedged)
         correct = pred is not None and pred.strip().upper() == rec.gold.strip().upper()
+        st["conflicted"] += float(parsed.conflict)
         if pred is not None:
             st["parsed"] += 1
             st["correct"] += float(correct)
@@ -308,9 +311,9 @@ def accumulate_stats(
         if record_setting(rec, setting) == "clarifying" and turns:
             st["first_turns"] += 1
             if is_open(rec):  # no options to ask about: exactly one question
-                asked = asks_one_question(turns[0])
-            else:
-                asked = bool(parsing.is_single_question(turns[0], record_choices(rec, choices, source)))
+                asked = holds_one_question(turns[0])
+            else:  # exactly one option, as the name and the rubric's asks_one say: "Is it A or B?" names two
+                asked = asks_one_question(turns[0], record_choices(rec, choices, source))
             st["single_question"] += float(asked)
             st["asked_correct"] += float(asked and correct)
         scores = judge_scores(rec)
@@ -380,6 +383,9 @@ def metrics_from_stats(st: Mapping[str, float]) -> dict[str, float]:
     # means a policy is learning to hedge rather than to answer
     out["hedge_rate"] = st["hedged"] / n if n else math.nan
     out["hedge_rate_se"] = proportion_se(st["hedged"], n)
+    # "The answer is A) Isaac Newton" with Isaac Newton option B: two answers, none credited (docs/evaluation.md)
+    out["conflict_rate"] = st["conflicted"] / n if n else math.nan
+    out["conflict_rate_se"] = proportion_se(st["conflicted"], n)
     out["reward"], out["reward_se"] = mean_se(st["reward_sum"], st["reward_sq"], st["reward_n"])
     if st["reward_missing"]:
         out["reward_missing"] = st["reward_missing"]
@@ -494,6 +500,33 @@ def sign_test_p(n_pos: int, n_neg: int) -> float:
         return 1.0
     tail = sum(math.comb(n, k) for k in range(min(n_pos, n_neg) + 1))
     return min(1.0, 2 * tail / 2**n)
+
+
+def holm_adjust(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the input order (family-wise error control over the comparisons).
+
+    Sort ascending, ``p_(1) <= … <= p_(m)``; the adjusted ``p~_(i) = max_{j <= i} min(1, (m − j + 1) · p_(j))``, so
+    adjusted values keep the raw order and never fall below the raw ones. A table of m comparisons against one
+    baseline reports these beside the raw sign-test p: a raw 0.013 among six comparisons is not "significant" alone.
+
+    Worked example (hand-computed in tests/test_evaluate_metrics.py)::
+
+        holm_adjust([0.0129, 0.388, 0.508, 0.375, 0.375, 0.754])
+        # sorted: 0.0129·6 = 0.0774; 0.375·5 = 1.875 → 1; the rest 1
+        # → [0.0774, 1.0, 1.0, 1.0, 1.0, 1.0]
+        holm_adjust([0.01, 0.04, 0.03])  # 0.01·3 = 0.03; 0.03·2 = 0.06; max(0.06, 0.04·1) = 0.06
+        # → [0.03, 0.06, 0.06]
+    """
+    ps = [float(p) for p in pvalues]
+    if any(not 0.0 <= p <= 1.0 for p in ps):  # also catches NaN
+        raise ValueError(f"p-values must be in [0, 1], got {ps}")
+    m = len(ps)
+    out = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda k: ps[k])):
+        running = max(running, min(1.0, (m - rank) * ps[i]))
+        out[i] = running
+    return out
 
 
 class QuestionMismatchError(ValueError):

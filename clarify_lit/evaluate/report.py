@@ -37,6 +37,7 @@ from clarify_lit.evaluate.metrics import (
     PairedDiff,
     QuestionMismatchError,
     final_answer,
+    holm_adjust,
     nan_to_none,
     paired_comparison,
 )
@@ -49,10 +50,11 @@ COLUMNS: dict[str, tuple[str, int]] = {
     "accuracy": ("Accuracy", 3),
     "format_rate": ("Format", 3),
     "hedge_rate": ("Hedged", 3),
+    "conflict_rate": ("Conflict", 3),
     "truncated_rate": ("Cut turns", 3),
     "thinking_pct": ("Thinking %", 1),
     "reward": ("Reward", 3),
-    "single_question_rate": ("One question", 3),
+    "single_question_rate": ("One question, one option", 3),
     "clarifying_turns": ("Clarifying turns", 2),  # adaptive length only
     "ended_early_rate": ("Ended early", 3),
     "tokens_per_turn": ("Tokens/turn", 1),
@@ -301,6 +303,26 @@ def constant_answer_accuracy(records: Sequence[ConversationRecord]) -> dict[str,
     return {x: sum(g == x for g in gold.values()) / n for x in LETTERS}
 
 
+def best_constant_answer(records: Sequence[ConversationRecord]) -> tuple[str, float]:
+    """The constant reply with the highest accuracy on these records' questions (each question once): the most
+    frequent gold letter, and its share. Ties go to the earlier letter. Example: gold letters A, B, B, C give
+    ``("B", 0.5)`` (always answering B is right on 2 of 4 questions; tests/test_evaluate_report.py)."""
+    const = constant_answer_accuracy(records)
+    best = max(LETTERS, key=lambda x: const[x])
+    return best, const[best]
+
+
+def constant_caption(records: Sequence[ConversationRecord] | None) -> str:
+    """The caption line every table carries (issue 25): what the best constant answer scores on its questions, the
+    accuracy a policy must beat before it has learned anything. Empty without records."""
+    if not records:
+        return ""
+    letter, acc = best_constant_answer(records)
+    n = len({r.task_id for r in records})
+    return (f"Best constant answer: always \"The answer is {letter}.\" scores accuracy {acc:.3f} on these {n} "
+            "questions (from their gold letters).")
+
+
 def letters_table(methods: Sequence[MethodSummary],
                   rollouts: Mapping[str, list[ConversationRecord] | None] | None = None) -> str:
     """Markdown: each method's spread of final-answer letters (all seeds), then the accuracy of always answering one
@@ -328,15 +350,18 @@ def letters_table(methods: Sequence[MethodSummary],
 
 
 def paired_table(results: Sequence[tuple[str, str, dict[str, PairedDiff]]]) -> str:
-    """Markdown table of paired comparisons: Δ = A − B per shared question, paired SE, wins/losses/ties, sign p."""
-    header = ["A vs B", "questions", "Δ accuracy ± SE", "acc. W/L/T", "sign p (acc.)",
-              "Δ reward ± SE", "reward W/L/T", "sign p (reward)"]
+    """Markdown table of paired comparisons: Δ = A − B per shared question, paired SE, wins/losses/ties, sign p and
+    Holm's adjusted p over this table's comparisons (one family per column: accuracy, reward)."""
+    header = ["A vs B", "questions", "Δ accuracy ± SE", "acc. W/L/T", "sign p (acc.)", "Holm p (acc.)",
+              "Δ reward ± SE", "reward W/L/T", "sign p (reward)", "Holm p (reward)"]
+    holm_acc = holm_adjust([res["accuracy"].p_sign for _, _, res in results])
+    holm_rew = holm_adjust([res["reward"].p_sign for _, _, res in results])
     rows = []
-    for a, b, res in results:
+    for (a, b, res), h_acc, h_rew in zip(results, holm_acc, holm_rew, strict=True):
         acc, rew = res["accuracy"], res["reward"]
         rows.append([f"{a} vs {b}", str(acc.n), format_mean_se(acc.diff, acc.se, 3), f"{acc.wins}/{acc.losses}/{acc.ties}",
-                     f"{acc.p_sign:.3g}", format_mean_se(rew.diff, rew.se, 3), f"{rew.wins}/{rew.losses}/{rew.ties}",
-                     f"{rew.p_sign:.3g}"])
+                     f"{acc.p_sign:.3g}", f"{h_acc:.3g}", format_mean_se(rew.diff, rew.se, 3),
+                     f"{rew.wins}/{rew.losses}/{rew.ties}", f"{rew.p_sign:.3g}", f"{h_rew:.3g}"])
     return _markdown(header, rows)
 
 
@@ -408,7 +433,12 @@ def run_report(inputs: Sequence[str], out: str | os.PathLike = "report.md", plot
         f.label = names.get(f.label, f.label)
     methods = order_methods(aggregate(files), order)
     columns = table_columns(methods, metrics)
-    parts = ["## Results (mean ± SE; best in bold)", "", results_table(methods, columns)]
+    # each method's rollouts read once, for the captions, the pairs and the letter table
+    rollouts: dict[str, list[ConversationRecord] | None] = (
+        {s.label: method_rollouts(s) for s in methods} if paired else {})
+    caption = constant_caption([r for recs in rollouts.values() if recs for r in recs])
+    parts = ["## Results (mean ± SE; best in bold)", "", *([caption, ""] if caption else []),
+             results_table(methods, columns)]
     mixed = mixed_datasets(files)
     if mixed:
         print(f"clarify report: warning: {mixed}", file=sys.stderr)
@@ -417,9 +447,7 @@ def run_report(inputs: Sequence[str], out: str | os.PathLike = "report.md", plot
         parts += ["", "Methods with several seeds: mean over seeds, SE = sqrt(Σ SE_i²)/k."]
     comparisons: list[tuple[str, str, dict[str, PairedDiff]]] = []
     notes: list[str] = []
-    rollouts: dict[str, list[ConversationRecord] | None] = {}
-    if paired:  # each method's rollouts read once, for the pairs and the letter table
-        rollouts = {s.label: method_rollouts(s) for s in methods}
+    if paired:
         for a, b in choose_pairs(list(rollouts), pairs, baseline):
             ra, rb = rollouts[a], rollouts[b]
             if ra is None or rb is None:
@@ -432,12 +460,12 @@ def run_report(inputs: Sequence[str], out: str | os.PathLike = "report.md", plot
             except ValueError as e:
                 notes.append(f"{a} vs {b}: skipped ({e})")
     if comparisons:
-        parts += ["", "## Paired per-question comparison (Δ = A − B; exact two-sided sign test, ties dropped)", "",
-                  paired_table(comparisons)]
+        parts += ["", "## Paired per-question comparison (Δ = A − B; exact two-sided sign test, ties dropped; Holm "
+                  "p adjusts for this table's comparisons)", "", caption, "", paired_table(comparisons)]
     letters = letters_table(methods, rollouts) if paired else ""
     if letters:
         parts += ["", "## Final-answer letters (share of conversations; last row: a constant answer's accuracy)", "",
-                  letters]
+                  caption, "", letters]
     if notes:
         parts += [""] + [f"- {n}" for n in notes]
     mixed_env = mixed_environments(files)
@@ -451,7 +479,10 @@ def run_report(inputs: Sequence[str], out: str | os.PathLike = "report.md", plot
     summary = {
         "methods": [{"label": s.label, "seeds": s.k, "files": [str(f.path) for f in s.files], "mean": s.mean,
                      "se": s.se, "seed_sd": s.seed_sd} for s in methods],
-        "paired": [{"a": a, "b": b, **{k: v.as_dict() for k, v in r.items()}} for a, b, r in comparisons],
+        "paired": [{"a": a, "b": b, **{k: v.as_dict() for k, v in r.items()}, "holm_p_accuracy": ha, "holm_p_reward": hr}
+                   for (a, b, r), ha, hr in zip(comparisons, holm_adjust([r["accuracy"].p_sign for _, _, r in comparisons]),
+                                                holm_adjust([r["reward"].p_sign for _, _, r in comparisons]), strict=True)],
+        "best_constant_answer": caption or None,
     }
     atomic_write_text(out.with_suffix(".json"), json.dumps(nan_to_none(summary), indent=2))
     if html:

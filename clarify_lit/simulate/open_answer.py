@@ -96,6 +96,6 @@ def questions_in(text: str) -> list[str]:
     return [s.strip() for s in _SENTENCE.findall(body) if s.strip().endswith("?") and len(s.strip()) > 1]
 
 
-def asks_one_question(text: str) -> bool:
+def holds_one_question(text: str) -> bool:
     """True if a student turn holds exactly one question (open mode's asking metric: no options to be about)."""
     return len(questions_in(text)) == 1

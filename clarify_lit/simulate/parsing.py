@@ -6,8 +6,8 @@ final assistant turn and returns an :class:`AnswerParse`: the letter (A–D) or 
 ``<thinking>…</thinking>`` (where the prompts ask for the answer) is read before the inside at each strength:
 
 1. strong — an explicit answer phrase: "The answer is B", "Answer is C", "Answer: (c)", "final answer is **D**",
-   "the correct option is B", "the answer must be C", "A is the correct answer". Every such phrase in the text is
-   read; they must all name the same letter;
+   "the correct option is B", "the answer must be C", "the answer to the question is D", "A is the correct answer".
+   Every such phrase in the text is read; they must all name the same letter;
 2. weak — a bare letter at the very start ("B", "B) ...", "(B)", "**B**"), else a letter marked on its own ("(B)",
    "**B**", "option B") when exactly one distinct letter is marked that way, else (with ``choices``) an answer phrase
    quoting exactly one option's text.
@@ -19,7 +19,11 @@ What earns nothing (``letter=None``):
 * the option list echoed back, on one line or several ("A) sun B) rock C) salt", "Answer is:\\nA) x\\nB) y"); after an
   answer phrase that is a *hedge* too (the reply offers every option as its answer);
 * a question — "Is the answer A?", "The answer is C?", "Answer is A? Or maybe B?": a sentence that ends in "?" asks;
-* a letter marked only to reject it — "(B) is wrong", "not (C)".
+* a letter marked only to reject it — "(B) is wrong", "not (C)", "The answer is not A", "The answer is A, which is
+  incorrect", "A) coffee is not the answer";
+* a *conflict* (``conflict``, not ``hedged``) — a letter written as an option label with *another* option's text
+  ("The answer is A) Isaac Newton" where Isaac Newton is option B; needs ``choices``), or one letter both asserted
+  and rejected ("The answer is D) water … The answer is not D) water").
 
 So "(A) is tempting <thinking>…</thinking> Answer: B" is B and "**B** is wrong; the answer must be C" is C. A
 lowercase letter counts only where it cannot be the English article ("the answer is a." yes, "the answer is a bit
@@ -49,6 +53,8 @@ _AFTER_LOWER = r"(?=\s*(?:$|[\)\]\*_\"'`.,;:!?/\n]))"
 _ANSWER_PHRASE = (
     # "answer", "correct choice", "best option" — a bare "option B" is not a commitment ("option B is wrong")
     r"(?:\banswer\b|\b(?:correct|right|best)\s+(?:option|choice)\b)"
+    # "The answer to the question is D." (12 real final turns earned nothing before the third pass, issue 25)
+    r"(?:\s+to\s+(?:the|this|that)\s+question)?"
     r"(?:\s+(?:is|would\s+be|will\s+be|should\s+be|must\s+be|has\s+to\s+be|=))?"
     r"(?:\s+(?:probably|likely|clearly|definitely|indeed|therefore|thus|then))?"
     r"\s*[:=\-]?\s*"
@@ -64,12 +70,16 @@ _SEPARATOR = (r"(?:\s*(?:,|/|&|\+|;)\s*(?:(?:or|and)\s+)?|\s+(?:or|and|nor|and/o
 class AnswerParse:
     """What a reply commits to: ``letter`` (or ``None``), and ``hedged`` when it names several letters as its answer.
 
-    ``how`` says which evidence decided (``phrase``, ``start``, ``marked``, ``text``; ``none``), for audits.
+    ``conflict`` when it pairs a letter with another option's text ("The answer is A) Isaac Newton" where Isaac
+    Newton is option B) or both asserts and rejects a letter: two answers, so none (and not a hedge over letters).
+    ``how`` says which evidence decided (``phrase``, ``start``, ``marked``, ``text``, ``conflict``; ``none``), for
+    audits.
     """
 
     letter: str | None
     hedged: bool = False
     how: str = "none"
+    conflict: bool = False
 
 
 _NONE = AnswerParse(None)
@@ -83,6 +93,7 @@ class _Patterns:
     start: re.Pattern[str]      # a letter at the very start
     marked: re.Pattern[str]     # "(B)", "**B**", "option B" anywhere
     alternative: re.Pattern[str]  # right after a letter: ", B", " or (C)", "/D"
+    negated: re.Pattern[str]    # "the answer is not B", "the correct answer is not (B)"
 
 
 def _compile(letters: str) -> _Patterns:
@@ -111,7 +122,11 @@ def _compile(letters: str) -> _Patterns:
         + rf"(?:(?P<up>{up}){_AFTER_UPPER}|(?P<low>{low}){_AFTER_LOWER})"
         # "the answer is B and C is wrong" goes on to judge another option; it does not offer it
         + r"(?!" + _CLOSE + r"\s+(?:is|was|seems|looks)\b)")
-    return _Patterns(letters, phrase, reverse, start, marked, alternative)
+    negated = re.compile(
+        r"(?i:(?:\banswer\b|\b(?:correct|right|best)\s+(?:option|choice)\b)(?:\s+to\s+(?:the|this|that)\s+question)?"
+        r"\s+(?:is|would\s+be|must\s+be)\s+(?:definitely\s+|certainly\s+)?not\s+(?:(?:option|choice|letter)\s+)?)"
+        + _OPEN + letter)
+    return _Patterns(letters, phrase, reverse, start, marked, alternative, negated)
 
 
 _PATTERNS = {"ABCD": _compile("ABCD")}
@@ -123,6 +138,12 @@ _INLINE_LABEL = re.compile(r"(?:(?<=\s)|^)\(?([A-H])\)\s")
 _REJECTED_AFTER = re.compile(
     r"^" + _CLOSE + r"\s*(?i:(?:is|are|was|seems|looks|would\s+be)\s+(?:not|wrong|incorrect|false|unlikely|less\s+likely"
     r"|implausible|ruled\s+out|eliminated)|can\s*not|cannot|isn't|is\s+n't)")
+# a letter named and then rejected in the same clause: "The answer is A, which is incorrect", "A) coffee is not the
+# answer", "(B) sun is wrong" (an option's text may stand between; "and"/"but" start another clause: "B and C is wrong")
+_REJECTED_CLAUSE = re.compile(
+    r"^" + _CLOSE + r"(?:\s*[\):]\s*(?:(?!\b(?:and|but|while|or)\b)[^.!?\n,;]){0,60}?)?\s*,?\s*(?:which\s+|that\s+)?"
+    r"(?i:(?:is|are)\s+(?:not\s+(?:the\s+)?(?:(?:correct|right|final|best)\s+)?(?:answer|option|choice)\b"
+    r"|(?:wrong|incorrect|false)\b))")
 _REJECTED_BEFORE = re.compile(r"(?i:\b(?:not|exclude|excludes|eliminate|eliminates|rule\s+out|rules\s+out|except))\s*"
                               + _OPEN + r"(?:(?:option|choice)\s+)?$")
 
@@ -217,23 +238,78 @@ def _alternative_follows(text: str, m: re.Match[str], pats: _Patterns) -> bool:
     return alt is not None and _letter_from(alt) != _letter_from(m)
 
 
+def _rejected_after(text: str, m: re.Match[str]) -> bool:
+    """True if the clause after the matched letter rejects it: "(B) is wrong", "A, which is incorrect",
+    "A) coffee is not the answer"."""
+    rest = text[_letter_end(m):]
+    return bool(_REJECTED_AFTER.match(rest) or _REJECTED_CLAUSE.match(rest))
+
+
 def _rejected(text: str, m: re.Match[str]) -> bool:
-    """True if a marked letter is named only to reject it: "(B) is wrong", "not (C)"."""
-    return bool(_REJECTED_AFTER.match(text[_letter_end(m):]) or _REJECTED_BEFORE.search(text[: m.start()]))
+    """True if a marked letter is named only to reject it: "(B) is wrong", "not (C)", "B) sun is not the answer"."""
+    return _rejected_after(text, m) or bool(_REJECTED_BEFORE.search(text[: m.start()]))
 
 
-def _parse_strong(text: str, pats: _Patterns) -> AnswerParse | None:
-    """Every explicit answer phrase that is not a question; one letter among them, or a hedge."""
+# what follows a letter written as an option label: "A) Isaac Newton", "A: atoms", "(A) sun" (not "A. Water is …":
+# after a period the next sentence may well start with an option's words)
+_LABEL_TEXT = re.compile(r"[\]\*_\"'`]*\s*[\):]\s*([^\n]{1,200})")
+
+
+def _label_conflict(text: str, m: re.Match[str], choices: Sequence[str] | None, letters: str) -> bool:
+    """True if the matched letter is written as an option label whose text is *another* option's: "The answer is
+    A) Isaac Newton" where Isaac Newton is option B. The longest option text the label starts with decides, so an
+    option whose text extends another's ("water" / "water vapour") is read as itself.
+
+    >>> _label_conflict("The answer is A) Isaac Newton.", _patterns("ABCD").phrase.search("The answer is A) Isaac"
+    ...                 " Newton."), ["Charles Darwin", "Isaac Newton", "Carl Sagan", "Gregor Mendel"], "ABCD")
+    True
+    """
+    if not choices:
+        return False
+    end = _letter_end(m)
+    lab = _LABEL_TEXT.match(text, end)
+    if lab is None and not (m.start() < end - 1 and text[end - 2] in "(["):
+        return False
+    rest = lab.group(1) if lab else text[end:].lstrip(")] ").split("\n", 1)[0]
+    said = f"{_norm(rest)} "
+    named = [(len(_norm(c)), letters[i]) for i, c in enumerate(choices[: len(letters)])
+             if _norm(c) and said.startswith(f"{_norm(c)} ")]
+    if not named:
+        return False
+    longest = max(n for n, _ in named)
+    return _letter_from(m) not in {x for n, x in named if n == longest}
+
+
+def _conflict(how: str) -> AnswerParse:
+    return AnswerParse(None, how=how, conflict=True)
+
+
+def _parse_strong(text: str, pats: _Patterns, choices: Sequence[str] | None = None) -> AnswerParse | None:
+    """Every explicit answer phrase that is not a question; one letter among them, or a hedge; none when a phrase
+    rejects its letter only ("The answer is A, which is incorrect"), a conflict when a letter is both asserted and
+    rejected or is paired with another option's text."""
     found: set[str] = set()
+    rejected: set[str] = set()
     for m in [*pats.phrase.finditer(text), *pats.reverse.finditer(text)]:
         if _in_question(text, m.end()):
             continue
         if _hedges_at(text, m, pats):
             return AnswerParse(None, hedged=True, how="phrase")
+        if _rejected_after(text, m):
+            rejected.add(_letter_from(m))
+            continue
+        if _label_conflict(text, m, choices, pats.letters):
+            return _conflict("phrase")
         found.add(_letter_from(m))
+    rejected |= {_letter_from(m) for m in pats.negated.finditer(text) if not _in_question(text, m.end())}
+    if found & rejected:  # "The answer is D) water … The answer is not D) water": two answers about D
+        return _conflict("phrase")
     if len(found) > 1:
         return AnswerParse(None, hedged=True, how="phrase")
-    return AnswerParse(found.pop(), how="phrase") if found else None
+    if found:
+        return AnswerParse(found.pop(), how="phrase")
+    # only rejections: the reply's answer phrase says what the answer is not; weaker evidence is not read
+    return AnswerParse(None, how="phrase") if rejected else None
 
 
 def _parse_weak(text: str, pats: _Patterns, choices: Sequence[str] | None, outside: bool) -> AnswerParse | None:
@@ -243,6 +319,8 @@ def _parse_weak(text: str, pats: _Patterns, choices: Sequence[str] | None, outsi
     if m and not _in_question(text, m.end()) and not _rejected(text, m):
         if _alternative_follows(text, m, pats):
             return AnswerParse(None, hedged=outside, how="start")
+        if len(listed) < 2 and _label_conflict(text, m, choices, pats.letters):
+            return _conflict("start")  # "A) Isaac Newton" where Isaac Newton is option B
         # "A) x\nB) y\n…" or "A) x B) y" at the start is the option list echoed back, not a commitment to A
         letter = _letter_from(m)
         if len(listed) < 2 and not _lists_others(text, _letter_end(m), letter):
@@ -269,11 +347,15 @@ def _norm(s: str) -> str:
 
 def _match_choice_text(text: str, pats: _Patterns, choices: Sequence[str], outside: bool) -> AnswerParse | None:
     """"The answer is photosynthesis": map an answer phrase naming exactly one option's text to its letter."""
-    m = re.search(r"(?i)\banswer\b(?:\s+is)?\s*[:\-]?\s*(.{1,200})", text)
+    m = re.search(r"(?i)\banswer\b(?:\s+to\s+(?:the|this|that)\s+question)?(?:\s+is)?\s*[:\-]?\s*(.{1,200})", text)
     if not m or _in_question(text, m.start(1)):
         return None
     tail = f" {_norm(m.group(1))} "
-    hits = [pats.letters[i] for i, c in enumerate(choices[: len(pats.letters)]) if _norm(c) and f" {_norm(c)} " in tail]
+    if re.match(r" (?:not|never|incorrect|wrong)\b", tail):  # "The answer is not A) coffee": a rejection
+        return None
+    # an option's text right after a "not" ("… but not coffee", "is not A which is tubes") is rejected, not chosen
+    hits = [pats.letters[i] for i, c in enumerate(choices[: len(pats.letters)]) if _norm(c) and f" {_norm(c)} " in tail
+            and not re.search(r"\bnot(?: \w+){0,3} $", tail[: tail.index(f" {_norm(c)} ") + 1])]
     if len(hits) > 1:
         return AnswerParse(None, hedged=outside, how="text")
     return AnswerParse(hits[0], how="text") if hits else None
@@ -297,7 +379,7 @@ def analyze_answer(text: str, choices: Sequence[str] | None = None, letters: str
                 continue
             # None = no evidence here, read on; anything else decides (a weak "several marked letters" is a
             # decided none: weaker evidence is not read)
-            got = _parse_strong(part, pats) if strong else _parse_weak(part, pats, choices, is_outside)
+            got = _parse_strong(part, pats, choices) if strong else _parse_weak(part, pats, choices, is_outside)
             if got is not None:
                 return got
     return _NONE

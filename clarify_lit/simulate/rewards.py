@@ -10,8 +10,8 @@
   missing: components ``None`` and ``missing=True`` (the record gets ``meta.reward_missing = true`` and reward 0 —
   flagged, never a silent 0; training should drop such records).
 * ``weighted`` — Σ wᵢ·rᵢ over named rewards (weights ≥ 0); missing if any part with weight > 0 is missing.
-* ``rubric`` — an offline judge-like score of the clarifying protocol (:mod:`clarify_lit.simulate.rubric`, built by
-  ``simulate.options.build_reward``).
+* ``rubric`` — an offline rule-checked score of the clarifying protocol's form: a gameable diagnostic, not a judge
+  (:mod:`clarify_lit.simulate.rubric`, built by ``simulate.options.build_reward``).
 
 All rewards also report ``correct`` and ``parsed`` (cheap, and the metrics want them).
 """

@@ -1,8 +1,14 @@
-"""An offline, deterministic, judge-like reward for the clarifying setting (``--reward.kind rubric``).
+"""An offline, deterministic, rule-checked reward for the clarifying setting (``--reward.kind rubric``): a diagnostic.
+
+**Not a judge, and gameable** (issue 25; docs/simulate.md#the-rubric-is-a-diagnostic-not-a-judge): each process term
+checks a form that a fixed template or fresh filler satisfies — "What does option A refer to?" then "The answer is
+B. <thinking>ten random words</thinking>" twice earns 0.716 on the clarifying test questions, six times the best
+trained row. ``experiments/rubric_exploits.py`` and tests/test_rubric.py document the exploits. Report it beside
+accuracy (and the best constant answer); the paper's reward is an LLM judge (``--reward.kind llm_judge``).
 
 The paper's reward is a GPT-4o judge's Overall score over five criteria (accuracy, reasoning, comprehensiveness,
-pedagogical value, confidence calibration). Offline we cannot ask GPT-4o, but most of what the clarifying prompts
-ask for can be checked by rule, so the rubric scores the protocol itself:
+pedagogical value, confidence calibration). Offline we cannot ask GPT-4o; what can be checked by rule is the
+*form* the clarifying prompts ask for, so the rubric scores that:
 
 ==================  =====================================================================  =========================
 component           what it checks (each in [0, 1])                                        judge criterion it stands
@@ -25,17 +31,18 @@ component           what it checks (each in [0, 1])                             
 
 ``reward = committed · Σ_k w_k c_k / Σ_k w_k`` where ``committed`` is 1 when the final turn commits to exactly one
 letter (:func:`~clarify_lit.simulate.parsing.analyze_answer`) and 0 otherwise — no hedging, no echoed options, no
-question or silence instead of an answer (confidence calibration). The gate is what keeps the process terms from
-being gamed: a policy that only ever asks "What does option A mean?", hedges "A, B, C or D", echoes the options or
+question or silence instead of an answer (confidence calibration). The gate keeps the process terms from paying a
+policy that never commits: one that only ever asks "What does option A mean?", hedges "A, B, C or D", echoes the options or
 says nothing gets 0 whatever else it does; a constant single letter earns its base-rate accuracy plus the process
 terms it actually shows.
 
 Every term must be earned by doing something: a term a trivial policy satisfies by doing nothing is free reward.
 Version 1 of ``concise`` (any turn under the word limit) was such a term: on the 135M policy it was 1 for every
 logged conversation, and a constant "The answer is A." every turn earned 0.28 on the clarifying test questions,
-more than any trained policy (README, "Learning to clarify"). Now a constant committed letter earns exactly
+more than any trained policy (README, "Learning to clarify"). In version 2 a constant committed letter earns exactly
 ``w_correct · accuracy / Σw`` (its base rate), a constant template is credited once (repeats earn nothing), and
-the hedges, echoes, empty replies and questions earn 0 (tests/test_rubric.py). Every component (and ``committed``,
+the hedges, echoes, empty replies and questions earn 0 (tests/test_rubric.py) — but a fixed question template and
+fresh filler still earn every process term (above). Every component (and ``committed``,
 ``hedged``) is logged in ``reward_components``.
 
 Worked example (default weights correct 0.4, asks_one 0.2, thinking 0.2, concise 0.2): a conversation that asks
