@@ -44,7 +44,7 @@ class Experiment:
 
     dataset: str
     setting: str  # reasoning | clarifying
-    mode: str  # thinking | standard
+    mode: str  # thinking | standard | open (the question without options, the answer in words)
     teacher: str  # scripted | retrieval | llm
     # the per-turn token cap of this cell's simulate and evaluate (None: the preset's); chosen from measured turn
     # lengths (docs/demo.md#token-caps)
@@ -59,6 +59,8 @@ class Experiment:
     sim_options: list[str] = field(default_factory=list)
     # the cell's runs per question (None: the preset's temperatures)
     temperatures: list[float] | None = None
+    # assistant turns per conversation (open clarifying: 2 = ask, then answer, as its value of asking was measured)
+    n_turns: int = 3
 
     @property
     def name(self) -> str:
@@ -139,6 +141,12 @@ EXPLORE_TEMPERATURES = [0.3, 0.7, 1.0, 0.7]
 # 8 replies, writing filler that cost the seeded runs their `concise` credit, i.e. the reward of asking)
 EXPLORE_OPTIONS = ["--explore_runs", "[1, 3]", "--explore_prefixes", json.dumps({1: "What does option {letter}"})]
 
+# open mode's logging policy: the untrained 135M model asks in 5 % of greedy turn-1 replies (results/open/
+# value-of-asking.md), so runs 1 and 3 of [0.3, 0.7, 1.0, 0.7] start turn 1 with "What" (probed on 48 training
+# questions at T = 0.7/1.0: 39 % of seeded turns hold exactly one question, against 21 % unseeded; accuracy 0.19 when
+# asked, 0.02 when not). The rest of the question is the policy's own, and evaluation never seeds.
+OPEN_EXPLORE_OPTIONS = ["--explore_runs", "[1, 3]", "--explore_prefixes", json.dumps({1: "What"})]
+
 PRESETS: dict[str, Preset] = {
     "demo": Preset(
         name="demo", model="embedded:smollm2-135m-instruct",
@@ -186,6 +194,19 @@ PRESETS: dict[str, Preset] = {
         display_names={"SFT": "STaR-GATE"},
         rollout_questions=8, rollout_evals_per_epoch=2,  # one epoch: points at step 0, mid-epoch and the end
     ),
+    # issue "Learning to clarify where the embedded model can": open mode (docs/simulate.md#open-mode), the clarifying
+    # setting with the teacher that answers questions only, n = 2 (ask, then answer in words), the `correct` reward
+    # alone. Same test questions as reproduce (split seed 0, the first 100 of the test part); 64 training questions
+    # x 4 runs (seeded exploration on 2), two epochs (the logged data hold few correct conversations)
+    "open": Preset(
+        name="open", model="embedded:smollm2-135m-instruct",
+        experiments=[Experiment("sciq", "clarifying", "open", "open", max_new_tokens=48, n_turns=2,
+                                sim_options=OPEN_EXPLORE_OPTIONS, temperatures=EXPLORE_TEMPERATURES)],
+        n_train=64, n_test=100, seeds=[0, 1], split_seed=0, max_new_tokens=48, eval_max_new_tokens=48, epochs=2,
+        sim_batch_size=32, sim_chunk_size=32, eval_batch_size=50, objectives=list(OBJECTIVES),
+        label_overrides={"STaR-GATE-D": ["--model.learning_rate", "2.0e-4"]},
+        display_names={"SFT": "STaR-GATE"},
+    ),
     "paper": Preset(
         name="paper", model="meta-llama/Llama-3.1-8B-Instruct",
         experiments=[Experiment(d, "reasoning", "thinking", "scripted")
@@ -208,7 +229,7 @@ def split_seed(p: Preset, seed: int) -> int:
 def simulate_args(p: Preset, e: Experiment, seed: int, part: str, out: Path) -> list[str]:
     return ["simulate", "--model", p.model, "--data.dataset", e.dataset, "--data.part", part,
             "--data.n_train", str(p.n_train), "--data.n_test", str(p.n_test), "--data.seed", str(split_seed(p, seed)),
-            "--setting", e.setting, "--mode", e.mode, "--n_turns", "3", "--teacher.kind", e.teacher,
+            "--setting", e.setting, "--mode", e.mode, "--n_turns", str(e.n_turns), "--teacher.kind", e.teacher,
             "--reward.kind", e.reward or p.reward, *e.options,
             "--temperatures", json.dumps(e.temperatures or p.temperatures),
             "--max_new_tokens", str(e.max_new_tokens or p.max_new_tokens), "--batch_size", str(p.sim_batch_size),
@@ -245,6 +266,7 @@ def rollout_eval_args(p: Preset, e: Experiment, seed: int) -> list[str]:
             f"{CALLBACK}data.n_train={p.n_train}",
             f"{CALLBACK}data.n_test={p.n_test}", f"{CALLBACK}data.seed={split_seed(p, seed)}",
             f"{CALLBACK}n_questions={p.rollout_questions}", f"{CALLBACK}setting={e.setting}", f"{CALLBACK}mode={e.mode}",
+            f"{CALLBACK}n_turns={e.n_turns}",
             f"{CALLBACK}teacher.kind={e.teacher}", f"{CALLBACK}reward.kind={e.reward or p.reward}", *options,
             f"{CALLBACK}max_new_tokens={e.max_new_tokens or p.eval_max_new_tokens}",
             f"{CALLBACK}batch_size={min(p.rollout_questions, p.eval_batch_size)}", f"{CALLBACK}seed={seed}",
@@ -266,7 +288,8 @@ def evaluate_args(p: Preset, e: Experiment, seed: int, label: str, out: Path, ex
     source = ["--export_dir", str(export)] if export is not None else ["--model", p.model]
     return ["evaluate", *source, "--method", label, "--data.dataset", e.dataset,
             "--data.n_train", str(p.n_train), "--data.n_test", str(p.n_test), "--data.seed", str(split_seed(p, seed)),
-            "--n_questions", str(p.n_test), "--setting", e.setting, "--mode", e.mode, "--teacher.kind", e.teacher,
+            "--n_questions", str(p.n_test), "--setting", e.setting, "--mode", e.mode, "--n_turns", str(e.n_turns),
+            "--teacher.kind", e.teacher,
             "--reward.kind", e.reward or p.reward, *e.options,
             "--max_new_tokens", str(e.max_new_tokens or p.eval_max_new_tokens),
             "--dtype", p.gen_dtype,
@@ -284,7 +307,7 @@ def iterate_args(p: Preset, e: Experiment, seed: int, rounds: int, out: Path) ->
             "--objective_config", ITERATE_OBJECTIVE,
             "--fit_args", json.dumps([f"--trainer.max_epochs={p.epochs}", *p.fit_overrides]),
             "--data.dataset", e.dataset, "--data.n_train", str(p.n_train), "--data.n_test", str(p.n_test),
-            "--data.seed", str(seed), "--setting", e.setting, "--mode", e.mode, "--n_turns", "3",
+            "--data.seed", str(seed), "--setting", e.setting, "--mode", e.mode, "--n_turns", str(e.n_turns),
             "--teacher.kind", e.teacher, "--reward.kind", e.reward or p.reward, *e.options,
             "--temperatures", json.dumps(e.temperatures or p.temperatures),
             "--max_new_tokens", str(e.max_new_tokens or p.max_new_tokens), "--batch_size", str(p.sim_batch_size),
@@ -367,7 +390,7 @@ def archive_rollouts(runs: Path, dest: Path) -> list[Path]:
     return made
 
 
-PresetName = Literal["demo", "reproduce", "clarify", "paper"]  # the keys of PRESETS (tests/test_iterate.py checks)
+PresetName = Literal["demo", "reproduce", "clarify", "open", "paper"]  # the keys of PRESETS (tests/test_iterate.py checks)
 
 
 @dataclass
