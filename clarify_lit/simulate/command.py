@@ -59,6 +59,7 @@ from clarify_lit.simulate.branches import (
 )
 from clarify_lit.simulate.endpoint_policy import EndpointPolicyEngine
 from clarify_lit.simulate.engine import Attention, GenerationEngine, derive_seed
+from clarify_lit.simulate.open_answer import grade_open_answer
 from clarify_lit.simulate.options import (
     DataOptions,
     EndpointOptions,
@@ -269,6 +270,14 @@ def merge_shards(out: Path, n_chunks: int) -> Path:
     return concat_files((shard_path(out, k) for k in range(n_chunks)), out / "conversations.jsonl")
 
 
+def _final_hedges(record: ConversationRecord) -> bool:
+    """Whether the final answer hedges: names several letters, or (open mode) several options' texts."""
+    text = record.messages[-1]["content"]
+    if record.meta.get("mode") == "open":
+        return grade_open_answer(text, record.meta["choices"]).hedged
+    return is_hedge(text)
+
+
 def summarize(records: list[ConversationRecord], *, timing: dict[str, float], cfg: SimulateConfig,
               n_tasks: int, shards_total: int, shards_resumed: int, extra: dict[str, Any]) -> dict[str, Any]:
     rewards = [r.reward for r in records if not r.meta.get("reward_missing")]
@@ -283,7 +292,7 @@ def summarize(records: list[ConversationRecord], *, timing: dict[str, float], cf
         "reward_missing": sum(bool(r.meta.get("reward_missing")) for r in records),
         "components_mean": mean_components(records),
         "parse_failures": sum(r.prediction is None for r in records),
-        "hedged": sum(is_hedge(r.messages[-1]["content"]) for r in records),
+        "hedged": sum(_final_hedges(r) for r in records),
         "accuracy": statistics.fmean(float(r.prediction == r.gold) for r in records) if records else None,
         "thinking_rate": statistics.fmean(float(uses_thinking_tags(r.messages[-1]["content"])) for r in records)
         if records else None,
