@@ -54,7 +54,10 @@ COLUMNS: dict[str, tuple[str, int]] = {
     "truncated_rate": ("Cut turns", 3),
     "thinking_pct": ("Thinking %", 1),
     "reward": ("Reward", 3),
-    "single_question_rate": ("One question, one option", 3),
+    "single_question_rate": ("One question, one option", 3),  # open mode: "One question" (_column_label)
+    "accuracy_when_asked": ("Acc. if asked", 3),  # accuracy of the conversations whose turn 1 asked one question
+    "accuracy_when_not_asked": ("Acc. if not", 3),
+    "names_none_rate": ("Names none", 3),  # open mode: final answers naming no option
     "clarifying_turns": ("Clarifying turns", 2),  # adaptive length only
     "ended_early_rate": ("Ended early", 3),
     "tokens_per_turn": ("Tokens/turn", 1),
@@ -219,10 +222,19 @@ def format_mean_se(value: float | None, se: float | None = None, decimals: int =
     return text
 
 
+def _column_label(column: str, methods: Sequence[MethodSummary]) -> str:
+    """A column's header; in an open-mode table the one-question rate counts any one question (there are no options
+    to ask about), and its header says so."""
+    if column == "single_question_rate" and methods and all(
+            f.meta.get("mode") == "open" for s in methods for f in s.files):
+        return "One question"
+    return COLUMNS.get(column, (column, 3))[0]
+
+
 def results_table(methods: Sequence[MethodSummary], columns: Sequence[str]) -> str:
     """Markdown table: one row per method, ``mean ± SE`` per metric, the best value of a higher-is-better column in
     bold (ties at the displayed precision are all bold)."""
-    header = ["Method", "seeds", "n", *(COLUMNS.get(c, (c, 3))[0] for c in columns)]
+    header = ["Method", "seeds", "n", *(_column_label(c, methods) for c in columns)]
     best: dict[str, str] = {}
     for c in columns:
         dec = COLUMNS.get(c, (c, 3))[1]
