@@ -8,7 +8,8 @@ Options are spelled with underscores and booleans take a value (``--dry_run true
 the older hyphenated switches (``--dry-run``) working, with a deprecation message.
 
 Every parser is a :class:`ClarifyParser`: abbreviations are off (``--teacher.endpoint.api_key`` is an unknown option,
-never taken for ``api_key_env``) and an error message never repeats a value that looks like a secret.
+never taken for ``api_key_env``), an error message never repeats a value that looks like a secret, and
+``--print_config`` refuses a configuration holding one (checked before printing, printed redacted).
 :func:`refuse_secrets` refuses a parsed configuration that holds a key where an environment variable's *name* belongs
 (``*_env`` fields) or a recognisable API key anywhere, before anything is written: keys come from the environment
 only.
@@ -77,6 +78,9 @@ def refuse_secrets(config: Any, prefix: str = "") -> None:
         config = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     if isinstance(config, Mapping):
         for key, value in config.items():
+            if key == "init_args":  # a class's settings (``class_path`` + ``init_args``): named as on the command line
+                refuse_secrets(value, prefix)
+                continue
             name = f"{prefix}{key}"
             if isinstance(value, str) and str(key).endswith("_env") and (
                     not _ENV_NAME.fullmatch(value) or looks_like_secret(value) or _random_token(value, 20)):
@@ -95,8 +99,32 @@ def refuse_secrets(config: Any, prefix: str = "") -> None:
             "environment variables only (the endpoint options' api_key_env names one)")
 
 
-class ClarifyParser(ArgumentParser):
-    """jsonargparse's parser with abbreviations off and secrets kept out of error messages."""
+def _printing_config(parser: Any) -> bool:
+    """Whether ``parser`` (or the parser of its command) is printing ``--print_config``."""
+    while parser is not None:
+        if hasattr(parser, "print_config"):
+            return True
+        parser = getattr(parser, "parent_parser", None)
+    return False
+
+
+class NoSecretsDumped:
+    """Mixin of the ``clarify`` parsers: a configuration holding a secret is never dumped — not by ``--print_config``
+    (which jsonargparse runs inside parsing, before any command could check it), nor into a saved config — and a
+    printed configuration is redacted as well (:func:`redact`)."""
+
+    def dump(self, cfg: Any, *args: Any, **kwargs: Any) -> str:
+        values = cfg.as_dict() if isinstance(cfg, Namespace) else cfg
+        if isinstance(values, Mapping):
+            values = {k: v for k, v in values.items() if k != "config"}  # the config files' paths
+        refuse_secrets(values)
+        text = super().dump(cfg, *args, **kwargs)  # type: ignore[misc]
+        return redact(text) if _printing_config(self) else text
+
+
+class ClarifyParser(NoSecretsDumped, ArgumentParser):
+    """jsonargparse's parser with abbreviations off and secrets kept out of error messages and printed or saved
+    configurations."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)

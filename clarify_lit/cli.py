@@ -34,7 +34,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from clarify_lit import __version__
-from clarify_lit.arguments import redact, refuse_secrets
+from clarify_lit.arguments import NoSecretsDumped, redact, refuse_secrets
 from clarify_lit.data.datamodule import ConversationDataModule
 from clarify_lit.environment import environment_stamp
 from clarify_lit.io import output_lock
@@ -185,9 +185,9 @@ class ClarifyCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
 
-class ClarifyArgumentParser(LightningArgumentParser):
+class ClarifyArgumentParser(NoSecretsDumped, LightningArgumentParser):
     """A command-line mistake is reported in one line (``clarify: error: …``), not the whole usage text, and never
-    repeats a value that looks like a secret."""
+    repeats a value that looks like a secret; ``--print_config`` refuses a configuration holding one."""
 
     def error(self, message: str, ex: Exception | None = None):
         message = redact(str(message))
