@@ -1,0 +1,83 @@
+"""Reliability, third pass (issue 29; docs/reliability.md §8): a failed start never blocks its corrected retry, and
+the remaining command-line faults end in one line before any work."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import make_record
+from reliability_helpers import one_line_error
+
+from clarify_lit.cli import main
+from clarify_lit.data.records import write_records
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs/simulate/tiny-reasoning.yaml")
+SMALL = ["--data.limit", "2", "--temperatures", "[0.0]", "--max_new_tokens", "4", "--progress", "false"]
+
+
+@pytest.fixture
+def raising_template(tiny_model_dir, tmp_path) -> Path:
+    """The tiny model with a chat template that refuses a system message (as Gemma's does)."""
+    folder = tmp_path / "no-system-role"
+    shutil.copytree(tiny_model_dir, folder)
+    template = folder / "chat_template.jinja"
+    template.write_text("{%- if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                        "{%- endif %}" + template.read_text())
+    return folder
+
+
+# ------------------------------------------------------------------------------------------- simulate: retry
+def test_simulate_n_turns_0_is_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "sim"
+    code, line = one_line_error(["simulate", "--config", TINY, "--output", str(out), "--n_turns", "0", *SMALL],
+                                capsys)
+    assert code == 1 and "n_turns must be an integer >= 1 in the reasoning setting, got 0" in line, line
+    assert not (out / "run_config.json").exists()
+
+
+def test_a_simulation_that_failed_before_its_first_shard_is_not_a_run(raising_template, tmp_path, capsys):
+    """A start that failed in its first chunk (here a chat template that raises; equally a refused endpoint) left
+    run_config.json, and the corrected command was refused ("already holds a simulation (0 shards)"), its
+    --resume refused as another configuration."""
+    out = tmp_path / "sim"
+    code, line = one_line_error(["simulate", "--config", TINY, "--output", str(out), "--model",
+                                 str(raising_template), *SMALL], capsys)
+    assert code == 1 and "refused the conversation (System role not supported)" in line, line
+    assert not list((out / "shards").glob("shard-*.jsonl"))
+    main(["simulate", "--config", TINY, "--output", str(out), *SMALL])  # the corrected command
+    assert len((out / "conversations.jsonl").read_text().splitlines()) == 2
+    assert json.loads((out / "run_config.json").read_text())["config"]["model"] == "tiny-random"
+    # the same with --resume true (the retry of a failed start, under another configuration)
+    out2 = tmp_path / "sim2"
+    one_line_error(["simulate", "--config", TINY, "--output", str(out2), "--model", str(raising_template), *SMALL],
+                   capsys)
+    main(["simulate", "--config", TINY, "--output", str(out2), "--resume", "true", *SMALL])
+    assert (out2 / "conversations.jsonl").read_bytes() == (out / "conversations.jsonl").read_bytes()
+    # a real run (a finished shard) is still refused, and still compared on --resume
+    code, line = one_line_error(["simulate", "--config", TINY, "--output", str(out), *SMALL], capsys)
+    assert code == 1 and "already holds a simulation (1 shards)" in line, line
+
+
+# ------------------------------------------------------------------------------------------------ fit: retry
+def test_a_fit_refused_on_its_data_leaves_nothing_that_blocks_the_retry(records_factory, tmp_path, capsys):
+    """Every bad-data refusal happens after start-up: it left config.yaml and an events file, the retry was refused
+    ("resume it with --ckpt_path last") and that resume found no checkpoint — a loop."""
+    bad = make_record(9, 0, float("nan"))
+    records = records_factory(extra=[bad])
+    root = tmp_path / "run"
+    (root).mkdir()
+    (root / "notes.txt").write_text("mine")
+    argv = ["fit", f"--trainer.default_root_dir={root}", "--trainer.max_steps=1", "--data.val_fraction=0",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    code, line = one_line_error([*argv, f"--data.train_files=[{records}]"], capsys)
+    assert code == 1 and "field 'reward'" in line, line
+    assert sorted(p.name for p in root.iterdir() if p.name != ".clarify.lock") == ["notes.txt"]
+    good = write_records(tmp_path / "good.jsonl", [make_record(t, r, 1.0 - 0.5 * r) for t in range(2)
+                                                   for r in range(2)])
+    main([*argv, f"--data.train_files=[{good}]"])  # the corrected command, same folder, no --overwrite
+    assert (root / "checkpoints" / "last.ckpt").is_file() and (root / "notes.txt").read_text() == "mine"
+    assert len(list(root.glob("events.out.tfevents.*"))) == 1
