@@ -81,3 +81,24 @@ def test_a_fit_refused_on_its_data_leaves_nothing_that_blocks_the_retry(records_
     main([*argv, f"--data.train_files=[{good}]"])  # the corrected command, same folder, no --overwrite
     assert (root / "checkpoints" / "last.ckpt").is_file() and (root / "notes.txt").read_text() == "mine"
     assert len(list(root.glob("events.out.tfevents.*"))) == 1
+
+
+# ------------------------------------------------------------------------------------- one-line option checks
+def test_evaluate_with_no_temperature_is_refused(tmp_path, capsys):
+    """``--temperatures '[]'`` silently evaluated ``[0.0]``."""
+    out = tmp_path / "eval"
+    code, line = one_line_error(["evaluate", "--model", "tiny-random", "--out_dir", str(out), "--temperatures", "[]",
+                                 "--progress", "false"], capsys)
+    assert code == 1 and line.startswith("clarify evaluate: error: --temperatures []: names no run"), line
+    code, line = one_line_error(["evaluate", "--model", "tiny-random", "--out_dir", str(out), "--temperatures",
+                                 "[0.0, -1.0]", "--progress", "false"], capsys)
+    assert code == 1 and "--temperatures: each must be a finite number >= 0, got [-1.0]" in line, line
+    assert not out.exists()
+
+
+def test_an_explore_prefix_with_an_unbalanced_brace_names_the_option(tmp_path, capsys):
+    out = tmp_path / "sim"
+    code, line = one_line_error(["simulate", "--config", TINY, "--output", str(out), "--explore_runs", "[0]",
+                                 "--explore_prefixes", '{1: "Is it {letter"}', *SMALL], capsys)
+    assert code == 1 and "explore_prefixes[1] = 'Is it {letter': not a valid template (expected '}'" in line, line
+    assert not (out / "run_config.json").exists()

@@ -120,7 +120,11 @@ def check_explore(spec: RolloutSpec) -> None:
     for turn, template in spec.explore_prefixes.items():
         if not 1 <= int(turn) <= spec.n_turns:
             raise ValueError(f"explore_prefixes turn {turn} is not an assistant turn (1..{spec.n_turns})")
-        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        except ValueError as e:  # an unbalanced brace: "expected '}' before end of string", naming nothing
+            raise ValueError(f"explore_prefixes[{turn}] = {template!r}: not a valid template ({e}); its only "
+                             "placeholder may be {letter}, and a literal brace is written {{ or }}") from None
         if fields - {"letter"} or not template.strip():
             raise ValueError(f"explore_prefixes[{turn}] = {template!r}: a non-empty text whose only placeholder "
                              "is {letter}")
