@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import make_record
 from reliability_helpers import one_line_error
 
@@ -102,3 +103,18 @@ def test_an_explore_prefix_with_an_unbalanced_brace_names_the_option(tmp_path, c
                                  "--explore_prefixes", '{1: "Is it {letter"}', *SMALL], capsys)
     assert code == 1 and "explore_prefixes[1] = 'Is it {letter': not a valid template (expected '}'" in line, line
     assert not (out / "run_config.json").exists()
+
+
+@pytest.mark.parametrize("n_turns", ["150", "1000000000"])
+def test_a_conversation_budget_beyond_the_context_is_refused(n_turns, tmp_path, capsys):
+    """``--n_turns 1e9`` ran until killed; 150 turns on the 2,048-token model ran past its context."""
+    eval_cfg = tmp_path / "evaluate.yaml"  # the tiny preset's questions
+    eval_cfg.write_text(yaml.safe_dump({"data": {**yaml.safe_load(Path(TINY).read_text())["data"], "part": "test"}}))
+    for command in (["simulate", "--config", TINY, "--output", str(tmp_path / "sim"), *SMALL],
+                    ["evaluate", "--config", str(eval_cfg), "--model", "tiny-random", "--out_dir",
+                     str(tmp_path / "eval"), "--progress", "false"]):
+        code, line = one_line_error([*command, "--n_turns", n_turns, "--max_new_tokens", "16"], capsys)
+        budget = int(n_turns) * 16
+        assert code == 1 and (f"n_turns {n_turns} x max_new_tokens 16 = {budget} generated tokens per conversation, "
+                              "more than the 2048 tokens of tiny-random's context") in line, line
+    assert not (tmp_path / "sim" / "run_config.json").exists() and not (tmp_path / "eval" / "metrics.json").exists()

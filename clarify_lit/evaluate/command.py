@@ -49,8 +49,8 @@ from clarify_lit.models import (
 )
 from clarify_lit.simulate.engine import Attention
 from clarify_lit.simulate.options import DataOptions, RewardOptions, TeacherOptions
-from clarify_lit.simulate.prompts import Mode, Setting
-from clarify_lit.simulate.rollout import RolloutSpec, check_discount
+from clarify_lit.simulate.prompts import Mode, Setting, check_setting
+from clarify_lit.simulate.rollout import RolloutSpec, check_context_budget, check_discount
 from clarify_lit.train.module import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -186,6 +186,7 @@ def evaluate(
     """
     check_one_source(model, ckpt_path, export_dir)  # before any loading: fail fast on a bad command line
     check_discount(discount)
+    check_setting(setting, mode, n_turns)
     check_temperatures(temperatures)
     refuse_secrets({"teacher": teacher, "reward": reward})  # keys come from environment variables only
     out = Path(out_dir)
@@ -211,6 +212,7 @@ def _evaluate(model, ckpt_path, export_dir, method, out: Path, data, n_questions
     policy, tokenizer, info = load_policy(model, ckpt_path, export_dir, dtype, merge_lora)
     # every source generates in the resolved dtype (a checkpoint holds its training dtype until cast here)
     policy = policy.to(device=dev, dtype=DTYPES[dtype]).eval()
+    check_context_budget(policy, n_turns, max_new_tokens, info["model"])
     teacher_obj, reward_obj = build_teacher_and_reward(teacher, reward, base_model=info["base_model"],
                                                        setting=setting, device=dev, batch_size=batch_size,
                                                        mode=mode)

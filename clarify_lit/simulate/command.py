@@ -76,6 +76,7 @@ from clarify_lit.simulate.prompts import Mode, Setting, check_setting
 from clarify_lit.simulate.rollout import (
     DEFAULT_TEMPERATURES,
     RolloutSpec,
+    check_context_budget,
     check_discount,
     check_explore,
     rollout_tasks,
@@ -388,6 +389,7 @@ def _run(cfg: SimulateConfig) -> dict[str, Any]:
                                           max_new_tokens=cfg.max_new_tokens)
         else:
             model, tok = models.get(cfg.model, cfg.dtype)
+            check_context_budget(model, cfg.n_turns, cfg.max_new_tokens, cfg.model)
             engine = GenerationEngine(model, tok, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                                       sort_by_length=cfg.sort_by_length, top_p=cfg.top_p,
                                       mix_temperatures=cfg.mix_temperatures, reuse_kv_cache=cfg.reuse_kv_cache,
