@@ -18,6 +18,7 @@ only.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import sys
 from collections.abc import Callable, Mapping
@@ -122,8 +123,33 @@ class NoSecretsDumped:
         return redact(text) if _printing_config(self) else text
 
 
+def option_names(parser: Any) -> list[str]:
+    """Every ``--option`` ``parser`` accepts (nested dataclass fields by their dotted names)."""
+    return sorted({o for a in getattr(parser, "_actions", []) for o in a.option_strings if o.startswith("--")})
+
+
+def closest_option(message: str, options: list[str]) -> str:
+    """``"; did you mean --n_turns?"`` for an error about an unknown option (``unrecognized arguments: --n_turn 3``,
+    a config file's ``Option 'n_turn' is not accepted``) that is close to one of ``options``; else ``""``."""
+    m = re.search(r"unrecognized arguments: (--[^\s=]+)", message) or \
+        re.search(r"Option '([^']+)' is not accepted", message) or re.search(r'Key "([^"]+)" is not expected', message)
+    if not m:
+        return ""
+    name = m.group(1) if m.group(1).startswith("--") else f"--{m.group(1)}"
+    near = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    return f"; did you mean {near[0]}?" if near else ""
+
+
+def one_line_error(prog: str, message: str, options: list[str]) -> str:
+    """A command-line mistake as one line (never the whole usage text), secrets redacted, with the closest valid
+    option name when the mistake is an unknown one."""
+    text = " ".join(redact(str(message)).split())
+    return f"{prog}: error: {text}{closest_option(text, options)} (see {prog} --help)"
+
+
 class ClarifyParser(NoSecretsDumped, ArgumentParser):
-    """jsonargparse's parser with abbreviations off and secrets kept out of error messages and printed or saved
+    """jsonargparse's parser with abbreviations off, a command-line mistake reported in one line (with the closest
+    valid option name) instead of the usage text, and secrets kept out of error messages and printed or saved
     configurations."""
 
     def __init__(self, *args, **kwargs):
@@ -131,7 +157,11 @@ class ClarifyParser(NoSecretsDumped, ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None):
-        return super().error(redact(str(message)), ex)
+        message = redact(str(message))
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        sys.stderr.write(one_line_error(self.prog or "clarify", message, option_names(self)) + "\n")
+        self.exit(2)
 
 
 def dataclass_parser(config_class: type, prog: str, description: str, env_prefix: str, config_help: str

@@ -34,7 +34,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from clarify_lit import __version__
-from clarify_lit.arguments import NoSecretsDumped, redact, refuse_secrets
+from clarify_lit.arguments import NoSecretsDumped, closest_option, option_names, redact, refuse_secrets
 from clarify_lit.data.datamodule import ConversationDataModule
 from clarify_lit.environment import environment_stamp
 from clarify_lit.io import output_lock
@@ -207,7 +207,9 @@ class ClarifyArgumentParser(NoSecretsDumped, LightningArgumentParser):
         message = redact(str(message))
         if not self.exit_on_error:
             return super().error(message, ex)
-        sys.stderr.write(f"clarify: error: {_one_line_parse_error(message)} (see clarify <command> --help)\n")
+        text = _one_line_parse_error(message)
+        sys.stderr.write(f"clarify: error: {text}{closest_option(text, option_names(self))} (see clarify <command> "
+                         "--help)\n")
         self.exit(2)
 
 

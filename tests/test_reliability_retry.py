@@ -118,3 +118,31 @@ def test_a_conversation_budget_beyond_the_context_is_refused(n_turns, tmp_path, 
         assert code == 1 and (f"n_turns {n_turns} x max_new_tokens 16 = {budget} generated tokens per conversation, "
                               "more than the 2048 tokens of tiny-random's context") in line, line
     assert not (tmp_path / "sim" / "run_config.json").exists() and not (tmp_path / "eval" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("argv,closest", [
+    (["simulate", "--n_turn", "3"], "--n_turns"),
+    (["evaluate", "--model", "tiny-random", "--n_turn", "3"], "--n_turns"),
+    (["iterate", "--teacher.kindd", "retrieval"], "--teacher.kind"),
+    (["rescore", "--inputs", "[x.jsonl]", "--outptu", "y"], "--output"),
+    (["export", "--run_dir", "x", "--merg", "true"], "--merge"),
+    (["report", "x", "--outt", "y"], "--out"),
+    (["fit", "--data.batchsize", "2"], "--data.batch_size"),
+], ids=lambda v: v[0] if isinstance(v, list) else None)
+def test_a_mistyped_option_is_one_line_naming_the_closest_valid_name(argv, closest, capsys):
+    """simulate, iterate and evaluate printed 63–82 lines of usage for a mistyped option; now one line, everywhere."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"unrecognized arguments: {argv[-2]} {argv[-1]}; did you mean {closest}?" in err, err
+
+
+def test_an_unknown_config_key_is_one_line_naming_the_closest_valid_name(tmp_path, capsys):
+    config = tmp_path / "evaluate.yaml"
+    config.write_text("n_turn: 3\n")
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--config", str(config), "--model", "tiny-random"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "clarify evaluate: error: Option 'n_turn' is not accepted; did you mean --n_turns?" in err, err
