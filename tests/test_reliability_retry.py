@@ -146,3 +146,72 @@ def test_an_unknown_config_key_is_one_line_naming_the_closest_valid_name(tmp_pat
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
     assert "clarify evaluate: error: Option 'n_turn' is not accepted; did you mean --n_turns?" in err, err
+
+
+# ------------------------------------------------------------------------------------------ Ctrl-C in iterate
+ITERATE = ["iterate", "--model", "tiny-random", "--rounds", "1", "--model_config",
+           str(REPO / "configs/model/tiny.yaml"), "--trainer_config", str(REPO / "configs/trainer/cpu.yaml"),
+           "--objective_config", str(REPO / "configs/objective/refit.yaml"), "--progress", "false"]
+
+
+@pytest.mark.parametrize("code", [130, -2, 1])
+def test_iterate_stage_stopped_or_failed_is_one_line(code, tmp_path, monkeypatch, capsys):
+    """A stage run in a subprocess that Ctrl-C stopped (status 130 or −SIGINT) or that failed (its own error
+    printed above) ends iterate with one line and 130 or 1 (it was a 30-line traceback and exit −2)."""
+    import subprocess
+
+    import clarify_lit.stages as stages
+
+    calls = []
+
+    def stage(args, *a, **k):
+        calls.append(args)
+        return subprocess.CompletedProcess(args, code)
+
+    monkeypatch.setattr(stages.subprocess, "run", stage)
+    out = tmp_path / "it"
+    with pytest.raises(SystemExit) as e:
+        main([*ITERATE, "--output", str(out)])
+    err = capsys.readouterr().err
+    assert len(calls) == 1 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("clarify")]
+    assert len(lines) == 1, err
+    if code == 1:
+        assert e.value.code == 1 and lines[0].startswith("clarify iterate: error: stage `clarify evaluate --config ")
+        assert "failed (exit 1; its error is above)" in lines[0]
+    else:
+        assert e.value.code == 130 and lines[0] == (
+            f"clarify iterate: interrupted (Ctrl-C); the finished stages are kept in {out}; run the same command "
+            "again to go on (finished stages are skipped, an interrupted simulation or fit resumes)")
+
+
+def test_ctrl_c_during_iterate_is_one_line_and_exit_130(tmp_path, cache_root):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "it"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CLARIFY_CACHE": str(cache_root)}
+    proc = subprocess.Popen([sys.executable, "-m", "clarify_lit.cli", *ITERATE, "--output", str(out),
+                             "--in_process", "true"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal gives it
+    deadline = time.monotonic() + 120
+    try:
+        while not (out / "commands.sh").exists():  # the first stage has started
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "no stage after 120 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert [line for line in err.splitlines() if line.startswith("clarify")] == [
+        f"clarify iterate: interrupted (Ctrl-C); the finished stages are kept in {out}; run the same command again "
+        "to go on (finished stages are skipped, an interrupted simulation or fit resumes)"], err[-3000:]
