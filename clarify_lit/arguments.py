@@ -8,7 +8,8 @@ Options are spelled with underscores and booleans take a value (``--dry_run true
 the older hyphenated switches (``--dry-run``) working, with a deprecation message.
 
 Every parser is a :class:`ClarifyParser`: abbreviations are off (``--teacher.endpoint.api_key`` is an unknown option,
-never taken for ``api_key_env``) and an error message never repeats a value that looks like a secret.
+never taken for ``api_key_env``), an error message never repeats a value that looks like a secret, and
+``--print_config`` refuses a configuration holding one (checked before printing, printed redacted).
 :func:`refuse_secrets` refuses a parsed configuration that holds a key where an environment variable's *name* belongs
 (``*_env`` fields) or a recognisable API key anywhere, before anything is written: keys come from the environment
 only.
@@ -17,6 +18,7 @@ only.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import sys
 from collections.abc import Callable, Mapping
@@ -77,6 +79,9 @@ def refuse_secrets(config: Any, prefix: str = "") -> None:
         config = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     if isinstance(config, Mapping):
         for key, value in config.items():
+            if key == "init_args":  # a class's settings (``class_path`` + ``init_args``): named as on the command line
+                refuse_secrets(value, prefix)
+                continue
             name = f"{prefix}{key}"
             if isinstance(value, str) and str(key).endswith("_env") and (
                     not _ENV_NAME.fullmatch(value) or looks_like_secret(value) or _random_token(value, 20)):
@@ -95,15 +100,68 @@ def refuse_secrets(config: Any, prefix: str = "") -> None:
             "environment variables only (the endpoint options' api_key_env names one)")
 
 
-class ClarifyParser(ArgumentParser):
-    """jsonargparse's parser with abbreviations off and secrets kept out of error messages."""
+def _printing_config(parser: Any) -> bool:
+    """Whether ``parser`` (or the parser of its command) is printing ``--print_config``."""
+    while parser is not None:
+        if hasattr(parser, "print_config"):
+            return True
+        parser = getattr(parser, "parent_parser", None)
+    return False
+
+
+class NoSecretsDumped:
+    """Mixin of the ``clarify`` parsers: a configuration holding a secret is never dumped — not by ``--print_config``
+    (which jsonargparse runs inside parsing, before any command could check it), nor into a saved config — and a
+    printed configuration is redacted as well (:func:`redact`)."""
+
+    def dump(self, cfg: Any, *args: Any, **kwargs: Any) -> str:
+        values = cfg.as_dict() if isinstance(cfg, Namespace) else cfg
+        if isinstance(values, Mapping):
+            values = {k: v for k, v in values.items() if k != "config"}  # the config files' paths
+        refuse_secrets(values)
+        text = super().dump(cfg, *args, **kwargs)  # type: ignore[misc]
+        return redact(text) if _printing_config(self) else text
+
+
+def option_names(parser: Any) -> list[str]:
+    """Every ``--option`` ``parser`` accepts (nested dataclass fields by their dotted names)."""
+    return sorted({o for a in getattr(parser, "_actions", []) for o in a.option_strings if o.startswith("--")})
+
+
+def closest_option(message: str, options: list[str]) -> str:
+    """``"; did you mean --n_turns?"`` for an error about an unknown option (``unrecognized arguments: --n_turn 3``,
+    a config file's ``Option 'n_turn' is not accepted``) that is close to one of ``options``; else ``""``."""
+    m = re.search(r"unrecognized arguments: (--[^\s=]+)", message) or \
+        re.search(r"Option '([^']+)' is not accepted", message) or re.search(r'Key "([^"]+)" is not expected', message)
+    if not m:
+        return ""
+    name = m.group(1) if m.group(1).startswith("--") else f"--{m.group(1)}"
+    near = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    return f"; did you mean {near[0]}?" if near else ""
+
+
+def one_line_error(prog: str, message: str, options: list[str]) -> str:
+    """A command-line mistake as one line (never the whole usage text), secrets redacted, with the closest valid
+    option name when the mistake is an unknown one."""
+    text = " ".join(redact(str(message)).split())
+    return f"{prog}: error: {text}{closest_option(text, options)} (see {prog} --help)"
+
+
+class ClarifyParser(NoSecretsDumped, ArgumentParser):
+    """jsonargparse's parser with abbreviations off, a command-line mistake reported in one line (with the closest
+    valid option name) instead of the usage text, and secrets kept out of error messages and printed or saved
+    configurations."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None):
-        return super().error(redact(str(message)), ex)
+        message = redact(str(message))
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        sys.stderr.write(one_line_error(self.prog or "clarify", message, option_names(self)) + "\n")
+        self.exit(2)
 
 
 def dataclass_parser(config_class: type, prog: str, description: str, env_prefix: str, config_help: str

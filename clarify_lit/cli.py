@@ -34,7 +34,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from clarify_lit import __version__
-from clarify_lit.arguments import redact, refuse_secrets
+from clarify_lit.arguments import NoSecretsDumped, closest_option, option_names, redact, refuse_secrets
 from clarify_lit.data.datamodule import ConversationDataModule
 from clarify_lit.environment import environment_stamp
 from clarify_lit.io import output_lock
@@ -70,6 +70,7 @@ DEFAULT_ROOT = "runs/default"
 
 class ClarifyCLI(LightningCLI):
     _overwrite = False  # fit's --overwrite (read before the config is saved with it reset)
+    _cleared = False  # the earlier run's files were removed (--overwrite, last_or_none without a checkpoint)
 
     def add_arguments_to_parser(self, parser) -> None:
         # one tokenizer: the model's
@@ -101,7 +102,19 @@ class ClarifyCLI(LightningCLI):
         if subcommand != "fit" or "://" in str(root) or not _rank_zero():
             return super()._run_subcommand(subcommand)
         with output_lock(root, "clarify fit"):
-            return super()._run_subcommand(subcommand)
+            before = set(run_folder.run_files(root, everything=True))
+            try:
+                return super()._run_subcommand(subcommand)
+            except BaseException:
+                trainer = getattr(self, "trainer", None)
+                if self._cleared:  # --overwrite (or last_or_none) removed the earlier run: all there is is ours
+                    before = set()
+                if trainer is None or trainer.global_step == 0:
+                    # a start that failed before its first optimizer step (every bad-data refusal): what it wrote
+                    # (config.yaml, an events file, run_info.json) is removed, so the corrected command is not
+                    # refused as "already holds a run" (nor sent to a --ckpt_path last that finds no checkpoint)
+                    run_folder.remove_failed_start(root, before)
+                raise
 
     def before_fit(self) -> None:
         """Resolve ``--ckpt_path``, check the resume against its checkpoint (``clarify_lit.train.run_folder``) and
@@ -128,6 +141,7 @@ class ClarifyCLI(LightningCLI):
         if ckpt is None:
             if _rank_zero() and (self._overwrite or requested == "last_or_none"):
                 run_folder.clear_run(root)  # --overwrite, or last_or_none over a run that never saved a checkpoint
+                self._cleared = True
             return
         if str(ckpt) in ("best", "hpc") or "://" in str(ckpt):
             return  # Lightning's own ways to name a checkpoint
@@ -185,15 +199,17 @@ class ClarifyCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
 
-class ClarifyArgumentParser(LightningArgumentParser):
+class ClarifyArgumentParser(NoSecretsDumped, LightningArgumentParser):
     """A command-line mistake is reported in one line (``clarify: error: …``), not the whole usage text, and never
-    repeats a value that looks like a secret."""
+    repeats a value that looks like a secret; ``--print_config`` refuses a configuration holding one."""
 
     def error(self, message: str, ex: Exception | None = None):
         message = redact(str(message))
         if not self.exit_on_error:
             return super().error(message, ex)
-        sys.stderr.write(f"clarify: error: {_one_line_parse_error(message)} (see clarify <command> --help)\n")
+        text = _one_line_parse_error(message)
+        sys.stderr.write(f"clarify: error: {text}{closest_option(text, option_names(self))} (see clarify <command> "
+                         "--help)\n")
         self.exit(2)
 
 

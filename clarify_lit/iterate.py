@@ -60,7 +60,7 @@ from clarify_lit.models import DTypeChoice, resolve_device, resolve_dtype
 from clarify_lit.simulate.command import SimulateConfig
 from clarify_lit.simulate.options import DataOptions, RewardOptions, TeacherOptions
 from clarify_lit.simulate.prompts import Mode, Setting
-from clarify_lit.stages import StageRunner
+from clarify_lit.stages import StageFailed, StageRunner
 
 log = logging.getLogger("clarify.iterate")
 
@@ -456,7 +456,17 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of ``clarify iterate``."""
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run(parse_config(argv))
+    cfg = parse_config(argv)
+    try:
+        run(cfg)
+    except KeyboardInterrupt:
+        print(f"clarify iterate: interrupted (Ctrl-C); the finished stages are kept in {cfg.output}; run the same "
+              "command again to go on (finished stages are skipped, an interrupted simulation or fit resumes)",
+              file=sys.stderr)
+        raise SystemExit(130) from None
+    except StageFailed as e:
+        print(f"clarify iterate: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

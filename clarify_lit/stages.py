@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from clarify_lit.cli import main as clarify_main
+
+
+class StageFailed(RuntimeError):
+    """A stage run in a subprocess ended with a non-zero status (it printed its own error)."""
 
 
 class StageRunner:
@@ -52,7 +57,13 @@ class StageRunner:
         if self.in_process:
             clarify_main(list(args))
         else:
-            subprocess.run([sys.executable, "-m", "clarify_lit.cli", *args], check=True)
+            code = subprocess.run([sys.executable, "-m", "clarify_lit.cli", *args]).returncode
+            if code == 130 or code == -signal.SIGINT:  # the stage was stopped by Ctrl-C (it said what it kept)
+                raise KeyboardInterrupt
+            if code != 0:
+                raise StageFailed(f"stage `{shown}` failed (exit {code}; its error is above); fix the cause and "
+                                  "run the same command again: finished stages are skipped, an interrupted one "
+                                  "resumes")
         took = time.time() - start
         self.ran.append(list(args))
         print(f"[{self.tag}] done in {took:.0f} s", flush=True)

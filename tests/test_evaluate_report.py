@@ -157,3 +157,44 @@ def test_paired_table_holm_column(tmp_path):
     assert float(rows["C vs Base"][5]) == pytest.approx(3 * 2 / 256, rel=3e-3)
     assert float(rows["A vs Base"][5]) == pytest.approx(2 * 2 / 64, rel=3e-3)
     assert float(rows["B vs Base"][5]) == pytest.approx(0.5, rel=1e-3)
+
+
+# ------------------------------------------------------------------------------ duplicate inputs (issue 29)
+def test_a_repeated_input_is_refused_naming_it(tmp_path, capsys):
+    """One evaluation given twice (the same path, a glob matching its folder again, two labels on it) used to read
+    as two seeds ("seeds 2, n 4") with the SE shrunk by √2."""
+    from clarify_lit.cli import main as clarify
+
+    run = write_run(tmp_path / "runs" / "refit", "Refit", m(0.5, 0.1, n=2), correct=[True, False]).parent
+    write_run(tmp_path / "runs" / "base", "Base", m(0.0, 0.0, n=2), correct=[False, False])
+    for args in ([str(run), str(run)], [str(run), str(tmp_path / "runs" / "*")], [f"A={run}", f"B={run}/"]):
+        with pytest.raises(SystemExit) as e:
+            clarify(["report", *args, "--out", str(tmp_path / "r.md")])
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and len(err.strip().splitlines()) == 1, err
+        assert f"report inputs repeat an evaluation ({run / 'metrics.json'} given 2 times)" in err
+        assert not (tmp_path / "r.md").exists()
+
+
+def test_a_copied_evaluation_is_refused_by_content(tmp_path, capsys):
+    import shutil
+
+    from clarify_lit.cli import main as clarify
+
+    a = write_run(tmp_path / "runs" / "s0", "Refit", m(0.5, 0.1, n=2), correct=[True, False]).parent
+    b = shutil.copytree(a, tmp_path / "runs" / "s1")
+    with pytest.raises(SystemExit) as e:
+        clarify(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "r.md")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and len(err.strip().splitlines()) == 1, err
+    assert (f"{a / 'metrics.json'} and {b / 'metrics.json'} hold the same rollouts (sha256 " in err
+            and "a copy is not another seed" in err)
+    # without rollouts, the metrics file's own bytes
+    (a / "rollouts.jsonl").unlink()
+    (b / "rollouts.jsonl").unlink()
+    with pytest.raises(ValueError, match=r"hold the same metrics \(sha256"):
+        run_report([str(a), str(b)], out=tmp_path / "r.md")
+    # a real second seed (other rollouts) is aggregated as before
+    write_run(b, "Refit", m(0.5, 0.1, n=2), correct=[False, True], seed=1)
+    summary = run_report([str(a), str(b)], out=tmp_path / "r.md")
+    assert "| Refit | 2 | 4 |" in summary

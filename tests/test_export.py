@@ -273,3 +273,70 @@ def test_clarify_export_dtype_needs_merge(fitted, capsys):
     with pytest.raises(SystemExit):
         main(["export", "--run_dir", str(root), "--dtype", "float16"])
     assert "--dtype applies to --merge true" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- an occupied folder (issue 29)
+def evaluation_folder(folder: Path) -> dict[str, str]:
+    """Another run's evaluation folder with an unrelated note: what `clarify export` must never delete."""
+    files = {"metrics.json": '{"metrics": {"accuracy": 0.5}}', "rollouts.jsonl": '{"id": "t0"}\n',
+             "notes.txt": "mine"}
+    folder.mkdir(parents=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return files
+
+
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "adapter"])
+def test_clarify_export_refuses_an_occupied_folder_and_overwrite_keeps_other_files(fitted, embedded_is_tiny,
+                                                                                   tmp_path, capsys, merge):
+    _, root = fitted
+    out = tmp_path / "eval"
+    files = evaluation_folder(out)
+    args = ["export", "--run_dir", str(root), "--merge", str(merge).lower(), "--out_dir", str(out)]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and len(err.strip().splitlines()) == 1, err
+    assert f"--out_dir {out} is not empty (metrics.json, notes.txt, rollouts.jsonl)" in err and "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == sorted(files)  # nothing written, nothing removed
+
+    main([*args, "--overwrite", "true"])
+    for name, text in files.items():  # every file the export did not write is still there, unchanged
+        assert (out / name).read_text() == text
+    weights = "model.safetensors" if merge else "adapter_model.safetensors"
+    meta = json.loads((out / "clarify_export.json").read_text())
+    assert weights in meta["files"] and not set(files) & set(meta["files"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(set(files) | set(meta["files"]))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
+
+
+def test_an_export_over_an_earlier_export_replaces_only_its_files(fitted, embedded_is_tiny, tmp_path):
+    """A merged export over an adapter export (with a note beside it): the adapter's files go, the note stays, and
+    the folder holds one model, not two."""
+    _, root = fitted
+    out = tmp_path / "export"
+    main(["export", "--run_dir", str(root), "--out_dir", str(out)])
+    adapter_files = json.loads((out / "clarify_export.json").read_text())["files"]
+    assert "adapter_model.safetensors" in adapter_files
+    (out / "notes.txt").write_text("mine")
+    main(["export", "--run_dir", str(root), "--merge", "true", "--out_dir", str(out), "--overwrite", "true"])
+    merged_files = json.loads((out / "clarify_export.json").read_text())["files"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*merged_files, "notes.txt"])
+    assert not (out / "adapter_model.safetensors").exists() and (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_safetensors_full_disk_error_names_the_folder(tiny_model_dir, tmp_path, monkeypatch):
+    import clarify_lit.train.export as export
+    from clarify_lit.train.module import ClarifyModule
+
+    class SafetensorError(Exception):  # what safetensors raises on a full disk (no errno, no path)
+        pass
+
+    def disk_full(module, folder, *args):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(export, "_describe", disk_full)
+    folder = tmp_path / "out"
+    with pytest.raises(OSError, match=f"writing the merged export {folder} failed: Error while serializing"):
+        export.export_merged(ClarifyModule(str(tiny_model_dir), lora_r=4), folder)
+    assert list(tmp_path.iterdir()) == []

@@ -63,6 +63,7 @@ def evaluation(folder: Path, method: str, dataset: str, question: str, *, hashed
         rec = make_record(t, 0, float(t % 2), dataset=dataset, prediction="A" if t % 2 else "B")
         if hashed:
             rec["meta"]["question_hash"] = question_hash(f"{question} {t}", ["a", "b", "c", "d"], "A")
+        rec["meta"]["evaluated"] = method  # two methods' rollouts are never byte-identical (a copy is refused)
         rows.append(rec)
     write_records(folder / "rollouts.jsonl", rows)
     metrics = {"n": 3.0, "accuracy": 1 / 3, "accuracy_se": 0.3, "reward": 1 / 3, "reward_se": 0.3}

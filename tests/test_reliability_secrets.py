@@ -87,6 +87,53 @@ def test_a_key_given_as_an_option_or_config_value_is_refused_unwritten_and_unech
         assert "error:" in err and "not shown" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("how", ["key as the variable name", "key in a config file"])
+@pytest.mark.parametrize("name", ["simulate", "fit", "evaluate", "iterate"])
+def test_print_config_checks_for_secrets_before_printing(name, how, tmp_path, capfd, records_factory):
+    """``--print_config`` is printed while the command line is parsed, before the command's own secret check: it
+    echoed a key with status 0 (and ``--print_config > run.yaml`` wrote it to disk). Now refused, in one line."""
+    out = tmp_path / "out"
+    extra, planted = plant(name, how, tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main([*command(name, out, records_factory()), *extra, "--print_config"])
+    captured = capfd.readouterr()
+    key = RANDOM_KEY if how == "key as the variable name" else KEY
+    assert_key_nowhere(tmp_path, [captured.out, captured.err], planted, key)
+    assert e.value.code == 1 and captured.out == "", captured.out[-2000:]
+    lines = [line for line in captured.err.splitlines() if line.startswith("clarify")]
+    assert len(lines) == 1 and "not shown" in lines[0] and "Traceback" not in captured.err, captured.err[-2000:]
+    assert ".init_args." not in lines[0]  # the field is named as it is spelled on the command line
+
+
+@pytest.mark.parametrize("name", ["simulate", "fit", "evaluate", "iterate"])
+def test_print_config_without_secrets_prints_and_redacts(name, tmp_path, capfd, records_factory):
+    """The variable's name is printed as given."""
+    names = ["--reward.endpoint.api_key_env", "CLARIFY_PLANTED_KEY"] if name != "fit" else []
+    with pytest.raises(SystemExit) as e:
+        main([*command(name, tmp_path / "out", records_factory()), *names, "--print_config"])
+    printed = capfd.readouterr().out
+    assert e.value.code == 0 and yaml.safe_load(printed)
+    if names:
+        assert "api_key_env: CLARIFY_PLANTED_KEY" in printed
+
+
+def test_a_printed_config_is_redacted(capfd):
+    """A value the secret check lets through (a long random token in a field not named ``*_env``) is printed as
+    ``<redacted>``; ordinary values are printed as they are."""
+    from jsonargparse import ActionConfigFile
+
+    from clarify_lit.arguments import ClarifyParser
+
+    parser = ClarifyParser()
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_argument("--note", type=str)
+    parser.add_argument("--token", type=str)
+    with pytest.raises(SystemExit):  # a value refuse_secrets lets through (a long random token) is still redacted
+        parser.parse_args(["--note", "free text", "--token", "Q7x" * 12, "--print_config"])
+    printed = capfd.readouterr().out
+    assert "note: free text" in printed and "Q7x" not in printed and "token: <redacted>" in printed
+
+
 def test_a_key_in_the_environment_appears_in_no_file_any_command_writes(tmp_path, monkeypatch, capfd, caplog,
                                                                         records_factory):
     """The supported way: the key in an environment variable, its NAME in ``api_key_env``. simulate, fit, evaluate

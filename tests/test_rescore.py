@@ -98,3 +98,39 @@ def test_committed_gzipped_rollouts_can_be_rescored(logged, tmp_path):
     a, _ = load_records(tmp_path / "gz" / "seed0-Refit.jsonl")  # written plain, under the name without .gz
     b, _ = load_records(tmp_path / "plain" / "conversations.jsonl")
     assert [r.reward for r in a] == [r.reward for r in b]
+
+
+def test_records_of_other_question_text_are_refused_by_their_hash(logged, tmp_path, capsys):
+    """Same task ids and gold letters, other question text or options: the rewards would be of other questions
+    (mean 1.0 vs 0.0 on the same records), so the record's ``meta.question_hash`` is compared with the data's."""
+    from clarify_lit.cli import main as clarify
+
+    records, _ = load_records(logged)
+    assert all(r.meta.get("question_hash") for r in records)
+    rows = [json.loads(line) for line in FIXTURE.read_text().splitlines() if line.strip()]
+    target = next(row for row in rows if f"tiny/{row['id']}" == records[0].task_id)
+    target["choices"] = [f"{c} (edited)" for c in target["choices"]]  # same id, same gold, other options
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = [str(edited) if a == str(FIXTURE) else a for a in DATA]
+    with pytest.raises(SystemExit) as e:
+        clarify(["rescore", "--inputs", f"[{logged}]", "--output", str(tmp_path / "x"), *data, "--reward.kind",
+                 "correct", "--model", "tiny-random"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and len(err.strip().splitlines()) == 1, err
+    assert (f"{logged}:line 1 (id={records[0].id!r}): field 'meta.question_hash'" in err
+            and f"question {records[0].task_id!r} of --data (local, part train) hashes to" in err), err
+    assert not (tmp_path / "x").exists()
+
+
+def test_records_without_a_question_hash_are_rescored_and_counted(logged, tmp_path, caplog, capsys):
+    records, _ = load_records(logged)
+    for r in records[:5]:
+        del r.meta["question_hash"]  # written before the hash existed
+    old = write_records(tmp_path / "old.jsonl", records)
+    with caplog.at_level("WARNING", logger="clarify.rescore"):
+        main(["--inputs", f"[{old}]", "--output", str(tmp_path / "o"), *DATA, "--reward.kind", "correct",
+              "--model", "tiny-random"])
+    assert f"5 of {len(records)} records carry no meta.question_hash" in caplog.text
+    assert json.loads((tmp_path / "o" / "rescore.json").read_text())["records_without_question_hash"] == 5
+    assert '"records_without_question_hash (not checked)": 5' in capsys.readouterr().out

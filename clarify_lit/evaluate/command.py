@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import tempfile
 import time
@@ -48,8 +49,8 @@ from clarify_lit.models import (
 )
 from clarify_lit.simulate.engine import Attention
 from clarify_lit.simulate.options import DataOptions, RewardOptions, TeacherOptions
-from clarify_lit.simulate.prompts import Mode, Setting
-from clarify_lit.simulate.rollout import RolloutSpec, check_discount
+from clarify_lit.simulate.prompts import Mode, Setting, check_setting
+from clarify_lit.simulate.rollout import RolloutSpec, check_context_budget, check_discount
 from clarify_lit.train.module import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,19 @@ def load_policy(model: str | None, ckpt_path: str | None, export_dir: str | None
     folder = Path(export_dir).resolve()
     label = folder.parent.name if folder.name == "export" else folder.name
     return m, tok, {"source": "export", "model": str(export_dir), "base_model": base, "default_method": label}
+
+
+def check_temperatures(temperatures: list[float] | None) -> None:
+    """``--temperatures``: left out (one greedy run), or at least one finite temperature >= 0 (``[]`` used to mean
+    ``[0.0]`` silently)."""
+    if temperatures is None:
+        return
+    if not temperatures:
+        raise ValueError("--temperatures []: names no run; give at least one temperature (one run per question "
+                         "each), or leave the option out for one greedy run ([0.0])")
+    bad = [t for t in temperatures if not (t >= 0 and math.isfinite(t))]
+    if bad:
+        raise ValueError(f"--temperatures: each must be a finite number >= 0, got {bad}")
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
@@ -172,6 +186,8 @@ def evaluate(
     """
     check_one_source(model, ckpt_path, export_dir)  # before any loading: fail fast on a bad command line
     check_discount(discount)
+    check_setting(setting, mode, n_turns)
+    check_temperatures(temperatures)
     refuse_secrets({"teacher": teacher, "reward": reward})  # keys come from environment variables only
     out = Path(out_dir)
     check_out_dir(out, overwrite)
@@ -196,6 +212,7 @@ def _evaluate(model, ckpt_path, export_dir, method, out: Path, data, n_questions
     policy, tokenizer, info = load_policy(model, ckpt_path, export_dir, dtype, merge_lora)
     # every source generates in the resolved dtype (a checkpoint holds its training dtype until cast here)
     policy = policy.to(device=dev, dtype=DTYPES[dtype]).eval()
+    check_context_budget(policy, n_turns, max_new_tokens, info["model"])
     teacher_obj, reward_obj = build_teacher_and_reward(teacher, reward, base_model=info["base_model"],
                                                        setting=setting, device=dev, batch_size=batch_size,
                                                        mode=mode)

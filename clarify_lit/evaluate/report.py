@@ -17,6 +17,7 @@ also writes one self-contained audit page: the tables, the plot and every conver
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import math
 import os
@@ -154,6 +155,39 @@ def expand_inputs(inputs: Sequence[str]) -> list[tuple[str | None, Path]]:
             else:
                 raise FileNotFoundError(f"report input {item!r}: {p} does not exist")
     return found
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def refuse_duplicate_inputs(files: Sequence[MetricsFile]) -> None:
+    """Refuse an evaluation given more than once — the same file twice (a repeated argument, a glob matching a
+    folder twice, two labels on one path) or a copy of it (the same rollouts, by content hash; the metrics file's
+    own bytes where there are no rollouts): each copy would count as another seed, shrinking the SE by √copies."""
+    by_path: dict[str, list[MetricsFile]] = {}
+    for f in files:
+        by_path.setdefault(os.path.realpath(f.path), []).append(f)
+    repeated = [group for group in by_path.values() if len(group) > 1]
+    if repeated:
+        named = "; ".join(f"{group[0].path} given {len(group)} times" for group in repeated[:3])
+        raise ValueError(f"report inputs repeat an evaluation ({named}{'; …' if len(repeated) > 3 else ''}): a "
+                         "repeated input is not another seed; give each evaluation once")
+    by_content: dict[str, list[MetricsFile]] = {}
+    for f in files:
+        rollouts = f.rollouts_path()
+        key = "rollouts " + _file_hash(rollouts) if rollouts is not None else "metrics " + _file_hash(f.path)
+        by_content.setdefault(key, []).append(f)
+    copies = [(key, group) for key, group in by_content.items() if len(group) > 1]
+    if copies:
+        named = "; ".join(" and ".join(str(f.path) for f in group) + f" hold the same {key.split()[0]} (sha256 "
+                          f"{key.split()[1][:12]})" for key, group in copies[:3])
+        raise ValueError(f"report inputs repeat an evaluation ({named}{'; …' if len(copies) > 3 else ''}): a copy "
+                         "is not another seed; give each evaluation once")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -440,6 +474,7 @@ def run_report(inputs: Sequence[str], out: str | os.PathLike = "report.md", plot
     """Build the report, write ``out`` (.md), the plot (.png), a .json summary and, with ``html``, the audit page;
     return the Markdown text."""
     files = [read_metrics_file(p, label) for label, p in expand_inputs(inputs)]
+    refuse_duplicate_inputs(files)
     names = parse_renames(rename)
     for f in files:
         f.label = names.get(f.label, f.label)

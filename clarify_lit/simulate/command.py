@@ -72,10 +72,11 @@ from clarify_lit.simulate.options import (
     teacher_kind,
 )
 from clarify_lit.simulate.parsing import is_hedge, uses_thinking_tags
-from clarify_lit.simulate.prompts import Mode, Setting
+from clarify_lit.simulate.prompts import Mode, Setting, check_setting
 from clarify_lit.simulate.rollout import (
     DEFAULT_TEMPERATURES,
     RolloutSpec,
+    check_context_budget,
     check_discount,
     check_explore,
     rollout_tasks,
@@ -223,6 +224,12 @@ def prepare_output(cfg: SimulateConfig, fingerprint: dict[str, Any]) -> tuple[Pa
     shards = out / "shards"
     cfg_file = out / "run_config.json"
     existing = sorted(shards.glob("shard-*.jsonl")) if shards.exists() else []
+    branched = any(shards.glob("branches-*.jsonl")) if shards.exists() else False
+    if cfg_file.exists() and not existing and not branched and not (out / "conversations.jsonl").exists():
+        # a start that failed before its first shard (a template that raised, a refused endpoint, an earlier
+        # version's late checks): not a run, so neither refused nor compared on --resume; its run_config.json is ours
+        log.info("%s holds only a failed start (run_config.json, no shard): starting afresh", out)
+        cfg_file.unlink()
     if cfg.overwrite and out.exists():
         for p in (shards, out / "conversations.jsonl", out / BRANCH_FILE, out / BRANCH_CONFIG, out / "summary.json",
                   cfg_file):
@@ -338,7 +345,8 @@ def _run(cfg: SimulateConfig) -> dict[str, Any]:
     if not cfg.temperatures or any(t < 0 or not math.isfinite(t) for t in cfg.temperatures):
         raise ValueError(f"temperatures must be a non-empty list of finite numbers >= 0, got {cfg.temperatures}")
     check_discount(cfg.discount)
-    check_explore(cfg.rollout_spec(cfg.seed))  # before loading any model
+    check_setting(cfg.setting, cfg.mode, cfg.n_turns)  # before loading any model or writing anything
+    check_explore(cfg.rollout_spec(cfg.seed))
     if cfg.explore_runs and cfg.policy_endpoint.base_url:
         raise ValueError("explore_runs with policy_endpoint: a chat-completions endpoint cannot be made to continue "
                          "a forced start of the assistant's reply; seed a local policy")
@@ -381,6 +389,7 @@ def _run(cfg: SimulateConfig) -> dict[str, Any]:
                                           max_new_tokens=cfg.max_new_tokens)
         else:
             model, tok = models.get(cfg.model, cfg.dtype)
+            check_context_budget(model, cfg.n_turns, cfg.max_new_tokens, cfg.model)
             engine = GenerationEngine(model, tok, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                                       sort_by_length=cfg.sort_by_length, top_p=cfg.top_p,
                                       mix_temperatures=cfg.mix_temperatures, reuse_kv_cache=cfg.reuse_kv_cache,

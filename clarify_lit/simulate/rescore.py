@@ -14,8 +14,11 @@ Output folder ``--output DIR``: ``DIR/<name of each input>`` (the records with `
 ``reward_components`` replaced; the old ones kept in ``meta.rescored_from``) and ``DIR/rescore.json`` (the reward, and
 per file: records, mean reward and questions whose runs differ in reward, before and after, components' means).
 Records are matched to their questions by ``task_id`` under ``--data`` (the data options the records were made
-with); a record whose question is not there, or whose gold letter differs from the dataset's, is an error naming
-the file, the record and the field — never a silent skip. Existing outputs are refused unless ``--overwrite true``.
+with); a record whose question is not there, whose gold letter differs from the dataset's, or whose
+``meta.question_hash`` (question text, options and gold) differs from the dataset question's, is an error naming
+the file, the line, the record and the field — never a silent skip. Records written before the hash existed are
+matched by id and gold alone, and counted (a warning and ``records_without_question_hash`` in ``rescore.json``).
+Existing outputs are refused unless ``--overwrite true``.
 """
 
 from __future__ import annotations
@@ -110,6 +113,7 @@ def run(cfg: RescoreConfig) -> dict[str, Any]:
                               "--overwrite true")
     tasks = {t.task_id: t for t in load_data_tasks(cfg.data)}
     loaded = []
+    unchecked = 0  # records without meta.question_hash (older files): matched by task id and gold only
     for path in cfg.inputs:
         records, _ = load_records(path)
         for r in records:
@@ -123,7 +127,20 @@ def run(cfg: RescoreConfig) -> dict[str, Any]:
                 raise RecordError(path, _line(r), r.id, "gold",
                                   f"{r.gold!r} but the dataset's gold for {r.task_id!r} is {task.gold!r}: the "
                                   "records come from other data options")
+            stored = r.meta.get("question_hash")
+            if stored is None:
+                unchecked += 1
+            elif stored != task.content_hash:
+                raise RecordError(path, _line(r), r.id, "meta.question_hash",
+                                  f"{stored!r}, but question {r.task_id!r} of --data ({cfg.data.dataset}, part "
+                                  f"{cfg.data.part}) hashes to {task.content_hash!r}: its text, options or gold "
+                                  "differ from those the record was made on (the rewards would be of another "
+                                  "question); pass the data the records were made with")
         loaded.append((path, records))
+    if unchecked:
+        log.warning("%d of %d records carry no meta.question_hash (written before it existed): their questions were "
+                    "matched by task id and gold letter only, not checked against --data's text and options",
+                    unchecked, sum(len(records) for _, records in loaded))
     modes = {str(r.meta.get("mode", "thinking")) for _, records in loaded for r in records}
     if len(modes) > 1:
         raise ValueError(f"clarify rescore: the inputs mix modes {sorted(modes)}; rescore open-mode records "
@@ -132,6 +149,7 @@ def run(cfg: RescoreConfig) -> dict[str, Any]:
     reward = build_reward(cfg.reward, policy=cfg.model, models=FrozenModels(device), batch_size=cfg.batch_size,
                           mode="open" if modes == {"open"} else "thinking")
     summary: dict[str, Any] = {"reward": reward.describe(), "files": {}, "config": asdict(cfg),
+                               "records_without_question_hash": unchecked,
                                "environment": environment_stamp(device, resolve_dtype(cfg.reward.judge_dtype, device))}
     with output_lock(out, "clarify rescore"):
         for (path, records), name in zip(loaded, names, strict=True):
@@ -157,7 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     cfg = parse_dataclass(build_parser(), RescoreConfig, argv)
     summary = run(cfg)
+    unchecked = summary["records_without_question_hash"]
     print(json.dumps({"reward": summary["reward"],
+                      **({"records_without_question_hash (not checked)": unchecked} if unchecked else {}),
                       **{n: {"records": f["records"], "mean_reward": [f["before"]["mean_reward"],
                                                                       f["after"]["mean_reward"]]}
                          for n, f in summary["files"].items()}}, indent=1))

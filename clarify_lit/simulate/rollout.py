@@ -18,6 +18,7 @@ import random
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from clarify_lit.data.records import ConversationRecord
 from clarify_lit.data.tasks import LETTERS, QATask
@@ -120,7 +121,11 @@ def check_explore(spec: RolloutSpec) -> None:
     for turn, template in spec.explore_prefixes.items():
         if not 1 <= int(turn) <= spec.n_turns:
             raise ValueError(f"explore_prefixes turn {turn} is not an assistant turn (1..{spec.n_turns})")
-        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        except ValueError as e:  # an unbalanced brace: "expected '}' before end of string", naming nothing
+            raise ValueError(f"explore_prefixes[{turn}] = {template!r}: not a valid template ({e}); its only "
+                             "placeholder may be {letter}, and a literal brace is written {{ or }}") from None
         if fields - {"letter"} or not template.strip():
             raise ValueError(f"explore_prefixes[{turn}] = {template!r}: a non-empty text whose only placeholder "
                              "is {letter}")
@@ -130,6 +135,31 @@ def explore_letter(task: QATask, run: int, seed: int) -> str:
     """The option a seeded conversation asks about: drawn per (question, run, rollout seed), uniform over the
     question's letters, independent of the gold letter."""
     return random.Random(derive_seed(seed, "explore", task.task_id, run)).choice(LETTERS[:len(task.choices)])
+
+
+def context_length(model: Any) -> int | None:
+    """The number of positions ``model`` can attend to (``max_position_embeddings`` or ``n_positions`` of its
+    config), or None when its config does not say."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context_budget(model: Any, n_turns: int, max_new_tokens: int, model_name: str) -> None:
+    """Refuse a conversation whose generation budget alone (``n_turns`` replies of up to ``max_new_tokens``) exceeds
+    the model's context: it would run past what the model can attend to (``--n_turns 1e9`` ran until killed; 150
+    turns on a 2,048-token model ran minutes past its context with only a transformers warning)."""
+    context = context_length(model)
+    if context is None:
+        return
+    budget = n_turns * max_new_tokens
+    if budget > context:
+        raise ValueError(f"n_turns {n_turns} x max_new_tokens {max_new_tokens} = {budget} generated tokens per "
+                         f"conversation, more than the {context} tokens of {model_name}'s context (before the system "
+                         "prompt, the question and the teacher's turns); lower n_turns or max_new_tokens")
 
 
 def check_discount(discount: float) -> None:

@@ -12,17 +12,61 @@ Each folder also holds the tokenizer with its chat template, a model card ``READ
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from clarify_lit.base_reference import base_metadata, portable_base_name, write_export_metadata
-from clarify_lit.io import atomic_folder
-from clarify_lit.models import ADAPTER_CONFIG, DTYPES, DType, resolve_model_path
+from clarify_lit.io import LOCK_FILE, build_into
+from clarify_lit.models import ADAPTER_CONFIG, DTYPES, EXPORT_METADATA, DType, resolve_model_path
 from clarify_lit.train.model_card import ExportFormat, gather_card_facts, render_model_card
 
 log = logging.getLogger(__name__)
+
+# the names an export writes: how the files of an export written before clarify_export.json listed them are known
+EXPORT_FILE_PATTERNS = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "config.json",
+                        "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+                        "model.safetensors.index.json", "pytorch_model*.bin", "tokenizer.json", "tokenizer_config.json",
+                        "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+                        "chat_template.jinja", "README.md", EXPORT_METADATA)
+
+
+def folder_contents(folder: str | Path) -> list[str]:
+    """The names in ``folder`` (none when it does not exist), the output lock file left out."""
+    folder = Path(folder)
+    return sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE) if folder.is_dir() else []
+
+
+def earlier_export_files(folder: str | Path) -> list[str]:
+    """The files an earlier export wrote into ``folder`` (its ``clarify_export.json`` lists them; for an export written
+    before that list, the files with the names an export writes); ``[]`` when ``folder`` holds no export."""
+    folder = Path(folder)
+    meta_file = folder / EXPORT_METADATA
+    if not meta_file.is_file():
+        return []
+    try:
+        listed = json.loads(meta_file.read_text(encoding="utf-8")).get("files")
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+        listed = None
+    present = folder_contents(folder)
+    if isinstance(listed, list):
+        return sorted(set(present) & {str(n) for n in listed})
+    return [n for n in present if any(fnmatch.fnmatchcase(n, p) for p in EXPORT_FILE_PATTERNS)]
+
+
+def refuse_occupied_export(folder: str | Path, overwrite: bool) -> None:
+    """Refuse to export into a folder that holds anything, unless ``overwrite`` (which replaces only an earlier
+    export's files there: files an export did not write are never deleted)."""
+    if Path(folder).exists() and not Path(folder).is_dir():
+        raise FileExistsError(f"--out_dir {folder} is a file, not a folder; choose another --out_dir")
+    held = folder_contents(folder)
+    if held and not overwrite:
+        names = ", ".join(held[:4]) + (f", … ({len(held)} entries)" if len(held) > 4 else "")
+        raise FileExistsError(f"--out_dir {folder} is not empty ({names}); pass --overwrite true to write the export "
+                              "there (an earlier export's files are replaced, other files are kept), or choose "
+                              "another --out_dir")
 
 
 def write_export(module, folder: str | Path, *, run_dir: Path | None = None, trainer=None,
@@ -30,7 +74,6 @@ def write_export(module, folder: str | Path, *, run_dir: Path | None = None, tra
     """Write the adapter (LoRA) or the full weights of ``module`` with tokenizer, chat template, model card and
     ``clarify_export.json``. ``run_dir``, ``trainer`` or ``checkpoint`` fill the card (see ``gather_card_facts``)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     model = module.model
     spec = str(module.hparams.model_name_or_path)
     adapter = hasattr(model, "peft_config")
@@ -39,12 +82,16 @@ def write_export(module, folder: str | Path, *, run_dir: Path | None = None, tra
         # local folder answers that offline; the portable name replaces it in the written file below
         for cfg in model.peft_config.values():
             cfg.base_model_name_or_path = resolve_model_path(spec)
-    model.save_pretrained(folder)
-    module.tokenizer.save_pretrained(folder)
-    if adapter:
-        _rename_base(folder / ADAPTER_CONFIG, portable_base_name(spec))
     fmt: ExportFormat = "adapter" if adapter else "full"
-    _describe(module, folder, fmt, module.hparams.dtype, run_dir, trainer, checkpoint)
+
+    def build(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        module.tokenizer.save_pretrained(tmp)
+        if adapter:
+            _rename_base(tmp / ADAPTER_CONFIG, portable_base_name(spec))
+        _describe(module, tmp, fmt, module.hparams.dtype, run_dir, trainer, checkpoint)
+
+    _build_export(folder, build, "export")
     log.info("exported %s to %s", "adapter" if adapter else "model", folder)
     return folder
 
@@ -75,15 +122,26 @@ def export_merged(module, folder: str | Path, dtype: DType | None = None, *, run
         tok.save_pretrained(tmp)
         _describe(module, tmp, "merged", dtype, run_dir, trainer, checkpoint)
 
-    # built in a temp sibling and renamed into place: a full disk leaves no half-written folder and no temp files
-    try:
-        atomic_folder(folder, build, done=lambda _: False)
-    except OSError as e:
-        message = (f"writing the merged export {folder} failed: {e.strerror or e}; nothing was left there (the "
-                   "previous export, if any, is unchanged)")
-        raise (OSError(e.errno, message) if e.errno is not None else OSError(message)) from None
+    _build_export(folder, build, "merged export")
     log.info("exported the merged model (%s) to %s", dtype, folder)
     return folder
+
+
+def _build_export(folder: Path, build, what: str) -> None:
+    """Build the export in a temp sibling folder and move its files in (:func:`clarify_lit.io.build_into`): a full disk
+    leaves no half-written folder and no temp files, and only an earlier export's files are replaced (the folder is
+    never swapped whole). A failed write is one ``OSError`` naming the folder (safetensors reports a full disk as its
+    own ``SafetensorError``, naming no path)."""
+    try:
+        build_into(folder, build, replace=earlier_export_files(folder))
+    except Exception as e:
+        if not isinstance(e, OSError) and type(e).__name__ != "SafetensorError":
+            raise
+        errno_ = getattr(e, "errno", None)
+        reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:200] or type(e).__name__
+        message = (f"writing the {what} {folder} failed: {reason}; nothing was left there (the previous export, "
+                   "if any, is unchanged)")
+        raise (OSError(errno_, message) if errno_ is not None else OSError(message)) from None
 
 
 def _host_copy(model):
@@ -114,6 +172,8 @@ def _describe(module, folder: Path, fmt: ExportFormat, dtype: str, run_dir: Path
                               dtype=dtype)
     meta["clarify_lit_version"] = facts["versions"].get("clarify_lit")
     meta["global_step"] = (facts.get("training") or {}).get("global_step")
+    # what this export wrote: a later export into the same folder replaces these files and no others
+    meta["files"] = sorted({p.name for p in folder.iterdir()} | {EXPORT_METADATA, "README.md"})
     write_export_metadata(folder, meta)
     title = f"{run_dir.name} ({fmt})" if run_dir is not None else None
     (folder / "README.md").write_text(render_model_card(facts, title), encoding="utf-8")

@@ -10,6 +10,10 @@ Examples::
 what vLLM, lm-evaluation-harness and GGUF converters take); without it, the adapter folder that ``clarify fit``
 writes to ``<run>/export``. Either way with tokenizer, chat template, generation config, a model card filled from
 the run (checkpoint step, last logged losses, data, rollout evaluation, ``config.yaml``) and ``clarify_export.json``.
+
+A folder that holds anything is refused unless ``--overwrite true``; even then only an earlier export's files there
+are replaced (``clarify_export.json`` lists them) and every other file is kept: the export is built in a temp sibling
+folder and its files are moved in, never the folder swapped whole.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Literal
 import torch
 
 from clarify_lit.arguments import ClarifyParser
-from clarify_lit.train.export import export_merged, write_export
+from clarify_lit.train.export import export_merged, refuse_occupied_export, write_export
 from clarify_lit.train.module import ClarifyModule
 
 log = logging.getLogger(__name__)
@@ -46,7 +50,8 @@ def checkpoint_of(run_dir: str | None, ckpt_path: str | None) -> tuple[Path, Pat
 
 
 def export(run_dir: str | None = None, ckpt_path: str | None = None, out_dir: str | None = None,
-           merge: bool = False, dtype: Literal["float32", "bfloat16", "float16"] | None = None) -> Path:
+           merge: bool = False, dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+           overwrite: bool = False) -> Path:
     """Export a ``clarify fit`` run from its checkpoint.
 
     Args:
@@ -55,11 +60,14 @@ def export(run_dir: str | None = None, ckpt_path: str | None = None, out_dir: st
         out_dir: the folder to write; default ``<run>/export_merged`` with ``merge``, else ``<run>/export``.
         merge: write a standalone model (LoRA merged into the base weights) instead of the adapter.
         dtype: dtype of the merged weights (``merge`` only); default the training dtype.
+        overwrite: write into a folder that is not empty: an earlier export's files there are replaced, any other
+            file is kept; without it such a folder is refused.
     """
     ckpt, run = checkpoint_of(run_dir, ckpt_path)
     if dtype is not None and not merge:
         raise ValueError("--dtype applies to --merge true (an adapter keeps the dtype it was trained in)")
     out = Path(out_dir) if out_dir else run / ("export_merged" if merge else "export")
+    refuse_occupied_export(out, overwrite)  # before the checkpoint loads
     module = ClarifyModule.from_checkpoint(ckpt)
     # the step and epoch for the card; the weights were restored above
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)

@@ -79,6 +79,24 @@ def clear_run(root: Path) -> list[str]:
     return removed
 
 
+def remove_failed_start(root: Path, before: set[Path]) -> list[str]:
+    """Remove the run files a fit that failed before its first step wrote into ``root`` (those not in ``before``,
+    what the folder held when it started); never a checkpoint, never anything else. Return their names."""
+    removed = []
+    for p in run_files(root, everything=True):
+        if p in before or p.name in ("checkpoints", "export", "export_merged"):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p.name)
+    if removed:
+        log.info("the fit failed before its first step: removed what it had written to %s (%s)", root,
+                 ", ".join(removed))
+    return removed
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A checkpoint's contents (tensors memory-mapped, not read), or a one-line error naming the file."""
     path = Path(path)
