@@ -6,8 +6,8 @@ scripted by each strategy below, the teacher answers it, and the untrained polic
 through the project's own rollout (``rollout_tasks`` continuing the scripted prefix at turn 2); answers are graded as
 the `correct` reward grades them (``open_answer.grade_open_answer``). "base policy" rolls out both turns itself.
 
-Trivial policies (no generation, graded the same way) sit beside them: the best constant answer (the gold text most
-frequent among the test questions, i.e. an upper bound on any constant answer), every option named, an empty reply,
+Trivial policies (no generation, graded the same way) sit beside them: the best constant answer (the answer text
+correct on the most test questions, ``report.best_constant_open_answer``), every option named, an empty reply,
 a question only. And one reference without a policy: the teacher's reply to the restated question copied as the
 final answer (how often the notes name the gold option and no other).
 
@@ -23,14 +23,14 @@ import gzip
 import json
 import random
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
 
 from clarify_lit.data.records import ConversationRecord
-from clarify_lit.data.tasks import LETTERS, QATask, load_tasks
+from clarify_lit.data.tasks import QATask, load_tasks
 from clarify_lit.evaluate.metrics import compute_metrics
+from clarify_lit.evaluate.report import best_constant_open_answer
 from clarify_lit.models import load_causal_lm, load_tokenizer
 from clarify_lit.simulate import prompts
 from clarify_lit.simulate.open_answer import grade_open_answer
@@ -95,8 +95,10 @@ def main() -> None:
     spec = RolloutSpec(setting="clarifying", mode="open", n_turns=2, temperatures=[0.0],
                        max_new_tokens=args.max_new_tokens, batch_size=50, seed=0)
     results: dict[str, dict] = {}
+    results_records: dict[str, list[ConversationRecord]] = {}
 
     def save(name: str, records: list[ConversationRecord], seconds: float, teacher: OpenTeacher | None) -> None:
+        results_records[name] = records
         results[name] = {**summary(records), "seconds": round(seconds, 1),
                          **({"teacher_no_question": teacher.no_question, "teacher_no_match": teacher.no_match}
                             if teacher else {})}
@@ -120,12 +122,11 @@ def main() -> None:
         save("base policy", recs, time.time() - t0, teacher)
 
     # trivial policies and the copy-the-notes reference (no generation)
-    gold_texts = Counter(t.choices[LETTERS.index(t.gold)].strip().lower() for t in tasks)
-    most_frequent, _ = gold_texts.most_common(1)[0]
+    best_text, _ = best_constant_open_answer(results_records["base policy"])
     teacher = OpenTeacher()
     pre = [prefix(t, restated(t), teacher) for t in tasks]
     trivial = {
-        f"constant: most frequent gold text ({most_frequent!r})": lambda t, c: f"The answer is {most_frequent}.",
+        f"best constant answer ({best_text!r})": lambda t, c: f"The answer is {best_text}.",
         "every option named": lambda t, c: "The answer is " + ", ".join(t.choices) + ".",
         "empty reply": lambda t, c: "",
         "a question only": lambda t, c: "What do you mean?",

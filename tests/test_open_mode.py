@@ -225,3 +225,19 @@ def test_open_metrics_read_the_options_from_meta():
     assert m["names_none_rate"] == 0.25 and m["hedge_rate"] == 0.25
     assert m["single_question_rate"] == 0.25  # "What? Why?" holds two
     assert m["accuracy_when_asked"] == 1.0 and m["accuracy_when_not_asked"] == pytest.approx(1 / 3)
+
+
+def test_best_constant_open_answer_and_caption():
+    from clarify_lit.evaluate.report import best_constant_open_answer, constant_caption, letters_table
+
+    def rec(i, choices, gold):
+        return ConversationRecord(id=f"q{i}#run0", task_id=f"q{i}", messages=_conversation(TASKS[0], "x"),
+                                  reward=0.0, gold=gold, meta={"mode": "open", "choices": choices,
+                                                               "setting": "clarifying"})
+
+    records = [rec(0, ["oxygen", "iron", "salt", "sand"], "A"), rec(1, ["iron", "oxygen", "salt", "sand"], "B"),
+               rec(2, ["iron", "gold", "salt", "sand"], "A"), rec(2, ["iron", "gold", "salt", "sand"], "A")]
+    # "oxygen" is right on q0 and q1, "iron" on q2: 2 of the 3 questions (q2's two runs count once)
+    assert best_constant_open_answer(records) == ("oxygen", pytest.approx(2 / 3))
+    assert 'always "The answer is oxygen." scores accuracy 0.667 on these 3 questions' in constant_caption(records)
+    assert letters_table([], {}) == ""

@@ -39,10 +39,12 @@ from clarify_lit.evaluate.metrics import (
     QuestionMismatchError,
     final_answer,
     holm_adjust,
+    is_open,
     nan_to_none,
     paired_comparison,
 )
 from clarify_lit.io import atomic_write, atomic_write_text
+from clarify_lit.simulate.open_answer import grade_open_answer
 
 METRICS_FILE = "metrics.json"
 
@@ -358,11 +360,28 @@ def best_constant_answer(records: Sequence[ConversationRecord]) -> tuple[str, fl
     return best, const[best]
 
 
+def best_constant_open_answer(records: Sequence[ConversationRecord]) -> tuple[str, float]:
+    """Open mode's best constant reply: the answer text that, given to every question ("The answer is <text>."),
+    is graded correct on the most of these records' questions (each question once), and that share. Only a gold
+    option's text can score, so the candidates are the gold texts. Example: golds "oxygen", "oxygen", "iron" over
+    questions whose other options never name oxygen give ``("oxygen", 2/3)``."""
+    questions = {r.task_id: r for r in records}
+    candidates = sorted({r.meta["choices"][LETTERS.index(r.gold)] for r in questions.values()})
+    scored = [(sum(grade_open_answer(f"The answer is {text}.", r.meta["choices"]).letter == r.gold
+                   for r in questions.values()) / len(questions), text) for text in candidates]
+    acc, text = max(scored, key=lambda x: (x[0], [-ord(ch) for ch in x[1]]))
+    return text, acc
+
+
 def constant_caption(records: Sequence[ConversationRecord] | None) -> str:
     """The caption line every table carries (issue 25): what the best constant answer scores on its questions, the
     accuracy a policy must beat before it has learned anything. Empty without records."""
     if not records:
         return ""
+    if all(is_open(r) for r in records):
+        text, acc = best_constant_open_answer(records)
+        return (f"Best constant answer: always \"The answer is {text}.\" scores accuracy {acc:.3f} on these "
+                f"{len({r.task_id for r in records})} questions (open mode: the most often correct answer text).")
     letter, acc = best_constant_answer(records)
     n = len({r.task_id for r in records})
     return (f"Best constant answer: always \"The answer is {letter}.\" scores accuracy {acc:.3f} on these {n} "
@@ -377,6 +396,9 @@ def letters_table(methods: Sequence[MethodSummary],
     ``rollouts``: each method's records by label, when the caller has loaded them already (else read here)."""
     header = ["Method", *LETTERS, "none", "top letter"]
     rows, golds = [], []
+    if all(is_open(r) for s in methods for r in (rollouts[s.label] if rollouts is not None else method_rollouts(s))
+           or []):
+        return ""  # open mode: no letters were answered (the caption gives the best constant answer text)
     for s in methods:
         recs = rollouts[s.label] if rollouts is not None else method_rollouts(s)
         if not recs:
