@@ -148,8 +148,20 @@ EXPLORE_OPTIONS = ["--explore_runs", "[1, 3]", "--explore_prefixes", json.dumps(
 OPEN_EXPLORE_OPTIONS = ["--explore_runs", "[1, 3]", "--explore_prefixes", json.dumps({1: "What"})]
 
 PRESETS: dict[str, Preset] = {
+    # `make demo`: a small version of the open cell below (issue 26): the question without its options, the teacher
+    # that answers questions only, n = 2, the `correct` reward; 48 training questions x 4 runs (two seeded with "What"),
+    # 48 held-out questions (enough for the paired test to mean something), Refit, Swift, STaR-GATE (SFT) and DPO
     "demo": Preset(
         name="demo", model="embedded:smollm2-135m-instruct",
+        experiments=[Experiment("sciq", "clarifying", "open", "open", max_new_tokens=48, n_turns=2,
+                                sim_options=OPEN_EXPLORE_OPTIONS, temperatures=EXPLORE_TEMPERATURES)],
+        n_train=48, n_test=48, seeds=[0], split_seed=0, max_new_tokens=48, eval_max_new_tokens=48, epochs=2,
+        sim_batch_size=32, sim_chunk_size=32, eval_batch_size=48,
+        rollout_questions=4,  # 2 points per fit: step 0 and the end (docs/demo.md#rollout-curves: the cost)
+    ),
+    # the main job until issue 26 (multiple choice, reasoning setting): results/demo/sciq-reasoning-standard.*
+    "demo-mc": Preset(
+        name="demo-mc", model="embedded:smollm2-135m-instruct",
         experiments=[Experiment("sciq", "reasoning", "standard", "scripted")],
         n_train=16, n_test=16, seeds=[0], max_new_tokens=40, eval_max_new_tokens=40, epochs=2,
         rollout_questions=4,  # 2 points per fit: step 0 and the end (docs/demo.md#rollout-curves: the cost)
@@ -390,7 +402,7 @@ def archive_rollouts(runs: Path, dest: Path) -> list[Path]:
     return made
 
 
-PresetName = Literal["demo", "reproduce", "clarify", "open", "paper"]  # the keys of PRESETS (tests/test_iterate.py checks)
+PresetName = Literal["demo", "demo-mc", "reproduce", "clarify", "open", "paper"]  # the keys of PRESETS (tests/test_iterate.py checks)
 
 
 @dataclass
@@ -398,7 +410,8 @@ class DemoOptions:
     """Run a preset: simulate → fit ×N → evaluate → report, as ordinary clarify commands (see docs/demo.md)."""
 
     preset: PresetName = "demo"
-    """demo (`make demo`), reproduce (`make reproduce`) or paper (the paper's scale, GPU)."""
+    """demo (`make demo`: the open-mode clarifying cell, small), demo-mc (the earlier multiple-choice demo), reproduce
+    (`make reproduce`), clarify, open (the open-mode cell, issue 26) or paper (the paper's scale, GPU)."""
     out: str | None = None
     """Output folder (default runs/<preset>)."""
     results: str | None = None

@@ -42,7 +42,7 @@ def cell_of(args: list[str], flag: str) -> Path:
     return next(p for p in [path, *path.parents] if p.name.startswith("seed"))
 
 
-@pytest.mark.parametrize("preset", ["demo", "reproduce", "clarify"])
+@pytest.mark.parametrize("preset", ["demo", "demo-mc", "reproduce", "clarify"])
 def test_preset_fits_roll_out_test_questions_of_their_cell(preset, tmp_path, capsys):
     p = demo.PRESETS[preset]
     cmds = commands(preset, tmp_path / preset, capsys)
@@ -78,7 +78,7 @@ def test_rollout_curves_can_be_turned_off(tmp_path, capsys):
     assert all(flag_values(c, CB)["n_questions"] == "2" for c in two if c[0] == "fit")
     assert not any(demo.ROLLOUT_EVAL in c for c in commands("paper", tmp_path / "paper", capsys))
     with pytest.raises(SystemExit):  # more than the cell's test questions: refused, no training question is used
-        demo.main(["--preset", "demo", "--dry_run", "true", "--out", str(tmp_path / "x"), "--rollout_questions", "17"])
+        demo.main(["--preset", "demo", "--dry_run", "true", "--out", str(tmp_path / "x"), "--rollout_questions", "49"])
 
 
 # --- the callback does not perturb training -------------------------------------------------------------------------

@@ -138,6 +138,7 @@ def test_iterate_dry_run_and_cli(tmp_path, capsys):
 
 
 def test_demo_iterate_step_is_opt_in(tmp_path, capsys):
+    from clarify_lit import demo
     from clarify_lit.demo import main as demo_main
 
     demo_main(["--preset", "demo", "--dry_run", "true", "--out", str(tmp_path)])
@@ -154,4 +155,5 @@ def test_demo_iterate_step_is_opt_in(tmp_path, capsys):
 
     line = next(ln for ln in shown.splitlines() if ln.startswith("[demo] $ clarify iterate"))
     cfg = parse_config(shlex.split(line)[4:])
-    assert cfg.rounds == 2 and cfg.simulate_args == ["--chunk_size", "8"] and cfg.data.dataset == "sciq"
+    assert cfg.rounds == 2 and cfg.simulate_args == ["--chunk_size", "32", *demo.OPEN_EXPLORE_OPTIONS]
+    assert cfg.data.dataset == "sciq" and cfg.mode == "open" and cfg.n_turns == 2
