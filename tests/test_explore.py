@@ -30,6 +30,7 @@ def spec(**kw) -> RolloutSpec:
     return RolloutSpec(**{**base, **kw})
 
 
+@pytest.mark.slow
 def test_seeded_runs_start_with_the_prefix_and_other_runs_are_untouched(tiny):
     model, tok = tiny
     plain = rollout_tasks(model, tok, TASKS, spec())
@@ -124,6 +125,7 @@ def args(out: Path, *extra: str) -> list[str]:
             "--max_new_tokens", "5", *extra]
 
 
+@pytest.mark.slow
 def test_simulate_command_seeds_counts_and_fingerprints(tmp_path, clarify_cache):
     out = tmp_path / "run"
     explore = ["--explore_runs", "[2]", "--explore_prefixes", json.dumps({1: ASK})]

@@ -67,7 +67,7 @@ def plant(name: str, how: str, tmp_path: Path) -> tuple[list[str], Path | None]:
 
 
 @pytest.mark.parametrize("how", ["abbreviated option", "key as the variable name", "key in a config file"])
-@pytest.mark.parametrize("name", ["simulate", "fit", "evaluate", "iterate"])
+@pytest.mark.parametrize("name", ["simulate", pytest.param("fit", marks=pytest.mark.slow), "evaluate", "iterate"])
 def test_a_key_given_as_an_option_or_config_value_is_refused_unwritten_and_unechoed(name, how, tmp_path, capfd,
                                                                                    caplog, records_factory):
     records = records_factory()
@@ -87,6 +87,7 @@ def test_a_key_given_as_an_option_or_config_value_is_refused_unwritten_and_unech
         assert "error:" in err and "not shown" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_a_key_in_the_environment_appears_in_no_file_any_command_writes(tmp_path, monkeypatch, capfd, caplog,
                                                                         records_factory):
     """The supported way: the key in an environment variable, its NAME in ``api_key_env``. simulate, fit, evaluate

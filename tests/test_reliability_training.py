@@ -93,6 +93,7 @@ def reference(records, cache_root, tmp_path_factory):
     return root, rec, cli
 
 
+@pytest.mark.slow
 def test_sigterm_then_sigkill_then_resume_equals_an_uninterrupted_run(reference, records, cache_root, tmp_path,
                                                                      capsys, monkeypatch):
     monkeypatch.setenv("CLARIFY_CACHE", str(cache_root))
@@ -149,6 +150,7 @@ def test_sigterm_then_sigkill_then_resume_equals_an_uninterrupted_run(reference,
     assert sched_got["_last_lr"] == sched_want["_last_lr"]
 
 
+@pytest.mark.slow
 def test_crash_mid_step_resumes_from_per_step_checkpoints(reference, records, cache_root, tmp_path, monkeypatch):
     """With a ModelCheckpoint every step (docs/reliability.md: for long epochs), a crash in the middle of an
     accumulation step loses only that step: the resume restarts it from its first micro-batch."""
@@ -174,6 +176,7 @@ def test_crash_mid_step_resumes_from_per_step_checkpoints(reference, records, ca
         torch.testing.assert_close(got["state_dict"][k], v, rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
 
 
+@pytest.mark.slow
 def test_sigterm_mid_accumulation_keeps_the_last_step_checkpoint(reference, records, cache_root, tmp_path, capsys,
                                                                  monkeypatch):
     """SIGTERM after the first micro-batch of an accumulation step: saving there would lose that micro-batch's
@@ -204,6 +207,7 @@ def test_sigterm_mid_accumulation_keeps_the_last_step_checkpoint(reference, reco
         torch.testing.assert_close(got["state_dict"][k], v, rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
 
 
+@pytest.mark.slow
 def test_checkpointing_is_wired_in_by_default(reference):
     root, _, cli = reference
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
@@ -215,6 +219,7 @@ def test_checkpointing_is_wired_in_by_default(reference):
     assert (root / "checkpoints" / "last.ckpt").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+@pytest.mark.slow
 def test_skipped_records_are_counted_in_tensorboard(reference):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -307,6 +312,7 @@ def _nan_args(records: Path, root: Path, *extra: str) -> list[str]:
             *extra]
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_training_naming_the_batch(records, cache_root, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CLARIFY_CACHE", str(cache_root))
     _poison(monkeypatch, "t2-r1")
@@ -317,6 +323,7 @@ def test_nonfinite_loss_stops_training_naming_the_batch(records, cache_root, tmp
     assert "non-finite training loss nan at global step" in line and "'t2-r1'" in line and "sample ids" in line
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_skip_option_skips_counts_and_logs(records, cache_root, tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -335,6 +342,7 @@ def test_nonfinite_loss_skip_option_skips_counts_and_logs(records, cache_root, t
     assert {e.value for e in acc.Scalars("train/nonfinite_skipped")} == {1.0}  # the running count
 
 
+@pytest.mark.slow
 def test_resume_state_survives_a_weights_only_load(reference):
     """The RNG state is stored as tensors and plain lists: ``torch.load(weights_only=True)`` (PyTorch's default)
     reads the checkpoint."""

@@ -77,6 +77,7 @@ def test_prefix_rollout_checks_its_prefixes(tiny):
         rollout_tasks(model, tok, TASKS[:1], RolloutSpec(temperatures=[0.0], max_new_tokens=2), start_turn=2)
 
 
+@pytest.mark.slow
 def test_simulate_step_branches_writes_branches_and_resumes(tmp_path):
     out = tmp_path / "sim"
     argv = ["--config", str(ROOT / "configs/simulate/tiny-clarifying.yaml"), "--data.path", str(FIXTURE),
@@ -206,6 +207,7 @@ def test_step_dpo_loss_is_log2_when_policy_equals_reference(tiny_model_dir, tmp_
     assert abs(loss.item() - math.log(2)) < 1e-6 and metrics["rewards/margins"].item() == 0.0
 
 
+@pytest.mark.slow
 def test_fit_step_dpo_preset_two_steps(tiny_model_dir, tmp_path):
     from clarify_lit.cli import lightning_main
 
