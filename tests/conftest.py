@@ -23,6 +23,20 @@ def cache_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("clarify_cache")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def single_torch_thread_for_fixtures():
+    """One torch thread from the session's start: module- and session-scoped fixtures (a simulation or a fit shared
+    by a test file) are set up before the function-scoped ``single_torch_thread`` below runs, and with the default
+    thread count they ran several times slower on a loaded 2-core machine (tests/test_rescore.py's ``logged``:
+    21 s → 3.4 s)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def single_torch_thread():
     """Every test runs torch on one thread, restored afterwards: the tiny model's ops are too small to gain from

@@ -35,8 +35,7 @@ def test_unknown_command_exits_2(capsys):
     assert e.value.code == 2 and "unknown command 'trian'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["simulate", "evaluate", "report", "iterate",
-                                     pytest.param("fit", marks=pytest.mark.slow)])  # fast: test_fit_help_…
+@pytest.mark.parametrize("command", ["simulate", "evaluate", "report", "iterate", "fit"])
 def test_every_command_prints_its_config_and_help(command, capsys):
     """One command-line style: every subcommand is jsonargparse-parsed, with --help and --print_config."""
     with pytest.raises(SystemExit) as e:
@@ -99,7 +98,6 @@ def test_presets_found():
     assert {Path(p).stem for p in PRESETS} >= {"tiny", "refit", "swift", "sft", "dpo", "dpo-conversation", "cpu"}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: "/".join(Path(p).parts[-2:]))
 def test_every_preset_parses(preset, capsys):
     with pytest.raises(SystemExit) as e:
@@ -117,7 +115,6 @@ def test_every_preset_parses(preset, capsys):
         printed["model"]["model_name_or_path"]
 
 
-@pytest.mark.slow
 def test_objective_shorthand(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--data.train_files=[r.jsonl]", "--model.objective=Swift", "--model.objective.zero_std=epsilon",
@@ -179,8 +176,7 @@ OBJECTIVES = {
 }
 
 
-@pytest.mark.parametrize("preset", [p if p == "refit" else pytest.param(p, marks=pytest.mark.slow)
-                                    for p in OBJECTIVES])  # Refit, the default, stays in make test-fast
+@pytest.mark.parametrize("preset", list(OBJECTIVES))
 def test_fit_end_to_end(preset, run_fit, records_factory, tiny_model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -248,7 +244,6 @@ def test_fit_end_to_end(preset, run_fit, records_factory, tiny_model_dir, tmp_pa
     assert not torch.allclose(got, base_logits, atol=1e-6)  # the adapter is really in the export
 
 
-@pytest.mark.slow
 def test_resume_continues_the_global_step(run_fit, records_factory, tmp_path):
     records = records_factory(n_tasks=4, n_runs=3)
     root = tmp_path / "run"

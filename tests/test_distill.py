@@ -143,7 +143,6 @@ def test_teacher_errors_are_clear(tiny_model_dir, tmp_path):
         module.teacher_model()
 
 
-@pytest.mark.slow
 def test_fit_star_gate_d_from_an_sft_export(tiny_model_dir, records_factory, tmp_path):
     """SFT 1 step → its export is the teacher of a 2-step STaR-GATE-D fit with the preset (LoRA r 8, all projections)."""
     from clarify_lit.cli import lightning_main

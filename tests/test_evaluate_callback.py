@@ -277,7 +277,6 @@ def test_ddp_sharded_rollout_gathers_on_rank_zero(tiny_model_dir):
 
 
 # --- `clarify fit` with the callback --------------------------------------------------------------------------------
-@pytest.mark.slow
 def test_clarify_fit_with_callback_logs_rollout_accuracy(clarify_cache, records_factory, tmp_path):
     from clarify_lit.cli import main
 

@@ -30,7 +30,6 @@ def spec(**kw) -> RolloutSpec:
     return RolloutSpec(**{**base, **kw})
 
 
-@pytest.mark.slow
 def test_seeded_runs_start_with_the_prefix_and_other_runs_are_untouched(tiny):
     model, tok = tiny
     plain = rollout_tasks(model, tok, TASKS, spec())

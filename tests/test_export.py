@@ -88,7 +88,6 @@ def greedy(model, tokenizer, prompt: str) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------ portable base
-@pytest.mark.slow
 def test_adapter_names_the_hub_id_and_keeps_the_local_resolution(fitted, tiny_model_dir, cache_root):
     _, root = fitted
     export = root / "export"
@@ -102,7 +101,6 @@ def test_adapter_names_the_hub_id_and_keeps_the_local_resolution(fitted, tiny_mo
     assert "Q4_1" in meta["base_model_note"]
 
 
-@pytest.mark.slow
 def test_export_copied_elsewhere_loads_its_base_offline(fitted, embedded_is_tiny, monkeypatch, tmp_path):
     cli, root = fitted
     copy = shutil.copytree(root / "export", tmp_path / "elsewhere")
@@ -135,7 +133,6 @@ def test_export_copied_elsewhere_loads_its_base_offline(fitted, embedded_is_tiny
     assert export_base(root / "export", "some-org/another-model") == "some-org/another-model"
 
 
-@pytest.mark.slow
 def test_training_continues_from_the_portable_export(fitted, embedded_is_tiny):
     """``--model.init_adapter <export>`` (clarify iterate --init continue) accepts the hub id the export names."""
     from clarify_lit.train.module import ClarifyModule
@@ -170,7 +167,6 @@ def test_unreadable_metadata_is_named(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ model card
-@pytest.mark.slow
 def test_model_card_is_filled_from_the_run(fitted):
     import peft
     import transformers
@@ -212,7 +208,6 @@ def test_card_without_run_facts_says_what_is_missing(clarify_cache, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ merged export
-@pytest.mark.slow
 def test_merged_export_loads_with_transformers_alone_and_matches_the_adapter(fitted, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -240,7 +235,6 @@ def test_merged_export_loads_with_transformers_alone_and_matches_the_adapter(fit
 
 
 # ------------------------------------------------------------------------------------------------ clarify export
-@pytest.mark.slow
 def test_clarify_export_from_the_run_checkpoint(fitted, embedded_is_tiny, tmp_path, capsys):
     from safetensors.torch import load_file
 
@@ -274,7 +268,6 @@ def test_clarify_export_errors_are_one_line(args, message, capsys):
     assert e.value.code == 1 and message in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.slow
 def test_clarify_export_dtype_needs_merge(fitted, capsys):
     _, root = fitted
     with pytest.raises(SystemExit):

@@ -65,7 +65,6 @@ CASES = {
 }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_config_error_is_one_line_and_nonzero(case, records, tmp_path, capsys):
     extra, status, fragments = CASES[case]
@@ -80,7 +79,6 @@ def test_config_error_is_one_line_and_nonzero(case, records, tmp_path, capsys):
     assert not (root / "checkpoints").exists()  # stopped before any training step
 
 
-@pytest.mark.slow
 def test_tokenizer_without_chat_template(records, no_template_model, tmp_path, capsys):
     code, line = run_clarify(fit(records, tmp_path / "run", f"--model.model_name_or_path={no_template_model}"),
                              capsys)
@@ -94,7 +92,6 @@ def test_simulate_dataset_path_that_does_not_exist(tmp_path, capsys):
     assert code == 1 and line == "clarify simulate: error: local QA dataset no/such/tasks.jsonl does not exist"
 
 
-@pytest.mark.slow
 def test_debug_mode_keeps_the_traceback(records, tmp_path, monkeypatch):
     monkeypatch.setenv("CLARIFY_DEBUG", "1")
     with pytest.raises(FileNotFoundError, match="record file not found"):

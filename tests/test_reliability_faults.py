@@ -127,7 +127,6 @@ def gemma_like(tiny_model_dir, tmp_path) -> Path:
     return folder
 
 
-@pytest.mark.slow
 def test_a_chat_template_that_raises_is_named_and_fold_trains(gemma_like, records_factory, tmp_path, capsys):
     records = records_factory()
     dm = ConversationDataModule([str(records)], tokenizer_name_or_path=str(gemma_like), val_fraction=0.0,

@@ -57,7 +57,6 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 # ----------------------------------------------------------------------------------------------------- fit folders
 
-@pytest.mark.slow
 def test_fit_into_a_folder_holding_another_run_is_refused(finished_run, capsys):
     records, root = finished_run
     before = snapshot(root)
@@ -67,7 +66,6 @@ def test_fit_into_a_folder_holding_another_run_is_refused(finished_run, capsys):
     assert snapshot(root) == before  # nothing touched: config.yaml, checkpoint, export, events
 
 
-@pytest.mark.slow
 def test_fit_overwrite_replaces_the_run_without_mixing_files(finished_run, tmp_path):
     import shutil
 
@@ -82,7 +80,6 @@ def test_fit_overwrite_replaces_the_run_without_mixing_files(finished_run, tmp_p
     assert json.loads((root / "export" / "adapter_config.json").read_text())["r"] == 8
 
 
-@pytest.mark.slow
 def test_resume_with_a_changed_lora_shape_is_one_line_naming_it(finished_run, capsys):
     records, root = finished_run
     before = snapshot(root)
@@ -92,7 +89,6 @@ def test_resume_with_a_changed_lora_shape_is_one_line_naming_it(finished_run, ca
     assert snapshot(root) == before  # config.yaml not rewritten, nothing else written
 
 
-@pytest.mark.slow
 def test_resume_with_other_changes_warns_records_and_keeps_config_yaml(finished_run, tmp_path, caplog):
     import shutil
 
@@ -114,7 +110,6 @@ def test_resume_with_other_changes_warns_records_and_keeps_config_yaml(finished_
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
 
 
-@pytest.mark.slow
 def test_ckpt_path_last_without_a_checkpoint_says_so_and_last_or_none_starts(finished_run, tmp_path, capsys):
     records, _ = finished_run
     root = tmp_path / "run"
@@ -127,7 +122,6 @@ def test_ckpt_path_last_without_a_checkpoint_says_so_and_last_or_none_starts(fin
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
 
 
-@pytest.mark.slow
 def test_a_truncated_checkpoint_is_named(finished_run, tmp_path, capsys):
     import shutil
 
@@ -140,7 +134,6 @@ def test_a_truncated_checkpoint_is_named(finished_run, tmp_path, capsys):
     assert code == 1 and f"checkpoint {ckpt} cannot be read" in line and "truncated" in line, line
 
 
-@pytest.mark.slow
 def test_ctrl_c_during_fit_saves_at_the_step_boundary_and_exits_130(finished_run, tmp_path, capsys):
     records, _ = finished_run
     root = tmp_path / "run"
@@ -191,7 +184,6 @@ def test_evaluate_checks_its_output_folder_before_any_rollout(tmp_path, capsys, 
 
 # ----------------------------------------------------------------------------------------------------- locks
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["simulate", "fit", "evaluate", "iterate"])
 def test_a_second_writer_of_an_output_folder_is_refused_in_one_line(name, finished_run, tmp_path, capsys):
     records, _ = finished_run

@@ -67,7 +67,7 @@ def plant(name: str, how: str, tmp_path: Path) -> tuple[list[str], Path | None]:
 
 
 @pytest.mark.parametrize("how", ["abbreviated option", "key as the variable name", "key in a config file"])
-@pytest.mark.parametrize("name", ["simulate", pytest.param("fit", marks=pytest.mark.slow), "evaluate", "iterate"])
+@pytest.mark.parametrize("name", ["simulate", "fit", "evaluate", "iterate"])
 def test_a_key_given_as_an_option_or_config_value_is_refused_unwritten_and_unechoed(name, how, tmp_path, capfd,
                                                                                    caplog, records_factory):
     records = records_factory()

@@ -207,7 +207,6 @@ def test_sigterm_mid_accumulation_keeps_the_last_step_checkpoint(reference, reco
         torch.testing.assert_close(got["state_dict"][k], v, rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
 
 
-@pytest.mark.slow
 def test_checkpointing_is_wired_in_by_default(reference):
     root, _, cli = reference
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
@@ -219,7 +218,6 @@ def test_checkpointing_is_wired_in_by_default(reference):
     assert (root / "checkpoints" / "last.ckpt").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
-@pytest.mark.slow
 def test_skipped_records_are_counted_in_tensorboard(reference):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -312,7 +310,6 @@ def _nan_args(records: Path, root: Path, *extra: str) -> list[str]:
             *extra]
 
 
-@pytest.mark.slow
 def test_nonfinite_loss_stops_training_naming_the_batch(records, cache_root, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CLARIFY_CACHE", str(cache_root))
     _poison(monkeypatch, "t2-r1")
@@ -323,7 +320,6 @@ def test_nonfinite_loss_stops_training_naming_the_batch(records, cache_root, tmp
     assert "non-finite training loss nan at global step" in line and "'t2-r1'" in line and "sample ids" in line
 
 
-@pytest.mark.slow
 def test_nonfinite_loss_skip_option_skips_counts_and_logs(records, cache_root, tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -342,7 +338,6 @@ def test_nonfinite_loss_skip_option_skips_counts_and_logs(records, cache_root, t
     assert {e.value for e in acc.Scalars("train/nonfinite_skipped")} == {1.0}  # the running count
 
 
-@pytest.mark.slow
 def test_resume_state_survives_a_weights_only_load(reference):
     """The RNG state is stored as tensors and plain lists: ``torch.load(weights_only=True)`` (PyTorch's default)
     reads the checkpoint."""

@@ -13,9 +13,6 @@ from clarify_lit.simulate.options import DataOptions, load_data_tasks
 from clarify_lit.simulate.rescore import main
 from clarify_lit.simulate.rubric import RubricReward
 
-# every test reads the module's tiny simulation (`logged`, the slowest fixture of the suite to build)
-pytestmark = pytest.mark.slow
-
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "configs" / "simulate" / "tiny-tasks.jsonl"
 DATA = ["--data.dataset", "local", "--data.path", str(FIXTURE), "--data.label", "tiny", "--data.n_train", "6",

@@ -207,7 +207,6 @@ def test_step_dpo_loss_is_log2_when_policy_equals_reference(tiny_model_dir, tmp_
     assert abs(loss.item() - math.log(2)) < 1e-6 and metrics["rewards/margins"].item() == 0.0
 
 
-@pytest.mark.slow
 def test_fit_step_dpo_preset_two_steps(tiny_model_dir, tmp_path):
     from clarify_lit.cli import lightning_main
 
