@@ -49,7 +49,8 @@ test-latest: ## the offline tests against the newest releases of every dependenc
 test: $(STAMP) ## the whole offline suite, on every core (CI's command)
 	$(PY) -m pytest -q -x $(XDIST) --durations=15 -m "not network" tests
 
-# the edit loop: the offline suite without the tests marked `slow` (end-to-end runs, packaging, DDP, notebook)
+# the edit loop: the offline suite without the tests marked `slow` (subprocess and interrupt-and-resume runs, DDP,
+# packaging, the notebook: pyproject.toml's markers)
 test-fast: $(STAMP) ## the offline suite without the `slow` tests (about a minute on 2 cores)
 	$(PY) -m pytest -q -x $(XDIST) -m "not slow and not network" tests
 
