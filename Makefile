@@ -9,7 +9,13 @@ STAMP := $(VENV)/.installed
 CONSTRAINTS := constraints.txt
 LATEST_VENV ?= .venv-latest
 
-.PHONY: install lock test test-full test-latest demo reproduce clarify bench lint package-check clean
+.PHONY: help install lock test test-fast test-full test-latest demo reproduce clarify bench lint package-check clean
+
+# pytest-xdist: one worker per CPU core (2 here); --dist loadfile keeps each test file in one worker, in order, so a
+# module-scoped fixture (the tiny model loaded once per file) is built once, and each worker builds the session
+# fixtures (the $CLARIFY_CACHE folder, the tiny model) once in its own tmp folder. PYTEST_WORKERS=0: one process.
+PYTEST_WORKERS ?= auto
+XDIST := -n $(PYTEST_WORKERS) --dist loadfile
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,12 +24,12 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev]"
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) ## create .venv: the CPU torch wheel, then the package and its dev extra pinned by constraints.txt
 
 # Re-pin: constraints.txt = this venv's packages (pip freeze, minus the editable clarify_lit and torch, which
 # TORCH_SPEC pins in its own pip call: a +cpu local version in a constraint would refuse a CUDA wheel). Run after
 # changing pyproject.toml's dependencies or to move to newer releases (after `make test-latest` passes); commit it.
-lock:
+lock: ## rewrite constraints.txt from .venv (pip freeze; after changing dependencies)
 	@test -x $(PY) || { echo "make lock: no $(VENV) yet (make install first)"; exit 1; }
 	{ echo "# pip constraints of make install, written by make lock (pip freeze of the venv; torch: TORCH_SPEC in the Makefile)"; \
 	  $(PIP) freeze --exclude-editable | grep -iv '^torch=='; } > $(CONSTRAINTS).tmp
@@ -31,35 +37,40 @@ lock:
 
 # Not in CI: the newest releases of every dependency (torch stays TORCH_SPEC: another torch may be a CUDA build) in a
 # separate venv, then the offline tests: does the next `make lock` hold?
-test-latest:
+test-latest: ## the offline tests against the newest releases of every dependency (.venv-latest; not in CI)
 	test -x $(LATEST_VENV)/bin/python || python3 -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/pip install -q --upgrade pip
 	$(LATEST_VENV)/bin/pip install -q "$(TORCH_SPEC)"
 	$(LATEST_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
 	$(LATEST_VENV)/bin/pip freeze --exclude-editable | grep -iE '^(transformers|peft|lightning|torch)=='
-	$(LATEST_VENV)/bin/python -m pytest -q -x --durations=15 -m "not network" tests
+	$(LATEST_VENV)/bin/python -m pytest -q -x $(XDIST) --durations=15 -m "not network" tests
 
 # offline, on a cold cache: tests marked `network` (the real QA data packages, ~88 MB from PyPI) run in test-full only
-test: $(STAMP)
-	$(PY) -m pytest -q -x --durations=15 -m "not network" tests
+test: $(STAMP) ## the whole offline suite, on every core (CI's command)
+	$(PY) -m pytest -q -x $(XDIST) --durations=15 -m "not network" tests
 
-test-full: $(STAMP)
-	$(PY) -m pytest -q -x --durations=15 tests
+# the edit loop: the offline suite without the tests marked `slow` (subprocess and interrupt-and-resume runs, DDP,
+# packaging, the notebook: pyproject.toml's markers)
+test-fast: $(STAMP) ## the offline suite without the `slow` tests (about a minute on 2 cores)
+	$(PY) -m pytest -q -x $(XDIST) -m "not slow and not network" tests
 
-demo: $(STAMP)
+test-full: $(STAMP) ## make test + the `network` tests (downloads the real QA data packages)
+	$(PY) -m pytest -q -x $(XDIST) --durations=15 tests
+
+demo: $(STAMP) ## the main job on the embedded SmolLM2-135M-Instruct (~8 min on 2 cores)
 	$(PY) -m clarify_lit.demo --preset demo
 
-reproduce: $(STAMP)
+reproduce: $(STAMP) ## the paper's protocol at CPU scale: 2 cells x 7 rows x 2 seeds (~115 min)
 	$(PY) -m clarify_lit.demo --preset reproduce --results results
 
 # the clarifying cell with the informative teacher and the rubric reward (docs/simulate.md; ~3x reproduce's cell)
-clarify: $(STAMP)
+clarify: $(STAMP) ## the clarifying cell with the informative teacher and the rubric reward
 	$(PY) -m clarify_lit.demo --preset clarify --results results/clarify
 
 # Benchmarks on the tiny model (~7 min on 2 cores shared with other jobs; one torch thread each, since extra threads
 # only spin on a loaded machine); TRL is a benchmark-only extra. The SmolLM2 numbers of the README:
 # $(PY) benchmarks/train_throughput.py --model embedded:smollm2-135m-instruct (see benchmarks/*.py).
-bench: $(STAMP)
+bench: $(STAMP) ## rollout, training and scaling benchmarks on the tiny model
 	$(PIP) install -q -e ".[bench]"
 	$(PY) benchmarks/rollout_throughput.py --threads 1
 	$(PY) benchmarks/train_throughput.py
@@ -67,11 +78,14 @@ bench: $(STAMP)
 
 # python -m build (sdist, then the wheel from it), the wheel installed in a fresh venv: clarify --help, --version and
 # pip check (offline: the venv reuses this one's dependencies; tests/test_packaging.py)
-package-check: $(STAMP)
+package-check: $(STAMP) ## build the sdist and wheel, install the wheel in a fresh venv, run clarify
 	$(PY) -m pytest -q tests/test_packaging.py
 
-lint: $(STAMP)
+lint: $(STAMP) ## ruff check
 	$(VENV)/bin/ruff check clarify_lit tests benchmarks experiments
 
-clean:
+clean: ## remove the venvs and the pytest cache
 	rm -rf $(VENV) $(LATEST_VENV) .pytest_cache
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":[^#]*## "} /^[a-zA-Z_-]+:[^#]*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)

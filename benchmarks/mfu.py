@@ -144,7 +144,7 @@ def profile_scopes(model):
 
     import clarify_lit.data.datamodule as dm_mod
     import clarify_lit.train.logprobs as lp_mod
-    from clarify_lit.data import pair_packing as pp_mod
+    from clarify_lit.data import pair_collation as pp_mod
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     handles, stack, names = [], [], []

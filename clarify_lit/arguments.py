@@ -1,9 +1,10 @@
 """How every ``clarify`` command reads its command line: jsonargparse from typed dataclasses and signatures.
 
-``fit``/``validate``/``test``/``predict`` are LightningCLI (``clarify_lit.cli``); every other command describes its
-options as one dataclass (``SimulateConfig``, ``IterateConfig``, ``DemoOptions``) or one typed function
-(``evaluate``, ``report``) and gets from jsonargparse, like LightningCLI, one ``--option`` per field with its type
-checked, ``--config`` YAML files, ``--print_config`` and a ``--help`` that shows each field's documentation.
+``fit``/``validate``/``test``/``predict`` are LightningCLI (``clarify_lit.cli``); the other commands describe their
+options as one dataclass (``SimulateConfig``, ``IterateConfig``, ``DemoOptions``: :func:`dataclass_parser`), one
+typed function (``evaluate``: :func:`run_function`) or, for now, a hand-built :class:`ClarifyParser` (``report``),
+and get from jsonargparse, like LightningCLI, one ``--option`` per field with its type checked, ``--config`` YAML
+files, ``--print_config`` and a ``--help`` that shows each field's documentation.
 Options are spelled with underscores and booleans take a value (``--dry_run true``); :func:`renamed_switches` keeps
 the older hyphenated switches (``--dry-run``) working, with a deprecation message.
 

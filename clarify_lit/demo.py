@@ -2,6 +2,8 @@
 
     python -m clarify_lit.demo --preset demo        # `make demo`: ≈ 8 min on a 2-core CPU (7.7 measured, README)
     python -m clarify_lit.demo --preset reproduce   # `make reproduce`: the paper's protocol scaled to ≤ 2 h on CPU
+    python -m clarify_lit.demo --preset clarify     # `make clarify`: the clarifying cell, informative teacher, rubric
+    python -m clarify_lit.demo --preset open        # open mode: ask, then answer in words (docs/simulate.md#open-mode)
     python -m clarify_lit.demo --preset paper --dry_run true   # the paper's full scale (GPU): print the commands
     python -m clarify_lit.demo --preset demo --iterate 2  # then `clarify iterate`, 2 rounds (~10 more min on CPU)
 

@@ -23,6 +23,20 @@ def cache_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("clarify_cache")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def single_torch_thread_for_fixtures():
+    """One torch thread from the session's start: module- and session-scoped fixtures (a simulation or a fit shared
+    by a test file) are set up before the function-scoped ``single_torch_thread`` below runs, and with the default
+    thread count they ran several times slower on a loaded 2-core machine (tests/test_rescore.py's ``logged``:
+    21 s → 3.4 s)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def single_torch_thread():
     """Every test runs torch on one thread, restored afterwards: the tiny model's ops are too small to gain from
@@ -33,6 +47,19 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def attribute_docstrings_off():
+    """Every test starts as a fresh ``clarify`` process does, with jsonargparse's attribute-docstring parsing off.
+    A dataclass command's parser turns it on for the whole process (``arguments.dataclass_parser``, for its
+    ``--help``); left on, every later LightningCLI parser of the same pytest process parses every docstring it meets
+    (``clarify fit --print_config``: 0.2 s in a fresh process, about 2 s after any simulate/demo/iterate parser)."""
+    from jsonargparse import set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=False)
+    yield
+    set_parsing_settings(docstring_parse_attribute_docstrings=False)
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,7 @@
 """``clarify fit`` with ``strategy=ddp, accelerator=cpu, devices=2`` on the tiny model: both ranks train, on disjoint
-shards that together cover the data every epoch, stay in sync (same weights at the end), and logged metrics are
-reduced across ranks (each rank reports the global value, not its own)."""
+shards that together cover the data every epoch (an odd count neither hangs nor crashes the export on rank 0), stay
+in sync (same weights at the end), and logged metrics are reduced across ranks (each rank reports the global value,
+not its own)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,7 +36,10 @@ def run_ddp_fit(cmd: list[str], cache_root: Path, probe: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_ddp_ranks_train_disjoint_shards_and_reduce_metrics(records_factory, cache_root, tmp_path):
-    records = records_factory(n_tasks=6, n_runs=3)  # 18 conversations: 2 tasks (6) held out, 12 trained
+    """``configs/trainer/cpu-ddp.yaml``: 9 training conversations over 2 ranks (odd: the last step cannot be split
+    evenly) must neither hang (uneven micro-batch counts) nor crash at the end (export on rank 0 alone); both ranks
+    train on disjoint shards in lockstep, stay in sync, and report validation metrics reduced across ranks."""
+    records = records_factory(n_tasks=5, n_runs=3)  # 15 conversations: 2 tasks (6) held out, 9 trained
     root, probe = tmp_path / "ddp", tmp_path / "probe"
     callback = json.dumps({"class_path": "ddp_probe.ShardProbe", "init_args": {"out_dir": str(probe)}})
     cmd = [sys.executable, "-m", "clarify_lit.cli", "fit", "--config", str(REPO / "configs/trainer/cpu-ddp.yaml"),
@@ -45,12 +50,16 @@ def test_ddp_ranks_train_disjoint_shards_and_reduce_metrics(records_factory, cac
     ranks = run_ddp_fit(cmd, cache_root, probe)
     assert [r["world_size"] for r in ranks] == [2, 2]
 
-    # both ranks trained, every epoch on disjoint shards that together cover the 12 training conversations
+    # both ranks trained, every epoch on disjoint shards of equal size: 8 of the 9 training conversations (the last,
+    # incomplete step cut to a multiple of the world size) = 2 steps of 2 per rank × 2 ranks
     for epoch in range(2):
         a, b = (set(r["train_ids"][epoch]) for r in ranks)
         assert a and b and not a & b
-        assert len(a | b) == 12 and len(a) == len(b)
+        assert len(a | b) == 8 and len(a) == len(b)
     assert ranks[0]["trainable_hash"] == ranks[1]["trainable_hash"]  # gradients were all-reduced
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 4 and ckpt["epoch"] == 2  # every rank stepped in lockstep
+    assert (root / "export" / "adapter_model.safetensors").exists()  # the export on rank 0 alone did not hang
 
     # metrics were reduced: each rank reports the mean over both ranks' validation batches, not its own
     local = [r["val_losses"] for r in ranks]
@@ -110,8 +119,6 @@ def test_ddp_precomputed_reference_is_split_across_ranks(records_factory, cache_
 def test_ddp_zero_weight_skip_keeps_the_trajectory(records_factory, cache_root, tmp_path):
     """Under DDP (2 ranks, accumulation 2) skipping weight-0 conversations leaves the trained parameters as they were:
     a rank whose micro-batch is all zeros still joins the gradient all-reduce with an exact zero gradient."""
-    import torch
-
     nonzero = {(0, 1): 1.0, (3, 0): 0.5, (5, 2): 1.0}
     records = records_factory(n_tasks=6, n_runs=3, rewards=lambda t, r: nonzero.get((t, r), 0.0))
     params = {}

@@ -101,6 +101,7 @@ def tiny_fit(records: Path, root: Path, callback: bool) -> dict[str, torch.Tenso
     return {k: v for k, v in state.items() if "lora_" in k}
 
 
+@pytest.mark.slow
 def test_callback_leaves_the_trained_parameters_unchanged(clarify_cache, records_factory, tmp_path, monkeypatch):
     import clarify_lit.evaluate.callback as callback
     import clarify_lit.simulate.engine as engine

@@ -124,6 +124,7 @@ def args(out: Path, *extra: str) -> list[str]:
             "--max_new_tokens", "5", *extra]
 
 
+@pytest.mark.slow
 def test_simulate_command_seeds_counts_and_fingerprints(tmp_path, clarify_cache):
     out = tmp_path / "run"
     explore = ["--explore_runs", "[2]", "--explore_prefixes", json.dumps({1: ASK})]

@@ -23,6 +23,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_bench  # noqa: E402
 
 
+@pytest.mark.slow
 def test_gpu_check_script_skips_without_a_gpu(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "OUT": str(tmp_path)}
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
@@ -69,6 +70,7 @@ def test_random_names_load_without_files_and_leave_the_rng_alone(clarify_cache):
     assert not any((clarify_cache / "models").glob("random*"))
 
 
+@pytest.mark.slow
 def test_cpu_smoke_runs_the_whole_measurement_path(tmp_path, capsys):
     out = tmp_path / "gpu.json"
     assert gpu_bench.main(["--cpu_smoke", "--out", str(out)]) == 0

@@ -32,6 +32,7 @@ def iterate_args(out: Path, *extra: str) -> list[str]:
             "--reward.kind", "gold_prob", "--max_new_tokens", "4", "--progress", "false", *extra]
 
 
+@pytest.mark.slow
 def test_iterate_two_rounds_end_to_end(tmp_path, capsys):
     out = tmp_path / "it"
     iterate_main(iterate_args(out))

@@ -9,6 +9,7 @@ Run alone with ``make package-check``.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,9 @@ pytestmark = pytest.mark.slow
 
 
 def run(cmd: list[str], cwd: Path, timeout: int = 300) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    """Run ``cmd`` without ``$PYTHONPATH``: a source tree on it (``PYTHONPATH=. pytest``) would shadow the wheel."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 

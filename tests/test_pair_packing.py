@@ -1,4 +1,4 @@
-"""DPO pairs packed with their shared prefix (``clarify_lit.data.pair_packing`` collates, ``clarify_lit.train.pair_packing``
+"""DPO pairs packed with their shared prefix (``clarify_lit.data.pair_collation`` collates, ``clarify_lit.train.pair_logprobs``
 computes): same sequence log-probs and gradients as two stacked rows, the attention pattern, trained prefix tokens,
 and the DataModule switch."""
 
@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from clarify_lit.data.datamodule import ConversationDataModule, PadCollator
-from clarify_lit.data.pair_packing import PACKED_KEY, pack_pairs
+from clarify_lit.data.pair_collation import PACKED_KEY, pack_pairs
 from clarify_lit.train.losses import sequence_logps
 from clarify_lit.train.module import ClarifyModule, target_logps
 from clarify_lit.train.objectives import DPO
-from clarify_lit.train.pair_packing import packed_sequence_logps
+from clarify_lit.train.pair_logprobs import packed_sequence_logps
 
 pytestmark = pytest.mark.usefixtures("clarify_cache")
 

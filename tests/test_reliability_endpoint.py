@@ -124,6 +124,7 @@ def simulate_args(out: Path, url: str, *extra: str) -> list[str]:
             *extra]
 
 
+@pytest.mark.slow
 def test_simulate_with_a_judge_that_dies_keeps_its_shards_and_resumes_exactly(clarify_cache, tmp_path, capsys):
     with FaultServer(["ok"]) as healthy:
         main(simulate_args(tmp_path / "full", healthy.url))

@@ -152,6 +152,7 @@ def test_a_chat_template_that_raises_is_named_and_fold_trains(gemma_like, record
         in line, line
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_simulate_exits_130_saying_what_was_kept(tmp_path, cache_root):
     out = tmp_path / "sim"
     argv = ["simulate", "--config", TINY, "--output", str(out), "--data.limit", "4", "--chunk_size", "2",

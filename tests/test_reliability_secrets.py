@@ -134,6 +134,7 @@ def test_a_printed_config_is_redacted(capfd):
     assert "note: free text" in printed and "Q7x" not in printed and "token: <redacted>" in printed
 
 
+@pytest.mark.slow
 def test_a_key_in_the_environment_appears_in_no_file_any_command_writes(tmp_path, monkeypatch, capfd, caplog,
                                                                         records_factory):
     """The supported way: the key in an environment variable, its NAME in ``api_key_env``. simulate, fit, evaluate

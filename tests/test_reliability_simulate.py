@@ -8,6 +8,7 @@ import json
 import signal
 from pathlib import Path
 
+import pytest
 from reliability_helpers import interrupt_simulate_after_first_shard
 
 from clarify_lit.data.records import load_records
@@ -22,6 +23,7 @@ def args(out: Path, *extra: str) -> list[str]:
             "--data.limit", "4", "--chunk_size", "1", "--max_new_tokens", "5", *extra]
 
 
+@pytest.mark.slow
 def test_resume_after_sigterm_is_byte_identical(tmp_path, clarify_cache):
     full = tmp_path / "full"
     main(args(full))

@@ -93,6 +93,7 @@ def reference(records, cache_root, tmp_path_factory):
     return root, rec, cli
 
 
+@pytest.mark.slow
 def test_sigterm_then_sigkill_then_resume_equals_an_uninterrupted_run(reference, records, cache_root, tmp_path,
                                                                      capsys, monkeypatch):
     monkeypatch.setenv("CLARIFY_CACHE", str(cache_root))
@@ -149,6 +150,7 @@ def test_sigterm_then_sigkill_then_resume_equals_an_uninterrupted_run(reference,
     assert sched_got["_last_lr"] == sched_want["_last_lr"]
 
 
+@pytest.mark.slow
 def test_crash_mid_step_resumes_from_per_step_checkpoints(reference, records, cache_root, tmp_path, monkeypatch):
     """With a ModelCheckpoint every step (docs/reliability.md: for long epochs), a crash in the middle of an
     accumulation step loses only that step: the resume restarts it from its first micro-batch."""
@@ -174,6 +176,7 @@ def test_crash_mid_step_resumes_from_per_step_checkpoints(reference, records, ca
         torch.testing.assert_close(got["state_dict"][k], v, rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
 
 
+@pytest.mark.slow
 def test_sigterm_mid_accumulation_keeps_the_last_step_checkpoint(reference, records, cache_root, tmp_path, capsys,
                                                                  monkeypatch):
     """SIGTERM after the first micro-batch of an accumulation step: saving there would lose that micro-batch's

@@ -61,6 +61,7 @@ def test_reasoning_run_writes_shards_records_and_summary(tmp_path, capsys, clari
     assert len(load_records(out / "conversations.jsonl")[0]) == 6
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_byte_identical(tmp_path, clarify_cache):
     # the uninterrupted reference run, in-process
     full = tmp_path / "full"

@@ -77,6 +77,7 @@ def test_prefix_rollout_checks_its_prefixes(tiny):
         rollout_tasks(model, tok, TASKS[:1], RolloutSpec(temperatures=[0.0], max_new_tokens=2), start_turn=2)
 
 
+@pytest.mark.slow
 def test_simulate_step_branches_writes_branches_and_resumes(tmp_path):
     out = tmp_path / "sim"
     argv = ["--config", str(ROOT / "configs/simulate/tiny-clarifying.yaml"), "--data.path", str(FIXTURE),

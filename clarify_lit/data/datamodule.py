@@ -25,7 +25,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from clarify_lit.data.pair_packing import pack_pairs
+from clarify_lit.data.pair_collation import pack_pairs
 from clarify_lit.data.records import RecordError, load_records, split_by_task
 from clarify_lit.data.tokenization import (
     IGNORE_INDEX,
@@ -161,7 +161,7 @@ def _pad(seqs: list[list[int]], value: int, multiple: int = 1) -> torch.Tensor:
 class PadCollator:
     """Right-pads and stacks. Pairwise samples become one batch ``[chosen_1..B, rejected_1..B]`` so DPO needs one
     forward for both; with ``share_prefix`` each pair is one row whose shared prefix is computed once
-    (``clarify_lit.data.pair_packing``). The length is padded up to a multiple of ``pad_to_multiple_of``."""
+    (``clarify_lit.data.pair_collation``). The length is padded up to a multiple of ``pad_to_multiple_of``."""
 
     def __init__(self, pad_token_id: int, share_prefix: bool = False, pad_to_multiple_of: int = 1):
         self.pad_token_id, self.share_prefix = pad_token_id, share_prefix
@@ -211,7 +211,7 @@ class ConversationDataModule(L.LightningDataModule):
         batch_size: conversations (or preference pairs) per micro-batch.
         group_by_length: sort samples by length inside each optimizer step (less padding, same step contents).
         share_pair_prefix: DPO pairs as one row each, their shared prefix (prompt) computed once instead of twice
-            (``clarify_lit.train.pair_packing``; same log-probs, ~35 % fewer tokens for final-answer pairs). Needs
+            (``clarify_lit.train.pair_logprobs``; same log-probs, ~35 % fewer tokens for final-answer pairs). Needs
             ``sdpa`` or ``eager`` attention.
         pad_to_multiple_of: pad each batch's length up to a multiple of this (1: no extra padding). Fewer distinct
             shapes let CPU bf16 kernels (oneDNN) be reused instead of built per length: over a 96-step epoch of the

@@ -37,14 +37,12 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from clarify_lit.data.records import ConversationRecord, load_records
 from clarify_lit.evaluate.metrics import final_answer_parse
+from clarify_lit.evaluate.summary import MethodSummary
 from clarify_lit.io import atomic_write_text
-
-if TYPE_CHECKING:  # report imports this module lazily; a runtime import back would be circular
-    from clarify_lit.evaluate.report import MethodSummary
 
 ROLE_NAMES = {"user": "teacher", "assistant": "assistant", "system": "system"}
 SUMMARY_CHARS = 160  # the question line in a collapsed section

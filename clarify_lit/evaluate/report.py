@@ -23,7 +23,6 @@ import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ from clarify_lit.evaluate.metrics import (
     nan_to_none,
     paired_comparison,
 )
+from clarify_lit.evaluate.summary import MethodSummary, MetricsFile
 from clarify_lit.io import atomic_write, atomic_write_text
 from clarify_lit.simulate.open_answer import grade_open_answer
 
@@ -72,40 +72,6 @@ COLUMNS: dict[str, tuple[str, int]] = {
     "judge_confidence": ("Confidence", 2),
 }
 PLOT_METRICS = ("accuracy", "reward", "thinking_pct", "clarifying_turns", "judge_overall")
-
-
-@dataclass
-class MetricsFile:
-    """One loaded ``metrics.json``: its metrics, its run metadata and where it came from."""
-
-    path: Path
-    label: str
-    metrics: dict[str, float]
-    meta: dict[str, Any]
-
-    def rollouts_path(self) -> Path | None:
-        """The rollouts written next to the metrics (``meta["rollouts"]`` relative to the file, else a sibling)."""
-        name = self.meta.get("rollouts")
-        candidates = [self.path.parent / name] if isinstance(name, str) else []
-        candidates.append(self.path.parent / "rollouts.jsonl")
-        if self.path.name.endswith(".metrics.json"):  # callback layout: step_000100.metrics.json + .jsonl
-            candidates.append(self.path.with_name(self.path.name[: -len(".metrics.json")] + ".jsonl"))
-        return next((c for c in candidates if c.is_file()), None)
-
-
-@dataclass
-class MethodSummary:
-    """A method aggregated over its seeds (files)."""
-
-    label: str
-    files: list[MetricsFile]
-    mean: dict[str, float] = field(default_factory=dict)
-    se: dict[str, float] = field(default_factory=dict)
-    seed_sd: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def k(self) -> int:
-        return len(self.files)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from clarify_lit.train.export import export_merged, write_export
 from clarify_lit.train.logprobs import chunked_head_logps, uses_gradient_checkpointing
 from clarify_lit.train.losses import distillation_loss, dpo_sigmoid_loss, sequence_logps, weighted_nll_loss
 from clarify_lit.train.objectives import DPO, Distill, Objective, Refit, objective_name, objective_settings
-from clarify_lit.train.pair_packing import PACKED_KEY, packed_sequence_logps
+from clarify_lit.train.pair_logprobs import PACKED_KEY, packed_sequence_logps
 from clarify_lit.train.reference_cache import ReferenceCache
 
 log = logging.getLogger(__name__)
@@ -339,7 +339,7 @@ class ClarifyModule(L.LightningModule):
             self.logger.log_metrics(dm.stats, step=0)
 
     def _pair_logps(self, model, batch: dict) -> Tensor:
-        """Sequence log-probs ``[2n]`` (chosen, then rejected) of a pair batch, stacked or packed (``pair_packing``)."""
+        """Sequence log-probs ``[2n]`` (chosen, then rejected) of a pair batch, stacked or packed (``pair_logprobs``)."""
         if PACKED_KEY in batch:
             return packed_sequence_logps(model, batch, self.hparams.logprob_chunk_size)
         return sequence_logps(*target_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"],

@@ -17,7 +17,7 @@ a trained token inside it counts in both sequences' sums, as it would unpacked.
 
 Needs an attention implementation that takes an arbitrary mask (``sdpa``, the default, or ``eager``).
 
-The collation (:func:`clarify_lit.data.pair_packing.pack_pairs`) belongs to the data layer; this module computes the
+The collation (:func:`clarify_lit.data.pair_collation.pack_pairs`) belongs to the data layer; this module computes the
 log-probs of a packed batch.
 """
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from clarify_lit.data.pair_packing import PACKED_KEY
+from clarify_lit.data.pair_collation import PACKED_KEY
 from clarify_lit.train.logprobs import chunked_head_logps, uses_gradient_checkpointing
 
 

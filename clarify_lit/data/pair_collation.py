@@ -1,5 +1,5 @@
 """Preference pairs packed with their shared prefix: the collation half (the log-probs are computed by
-``clarify_lit.train.pair_packing``, whose docstring describes the layout).
+``clarify_lit.train.pair_logprobs``, whose docstring describes the layout).
 
 Each pair becomes one row ``[prefix | chosen rest | rejected rest]`` with a 4D attention mask that keeps the two
 continuations apart, position ids that restart after the prefix for the rejected rest, and explicit targets (row,
