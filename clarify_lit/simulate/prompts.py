@@ -17,7 +17,7 @@ Open mode (``mode="open"``, both settings; docs/simulate.md#open-mode): the stud
 options (:func:`format_question`) and gives its final answer in a few words, graded by the option text it names
 (:mod:`.open_answer`). The clarifying plan is ``ask`` × (n − 1), ``final``: the student asks, the teacher answers
 the question asked (:class:`~.teachers.OpenTeacher`), and the last turn asks for the answer. The prompts are the ones
-measured before any training (shared/notes/measured-baselines.md, "Options hidden, answers in words"), with no
+measured before any training (docs/simulate.md, "Open mode": value of asking), with no
 per-turn instruction block. Adaptive length is not defined in open mode.
 
 Adaptive length (``adaptive=True``; the paper's third use case): the system prompt and every turn before the last
