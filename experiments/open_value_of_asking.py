@@ -11,7 +11,7 @@ correct on the most test questions, ``report.best_constant_open_answer``), every
 a question only. And one reference without a policy: the teacher's reply to the restated question copied as the
 final answer (how often the notes name the gold option and no other).
 
-    python experiments/open_value_of_asking.py --out results/open/value-of-asking [--dtype bfloat16] [--n 100]
+    python experiments/open_value_of_asking.py --out results/open/value-of-asking [--dtype bfloat16] [--n 100] [--reuse]
 
 Writes ``<out>.json`` (per strategy: accuracy, hedges, names-none, teacher fallbacks), ``<out>.md`` and every
 conversation under ``<out>-rollouts/<strategy>.jsonl.gz``.
@@ -22,12 +22,13 @@ import argparse
 import gzip
 import json
 import random
+import re
 import time
 from pathlib import Path
 
 import torch
 
-from clarify_lit.data.records import ConversationRecord
+from clarify_lit.data.records import ConversationRecord, load_records
 from clarify_lit.data.tasks import QATask, load_tasks
 from clarify_lit.evaluate.metrics import compute_metrics
 from clarify_lit.evaluate.report import best_constant_open_answer
@@ -86,40 +87,48 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--max_new_tokens", type=int, default=48)
+    ap.add_argument("--reuse", action="store_true",
+                    help="read the generated strategies' rollouts from an earlier run's <out>-rollouts/ instead of "
+                         "generating them again (greedy: the same text on the same machine); trivial rows are rebuilt")
     args = ap.parse_args()
     out = Path(args.out)
     roll_dir = Path(f"{out}-rollouts")
     roll_dir.mkdir(parents=True, exist_ok=True)
     tasks = load_tasks("sciq", seed=0, n_train=32, n_test=100, part="test")[: args.n]
-    model, tok = load_causal_lm(MODEL, args.dtype), load_tokenizer(MODEL)
+    model = tok = None
     spec = RolloutSpec(setting="clarifying", mode="open", n_turns=2, temperatures=[0.0],
                        max_new_tokens=args.max_new_tokens, batch_size=50, seed=0)
     results: dict[str, dict] = {}
     results_records: dict[str, list[ConversationRecord]] = {}
 
-    def save(name: str, records: list[ConversationRecord], seconds: float, teacher: OpenTeacher | None) -> None:
+    def path_of(name: str) -> Path:
+        return roll_dir / (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + ".jsonl.gz")
+
+    def save(name: str, records: list[ConversationRecord], seconds: float | None, teacher: bool) -> None:
         results_records[name] = records
-        results[name] = {**summary(records), "seconds": round(seconds, 1),
-                         **({"teacher_no_question": teacher.no_question, "teacher_no_match": teacher.no_match}
+        replies = [[m["content"] for m in r.messages if m["role"] == "user"][1] for r in records]
+        results[name] = {**summary(records), "seconds": None if seconds is None else round(seconds, 1),
+                         **({"teacher_no_question": sum(x.startswith(prompts.OPEN_ASK_FOR_QUESTION) for x in replies),
+                             "teacher_no_match": sum(x.startswith(prompts.OPEN_NOTHING_ON_THAT) for x in replies)}
                             if teacher else {})}
-        path = roll_dir / (name.replace(" ", "-") + ".jsonl.gz")
+        path = path_of(name)
         with gzip.open(path, "wt", encoding="utf-8") as f:
             for r in records:
                 f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
         print(name, results[name], flush=True)
 
     with torch.inference_mode():
-        for name, asks in scripted_turns(tasks).items():
+        for name, asks in [*scripted_turns(tasks).items(), ("base policy", None)]:
+            if args.reuse and path_of(name).exists():  # the greedy rollouts of an earlier run of this script
+                save(name, load_records(path_of(name))[0], None, True)
+                continue
+            model, tok = model or load_causal_lm(MODEL, args.dtype), tok or load_tokenizer(MODEL)
             teacher = OpenTeacher()
             t0 = time.time()
-            pre = [prefix(t, a, teacher) for t, a in zip(tasks, asks, strict=True)]
-            recs = rollout_tasks(model, tok, tasks, spec, teacher=teacher, prefixes=pre, start_turn=2,
-                                 model_name=MODEL)
-            save(name, recs, time.time() - t0, teacher)
-        teacher = OpenTeacher()
-        t0 = time.time()
-        recs = rollout_tasks(model, tok, tasks, spec, teacher=teacher, model_name=MODEL)
-        save("base policy", recs, time.time() - t0, teacher)
+            pre = None if asks is None else [prefix(t, a, teacher) for t, a in zip(tasks, asks, strict=True)]
+            recs = rollout_tasks(model, tok, tasks, spec, teacher=teacher, prefixes=pre,
+                                 start_turn=1 if asks is None else 2, model_name=MODEL)
+            save(name, recs, time.time() - t0, True)
 
     # trivial policies and the copy-the-notes reference (no generation)
     best_text, _ = best_constant_open_answer(results_records["base policy"])
@@ -134,7 +143,7 @@ def main() -> None:
             "\n\n" + prompts.OPEN_FINAL)[0],
     }
     for name, answer in trivial.items():
-        save(name, [fixed_final(t, c, answer(t, c), name) for t, c in zip(tasks, pre, strict=True)], 0.0, None)
+        save(name, [fixed_final(t, c, answer(t, c), name) for t, c in zip(tasks, pre, strict=True)], 0.0, False)
 
     payload = {"questions": len(tasks), "dtype": args.dtype, "model": MODEL, "n_turns": 2,
                "max_new_tokens": args.max_new_tokens, "strategies": results,
@@ -147,6 +156,8 @@ def main() -> None:
     for name, r in results.items():
         lines.append(f"| {name} | {r['accuracy']:.2f} ± {r['accuracy_se']:.2f} | {r.get('hedge_rate', 0):.2f} | "
                      f"{r.get('names_none_rate', float('nan')):.2f} | {r.get('single_question_rate', float('nan')):.2f} |")
+    lines += ["", "The trivial rows and the copy reference keep the restated question as turn 1 (so the teacher's reply "
+              "holds information); only their final answer is fixed. Seconds per strategy are in the JSON."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
