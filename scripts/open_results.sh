@@ -7,8 +7,14 @@ RUNS=${1:-runs/open}
 ROWS=${2:-Refit,Swift,SFT,DPO}
 PY=${PY:-python}
 OUT=results/open
-$PY -m clarify_lit.demo --preset open --seeds 0,1 --objectives "$ROWS" --out "$RUNS" --results "$OUT"
 C="$RUNS/sciq-clarifying-open"
+# the report and rollout archive the demo's last stage writes (demo.report_args, demo.archive_rollouts), over the rows run
+order=(Base)
+for row in ${ROWS//,/ }; do order+=("$([ "$row" = SFT ] && echo STaR-GATE || echo "$row")"); done
+$PY -m clarify_lit.cli report "$C" --out "$OUT/sciq-clarifying-open.md" --plot "$OUT/sciq-clarifying-open.png" \
+  --html "$OUT/sciq-clarifying-open.html" --baseline Base --order "${order[@]}" --rename SFT=STaR-GATE
+$PY -c "import sys; from pathlib import Path; from clarify_lit.demo import archive_rollouts; \
+archive_rollouts(Path(sys.argv[1]), Path(sys.argv[2]))" "$C" "$OUT/sciq-clarifying-open-rollouts"
 for s in 0 1; do
   inputs=("Base=$C/seed0/eval/Base")
   pairs=()
@@ -18,7 +24,7 @@ for s in 0 1; do
   done
   for a in Refit Swift; do for b in Base SFT DPO; do
     [ -f "$C/seed$s/eval/$a/metrics.json" ] && { [ "$b" = Base ] || [ -f "$C/seed$s/eval/$b/metrics.json" ]; } \
-      && pairs+=("$a:$b")
+      && pairs+=("$a:${b/SFT/STaR-GATE}")
   done; done
   $PY -m clarify_lit.cli report "${inputs[@]}" --out "$OUT/sciq-clarifying-open-seed$s.md" --pairs "${pairs[@]}" \
     --rename SFT=STaR-GATE
