@@ -362,9 +362,6 @@ def letters_table(methods: Sequence[MethodSummary],
     ``rollouts``: each method's records by label, when the caller has loaded them already (else read here)."""
     header = ["Method", *LETTERS, "none", "top letter"]
     rows, golds = [], []
-    if all(is_open(r) for s in methods for r in (rollouts[s.label] if rollouts is not None else method_rollouts(s))
-           or []):
-        return ""  # open mode: no letters were answered (the caption gives the best constant answer text)
     for s in methods:
         recs = rollouts[s.label] if rollouts is not None else method_rollouts(s)
         if not recs:
@@ -374,8 +371,8 @@ def letters_table(methods: Sequence[MethodSummary],
         top = max(LETTERS, key=lambda x: sh[x])
         rows.append([s.label, *(f"{sh[x]:.2f}" for x in [*LETTERS, "none"]),
                      f"{top} ({sh[top]:.2f})" if sh[top] else "–"])
-    if not rows:
-        return ""
+    if not rows or all(is_open(r) for r in golds):
+        return ""  # (open mode: no letters were answered; the caption gives the best constant answer text)
     const = constant_answer_accuracy(golds)
     best = max(LETTERS, key=lambda x: const[x])
     rows.append(["*accuracy of always answering X*", *(f"{const[x]:.2f}" for x in LETTERS), "", f"{best} "

@@ -59,7 +59,6 @@ from clarify_lit.simulate.branches import (
 )
 from clarify_lit.simulate.endpoint_policy import EndpointPolicyEngine
 from clarify_lit.simulate.engine import Attention, GenerationEngine, derive_seed
-from clarify_lit.simulate.open_answer import grade_open_answer
 from clarify_lit.simulate.options import (
     DataOptions,
     EndpointOptions,
@@ -71,8 +70,9 @@ from clarify_lit.simulate.options import (
     load_data_tasks,
     teacher_kind,
 )
-from clarify_lit.simulate.parsing import is_hedge, uses_thinking_tags
+from clarify_lit.simulate.parsing import uses_thinking_tags
 from clarify_lit.simulate.prompts import Mode, Setting, check_setting
+from clarify_lit.simulate.rewards import final_answer_of
 from clarify_lit.simulate.rollout import (
     DEFAULT_TEMPERATURES,
     RolloutSpec,
@@ -279,10 +279,9 @@ def merge_shards(out: Path, n_chunks: int) -> Path:
 
 def _final_hedges(record: ConversationRecord) -> bool:
     """Whether the final answer hedges: names several letters, or (open mode) several options' texts."""
-    text = record.messages[-1]["content"]
-    if record.meta.get("mode") == "open":
-        return grade_open_answer(text, record.meta["choices"]).hedged
-    return is_hedge(text)
+    open_answers = record.meta.get("mode") == "open"
+    return final_answer_of(record.messages[-1]["content"], record.meta["choices"] if open_answers else None,
+                           open_answers=open_answers).hedged
 
 
 def summarize(records: list[ConversationRecord], *, timing: dict[str, float], cfg: SimulateConfig,
