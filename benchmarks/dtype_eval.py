@@ -29,9 +29,9 @@ OUT = Path(__file__).parent / "results" / "dtype_eval.json"
 def evaluate_args(dtype: str, out: Path, n_questions: int) -> list[str]:
     return [sys.executable, "-m", "clarify_lit.cli", "evaluate", "--model", "embedded:smollm2-135m-instruct",
             "--method", "Base", "--data.dataset", "sciq", "--data.n_train", "48", "--data.n_test", "48",
-            "--data.seed", "0", "--n_questions", str(n_questions), "--setting", "clarifying", "--mode", "open",
-            "--n_turns", "2", "--teacher.kind", "open", "--reward.kind", "correct", "--max_new_tokens", "48",
-            "--dtype", dtype, "--batch_size", "48", "--seed", "0", "--out_dir", str(out)]
+            "--data.seed", "0", "--n_questions", str(n_questions), "--rollout.setting", "clarifying", "--rollout.mode", "open",
+            "--rollout.n_turns", "2", "--teacher.kind", "open", "--reward.kind", "correct", "--rollout.max_new_tokens", "48",
+            "--dtype", dtype, "--rollout.batch_size", "48", "--rollout.seed", "0", "--out_dir", str(out)]
 
 
 def run_once(dtype: str, n_questions: int) -> dict[str, float]:

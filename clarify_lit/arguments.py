@@ -22,7 +22,8 @@ import dataclasses
 import difflib
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
@@ -138,6 +139,9 @@ def closest_option(message: str, options: list[str]) -> str:
         return ""
     name = m.group(1) if m.group(1).startswith("--") else f"--{m.group(1)}"
     near = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    if not near:  # an option of a block given without it (--n_turn for --rollout.n_turns)
+        tails = {"--" + o.rsplit(".", 1)[-1]: o for o in reversed(options) if "." in o}
+        near = [tails[t] for t in difflib.get_close_matches(name, list(tails), n=1, cutoff=0.6)]
     return f"; did you mean {near[0]}?" if near else ""
 
 
@@ -165,14 +169,32 @@ class ClarifyParser(NoSecretsDumped, ArgumentParser):
         self.exit(2)
 
 
+@contextmanager
+def attribute_docstrings() -> Iterator[None]:
+    """jsonargparse reads fields' docstrings (``--help`` text) inside the block, and goes back to its previous setting
+    after: the setting is global, and left on it makes every later parse — LightningCLI's in ``clarify iterate
+    --in_process true`` — about 10x slower."""
+    try:  # jsonargparse has a setter only; its getter is private
+        from jsonargparse._optionals import get_docstring_parse_options
+
+        before = bool(get_docstring_parse_options()["attribute_docstrings"])
+    except (ImportError, KeyError):
+        before = False
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    try:
+        yield
+    finally:
+        set_parsing_settings(docstring_parse_attribute_docstrings=before)
+
+
 def dataclass_parser(config_class: type, prog: str, description: str, env_prefix: str, config_help: str
                      ) -> ArgumentParser:
     """A parser for a command configured by one dataclass (``--config`` YAML + one option per field; ``--help`` shows
     each field's docstring)."""
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     parser = ClarifyParser(prog=prog, description=description, env_prefix=env_prefix, default_env=False)
     parser.add_argument("--config", action=ActionConfigFile, help=config_help)
-    parser.add_class_arguments(config_class, None, as_group=False)
+    with attribute_docstrings():
+        parser.add_class_arguments(config_class, None, as_group=False)
     return parser
 
 

@@ -38,6 +38,7 @@ from clarify_lit.arguments import NoSecretsDumped, closest_option, option_names,
 from clarify_lit.data.datamodule import ConversationDataModule
 from clarify_lit.environment import environment_stamp
 from clarify_lit.io import output_lock
+from clarify_lit.simulate.options import moved_rollout_flags
 from clarify_lit.simulate.teachers import EndpointError
 from clarify_lit.train import objectives, run_folder
 from clarify_lit.train.checkpointing import AtomicCheckpointIO, LastCheckpoint, ResumeState
@@ -300,8 +301,23 @@ def main(argv: list[str] | None = None) -> None:
         print(f"clarify: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
     with reported_errors(argv[0]):
+        args = moved_callback_flags(argv)
         # args=None when the arguments are sys.argv's: LightningCLI warns when it is given both
-        lightning_main(None if argv == sys.argv[1:] else argv)
+        lightning_main(None if args == sys.argv[1:] else args)
+
+
+def moved_callback_flags(argv: list[str]) -> list[str]:
+    """``argv`` with the rollout callback's flat rollout options (``--trainer.callbacks.init_args.max_new_tokens``,
+    and its one ``temperature``) spelled as its ``rollout`` block's options, each use reported in one line."""
+    prefix = "--trainer.callbacks.init_args."
+    out = []
+    for a in argv:
+        name, eq, value = a.partition("=")
+        if name == prefix + "temperature" and eq:
+            print(f"clarify: {name} is deprecated, use {prefix}rollout.temperatures=[…]", file=sys.stderr)
+            a = f"{prefix}rollout.temperatures=[{value}]"
+        out.append(a)
+    return moved_rollout_flags(out, "clarify", prefix=prefix)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from clarify_lit.arguments import dataclass_parser, parse_dataclass, renamed_switches
 from clarify_lit.io import atomic_write
@@ -107,8 +107,8 @@ class Preset:
     # names shown in the report where they differ from the run labels: the paper calls the SFT-on-best-runs row
     # STaR-GATE; the demo keeps "SFT" (its issue asks for those five row names), run folders keep the labels
     display_names: dict[str, str] = field(default_factory=dict)
-    # simulate's --mix_temperatures (runs of different temperatures in one generate batch) and simulate/evaluate's
-    # --reuse_kv_cache (continue each batch's KV cache from turn to turn); False reproduces rollouts made before the
+    # the rollout block's mix_temperatures (runs of different temperatures in one generate batch) and
+    # reuse_kv_cache (continue each batch's KV cache from turn to turn); False reproduces rollouts made before the
     # options existed (and lets a resume continue such a simulation)
     mix_temperatures: bool = True
     reuse_kv_cache: bool = True
@@ -241,17 +241,25 @@ def split_seed(p: Preset, seed: int) -> int:
     return seed if p.split_seed is None else p.split_seed
 
 
+def rollout_block(p: Preset, e: Experiment, seed: int, *, temperatures: list[float] | None = None,
+                  max_new_tokens: int, batch_size: int) -> dict[str, Any]:
+    """The cell's ``--rollout`` options (one block for its simulate, evaluate and rollout-callback commands);
+    ``temperatures`` None: the command's default (evaluation: one greedy run)."""
+    return {"setting": e.setting, "mode": e.mode, "n_turns": e.n_turns,
+            **({"temperatures": temperatures} if temperatures is not None else {}),
+            "max_new_tokens": e.max_new_tokens or max_new_tokens, "batch_size": batch_size, "seed": seed,
+            "mix_temperatures": p.mix_temperatures, "reuse_kv_cache": p.reuse_kv_cache}
+
+
 def simulate_args(p: Preset, e: Experiment, seed: int, part: str, out: Path) -> list[str]:
+    rollout = rollout_block(p, e, seed, temperatures=e.temperatures or p.temperatures,
+                            max_new_tokens=p.max_new_tokens, batch_size=p.sim_batch_size)
     return ["simulate", "--model", p.model, "--data.dataset", e.dataset, "--data.part", part,
             "--data.n_train", str(p.n_train), "--data.n_test", str(p.n_test), "--data.seed", str(split_seed(p, seed)),
-            "--setting", e.setting, "--mode", e.mode, "--n_turns", str(e.n_turns), "--teacher.kind", e.teacher,
-            "--reward.kind", e.reward or p.reward, *e.options,
-            "--temperatures", json.dumps(e.temperatures or p.temperatures),
-            "--max_new_tokens", str(e.max_new_tokens or p.max_new_tokens), "--batch_size", str(p.sim_batch_size),
-            "--chunk_size", str(p.sim_chunk_size), "--dtype", p.gen_dtype, "--seed", str(seed), "--output", str(out),
-            "--resume", "true", "--mix_temperatures", str(p.mix_temperatures).lower(),
-            "--reuse_kv_cache", str(p.reuse_kv_cache).lower(),
-            *(["--step_branches", "true"] if p.step_branches and part == "train" else []), *e.sim_options]
+            "--rollout", json.dumps(rollout), "--teacher.kind", e.teacher, "--reward.kind", e.reward or p.reward,
+            *e.options, "--chunk_size", str(p.sim_chunk_size), "--dtype", p.gen_dtype, "--output", str(out),
+            "--resume", "true", *(["--step_branches", "true"] if p.step_branches and part == "train" else []),
+            *e.sim_options]
 
 
 def fit_args(p: Preset, records: Path | list[Path], objective: str, seed: int, root: Path,
@@ -277,14 +285,13 @@ def rollout_eval_args(p: Preset, e: Experiment, seed: int) -> list[str]:
     if not p.rollout_questions:
         return []
     options = [CALLBACK + o[2:] if o.startswith("--") else o for o in e.options]
+    rollout = rollout_block(p, e, seed, temperatures=[0.0], max_new_tokens=p.eval_max_new_tokens,
+                            batch_size=min(p.rollout_questions, p.eval_batch_size))
     return ["--config", ROLLOUT_EVAL, f"{CALLBACK}data.dataset={e.dataset}", f"{CALLBACK}data.part=test",
             f"{CALLBACK}data.n_train={p.n_train}",
             f"{CALLBACK}data.n_test={p.n_test}", f"{CALLBACK}data.seed={split_seed(p, seed)}",
-            f"{CALLBACK}n_questions={p.rollout_questions}", f"{CALLBACK}setting={e.setting}", f"{CALLBACK}mode={e.mode}",
-            f"{CALLBACK}n_turns={e.n_turns}",
+            f"{CALLBACK}n_questions={p.rollout_questions}", f"{CALLBACK}rollout={json.dumps(rollout)}",
             f"{CALLBACK}teacher.kind={e.teacher}", f"{CALLBACK}reward.kind={e.reward or p.reward}", *options,
-            f"{CALLBACK}max_new_tokens={e.max_new_tokens or p.eval_max_new_tokens}",
-            f"{CALLBACK}batch_size={min(p.rollout_questions, p.eval_batch_size)}", f"{CALLBACK}seed={seed}",
             f"{CALLBACK}dtype={p.gen_dtype}",  # a merged copy in the evaluation's dtype (auto: as evaluate resolves it)
             f"{CALLBACK}evals_per_epoch={p.rollout_evals_per_epoch}", f"{CALLBACK}at_fit_start=true"]
 
@@ -301,15 +308,11 @@ def label_fit_inputs(p: Preset, label: str, cell: Path) -> tuple[list[Path], lis
 def evaluate_args(p: Preset, e: Experiment, seed: int, label: str, out: Path, export: Path | None) -> list[str]:
     # the Base row evaluates the untrained model; the others their exported adapter (which names its base model)
     source = ["--export_dir", str(export)] if export is not None else ["--model", p.model]
+    rollout = rollout_block(p, e, seed, max_new_tokens=p.eval_max_new_tokens, batch_size=p.eval_batch_size)
     return ["evaluate", *source, "--method", label, "--data.dataset", e.dataset,
             "--data.n_train", str(p.n_train), "--data.n_test", str(p.n_test), "--data.seed", str(split_seed(p, seed)),
-            "--n_questions", str(p.n_test), "--setting", e.setting, "--mode", e.mode, "--n_turns", str(e.n_turns),
-            "--teacher.kind", e.teacher,
-            "--reward.kind", e.reward or p.reward, *e.options,
-            "--max_new_tokens", str(e.max_new_tokens or p.eval_max_new_tokens),
-            "--dtype", p.gen_dtype,
-            "--batch_size", str(p.eval_batch_size), "--reuse_kv_cache", str(p.reuse_kv_cache).lower(),
-            "--seed", str(seed), "--out_dir", str(out)]
+            "--n_questions", str(p.n_test), "--rollout", json.dumps(rollout), "--teacher.kind", e.teacher,
+            "--reward.kind", e.reward or p.reward, *e.options, "--dtype", p.gen_dtype, "--out_dir", str(out)]
 
 
 ITERATE_OBJECTIVE = "configs/objective/refit.yaml"  # iterated Refit: each round maximises a bound tight at its data's policy
@@ -322,13 +325,12 @@ def iterate_args(p: Preset, e: Experiment, seed: int, rounds: int, out: Path) ->
             "--objective_config", ITERATE_OBJECTIVE,
             "--fit_args", json.dumps([f"--trainer.max_epochs={p.epochs}", *p.fit_overrides]),
             "--data.dataset", e.dataset, "--data.n_train", str(p.n_train), "--data.n_test", str(p.n_test),
-            "--data.seed", str(seed), "--setting", e.setting, "--mode", e.mode, "--n_turns", str(e.n_turns),
+            "--data.seed", str(seed),
+            "--rollout", json.dumps(rollout_block(p, e, seed, temperatures=e.temperatures or p.temperatures,
+                                                  max_new_tokens=p.max_new_tokens, batch_size=p.sim_batch_size)),
             "--teacher.kind", e.teacher, "--reward.kind", e.reward or p.reward, *e.options,
-            "--temperatures", json.dumps(e.temperatures or p.temperatures),
-            "--max_new_tokens", str(e.max_new_tokens or p.max_new_tokens), "--batch_size", str(p.sim_batch_size),
             "--simulate_args", json.dumps(["--chunk_size", str(p.sim_chunk_size), *e.sim_options]),
-            "--dtype", p.gen_dtype,
-            "--seed", str(seed)]
+            "--dtype", p.gen_dtype]
 
 
 def run_iterate(p: Preset, out: Path, rounds: int, dry_run: bool = False) -> None:

@@ -58,8 +58,13 @@ from clarify_lit.evaluate.report import (
 from clarify_lit.io import atomic_write, atomic_write_text, output_lock
 from clarify_lit.models import DTypeChoice, resolve_device, resolve_dtype
 from clarify_lit.simulate.command import SimulateConfig
-from clarify_lit.simulate.options import DataOptions, RewardOptions, TeacherOptions
-from clarify_lit.simulate.prompts import Mode, Setting
+from clarify_lit.simulate.options import (
+    DataOptions,
+    RewardOptions,
+    RolloutOptions,
+    TeacherOptions,
+    moved_rollout_flags,
+)
 from clarify_lit.stages import StageFailed, StageRunner
 
 log = logging.getLogger("clarify.iterate")
@@ -94,31 +99,21 @@ class IterateConfig:
     round's own conversations only."""
     data: DataOptions = field(default_factory=DataOptions)
     """Questions (clarify simulate's data options): simulation uses the train part, evaluation the test part."""
-    setting: Setting = "reasoning"
-    mode: Mode = "thinking"
-    n_turns: int = 3
-    adaptive: bool = False
-    """Adaptive length: the agent may answer before turn n_turns (docs/simulate.md)."""
-    discount: float = 1.0
-    """γ: rewards are multiplied by γ^n, n = assistant turns used (1 = off)."""
+    rollout: RolloutOptions = field(default_factory=RolloutOptions)
+    """How conversations are played and generated, in simulation and evaluation alike (clarify simulate's
+    --rollout.* options), except that evaluation plays eval_temperatures. Round k simulates with rollout.seed + k and
+    fits with seed_everything = rollout.seed + k; evaluation always uses rollout.seed."""
     teacher: TeacherOptions = field(default_factory=TeacherOptions)
     reward: RewardOptions = field(default_factory=RewardOptions)
-    temperatures: list[float] = field(default_factory=lambda: [0.3, 0.7, 1.0])
-    """Simulation: one run per temperature per question."""
     eval_temperatures: list[float] = field(default_factory=lambda: [0.0])
     """Evaluation: one run per temperature per held-out question (0 = greedy)."""
     n_questions: int | None = None
     """Held-out questions evaluated (None: all of data.n_test)."""
-    max_new_tokens: int = 64
-    """Per assistant turn (simulation and evaluation)."""
-    batch_size: int = 8
     dtype: DTypeChoice = "auto"
     """Generation dtype (simulate/evaluate): auto = bfloat16 where the device computes it natively, else float32
     (docs/environment.md), resolved once before round 0, so every round and iterate_config.json hold the same
     concrete dtype; training precision comes from the trainer preset."""
     device: str = "auto"
-    seed: int = 0
-    """Round k simulates with seed + k and fits with seed_everything = seed + k; evaluation always uses seed."""
     simulate_args: list[str] = field(default_factory=list)
     """Extra clarify simulate arguments (after the round's YAML), e.g. ["--chunk_size", "4"]."""
     evaluate_args: list[str] = field(default_factory=list)
@@ -136,7 +131,7 @@ def build_parser():
 
 
 def parse_config(argv: list[str] | None = None) -> IterateConfig:
-    return parse_dataclass(build_parser(), IterateConfig, argv)
+    return parse_dataclass(build_parser(), IterateConfig, moved_rollout_flags(argv, "clarify iterate"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -163,18 +158,28 @@ def check_config(cfg: IterateConfig) -> None:
     refuse_secrets(cfg)  # keys come from environment variables only: never into iterate_config.json or a stage YAML
     if not isinstance(cfg.rounds, int) or cfg.rounds < 1:
         raise ValueError(f"rounds must be an integer >= 1, got {cfg.rounds!r}")
-    if not cfg.temperatures or not cfg.eval_temperatures:
-        raise ValueError("temperatures and eval_temperatures must each name at least one run")
-    if not 0 < cfg.discount <= 1:
-        raise ValueError(f"discount must be in (0, 1], got {cfg.discount}")
+    if not cfg.rollout.temperatures or not cfg.eval_temperatures:
+        raise ValueError("rollout.temperatures and eval_temperatures must each name at least one run")
+    cfg.rollout.check()
+    replace(cfg.rollout, temperatures=cfg.eval_temperatures).check()
     for name in ("objective_config", "model_config", "trainer_config"):
         path = getattr(cfg, name)
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"--{name} {path!r} not found (paths are relative to the current folder)")
 
 
+# the rollout options iterate took (flat) before the rollout block; the block's others are recorded only when they
+# differ from their defaults, so iterate_config.json of a run made before them still matches
+_FLAT_ROLLOUT = ("setting", "mode", "n_turns", "adaptive", "discount", "temperatures", "max_new_tokens", "batch_size",
+                 "seed")
+
+
 def fingerprint(cfg: IterateConfig) -> dict[str, Any]:
-    return {k: v for k, v in asdict(cfg).items() if k not in _RUNTIME_FIELDS}
+    """The options a continuation must share (``iterate_config.json``): the rollout block flat, beside the others."""
+    values = {k: v for k, v in asdict(cfg).items() if k not in _RUNTIME_FIELDS}
+    rollout, default = values.pop("rollout"), asdict(RolloutOptions())
+    values.update({k: v for k, v in rollout.items() if k in _FLAT_ROLLOUT or v != default[k]})
+    return values
 
 
 def lock_config(cfg: IterateConfig, out: Path) -> None:
@@ -209,9 +214,8 @@ def simulate_config(cfg: IterateConfig, out: Path, k: int) -> dict[str, Any]:
     teacher, reward = _teacher_reward(cfg)
     sim = SimulateConfig(
         model=policy_of_round(cfg, out, k), dtype=cfg.dtype, device=cfg.device, data=replace(cfg.data, part="train"),
-        setting=cfg.setting, mode=cfg.mode, n_turns=cfg.n_turns, adaptive=cfg.adaptive, discount=cfg.discount,
-        temperatures=list(cfg.temperatures), max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-        seed=cfg.seed + k, output=str(round_dir(out, k) / "simulate"), resume=True, progress=cfg.progress)
+        rollout=replace(cfg.rollout, seed=cfg.rollout.seed + k), output=str(round_dir(out, k) / "simulate"),
+        resume=True, progress=cfg.progress)
     values = asdict(sim)
     values["teacher"], values["reward"] = teacher, reward
     return values
@@ -222,13 +226,10 @@ def evaluate_config(cfg: IterateConfig, out_dir: Path, label: str, *, model: str
     """A ``clarify evaluate`` config on the held-out questions (the same for every row)."""
     teacher, reward = _teacher_reward(cfg)
     source = {"model": model} if model is not None else {"export_dir": export_dir}
-    return {**source, "method": label, "out_dir": str(out_dir), "data": asdict(replace(cfg.data, part="test",
-                                                                                      limit=None)),
-            "n_questions": cfg.n_questions, "setting": cfg.setting, "mode": cfg.mode, "n_turns": cfg.n_turns,
-            "adaptive": cfg.adaptive, "discount": cfg.discount, "teacher": teacher, "reward": reward,
-            "temperatures": list(cfg.eval_temperatures), "max_new_tokens": cfg.max_new_tokens,
-            "batch_size": cfg.batch_size, "seed": cfg.seed, "dtype": cfg.dtype, "device": cfg.device,
-            "progress": cfg.progress}
+    return {**source, "method": label, "out_dir": str(out_dir),
+            "data": asdict(replace(cfg.data, part="test", limit=None)), "n_questions": cfg.n_questions,
+            "rollout": asdict(replace(cfg.rollout, temperatures=list(cfg.eval_temperatures))), "teacher": teacher,
+            "reward": reward, "dtype": cfg.dtype, "device": cfg.device, "progress": cfg.progress}
 
 
 def fit_args(cfg: IterateConfig, out: Path, k: int) -> list[str]:
@@ -247,7 +248,7 @@ def fit_args(cfg: IterateConfig, out: Path, k: int) -> list[str]:
         full = (previous / "config.json").is_file() and not (previous / "adapter_config.json").is_file()
         args += ["--model.model_name_or_path" if full else "--model.init_adapter", str(previous)]
     args += [f"--data.train_files=[{folder / 'simulate' / 'conversations.jsonl'}]", "--data.val_fraction", "0",
-             "--data.seed", str(cfg.seed + k), "--seed_everything", str(cfg.seed + k),
+             "--data.seed", str(cfg.rollout.seed + k), "--seed_everything", str(cfg.rollout.seed + k),
              "--trainer.default_root_dir", str(folder / "fit"),
              # a fit interrupted earlier resumes from its last checkpoint (or starts again when it saved none)
              "--ckpt_path", "last_or_none", *cfg.fit_args]

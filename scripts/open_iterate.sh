@@ -17,7 +17,8 @@ mkdir -p "$IT/base" "$IT/round_000"
 $PY -m clarify_lit.cli iterate --rounds "$ROUNDS" --output "$IT" --model embedded:smollm2-135m-instruct \
   --model_config configs/model/smollm2-135m.yaml --trainer_config configs/trainer/cpu-auto.yaml \
   --objective_config configs/objective/swift.yaml --fit_args '["--trainer.max_epochs=2"]' \
-  --data.dataset sciq --data.n_train 64 --data.n_test 100 --data.seed 0 --setting clarifying --mode open --n_turns 2 \
-  --teacher.kind open --reward.kind correct --temperatures '[0.3, 0.7, 1.0, 0.7]' --max_new_tokens 48 --batch_size 32 \
+  --data.dataset sciq --data.n_train 64 --data.n_test 100 --data.seed 0 \
+  --rollout '{setting: clarifying, mode: open, n_turns: 2, temperatures: [0.3, 0.7, 1.0, 0.7], max_new_tokens: 48, batch_size: 32, seed: 0}' \
+  --teacher.kind open --reward.kind correct \
   --simulate_args '["--chunk_size", "32", "--explore_runs", "[1, 3]", "--explore_prefixes", "{\"1\": \"What\"}"]' \
-  --evaluate_args '["--batch_size", "50"]' --dtype auto --seed 0
+  --evaluate_args '["--rollout.batch_size", "50"]' --dtype auto

@@ -182,11 +182,9 @@ def scripted_engine(monkeypatch):
         engine.stats = type("S", (), {"new_tokens": 0})()
         return engine
 
-    import clarify_lit.simulate.command as sim_cmd
     import clarify_lit.simulate.rollout as rollout_mod
 
-    monkeypatch.setattr(sim_cmd, "GenerationEngine", make)
-    monkeypatch.setattr(rollout_mod, "GenerationEngine", make)
+    monkeypatch.setattr(rollout_mod, "GenerationEngine", make)  # what build_engine makes, for every command
 
 
 def test_simulate_and_evaluate_commands(tmp_path, clarify_cache, scripted_engine, capsys):
@@ -197,8 +195,8 @@ def test_simulate_and_evaluate_commands(tmp_path, clarify_cache, scripted_engine
     out = tmp_path / "sim"
     simulate_main(["--config", str(REPO / "configs/simulate/tiny-reasoning.yaml"),
                    "--data.path", str(REPO / "configs/simulate/tiny-tasks.jsonl"), "--data.limit", "2",
-                   "--output", str(out), "--progress", "false", "--temperatures", "[0.3, 0.7]",
-                   "--adaptive", "true", "--discount", "0.9"])
+                   "--output", str(out), "--progress", "false", "--rollout.temperatures", "[0.3, 0.7]",
+                   "--rollout.adaptive", "true", "--rollout.discount", "0.9"])
     records, _ = load_records(out / "conversations.jsonl")
     assert [r.meta["turns_used"] for r in records] == [1, 3, 1, 3]
     summary = json.loads((out / "summary.json").read_text())
@@ -207,10 +205,10 @@ def test_simulate_and_evaluate_commands(tmp_path, clarify_cache, scripted_engine
     assert fingerprint["adaptive"] is True and fingerprint["discount"] == 0.9
 
     ev = tmp_path / "eval"
-    evaluate_main(["--model", "tiny-random", "--out_dir", str(ev), "--adaptive", "true", "--discount", "0.9",
+    evaluate_main(["--model", "tiny-random", "--out_dir", str(ev), "--rollout.adaptive", "true", "--rollout.discount", "0.9",
                    "--data.dataset", "local", "--data.path", str(REPO / "configs/simulate/tiny-tasks.jsonl"),
                    "--data.columns", '{"question": "question", "choices": "choices", "answer": "answer", "id": "id"}',
-                   "--data.n_train", "4", "--data.n_test", "2", "--max_new_tokens", "3", "--progress", "false"])
+                   "--data.n_train", "4", "--data.n_test", "2", "--rollout.max_new_tokens", "3", "--progress", "false"])
     saved = json.loads((ev / "metrics.json").read_text())
     assert saved["meta"]["adaptive"] is True and saved["meta"]["discount"] == 0.9
     m = saved["metrics"]
@@ -223,10 +221,11 @@ def test_simulate_and_evaluate_commands(tmp_path, clarify_cache, scripted_engine
 
 
 def test_evaluate_rejects_a_bad_discount_before_loading(tmp_path):
-    from clarify_lit.evaluate.command import evaluate
+    from clarify_lit.evaluate.command import EvaluateConfig, run
+    from clarify_lit.simulate.options import RolloutOptions
 
     with pytest.raises(ValueError, match="discount"):
-        evaluate(model="tiny-random", out_dir=str(tmp_path), discount=2.0)
+        run(EvaluateConfig(model="tiny-random", out_dir=str(tmp_path), rollout=RolloutOptions(discount=2.0)))
 
 
 # ------------------------------------------------------------------------------------------------ training views

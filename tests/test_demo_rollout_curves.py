@@ -90,8 +90,8 @@ def tiny_fit(records: Path, root: Path, callback: bool) -> dict[str, torch.Tenso
     if callback:
         cb = ["--config", str(REPO / demo.ROLLOUT_EVAL), f"{CB}data.dataset=local", f"{CB}data.path={TINY_TASKS}",
               f'{CB}data.columns={{"question": "question", "choices": "choices", "answer": "answer", "id": "id"}}',
-              f"{CB}data.n_train=4", f"{CB}data.n_test=4", f"{CB}n_questions=2", f"{CB}max_new_tokens=4",
-              f"{CB}temperature=1.0", f"{CB}evals_per_epoch=2", f"{CB}at_fit_start=true"]
+              f"{CB}data.n_train=4", f"{CB}data.n_test=4", f"{CB}n_questions=2", f"{CB}rollout.max_new_tokens=4",
+              f"{CB}rollout.temperatures=[1.0]", f"{CB}evals_per_epoch=2", f"{CB}at_fit_start=true"]
     main(["fit", "--config", str(REPO / "configs/trainer/cpu.yaml"), "--config", str(REPO / "configs/model/tiny.yaml"),
           "--model.lora_dropout", "0.2", "--data.train_files", f"[{records}]", "--data.val_fraction", "0",
           "--data.batch_size", "2", "--seed_everything", "0", "--trainer.max_epochs", "2",

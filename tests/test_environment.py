@@ -84,7 +84,7 @@ def test_evaluate_writes_the_stamp_with_the_resolved_dtype(tmp_path):
     main(["--model", "tiny-random", "--out_dir", str(tmp_path / "eval"), "--data.dataset", "local", "--data.path",
           str(REPO / "configs/simulate/tiny-tasks.jsonl"), "--data.n_train", "4", "--data.n_test", "2",
           "--data.columns", '{"question": "question", "choices": "choices", "answer": "answer", "id": "id"}',
-          "--max_new_tokens", "2", "--n_turns", "1", "--progress", "false"])
+          "--rollout.max_new_tokens", "2", "--rollout.n_turns", "1", "--progress", "false"])
     meta = json.loads((tmp_path / "eval" / "metrics.json").read_text())["meta"]
     assert meta["dtype"] == "float32"  # auto on the suite's CPU without native bf16 (conftest)
     assert STAMP_KEYS <= set(meta["environment"]) and meta["environment"]["dtype"] == "float32"

@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from clarify_lit.data.records import load_records
 from clarify_lit.evaluate.callback import RolloutEvaluation, isolated, load_eval_tasks, render_markdown
 from clarify_lit.evaluate.metrics import compute_metrics, nan_to_none
-from clarify_lit.simulate.options import DataOptions
+from clarify_lit.simulate.options import DataOptions, RolloutOptions
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_TASKS = REPO / "configs" / "simulate" / "tiny-tasks.jsonl"
@@ -32,6 +32,11 @@ def tiny_data() -> DataOptions:
     """The 8 local toy questions: 4 held out (test part), 4 train."""
     return DataOptions(dataset="local", path=str(TINY_TASKS), label="tiny", columns=dict(COLUMNS), n_train=4,
                        n_test=4)
+
+
+def greedy(max_new_tokens: int) -> RolloutOptions:
+    """One greedy run per question, ``max_new_tokens`` per turn."""
+    return RolloutOptions(temperatures=[0.0], max_new_tokens=max_new_tokens)
 
 
 class TinyPolicy(L.LightningModule):
@@ -138,7 +143,7 @@ def test_evaluate_writes_files_and_tensorboard_without_side_effects(tiny_model_d
     policy.tokenizer.padding_side = "right"
     modes = {n: m.training for n, m in policy.named_modules()}
     rng = torch.get_rng_state().clone()
-    cb = RolloutEvaluation(data=tiny_data(), n_questions=3, max_new_tokens=4, n_text_examples=2)
+    cb = RolloutEvaluation(data=tiny_data(), n_questions=3, rollout=greedy(4), n_text_examples=2)
     trainer = fake_trainer(tmp_path, step=7)
     cb.setup(trainer, policy, "fit")
     values = cb.evaluate(trainer, policy)
@@ -191,7 +196,7 @@ def quiet_trainer(root: Path, cb: RolloutEvaluation, **kwargs) -> L.Trainer:
 
 def test_trainer_schedule_and_tensorboard_scalars(tiny_model_dir, tmp_path):
     policy = TinyPolicy(str(tiny_model_dir))
-    cb = RolloutEvaluation(data=tiny_data(), n_questions=2, max_new_tokens=3, every_n_val_epochs=2)
+    cb = RolloutEvaluation(data=tiny_data(), n_questions=2, rollout=greedy(3), every_n_val_epochs=2)
     trainer = quiet_trainer(tmp_path, cb, max_epochs=3, num_sanity_val_steps=1)
     trainer.fit(policy)
     # 3 validation epochs (steps 2, 4, 6) → evaluated at the 2nd (step 4); at fit end (step 6) once more
@@ -207,7 +212,7 @@ def test_trainer_schedule_and_tensorboard_scalars(tiny_model_dir, tmp_path):
 def test_train_progress_schedule_without_validation(tiny_model_dir, tmp_path):
     """evals_per_epoch + at_fit_start (fits without validation, as the demo's): step 0, then evenly spaced batches."""
     policy = TinyPolicy(str(tiny_model_dir))
-    cb = RolloutEvaluation(data=tiny_data(), n_questions=2, max_new_tokens=3, evals_per_epoch=2, at_fit_start=True)
+    cb = RolloutEvaluation(data=tiny_data(), n_questions=2, rollout=greedy(3), evals_per_epoch=2, at_fit_start=True)
     trainer = quiet_trainer(tmp_path, cb, max_epochs=2, limit_val_batches=0)
     trainer.fit(policy)
     # 2 batches per epoch, 2 evaluations per epoch: after every step; the fit-end evaluation repeats step 4: skipped
@@ -217,7 +222,7 @@ def test_train_progress_schedule_without_validation(tiny_model_dir, tmp_path):
 
 def test_train_progress_and_validation_at_one_step_evaluate_once(tiny_model_dir, tmp_path):
     policy = TinyPolicy(str(tiny_model_dir))
-    cb = RolloutEvaluation(data=tiny_data(), n_questions=2, max_new_tokens=3, evals_per_epoch=1)
+    cb = RolloutEvaluation(data=tiny_data(), n_questions=2, rollout=greedy(3), evals_per_epoch=1)
     trainer = quiet_trainer(tmp_path, cb, max_epochs=1, num_sanity_val_steps=0)
     trainer.fit(policy)
     assert [p.name for p in (tmp_path / "rollouts").glob("*.jsonl")] == ["step_000002.jsonl"]
@@ -234,7 +239,7 @@ def test_dtype_generates_with_a_merged_copy(tiny_model_dir, tmp_path):
     before = {k: v.clone() for k, v in policy.model.state_dict().items()}
     twin = generation_copy(policy.model, "bfloat16")
     assert not hasattr(twin, "peft_config") and next(twin.parameters()).dtype == torch.bfloat16 and not twin.training
-    cb = RolloutEvaluation(data=tiny_data(), n_questions=2, max_new_tokens=3, dtype="bfloat16")
+    cb = RolloutEvaluation(data=tiny_data(), n_questions=2, rollout=greedy(3), dtype="bfloat16")
     trainer = fake_trainer(tmp_path, step=3)
     values = cb.evaluate(trainer, policy)
     assert values["n"] == 2 and values["cpu_seconds"] > 0
@@ -251,7 +256,7 @@ def _ddp_evaluate(rank: int, world: int, init_file: str, root: str, model_dir: s
                                          timeout=timedelta(seconds=60))  # a collective bug fails, not hangs
     try:
         policy = TinyPolicy(model_dir)
-        cb = RolloutEvaluation(data=tiny_data(), n_questions=3, max_new_tokens=3)
+        cb = RolloutEvaluation(data=tiny_data(), n_questions=3, rollout=greedy(3))
         trainer = fake_trainer(Path(root), step=5, logger=False, world_size=world, rank=rank)
         values = cb.evaluate(trainer, policy)
         torch.save(values, os.path.join(root, f"rank{rank}.pt"))

@@ -121,7 +121,7 @@ def test_endpoint_policy_refuses_forced_starts():
 def args(out: Path, *extra: str) -> list[str]:
     return ["--config", str(ROOT / "configs" / "simulate" / "tiny-clarifying.yaml"), "--data.path", str(FIXTURE),
             "--output", str(out), "--progress", "false", "--data.limit", "2", "--chunk_size", "1",
-            "--max_new_tokens", "5", *extra]
+            "--rollout.max_new_tokens", "5", *extra]
 
 
 @pytest.mark.slow
@@ -161,7 +161,7 @@ def test_clarify_preset_seeds_only_the_explore_cells_simulation(tmp_path):
     cells = {e.tag: e for e in p.experiments}
     explore, plain = cells["rubric-explore"], cells["rubric"]
     sim = parse_config(simulate_args(p, explore, 0, "train", tmp_path)[1:])
-    assert sim.explore_runs == [1, 3] and sim.temperatures == [0.3, 0.7, 1.0, 0.7]
+    assert sim.explore_runs == [1, 3] and sim.rollout.temperatures == [0.3, 0.7, 1.0, 0.7]
     assert {int(k): v for k, v in sim.explore_prefixes.items()} == {1: "What does option {letter}"}
     assert parse_config(simulate_args(p, plain, 0, "train", tmp_path)[1:]).explore_runs is None
     # the trained policy is evaluated unaided: no exploration flag reaches evaluation or the rollout callback

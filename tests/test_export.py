@@ -119,7 +119,7 @@ def test_export_copied_elsewhere_loads_its_base_offline(fitted, embedded_is_tiny
     main(["evaluate", "--export_dir", str(copy), "--out_dir", str(tmp_path / "eval"), "--data.dataset", "local",
           "--data.path", str(REPO / "configs/simulate/tiny-tasks.jsonl"), "--data.n_train", "0", "--data.n_test", "2",
           "--data.columns", '{"question": "question", "choices": "choices", "answer": "answer", "id": "id"}',
-          "--max_new_tokens", "2", "--progress", "false"])
+          "--rollout.max_new_tokens", "2", "--progress", "false"])
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["meta"]["base_model"] == EMBEDDED_SMOLLM2
 
     # without the metadata (an export edited by hand, or written by an older version): the hub id maps back to the

@@ -222,7 +222,7 @@ def test_simulate_command_on_the_gpu(tmp_path):
     out = tmp_path / "sim"
     command.main(["--config", str(REPO / "configs/simulate/tiny-reasoning.yaml"), "--data.path",
                   str(REPO / "configs/simulate/tiny-tasks.jsonl"), "--output", str(out), "--progress", "false",
-                  "--data.limit", "2", "--max_new_tokens", "4", "--device", "cuda"])
+                  "--data.limit", "2", "--rollout.max_new_tokens", "4", "--device", "cuda"])
     records, _ = load_records(out / "conversations.jsonl")
     assert len(records) == 2 * 3 and all(r.messages[-1]["role"] == "assistant" for r in records)
 
@@ -235,7 +235,7 @@ def test_evaluate_on_the_gpu_gives_the_cpu_numbers(tmp_path):
     data = ["--data.dataset", "local", "--data.path", str(REPO / "configs/simulate/tiny-tasks.jsonl"),
             "--data.label", "tiny", "--data.n_train", "4", "--data.n_test", "4", "--data.columns",
             '{"question": "question", "choices": "choices", "answer": "answer", "id": "id"}',
-            "--max_new_tokens", "3", "--progress", "false", "--model", "tiny-random"]
+            "--rollout.max_new_tokens", "3", "--progress", "false", "--model", "tiny-random"]
     evaluate([*data, "--device", "cuda", "--out_dir", str(tmp_path / "gpu")])
     evaluate([*data, "--device", "cpu", "--out_dir", str(tmp_path / "cpu")])
     gpu = json.loads((tmp_path / "gpu" / "metrics.json").read_text())

@@ -28,8 +28,8 @@ def iterate_args(out: Path, *extra: str) -> list[str]:
             "--data.dataset", "local", "--data.path", str(REPO / "configs/simulate/tiny-tasks.jsonl"),
             "--data.label", "tiny", "--data.columns",
             '{"question": "question", "choices": "choices", "answer": "answer", "id": "id"}',
-            "--data.n_train", "3", "--data.n_test", "2", "--n_turns", "2", "--temperatures", "[0.0, 1.0]",
-            "--reward.kind", "gold_prob", "--max_new_tokens", "4", "--progress", "false", *extra]
+            "--data.n_train", "3", "--data.n_test", "2", "--rollout.n_turns", "2", "--rollout.temperatures", "[0.0, 1.0]",
+            "--reward.kind", "gold_prob", "--rollout.max_new_tokens", "4", "--progress", "false", *extra]
 
 
 @pytest.mark.slow
@@ -121,7 +121,7 @@ def test_iterate_two_rounds_end_to_end(tmp_path, capsys):
     log = capsys.readouterr().out
     assert log.count("skip (done)") == 7 and len((out / "commands.sh").read_text().splitlines()) == 7
     with pytest.raises(ValueError, match="differ in: max_new_tokens"):
-        iterate_main(iterate_args(out, "--max_new_tokens", "5"))
+        iterate_main(iterate_args(out, "--rollout.max_new_tokens", "5"))
 
 
 def test_iterate_dry_run_and_cli(tmp_path, capsys):

@@ -23,8 +23,8 @@ def test_notebook_runs_headless_on_a_tiny_run(clarify_cache, tmp_path, monkeypat
 
     root = tmp_path / "runs"
     sim = root / "simulate"
-    clarify(["simulate", "--model", "tiny-random", *DATA, "--data.part", "train", "--setting", "reasoning",
-             "--mode", "standard", "--max_new_tokens", "4", "--temperatures", "[0.3, 1.0]", "--output", str(sim),
+    clarify(["simulate", "--model", "tiny-random", *DATA, "--data.part", "train", "--rollout.setting", "reasoning",
+             "--rollout.mode", "standard", "--rollout.max_new_tokens", "4", "--rollout.temperatures", "[0.3, 1.0]", "--output", str(sim),
              "--progress", "false"])
     fit_dir = root / "fit" / "SFT"
     clarify(["fit", "--config", str(REPO / "configs/model/tiny.yaml"), "--model.objective=SFT",
@@ -32,8 +32,8 @@ def test_notebook_runs_headless_on_a_tiny_run(clarify_cache, tmp_path, monkeypat
              "--trainer.max_steps=2", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
              "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={fit_dir}"])
     for label, source in (("Base", ["--model", "tiny-random"]), ("SFT", ["--export_dir", str(fit_dir / "export")])):
-        clarify(["evaluate", *source, "--method", label, *DATA, "--setting", "reasoning", "--mode", "standard",
-                 "--max_new_tokens", "4", "--progress", "false", "--out_dir", str(root / "eval" / label)])
+        clarify(["evaluate", *source, "--method", label, *DATA, "--rollout.setting", "reasoning", "--rollout.mode", "standard",
+                 "--rollout.max_new_tokens", "4", "--progress", "false", "--out_dir", str(root / "eval" / label)])
 
     nb = nbformat.read(REPO / "notebooks" / "analyze_checkpoints.ipynb", as_version=4)
     monkeypatch.setenv("CLARIFY_NB_ROOT", str(root))

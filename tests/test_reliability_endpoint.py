@@ -116,8 +116,8 @@ def test_unparseable_verdict_is_a_missing_reward_not_a_zero():
 
 def simulate_args(out: Path, url: str, *extra: str) -> list[str]:
     return ["simulate", "--config", str(REPO / "configs/simulate/tiny-reasoning.yaml"), "--data.path",
-            str(REPO / "configs/simulate/tiny-tasks.jsonl"), "--data.limit", "4", "--temperatures", "[0.0, 1.0]",
-            "--chunk_size", "2", "--max_new_tokens", "4", "--progress", "false", "--output", str(out),
+            str(REPO / "configs/simulate/tiny-tasks.jsonl"), "--data.limit", "4", "--rollout.temperatures", "[0.0, 1.0]",
+            "--chunk_size", "2", "--rollout.max_new_tokens", "4", "--progress", "false", "--output", str(out),
             "--reward.kind", "llm_judge", "--reward.backend", "endpoint", "--reward.endpoint.base_url", url,
             "--reward.endpoint.model", "judge", "--reward.endpoint.max_retries", "1",
             "--reward.endpoint.backoff", "0.01", "--reward.endpoint.timeout", "2", "--reward.endpoint.concurrency", "1",

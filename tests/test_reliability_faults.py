@@ -44,7 +44,7 @@ def test_iterate_names_the_round_without_signal(tmp_path, capsys):
         ["iterate", "--config", str(cfg), "--rounds", "2", "--output", str(out), "--model", "tiny-random",
          "--in_process", "true", "--model_config", str(REPO / "configs/model/tiny.yaml"), "--trainer_config",
          str(REPO / "configs/trainer/cpu.yaml"), "--objective_config", str(REPO / "configs/objective/refit.yaml"),
-         "--temperatures", "[0.0]", "--n_questions", "1", "--max_new_tokens", "4", "--reward.kind", "correct",
+         "--rollout.temperatures", "[0.0]", "--n_questions", "1", "--rollout.max_new_tokens", "4", "--reward.kind", "correct",
          "--progress", "false"], capsys)
     conversations = out / "round_000" / "simulate" / "conversations.jsonl"
     assert code == 1 and line == (f"clarify iterate: error: round 0 has no signal: all 2 conversations its policy "
@@ -108,7 +108,7 @@ def test_rollouts_store_the_question_hash(tmp_path):
     cfg = tmp_path / "evaluate.yaml"
     cfg.write_text(yaml.safe_dump({"data": {**TINY_DATA, "part": "test"}}))
     main(["evaluate", "--config", str(cfg), "--model", "tiny-random", "--out_dir", str(tmp_path / "eval"),
-          "--n_questions", "1", "--max_new_tokens", "2", "--progress", "false"])
+          "--n_questions", "1", "--rollout.max_new_tokens", "2", "--progress", "false"])
     (rec,), _ = load_records(tmp_path / "eval" / "rollouts.jsonl")
     task = next(t for t in load_tasks("local", path=TINY_DATA["path"], columns=TINY_DATA["columns"], n_train=6,
                                       n_test=2, part="test", label="tiny") if t.task_id == rec.task_id)
@@ -156,7 +156,7 @@ def test_a_chat_template_that_raises_is_named_and_fold_trains(gemma_like, record
 def test_ctrl_c_during_simulate_exits_130_saying_what_was_kept(tmp_path, cache_root):
     out = tmp_path / "sim"
     argv = ["simulate", "--config", TINY, "--output", str(out), "--data.limit", "4", "--chunk_size", "2",
-            "--temperatures", "[0.0]", "--max_new_tokens", "4", "--progress", "false"]
+            "--rollout.temperatures", "[0.0]", "--rollout.max_new_tokens", "4", "--progress", "false"]
     env = {**os.environ, SHARD_DELAY_ENV: "3", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
            "CLARIFY_CACHE": str(cache_root)}
     proc = subprocess.Popen([sys.executable, "-m", "clarify_lit.cli", *argv], cwd=REPO, env=env,

@@ -17,7 +17,7 @@ from clarify_lit.data.records import write_records
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs/simulate/tiny-reasoning.yaml")
-SMALL = ["--data.limit", "2", "--temperatures", "[0.0]", "--max_new_tokens", "4", "--progress", "false"]
+SMALL = ["--data.limit", "2", "--rollout.temperatures", "[0.0]", "--rollout.max_new_tokens", "4", "--progress", "false"]
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def raising_template(tiny_model_dir, tmp_path) -> Path:
 # ------------------------------------------------------------------------------------------- simulate: retry
 def test_simulate_n_turns_0_is_refused_before_anything_is_written(tmp_path, capsys):
     out = tmp_path / "sim"
-    code, line = one_line_error(["simulate", "--config", TINY, "--output", str(out), "--n_turns", "0", *SMALL],
+    code, line = one_line_error(["simulate", "--config", TINY, "--output", str(out), "--rollout.n_turns", "0", *SMALL],
                                 capsys)
     assert code == 1 and "n_turns must be an integer >= 1 in the reasoning setting, got 0" in line, line
     assert not (out / "run_config.json").exists()
@@ -88,10 +88,10 @@ def test_a_fit_refused_on_its_data_leaves_nothing_that_blocks_the_retry(records_
 def test_evaluate_with_no_temperature_is_refused(tmp_path, capsys):
     """``--temperatures '[]'`` silently evaluated ``[0.0]``."""
     out = tmp_path / "eval"
-    code, line = one_line_error(["evaluate", "--model", "tiny-random", "--out_dir", str(out), "--temperatures", "[]",
+    code, line = one_line_error(["evaluate", "--model", "tiny-random", "--out_dir", str(out), "--rollout.temperatures", "[]",
                                  "--progress", "false"], capsys)
     assert code == 1 and line.startswith("clarify evaluate: error: --temperatures []: names no run"), line
-    code, line = one_line_error(["evaluate", "--model", "tiny-random", "--out_dir", str(out), "--temperatures",
+    code, line = one_line_error(["evaluate", "--model", "tiny-random", "--out_dir", str(out), "--rollout.temperatures",
                                  "[0.0, -1.0]", "--progress", "false"], capsys)
     assert code == 1 and "--temperatures: each must be a finite number >= 0, got [-1.0]" in line, line
     assert not out.exists()
@@ -113,7 +113,7 @@ def test_a_conversation_budget_beyond_the_context_is_refused(n_turns, tmp_path, 
     for command in (["simulate", "--config", TINY, "--output", str(tmp_path / "sim"), *SMALL],
                     ["evaluate", "--config", str(eval_cfg), "--model", "tiny-random", "--out_dir",
                      str(tmp_path / "eval"), "--progress", "false"]):
-        code, line = one_line_error([*command, "--n_turns", n_turns, "--max_new_tokens", "16"], capsys)
+        code, line = one_line_error([*command, "--rollout.n_turns", n_turns, "--rollout.max_new_tokens", "16"], capsys)
         budget = int(n_turns) * 16
         assert code == 1 and (f"n_turns {n_turns} x max_new_tokens 16 = {budget} generated tokens per conversation, "
                               "more than the 2048 tokens of tiny-random's context") in line, line
@@ -121,8 +121,8 @@ def test_a_conversation_budget_beyond_the_context_is_refused(n_turns, tmp_path, 
 
 
 @pytest.mark.parametrize("argv,closest", [
-    (["simulate", "--n_turn", "3"], "--n_turns"),
-    (["evaluate", "--model", "tiny-random", "--n_turn", "3"], "--n_turns"),
+    (["simulate", "--n_turn", "3"], "--rollout.n_turns"),
+    (["evaluate", "--model", "tiny-random", "--n_turn", "3"], "--rollout.n_turns"),
     (["iterate", "--teacher.kindd", "retrieval"], "--teacher.kind"),
     (["rescore", "--inputs", "[x.jsonl]", "--outptu", "y"], "--output"),
     (["export", "--run_dir", "x", "--merg", "true"], "--merge"),

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs/simulate/tiny-reasoning.yaml")
 KEY = "sk-clarifyPLANTEDkey0123456789abcdefXYZ"
 RANDOM_KEY = "Zq8Jx3Lk9Vb2Nw7Rt5Hy1Fp4"  # no provider prefix: caught as a random-looking token in a *_env field
-SMALL_SIM = ["--data.limit", "2", "--temperatures", "[0.0]", "--max_new_tokens", "4", "--progress", "false"]
+SMALL_SIM = ["--data.limit", "2", "--rollout.temperatures", "[0.0]", "--rollout.max_new_tokens", "4", "--progress", "false"]
 
 
 def written_files(root: Path, planted: Path | None = None) -> list[Path]:
@@ -149,7 +149,7 @@ def test_a_key_in_the_environment_appears_in_no_file_any_command_writes(tmp_path
     eval_cfg = tmp_path / "evaluate.yaml"  # the tiny preset's questions
     eval_cfg.write_text(yaml.safe_dump({"data": {**yaml.safe_load(Path(TINY).read_text())["data"], "part": "test"}}))
     main(["evaluate", "--config", str(eval_cfg), "--model", "tiny-random", "--out_dir", str(tmp_path / "eval"),
-          "--progress", "false", "--n_questions", "1", "--max_new_tokens", "4", *names])
+          "--progress", "false", "--n_questions", "1", "--rollout.max_new_tokens", "4", *names])
     main(["iterate", "--output", str(tmp_path / "it"), "--model", "tiny-random", "--rounds", "2", "--dry_run",
           "true", "--model_config", str(REPO / "configs/model/tiny.yaml"), "--trainer_config",
           str(REPO / "configs/trainer/cpu.yaml"), "--objective_config", str(REPO / "configs/objective/refit.yaml"),

@@ -25,7 +25,7 @@ def logged(tmp_path_factory) -> Path:
     """A tiny clarifying simulation scored with `correct` (4 questions x 3 runs)."""
     out = tmp_path_factory.mktemp("sim") / "run"
     simulate_main(["--config", str(ROOT / "configs/simulate/tiny-clarifying.yaml"), "--data.path", str(FIXTURE),
-                   "--reward.kind", "correct", "--data.limit", "4", "--max_new_tokens", "6", "--progress", "false",
+                   "--reward.kind", "correct", "--data.limit", "4", "--rollout.max_new_tokens", "6", "--progress", "false",
                    "--output", str(out)])
     return out / "conversations.jsonl"
 

@@ -31,7 +31,7 @@ def test_fit_with_the_preset_logs_rollout_curves(clarify_cache, records_factory,
     main(["fit", "--config", str(REPO / "configs/trainer/cpu.yaml"), "--config", str(REPO / "configs/model/tiny.yaml"),
           "--config", str(PRESET), f"{CALLBACK}data.dataset=local", f"{CALLBACK}data.path={TINY_TASKS}",
           f"{CALLBACK}data.columns={columns}", f"{CALLBACK}data.n_train=4", f"{CALLBACK}data.n_test=4",
-          f"{CALLBACK}n_questions=2", f"{CALLBACK}max_new_tokens=3",
+          f"{CALLBACK}n_questions=2", f"{CALLBACK}rollout.max_new_tokens=3",
           "--data.train_files", f"[{records}]", "--data.val_fraction", "0.25", "--data.batch_size", "2",
           "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar",
           "false", "--trainer.enable_model_summary", "false"])

@@ -20,7 +20,7 @@ FIXTURE = ROOT / "configs" / "simulate" / "tiny-tasks.jsonl"
 def args(config: str, out: Path, *extra: str) -> list[str]:
     return ["--config", str(ROOT / "configs" / "simulate" / config), "--data.path", str(FIXTURE),
             "--output", str(out), "--progress", "false", "--data.limit", "4", "--chunk_size", "1",
-            "--max_new_tokens", "5", *extra]
+            "--rollout.max_new_tokens", "5", *extra]
 
 
 def test_help_and_configs_parse(capsys, clarify_cache):
@@ -30,10 +30,10 @@ def test_help_and_configs_parse(capsys, clarify_cache):
     assert "--teacher.endpoint.base_url" in capsys.readouterr().out
     for name in ("tiny-reasoning", "tiny-clarifying", "smollm2-openbookqa-reasoning", "smollm2-sciq-clarifying"):
         cfg = parse_config(["--config", str(ROOT / "configs" / "simulate" / f"{name}.yaml")])
-        assert cfg.n_turns == 3 and cfg.temperatures == [0.3, 0.7, 1.0]
+        assert cfg.rollout.n_turns == 3 and cfg.rollout.temperatures == [0.3, 0.7, 1.0]
     cfg = parse_config(["--config", str(ROOT / "configs/simulate/smollm2-sciq-clarifying.yaml"),
-                        "--teacher.kind", "llm", "--teacher.backend", "endpoint", "--temperatures", "[0.0]"])
-    assert cfg.setting == "clarifying" and cfg.teacher.kind == "llm" and cfg.temperatures == [0.0]
+                        "--teacher.kind", "llm", "--teacher.backend", "endpoint", "--rollout.temperatures", "[0.0]"])
+    assert cfg.rollout.setting == "clarifying" and cfg.teacher.kind == "llm" and cfg.rollout.temperatures == [0.0]
 
 
 def test_reasoning_run_writes_shards_records_and_summary(tmp_path, capsys, clarify_cache):
@@ -52,7 +52,7 @@ def test_reasoning_run_writes_shards_records_and_summary(tmp_path, capsys, clari
     with pytest.raises(FileExistsError, match="--resume"):
         main(args("tiny-reasoning.yaml", out))
     with pytest.raises(ValueError, match="seed"):
-        main(args("tiny-reasoning.yaml", out, "--resume", "true", "--seed", "9"))
+        main(args("tiny-reasoning.yaml", out, "--resume", "true", "--rollout.seed", "9"))
     # resuming a finished run changes nothing
     before = (out / "conversations.jsonl").read_bytes()
     main(args("tiny-reasoning.yaml", out, "--resume", "true"))

@@ -86,7 +86,7 @@ def test_simulate_with_the_policy_on_an_endpoint_equals_the_local_policy(tiny, t
     root = Path(__file__).resolve().parents[1]
     common = ["--config", str(root / "configs/simulate/tiny-reasoning.yaml"), "--model", str(tiny_model_dir),
               "--data.path", str(root / "configs/simulate/tiny-tasks.jsonl"), "--data.limit", "2",
-              "--temperatures", "[0.0]", "--max_new_tokens", "5", "--progress", "false", "--step_branches", "true"]
+              "--rollout.temperatures", "[0.0]", "--rollout.max_new_tokens", "5", "--progress", "false", "--step_branches", "true"]
     simulate_main([*common, "--output", str(tmp_path / "local")])
     with Server(HFChatBackend(*tiny)) as server:
         simulate_main([*common, "--output", str(tmp_path / "served"), "--policy_endpoint.base_url", server.url,

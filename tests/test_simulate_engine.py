@@ -115,11 +115,13 @@ def test_mixed_temperature_batches_match_grouped_ones(tiny):
 
 
 def test_simulate_fingerprint_keeps_old_runs_resumable():
-    """``--mix_temperatures false`` (the behaviour before the option) fingerprints like older runs did, so their
-    ``--resume`` still matches; the new default is part of the fingerprint (it changes the sampled text)."""
+    """``--rollout.mix_temperatures false`` (the behaviour before the option) fingerprints like older runs did, so
+    their ``--resume`` still matches; the new default is part of the fingerprint (it changes the sampled text)."""
     from clarify_lit.simulate.command import SimulateConfig, run_fingerprint
+    from clarify_lit.simulate.options import RolloutOptions
 
-    assert "mix_temperatures" not in run_fingerprint(SimulateConfig(mix_temperatures=False), ["t"])["config"]
+    old = SimulateConfig(rollout=RolloutOptions(mix_temperatures=False))
+    assert "mix_temperatures" not in run_fingerprint(old, ["t"])["config"]
     assert run_fingerprint(SimulateConfig(), ["t"])["config"]["mix_temperatures"] is True
 
 
@@ -128,7 +130,7 @@ def test_fingerprint_leaves_out_options_that_cannot_change_the_records():
     a scripted-teacher / `correct` run made before they existed resumes (e.g. to add StepDPO branches); where they act
     (retrieval teacher, rubric reward) a change is refused."""
     from clarify_lit.simulate.command import SimulateConfig, run_fingerprint
-    from clarify_lit.simulate.options import RewardOptions, TeacherOptions
+    from clarify_lit.simulate.options import RewardOptions, RolloutOptions, TeacherOptions
 
     plain = run_fingerprint(SimulateConfig(), ["t"])["config"]
     assert "hide_mode" not in plain["teacher"] and "rubric_accuracy" not in plain["reward"]
@@ -142,7 +144,8 @@ def test_fingerprint_leaves_out_options_that_cannot_change_the_records():
               for w in (60, 30)]
     assert rubric[0] != rubric[1] and rubric[0]["config"]["reward"]["rubric_accuracy"] == "correct"
     # the clarifying setting's default teacher is the retrieval one: there hide_mode acts
-    assert "hide_mode" in run_fingerprint(SimulateConfig(setting="clarifying"), ["t"])["config"]["teacher"]
+    clarifying = SimulateConfig(rollout=RolloutOptions(setting="clarifying"))
+    assert "hide_mode" in run_fingerprint(clarifying, ["t"])["config"]["teacher"]
 
 
 def test_turn_cache_continues_batches_exactly(tiny):

@@ -39,14 +39,14 @@ TASKS = [
 
 
 
-def roll(tiny, teacher=None, reward=None, sort_by_length=True, **kw):
+def roll(tiny, teacher=None, reward=None, **kw):
     """``rollout_tasks`` on TASKS; ``kw`` overrides the spec's fields."""
     model, tok = tiny
     spec = dict(setting="reasoning", mode="thinking", n_turns=3, temperatures=[0.0, 1.0], max_new_tokens=6,
                 batch_size=4, seed=0)
     spec.update(kw)
     return rollout_tasks(model, tok, TASKS, RolloutSpec(**spec), teacher=teacher, reward=reward,
-                         model_name="tiny-random", sort_by_length=sort_by_length)
+                         model_name="tiny-random")
 
 
 class FakeJudge(ChatBackend):

@@ -82,7 +82,7 @@ def test_simulate_step_branches_writes_branches_and_resumes(tmp_path):
     out = tmp_path / "sim"
     argv = ["--config", str(ROOT / "configs/simulate/tiny-clarifying.yaml"), "--data.path", str(FIXTURE),
             "--output", str(out), "--progress", "false", "--data.limit", "2", "--chunk_size", "1",
-            "--max_new_tokens", "4", "--step_branches", "true"]
+            "--rollout.max_new_tokens", "4", "--step_branches", "true"]
     command.main(argv)
     records, _ = load_records(out / "conversations.jsonl")
     branches, _ = load_records(out / "branches.jsonl")

@@ -35,6 +35,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, replace
@@ -52,8 +53,10 @@ from clarify_lit.evaluate.metrics import RolloutMetrics, final_answer, is_correc
 from clarify_lit.io import atomic_write_text
 from clarify_lit.models import DTYPES, DType, DTypeChoice, FrozenModels, resolve_dtype
 from clarify_lit.simulate.options import (
+    FLAT_ROLLOUT_FLAGS,
     DataOptions,
     RewardOptions,
+    RolloutOptions,
     TeacherOptions,
     build_reward,
     build_teacher,
@@ -244,26 +247,20 @@ class RolloutEvaluation(Callback):
             ``n_train``, ``n_test``, …; copy the simulate config's block): its held-out **test** part is used
             (``part`` is overridden). Default: OpenBookQA, seed 0, 400/100.
         n_questions: how many held-out questions to roll out (the first of the test part; fixed across evaluations).
-        setting: ``reasoning`` (scripted teacher) or ``clarifying``.
-        mode: ``thinking`` (reasoning in ``<thinking>`` tags) or ``standard``.
-        n_turns: assistant turns per conversation (the most, with ``adaptive``).
-        adaptive: the agent may end a conversation early by giving its final answer (docs/simulate.md).
-        discount: γ: rewards are multiplied by γ^n, n = assistant turns used (1 = off).
+        rollout: how conversations are played and generated (``clarify simulate``'s ``--rollout.*`` options:
+            ``setting``, ``mode``, ``n_turns``, ``max_new_tokens``, ``batch_size``, ``seed`` — the same at every
+            evaluation —, ``reuse_kv_cache``, …); default greedy (``temperatures: [0.0]``).
         teacher: who answers the student (the options of ``clarify simulate``: ``kind`` scripted / retrieval /
             llm, ``backend``, ``model``, ``endpoint``, …); default: scripted (reasoning) or retrieval (clarifying).
             An ``llm`` teacher defaults to the policy's *base* model, the same for every method.
         reward: how a conversation is scored (``clarify simulate``'s options: ``kind`` correct / gold_prob /
             llm_judge / weighted, ``judge_model``, ``backend``, ``endpoint``, ``weights``, …); default: correct.
-        temperature: decoding temperature of the policy; 0 = greedy.
         every_n_val_epochs: evaluate every N validation runs (sanity checks excluded); 0 = never during validation.
         evals_per_epoch: evaluate this many times per training epoch, after evenly spaced batches (the last at the
             epoch's end), for fits without validation; 0 = off. Under gradient accumulation a point between two
             optimizer steps shows the last step's weights (one evaluation per ``global_step``).
         at_fit_start: also evaluate the untrained policy before the first step (step 0; skipped when resuming).
         at_fit_end: also evaluate when training ends (skipped if the last validation already evaluated that step).
-        max_new_tokens: token budget of each assistant turn.
-        batch_size: conversations per ``generate`` call.
-        seed: rollout seed (sampling and teacher); the same at every evaluation.
         dtype: generate with a copy of the policy in this dtype, LoRA merged (as ``clarify evaluate --dtype`` loads
             an export); ``auto`` (what ``configs/callbacks/rollout-eval.yaml`` and the demo presets use) resolves on
             the module's device as ``clarify evaluate --dtype auto`` does: bfloat16 where it is native (a CPU with
@@ -274,44 +271,37 @@ class RolloutEvaluation(Callback):
         log_prefix: prefix of every logged name.
         write_files: write ``rollouts/step_XXXXXX.{jsonl,metrics.json}`` in the run directory.
         progress: show a progress bar for the rollout (rank zero).
+        **deprecated: the rollout options given flat (``max_new_tokens=40``; ``temperature=0.0``, one run):
+            accepted for one release with a warning; give them in ``rollout``.
     """
 
     def __init__(
         self,
         data: DataOptions | None = None,
         n_questions: int | None = 20,
-        setting: Setting = "reasoning",
-        mode: Mode = "thinking",
-        n_turns: int = 3,
-        adaptive: bool = False,
-        discount: float = 1.0,
+        rollout: RolloutOptions | None = None,
         teacher: TeacherOptions | None = None,
         reward: RewardOptions | None = None,
-        temperature: float = 0.0,
         every_n_val_epochs: int = 1,
         evals_per_epoch: int = 0,
         at_fit_start: bool = False,
         at_fit_end: bool = True,
-        max_new_tokens: int = 64,
-        batch_size: int = 8,
-        seed: int = 0,
         dtype: DTypeChoice | None = None,
         n_text_examples: int = 3,
         log_prefix: str = "rollout",
         write_files: bool = True,
         progress: bool = False,
+        **deprecated: Any,
     ) -> None:
         if every_n_val_epochs < 0:
             raise ValueError(f"every_n_val_epochs must be >= 0, got {every_n_val_epochs}")
         if evals_per_epoch < 0:
             raise ValueError(f"evals_per_epoch must be >= 0, got {evals_per_epoch}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        rollout = _with_flat_options(rollout or RolloutOptions(temperatures=[0.0]), deprecated)
+        rollout.check()
         self.data = data or DataOptions()
         self.n_questions = n_questions
-        self.spec = RolloutSpec(setting=setting, mode=mode, n_turns=n_turns, temperatures=[temperature],
-                                max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, adaptive=adaptive,
-                                discount=discount)
+        self.spec = RolloutSpec.of(rollout)
         self.teacher_options = teacher
         self.reward_options = reward
         self.every_n_val_epochs = every_n_val_epochs
@@ -495,8 +485,22 @@ class RolloutEvaluation(Callback):
             "n_questions": len(self.tasks or []), "dataset": self.data.label or self.data.dataset,
             "data": asdict(self.data), "teacher": self._teacher.describe() if self._teacher else None,
             "reward": self._reward.describe() if self._reward else None, "dtype": dtype,
-            **asdict(self.spec), "rollouts": rollouts, "environment": environment_stamp(pl_module.device, dtype),
+            **self.spec.describe(), "rollouts": rollouts, "environment": environment_stamp(pl_module.device, dtype),
         }
+
+
+def _with_flat_options(rollout: RolloutOptions, flat: dict[str, Any]) -> RolloutOptions:
+    """``rollout`` with the rollout options given flat to the callback (before the block), each reported in one
+    deprecation line; any other unknown keyword is an error."""
+    if "temperature" in flat:  # the callback's one temperature, before the block's list
+        flat["temperatures"] = [flat.pop("temperature")]
+    unknown = sorted(set(flat) - set(FLAT_ROLLOUT_FLAGS))
+    if unknown:
+        raise TypeError(f"RolloutEvaluation got unexpected options {unknown}")
+    for name in flat:
+        warnings.warn(f"RolloutEvaluation({name}=...) is deprecated, use rollout={{{name!r}: ...}}",
+                      FutureWarning, stacklevel=3)
+    return replace(rollout, **flat)
 
 
 def _weights_dtype(pl_module: L.LightningModule) -> str | None:

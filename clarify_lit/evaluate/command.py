@@ -14,25 +14,24 @@ Examples::
     clarify evaluate --export_dir runs/swift/export --data.dataset sciq --out_dir runs/swift/eval --method Swift
     clarify report runs/*/eval --out results/sciq.md
 
-Greedy decoding by default (``--temperatures [0.0]``); several temperatures give several runs per question. The
-held-out questions are the ``test`` part of ``--data`` (``clarify simulate``'s data options; ``seed``/``n_train``/
+Greedy decoding by default (``--rollout.temperatures [0.0]``); several temperatures give several runs per question.
+The held-out questions are the ``test`` part of ``--data`` (``clarify simulate``'s data options; ``seed``/``n_train``/
 ``n_test`` must match the simulated training data so the parts are disjoint). ``--config`` takes a YAML of these
-arguments; the teacher and reward take ``clarify simulate``'s options too.
+options; the rollout, teacher and reward take ``clarify simulate``'s options too.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clarify_lit.arguments import refuse_secrets, run_function
+from clarify_lit.arguments import dataclass_parser, parse_dataclass, refuse_secrets
 from clarify_lit.data.records import write_records
 from clarify_lit.environment import environment_stamp
 from clarify_lit.evaluate.callback import build_teacher_and_reward, load_eval_tasks, run_rollouts
@@ -47,10 +46,14 @@ from clarify_lit.models import (
     resolve_device,
     resolve_dtype,
 )
-from clarify_lit.simulate.engine import Attention
-from clarify_lit.simulate.options import DataOptions, RewardOptions, TeacherOptions
-from clarify_lit.simulate.prompts import Mode, Setting, check_setting
-from clarify_lit.simulate.rollout import RolloutSpec, check_context_budget, check_discount
+from clarify_lit.simulate.options import (
+    DataOptions,
+    RewardOptions,
+    RolloutOptions,
+    TeacherOptions,
+    moved_rollout_flags,
+)
+from clarify_lit.simulate.rollout import RolloutSpec, check_context_budget
 from clarify_lit.train.module import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -80,19 +83,6 @@ def load_policy(model: str | None, ckpt_path: str | None, export_dir: str | None
     return m, tok, {"source": "export", "model": str(export_dir), "base_model": base, "default_method": label}
 
 
-def check_temperatures(temperatures: list[float] | None) -> None:
-    """``--temperatures``: left out (one greedy run), or at least one finite temperature >= 0 (``[]`` used to mean
-    ``[0.0]`` silently)."""
-    if temperatures is None:
-        return
-    if not temperatures:
-        raise ValueError("--temperatures []: names no run; give at least one temperature (one run per question "
-                         "each), or leave the option out for one greedy run ([0.0])")
-    bad = [t for t in temperatures if not (t >= 0 and math.isfinite(t))]
-    if bad:
-        raise ValueError(f"--temperatures: each must be a finite number >= 0, got {bad}")
-
-
 def check_out_dir(out: Path, overwrite: bool) -> None:
     """Refuse a folder holding a finished evaluation (``metrics.json``) unless ``overwrite``, and make sure the folder
     can be written — before any model loads or rollout runs, not after all the work."""
@@ -114,123 +104,96 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
             from None
 
 
-def evaluate(
-    model: str | None = None,
-    ckpt_path: str | None = None,
-    export_dir: str | None = None,
-    method: str | None = None,
-    out_dir: str = "runs/eval",
-    data: DataOptions | None = None,
-    n_questions: int | None = None,
-    setting: Setting = "reasoning",
-    mode: Mode = "thinking",
-    n_turns: int = 3,
-    adaptive: bool = False,
-    discount: float = 1.0,
-    teacher: TeacherOptions | None = None,
-    reward: RewardOptions | None = None,
-    temperatures: list[float] | None = None,
-    max_new_tokens: int = 64,
-    batch_size: int = 8,
-    reuse_kv_cache: bool = True,
-    share_prefix: bool = False,
-    attention: Attention = "model",
-    seed: int = 0,
-    dtype: DTypeChoice = "auto",
-    device: str = "auto",
-    merge_lora: bool = True,
-    progress: bool = True,
-    overwrite: bool = False,
-) -> dict[str, float]:
-    """Evaluate a policy on held-out questions (see the module docstring).
+def _default_rollout() -> RolloutOptions:
+    return RolloutOptions(temperatures=[0.0])
 
-    Args:
-        model: a base model (hub id, folder, ``embedded:smollm2-135m-instruct``, ``tiny-random``).
-        ckpt_path: a ``ClarifyModule`` Lightning checkpoint.
-        export_dir: an exported HF folder or PEFT adapter folder.
-        method: the label in ``metrics.json`` and in ``clarify report`` (default: Base / the objective / the run).
-        out_dir: where ``metrics.json`` and ``rollouts.jsonl`` are written.
-        data: the questions, with ``clarify simulate``'s data options (``--data.dataset sciq``, ``--data.path``,
-            ``--data.columns``, ``--data.seed``, ``--data.n_train``, ``--data.n_test``): its held-out **test** part
-            (``part`` is overridden; keep seed/n_train/n_test equal to the simulation's so the parts are disjoint).
-        n_questions: evaluate the first N held-out questions (default: all ``data.n_test``; the paper: 100).
-        setting: ``reasoning`` or ``clarifying``.
-        mode: ``thinking`` or ``standard``.
-        n_turns: assistant turns per conversation (the most, with ``adaptive``).
-        adaptive: the agent may end a conversation before turn ``n_turns`` by giving its final answer (as in
-            ``clarify simulate --adaptive true``); the metrics then add the mean number of clarifying turns.
-        discount: γ in (0, 1]: rewards are multiplied by γ^n, n = assistant turns used (1 = off).
-        teacher: the teacher, with ``clarify simulate``'s options (``--teacher.kind llm --teacher.backend
-            endpoint --teacher.endpoint.base_url …``); default scripted (reasoning) / retrieval (clarifying). An
-            ``llm`` teacher defaults to the *base* model, so every method meets the same teacher.
-        reward: the reward, with ``clarify simulate``'s options (``--reward.kind gold_prob``, ``--reward.judge_model``,
-            ``--reward.kind llm_judge --reward.backend endpoint …``); default ``correct``. Judges default to the base.
-        temperatures: one run per temperature per question (default ``[0.0]``: one greedy run).
-        max_new_tokens: token budget of each assistant turn.
-        batch_size: conversations per ``generate`` call.
-        reuse_kv_cache: carry each batch's KV cache to the next turn instead of re-encoding the conversation
-            (same greedy text up to floating-point rounding; false = the behaviour before this option).
-        share_prefix: prefill each batch's common prompt prefix once and share it across the rows (faster; in
-            bfloat16 greedy text can differ where two tokens nearly tie: docs/simulate.md, Throughput).
-        attention: attention kernel for generation: ``model`` (as loaded, SDPA), ``sdpa``, ``eager`` or ``gqa``
-            (decode steps as two matmuls over the key/value heads; faster on CPU at long contexts, same caveat).
-        seed: rollout seed.
-        dtype: weights dtype the policy generates in (any source; a checkpoint is cast): ``auto`` = bfloat16 where the device computes it
-            natively (a CPU with avx512_bf16 or amx_bf16, a GPU with bf16), else float32 (docs/environment.md); the
-            resolved dtype is recorded in ``metrics.json`` (``meta.dtype`` and ``meta.environment``).
-        device: ``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:1`` ….
-        merge_lora: merge a LoRA adapter into the base weights before generating (faster, same outputs).
-        progress: show a progress bar.
-        overwrite: replace a finished evaluation (``metrics.json``) already in ``out_dir``; without it such a folder
-            is refused.
-    """
-    check_one_source(model, ckpt_path, export_dir)  # before any loading: fail fast on a bad command line
-    check_discount(discount)
-    check_setting(setting, mode, n_turns)
-    check_temperatures(temperatures)
-    refuse_secrets({"teacher": teacher, "reward": reward})  # keys come from environment variables only
-    out = Path(out_dir)
-    check_out_dir(out, overwrite)
+
+@dataclass
+class EvaluateConfig:
+    """Roll a policy (--model, --ckpt_path or --export_dir) out on held-out questions; write metrics.json and
+    rollouts.jsonl to --out_dir (see docs/evaluation.md)."""
+
+    model: str | None = None
+    """A base model: hub id, folder, embedded:smollm2-135m-instruct, tiny-random."""
+    ckpt_path: str | None = None
+    """A ClarifyModule Lightning checkpoint."""
+    export_dir: str | None = None
+    """An exported HF folder or PEFT adapter folder."""
+    method: str | None = None
+    """The label in metrics.json and in clarify report (default: Base / the objective / the run)."""
+    out_dir: str = "runs/eval"
+    """Where metrics.json and rollouts.jsonl are written."""
+    data: DataOptions = field(default_factory=DataOptions)
+    """The questions, with clarify simulate's data options (--data.dataset sciq, --data.path, --data.columns,
+    --data.seed, --data.n_train, --data.n_test): its held-out test part (part is overridden; keep seed/n_train/n_test
+    equal to the simulation's so the parts are disjoint)."""
+    n_questions: int | None = None
+    """Evaluate the first N held-out questions (default: all data.n_test; the paper: 100)."""
+    rollout: RolloutOptions = field(default_factory=_default_rollout)
+    """How conversations are played and generated (clarify simulate's --rollout.* options); greedy by default
+    (temperatures [0.0]: one run per question). With rollout.adaptive the metrics add the mean number of clarifying
+    turns."""
+    teacher: TeacherOptions = field(default_factory=TeacherOptions)
+    """The teacher, with clarify simulate's options (--teacher.kind llm --teacher.backend endpoint
+    --teacher.endpoint.base_url …); default scripted (reasoning) / retrieval (clarifying). An llm teacher defaults to
+    the base model, so every method meets the same teacher."""
+    reward: RewardOptions = field(default_factory=RewardOptions)
+    """The reward, with clarify simulate's options (--reward.kind gold_prob, --reward.judge_model, --reward.kind
+    llm_judge --reward.backend endpoint …); default correct. Judges default to the base model."""
+    dtype: DTypeChoice = "auto"
+    """Weights dtype the policy generates in (any source; a checkpoint is cast): auto = bfloat16 where the device
+    computes it natively (a CPU with avx512_bf16 or amx_bf16, a GPU with bf16), else float32 (docs/environment.md);
+    the resolved dtype is recorded in metrics.json (meta.dtype and meta.environment)."""
+    device: str = "auto"
+    """auto (CUDA if available), cpu, cuda, cuda:1 …"""
+    merge_lora: bool = True
+    """Merge a LoRA adapter into the base weights before generating (faster, same outputs)."""
+    progress: bool = True
+    """Show a progress bar."""
+    overwrite: bool = False
+    """Replace a finished evaluation (metrics.json) already in out_dir; without it such a folder is refused."""
+
+
+def run(cfg: EvaluateConfig) -> dict[str, float]:
+    """Evaluate the policy of ``cfg`` (see the module docstring); return its metrics."""
+    check_one_source(cfg.model, cfg.ckpt_path, cfg.export_dir)  # before any loading: fail fast on a bad command line
+    cfg.rollout.check()
+    refuse_secrets({"teacher": cfg.teacher, "reward": cfg.reward})  # keys come from environment variables only
+    out = Path(cfg.out_dir)
+    check_out_dir(out, cfg.overwrite)
     with output_lock(out, "clarify evaluate"):
-        check_out_dir(out, overwrite)  # again under the lock: another evaluation may have finished meanwhile
-        if overwrite:  # the old marker goes first: the folder never pairs old metrics with new rollouts
+        check_out_dir(out, cfg.overwrite)  # again under the lock: another evaluation may have finished meanwhile
+        if cfg.overwrite:  # the old marker goes first: the folder never pairs old metrics with new rollouts
             (out / "metrics.json").unlink(missing_ok=True)
-        return _evaluate(model, ckpt_path, export_dir, method, out, data, n_questions, setting, mode, n_turns,
-                         adaptive, discount, teacher, reward, temperatures, max_new_tokens, batch_size,
-                         reuse_kv_cache, share_prefix, attention, seed, dtype, device, merge_lora, progress)
+        return _evaluate(cfg, out)
 
 
-def _evaluate(model, ckpt_path, export_dir, method, out: Path, data, n_questions, setting, mode, n_turns, adaptive,
-              discount, teacher, reward, temperatures, max_new_tokens, batch_size, reuse_kv_cache, share_prefix,
-              attention, seed, dtype, device, merge_lora, progress) -> dict[str, float]:
-    """:func:`evaluate`'s work, once ``out`` is checked and locked."""
+def _evaluate(cfg: EvaluateConfig, out: Path) -> dict[str, float]:
+    """:func:`run`'s work, once ``out`` is checked and locked."""
     start = time.perf_counter()
-    dev = resolve_device(device)
-    dtype = resolve_dtype(dtype, dev)
-    data = data or DataOptions()
-    tasks = load_eval_tasks(data, n_questions)
-    policy, tokenizer, info = load_policy(model, ckpt_path, export_dir, dtype, merge_lora)
+    dev = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, dev)
+    tasks = load_eval_tasks(cfg.data, cfg.n_questions)
+    policy, tokenizer, info = load_policy(cfg.model, cfg.ckpt_path, cfg.export_dir, dtype, cfg.merge_lora)
     # every source generates in the resolved dtype (a checkpoint holds its training dtype until cast here)
     policy = policy.to(device=dev, dtype=DTYPES[dtype]).eval()
-    check_context_budget(policy, n_turns, max_new_tokens, info["model"])
-    teacher_obj, reward_obj = build_teacher_and_reward(teacher, reward, base_model=info["base_model"],
-                                                       setting=setting, device=dev, batch_size=batch_size,
-                                                       mode=mode)
-    spec = RolloutSpec(setting=setting, mode=mode, n_turns=n_turns, temperatures=list(temperatures or [0.0]),
-                       max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, adaptive=adaptive,
-                       discount=discount, reuse_kv_cache=reuse_kv_cache, share_prefix=share_prefix,
-                       attention=attention)
+    spec = RolloutSpec.of(cfg.rollout)
+    check_context_budget(policy, spec.n_turns, spec.max_new_tokens, info["model"])
+    teacher_obj, reward_obj = build_teacher_and_reward(cfg.teacher, cfg.reward, base_model=info["base_model"],
+                                                       setting=spec.setting, device=dev, batch_size=spec.batch_size,
+                                                       mode=spec.mode)
     records = run_rollouts(policy, tokenizer, tasks, spec, teacher=teacher_obj, reward=reward_obj,
-                           progress=progress, model_name=info["model"])
-    metrics = compute_metrics(records, tokenizer, setting=setting, choices={t.task_id: t.choices for t in tasks})
+                           progress=cfg.progress, model_name=info["model"])
+    metrics = compute_metrics(records, tokenizer, setting=spec.setting, choices={t.task_id: t.choices for t in tasks})
     write_records(out / "rollouts.jsonl", records)
+    data = cfg.data
     meta = {
-        "method": method or info["default_method"], "model": info["model"], "base_model": info["base_model"],
+        "method": cfg.method or info["default_method"], "model": info["model"], "base_model": info["base_model"],
         "source": info["source"], "n": len(records), "n_questions": len(tasks),
         "dataset": data.label or data.dataset, "data": {**asdict(data), "part": "test"},  # the part evaluated
-        "teacher": teacher_obj.describe(), "reward": reward_obj.describe(), **asdict(spec), "dtype": dtype, "device": str(dev),
-        "seconds": round(time.perf_counter() - start, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "rollouts": "rollouts.jsonl", "argv": sys.argv[1:],
+        "teacher": teacher_obj.describe(), "reward": reward_obj.describe(), **spec.describe(), "dtype": dtype,
+        "device": str(dev), "seconds": round(time.perf_counter() - start, 2),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "rollouts": "rollouts.jsonl", "argv": sys.argv[1:],
         "environment": environment_stamp(dev, dtype),  # what made these numbers (clarify report compares them)
     }
     # written last and atomically: metrics.json is the "stage done" marker `clarify iterate` and the demo resume on
@@ -248,10 +211,18 @@ def summary_line(method: str, m: dict[str, float], out: Path) -> str:
             + f"  → {out / 'metrics.json'}")
 
 
+def build_parser():
+    return dataclass_parser(EvaluateConfig, "clarify evaluate", __doc__.split("\n\n")[0], "CLARIFY_EVALUATE",
+                            "YAML with any of the options below")
+
+
+def parse_config(argv: list[str] | None = None) -> EvaluateConfig:
+    return parse_dataclass(build_parser(), EvaluateConfig, moved_rollout_flags(argv, "clarify evaluate"))
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``clarify evaluate`` (jsonargparse: every argument of :func:`evaluate`, plus ``--config``)."""
-    run_function(evaluate, argv, "clarify evaluate", "Roll a policy (--model, --ckpt_path or --export_dir) out on "
-                 "held-out questions; write metrics.json and rollouts.jsonl to --out_dir. See docs/evaluation.md.")
+    """Entry point of ``clarify evaluate``."""
+    run(parse_config(argv))
 
 
 if __name__ == "__main__":

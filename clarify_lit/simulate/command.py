@@ -15,7 +15,7 @@ one. Examples::
     clarify simulate --config configs/simulate/tiny-reasoning.yaml
     clarify simulate --config configs/simulate/smollm2-openbookqa-reasoning.yaml --data.limit 20 --output runs/x
     clarify simulate --config ... --resume true
-    clarify simulate --config ... --adaptive true --discount 0.9   # the agent may answer early; reward × γ^turns
+    clarify simulate --config ... --rollout.adaptive true --rollout.discount 0.9   # may answer early; reward × γ^turns
     clarify simulate --config ... --model runs/swift/export         # a trained policy (LoRA export) logs the data
 """
 
@@ -58,26 +58,26 @@ from clarify_lit.simulate.branches import (
     merge_branch_shards,
 )
 from clarify_lit.simulate.endpoint_policy import EndpointPolicyEngine
-from clarify_lit.simulate.engine import Attention, GenerationEngine, derive_seed
+from clarify_lit.simulate.engine import derive_seed
 from clarify_lit.simulate.options import (
     DataOptions,
     EndpointOptions,
     RewardOptions,
+    RolloutOptions,
     TeacherOptions,
     build_reward,
     build_teacher,
     endpoint_backend,
     load_data_tasks,
+    moved_rollout_flags,
     teacher_kind,
 )
 from clarify_lit.simulate.parsing import uses_thinking_tags
-from clarify_lit.simulate.prompts import Mode, Setting, check_setting
 from clarify_lit.simulate.rewards import final_answer_of
 from clarify_lit.simulate.rollout import (
-    DEFAULT_TEMPERATURES,
     RolloutSpec,
+    build_engine,
     check_context_budget,
-    check_discount,
     check_explore,
     rollout_tasks,
 )
@@ -101,39 +101,13 @@ class SimulateConfig:
     device: str = "auto"
     """auto (cuda if available), cpu, cuda, cuda:1 …"""
     data: DataOptions = field(default_factory=DataOptions)
-    setting: Setting = "reasoning"
-    mode: Mode = "thinking"
-    n_turns: int = 3
-    adaptive: bool = False
-    """Adaptive length: the agent may give its final answer before turn n_turns, which ends the conversation."""
-    discount: float = 1.0
-    """γ in (0, 1]: every reward is multiplied by γ^n, n = assistant turns used (1 = off; meant for adaptive)."""
-    temperatures: list[float] = field(default_factory=lambda: list(DEFAULT_TEMPERATURES))
-    """One run per temperature per question (0 = greedy)."""
+    rollout: RolloutOptions = field(default_factory=RolloutOptions)
+    """How conversations are played and generated (--rollout.n_turns, --rollout.temperatures, …)."""
     teacher: TeacherOptions = field(default_factory=TeacherOptions)
     reward: RewardOptions = field(default_factory=RewardOptions)
-    max_new_tokens: int = 64
-    """Per assistant turn."""
-    batch_size: int = 8
-    sort_by_length: bool = True
-    mix_temperatures: bool = True
-    """Let runs of different temperatures share a generate batch (per-row temperature; greedy rows stay exact).
-    False: one temperature per batch, the behaviour of simulations made before this option existed."""
     policy_endpoint: EndpointOptions = field(default_factory=EndpointOptions)
     """Generate the policy's turns through an OpenAI-compatible endpoint serving ``model`` (e.g. ``vllm serve``) instead
     of locally: set base_url and model (simulate/endpoint_policy.py). Unset: the local batched engine."""
-    reuse_kv_cache: bool = True
-    """Carry each batch's KV cache from one turn to the next (only the teacher's message is encoded anew); false =
-    re-encode whole conversations every turn, the behaviour of simulations made before this option existed."""
-    share_prefix: bool = False
-    """Prefill each fresh batch's common prompt prefix (the system prompt) once and share its keys/values across the
-    rows: less prefill, but greedy text may differ in bfloat16 (docs/simulate.md, Throughput)."""
-    attention: Attention = "model"
-    """Attention kernel while generating: model (as loaded: SDPA), sdpa, eager, or gqa (SDPA for prompts, two
-    matmuls over the key/value heads for each decode step). eager and gqa decode faster on CPU at long contexts, but
-    greedy text may differ from SDPA's where two tokens nearly tie (docs/simulate.md, Throughput)."""
-    top_p: float = 1.0
-    seed: int = 0
     chunk_size: int = 8
     """Tasks per shard (the unit of --resume)."""
     step_branches: bool = False
@@ -160,12 +134,8 @@ class SimulateConfig:
 
     def rollout_spec(self, seed: int) -> RolloutSpec:
         """How this simulation plays its conversations, seeded with ``seed`` (a chunk's or the branches' own)."""
-        return RolloutSpec(setting=self.setting, mode=self.mode, n_turns=self.n_turns,
-                           temperatures=list(self.temperatures), max_new_tokens=self.max_new_tokens,
-                           batch_size=self.batch_size, seed=seed, adaptive=self.adaptive, discount=self.discount,
-                           reuse_kv_cache=self.reuse_kv_cache, share_prefix=self.share_prefix,
-                           attention=self.attention, explore_runs=list(self.explore_runs or []),
-                           explore_prefixes={int(k): v for k, v in (self.explore_prefixes or {}).items()})
+        return RolloutSpec.of(self.rollout, seed=seed, explore_runs=list(self.explore_runs or []),
+                              explore_prefixes={int(k): v for k, v in (self.explore_prefixes or {}).items()})
 
 
 # fields that may differ between an interrupted run and its resumption
@@ -178,7 +148,7 @@ def build_parser():
 
 
 def parse_config(argv: list[str] | None = None) -> SimulateConfig:
-    return parse_dataclass(build_parser(), SimulateConfig, argv)
+    return parse_dataclass(build_parser(), SimulateConfig, moved_rollout_flags(argv, "clarify simulate"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -188,31 +158,44 @@ def shard_path(out: Path, k: int) -> Path:
     return out / "shards" / f"shard-{k:05d}.jsonl"
 
 
+# Options that are "off" at these values (alone or, for a group, all together) stay out of a run's fingerprint: a
+# run made before an option existed behaved as the option's off value, so its run_config.json still matches. A new
+# option whose off value reproduces the older records gets its line here.
+OFF_VALUES: tuple[tuple[tuple[str, ...], tuple[Any, ...]], ...] = (
+    (("adaptive", "discount"), (False, 1.0)),
+    (("mix_temperatures",), (False,)),
+    (("reuse_kv_cache",), (False,)),
+    (("share_prefix",), (False,)),
+    (("attention",), ("model",)),
+    (("explore_runs", "explore_prefixes"), (None, None)),  # None, [] and {} alike
+    (("policy_endpoint.base_url",), (None,)),  # a local policy: the whole endpoint block goes
+)
+
+
+def _is_off(value: Any, off: Any) -> bool:
+    return value == off or (off is None and not value)
+
+
 def run_fingerprint(cfg: SimulateConfig, task_ids: list[str]) -> dict[str, Any]:
-    """Everything that determines the records: the config without runtime fields, plus the task ids."""
-    conf = {k: v for k, v in asdict(cfg).items() if k not in _RUNTIME_FIELDS}
-    if not cfg.adaptive and cfg.discount == 1.0:  # off: fingerprints match those written before adaptive length
-        conf.pop("adaptive")
-        conf.pop("discount")
-    if not cfg.policy_endpoint.base_url:  # local policy: fingerprints match those written before the option
-        conf.pop("policy_endpoint")
-    for k in ("mix_temperatures", "reuse_kv_cache"):
-        if not conf[k]:  # off = the behaviour before the option: fingerprints match those written before it
-            conf.pop(k)
-    if not conf["share_prefix"]:  # off = the behaviour before the option
-        conf.pop("share_prefix")
-    if conf["attention"] == "model":  # the kernel the model was loaded with: as before the option existed
-        conf.pop("attention")
+    """Everything that determines the records: the config without runtime fields, plus the task ids.
+
+    The rollout block is recorded flat (``n_turns``, ``temperatures``, … beside ``model``), as ``run_config.json``
+    has always held it; options at their :data:`OFF_VALUES` are left out."""
+    values = asdict(cfg)
+    conf = {k: v for k, v in values.items() if k not in _RUNTIME_FIELDS and k != "rollout"}
+    conf.update(values["rollout"])
+    for keys, offs in OFF_VALUES:
+        current = [conf[k] if "." not in k else conf[k.split(".")[0]][k.split(".")[1]] for k in keys]
+        if all(_is_off(v, off) for v, off in zip(current, offs, strict=True)):
+            for k in keys:
+                conf.pop(k.split(".")[0])
     # options that cannot change these records stay out, so runs made before the options existed still resume:
     # the gold-text hiding of the retrieval teacher, and the rubric's settings under any other reward
-    if teacher_kind(cfg.teacher, cfg.setting, cfg.mode) != "retrieval" or not cfg.teacher.hide_gold_text:
+    if teacher_kind(cfg.teacher, cfg.rollout.setting, cfg.rollout.mode) != "retrieval" or not cfg.teacher.hide_gold_text:
         conf["teacher"].pop("hide_mode")
     if cfg.reward.kind != "rubric":
         for k in ("rubric_weights", "rubric_accuracy", "word_limit", "min_words"):
             conf["reward"].pop(k)
-    if not cfg.explore_runs and not cfg.explore_prefixes:  # off: as before the option
-        conf.pop("explore_runs")
-        conf.pop("explore_prefixes")
     for k in ("step_branches", "branch_runs", "branch_temperature"):
         conf.pop(k)  # branches never change the logged records; their options are checked by check_branch_config
     return {"config": conf, "task_ids": task_ids}
@@ -291,7 +274,7 @@ def summarize(records: list[ConversationRecord], *, timing: dict[str, float], cf
     return {
         "tasks": n_tasks,
         "conversations": len(records),
-        "runs_per_task": len(cfg.temperatures),
+        "runs_per_task": len(cfg.rollout.temperatures),
         "datasets": dict(Counter(r.dataset for r in records)),
         "mean_reward": statistics.fmean(rewards) if rewards else None,
         "std_reward": statistics.pstdev(rewards) if len(rewards) > 1 else None,
@@ -309,7 +292,7 @@ def summarize(records: list[ConversationRecord], *, timing: dict[str, float], cf
         "truncated_rate": cut_turns / max(1, sum(m["role"] == "assistant" for r in records for m in r.messages)),
         **({"mean_turns_used": statistics.fmean(sum(m["role"] == "assistant" for m in r.messages) for r in records),
             "ended_early": sum(bool(r.meta.get("ended_early")) for r in records)}
-           if cfg.adaptive and records else {}),
+           if cfg.rollout.adaptive and records else {}),
         "shards": shards_total,
         "shards_resumed": shards_resumed,
         "timing": timing,
@@ -341,18 +324,15 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
 def _run(cfg: SimulateConfig) -> dict[str, Any]:
     if cfg.chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {cfg.chunk_size}")
-    if not cfg.temperatures or any(t < 0 or not math.isfinite(t) for t in cfg.temperatures):
-        raise ValueError(f"temperatures must be a non-empty list of finite numbers >= 0, got {cfg.temperatures}")
-    check_discount(cfg.discount)
-    check_setting(cfg.setting, cfg.mode, cfg.n_turns)  # before loading any model or writing anything
-    check_explore(cfg.rollout_spec(cfg.seed))
+    cfg.rollout.check()  # before loading any model or writing anything
+    check_explore(cfg.rollout_spec(cfg.rollout.seed))
     if cfg.explore_runs and cfg.policy_endpoint.base_url:
         raise ValueError("explore_runs with policy_endpoint: a chat-completions endpoint cannot be made to continue "
                          "a forced start of the assistant's reply; seed a local policy")
-    if cfg.discount != 1.0 and not cfg.adaptive:
+    if cfg.rollout.discount != 1.0 and not cfg.rollout.adaptive:
         log.warning("discount=%g without adaptive: every conversation has n_turns turns, so the discount only "
-                    "rescales all rewards by the same factor", cfg.discount)
-    run_ids = set(range(len(cfg.temperatures)))
+                    "rescales all rewards by the same factor", cfg.rollout.discount)
+    run_ids = set(range(len(cfg.rollout.temperatures)))
     if cfg.branch_runs is not None and not set(cfg.branch_runs) <= run_ids:
         raise ValueError(f"branch_runs must index temperatures (0..{len(run_ids) - 1}), got {cfg.branch_runs}")
     bt = cfg.branch_temperature
@@ -380,21 +360,18 @@ def _run(cfg: SimulateConfig) -> dict[str, Any]:
     teacher = reward = engine = None
     model = tok = None
     if todo or branch_todo:
-        teacher = build_teacher(cfg.teacher, setting=cfg.setting, policy=cfg.model, models=models,
-                                batch_size=cfg.batch_size, mode=cfg.mode)
-        reward = build_reward(cfg.reward, policy=cfg.model, models=models, batch_size=cfg.batch_size, mode=cfg.mode)
+        teacher = build_teacher(cfg.teacher, setting=cfg.rollout.setting, policy=cfg.model, models=models,
+                                batch_size=cfg.rollout.batch_size, mode=cfg.rollout.mode)
+        reward = build_reward(cfg.reward, policy=cfg.model, models=models, batch_size=cfg.rollout.batch_size, mode=cfg.rollout.mode)
         if cfg.policy_endpoint.base_url:  # the policy lives on a server: nothing to load here
             engine = EndpointPolicyEngine(endpoint_backend(cfg.policy_endpoint, "policy_endpoint"),
-                                          max_new_tokens=cfg.max_new_tokens)
+                                          max_new_tokens=cfg.rollout.max_new_tokens)
         else:
             model, tok = models.get(cfg.model, cfg.dtype)
-            check_context_budget(model, cfg.n_turns, cfg.max_new_tokens, cfg.model)
-            engine = GenerationEngine(model, tok, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                                      sort_by_length=cfg.sort_by_length, top_p=cfg.top_p,
-                                      mix_temperatures=cfg.mix_temperatures, reuse_kv_cache=cfg.reuse_kv_cache,
-                                      share_prefix=cfg.share_prefix, attention=cfg.attention)
+            check_context_budget(model, cfg.rollout.n_turns, cfg.rollout.max_new_tokens, cfg.model)
+            engine = build_engine(model, tok, cfg.rollout)
     atomic_write_text(out / "run_config.json", json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
-    runs = len(cfg.temperatures)
+    runs = len(cfg.rollout.temperatures)
     delay = float(os.environ.get(SHARD_DELAY_ENV, "0") or 0)
     start = time.perf_counter()
     bar = None
@@ -408,7 +385,7 @@ def _run(cfg: SimulateConfig) -> dict[str, Any]:
     rollout_kw = dict(teacher=teacher, reward=reward, progress=False, model_name=cfg.model, engine=engine)
 
     def branch(k: int, parents: list[ConversationRecord]) -> int:
-        spec = cfg.rollout_spec(derive_seed(cfg.seed, "branches", k))
+        spec = cfg.rollout_spec(derive_seed(cfg.rollout.seed, "branches", k))
         branches = branch_rollouts(model, tok, chunks[k], parents, spec, runs=cfg.branch_runs,
                                    temperature=cfg.branch_temperature, **rollout_kw)
         write_records(branch_shard_path(out, k), branches)
@@ -418,7 +395,7 @@ def _run(cfg: SimulateConfig) -> dict[str, Any]:
         for k in branch_todo:
             new_branches += branch(k, load_records(shard_path(out, k))[0])
         for k in todo:
-            records = rollout_tasks(model, tok, chunks[k], cfg.rollout_spec(derive_seed(cfg.seed, "chunk", k)),
+            records = rollout_tasks(model, tok, chunks[k], cfg.rollout_spec(derive_seed(cfg.rollout.seed, "chunk", k)),
                                     **rollout_kw)
             if cfg.step_branches:  # written before the shard: a finished shard implies its branches (resume)
                 new_branches += branch(k, records)

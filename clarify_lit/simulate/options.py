@@ -1,20 +1,29 @@
 """The options every rollout command shares, and the builders that turn them into objects.
 
 ``clarify simulate``, ``clarify evaluate``, ``clarify iterate`` and the evaluation callback take the same option
-blocks — which questions (:class:`DataOptions`), who answers the student (:class:`TeacherOptions`), how a conversation
-is scored (:class:`RewardOptions`), an endpoint (:class:`EndpointOptions`) — and build the same objects from them with
+blocks — how conversations are played and generated (:class:`RolloutOptions`, ``--rollout.*``), which questions
+(:class:`DataOptions`), who answers the student (:class:`TeacherOptions`), how a conversation is scored
+(:class:`RewardOptions`), an endpoint (:class:`EndpointOptions`) — and build the same objects from them with
 :func:`build_teacher`, :func:`build_reward` and :func:`load_data_tasks`. The builders take the option blocks (never a
 whole command config), so every command builds its teacher and judge the same way.
+
+A new generation option is one field of :class:`RolloutOptions`: every command accepts it as ``--rollout.<name>``
+(tests/test_rollout_options.py checks), :class:`~clarify_lit.simulate.rollout.RolloutSpec` carries it to
+:func:`~clarify_lit.simulate.rollout.build_engine`, and ``clarify simulate``'s ``run_fingerprint`` records it (add
+its "off" value to ``OFF_VALUES`` there so runs made without it still resume).
 """
 
 from __future__ import annotations
 
+import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from clarify_lit.data.tasks import OnBadRow, Part, QATask, load_tasks
 from clarify_lit.models import DTypeChoice, FrozenModels, policy_base
-from clarify_lit.simulate.prompts import Mode, Setting
+from clarify_lit.simulate.engine import Attention
+from clarify_lit.simulate.prompts import Mode, Setting, check_setting
 from clarify_lit.simulate.rewards import CorrectReward, GoldProbReward, Reward, RewardKind, make_reward
 from clarify_lit.simulate.rubric import DEFAULT_MIN_WORDS, RubricReward
 from clarify_lit.simulate.teachers import (
@@ -27,6 +36,97 @@ from clarify_lit.simulate.teachers import (
 )
 
 Backend = Literal["hf", "endpoint"]
+
+DEFAULT_TEMPERATURES = (0.3, 0.7, 1.0)
+
+
+@dataclass
+class RolloutOptions:
+    """How conversations are played and generated (``--rollout.*`` of simulate, evaluate, iterate and the rollout
+    callback)."""
+
+    setting: Setting = "reasoning"
+    """reasoning (scripted teacher) or clarifying (the student may ask the teacher)."""
+    mode: Mode = "thinking"
+    """thinking (reasoning inside <thinking> tags), standard, or open (the question without its options, the answer
+    in words; clarifying only)."""
+    n_turns: int = 3
+    """Assistant turns per conversation (the most, with adaptive)."""
+    temperatures: list[float] = field(default_factory=lambda: list(DEFAULT_TEMPERATURES))
+    """One run per temperature per question (0 = greedy). Evaluation and the callback default to [0.0]."""
+    max_new_tokens: int = 64
+    """Token budget of each assistant turn."""
+    batch_size: int = 8
+    """Conversations per generate call (also the teacher's and judge's batch)."""
+    seed: int = 0
+    """Rollout seed (sampling, teacher, reward)."""
+    adaptive: bool = False
+    """The agent may end a conversation before turn n_turns by giving its final answer (docs/simulate.md)."""
+    discount: float = 1.0
+    """γ in (0, 1]: every reward is multiplied by γ^n, n = assistant turns used (1 = off; meant for adaptive)."""
+    reuse_kv_cache: bool = True
+    """Carry each batch's KV cache from one turn to the next (only the teacher's message is encoded anew); false =
+    re-encode whole conversations every turn."""
+    share_prefix: bool = False
+    """Prefill each fresh batch's common prompt prefix (the system prompt) once and share its keys/values across the
+    rows: less prefill, but greedy text may differ in bfloat16 (docs/simulate.md, Throughput)."""
+    attention: Attention = "model"
+    """Attention kernel while generating: model (as loaded: SDPA), sdpa, eager, or gqa (SDPA for prompts, two
+    matmuls over the key/value heads for each decode step). eager and gqa decode faster on CPU at long contexts, but
+    greedy text may differ from SDPA's where two tokens nearly tie (docs/simulate.md, Throughput)."""
+    top_p: float = 1.0
+    """Nucleus sampling: sample from the smallest set of tokens whose probability reaches top_p (1 = off)."""
+    mix_temperatures: bool = True
+    """Let runs of different temperatures share a generate batch (per-row temperature; greedy rows stay exact);
+    false = one temperature per batch."""
+    sort_by_length: bool = True
+    """Order rows by prompt length before batching (less padding)."""
+
+    def check(self) -> None:
+        """Refuse options no rollout can run with, naming the option (before any model loads)."""
+        if not self.temperatures:
+            raise ValueError("rollout.temperatures []: names no run; give at least one temperature (one run per "
+                             "question each)")
+        bad = [t for t in self.temperatures if not (t >= 0 and math.isfinite(t))]
+        if bad:
+            raise ValueError(f"rollout.temperatures must be finite numbers >= 0, got {bad}")
+        check_discount(self.discount)
+        check_setting(self.setting, self.mode, self.n_turns)
+        for name in ("max_new_tokens", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"rollout.{name} must be an integer >= 1, got {value!r}")
+        if not (0 < self.top_p <= 1):
+            raise ValueError(f"rollout.top_p must be in (0, 1] (1 = off), got {self.top_p}")
+
+
+#: the options of :class:`RolloutOptions` that were flat options of simulate/evaluate/iterate (``--max_new_tokens``)
+#: before the block; :func:`moved_rollout_flags` still takes them, with a deprecation line
+FLAT_ROLLOUT_FLAGS = ("setting", "mode", "n_turns", "temperatures", "max_new_tokens", "batch_size", "seed", "adaptive",
+                      "discount", "reuse_kv_cache", "share_prefix", "attention", "top_p", "mix_temperatures",
+                      "sort_by_length")
+
+
+def moved_rollout_flags(argv: list[str] | None, prog: str, prefix: str = "--") -> list[str]:
+    """``argv`` with the deprecated flat rollout options (``--max_new_tokens 16``, ``--seed=1``) spelled as their
+    ``--rollout.*`` options, each use reported on stderr in one line. ``prefix`` is where the options sit
+    (``--trainer.callbacks.init_args.`` for the callback)."""
+    out = []
+    for a in list(sys.argv[1:] if argv is None else argv):
+        name, eq, value = a.partition("=")
+        if name.startswith(prefix) and name[len(prefix):] in FLAT_ROLLOUT_FLAGS:
+            new = f"{prefix}rollout.{name[len(prefix):]}"
+            print(f"{prog}: {name} is deprecated, use {new}", file=sys.stderr)
+            a = new + eq + value
+        out.append(a)
+    return out
+
+
+def check_discount(discount: float) -> None:
+    """γ must be in (0, 1]: γ = 1 is no discount, γ > 1 would reward longer conversations and γ ≤ 0 breaks r ≥ 0."""
+    if isinstance(discount, bool) or not isinstance(discount, int | float) or not math.isfinite(discount) \
+            or not 0 < discount <= 1:
+        raise ValueError(f"discount must be a number in (0, 1] (1 = no discount), got {discount!r}")
 
 
 @dataclass

@@ -13,17 +13,17 @@ and γ = ``discount`` (1.0 = off).
 from __future__ import annotations
 
 import logging
-import math
 import random
 import string
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from clarify_lit.data.records import ConversationRecord
 from clarify_lit.data.tasks import LETTERS, QATask
 from clarify_lit.simulate import prompts
-from clarify_lit.simulate.engine import Attention, GenerationEngine, TurnCache, derive_seed
+from clarify_lit.simulate.engine import GenerationEngine, TurnCache, derive_seed
+from clarify_lit.simulate.options import RolloutOptions, check_discount
 from clarify_lit.simulate.parsing import early_answer
 from clarify_lit.simulate.prompts import Mode, Setting
 from clarify_lit.simulate.rewards import CorrectReward, Reward, final_answer_of
@@ -31,51 +31,50 @@ from clarify_lit.simulate.teachers import OpenTeacher, RetrievalTeacher, Scripte
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TEMPERATURES = (0.3, 0.7, 1.0)
 # Stands in for an assistant turn that decoded to nothing (the schema forbids empty assistant turns); every use is
 # counted in the record's meta ``empty_turns`` and in the run summary.
 EMPTY_TURN_PLACEHOLDER = "..."
 
 
 @dataclass
-class RolloutSpec:
-    """How conversations are played: everything :func:`rollout_tasks` needs besides the model, the tasks, the teacher
-    and the reward. ``clarify simulate``, ``clarify evaluate`` and the evaluation callback each fill one from their
-    options (their ``metrics.json`` record it under ``meta``)."""
+class RolloutSpec(RolloutOptions):
+    """Everything :func:`rollout_tasks` needs besides the model, the tasks, the teacher and the reward: the rollout
+    options (:class:`~clarify_lit.simulate.options.RolloutOptions`, which also say how to generate:
+    :func:`build_engine`) and ``clarify simulate``'s seeded exploration. ``clarify evaluate`` and the evaluation
+    callback record one in their ``metrics.json`` under ``meta`` (:meth:`describe`)."""
 
-    setting: Setting = "reasoning"
-    """reasoning (scripted teacher) or clarifying (the student may ask the teacher)."""
-    mode: Mode = "thinking"
-    """thinking (reasoning inside <thinking> tags) or standard."""
-    n_turns: int = 3
-    """Assistant turns per conversation (the most, with adaptive)."""
-    temperatures: list[float] = field(default_factory=lambda: list(DEFAULT_TEMPERATURES))
-    """One run per temperature per question (0 = greedy)."""
-    max_new_tokens: int = 64
-    """Token budget of each assistant turn."""
-    batch_size: int = 8
-    """Conversations per generate call."""
-    seed: int = 0
-    """Rollout seed (sampling, teacher, reward)."""
-    adaptive: bool = False
-    """The agent may end a conversation before turn n_turns by giving its final answer."""
-    discount: float = 1.0
-    """γ in (0, 1]: every reward is multiplied by γ^n, n = assistant turns used (1 = off)."""
-    reuse_kv_cache: bool = True
-    """Carry each batch's KV cache from one turn to the next instead of re-encoding the conversation."""
-    share_prefix: bool = False
-    """Prefill each fresh batch's common prompt prefix (the system prompt) once and share its keys/values across the
-    rows: less turn-1 prefill; greedy text may differ in bfloat16 (docs/simulate.md, Throughput)."""
-    attention: Attention = "model"
-    """Attention kernel while generating: model (as loaded: SDPA), sdpa, eager, or gqa (SDPA for prompts, two
-    matmuls over the key/value heads for each decode step). eager and gqa decode faster on CPU at long contexts, but
-    greedy text may differ from SDPA's where two tokens nearly tie (docs/simulate.md, Throughput)."""
     explore_runs: list[int] = field(default_factory=list)
     """Seeded exploration: the runs (indices into ``temperatures``) whose replies start with ``explore_prefixes``
     (none: off). Only fresh conversations are seeded, never continued ones (StepDPO branches) or evaluations."""
     explore_prefixes: dict[int, str] = field(default_factory=dict)
     """Assistant turn → the text a seeded run's reply is forced to begin with; ``{letter}`` is an option letter drawn
     per conversation (e.g. ``{1: "What does option {letter}", 2: "<thinking>"}``). Part of the logged reply."""
+
+    @classmethod
+    def of(cls, options: RolloutOptions, **changes: Any) -> RolloutSpec:
+        """The spec of a command's rollout options, with ``changes`` (a chunk's seed, the exploration)."""
+        values = {f.name: getattr(options, f.name) for f in fields(RolloutOptions)}
+        values["temperatures"] = list(values["temperatures"])
+        return cls(**{**values, **changes})
+
+    def describe(self) -> dict[str, Any]:
+        """The spec as ``metrics.json`` records it: every field, except the engine settings still at the value
+        evaluation always generated with (:data:`UNRECORDED_DEFAULTS`)."""
+        return {k: v for k, v in asdict(self).items()
+                if not (k in UNRECORDED_DEFAULTS and v == UNRECORDED_DEFAULTS[k])}
+
+
+#: engine settings a ``metrics.json`` names only when they differ from these values, the ones every evaluation used
+#: before they were rollout options (so evaluations of the same policy stay comparable file to file)
+UNRECORDED_DEFAULTS: dict[str, Any] = {"top_p": 1.0, "mix_temperatures": True, "sort_by_length": True}
+
+
+def build_engine(model: Any, tokenizer: Any, spec: RolloutOptions) -> GenerationEngine:
+    """The generation engine of ``spec``: the one place a :class:`GenerationEngine` is made from rollout options."""
+    return GenerationEngine(model, tokenizer, batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens,
+                            sort_by_length=spec.sort_by_length, top_p=spec.top_p,
+                            mix_temperatures=spec.mix_temperatures, reuse_kv_cache=spec.reuse_kv_cache,
+                            share_prefix=spec.share_prefix, attention=spec.attention)
 
 
 def check_tasks(tasks: Sequence[QATask]) -> None:
@@ -162,13 +161,6 @@ def check_context_budget(model: Any, n_turns: int, max_new_tokens: int, model_na
                          "prompt, the question and the teacher's turns); lower n_turns or max_new_tokens")
 
 
-def check_discount(discount: float) -> None:
-    """γ must be in (0, 1]: γ = 1 is no discount, γ > 1 would reward longer conversations and γ ≤ 0 breaks r ≥ 0."""
-    if isinstance(discount, bool) or not isinstance(discount, int | float) or not math.isfinite(discount) \
-            or not 0 < discount <= 1:
-        raise ValueError(f"discount must be a number in (0, 1] (1 = no discount), got {discount!r}")
-
-
 def discounted_reward(reward: float, discount: float, turns_used: int) -> float:
     """``γ^n · r``: the reward of a conversation that used ``turns_used`` = n assistant turns."""
     return reward * discount ** turns_used
@@ -195,7 +187,6 @@ def rollout_tasks(
     start_turn: int = 1,
     progress: bool = False,
     model_name: str = "",
-    sort_by_length: bool = True,
 ) -> list[ConversationRecord]:
     """Simulate ``len(spec.temperatures)`` conversations per task as ``spec`` says (default :class:`RolloutSpec`)
     and score each one.
@@ -203,9 +194,7 @@ def rollout_tasks(
     Records come back task-major (task 0 runs 0..m−1, task 1 …) with ``id = f"{task_id}#run{run}"``. Output depends
     only on the inputs and ``spec.seed`` (not on what ran before), so a chunked run equals an unchunked one
     chunk-wise. ``engine`` (optional) reuses a :class:`GenerationEngine` (its ``stats`` then accumulate across calls);
-    without it one is built from the spec's ``batch_size``/``max_new_tokens``/``reuse_kv_cache`` (carry each batch's
-    KV cache from one turn to the next instead of re-encoding the conversation: :class:`TurnCache`)/``share_prefix``/
-    ``attention`` and ``sort_by_length``.
+    without it one is built from the spec (:func:`build_engine`).
 
     ``prefixes`` (one per task) continue given conversations instead of starting new ones (StepDPO's branches,
     ``simulate/branches.py``): each prefix is the system prompt, ``start_turn − 1`` teacher/assistant exchanges and
@@ -234,9 +223,7 @@ def rollout_tasks(
     if getattr(reward, "open_answers", False) != (mode == "open"):
         raise ValueError(f"mode={mode!r} but the reward grades {'open' if mode != 'open' else 'lettered'} answers: "
                          "build the reward for the rollout's mode (simulate.options.build_reward(..., mode=...))")
-    engine = engine or GenerationEngine(model, tokenizer, batch_size=spec.batch_size, max_new_tokens=max_new_tokens,
-                                        sort_by_length=sort_by_length, reuse_kv_cache=spec.reuse_kv_cache,
-                                        share_prefix=spec.share_prefix, attention=spec.attention)
+    engine = engine or build_engine(model, tokenizer, spec)
 
     rows = [(task, run, float(temp)) for task in tasks for run, temp in enumerate(temperatures)]
     if not rows:
