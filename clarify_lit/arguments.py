@@ -1,10 +1,11 @@
 """How every ``clarify`` command reads its command line: jsonargparse from typed dataclasses and signatures.
 
-``fit``/``validate``/``test``/``predict`` are LightningCLI (``clarify_lit.cli``); the other commands describe their
-options as one dataclass (``SimulateConfig``, ``IterateConfig``, ``DemoOptions``: :func:`dataclass_parser`), one
-typed function (``evaluate``: :func:`run_function`) or, for now, a hand-built :class:`ClarifyParser` (``report``),
-and get from jsonargparse, like LightningCLI, one ``--option`` per field with its type checked, ``--config`` YAML
-files, ``--print_config`` and a ``--help`` that shows each field's documentation.
+``fit``/``validate``/``test``/``predict`` are LightningCLI (``clarify_lit.cli``); every other command is one
+pattern (docs/architecture.md): a config dataclass (``SimulateConfig``, ``EvaluateConfig``, ``ReportConfig``,
+``ExportConfig``, ``RescoreConfig``, ``IterateConfig``, ``DemoConfig``), a ``run(cfg)``, and a ``main(argv)`` that
+parses with :func:`dataclass_parser` and :func:`parse_dataclass`; jsonargparse gives, like LightningCLI, one
+``--option`` per field with its type checked, ``--config`` YAML files, ``--print_config`` and a ``--help`` that
+shows each field's documentation.
 Options are spelled with underscores and booleans take a value (``--dry_run true``); :func:`renamed_switches` keeps
 the older hyphenated switches (``--dry-run``) working, with a deprecation message.
 
@@ -18,11 +19,14 @@ only.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
 import re
 import sys
-from collections.abc import Callable, Iterator, Mapping
+import textwrap
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -187,15 +191,27 @@ def attribute_docstrings() -> Iterator[None]:
         set_parsing_settings(docstring_parse_attribute_docstrings=before)
 
 
-def dataclass_parser(config_class: type, prog: str, description: str, env_prefix: str, config_help: str
-                     ) -> ArgumentParser:
+def dataclass_parser(config_class: type, prog: str, description: str, env_prefix: str, config_help: str, *,
+                     positional: str | None = None) -> ArgumentParser:
     """A parser for a command configured by one dataclass (``--config`` YAML + one option per field; ``--help`` shows
-    each field's docstring)."""
+    each field's docstring). ``positional`` names a list field taken as the positional arguments (``clarify report
+    a b``) instead of an option."""
     parser = ClarifyParser(prog=prog, description=description, env_prefix=env_prefix, default_env=False)
     parser.add_argument("--config", action=ActionConfigFile, help=config_help)
     with attribute_docstrings():
-        parser.add_class_arguments(config_class, None, as_group=False)
+        parser.add_class_arguments(config_class, None, as_group=False, skip={positional} if positional else None)
+    if positional:
+        doc = (field_docs(config_class).get(positional) or "").strip()
+        parser.add_argument(positional, type=str, nargs="+", help=doc)
     return parser
+
+
+def field_docs(config_class: type) -> dict[str, str]:
+    """Each field's docstring (the string after it in the class body), read from the source."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(config_class))).body[0].body
+    return {a.target.id: b.value.value for a, b in zip(body, body[1:], strict=False)
+            if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
+            and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)}
 
 
 def parse_dataclass(parser: ArgumentParser, config_class: type, argv: list[str] | None) -> Any:
@@ -205,18 +221,6 @@ def parse_dataclass(parser: ArgumentParser, config_class: type, argv: list[str] 
     refuse_secrets({k: v for k, v in parsed.as_dict().items() if k != "config"})
     init = parser.instantiate(parsed)
     return config_class(**{k: v for k, v in vars(init).items() if k in config_class.__dataclass_fields__})
-
-
-def run_function(function: Callable[..., Any], argv: list[str] | None, prog: str, description: str) -> Any:
-    """Parse ``argv`` into the typed keyword arguments of ``function`` (``--config`` YAML, ``--print_config``,
-    ``--help`` from its docstring), refuse secrets (:func:`refuse_secrets`) and call it."""
-    parser = ClarifyParser(prog=prog, description=description, default_env=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML with any of the options below")
-    parser.add_function_arguments(function, None, as_group=False)
-    parsed = parser.parse_args(argv)
-    refuse_secrets({k: v for k, v in parsed.as_dict().items() if k != "config"})
-    init = parser.instantiate(parsed)
-    return function(**{k: v for k, v in vars(init).items() if k != "config"})
 
 
 def renamed_switches(argv: list[str] | None, renames: Mapping[str, str], prog: str) -> list[str]:

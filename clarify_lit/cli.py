@@ -49,7 +49,7 @@ log = logging.getLogger("clarify.fit")
 
 # The one dispatch table: command → (the module whose ``main(argv)`` runs it, one line of ``clarify --help``).
 # Modules are named, not imported: ``clarify <command>`` loads only what that command needs, and ``clarify iterate
-# --in_process true`` runs its stages through :func:`main` (clarify_lit.stages) without an import cycle.
+# --in_process true`` runs its stages through :func:`main` (clarify_lit.jobs.stages) without an import cycle.
 # fit/validate/test/predict are LightningCLI's subcommands, run by :func:`lightning_main` in this module.
 COMMANDS = {
     "simulate": ("clarify_lit.simulate.command", "roll out conversations with a teacher and score them"),
@@ -61,7 +61,7 @@ COMMANDS = {
     "predict": (__name__, "run prediction"),
     "evaluate": ("clarify_lit.evaluate.command", "roll out a base model, checkpoint or export on held-out questions"),
     "report": ("clarify_lit.evaluate.report", "compare evaluated runs: Markdown table, plot, paired tests"),
-    "iterate": ("clarify_lit.iterate", "K rounds of simulate (current policy) → fit → evaluate; report by round"),
+    "iterate": ("clarify_lit.jobs.iterate", "K rounds of simulate (current policy) → fit → evaluate; report by round"),
     "export": ("clarify_lit.train.export_command", "write a run's adapter, or a merged standalone model, from its "
                "checkpoint"),
 }

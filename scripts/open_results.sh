@@ -13,7 +13,7 @@ order=(Base)
 for row in ${ROWS//,/ }; do order+=("$([ "$row" = SFT ] && echo STaR-GATE || echo "$row")"); done
 $PY -m clarify_lit.cli report "$C" --out "$OUT/sciq-clarifying-open.md" --plot "$OUT/sciq-clarifying-open.png" \
   --html "$OUT/sciq-clarifying-open.html" --baseline Base --order "${order[@]}" --rename SFT=STaR-GATE
-$PY -c "import sys; from pathlib import Path; from clarify_lit.demo import archive_rollouts; \
+$PY -c "import sys; from pathlib import Path; from clarify_lit.jobs.demo import archive_rollouts; \
 archive_rollouts(Path(sys.argv[1]), Path(sys.argv[2]))" "$C" "$OUT/sciq-clarifying-open-rollouts"
 for s in 0 1; do
   inputs=("Base=$C/seed0/eval/Base")

@@ -22,7 +22,7 @@ from pathlib import Path
 from clarify_lit.data.records import load_records
 from clarify_lit.evaluate.metrics import compute_metrics, nan_to_none
 from clarify_lit.evaluate.report import run_report
-from clarify_lit.iterate import round_dir, write_report
+from clarify_lit.jobs.iterate import round_dir, write_report
 from clarify_lit.models import load_tokenizer
 from clarify_lit.simulate.options import DataOptions, RewardOptions
 from clarify_lit.simulate.rescore import RescoreConfig, run

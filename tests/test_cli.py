@@ -11,7 +11,8 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from clarify_lit.cli import ClarifyCLI, lightning_main, main
+from clarify_lit.arguments import option_names
+from clarify_lit.cli import COMMANDS, ClarifyCLI, lightning_main, main
 from clarify_lit.models import CHATML_TEMPLATE
 
 pytestmark = pytest.mark.usefixtures("clarify_cache")
@@ -35,7 +36,7 @@ def test_unknown_command_exits_2(capsys):
     assert e.value.code == 2 and "unknown command 'trian'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["simulate", "evaluate", "report", "iterate", "fit"])
+@pytest.mark.parametrize("command", ["simulate", "evaluate", "report", "iterate", "export", "rescore", "fit"])
 def test_every_command_prints_its_config_and_help(command, capsys):
     """One command-line style: every subcommand is jsonargparse-parsed, with --help and --print_config."""
     with pytest.raises(SystemExit) as e:
@@ -52,9 +53,9 @@ def test_demo_options_and_deprecated_switches(tmp_path, capsys):
     hyphenated switches still work, with a deprecation message."""
     import typing
 
-    from clarify_lit import demo
-    from clarify_lit.evaluate.report import build_parser
     from clarify_lit.evaluate.report import main as report_main
+    from clarify_lit.evaluate.report import parse_config
+    from clarify_lit.jobs import demo
 
     assert set(typing.get_args(demo.PresetName)) == set(demo.PRESETS)
     with pytest.raises(SystemExit) as e:
@@ -66,8 +67,38 @@ def test_demo_options_and_deprecated_switches(tmp_path, capsys):
     assert not (tmp_path / "commands.sh").exists()  # a dry run
     with pytest.raises(FileNotFoundError):
         report_main([str(tmp_path / "none"), "--no-paired"])  # no metrics.json there: the options parsed
-    assert "--no-paired is deprecated, use --no_paired true" in capsys.readouterr().err
-    assert build_parser().parse_args(["a", "b", "--order", "X", "Y", "--no_paired", "true"]).order == ["X", "Y"]
+    assert "--no-paired is deprecated, use --paired false" in capsys.readouterr().err
+    cfg = parse_config(["a", "b", "--order", "X", "Y", "--no_paired", "true"])
+    assert cfg.inputs == ["a", "b"] and cfg.order == ["X", "Y"] and cfg.paired is False
+    assert "--no_paired is deprecated, use --paired false" in capsys.readouterr().err
+    assert parse_config(["a", "--no_paired=false"]).paired is True
+    assert parse_config(["a", "--paired", "false"]).paired is False
+
+
+NON_LIGHTNING = [name for name, (module, _) in COMMANDS.items() if module != "clarify_lit.cli"]
+
+
+@pytest.mark.parametrize("command", [*NON_LIGHTNING, "demo"])
+def test_every_command_is_a_config_dataclass_and_run(command):
+    """One command pattern (docs/architecture.md): a config dataclass whose fields are the options, ``run(cfg)``,
+    and ``build_parser``/``parse_config``/``main`` from the shared factory in clarify_lit.arguments."""
+    import dataclasses
+    import importlib
+    import inspect
+
+    name = "clarify_lit.jobs.demo" if command == "demo" else COMMANDS[command][0]
+    module = importlib.import_module(name)
+    configs = [v for v in vars(module).values() if dataclasses.is_dataclass(v) and isinstance(v, type)
+               and v.__module__ == name and v.__name__.endswith("Config")]
+    assert len(configs) == 1, configs
+    config = configs[0]
+    (parameter,) = inspect.signature(module.run).parameters.values()
+    assert parameter.annotation in (config.__name__, config)
+    for function in ("build_parser", "parse_config", "main"):
+        assert callable(getattr(module, function))
+    options = set(option_names(module.build_parser()))
+    assert {f"--{f.name}" for f in dataclasses.fields(config)} - {"--inputs"} <= options  # report's is positional
+    assert "--config" in options and "--print_config" in options
 
 
 def test_fit_help_shows_model_and_data_options(capsys):
@@ -295,7 +326,7 @@ def test_full_finetuning_changes_base_weights(run_fit, records_factory, tiny_mod
 def test_demo_experiment_filter_and_iterate_use_the_cells_options(tmp_path, capsys):
     """``--experiments`` picks cells by name or tag (unknown ones refused by name); --iterate runs on the first
     picked cell with that cell's reward and teacher flags, not the preset's defaults."""
-    from clarify_lit import demo
+    from clarify_lit.jobs import demo
 
     demo.main(["--preset", "clarify", "--experiments", "rubric-dense", "--seeds", "0", "--objectives", "Refit",
                "--iterate", "2", "--dry_run", "true", "--out", str(tmp_path)])
@@ -309,3 +340,28 @@ def test_demo_experiment_filter_and_iterate_use_the_cells_options(tmp_path, caps
     with pytest.raises(SystemExit):
         demo.main(["--preset", "clarify", "--experiments", "nope", "--dry_run", "true", "--out", str(tmp_path)])
     assert "has no experiments ['nope']" in capsys.readouterr().err
+
+
+def test_export_refuses_a_secret_in_its_options(tmp_path):
+    """``clarify export`` parses like every command, so a key pasted into an option is refused (not echoed) before
+    any checkpoint is read."""
+    from clarify_lit.arguments import SecretInConfigError
+    from clarify_lit.train.export_command import main as export_main
+
+    key = "sk-" + "A1b2C3d4" * 4
+    with pytest.raises(SecretInConfigError) as e:
+        export_main(["--run_dir", str(tmp_path), "--out_dir", key])
+    assert key not in str(e.value)
+
+
+@pytest.mark.parametrize("shim,job", [("clarify_lit.demo", "clarify_lit.jobs.demo"),
+                                      ("clarify_lit.iterate", "clarify_lit.jobs.iterate")])
+def test_python_m_shims_run_the_jobs(shim, job, monkeypatch, capsys):
+    """``python -m clarify_lit.demo`` / ``.iterate`` (the spellings the Makefile and README quote) run the jobs."""
+    import runpy
+
+    monkeypatch.setattr("sys.argv", [shim, "--help"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module(shim, run_name="__main__")
+    assert e.value.code == 0 and "--print_config" in capsys.readouterr().out
+    assert runpy.run_module(shim)["main"].__module__ == job

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from clarify_lit import demo
 from clarify_lit.cli import main
+from clarify_lit.jobs import demo
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_TASKS = REPO / "configs" / "simulate" / "tiny-tasks.jsonl"

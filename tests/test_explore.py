@@ -154,7 +154,7 @@ def test_fingerprint_without_exploration_is_unchanged():
 
 
 def test_clarify_preset_seeds_only_the_explore_cells_simulation(tmp_path):
-    from clarify_lit.demo import PRESETS, evaluate_args, iterate_args, rollout_eval_args, simulate_args
+    from clarify_lit.jobs.demo import PRESETS, evaluate_args, iterate_args, rollout_eval_args, simulate_args
     from clarify_lit.simulate.command import parse_config
 
     p = PRESETS["clarify"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from clarify_lit.data.records import load_records
-from clarify_lit.iterate import main as iterate_main
+from clarify_lit.jobs.iterate import main as iterate_main
 
 pytestmark = pytest.mark.usefixtures("clarify_cache")
 
@@ -139,8 +139,8 @@ def test_iterate_dry_run_and_cli(tmp_path, capsys):
 
 
 def test_demo_iterate_step_is_opt_in(tmp_path, capsys):
-    from clarify_lit import demo
-    from clarify_lit.demo import main as demo_main
+    from clarify_lit.jobs import demo
+    from clarify_lit.jobs.demo import main as demo_main
 
     demo_main(["--preset", "demo", "--dry_run", "true", "--out", str(tmp_path)])
     assert "clarify iterate" not in capsys.readouterr().out  # make demo is unchanged
@@ -152,7 +152,7 @@ def test_demo_iterate_step_is_opt_in(tmp_path, capsys):
     # the command parses (a dry run only prints it): every option the demo passes is one clarify iterate takes
     import shlex
 
-    from clarify_lit.iterate import parse_config
+    from clarify_lit.jobs.iterate import parse_config
 
     line = next(ln for ln in shown.splitlines() if ln.startswith("[demo] $ clarify iterate"))
     cfg = parse_config(shlex.split(line)[4:])

@@ -1,6 +1,6 @@
 """The package's dependencies run one way (docs/architecture.md)::
 
-    io, arguments → models → data → simulate | train → evaluate → stages, cli, iterate, demo
+    io, arguments → models → data → simulate | train → evaluate → cli, jobs (stages, iterate, demo)
 
 Every ``import`` of a clarify_lit module is read with ``ast`` — at module level, inside functions and classes, and
 under ``if TYPE_CHECKING:`` — and checked against that order:
@@ -40,10 +40,10 @@ LAYERS = {
     "clarify_lit.simulate": 3,
     "clarify_lit.train": 3,
     "clarify_lit.evaluate": 4,
-    "clarify_lit.stages": 5,
     "clarify_lit.cli": 5,
+    "clarify_lit.jobs": 5,
+    "clarify_lit.demo": 5,  # `python -m clarify_lit.demo` / `.iterate`: shims that run the jobs' main
     "clarify_lit.iterate": 5,
-    "clarify_lit.demo": 5,
 }
 SEPARATE_SIBLINGS = ("clarify_lit.simulate", "clarify_lit.train")
 
@@ -218,4 +218,4 @@ def test_the_checker_sees_what_it_must():
     assert edge_problem("clarify_lit.train.module", "clarify_lit.evaluate.command")
     assert edge_problem("clarify_lit.simulate.command", "clarify_lit.train.module")
     assert edge_problem("clarify_lit.evaluate.command", "clarify_lit.train.module") is None
-    assert ("clarify_lit.iterate", 0) in [(m, 0) for m, _ in named_modules("clarify_lit.cli")]
+    assert ("clarify_lit.jobs.iterate", 0) in [(m, 0) for m, _ in named_modules("clarify_lit.cli")]

@@ -160,7 +160,7 @@ def test_iterate_stage_stopped_or_failed_is_one_line(code, tmp_path, monkeypatch
     printed above) ends iterate with one line and 130 or 1 (it was a 30-line traceback and exit −2)."""
     import subprocess
 
-    import clarify_lit.stages as stages
+    import clarify_lit.jobs.stages as stages
 
     calls = []
 

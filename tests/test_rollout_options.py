@@ -37,7 +37,7 @@ PROBE = textwrap.dedent('''
     from clarify_lit.arguments import option_names
     from clarify_lit.evaluate.callback import RolloutEvaluation
     from clarify_lit.evaluate.command import build_parser as evaluate_parser, parse_config as evaluate_config_of
-    from clarify_lit.iterate import evaluate_config, parse_config as iterate_config_of, simulate_config
+    from clarify_lit.jobs.iterate import evaluate_config, parse_config as iterate_config_of, simulate_config
     from clarify_lit.simulate.command import build_parser as simulate_parser, parse_config as simulate_config_of
     from clarify_lit.simulate.command import run_fingerprint
     from clarify_lit.simulate.rollout import RolloutSpec
@@ -95,7 +95,7 @@ def test_every_command_takes_the_whole_block():
     from clarify_lit.arguments import option_names
     from clarify_lit.evaluate.callback import RolloutEvaluation
     from clarify_lit.evaluate.command import build_parser as evaluate_parser
-    from clarify_lit.iterate import build_parser as iterate_parser
+    from clarify_lit.jobs.iterate import build_parser as iterate_parser
     from clarify_lit.simulate.command import build_parser as simulate_parser
 
     block = {f"--rollout.{f.name}" for f in fields(RolloutOptions)}
@@ -111,7 +111,7 @@ def test_every_command_takes_the_whole_block():
 @pytest.mark.parametrize("command", ["simulate", "evaluate", "iterate"])
 def test_flat_flags_still_parse_with_one_deprecation_line(command, capsys):
     from clarify_lit.evaluate.command import parse_config as evaluate_config_of
-    from clarify_lit.iterate import parse_config as iterate_config_of
+    from clarify_lit.jobs.iterate import parse_config as iterate_config_of
     from clarify_lit.simulate.command import parse_config as simulate_config_of
 
     parse = {"simulate": simulate_config_of, "evaluate": evaluate_config_of, "iterate": iterate_config_of}[command]
@@ -140,8 +140,8 @@ def test_the_callbacks_flat_options_still_work_with_a_warning():
 def test_fingerprints_of_runs_made_before_the_block_are_unchanged():
     """``run_config.json`` (simulate) and ``iterate_config.json`` written before the block (fixtures made with the
     code before it) equal the new fingerprints of the same options: those runs still resume."""
-    from clarify_lit.iterate import IterateConfig
-    from clarify_lit.iterate import fingerprint as iterate_fingerprint
+    from clarify_lit.jobs.iterate import IterateConfig
+    from clarify_lit.jobs.iterate import fingerprint as iterate_fingerprint
     from clarify_lit.simulate.command import SimulateConfig, run_fingerprint
 
     old = json.loads(OLD_FINGERPRINTS.read_text(encoding="utf-8"))

@@ -235,7 +235,7 @@ def test_branch_summary_counts():
 
 
 def test_presets_branch_only_when_they_train_step_dpo(tmp_path, capsys):
-    from clarify_lit import demo
+    from clarify_lit.jobs import demo
 
     assert demo.PRESETS["demo"].objectives == ["Refit", "Swift", "SFT", "DPO"]
     assert not demo.PRESETS["demo"].step_branches

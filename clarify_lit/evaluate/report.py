@@ -23,12 +23,13 @@ import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ArgumentParser
 
-from clarify_lit.arguments import ClarifyParser, renamed_switches
+from clarify_lit.arguments import dataclass_parser, parse_dataclass
 from clarify_lit.data.records import ConversationRecord, load_records
 from clarify_lit.environment import describe_stamp, stamp_key
 from clarify_lit.evaluate.audit_html import write_audit_html
@@ -430,26 +431,72 @@ def plot_methods(methods: Sequence[MethodSummary], columns: Sequence[str], path:
 # ---------------------------------------------------------------------------------------------------------------
 # Command
 # ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class ReportConfig:
+    """The paper-style results table from several metrics.json files (see docs/evaluation.md)."""
+
+    inputs: list[str] = field(default_factory=list)
+    """metrics.json files, folders or globs; LABEL=PATH sets the label (positional)."""
+    out: str = "report.md"
+    """Markdown output (the PNG and JSON go next to it)."""
+    plot: str | None = None
+    """PNG path (default: --out with .png)."""
+    metrics: list[str] | None = None
+    """Metric columns (default: all measured)."""
+    baseline: str | None = None
+    """Compare every method against this one (default: Base)."""
+    pairs: list[str] | None = None
+    """Explicit paired comparisons A:B."""
+    paired: bool = True
+    """The paired per-question table (false: skip it)."""
+    rename: list[str] | None = None
+    """Show method OLD as NEW, as OLD=NEW (e.g. SFT=STaR-GATE: the paper's name for the SFT-on-best row)."""
+    order: list[str] | None = None
+    """Row order (labels after --rename); methods not named follow in first-seen order."""
+    html: str | None = None
+    """Also write a self-contained HTML audit page here (tables, plot, conversations side by side)."""
+
+
 def build_parser() -> ArgumentParser:
-    """``clarify report``'s options (jsonargparse, like every command: ``--config`` YAML, ``--print_config``)."""
-    ap = ClarifyParser(prog="clarify report", description=__doc__.split("\n\n")[0], env_prefix="CLARIFY_REPORT",
-                        default_env=False)
-    ap.add_argument("--config", action=ActionConfigFile, help="YAML with any of the options below")
-    ap.add_argument("inputs", type=str, nargs="+", help="metrics.json files, folders or globs; LABEL=PATH sets the label")
-    ap.add_argument("--out", type=str, default="report.md", help="Markdown output (the PNG and JSON go next to it)")
-    ap.add_argument("--plot", type=str | None, default=None, help="PNG path (default: --out with .png)")
-    ap.add_argument("--metrics", type=str, nargs="+", default=None, help="metric columns (default: all measured)")
-    ap.add_argument("--baseline", type=str | None, default=None,
-                    help="compare every method against this one (default: Base)")
-    ap.add_argument("--pairs", type=str, nargs="+", default=None, metavar="A:B", help="explicit paired comparisons A:B")
-    ap.add_argument("--no_paired", type=bool, default=False, help="skip the paired per-question table")
-    ap.add_argument("--rename", type=str, nargs="+", default=None, metavar="OLD=NEW",
-                    help="show method OLD as NEW (e.g. SFT=STaR-GATE: the paper's name for the SFT-on-best row)")
-    ap.add_argument("--order", type=str, nargs="+", default=None, metavar="LABEL",
-                    help="row order (labels after --rename); methods not named follow in first-seen order")
-    ap.add_argument("--html", type=str | None, default=None, metavar="PATH",
-                    help="also write a self-contained HTML audit page (tables, plot, conversations side by side)")
-    return ap
+    return dataclass_parser(ReportConfig, "clarify report", __doc__.split("\n\n")[0], "CLARIFY_REPORT",
+                            "YAML with any of the options below", positional="inputs")
+
+
+def negated_paired(argv: list[str] | None) -> list[str]:
+    """``argv`` with the deprecated ``--no_paired true|false`` (and the older ``--no-paired`` switch) spelled as
+    ``--paired false|true``, each use reported in one line."""
+    out: list[str] = []
+    args = list(sys.argv[1:] if argv is None else argv)
+    i = 0
+    while i < len(args):
+        name, eq, value = args[i].partition("=")
+        if name in ("--no_paired", "--no-paired"):
+            if name == "--no-paired":  # a switch: no value
+                value = "true"
+            elif not eq:
+                i += 1
+                value = args[i] if i < len(args) else "true"
+            flipped = {"true": "false", "false": "true"}.get(value.lower())
+            if flipped is None:
+                raise ValueError(f"{name} takes true or false, got {value!r}")
+            print(f"clarify report: {name} is deprecated, use --paired {flipped}", file=sys.stderr)
+            out += ["--paired", flipped]
+        else:
+            out.append(args[i])
+        i += 1
+    return out
+
+
+def parse_config(argv: list[str] | None = None) -> ReportConfig:
+    return parse_dataclass(build_parser(), ReportConfig, negated_paired(argv))
+
+
+def run(cfg: ReportConfig) -> str:
+    """Write the report of ``cfg``; return its Markdown text."""
+    if not cfg.inputs:
+        raise ValueError("clarify report needs at least one input (metrics.json files, folders or globs)")
+    return run_report(cfg.inputs, out=cfg.out, plot=cfg.plot, metrics=cfg.metrics, baseline=cfg.baseline,
+                      pairs=cfg.pairs, paired=cfg.paired, rename=cfg.rename, order=cfg.order, html=cfg.html)
 
 
 def run_report(inputs: Sequence[str], out: str | os.PathLike = "report.md", plot: str | os.PathLike | None = None,
@@ -605,11 +652,7 @@ def order_methods(methods: Sequence[MethodSummary], order: Sequence[str] | None)
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``clarify report``."""
-    args = build_parser().parse_args(renamed_switches(argv, {"--no-paired": "--no_paired"}, "clarify report"))
-    text = run_report(args.inputs, out=args.out, plot=args.plot, metrics=args.metrics, baseline=args.baseline,
-                      pairs=args.pairs, paired=not args.no_paired, rename=args.rename, order=args.order,
-                      html=args.html)
-    print(text)
+    print(run(parse_config(argv)))
 
 
 if __name__ == "__main__":

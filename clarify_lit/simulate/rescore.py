@@ -170,10 +170,14 @@ def run(cfg: RescoreConfig) -> dict[str, Any]:
     return summary
 
 
+def parse_config(argv: list[str] | None = None) -> RescoreConfig:
+    return parse_dataclass(build_parser(), RescoreConfig, argv)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``clarify rescore``."""
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-    cfg = parse_dataclass(build_parser(), RescoreConfig, argv)
+    cfg = parse_config(argv)
     summary = run(cfg)
     unchecked = summary["records_without_question_hash"]
     print(json.dumps({"reward": summary["reward"],

@@ -19,12 +19,13 @@ folder and its files are moved in, never the folder swapped whole.
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from clarify_lit.arguments import ClarifyParser
+from clarify_lit.arguments import dataclass_parser, parse_dataclass
 from clarify_lit.train.export import export_merged, refuse_occupied_export, write_export
 from clarify_lit.train.module import ClarifyModule
 
@@ -52,17 +53,7 @@ def checkpoint_of(run_dir: str | None, ckpt_path: str | None) -> tuple[Path, Pat
 def export(run_dir: str | None = None, ckpt_path: str | None = None, out_dir: str | None = None,
            merge: bool = False, dtype: Literal["float32", "bfloat16", "float16"] | None = None,
            overwrite: bool = False) -> Path:
-    """Export a ``clarify fit`` run from its checkpoint.
-
-    Args:
-        run_dir: a ``clarify fit`` run folder; its ``checkpoints/last.ckpt`` is exported.
-        ckpt_path: a ``ClarifyModule`` checkpoint (instead of ``run_dir``).
-        out_dir: the folder to write; default ``<run>/export_merged`` with ``merge``, else ``<run>/export``.
-        merge: write a standalone model (LoRA merged into the base weights) instead of the adapter.
-        dtype: dtype of the merged weights (``merge`` only); default the training dtype.
-        overwrite: write into a folder that is not empty: an earlier export's files there are replaced, any other
-            file is kept; without it such a folder is refused.
-    """
+    """Export a ``clarify fit`` run from its checkpoint (the options are :class:`ExportConfig`'s)."""
     ckpt, run = checkpoint_of(run_dir, ckpt_path)
     if dtype is not None and not merge:
         raise ValueError("--dtype applies to --merge true (an adapter keeps the dtype it was trained in)")
@@ -81,14 +72,44 @@ def export(run_dir: str | None = None, ckpt_path: str | None = None, out_dir: st
     return folder
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``clarify export`` (jsonargparse: every argument of :func:`export`, plus ``--config``)."""
-    from jsonargparse import CLI
+@dataclass
+class ExportConfig:
+    """Write a clarify fit run's adapter, or with --merge true a standalone merged model, with its model card, from
+    the run's checkpoint."""
 
+    run_dir: str | None = None
+    """A clarify fit run folder; its checkpoints/last.ckpt is exported."""
+    ckpt_path: str | None = None
+    """A ClarifyModule checkpoint (instead of run_dir)."""
+    out_dir: str | None = None
+    """The folder to write; default <run>/export_merged with merge, else <run>/export."""
+    merge: bool = False
+    """Write a standalone model (LoRA merged into the base weights) instead of the adapter."""
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """Dtype of the merged weights (merge only); default the training dtype."""
+    overwrite: bool = False
+    """Write into a folder that is not empty: an earlier export's files there are replaced, any other file is kept;
+    without it such a folder is refused."""
+
+
+def run(cfg: ExportConfig) -> Path:
+    """Export the run of ``cfg``; return the folder written."""
+    return export(**asdict(cfg))
+
+
+def build_parser():
+    return dataclass_parser(ExportConfig, "clarify export", __doc__.split("\n\n")[0], "CLARIFY_EXPORT",
+                            "YAML with any of the options below")
+
+
+def parse_config(argv: list[str] | None = None) -> ExportConfig:
+    return parse_dataclass(build_parser(), ExportConfig, argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``clarify export``."""
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-    CLI(export, args=argv, as_positional=False, prog="clarify export", parser_class=ClarifyParser,
-        description="Write a clarify fit run's adapter, or with --merge true a standalone merged model, with its "
-        "model card, from the run's checkpoint.")
+    run(parse_config(argv))
 
 
 if __name__ == "__main__":
