@@ -16,7 +16,7 @@ import shutil
 import statistics
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,36 +131,13 @@ def _not_unicode(text: str) -> str | None:
     return None
 
 
-def validate_record(raw: Any, source: str, where: str) -> ConversationRecord:
-    """Check one raw mapping and build a :class:`ConversationRecord`; raise :class:`RecordError` if bad."""
-    if not isinstance(raw, dict):
-        raise RecordError(source, where, None, "<record>", f"expected a JSON object, got {type(raw).__name__}")
-    rid = raw.get("id")
-    rid_s = rid if isinstance(rid, str) else None
+# builds the RecordError of a field: (field, problem) -> error naming the record
+FieldError = Callable[[str, str], RecordError]
 
-    def err(field_name: str, problem: str) -> RecordError:
-        return RecordError(source, where, rid_s, field_name, problem)
 
-    for name in REQUIRED_FIELDS:
-        if name not in raw or raw[name] is None:
-            raise err(name, "missing")
-    if not isinstance(rid, str) or not rid:
-        raise err("id", f"must be a non-empty string, got {_short(rid)}")
-    if _not_unicode(rid):
-        raise RecordError(source, where, None, "id", _not_unicode(rid))
-    task_id = raw["task_id"]
-    if not isinstance(task_id, str | int) or isinstance(task_id, bool) or str(task_id) == "":
-        raise err("task_id", f"must be a non-empty string, got {_short(task_id)}")
-    if isinstance(task_id, str) and _not_unicode(task_id):
-        raise err("task_id", _not_unicode(task_id))
-
-    reward = raw["reward"]
-    if not _is_number(reward):
-        raise err("reward", f"must be a number, got {type(reward).__name__} {_short(reward)}")
-    if not _is_finite(reward):
-        raise err("reward", f"must be finite, got {_short(reward)}")
-
-    messages = raw["messages"]
+def checked_messages(messages: Any, err: FieldError) -> list[dict[str, str]]:
+    """A record's messages as clean ``{role, content}`` dicts: roles known, a system message only first, user and
+    assistant turns alternating, no empty assistant turn, and the last turn the assistant's."""
     if not isinstance(messages, list) or not messages:
         raise err("messages", "must be a non-empty list of {role, content}")
     clean: list[dict[str, str]] = []
@@ -190,7 +167,13 @@ def validate_record(raw: Any, source: str, where: str) -> ConversationRecord:
     if clean[-1]["role"] != "assistant":
         raise err(f"messages[{len(clean) - 1}].role", f"the conversation ends on a {clean[-1]['role']} turn that no "
                   "assistant turn answers (the reward scored the last assistant turn)")
+    return clean
 
+
+def checked_extras(raw: dict[str, Any], clean: list[dict[str, str]], err: FieldError
+                   ) -> tuple[int, float, dict[str, Any] | None, dict[str, Any]]:
+    """A record's optional fields, checked: ``(run, temperature, reward_components, meta)`` (run 0 and temperature
+    0.0 when absent), and that ``gold``/``prediction``/``dataset`` are strings or null."""
     run = raw.get("run", 0)
     if run is None:
         run = 0
@@ -223,6 +206,40 @@ def validate_record(raw: Any, source: str, where: str) -> ConversationRecord:
             raise err(name, f"must be a string or null, got {_short(v)}")
         if isinstance(v, str) and _not_unicode(v):
             raise err(name, _not_unicode(v))
+    return run, temperature, comps, meta
+
+
+def validate_record(raw: Any, source: str, where: str) -> ConversationRecord:
+    """Check one raw mapping and build a :class:`ConversationRecord`; raise :class:`RecordError` if bad."""
+    if not isinstance(raw, dict):
+        raise RecordError(source, where, None, "<record>", f"expected a JSON object, got {type(raw).__name__}")
+    rid = raw.get("id")
+    rid_s = rid if isinstance(rid, str) else None
+
+    def err(field_name: str, problem: str) -> RecordError:
+        return RecordError(source, where, rid_s, field_name, problem)
+
+    for name in REQUIRED_FIELDS:
+        if name not in raw or raw[name] is None:
+            raise err(name, "missing")
+    if not isinstance(rid, str) or not rid:
+        raise err("id", f"must be a non-empty string, got {_short(rid)}")
+    if _not_unicode(rid):
+        raise RecordError(source, where, None, "id", _not_unicode(rid))
+    task_id = raw["task_id"]
+    if not isinstance(task_id, str | int) or isinstance(task_id, bool) or str(task_id) == "":
+        raise err("task_id", f"must be a non-empty string, got {_short(task_id)}")
+    if isinstance(task_id, str) and _not_unicode(task_id):
+        raise err("task_id", _not_unicode(task_id))
+
+    reward = raw["reward"]
+    if not _is_number(reward):
+        raise err("reward", f"must be a number, got {type(reward).__name__} {_short(reward)}")
+    if not _is_finite(reward):
+        raise err("reward", f"must be finite, got {_short(reward)}")
+
+    clean = checked_messages(raw["messages"], err)
+    run, temperature, comps, meta = checked_extras(raw, clean, err)
     return ConversationRecord(
         id=rid, task_id=str(task_id), messages=clean, reward=float(reward), dataset=raw.get("dataset") or "",
         run=run, temperature=float(temperature), reward_components=comps, gold=raw.get("gold"),

@@ -45,6 +45,7 @@ from clarify_lit.data.records import (
     questions_with_reward_variance,
     write_records,
 )
+from clarify_lit.data.tasks import QATask
 from clarify_lit.environment import environment_stamp
 from clarify_lit.io import atomic_write_text, output_lock
 from clarify_lit.models import DTypeChoice, FrozenModels, resolve_device, resolve_dtype
@@ -73,7 +74,7 @@ from clarify_lit.simulate.options import (
     teacher_kind,
 )
 from clarify_lit.simulate.parsing import uses_thinking_tags
-from clarify_lit.simulate.rewards import final_answer_of
+from clarify_lit.simulate.rewards import Reward, final_answer_of
 from clarify_lit.simulate.rollout import (
     RolloutSpec,
     build_engine,
@@ -81,6 +82,7 @@ from clarify_lit.simulate.rollout import (
     check_explore,
     rollout_tasks,
 )
+from clarify_lit.simulate.teachers import Teacher
 
 log = logging.getLogger("clarify.simulate")
 
@@ -238,7 +240,7 @@ def prepare_output(cfg: SimulateConfig, fingerprint: dict[str, Any]) -> tuple[Pa
     shards.mkdir(parents=True, exist_ok=True)
     for tmp in shards.glob("*.tmp"):  # a shard half-written when the run was killed (never renamed into place)
         tmp.unlink()
-    # run_config.json is written by run() once the models and endpoints are built: a command that fails its checks
+    # run_config.json is written by _run() once the models and endpoints are built: a command that fails its checks
     # leaves nothing behind that would refuse the corrected command
     done = {int(p.stem.split("-")[1]) for p in shards.glob("shard-*.jsonl")}
     return out, done
@@ -322,9 +324,22 @@ def run(cfg: SimulateConfig) -> dict[str, Any]:
 
 
 def _run(cfg: SimulateConfig) -> dict[str, Any]:
+    check_config(cfg)  # before loading any model or writing anything
+    device = resolve_device(cfg.device)
+    cfg = resolve_dtypes(cfg, device)
+    plan = plan_run(cfg)
+    players = build_players(cfg, device, needed=bool(plan.todo or plan.branch_todo))
+    # only now that the models and endpoints are built (prepare_output says why)
+    atomic_write_text(plan.out / "run_config.json", json.dumps(plan.fingerprint, indent=1, sort_keys=True) + "\n")
+    done = run_chunks(cfg, plan, players)
+    return finish(cfg, plan, players, done, device)
+
+
+def check_config(cfg: SimulateConfig) -> None:
+    """Refuse options no simulation can run with, naming the option."""
     if cfg.chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {cfg.chunk_size}")
-    cfg.rollout.check()  # before loading any model or writing anything
+    cfg.rollout.check()
     check_explore(cfg.rollout_spec(cfg.rollout.seed))
     if cfg.explore_runs and cfg.policy_endpoint.base_url:
         raise ValueError("explore_runs with policy_endpoint: a chat-completions endpoint cannot be made to continue "
@@ -338,8 +353,26 @@ def _run(cfg: SimulateConfig) -> dict[str, Any]:
     bt = cfg.branch_temperature
     if bt is not None and not (bt >= 0 and math.isfinite(bt)):
         raise ValueError(f"branch_temperature must be a finite number >= 0, got {bt}")
-    device = resolve_device(cfg.device)
-    cfg = resolve_dtypes(cfg, device)
+
+
+@dataclass
+class RunPlan:
+    """What a simulation has to do: its tasks in chunks, its output folder and which chunks are done."""
+
+    tasks: list[QATask]
+    chunks: list[list[QATask]]
+    fingerprint: dict[str, Any]
+    out: Path
+    done: set[int]
+    """Chunks whose shard exists (resume)."""
+    todo: list[int]
+    """Chunks to roll out."""
+    branch_todo: list[int]
+    """Chunks logged without their StepDPO branches (e.g. branching added on --resume)."""
+
+
+def plan_run(cfg: SimulateConfig) -> RunPlan:
+    """Load the tasks, prepare (or check, on --resume) the output folder and list the chunks left to run."""
     tasks = load_data_tasks(cfg.data)
     chunks = [tasks[i:i + cfg.chunk_size] for i in range(0, len(tasks), cfg.chunk_size)]
     fingerprint = run_fingerprint(cfg, [t.task_id for t in tasks])
@@ -349,28 +382,58 @@ def _run(cfg: SimulateConfig) -> dict[str, Any]:
         raise ValueError(f"{out}/shards holds shards {stray} beyond the {len(chunks)} chunks of this run")
     todo = [k for k in range(len(chunks)) if k not in done]
     log.info("%d tasks in %d chunks; %d done already, %d to run", len(tasks), len(chunks), len(done), len(todo))
-    branch_todo: list[int] = []  # chunks logged without branches (e.g. branching added on --resume)
+    branch_todo: list[int] = []
     if cfg.step_branches:
         check_branch_config(out, {"branch_runs": cfg.branch_runs, "branch_temperature": cfg.branch_temperature})
         branch_todo = [k for k in sorted(done) if not branch_shard_path(out, k).exists()]
         if branch_todo:
             log.info("branching the %d chunk(s) already logged without branches", len(branch_todo))
+    return RunPlan(tasks, chunks, fingerprint, out, done, todo, branch_todo)
 
+
+@dataclass
+class Players:
+    """Who plays the conversations: the teacher, the reward and the policy's engine (with its local model, if any);
+    all None when every chunk is done."""
+
+    teacher: Teacher | None = None
+    reward: Reward | None = None
+    engine: Any = None
+    model: Any = None
+    tokenizer: Any = None
+
+
+def build_players(cfg: SimulateConfig, device: torch.device, needed: bool) -> Players:
+    """The teacher, reward and policy engine of ``cfg`` (models loaded once, in :class:`FrozenModels`); nothing when
+    not ``needed``."""
+    if not needed:
+        return Players()
     models = FrozenModels(device)
-    teacher = reward = engine = None
-    model = tok = None
-    if todo or branch_todo:
-        teacher = build_teacher(cfg.teacher, setting=cfg.rollout.setting, policy=cfg.model, models=models,
-                                batch_size=cfg.rollout.batch_size, mode=cfg.rollout.mode)
-        reward = build_reward(cfg.reward, policy=cfg.model, models=models, batch_size=cfg.rollout.batch_size, mode=cfg.rollout.mode)
-        if cfg.policy_endpoint.base_url:  # the policy lives on a server: nothing to load here
-            engine = EndpointPolicyEngine(endpoint_backend(cfg.policy_endpoint, "policy_endpoint"),
-                                          max_new_tokens=cfg.rollout.max_new_tokens)
-        else:
-            model, tok = models.get(cfg.model, cfg.dtype)
-            check_context_budget(model, cfg.rollout.n_turns, cfg.rollout.max_new_tokens, cfg.model)
-            engine = build_engine(model, tok, cfg.rollout)
-    atomic_write_text(out / "run_config.json", json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
+    r = cfg.rollout
+    teacher = build_teacher(cfg.teacher, setting=r.setting, policy=cfg.model, models=models, batch_size=r.batch_size,
+                            mode=r.mode)
+    reward = build_reward(cfg.reward, policy=cfg.model, models=models, batch_size=r.batch_size, mode=r.mode)
+    if cfg.policy_endpoint.base_url:  # the policy lives on a server: nothing to load here
+        engine = EndpointPolicyEngine(endpoint_backend(cfg.policy_endpoint, "policy_endpoint"),
+                                      max_new_tokens=r.max_new_tokens)
+        return Players(teacher, reward, engine)
+    model, tok = models.get(cfg.model, cfg.dtype)
+    check_context_budget(model, r.n_turns, r.max_new_tokens, cfg.model)
+    return Players(teacher, reward, build_engine(model, tok, r), model, tok)
+
+
+@dataclass
+class ChunksDone:
+    """What :func:`run_chunks` added in this process."""
+
+    conversations: int
+    branches: int
+    seconds: float
+
+
+def run_chunks(cfg: SimulateConfig, plan: RunPlan, players: Players) -> ChunksDone:
+    """Roll out every chunk left (each written as a shard, its StepDPO branches first), and branch chunks logged
+    without branches."""
     runs = len(cfg.rollout.temperatures)
     delay = float(os.environ.get(SHARD_DELAY_ENV, "0") or 0)
     start = time.perf_counter()
@@ -378,25 +441,27 @@ def _run(cfg: SimulateConfig) -> dict[str, Any]:
     if cfg.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(tasks) * runs, initial=sum(len(chunks[k]) for k in done) * runs, unit="conv",
-                   desc="simulate", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=len(plan.tasks) * runs, initial=sum(len(plan.chunks[k]) for k in plan.done) * runs,
+                   unit="conv", desc="simulate", dynamic_ncols=True, file=sys.stderr)
     new_convs = new_branches = 0
+    model, tok, out = players.model, players.tokenizer, plan.out
     # the logged runs and their StepDPO branches share every rollout option
-    rollout_kw = dict(teacher=teacher, reward=reward, progress=False, model_name=cfg.model, engine=engine)
+    rollout_kw = dict(teacher=players.teacher, reward=players.reward, progress=False, model_name=cfg.model,
+                      engine=players.engine)
 
     def branch(k: int, parents: list[ConversationRecord]) -> int:
         spec = cfg.rollout_spec(derive_seed(cfg.rollout.seed, "branches", k))
-        branches = branch_rollouts(model, tok, chunks[k], parents, spec, runs=cfg.branch_runs,
+        branches = branch_rollouts(model, tok, plan.chunks[k], parents, spec, runs=cfg.branch_runs,
                                    temperature=cfg.branch_temperature, **rollout_kw)
         write_records(branch_shard_path(out, k), branches)
         return len(branches)
 
     try:
-        for k in branch_todo:
+        for k in plan.branch_todo:
             new_branches += branch(k, load_records(shard_path(out, k))[0])
-        for k in todo:
-            records = rollout_tasks(model, tok, chunks[k], cfg.rollout_spec(derive_seed(cfg.rollout.seed, "chunk", k)),
-                                    **rollout_kw)
+        for k in plan.todo:
+            spec = cfg.rollout_spec(derive_seed(cfg.rollout.seed, "chunk", k))
+            records = rollout_tasks(model, tok, plan.chunks[k], spec, **rollout_kw)
             if cfg.step_branches:  # written before the shard: a finished shard implies its branches (resume)
                 new_branches += branch(k, records)
             write_records(shard_path(out, k), records)
@@ -404,20 +469,28 @@ def _run(cfg: SimulateConfig) -> dict[str, Any]:
             if bar is not None:
                 elapsed = max(time.perf_counter() - start, 1e-9)
                 bar.update(len(records))
-                bar.set_postfix(tok_s=f"{engine.stats.new_tokens / elapsed:.1f}", shard=k)
+                bar.set_postfix(tok_s=f"{players.engine.stats.new_tokens / elapsed:.1f}", shard=k)
             if delay:
                 time.sleep(delay)
     finally:
         if bar is not None:
             bar.close()
-    seconds = time.perf_counter() - start
+    return ChunksDone(new_convs, new_branches, time.perf_counter() - start)
 
-    final = merge_shards(out, len(chunks))
+
+def finish(cfg: SimulateConfig, plan: RunPlan, players: Players, done: ChunksDone,
+           device: torch.device) -> dict[str, Any]:
+    """Merge the shards into conversations.jsonl (checked: every record valid, ids unique, the count right) and
+    write summary.json; return the summary."""
+    runs = len(cfg.rollout.temperatures)
+    final = merge_shards(plan.out, len(plan.chunks))
     records, _ = load_records(final)  # validates every record and that ids are unique
-    expected = len(tasks) * runs
+    expected = len(plan.tasks) * runs
     if len(records) != expected:
-        raise RuntimeError(f"{final}: {len(records)} records, expected {expected} ({len(tasks)} tasks x {runs} runs)")
-    new_tokens = engine.stats.new_tokens if engine else 0
+        raise RuntimeError(f"{final}: {len(records)} records, expected {expected} ({len(plan.tasks)} tasks x {runs} "
+                           "runs)")
+    seconds, new_convs = done.seconds, done.conversations
+    new_tokens = players.engine.stats.new_tokens if players.engine else 0
     timing = {"seconds": round(seconds, 3), "conversations": new_convs, "new_tokens": new_tokens,
               "conversations_per_s": round(new_convs / seconds, 4) if seconds > 0 and new_convs else None,
               "tokens_per_s": round(new_tokens / seconds, 2) if seconds > 0 and new_tokens else None}
@@ -425,16 +498,17 @@ def _run(cfg: SimulateConfig) -> dict[str, Any]:
     # run_config.json holds it)
     extra: dict[str, Any] = {"environment": environment_stamp(device, cfg.dtype)}
     if cfg.step_branches:
-        branch_records, _ = load_records(merge_branch_shards(out, len(chunks)))
+        branch_records, _ = load_records(merge_branch_shards(plan.out, len(plan.chunks)))
         extra["step_branches"] = branch_summary(records, branch_records)
-        timing["branch_conversations"] = new_branches
+        timing["branch_conversations"] = done.branches
+    teacher = players.teacher
     if teacher is not None:
         extra["teacher"] = teacher.describe()
         extra["teacher_fallbacks"] = getattr(teacher, "fallbacks", None)
         extra["teacher_empty_replies"] = getattr(teacher, "empty_replies", None)
-    summary = summarize(records, timing=timing, cfg=cfg, n_tasks=len(tasks), shards_total=len(chunks),
-                        shards_resumed=len(done), extra=extra)
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    summary = summarize(records, timing=timing, cfg=cfg, n_tasks=len(plan.tasks), shards_total=len(plan.chunks),
+                        shards_resumed=len(plan.done), extra=extra)
+    atomic_write_text(plan.out / "summary.json", json.dumps(summary, indent=1) + "\n")
     log.info("wrote %d conversations to %s (mean reward %s, %d parse failures)", len(records), final,
              summary["mean_reward"], summary["parse_failures"])
     return summary

@@ -207,13 +207,49 @@ def rollout_tasks(
     the undiscounted reward as ``reward_components["undiscounted_reward"]``.
     """
     spec = spec or RolloutSpec()
-    setting, mode, n_turns, temperatures = spec.setting, spec.mode, spec.n_turns, spec.temperatures
-    max_new_tokens, seed, adaptive, discount = spec.max_new_tokens, spec.seed, spec.adaptive, spec.discount
-    prompts.check_setting(setting, mode, n_turns)
-    check_discount(discount)
+    teacher, reward = checked_players(spec, tasks, teacher, reward)
+    engine = engine or build_engine(model, tokenizer, spec)
+    play = start_conversations(spec, tasks, prefixes, start_turn)
+    if not play.rows:
+        return []
+    play_turns(play, spec, teacher, engine, prefixes is not None, start_turn, progress)
+    return score_and_record(play, spec, teacher, reward, model_name)
+
+
+@dataclass
+class Conversations:
+    """The conversations of one :func:`rollout_tasks` call while they are played: one row per (task, run), and per
+    row its messages and what the turns did to it."""
+
+    rows: list[tuple[QATask, int, float]]
+    """(task, run, temperature), task-major."""
+    convs: list[list[dict[str, str]]]
+    """Each row's messages so far."""
+    seeded: dict[int, dict[int, str]]
+    """Seeded exploration: row → assistant turn → the forced start of its reply."""
+    empty: list[int] = field(default_factory=list)
+    """Per row: assistant turns that decoded to nothing (replaced by :data:`EMPTY_TURN_PLACEHOLDER`)."""
+    truncated: list[list[int]] = field(default_factory=list)
+    """Per row: the assistant-turn numbers cut by the token limit."""
+    ended_early: list[bool] = field(default_factory=list)
+    """Per row: the agent gave its final answer before the last turn (adaptive)."""
+
+    def __post_init__(self) -> None:
+        self.empty = self.empty or [0] * len(self.rows)
+        self.truncated = self.truncated or [[] for _ in self.rows]
+        self.ended_early = self.ended_early or [False] * len(self.rows)
+
+
+def checked_players(spec: RolloutSpec, tasks: Sequence[QATask], teacher: Teacher | None,
+                    reward: Reward | None) -> tuple[Teacher, Reward]:
+    """Check the spec and the tasks; the teacher and reward (defaults: the setting's, and correctness), refused when
+    they cannot play this spec."""
+    setting, mode = spec.setting, spec.mode
+    prompts.check_setting(setting, mode, spec.n_turns)
+    check_discount(spec.discount)
     check_explore(spec)
     check_tasks(tasks)
-    if not temperatures:
+    if not spec.temperatures:
         raise ValueError("temperatures must name at least one run per task")
     teacher = teacher or default_teacher(setting, mode)
     if setting == "reasoning" and teacher.kind != "scripted":
@@ -223,32 +259,42 @@ def rollout_tasks(
     if getattr(reward, "open_answers", False) != (mode == "open"):
         raise ValueError(f"mode={mode!r} but the reward grades {'open' if mode != 'open' else 'lettered'} answers: "
                          "build the reward for the rollout's mode (simulate.options.build_reward(..., mode=...))")
-    engine = engine or build_engine(model, tokenizer, spec)
+    return teacher, reward
 
-    rows = [(task, run, float(temp)) for task in tasks for run, temp in enumerate(temperatures)]
+
+def start_conversations(spec: RolloutSpec, tasks: Sequence[QATask],
+                        prefixes: Sequence[Sequence[dict[str, str]]] | None, start_turn: int) -> Conversations:
+    """One row per (task, run): a fresh conversation (the system prompt), or a copy of the task's prefix; and the
+    seeded runs' forced reply starts (fresh conversations only)."""
+    rows = [(task, run, float(temp)) for task in tasks for run, temp in enumerate(spec.temperatures)]
     if not rows:
-        return []
-    row_tasks = [r[0] for r in rows]
-    row_temps = [r[2] for r in rows]
-    system = prompts.system_prompt(setting, mode, adaptive)
+        return Conversations([], [], {})
+    system = prompts.system_prompt(spec.setting, spec.mode, spec.adaptive)
     convs: list[list[dict[str, str]]] = [[{"role": "system", "content": system}] for _ in rows]
     if prefixes is not None:
-        check_prefixes(prefixes, tasks, start_turn, n_turns)
-        convs = [[dict(m) for m in prefixes[i // len(temperatures)]] for i in range(len(rows))]
+        check_prefixes(prefixes, tasks, start_turn, spec.n_turns)
+        convs = [[dict(m) for m in prefixes[i // len(spec.temperatures)]] for i in range(len(rows))]
     elif start_turn != 1:
         raise ValueError(f"start_turn={start_turn} needs prefixes (the conversations to continue)")
-    # seeded exploration: the forced start of each seeded run's reply, per turn (fresh conversations only)
     explore_runs = set(spec.explore_runs) if prefixes is None else set()
-    seeded = {i: {int(t): tpl.format(letter=explore_letter(task, run, seed))
+    seeded = {i: {int(t): tpl.format(letter=explore_letter(task, run, spec.seed))
                   for t, tpl in spec.explore_prefixes.items()}
               for i, (task, run, _) in enumerate(rows) if run in explore_runs}
-    empty = [0] * len(rows)
-    truncated: list[list[int]] = [[] for _ in rows]  # per row: the assistant-turn numbers cut by the limit
-    ended_early = [False] * len(rows)
+    return Conversations(rows, convs, seeded)
+
+
+def play_turns(play: Conversations, spec: RolloutSpec, teacher: Teacher, engine: GenerationEngine,
+               continued: bool, start_turn: int, progress: bool) -> None:
+    """Advance every conversation turn by turn (teacher message, then the policy's reply) from ``start_turn`` to the
+    last turn, or until it ends early (adaptive). ``continued``: the conversations are prefixes that end with the
+    teacher's turn ``start_turn``."""
+    setting, mode, n_turns, seed, adaptive = spec.setting, spec.mode, spec.n_turns, spec.seed, spec.adaptive
+    rows, convs = play.rows, play.convs
+    row_tasks = [r[0] for r in rows]
+    row_temps = [r[2] for r in rows]
     active = list(range(len(rows)))  # conversations still going (all of them unless adaptive)
     # the policy's KV caches carried from turn to turn (only the teacher's message and the new header are encoded)
     session = TurnCache() if getattr(engine, "reuse_kv_cache", False) else None
-
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -260,7 +306,7 @@ def rollout_tasks(
             if not active:
                 break
             replies: dict[int, str | None] = {}
-            teacher_speaks = prefixes is None or turn > start_turn  # a prefix ends with teacher turn start_turn
+            teacher_speaks = not continued or turn > start_turn  # a prefix ends with teacher turn start_turn
             if teacher_speaks and prompts.needs_teacher_reply(setting, n_turns, turn, mode):
                 got = teacher.reply([row_tasks[i] for i in active], [convs[i] for i in active],
                                     seed=derive_seed(seed, "teacher", turn))
@@ -269,22 +315,22 @@ def rollout_tasks(
                 if teacher_speaks:
                     convs[i].append({"role": "user", "content": prompts.teacher_message(
                         rows[i][0], setting, mode, n_turns, turn, reply=replies.get(i), adaptive=adaptive)})
-            forced = [seeded.get(i, {}).get(turn, "") for i in active]
+            forced = [play.seeded.get(i, {}).get(turn, "") for i in active]
             gens = engine.generate([convs[i] for i in active], [row_temps[i] for i in active],
-                                   seed=derive_seed(seed, "turn", turn), max_new_tokens=max_new_tokens,
+                                   seed=derive_seed(seed, "turn", turn), max_new_tokens=spec.max_new_tokens,
                                    **({"session": session, "keys": active} if session is not None else {}),
                                    **({"assistant_prefixes": forced} if any(forced) else {}))
             going = []
             for i, g in zip(active, gens, strict=True):
                 text = g.text
                 if not text:
-                    empty[i] += 1
+                    play.empty[i] += 1
                     text = EMPTY_TURN_PLACEHOLDER
                 if g.truncated:
-                    truncated[i].append(1 + sum(m["role"] == "assistant" for m in convs[i]))
+                    play.truncated[i].append(1 + sum(m["role"] == "assistant" for m in convs[i]))
                 convs[i].append({"role": "assistant", "content": text})
                 if adaptive and turn < n_turns and early_answer(text) is not None:
-                    ended_early[i] = True  # the agent gave its final answer: this conversation is over
+                    play.ended_early[i] = True  # the agent gave its final answer: this conversation is over
                 else:
                     going.append(i)
             if bar is not None:
@@ -295,7 +341,14 @@ def rollout_tasks(
             bar.close()
         session = None  # free the caches before scoring
 
-    results = reward.score(row_tasks, convs, seed=derive_seed(seed, "reward"))
+
+def score_and_record(play: Conversations, spec: RolloutSpec, teacher: Teacher, reward: Reward,
+                     model_name: str) -> list[ConversationRecord]:
+    """Score the finished conversations (discounted by the turns used when γ < 1) and make their records."""
+    setting, mode, n_turns, seed, adaptive, discount = (spec.setting, spec.mode, spec.n_turns, spec.seed,
+                                                         spec.adaptive, spec.discount)
+    rows, convs = play.rows, play.convs
+    results = reward.score([r[0] for r in rows], convs, seed=derive_seed(seed, "reward"))
     length_meta = adaptive or discount != 1.0
     records = []
     for i, (task, run, temp) in enumerate(rows):
@@ -326,11 +379,11 @@ def rollout_tasks(
                 # the final-answer DPO prompt (the question as the student saw it: with its options, or alone)
                 "question_prompt": prompts.format_question(task, mode),
                 "question_hash": task.content_hash,  # what clarify report checks before pairing two evaluations
-                "max_new_tokens": max_new_tokens, "empty_turns": empty[i], "truncated_turns": truncated[i],
-                "reward_missing": res.value is None,
-                **({"adaptive": adaptive, "turns_used": turns_used, "ended_early": ended_early[i],
+                "max_new_tokens": spec.max_new_tokens, "empty_turns": play.empty[i],
+                "truncated_turns": play.truncated[i], "reward_missing": res.value is None,
+                **({"adaptive": adaptive, "turns_used": turns_used, "ended_early": play.ended_early[i],
                     "discount": discount} if length_meta else {}),
-                **({"explore_prefixes": seeded[i]} if i in seeded else {}),
+                **({"explore_prefixes": play.seeded[i]} if i in play.seeded else {}),
                 # open mode: the options never appear in the conversation; kept here for grading (metrics, rescore)
                 **({"choices": list(task.choices)} if mode == "open" else {}),
             },
@@ -338,6 +391,6 @@ def rollout_tasks(
     n_missing = sum(r.meta["reward_missing"] for r in records)
     if n_missing:
         log.warning("%d of %d conversations have no reward (flagged meta.reward_missing)", n_missing, len(records))
-    if sum(empty):
-        log.info("%d empty assistant turns replaced by %r (meta.empty_turns)", sum(empty), EMPTY_TURN_PLACEHOLDER)
+    if sum(play.empty):
+        log.info("%d empty assistant turns replaced by %r (meta.empty_turns)", sum(play.empty), EMPTY_TURN_PLACEHOLDER)
     return records
