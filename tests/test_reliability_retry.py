@@ -86,14 +86,14 @@ def test_a_fit_refused_on_its_data_leaves_nothing_that_blocks_the_retry(records_
 
 # ------------------------------------------------------------------------------------- one-line option checks
 def test_evaluate_with_no_temperature_is_refused(tmp_path, capsys):
-    """``--temperatures '[]'`` silently evaluated ``[0.0]``."""
+    """``--rollout.temperatures '[]'`` silently evaluated ``[0.0]``."""
     out = tmp_path / "eval"
     code, line = one_line_error(["evaluate", "--model", "tiny-random", "--out_dir", str(out), "--rollout.temperatures", "[]",
                                  "--progress", "false"], capsys)
-    assert code == 1 and line.startswith("clarify evaluate: error: --temperatures []: names no run"), line
+    assert code == 1 and line.startswith("clarify evaluate: error: --rollout.temperatures []: names no run"), line
     code, line = one_line_error(["evaluate", "--model", "tiny-random", "--out_dir", str(out), "--rollout.temperatures",
                                  "[0.0, -1.0]", "--progress", "false"], capsys)
-    assert code == 1 and "--temperatures: each must be a finite number >= 0, got [-1.0]" in line, line
+    assert code == 1 and "--rollout.temperatures: each must be a finite number >= 0, got [-1.0]" in line, line
     assert not out.exists()
 
 
@@ -145,7 +145,7 @@ def test_an_unknown_config_key_is_one_line_naming_the_closest_valid_name(tmp_pat
         main(["evaluate", "--config", str(config), "--model", "tiny-random"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
-    assert "clarify evaluate: error: Option 'n_turn' is not accepted; did you mean --n_turns?" in err, err
+    assert "clarify evaluate: error: Option 'n_turn' is not accepted; did you mean --rollout.n_turns?" in err, err
 
 
 # ------------------------------------------------------------------------------------------ Ctrl-C in iterate

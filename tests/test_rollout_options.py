@@ -79,7 +79,7 @@ def test_a_field_added_to_the_block_reaches_every_command(tmp_path):
 
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", PROBE], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got == {"simulate": 1.3, "simulate --help": True, "simulate fingerprint": 1.3, "evaluate": 1.3,

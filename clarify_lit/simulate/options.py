@@ -85,19 +85,19 @@ class RolloutOptions:
     def check(self) -> None:
         """Refuse options no rollout can run with, naming the option (before any model loads)."""
         if not self.temperatures:
-            raise ValueError("rollout.temperatures []: names no run; give at least one temperature (one run per "
+            raise ValueError("--rollout.temperatures []: names no run; give at least one temperature (one run per "
                              "question each)")
         bad = [t for t in self.temperatures if not (t >= 0 and math.isfinite(t))]
         if bad:
-            raise ValueError(f"rollout.temperatures must be finite numbers >= 0, got {bad}")
+            raise ValueError(f"--rollout.temperatures: each must be a finite number >= 0, got {bad}")
         check_discount(self.discount)
         check_setting(self.setting, self.mode, self.n_turns)
         for name in ("max_new_tokens", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"rollout.{name} must be an integer >= 1, got {value!r}")
+                raise ValueError(f"--rollout.{name} must be an integer >= 1, got {value!r}")
         if not (0 < self.top_p <= 1):
-            raise ValueError(f"rollout.top_p must be in (0, 1] (1 = off), got {self.top_p}")
+            raise ValueError(f"--rollout.top_p must be in (0, 1] (1 = off), got {self.top_p}")
 
 
 #: the options of :class:`RolloutOptions` that were flat options of simulate/evaluate/iterate (``--max_new_tokens``)
