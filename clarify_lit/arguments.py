@@ -3,7 +3,7 @@
 ``fit``/``validate``/``test``/``predict`` are LightningCLI (``clarify_lit.cli``); every other command is one
 pattern (docs/architecture.md): a config dataclass (``SimulateConfig``, ``EvaluateConfig``, ``ReportConfig``,
 ``ExportConfig``, ``RescoreConfig``, ``IterateConfig``, ``DemoConfig``), a ``run(cfg)``, and a ``main(argv)`` that
-parses with :func:`dataclass_parser` and :func:`parse_dataclass`; jsonargparse gives, like LightningCLI, one
+parses with its :class:`CommandLine` (:func:`dataclass_parser`, :func:`parse_dataclass`); jsonargparse gives, like LightningCLI, one
 ``--option`` per field with its type checked, ``--config`` YAML files, ``--print_config`` and a ``--help`` that
 shows each field's documentation.
 Options are spelled with underscores and booleans take a value (``--dry_run true``); :func:`renamed_switches` keeps
@@ -26,9 +26,9 @@ import inspect
 import re
 import sys
 import textwrap
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
@@ -212,6 +212,32 @@ def field_docs(config_class: type) -> dict[str, str]:
     return {a.target.id: b.value.value for a, b in zip(body, body[1:], strict=False)
             if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
             and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)}
+
+
+Config = TypeVar("Config")
+
+
+@dataclasses.dataclass(frozen=True)
+class CommandLine(Generic[Config]):
+    """How a command configured by one dataclass reads its command line: the shared factory of every command's
+    ``build_parser`` and ``parse_config`` (docs/architecture.md, "One command pattern")."""
+
+    config: type[Config]
+    prog: str
+    description: str
+    env_prefix: str
+    config_help: str = "YAML with any of the options below"
+    positional: str | None = None
+    """A list field taken as the positional arguments (:func:`dataclass_parser`)."""
+    rewrite: Callable[[list[str] | None], list[str]] | None = None
+    """Rewrites deprecated spellings in the arguments before they are parsed (each use reported on stderr)."""
+
+    def parser(self) -> ArgumentParser:
+        return dataclass_parser(self.config, self.prog, self.description, self.env_prefix, self.config_help,
+                                positional=self.positional)
+
+    def parse(self, argv: list[str] | None = None) -> Config:
+        return parse_dataclass(self.parser(), self.config, self.rewrite(argv) if self.rewrite else argv)
 
 
 def parse_dataclass(parser: ArgumentParser, config_class: type, argv: list[str] | None) -> Any:

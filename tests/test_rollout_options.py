@@ -62,6 +62,7 @@ PROBE = textwrap.dedent('''
     parser.add_class_arguments(RolloutEvaluation, "cb")
     callback = parser.instantiate_classes(parser.parse_args(["--cb.rollout.repetition_penalty", "1.3"])).cb
     got["callback"] = callback.spec.repetition_penalty
+    got["callback stays greedy"] = callback.spec.temperatures
     print(json.dumps(got))
 ''')
 
@@ -84,7 +85,7 @@ def test_a_field_added_to_the_block_reaches_every_command(tmp_path):
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got == {"simulate": 1.3, "simulate --help": True, "simulate fingerprint": 1.3, "evaluate": 1.3,
                    "evaluate --help": True, "iterate -> simulate": 1.3, "iterate -> evaluate": 1.3,
-                   "callback": 1.3}
+                   "callback": 1.3, "callback stays greedy": [0.0]}
 
 
 def test_every_command_takes_the_whole_block():
@@ -104,7 +105,7 @@ def test_every_command_takes_the_whole_block():
         assert block <= names
         assert not {f"--{f.name}" for f in fields(RolloutOptions)} & names  # no flat copy beside the block
     parameters = inspect.signature(RolloutEvaluation).parameters
-    assert parameters["rollout"].annotation in ("RolloutOptions | None", RolloutOptions | None)
+    assert parameters["rollout"].annotation in ("RolloutOptions", RolloutOptions)
     assert not set(FLAT_ROLLOUT_FLAGS) & set(parameters)
 
 

@@ -239,6 +239,9 @@ def _hparam(pl_module: L.LightningModule, key: str) -> Any:
 # ---------------------------------------------------------------------------------------------------------------
 # The callback
 # ---------------------------------------------------------------------------------------------------------------
+GREEDY = RolloutOptions(temperatures=[0.0])  # the callback's rollout default (never modified: each use copies it)
+
+
 class RolloutEvaluation(Callback):
     """Roll the trained policy out on held-out questions during training and log accuracy, reward, Thinking %, ….
 
@@ -249,7 +252,8 @@ class RolloutEvaluation(Callback):
         n_questions: how many held-out questions to roll out (the first of the test part; fixed across evaluations).
         rollout: how conversations are played and generated (``clarify simulate``'s ``--rollout.*`` options:
             ``setting``, ``mode``, ``n_turns``, ``max_new_tokens``, ``batch_size``, ``seed`` — the same at every
-            evaluation —, ``reuse_kv_cache``, …); default greedy (``temperatures: [0.0]``).
+            evaluation —, ``reuse_kv_cache``, …); greedy unless ``temperatures`` says otherwise (default ``[0.0]``,
+            also when the block gives other options only).
         teacher: who answers the student (the options of ``clarify simulate``: ``kind`` scripted / retrieval /
             llm, ``backend``, ``model``, ``endpoint``, …); default: scripted (reasoning) or retrieval (clarifying).
             An ``llm`` teacher defaults to the policy's *base* model, the same for every method.
@@ -279,7 +283,7 @@ class RolloutEvaluation(Callback):
         self,
         data: DataOptions | None = None,
         n_questions: int | None = 20,
-        rollout: RolloutOptions | None = None,
+        rollout: RolloutOptions = GREEDY,
         teacher: TeacherOptions | None = None,
         reward: RewardOptions | None = None,
         every_n_val_epochs: int = 1,
@@ -297,7 +301,7 @@ class RolloutEvaluation(Callback):
             raise ValueError(f"every_n_val_epochs must be >= 0, got {every_n_val_epochs}")
         if evals_per_epoch < 0:
             raise ValueError(f"evals_per_epoch must be >= 0, got {evals_per_epoch}")
-        rollout = _with_flat_options(rollout or RolloutOptions(temperatures=[0.0]), deprecated)
+        rollout = _with_flat_options(rollout, deprecated)
         rollout.check()
         self.data = data or DataOptions()
         self.n_questions = n_questions

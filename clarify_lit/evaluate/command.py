@@ -28,10 +28,11 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from clarify_lit.arguments import dataclass_parser, parse_dataclass, refuse_secrets
+from clarify_lit.arguments import CommandLine, refuse_secrets
 from clarify_lit.data.records import write_records
 from clarify_lit.environment import environment_stamp
 from clarify_lit.evaluate.callback import build_teacher_and_reward, load_eval_tasks, run_rollouts
@@ -211,13 +212,9 @@ def summary_line(method: str, m: dict[str, float], out: Path) -> str:
             + f"  → {out / 'metrics.json'}")
 
 
-def build_parser():
-    return dataclass_parser(EvaluateConfig, "clarify evaluate", __doc__.split("\n\n")[0], "CLARIFY_EVALUATE",
-                            "YAML with any of the options below")
-
-
-def parse_config(argv: list[str] | None = None) -> EvaluateConfig:
-    return parse_dataclass(build_parser(), EvaluateConfig, moved_rollout_flags(argv, "clarify evaluate"))
+COMMAND_LINE = CommandLine(EvaluateConfig, "clarify evaluate", __doc__.split("\n\n")[0], "CLARIFY_EVALUATE",
+                           rewrite=partial(moved_rollout_flags, prog="clarify evaluate"))
+build_parser, parse_config = COMMAND_LINE.parser, COMMAND_LINE.parse
 
 
 def main(argv: list[str] | None = None) -> None:

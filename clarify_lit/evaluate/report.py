@@ -27,9 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ArgumentParser
-
-from clarify_lit.arguments import dataclass_parser, parse_dataclass
+from clarify_lit.arguments import CommandLine
 from clarify_lit.data.records import ConversationRecord, load_records
 from clarify_lit.environment import describe_stamp, stamp_key
 from clarify_lit.evaluate.audit_html import write_audit_html
@@ -457,11 +455,6 @@ class ReportConfig:
     """Also write a self-contained HTML audit page here (tables, plot, conversations side by side)."""
 
 
-def build_parser() -> ArgumentParser:
-    return dataclass_parser(ReportConfig, "clarify report", __doc__.split("\n\n")[0], "CLARIFY_REPORT",
-                            "YAML with any of the options below", positional="inputs")
-
-
 def negated_paired(argv: list[str] | None) -> list[str]:
     """``argv`` with the deprecated ``--no_paired true|false`` (and the older ``--no-paired`` switch) spelled as
     ``--paired false|true``, each use reported in one line."""
@@ -487,8 +480,9 @@ def negated_paired(argv: list[str] | None) -> list[str]:
     return out
 
 
-def parse_config(argv: list[str] | None = None) -> ReportConfig:
-    return parse_dataclass(build_parser(), ReportConfig, negated_paired(argv))
+COMMAND_LINE = CommandLine(ReportConfig, "clarify report", __doc__.split("\n\n")[0], "CLARIFY_REPORT",
+                           positional="inputs", rewrite=negated_paired)
+build_parser, parse_config = COMMAND_LINE.parser, COMMAND_LINE.parse
 
 
 def run(cfg: ReportConfig) -> str:

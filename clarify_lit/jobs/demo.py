@@ -22,10 +22,11 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from clarify_lit.arguments import dataclass_parser, parse_dataclass, renamed_switches
+from clarify_lit.arguments import CommandLine, renamed_switches
 from clarify_lit.io import atomic_write
 from clarify_lit.jobs.stages import StageRunner
 from clarify_lit.models import DTypeChoice
@@ -442,9 +443,11 @@ class DemoConfig:
     8, paper 0); 0 turns the callback off."""
 
 
-def build_parser():
-    return dataclass_parser(DemoConfig, "python -m clarify_lit.demo", __doc__.split("\n\n")[0], "CLARIFY_DEMO",
-                            "YAML with any of the options below")
+COMMAND_LINE = CommandLine(DemoConfig, "python -m clarify_lit.demo", __doc__.split("\n\n")[0], "CLARIFY_DEMO",
+                           rewrite=partial(renamed_switches, renames={"--dry-run": "--dry_run",
+                                                                      "--iterate-only": "--iterate_only"},
+                                           prog="python -m clarify_lit.demo"))
+build_parser, parse_config = COMMAND_LINE.parser, COMMAND_LINE.parse
 
 
 def preset_of(cfg: DemoConfig) -> Preset:
@@ -481,13 +484,11 @@ def run(cfg: DemoConfig) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m clarify_lit.demo`` (the Makefile's demo and reproduce targets); a bad choice of
     preset options is one line on stderr (exit 2)."""
-    parser = build_parser()
-    cfg = parse_dataclass(parser, DemoConfig, renamed_switches(
-        argv, {"--dry-run": "--dry_run", "--iterate-only": "--iterate_only"}, "python -m clarify_lit.demo"))
+    cfg = parse_config(argv)
     try:
         run(cfg)
     except ValueError as err:
-        parser.error(str(err))
+        build_parser().error(str(err))
 
 
 if __name__ == "__main__":

@@ -35,12 +35,13 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from clarify_lit.arguments import dataclass_parser, parse_dataclass, refuse_secrets
+from clarify_lit.arguments import CommandLine, refuse_secrets
 from clarify_lit.data.records import load_records
 from clarify_lit.evaluate.metrics import compute_metrics, holm_adjust, nan_to_none, paired_comparison
 from clarify_lit.evaluate.report import (
@@ -125,13 +126,9 @@ class IterateConfig:
     progress: bool = True
 
 
-def build_parser():
-    return dataclass_parser(IterateConfig, "clarify iterate", __doc__.split("\n\n")[0], "CLARIFY_ITERATE",
-                            "YAML with any of the options below")
-
-
-def parse_config(argv: list[str] | None = None) -> IterateConfig:
-    return parse_dataclass(build_parser(), IterateConfig, moved_rollout_flags(argv, "clarify iterate"))
+COMMAND_LINE = CommandLine(IterateConfig, "clarify iterate", __doc__.split("\n\n")[0], "CLARIFY_ITERATE",
+                           rewrite=partial(moved_rollout_flags, prog="clarify iterate"))
+build_parser, parse_config = COMMAND_LINE.parser, COMMAND_LINE.parse
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -31,12 +31,13 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from clarify_lit.arguments import dataclass_parser, parse_dataclass
+from clarify_lit.arguments import CommandLine
 from clarify_lit.data.records import (
     ConversationRecord,
     concat_files,
@@ -144,13 +145,10 @@ class SimulateConfig:
 _RUNTIME_FIELDS = ("output", "resume", "overwrite", "progress", "device")
 
 
-def build_parser():
-    return dataclass_parser(SimulateConfig, "clarify simulate", __doc__.split("\n\n")[0], "CLARIFY_SIMULATE",
-                            "YAML config (e.g. configs/simulate/*.yaml)")
-
-
-def parse_config(argv: list[str] | None = None) -> SimulateConfig:
-    return parse_dataclass(build_parser(), SimulateConfig, moved_rollout_flags(argv, "clarify simulate"))
+COMMAND_LINE = CommandLine(SimulateConfig, "clarify simulate", __doc__.split("\n\n")[0], "CLARIFY_SIMULATE",
+                           "YAML config (e.g. configs/simulate/*.yaml)",
+                           rewrite=partial(moved_rollout_flags, prog="clarify simulate"))
+build_parser, parse_config = COMMAND_LINE.parser, COMMAND_LINE.parse
 
 
 # ---------------------------------------------------------------------------------------------------------------

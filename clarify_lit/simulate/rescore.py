@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clarify_lit.arguments import dataclass_parser, parse_dataclass
+from clarify_lit.arguments import CommandLine
 from clarify_lit.data.records import (
     ConversationRecord,
     RecordError,
@@ -77,9 +77,8 @@ class RescoreConfig:
     """Replace outputs that exist already."""
 
 
-def build_parser():
-    return dataclass_parser(RescoreConfig, "clarify rescore", __doc__.split("\n\n")[0], "CLARIFY_RESCORE",
-                            "YAML with any of the options below")
+COMMAND_LINE = CommandLine(RescoreConfig, "clarify rescore", __doc__.split("\n\n")[0], "CLARIFY_RESCORE")
+build_parser, parse_config = COMMAND_LINE.parser, COMMAND_LINE.parse
 
 
 def _line(r: ConversationRecord) -> str:
@@ -168,10 +167,6 @@ def run(cfg: RescoreConfig) -> dict[str, Any]:
                      summary["files"][name]["after"]["mean_reward"])
         atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
     return summary
-
-
-def parse_config(argv: list[str] | None = None) -> RescoreConfig:
-    return parse_dataclass(build_parser(), RescoreConfig, argv)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 
-from clarify_lit.arguments import dataclass_parser, parse_dataclass
+from clarify_lit.arguments import CommandLine
 from clarify_lit.train.export import export_merged, refuse_occupied_export, write_export
 from clarify_lit.train.module import ClarifyModule
 
@@ -97,13 +97,8 @@ def run(cfg: ExportConfig) -> Path:
     return export(**asdict(cfg))
 
 
-def build_parser():
-    return dataclass_parser(ExportConfig, "clarify export", __doc__.split("\n\n")[0], "CLARIFY_EXPORT",
-                            "YAML with any of the options below")
-
-
-def parse_config(argv: list[str] | None = None) -> ExportConfig:
-    return parse_dataclass(build_parser(), ExportConfig, argv)
+COMMAND_LINE = CommandLine(ExportConfig, "clarify export", __doc__.split("\n\n")[0], "CLARIFY_EXPORT")
+build_parser, parse_config = COMMAND_LINE.parser, COMMAND_LINE.parse
 
 
 def main(argv: list[str] | None = None) -> None:
