@@ -60,7 +60,7 @@ PROBE = textwrap.dedent('''
     # the callback as LightningCLI builds it (--trainer.callbacks.init_args.rollout.repetition_penalty)
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(RolloutEvaluation, "cb")
-    callback = parser.instantiate_classes(parser.parse_args(["--cb.rollout.repetition_penalty", "1.3"])).cb
+    callback = parser.instantiate(parser.parse_args(["--cb.rollout.repetition_penalty", "1.3"])).cb
     got["callback"] = callback.spec.repetition_penalty
     got["callback stays greedy"] = callback.spec.temperatures
     print(json.dumps(got))
