@@ -134,14 +134,18 @@ def option_names(parser: Any) -> list[str]:
     return sorted({o for a in getattr(parser, "_actions", []) for o in a.option_strings if o.startswith("--")})
 
 
-def closest_option(message: str, options: list[str]) -> str:
+def closest_option(message: str, options: list[str], moved: Mapping[str, str] | None = None) -> str:
     """``"; did you mean --n_turns?"`` for an error about an unknown option (``unrecognized arguments: --n_turn 3``,
-    a config file's ``Option 'n_turn' is not accepted``) that is close to one of ``options``; else ``""``."""
+    a config file's ``Option 'n_turn' is not accepted``) that is close to one of ``options``; for an option that
+    ``moved`` (old name → new option: a config file's ``max_new_tokens`` is ``--rollout.max_new_tokens`` now), where it
+    went; else ``""``."""
     m = re.search(r"unrecognized arguments: (--[^\s=]+)", message) or \
         re.search(r"Option '([^']+)' is not accepted", message) or re.search(r'Key "([^"]+)" is not expected', message)
     if not m:
         return ""
     name = m.group(1) if m.group(1).startswith("--") else f"--{m.group(1)}"
+    if moved and name[2:] in moved:
+        return f"; it moved: {moved[name[2:]]}"
     near = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
     if not near:  # an option of a block given without it (--n_turn for --rollout.n_turns)
         tails = {"--" + o.rsplit(".", 1)[-1]: o for o in reversed(options) if "." in o}
@@ -149,11 +153,11 @@ def closest_option(message: str, options: list[str]) -> str:
     return f"; did you mean {near[0]}?" if near else ""
 
 
-def one_line_error(prog: str, message: str, options: list[str]) -> str:
+def one_line_error(prog: str, message: str, options: list[str], moved: Mapping[str, str] | None = None) -> str:
     """A command-line mistake as one line (never the whole usage text), secrets redacted, with the closest valid
-    option name when the mistake is an unknown one."""
+    option name (or where a moved option went) when the mistake is an unknown one."""
     text = " ".join(redact(str(message)).split())
-    return f"{prog}: error: {text}{closest_option(text, options)} (see {prog} --help)"
+    return f"{prog}: error: {text}{closest_option(text, options, moved)} (see {prog} --help)"
 
 
 class ClarifyParser(NoSecretsDumped, ArgumentParser):
@@ -161,15 +165,16 @@ class ClarifyParser(NoSecretsDumped, ArgumentParser):
     valid option name) instead of the usage text, and secrets kept out of error messages and printed or saved
     configurations."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, moved: Mapping[str, str] | None = None, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        self.moved = dict(moved or {})  # old option name → the option it became (named in errors)
 
     def error(self, message: str, ex: Exception | None = None):
         message = redact(str(message))
         if not self.exit_on_error:
             return super().error(message, ex)
-        sys.stderr.write(one_line_error(self.prog or "clarify", message, option_names(self)) + "\n")
+        sys.stderr.write(one_line_error(self.prog or "clarify", message, option_names(self), self.moved) + "\n")
         self.exit(2)
 
 
@@ -192,17 +197,25 @@ def attribute_docstrings() -> Iterator[None]:
 
 
 def dataclass_parser(config_class: type, prog: str, description: str, env_prefix: str, config_help: str, *,
-                     positional: str | None = None) -> ArgumentParser:
+                     positional: str | None = None, spaced: tuple[str, ...] = (),
+                     moved: Mapping[str, str] | None = None) -> ArgumentParser:
     """A parser for a command configured by one dataclass (``--config`` YAML + one option per field; ``--help`` shows
-    each field's docstring). ``positional`` names a list field taken as the positional arguments (``clarify report
-    a b``) instead of an option."""
-    parser = ClarifyParser(prog=prog, description=description, env_prefix=env_prefix, default_env=False)
+    each field's docstring). ``positional`` names a list-of-strings field taken as the positional arguments
+    (``clarify report a b``); ``spaced`` names list-of-strings fields whose option takes its values space-separated
+    (``--order Base Refit``) instead of as one list (``--order '[Base, Refit]'``); ``moved``: old option names and
+    the options they became, named in the error about an old name (e.g. in a config file)."""
+    parser = ClarifyParser(prog=prog, description=description, env_prefix=env_prefix, default_env=False, moved=moved)
     parser.add_argument("--config", action=ActionConfigFile, help=config_help)
+    by_hand = {positional, *spaced} - {None}
     with attribute_docstrings():
-        parser.add_class_arguments(config_class, None, as_group=False, skip={positional} if positional else None)
+        parser.add_class_arguments(config_class, None, as_group=False, skip=by_hand or None)
+    docs = field_docs(config_class) if by_hand else {}
+    defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
     if positional:
-        doc = (field_docs(config_class).get(positional) or "").strip()
-        parser.add_argument(positional, type=str, nargs="+", help=doc)
+        parser.add_argument(positional, type=str, nargs="+", help=" ".join(docs.get(positional, "").split()))
+    for name in spaced:
+        parser.add_argument(f"--{name}", type=str, nargs="+", default=defaults[name], metavar=name.upper(),
+                            help=" ".join(docs.get(name, "").split()))
     return parser
 
 
@@ -229,12 +242,16 @@ class CommandLine(Generic[Config]):
     config_help: str = "YAML with any of the options below"
     positional: str | None = None
     """A list field taken as the positional arguments (:func:`dataclass_parser`)."""
+    spaced: tuple[str, ...] = ()
+    """List fields whose option takes space-separated values (:func:`dataclass_parser`)."""
     rewrite: Callable[[list[str] | None], list[str]] | None = None
     """Rewrites deprecated spellings in the arguments before they are parsed (each use reported on stderr)."""
+    moved: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Old option names → the options they became (named in the error about an old name in a config file)."""
 
     def parser(self) -> ArgumentParser:
         return dataclass_parser(self.config, self.prog, self.description, self.env_prefix, self.config_help,
-                                positional=self.positional)
+                                positional=self.positional, spaced=self.spaced, moved=self.moved)
 
     def parse(self, argv: list[str] | None = None) -> Config:
         return parse_dataclass(self.parser(), self.config, self.rewrite(argv) if self.rewrite else argv)

@@ -4,6 +4,7 @@ perturb training — a fit with it ends with the same parameters as one without.
 
 from __future__ import annotations
 
+import json
 import shlex
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -60,9 +61,14 @@ def test_preset_fits_roll_out_test_questions_of_their_cell(preset, tmp_path, cap
         # … and the callback: the same split (dataset, sizes, split seed), its test part, the first few questions
         # of the ones `clarify evaluate` scores, with the cell's setting, teacher, reward and token cap
         assert cb["data.part"] == "test"
-        for key in ("data.dataset", "data.n_train", "data.n_test", "data.seed", "setting", "mode", "teacher.kind",
-                    "reward.kind", "max_new_tokens"):
-            assert cb[key] == sim[key] == flag_values(evals[cell], "--")[key], (preset, key)
+        ev = flag_values(evals[cell], "--")
+        for key in ("data.dataset", "data.n_train", "data.n_test", "data.seed", "teacher.kind", "reward.kind"):
+            assert cb[key] == sim[key] == ev[key], (preset, key)
+        # one rollout block, handed over whole to each command
+        rollouts = [json.loads(flags["rollout"]) for flags in (cb, sim, ev)]
+        for key in ("setting", "mode", "n_turns", "max_new_tokens", "seed", "reuse_kv_cache"):
+            assert rollouts[0][key] == rollouts[1][key] == rollouts[2][key], (preset, key)
+        assert rollouts[0]["temperatures"] == [0.0] and "temperatures" not in rollouts[2]  # greedy evaluations
         assert 0 < int(cb["n_questions"]) == p.rollout_questions <= int(sim["data.n_test"])
         assert cb["evals_per_epoch"] == str(p.rollout_evals_per_epoch) and cb["at_fit_start"] == "true"
         # the cell's extra teacher/reward flags reach the callback's teacher/reward too

@@ -289,7 +289,7 @@ def test_clarify_fit_with_callback_logs_rollout_accuracy(clarify_cache, records_
     cfg = tmp_path / "callback.yaml"
     cfg.write_text(yaml.safe_dump({"trainer": {"callbacks": [{
         "class_path": "clarify_lit.evaluate.callback.RolloutEvaluation",
-        "init_args": {"data": {**vars(tiny_data())}, "n_questions": 2, "max_new_tokens": 3,
+        "init_args": {"data": {**vars(tiny_data())}, "n_questions": 2, "rollout": {"max_new_tokens": 3},
                       "reward": {"kind": "correct"}}}]}}))
     root = tmp_path / "run"
     main(["fit", "--config", str(REPO / "configs/trainer/cpu.yaml"), "--config", str(REPO / "configs/model/tiny.yaml"),

@@ -157,4 +157,4 @@ def test_demo_iterate_step_is_opt_in(tmp_path, capsys):
     line = next(ln for ln in shown.splitlines() if ln.startswith("[demo] $ clarify iterate"))
     cfg = parse_config(shlex.split(line)[4:])
     assert cfg.rounds == 2 and cfg.simulate_args == ["--chunk_size", "32", *demo.OPEN_EXPLORE_OPTIONS]
-    assert cfg.data.dataset == "sciq" and cfg.mode == "open" and cfg.n_turns == 2
+    assert cfg.data.dataset == "sciq" and cfg.rollout.mode == "open" and cfg.rollout.n_turns == 2

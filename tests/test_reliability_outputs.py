@@ -29,7 +29,7 @@ def eval_config(tmp_path: Path) -> Path:
     """``clarify evaluate`` on the tiny preset's held-out questions, one short greedy run."""
     path = tmp_path / "evaluate.yaml"
     path.write_text(yaml.safe_dump({"data": {**yaml.safe_load(Path(TINY).read_text())["data"], "part": "test"},
-                                    "model": "tiny-random", "n_questions": 1, "max_new_tokens": 2,
+                                    "model": "tiny-random", "n_questions": 1, "rollout": {"max_new_tokens": 2},
                                     "progress": False}))
     return path
 

@@ -124,6 +124,17 @@ def test_flat_flags_still_parse_with_one_deprecation_line(command, capsys):
                      for name in ("max_new_tokens", "temperatures", "seed")]
 
 
+def test_a_flat_key_in_a_config_file_names_where_it_moved(tmp_path, capsys):
+    from clarify_lit.cli import main
+
+    config = tmp_path / "evaluate.yaml"
+    config.write_text("max_new_tokens: 3\n")
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--config", str(config), "--model", "tiny-random"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Option 'max_new_tokens' is not accepted; it moved: --rollout.max_new_tokens" in err
+
+
 def test_the_callbacks_flat_options_still_work_with_a_warning():
     from clarify_lit.cli import moved_callback_flags
     from clarify_lit.evaluate.callback import RolloutEvaluation
@@ -162,7 +173,7 @@ def test_fingerprints_of_runs_made_before_the_block_are_unchanged():
 
 
 @pytest.mark.parametrize("bad,message", [
-    (dict(temperatures=[]), "names no run"), (dict(temperatures=[-1.0]), "finite numbers >= 0"),
+    (dict(temperatures=[]), "names no run"), (dict(temperatures=[-1.0]), "finite number >= 0"),
     (dict(discount=1.5), "discount"), (dict(top_p=0.0), "top_p"), (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(n_turns=0), "n_turns"),
 ])

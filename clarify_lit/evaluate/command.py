@@ -48,6 +48,7 @@ from clarify_lit.models import (
     resolve_dtype,
 )
 from clarify_lit.simulate.options import (
+    ROLLOUT_MOVES,
     DataOptions,
     RewardOptions,
     RolloutOptions,
@@ -213,7 +214,7 @@ def summary_line(method: str, m: dict[str, float], out: Path) -> str:
 
 
 COMMAND_LINE = CommandLine(EvaluateConfig, "clarify evaluate", __doc__.split("\n\n")[0], "CLARIFY_EVALUATE",
-                           rewrite=partial(moved_rollout_flags, prog="clarify evaluate"))
+                           rewrite=partial(moved_rollout_flags, prog="clarify evaluate"), moved=ROLLOUT_MOVES)
 build_parser, parse_config = COMMAND_LINE.parser, COMMAND_LINE.parse
 
 

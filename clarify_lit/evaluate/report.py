@@ -481,7 +481,8 @@ def negated_paired(argv: list[str] | None) -> list[str]:
 
 
 COMMAND_LINE = CommandLine(ReportConfig, "clarify report", __doc__.split("\n\n")[0], "CLARIFY_REPORT",
-                           positional="inputs", rewrite=negated_paired)
+                           positional="inputs", spaced=("metrics", "pairs", "rename", "order"),
+                           rewrite=negated_paired)
 build_parser, parse_config = COMMAND_LINE.parser, COMMAND_LINE.parse
 
 

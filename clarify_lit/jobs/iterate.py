@@ -61,6 +61,7 @@ from clarify_lit.jobs.stages import StageFailed, StageRunner
 from clarify_lit.models import DTypeChoice, resolve_device, resolve_dtype
 from clarify_lit.simulate.command import SimulateConfig
 from clarify_lit.simulate.options import (
+    ROLLOUT_MOVES,
     DataOptions,
     RewardOptions,
     RolloutOptions,
@@ -127,7 +128,7 @@ class IterateConfig:
 
 
 COMMAND_LINE = CommandLine(IterateConfig, "clarify iterate", __doc__.split("\n\n")[0], "CLARIFY_ITERATE",
-                           rewrite=partial(moved_rollout_flags, prog="clarify iterate"))
+                           rewrite=partial(moved_rollout_flags, prog="clarify iterate"), moved=ROLLOUT_MOVES)
 build_parser, parse_config = COMMAND_LINE.parser, COMMAND_LINE.parse
 
 

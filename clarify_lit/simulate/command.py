@@ -62,6 +62,7 @@ from clarify_lit.simulate.branches import (
 from clarify_lit.simulate.endpoint_policy import EndpointPolicyEngine
 from clarify_lit.simulate.engine import derive_seed
 from clarify_lit.simulate.options import (
+    ROLLOUT_MOVES,
     DataOptions,
     EndpointOptions,
     RewardOptions,
@@ -147,7 +148,7 @@ _RUNTIME_FIELDS = ("output", "resume", "overwrite", "progress", "device")
 
 COMMAND_LINE = CommandLine(SimulateConfig, "clarify simulate", __doc__.split("\n\n")[0], "CLARIFY_SIMULATE",
                            "YAML config (e.g. configs/simulate/*.yaml)",
-                           rewrite=partial(moved_rollout_flags, prog="clarify simulate"))
+                           rewrite=partial(moved_rollout_flags, prog="clarify simulate"), moved=ROLLOUT_MOVES)
 build_parser, parse_config = COMMAND_LINE.parser, COMMAND_LINE.parse
 
 

@@ -107,6 +107,10 @@ FLAT_ROLLOUT_FLAGS = ("setting", "mode", "n_turns", "temperatures", "max_new_tok
                       "sort_by_length")
 
 
+#: the flat options' new names (named in the error about a flat key in a config file)
+ROLLOUT_MOVES = {name: f"--rollout.{name}" for name in FLAT_ROLLOUT_FLAGS}
+
+
 def moved_rollout_flags(argv: list[str] | None, prog: str, prefix: str = "--") -> list[str]:
     """``argv`` with the deprecated flat rollout options (``--max_new_tokens 16``, ``--seed=1``) spelled as their
     ``--rollout.*`` options, each use reported on stderr in one line. ``prefix`` is where the options sit
