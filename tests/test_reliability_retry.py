@@ -138,14 +138,18 @@ def test_a_mistyped_option_is_one_line_naming_the_closest_valid_name(argv, close
     assert f"unrecognized arguments: {argv[-2]} {argv[-1]}; did you mean {closest}?" in err, err
 
 
-def test_an_unknown_config_key_is_one_line_naming_the_closest_valid_name(tmp_path, capsys):
+@pytest.mark.parametrize("key,hint", [
+    ("n_turn", "did you mean --rollout.n_turns?"),
+    ("max_new_tokens", "it moved: --rollout.max_new_tokens"),  # a flat key of before the rollout block
+])
+def test_an_unknown_config_key_is_one_line_naming_the_closest_valid_name(key, hint, tmp_path, capsys):
     config = tmp_path / "evaluate.yaml"
-    config.write_text("n_turn: 3\n")
+    config.write_text(f"{key}: 3\n")
     with pytest.raises(SystemExit) as e:
         main(["evaluate", "--config", str(config), "--model", "tiny-random"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
-    assert "clarify evaluate: error: Option 'n_turn' is not accepted; did you mean --rollout.n_turns?" in err, err
+    assert f"clarify evaluate: error: Option '{key}' is not accepted; {hint}" in err, err
 
 
 # ------------------------------------------------------------------------------------------ Ctrl-C in iterate

@@ -124,17 +124,6 @@ def test_flat_flags_still_parse_with_one_deprecation_line(command, capsys):
                      for name in ("max_new_tokens", "temperatures", "seed")]
 
 
-def test_a_flat_key_in_a_config_file_names_where_it_moved(tmp_path, capsys):
-    from clarify_lit.cli import main
-
-    config = tmp_path / "evaluate.yaml"
-    config.write_text("max_new_tokens: 3\n")
-    with pytest.raises(SystemExit) as e:
-        main(["evaluate", "--config", str(config), "--model", "tiny-random"])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "Option 'max_new_tokens' is not accepted; it moved: --rollout.max_new_tokens" in err
-
-
 def test_the_callbacks_flat_options_still_work_with_a_warning():
     from clarify_lit.cli import moved_callback_flags
     from clarify_lit.evaluate.callback import RolloutEvaluation
