@@ -10,8 +10,10 @@ DPOTrainer, on the same records, model, batch size, precision and LoRA/full sett
         --variants ours_refit ours_dpo --warmup 1 --steps 2 --profile    # where the time goes (~5 min under load)
 
 Our variants also report model FLOPs utilisation (``mfu``): the timed steps' matmul FLOPs (formula in
-``benchmarks/mfu.py``) per wall second and per CPU second, over a bf16 ``torch.matmul`` peak measured in the same
-child after training. ``--profile`` runs our variants under ``torch.profiler`` and writes the CPU time per part
+``benchmarks/mfu.py``) per wall second and per CPU second, over a ``torch.matmul`` peak measured in the same child
+after training, in the dtype the step's matmuls ran in (bf16 under ``bf16-mixed``, fp32 under ``32-true``). A figure
+above 100 % is refused (``mfu.MFUError``): the child reports the error instead of the figure, the parent prints it
+and the run exits non-zero after writing the JSON, like a failed same-work check. ``--profile`` runs our variants under ``torch.profiler`` and writes the CPU time per part
 (attention, base linears, LoRA adapters, LM head, optimizer, data; ``profile``) and what a training forward keeps for
 backward per part (``saved_activations``), under the key ``"<model> <precision> profile"``.
 
@@ -79,13 +81,16 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from mfu import (  # noqa: E402
+    MFUError,
     batch_shape,
     breakdown,
+    matmul_dtype,
     matmul_peak,
     model_shapes,
     profile_scopes,
     saved_activation_bytes,
     step_flops,
+    utilisation,
 )
 
 VARIANTS = ["ours_refit", "trl_sft_weighted", "ours_dpo", "ours_dpo_stacked", "ours_dpo_precomputed", "trl_dpo"]
@@ -256,7 +261,8 @@ def run_ours(spec: dict) -> dict:
     out["setup_s"] = round(marks["train_start"] - marks["fit_start"], 3)
     out["step0_loss"] = rec.losses[0]
     if spec.get("accelerator", "cpu") == "cpu":
-        out["mfu"] = _mfu(out, step_flop[spec["warmup"]: spec["warmup"] + spec["steps"]], matmul_peak())
+        peak = matmul_peak(dtype=matmul_dtype(spec["precision"], spec.get("dtype", "float32")))
+        out["mfu"] = _mfu(out, step_flop[spec["warmup"]: spec["warmup"] + spec["steps"]], peak)
     if profiler.result is not None:
         out["profile"] = profiler.result
         out["saved_activations"] = _saved_activations(module, dm, spec)
@@ -322,16 +328,31 @@ class _StepProfiler:
 
 
 def _mfu(timed: dict, flops: list[dict], peak: dict) -> dict:
-    """Model FLOPs utilisation of the timed steps (FLOP formula: benchmarks/mfu.py) against the bf16 matmul peak
-    measured in this process after training; by wall time and by CPU time (robust to other jobs)."""
+    """Model FLOPs utilisation of the timed steps (FLOP formula: benchmarks/mfu.py) against the matmul peak measured
+    in this process after training in the step's matmul dtype (``peak["dtype"]``); by wall time and by CPU time
+    (robust to other jobs). A utilisation above 100 % is not a result: the entry then holds ``error`` (the
+    ``MFUError`` message) and no ``mfu_*`` figure."""
     total = sum(f["total"] for f in flops)
     parts = {k: sum(f[k] for f in flops) for k in flops[0] if k != "total"}
     wall = total / timed["seconds"] / 1e9
     cpu = total / (timed["cpu_s_per_step"] * timed["timed_steps"]) / 1e9
-    return {"gflop_per_step": round(total / len(flops) / 1e9, 2),
-            "gflop_parts_share": {k: round(v / total, 3) for k, v in parts.items()},
-            "achieved_gflops_wall": round(wall, 2), "achieved_gflops_cpu": round(cpu, 2), "peak": peak,
-            "mfu_wall": round(wall / peak["gflops_wall_best"], 3), "mfu_cpu": round(cpu / peak["gflops_cpu_best"], 3)}
+    out = {"gflop_per_step": round(total / len(flops) / 1e9, 2),
+           "gflop_parts_share": {k: round(v / total, 3) for k, v in parts.items()},
+           "achieved_gflops_wall": round(wall, 2), "achieved_gflops_cpu": round(cpu, 2), "peak": peak}
+    try:
+        out["mfu_wall"] = round(utilisation(wall, peak["gflops_wall_best"], f" ({peak['dtype']}, wall time)"), 3)
+        out["mfu_cpu"] = round(utilisation(cpu, peak["gflops_cpu_best"], f" ({peak['dtype']}, CPU time)"), 3)
+    except MFUError as e:
+        out.pop("mfu_wall", None)
+        out["error"] = str(e)
+    return out
+
+
+def mfu_line(mfu: dict) -> str:
+    """The MFU part of a variant's progress line: the figure, or the refusal."""
+    if "error" in mfu:
+        return f"  MFU refused: {mfu['error']}"
+    return f"  MFU {mfu['mfu_cpu']:.1%} of the {mfu['peak']['dtype']} matmul peak (CPU time)"
 
 
 def run_trl(spec: dict) -> dict:
@@ -514,9 +535,12 @@ def aggregate(runs: list[dict]) -> dict:
             agg[k] = runs[0][k]
     if "mfu" in runs[0]:  # ours: model FLOPs utilisation (benchmarks/mfu.py), medians over repeats
         m = [r["mfu"] for r in runs]
-        agg["mfu"] = {**m[0], **{k: round(statistics.median(x[k] for x in m), 3)
-                                for k in ("mfu_wall", "mfu_cpu", "achieved_gflops_wall", "achieved_gflops_cpu")},
-                      "mfu_cpu_all": [x["mfu_cpu"] for x in m]}
+        if any("error" in x for x in m):  # refused (above 100 %): no figure, the errors instead
+            agg["mfu"] = {"errors": [x["error"] for x in m if "error" in x]}
+        else:
+            agg["mfu"] = {**m[0], **{k: round(statistics.median(x[k] for x in m), 3)
+                                    for k in ("mfu_wall", "mfu_cpu", "achieved_gflops_wall", "achieved_gflops_cpu")},
+                          "mfu_cpu_all": [x["mfu_cpu"] for x in m]}
     if "profile" in runs[0]:
         agg["profile"], agg["saved_activations"] = runs[0]["profile"], runs[0]["saved_activations"]
     return agg
@@ -628,7 +652,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "threads": threads, "accelerator": args.accelerator, "profile": args.profile}
                 res = run_child(spec, args.timeout)
                 runs[ft][v].append(res)
-                mfu = f"  MFU {res['mfu']['mfu_cpu']:.1%} (CPU time)" if "mfu" in res else ""
+                mfu = mfu_line(res["mfu"]) if "mfu" in res else ""
                 print(f"[rep {rep}] {ft:<4} {v:<21} {res['tokens_per_s']:>9.1f} tok/s  {res['s_per_step']:.3f} s/step"
                       f"  peak RSS {res['peak_rss_mb']:.0f} MB  step-0 loss {res['step0_loss']:.4f}{mfu}  load "
                       f"{os.getloadavg()[0]:.2f}", flush=True)
@@ -639,6 +663,8 @@ def main(argv: list[str] | None = None) -> dict:
     checked = {ft: checks(summary, ft) for ft in summary}
     same_work = {ft: c[0] for ft, c in checked.items()}
     failures = [f for c in checked.values() for f in c[1]]
+    failures += [f"{ft} {v}: {e}" for ft, per in summary.items() for v, agg in per.items()
+                 for e in agg.get("mfu", {}).get("errors", [])]
     ratios, table = ratio_table(summary)
     report = {
         "command": "python benchmarks/train_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -666,7 +692,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n{args.model}, batch {args.batch_size}, {args.precision}, {threads} threads, "
           f"load {load_start[0]:.2f} -> {os.getloadavg()[0]:.2f}\n{table}\n-> {out}")
     if failures:
-        raise SystemExit("same-work checks failed:\n" + "\n".join(failures))
+        raise SystemExit("same-work checks (or MFU) failed:\n" + "\n".join(failures))
     return report
 
 
