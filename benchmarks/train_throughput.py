@@ -214,7 +214,8 @@ def run_ours(spec: dict) -> dict:
                                lora_r=lk["lora_r"], lora_alpha=lk["lora_alpha"], lora_dropout=_lora_dropout(variant),
                                lora_target_modules=lk["lora_target_modules"], learning_rate=LR, warmup_ratio=0.0,
                                lr_schedule="constant", gradient_checkpointing=spec["gradient_checkpointing"],
-                               export_on_fit_end=False, reference_cache=False, dtype=spec.get("dtype", "float32"))
+                               export_on_fit_end=False, reference_cache=False, dtype=spec.get("dtype", "float32"),
+                               **spec.get("module_args", {}))
     dm = _datamodule(spec, objective)
     out: dict = {"data_tokens": _our_data_tokens(dm.train_set.samples)}
     if variant == "ours_refit":  # same-batch loss check, fp32, before any update
@@ -622,6 +623,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--profile", action="store_true",
                    help="torch.profiler over our variants' timed steps: time per part (attention, LM head, LoRA, "
                         "optimizer, data; benchmarks/mfu.py) under the result key '... profile' (slower: not timings)")
+    p.add_argument("--module-args", type=json.loads, default={},
+                   help='extra ClarifyModule arguments for our variants, as JSON (an ablation: '
+                        '\'{"lm_head_recompute": false, "lora_dropout_bitmask": false}\' is the step before issue 28)')
+    p.add_argument("--tag", default="", help="appended to the result key (an ablation's name)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_throughput.json"))
     args = p.parse_args(argv)
     if args.child:
@@ -649,7 +654,8 @@ def main(argv: list[str] | None = None) -> dict:
                 spec = {"variant": v, "finetune": ft, "model": args.model, "records": str(records),
                         "batch_size": args.batch_size, "max_length": args.max_length, "precision": args.precision,
                         "gradient_checkpointing": args.gradient_checkpointing, "warmup": warmup, "steps": steps,
-                        "threads": threads, "accelerator": args.accelerator, "profile": args.profile}
+                        "threads": threads, "accelerator": args.accelerator, "profile": args.profile,
+                        "module_args": args.module_args}
                 res = run_child(spec, args.timeout)
                 runs[ft][v].append(res)
                 mfu = mfu_line(res["mfu"]) if "mfu" in res else ""
@@ -671,7 +677,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": args.model, "n_conversations": args.n_conversations, "batch_size": args.batch_size,
         "max_length": args.max_length, "precision": args.precision,
         "gradient_checkpointing": args.gradient_checkpointing, "warmup_steps": warmup, "timed_steps": steps,
-        "repeats": repeats, "dpo_pairs": "final_answer", "beta": BETA, "lora": _lora_kwargs({"model": args.model}),
+        "repeats": repeats, "module_args": args.module_args, "dpo_pairs": "final_answer", "beta": BETA, "lora": _lora_kwargs({"model": args.model}),
         "machine": {**machine_info(threads), "loadavg_start": [round(x, 2) for x in load_start],
                     "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
         "wall_s": round(time.time() - t_start, 1),
@@ -686,7 +692,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(out.read_text()) if out.exists() else {}
-    key = f"{args.model} {args.precision}{' gc' if args.gradient_checkpointing else ''}{' profile' if args.profile else ''}"
+    key = (f"{args.model} {args.precision}{' gc' if args.gradient_checkpointing else ''}"
+           f"{' profile' if args.profile else ''}{' ' + args.tag if args.tag else ''}")
     existing[key] = report
     out.write_text(json.dumps(existing, indent=1) + "\n")
     print(f"\n{args.model}, batch {args.batch_size}, {args.precision}, {threads} threads, "
