@@ -34,6 +34,8 @@ Variants (same LoRA config / full fine-tuning, same batch size, same precision, 
   keep TRL's own fused LM-head forward, multiply each sequence's log-prob sum by its weight; a collator subclass passes
   the weights). It gets our tokenized ``input_ids``/``labels`` (assistant-only labels: the ChatML template has no
   ``{% generation %}`` markers, so TRL's ``assistant_only_loss`` cannot build them) — the same tokens, the same work.
+* ``ours_refit_pre28``: the same step before issue 28's memory savers (LM-head logits kept for backward, 1024-row
+  head chunks, LoRA dropout keeping its fp32 noise tensor): the savers' ablation (LoRA only).
 * ``ours_dpo``: ``DPO(pairs=final_answer)``, reference ``auto`` (LoRA: adapter disabled; full: frozen copy), pairs
   packed with their shared prompt (``data.share_pair_prefix``, the default: the prompt is computed once per pair).
 * ``ours_dpo_stacked``: the same with ``share_pair_prefix=false`` (chosen and rejected as two rows, as TRL does): the
@@ -92,11 +94,17 @@ from mfu import (  # noqa: E402
     step_flops,
     utilisation,
 )
+from stamp import loadavg, machine_stamp  # noqa: E402
 
-VARIANTS = ["ours_refit", "trl_sft_weighted", "ours_dpo", "ours_dpo_stacked", "ours_dpo_precomputed", "trl_dpo"]
-LORA_ONLY = {"ours_dpo_stacked"}  # ablation (packing off), measured with LoRA only to keep the run short
+VARIANTS = ["ours_refit", "trl_sft_weighted", "ours_dpo", "ours_dpo_stacked", "ours_dpo_precomputed", "trl_dpo",
+            "ours_refit_pre28"]
+# ablations, measured with LoRA only to keep the run short: packing off; the step before issue 28's memory savers
+LORA_ONLY = {"ours_dpo_stacked", "ours_refit_pre28"}
 PAIRS = [("ours_refit", "trl_sft_weighted"), ("ours_dpo", "trl_dpo"), ("ours_dpo_precomputed", "trl_dpo"),
-         ("ours_dpo_stacked", "trl_dpo")]
+         ("ours_dpo_stacked", "trl_dpo"), ("ours_refit_pre28", "trl_sft_weighted")]
+#: ClarifyModule arguments of an ablation variant (on top of --module-args)
+VARIANT_MODULE_ARGS = {"ours_refit_pre28": {"lm_head_recompute": False, "lora_dropout_bitmask": False,
+                                            "logprob_chunk_size": 1024}}
 PRESETS = {  # the repo's model presets (configs/model/*.yaml)
     "tiny-random": {"lora_r": 4, "lora_alpha": 8, "lora_target_modules": ["q_proj", "v_proj"]},
     "embedded:smollm2-135m-instruct": {
@@ -181,7 +189,7 @@ def _batch_tokens(batch: dict) -> tuple[int, int]:
 def _our_objective(variant: str):
     from clarify_lit.train.objectives import DPO, Refit
 
-    if variant == "ours_refit":
+    if variant.startswith("ours_refit"):
         return Refit()
     # ours_dpo, ours_dpo_stacked, ours_dpo_precomputed
     return DPO(beta=BETA, pairs="final_answer",
@@ -215,10 +223,10 @@ def run_ours(spec: dict) -> dict:
                                lora_target_modules=lk["lora_target_modules"], learning_rate=LR, warmup_ratio=0.0,
                                lr_schedule="constant", gradient_checkpointing=spec["gradient_checkpointing"],
                                export_on_fit_end=False, reference_cache=False, dtype=spec.get("dtype", "float32"),
-                               **spec.get("module_args", {}))
+                               **{**spec.get("module_args", {}), **VARIANT_MODULE_ARGS.get(variant, {})})
     dm = _datamodule(spec, objective)
     out: dict = {"data_tokens": _our_data_tokens(dm.train_set.samples)}
-    if variant == "ours_refit":  # same-batch loss check, fp32, before any update
+    if variant.startswith("ours_refit"):  # same-batch loss check, fp32, before any update
         batch = PadCollator(dm.tokenizer.pad_token_id)(dm.train_set.samples[: spec["batch_size"]])
         at = next(module.parameters()).device
         batch = {k: (v.to(at) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
@@ -530,7 +538,8 @@ def aggregate(runs: list[dict]) -> dict:
            "setup_s": None if runs[0]["setup_s"] is None else round(statistics.median(r["setup_s"] for r in runs), 3),
            "tokens_per_cpu_s": round(statistics.median(r["tokens_per_cpu_s"] for r in runs), 2),
            "cpu_s_per_step": round(statistics.median(r["cpu_s_per_step"] for r in runs), 4),
-           "step0_loss": runs[0]["step0_loss"], "data_tokens": runs[0]["data_tokens"]}
+           "step0_loss": runs[0]["step0_loss"], "step_losses": runs[0]["step_losses"],
+           "data_tokens": runs[0]["data_tokens"]}
     for k in ("check_loss_weights_1", "check_loss_real_weights"):
         if k in runs[0]:
             agg[k] = runs[0][k]
@@ -564,6 +573,11 @@ def checks(summary: dict, finetune: str) -> tuple[dict, list[str]]:
         check(abs(a - b) <= 1e-4 * max(1.0, abs(a)), f"SFT loss (weights 1) at step 0 differs: ours {a}, TRL {b}")
         check(abs(ar - br) <= 1e-4 * max(1.0, abs(ar)), f"weighted loss at step 0 differs: ours {ar}, TRL {br}")
         check(s["ours_refit"]["data_tokens"] == s["trl_sft_weighted"]["data_tokens"], "SFT data differ")
+    if "ours_refit" in s and "ours_refit_pre28" in s:  # the memory savers change no number (bf16: rounding only)
+        a, b = s["ours_refit"]["step_losses"], s["ours_refit_pre28"]["step_losses"]
+        out["refit_vs_pre28_step_losses"] = {"ours": a, "pre28": b}
+        check(len(a) == len(b) and all(abs(x - y) <= 1e-3 * max(1.0, abs(y)) for x, y in zip(a, b)),
+              f"Refit step losses with and without the memory savers differ: {a} vs {b}")
     if "ours_dpo" in s and "trl_dpo" in s:  # the same sequences; TRL also trains the "\n" after each <|im_end|>
         a, b = s["ours_dpo"]["data_tokens"], s["trl_dpo"]["data_tokens"]
         out["dpo_data_tokens"] = {"ours": a, "trl": b}
@@ -641,7 +655,7 @@ def main(argv: list[str] | None = None) -> dict:
     repeats = args.repeats
     threads = args.threads
     records = write_records(Path(tempfile.mkdtemp(prefix="clarify-bench-")) / "records.jsonl", args.n_conversations)
-    load_start = os.getloadavg()
+    load_start = loadavg()
     t_start = time.time()
     runs: dict[str, dict[str, list[dict]]] = {
         ft: {v: [] for v in args.variants if ft == "lora" or v not in LORA_ONLY} for ft in args.finetune}
@@ -679,7 +693,8 @@ def main(argv: list[str] | None = None) -> dict:
         "gradient_checkpointing": args.gradient_checkpointing, "warmup_steps": warmup, "timed_steps": steps,
         "repeats": repeats, "module_args": args.module_args, "dpo_pairs": "final_answer", "beta": BETA, "lora": _lora_kwargs({"model": args.model}),
         "machine": {**machine_info(threads), "loadavg_start": [round(x, 2) for x in load_start],
-                    "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
+                    "loadavg_end": loadavg(),
+                    "stamp": machine_stamp("bfloat16" if args.precision == "bf16-mixed" else "float32")},
         "wall_s": round(time.time() - t_start, 1),
         "notes": ("one subprocess per (mode, variant, repeat), variants interleaved, order reversed on odd repeats; "
                   "tokens_per_s = trained tokens (labels != -100; TRL DPO also trains the '\\n' after <|im_end|>, "

@@ -87,5 +87,5 @@ def test_train_throughput_reports_the_refusal_not_the_figure():
     assert tt.mfu_line(bad).startswith("  MFU refused:")
     run = {"tokens_per_s": 1.0, "input_tokens_per_s": 1.0, "peak_rss_mb": 1.0, "s_per_step": 1.0,
            "rss_before_train_mb": 1.0, "setup_s": None, "tokens_per_cpu_s": 1.0, "cpu_s_per_step": 1.0,
-           "step0_loss": 0.5, "data_tokens": {}, "mfu": bad}
+           "step0_loss": 0.5, "step_losses": [0.5], "data_tokens": {}, "mfu": bad}
     assert tt.aggregate([run])["mfu"] == {"errors": [bad["error"]]}

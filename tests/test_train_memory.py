@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from clarify_lit.data.datamodule import ConversationDataModule, PadCollator
-from clarify_lit.train.memory import BitMaskDropout, lighten_lora_dropout, pack_bits, unpack_bits
+from clarify_lit.train.memory import BitMaskDropout, pack_bits, unpack_bits
 from clarify_lit.train.module import ClarifyModule
 from clarify_lit.train.objectives import DPO, Refit
 
