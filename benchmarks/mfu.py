@@ -23,10 +23,14 @@ to the embedding).
 A DPO step with the ``auto`` reference adds a no-grad forward of the same packed batch with the adapter disabled:
 ``2·in·out`` per token and linear, ``4·h·d`` per visible pair and layer, ``2·H·V`` per trained position.
 
-Peak: ``torch.matmul`` of two ``n × n`` bf16 matrices (n = 2048 by default) in the same process and thread count,
-best of ``repeats`` (the peak is what the core gives when nothing else runs on it), by wall time and by process CPU
-time. MFU by CPU time (step FLOPs per CPU-second over matmul FLOPs per CPU-second) is robust to other jobs on the
-machine; MFU by wall time is the usual definition.
+Peak: ``torch.matmul`` of two ``n × n`` matrices (n = 2048 by default) *in the dtype the step's matmuls run in*
+(:func:`matmul_dtype`: bf16 under ``bf16-mixed``, the weights' dtype under ``32-true``; a CPU without native bf16
+emulates it far below its fp32 speed, so an fp32 step against a bf16 peak read 187–234 % in issue 28), in the same
+process and thread count, best of ``repeats`` (the peak is what the core gives when nothing else runs on it), by wall
+time and by process CPU time. MFU by CPU time (step FLOPs per CPU-second over matmul FLOPs per CPU-second) is robust
+to other jobs on the machine; MFU by wall time is the usual definition. :func:`utilisation` refuses a figure above
+100 %: the step cannot outrun the matmul peak it is measured against, so such a figure means the FLOP count, the
+peak's dtype or the timing is wrong (:class:`MFUError`).
 
 Breakdown: :func:`profile_scopes` labels modules with ``record_function`` scopes (attention, base linears, LoRA
 adapters, MLP/norm elementwise, LM head + log-softmax, data collation); :func:`breakdown` sums the profiler's self
@@ -41,6 +45,36 @@ import time
 from contextlib import contextmanager
 
 ATTN_NAMES = {"q_proj", "k_proj", "v_proj"}  # layer-0 inputs that need no input gradient under LoRA
+
+
+class MFUError(ValueError):
+    """A utilisation above 100 % of the measured peak: a bug in the count, the peak or the timing, never a result."""
+
+
+PRECISION_DTYPES = {"bf16-mixed": "bfloat16", "bf16-true": "bfloat16", "16-mixed": "float16", "16-true": "float16",
+                    "32-true": None, "32": None, "64-true": "float64"}
+
+
+def matmul_dtype(precision: str, weights_dtype: str = "float32") -> str:
+    """The dtype the training step's matmuls run in: the autocast dtype of a mixed precision, the weights' dtype of
+    ``32-true`` (Lightning's precision names)."""
+    if precision not in PRECISION_DTYPES:
+        raise ValueError(f"unknown precision {precision!r}; known: {sorted(PRECISION_DTYPES)}")
+    return PRECISION_DTYPES[precision] or weights_dtype
+
+
+def utilisation(achieved_gflops: float, peak_gflops: float, what: str = "") -> float:
+    """``achieved / peak``; raises :class:`MFUError` when it is above 1 (or the peak is not positive) instead of
+    returning a figure that cannot be true."""
+    if not peak_gflops > 0:
+        raise MFUError(f"MFU{what}: the measured matmul peak is {peak_gflops} GFLOP/s")
+    mfu = achieved_gflops / peak_gflops
+    if mfu > 1.0:
+        raise MFUError(
+            f"MFU{what} would be {mfu:.1%} ({achieved_gflops:.1f} GFLOP/s achieved over a {peak_gflops:.1f} GFLOP/s "
+            "matmul peak): above 100 % is a bug (the FLOP count, the peak's dtype or the timed window is wrong), "
+            "not a result; not reported")
+    return mfu
 
 
 def matmul_peak(n: int = 2048, repeats: int = 8, dtype: str = "bfloat16") -> dict:

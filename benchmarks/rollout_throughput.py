@@ -39,9 +39,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from stamp import loadavg, machine_stamp  # noqa: E402
 
 from clarify_lit.data.tasks import QATask  # noqa: E402
 from clarify_lit.models import load_causal_lm, load_tokenizer  # noqa: E402
+from clarify_lit.simulate.decode import decode_step_for, own_decode_step  # noqa: E402
 from clarify_lit.simulate.engine import GenerationEngine, attention_implementation, new_cache  # noqa: E402
 from clarify_lit.simulate.rollout import RolloutSpec, rollout_tasks  # noqa: E402
 
@@ -88,11 +92,15 @@ def time_variant(model, tok, tasks, *, batch_size: int, sort: bool, args, mix: b
 
 # -- the engine's decode paths, old vs new (--paths) ------------------------------------------------------------------
 
-#: Engine options of each compared path: ``plain`` is the engine before this change (transformers' concatenating
+#: Engine options of each compared path: ``plain`` is the engine before issue 16 (transformers' concatenating
 #: cache); ``fast`` the defaults (preallocated cache: same values, same text); ``share_prefix`` and ``eager`` add
-#: one opt-in option each (their numerics differ, so greedy text may too), ``share_prefix_eager`` both.
+#: one opt-in option each (their numerics differ, so greedy text may too), ``share_prefix_eager`` both; ``step`` and
+#: ``compiled`` run generate's one-token steps through the decode step of our own (issue 28,
+#: ``clarify_lit.simulate.decode``), as plain ops or ``torch.compile``d.
 PATHS = {"plain": dict(preallocate_kv=False), "fast": {}, "share_prefix": dict(share_prefix=True),
          "eager": dict(attention="eager"), "gqa": dict(attention="gqa"),
+         "step": dict(decode_step="eager"), "matmul": dict(decode_step="matmul"),
+         "compiled": dict(decode_step="compiled"),
          "share_prefix_eager": dict(share_prefix=True, attention="eager"),
          "share_prefix_gqa": dict(share_prefix=True, attention="gqa")}
 
@@ -106,8 +114,12 @@ def paths_report(model, tok, tasks, args) -> dict:
     names = [n for n in PATHS if n in args.paths]
     engines = {n: GenerationEngine(model, tok, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                    **PATHS[n]) for n in names}
-    for engine in engines.values():  # warm-up: one-time set-up (a few tokens are enough)
+    warmup = {}
+    for n, engine in engines.items():  # warm-up: one-time set-up (a few tokens are enough; compiles `compiled`)
+        t0, c0 = time.perf_counter(), time.process_time()
         rollout_tasks(model, tok, tasks[:1], replace(spec, seed=999, max_new_tokens=2), engine=engine)
+        warmup[n] = {"seconds": round(time.perf_counter() - t0, 2), "cpu_seconds": round(time.process_time() - c0, 2)}
+        print(n, "warm-up", warmup[n], flush=True)
     seconds: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}  # this process's CPU time: what load does not inflate
     texts: dict[str, list[list[str]]] = {}
@@ -130,8 +142,11 @@ def paths_report(model, tok, tasks, args) -> dict:
         out[n] = {**PATHS[n], "seconds_each_round": [round(s, 2) for s in seconds[n]],
                   "median_seconds": round(med, 2), "cpu_seconds_each_round": [round(s, 2) for s in cpu[n]],
                   "median_cpu_seconds": round(med_cpu, 2), "conversations": len(texts[n]),
+                  "warmup": warmup[n],
                   "conversations_per_s": round(len(texts[n]) / med, 4),
-                  "new_tokens": stats[n].new_tokens, "shared_prefix_tokens": stats[n].shared_tokens,
+                  "new_tokens": stats[n].new_tokens, "decoded_row_steps": stats[n].row_steps,
+                  "live_row_share": round(stats[n].new_tokens / max(1, stats[n].row_steps), 3),
+                  "shared_prefix_tokens": stats[n].shared_tokens,
                   "reused_prompt_tokens": stats[n].reused_tokens, "prompt_tokens": stats[n].prompt_tokens,
                   f"same_text_as_{names[0]}": f"{same}/{len(texts[n])}"}
     base, base_cpu = out[names[0]]["median_seconds"], out[names[0]]["median_cpu_seconds"]
@@ -218,24 +233,35 @@ def decode_step_bounds(model, batch: int, context: int, bandwidth: float, peak: 
             "flop_bound_ms": 1e3 * flops / peak}
 
 
-def decode_step_time(model, batch: int, context: int, steps: int, preallocate: bool = False
-                     ) -> tuple[float, float]:
+def decode_step_time(model, batch: int, context: int, steps: int, preallocate: bool = False,
+                     decode: str = "model", first: list | None = None) -> tuple[float, float]:
     """Median wall and CPU seconds of ``model(next_token, cache=cache)`` (``past_key_values=`` in older
-    transformers) over ``steps`` steps after one warm-up, the cache growing by one token per step as in generation."""
+    transformers) over ``steps`` steps after one warm-up, the cache growing by one token per step as in generation.
+    ``decode``: the engine's decode step of our own (``clarify_lit.simulate.decode``: ``eager`` or ``compiled``)
+    instead of the model's forward; ``first`` gets the warm-up's wall and CPU seconds (a compilation's cost)."""
     dtype = next(model.parameters()).dtype
     cache = random_cache(model, batch, context, dtype, preallocate)
     token = torch.randint(0, model.config.vocab_size, (batch, 1))
-    with torch.inference_mode():
+    with torch.inference_mode(), own_decode_step(model, decode_step_for(model, decode)):
+        t0, c0 = time.perf_counter(), time.process_time()
         model(token, cache=cache, use_cache=True)
+        if first is not None:
+            first.append((time.perf_counter() - t0, time.process_time() - c0))
         return _median_times(lambda: model(token, cache=cache, use_cache=True), steps)
 
 
-#: variant -> (dtype, attention, preallocated cache): the plain step with transformers' concatenating cache in three
-#: set-ups, and the engine's preallocated cache (no per-step copy of the whole cache) with SDPA, eager and the
-#: engine's grouped-query decode attention (``attention="gqa"``).
+#: variant -> (dtype, attention, preallocated cache[, decode step]): the plain step with transformers' concatenating
+#: cache in three set-ups, the engine's preallocated cache (no per-step copy of the whole cache) with SDPA, eager and
+#: the engine's grouped-query decode attention (``attention="gqa"``), and the decode step of our own (issue 28:
+#: ``step`` = its plain ops, ``compiled`` = ``torch.compile``d).
 DECODE_VARIANTS = {"bf16_sdpa": ("bfloat16", "sdpa", False), "bf16_eager": ("bfloat16", "eager", False),
                    "fp32_sdpa": ("float32", "sdpa", False), "bf16_sdpa_prealloc": ("bfloat16", "sdpa", True),
-                   "bf16_eager_prealloc": ("bfloat16", "eager", True), "bf16_gqa_prealloc": ("bfloat16", "gqa", True)}
+                   "bf16_eager_prealloc": ("bfloat16", "eager", True), "bf16_gqa_prealloc": ("bfloat16", "gqa", True),
+                   "bf16_step": ("bfloat16", "sdpa", True, "eager"),
+                   "bf16_matmul": ("bfloat16", "sdpa", True, "matmul"),
+                   "bf16_compiled": ("bfloat16", "sdpa", True, "compiled"),
+                   "fp32_step": ("float32", "sdpa", True, "eager"),
+                   "fp32_compiled": ("float32", "sdpa", True, "compiled")}
 
 
 def decode_step_report(args, save=None) -> dict:
@@ -245,7 +271,7 @@ def decode_step_report(args, save=None) -> dict:
     run cut short by a time limit keeps what it measured)."""
     models = {}
     for name in args.decode_variants:
-        dtype, attn, _ = DECODE_VARIANTS[name]
+        dtype, attn = DECODE_VARIANTS[name][:2]
         model = load_causal_lm(args.model, dtype=dtype)
         model.set_attn_implementation(attention_implementation(attn))
         models[name] = model.eval()
@@ -265,13 +291,16 @@ def decode_step_report(args, save=None) -> dict:
     for batch in args.decode_batches:
         for context in args.decode_contexts:
             step: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
+            first: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
             for _ in range(args.decode_rounds):  # A, B, C, A, B, C, ...: medians of medians
                 for name, model in models.items():
-                    step[name].append(decode_step_time(model, batch, context, args.decode_steps,
-                                                       DECODE_VARIANTS[name][2]))
+                    v = DECODE_VARIANTS[name]
+                    step[name].append(decode_step_time(model, batch, context, args.decode_steps, v[2],
+                                                       v[3] if len(v) > 3 else "model", first[name]))
             for name, model in models.items():
                 dtype = DECODE_VARIANTS[name][0]
-                row = {"variant": name, "batch": batch, "context": context}
+                row = {"variant": name, "batch": batch, "context": context,
+                       "first_step_s": [[round(w, 2), round(c, 2)] for w, c in first[name]]}  # [wall, CPU]
                 for clock, k in (("wall", 0), ("cpu", 1)):
                     ms = 1e3 * sorted(t[k] for t in step[name])[len(step[name]) // 2]
                     b = decode_step_bounds(model, batch, context, bandwidth[k], peaks[dtype][k])
@@ -322,11 +351,11 @@ def main(argv: list[str] | None = None) -> dict:
         key = args.key or f"decode_step {args.model} threads={torch.get_num_threads()}"
         head = {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                 "load_average_1m_before": round(os.getloadavg()[0], 2), "torch": torch.__version__,
-                "machine": platform.machine()}
+                "machine": platform.machine(), "stamp": machine_stamp(), "loadavg_before": loadavg()}
 
         def save(partial: dict) -> None:
-            save_entry(Path(args.out), key, {**head, **partial,
-                                             "load_average_1m_after": round(os.getloadavg()[0], 2)})
+            save_entry(Path(args.out), key, {**head, **partial, "load_average_1m_after": round(os.getloadavg()[0], 2),
+                                             "loadavg_after": loadavg()})
 
         return {**head, **decode_step_report(args, save)}
     model, tok = load_causal_lm(args.model, dtype=args.dtype), load_tokenizer(args.model)
@@ -340,7 +369,9 @@ def main(argv: list[str] | None = None) -> dict:
                   "temperatures": args.temperatures, "max_new_tokens": args.max_new_tokens,
                   "batch_size": args.batch_size, "rounds": args.rounds, "torch_threads": torch.get_num_threads(),
                   "cpu_count": os.cpu_count(), "load_average_1m_before": load_before, "torch": torch.__version__,
-                  **paths_report(model, tok, tasks, args), "load_average_1m_after": round(os.getloadavg()[0], 2)}
+                  "stamp": machine_stamp(args.dtype), "loadavg_before": loadavg(),
+                  **paths_report(model, tok, tasks, args), "load_average_1m_after": round(os.getloadavg()[0], 2),
+                  "loadavg_after": loadavg()}
         print(json.dumps(report["speedup_vs_" + args.paths[0]]), json.dumps(report["cpu_time_speedup_vs_" + args.paths[0]]))
         save_entry(Path(args.out), args.key or f"paths {args.model} batch={args.batch_size} "
                                                f"threads={torch.get_num_threads()}", report)

@@ -10,8 +10,10 @@ DPOTrainer, on the same records, model, batch size, precision and LoRA/full sett
         --variants ours_refit ours_dpo --warmup 1 --steps 2 --profile    # where the time goes (~5 min under load)
 
 Our variants also report model FLOPs utilisation (``mfu``): the timed steps' matmul FLOPs (formula in
-``benchmarks/mfu.py``) per wall second and per CPU second, over a bf16 ``torch.matmul`` peak measured in the same
-child after training. ``--profile`` runs our variants under ``torch.profiler`` and writes the CPU time per part
+``benchmarks/mfu.py``) per wall second and per CPU second, over a ``torch.matmul`` peak measured in the same child
+after training, in the dtype the step's matmuls ran in (bf16 under ``bf16-mixed``, fp32 under ``32-true``). A figure
+above 100 % is refused (``mfu.MFUError``): the child reports the error instead of the figure, the parent prints it
+and the run exits non-zero after writing the JSON, like a failed same-work check. ``--profile`` runs our variants under ``torch.profiler`` and writes the CPU time per part
 (attention, base linears, LoRA adapters, LM head, optimizer, data; ``profile``) and what a training forward keeps for
 backward per part (``saved_activations``), under the key ``"<model> <precision> profile"``.
 
@@ -32,6 +34,8 @@ Variants (same LoRA config / full fine-tuning, same batch size, same precision, 
   keep TRL's own fused LM-head forward, multiply each sequence's log-prob sum by its weight; a collator subclass passes
   the weights). It gets our tokenized ``input_ids``/``labels`` (assistant-only labels: the ChatML template has no
   ``{% generation %}`` markers, so TRL's ``assistant_only_loss`` cannot build them) — the same tokens, the same work.
+* ``ours_refit_pre28``: the same step before issue 28's memory savers (LM-head logits kept for backward, 1024-row
+  head chunks, LoRA dropout keeping its fp32 noise tensor): the savers' ablation (LoRA only).
 * ``ours_dpo``: ``DPO(pairs=final_answer)``, reference ``auto`` (LoRA: adapter disabled; full: frozen copy), pairs
   packed with their shared prompt (``data.share_pair_prefix``, the default: the prompt is computed once per pair).
 * ``ours_dpo_stacked``: the same with ``share_pair_prefix=false`` (chosen and rejected as two rows, as TRL does): the
@@ -79,19 +83,28 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from mfu import (  # noqa: E402
+    MFUError,
     batch_shape,
     breakdown,
+    matmul_dtype,
     matmul_peak,
     model_shapes,
     profile_scopes,
     saved_activation_bytes,
     step_flops,
+    utilisation,
 )
+from stamp import loadavg, machine_stamp  # noqa: E402
 
-VARIANTS = ["ours_refit", "trl_sft_weighted", "ours_dpo", "ours_dpo_stacked", "ours_dpo_precomputed", "trl_dpo"]
-LORA_ONLY = {"ours_dpo_stacked"}  # ablation (packing off), measured with LoRA only to keep the run short
+VARIANTS = ["ours_refit", "trl_sft_weighted", "ours_dpo", "ours_dpo_stacked", "ours_dpo_precomputed", "trl_dpo",
+            "ours_refit_pre28"]
+# ablations, measured with LoRA only to keep the run short: packing off; the step before issue 28's memory savers
+LORA_ONLY = {"ours_dpo_stacked", "ours_refit_pre28"}
 PAIRS = [("ours_refit", "trl_sft_weighted"), ("ours_dpo", "trl_dpo"), ("ours_dpo_precomputed", "trl_dpo"),
-         ("ours_dpo_stacked", "trl_dpo")]
+         ("ours_dpo_stacked", "trl_dpo"), ("ours_refit_pre28", "trl_sft_weighted")]
+#: ClarifyModule arguments of an ablation variant (on top of --module-args)
+VARIANT_MODULE_ARGS = {"ours_refit_pre28": {"lm_head_recompute": False, "lora_dropout_bitmask": False,
+                                            "logprob_chunk_size": 1024}}
 PRESETS = {  # the repo's model presets (configs/model/*.yaml)
     "tiny-random": {"lora_r": 4, "lora_alpha": 8, "lora_target_modules": ["q_proj", "v_proj"]},
     "embedded:smollm2-135m-instruct": {
@@ -176,7 +189,7 @@ def _batch_tokens(batch: dict) -> tuple[int, int]:
 def _our_objective(variant: str):
     from clarify_lit.train.objectives import DPO, Refit
 
-    if variant == "ours_refit":
+    if variant.startswith("ours_refit"):
         return Refit()
     # ours_dpo, ours_dpo_stacked, ours_dpo_precomputed
     return DPO(beta=BETA, pairs="final_answer",
@@ -209,10 +222,11 @@ def run_ours(spec: dict) -> dict:
                                lora_r=lk["lora_r"], lora_alpha=lk["lora_alpha"], lora_dropout=_lora_dropout(variant),
                                lora_target_modules=lk["lora_target_modules"], learning_rate=LR, warmup_ratio=0.0,
                                lr_schedule="constant", gradient_checkpointing=spec["gradient_checkpointing"],
-                               export_on_fit_end=False, reference_cache=False, dtype=spec.get("dtype", "float32"))
+                               export_on_fit_end=False, reference_cache=False, dtype=spec.get("dtype", "float32"),
+                               **{**spec.get("module_args", {}), **VARIANT_MODULE_ARGS.get(variant, {})})
     dm = _datamodule(spec, objective)
     out: dict = {"data_tokens": _our_data_tokens(dm.train_set.samples)}
-    if variant == "ours_refit":  # same-batch loss check, fp32, before any update
+    if variant.startswith("ours_refit"):  # same-batch loss check, fp32, before any update
         batch = PadCollator(dm.tokenizer.pad_token_id)(dm.train_set.samples[: spec["batch_size"]])
         at = next(module.parameters()).device
         batch = {k: (v.to(at) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
@@ -256,7 +270,8 @@ def run_ours(spec: dict) -> dict:
     out["setup_s"] = round(marks["train_start"] - marks["fit_start"], 3)
     out["step0_loss"] = rec.losses[0]
     if spec.get("accelerator", "cpu") == "cpu":
-        out["mfu"] = _mfu(out, step_flop[spec["warmup"]: spec["warmup"] + spec["steps"]], matmul_peak())
+        peak = matmul_peak(dtype=matmul_dtype(spec["precision"], spec.get("dtype", "float32")))
+        out["mfu"] = _mfu(out, step_flop[spec["warmup"]: spec["warmup"] + spec["steps"]], peak)
     if profiler.result is not None:
         out["profile"] = profiler.result
         out["saved_activations"] = _saved_activations(module, dm, spec)
@@ -322,16 +337,31 @@ class _StepProfiler:
 
 
 def _mfu(timed: dict, flops: list[dict], peak: dict) -> dict:
-    """Model FLOPs utilisation of the timed steps (FLOP formula: benchmarks/mfu.py) against the bf16 matmul peak
-    measured in this process after training; by wall time and by CPU time (robust to other jobs)."""
+    """Model FLOPs utilisation of the timed steps (FLOP formula: benchmarks/mfu.py) against the matmul peak measured
+    in this process after training in the step's matmul dtype (``peak["dtype"]``); by wall time and by CPU time
+    (robust to other jobs). A utilisation above 100 % is not a result: the entry then holds ``error`` (the
+    ``MFUError`` message) and no ``mfu_*`` figure."""
     total = sum(f["total"] for f in flops)
     parts = {k: sum(f[k] for f in flops) for k in flops[0] if k != "total"}
     wall = total / timed["seconds"] / 1e9
     cpu = total / (timed["cpu_s_per_step"] * timed["timed_steps"]) / 1e9
-    return {"gflop_per_step": round(total / len(flops) / 1e9, 2),
-            "gflop_parts_share": {k: round(v / total, 3) for k, v in parts.items()},
-            "achieved_gflops_wall": round(wall, 2), "achieved_gflops_cpu": round(cpu, 2), "peak": peak,
-            "mfu_wall": round(wall / peak["gflops_wall_best"], 3), "mfu_cpu": round(cpu / peak["gflops_cpu_best"], 3)}
+    out = {"gflop_per_step": round(total / len(flops) / 1e9, 2),
+           "gflop_parts_share": {k: round(v / total, 3) for k, v in parts.items()},
+           "achieved_gflops_wall": round(wall, 2), "achieved_gflops_cpu": round(cpu, 2), "peak": peak}
+    try:
+        out["mfu_wall"] = round(utilisation(wall, peak["gflops_wall_best"], f" ({peak['dtype']}, wall time)"), 3)
+        out["mfu_cpu"] = round(utilisation(cpu, peak["gflops_cpu_best"], f" ({peak['dtype']}, CPU time)"), 3)
+    except MFUError as e:
+        out.pop("mfu_wall", None)
+        out["error"] = str(e)
+    return out
+
+
+def mfu_line(mfu: dict) -> str:
+    """The MFU part of a variant's progress line: the figure, or the refusal."""
+    if "error" in mfu:
+        return f"  MFU refused: {mfu['error']}"
+    return f"  MFU {mfu['mfu_cpu']:.1%} of the {mfu['peak']['dtype']} matmul peak (CPU time)"
 
 
 def run_trl(spec: dict) -> dict:
@@ -508,15 +538,19 @@ def aggregate(runs: list[dict]) -> dict:
            "setup_s": None if runs[0]["setup_s"] is None else round(statistics.median(r["setup_s"] for r in runs), 3),
            "tokens_per_cpu_s": round(statistics.median(r["tokens_per_cpu_s"] for r in runs), 2),
            "cpu_s_per_step": round(statistics.median(r["cpu_s_per_step"] for r in runs), 4),
-           "step0_loss": runs[0]["step0_loss"], "data_tokens": runs[0]["data_tokens"]}
+           "step0_loss": runs[0]["step0_loss"], "step_losses": runs[0]["step_losses"],
+           "data_tokens": runs[0]["data_tokens"]}
     for k in ("check_loss_weights_1", "check_loss_real_weights"):
         if k in runs[0]:
             agg[k] = runs[0][k]
     if "mfu" in runs[0]:  # ours: model FLOPs utilisation (benchmarks/mfu.py), medians over repeats
         m = [r["mfu"] for r in runs]
-        agg["mfu"] = {**m[0], **{k: round(statistics.median(x[k] for x in m), 3)
-                                for k in ("mfu_wall", "mfu_cpu", "achieved_gflops_wall", "achieved_gflops_cpu")},
-                      "mfu_cpu_all": [x["mfu_cpu"] for x in m]}
+        if any("error" in x for x in m):  # refused (above 100 %): no figure, the errors instead
+            agg["mfu"] = {"errors": [x["error"] for x in m if "error" in x]}
+        else:
+            agg["mfu"] = {**m[0], **{k: round(statistics.median(x[k] for x in m), 3)
+                                    for k in ("mfu_wall", "mfu_cpu", "achieved_gflops_wall", "achieved_gflops_cpu")},
+                          "mfu_cpu_all": [x["mfu_cpu"] for x in m]}
     if "profile" in runs[0]:
         agg["profile"], agg["saved_activations"] = runs[0]["profile"], runs[0]["saved_activations"]
     return agg
@@ -539,6 +573,11 @@ def checks(summary: dict, finetune: str) -> tuple[dict, list[str]]:
         check(abs(a - b) <= 1e-4 * max(1.0, abs(a)), f"SFT loss (weights 1) at step 0 differs: ours {a}, TRL {b}")
         check(abs(ar - br) <= 1e-4 * max(1.0, abs(ar)), f"weighted loss at step 0 differs: ours {ar}, TRL {br}")
         check(s["ours_refit"]["data_tokens"] == s["trl_sft_weighted"]["data_tokens"], "SFT data differ")
+    if "ours_refit" in s and "ours_refit_pre28" in s:  # the memory savers change no number (bf16: rounding only)
+        a, b = s["ours_refit"]["step_losses"], s["ours_refit_pre28"]["step_losses"]
+        out["refit_vs_pre28_step_losses"] = {"ours": a, "pre28": b}
+        check(len(a) == len(b) and all(abs(x - y) <= 1e-3 * max(1.0, abs(y)) for x, y in zip(a, b)),
+              f"Refit step losses with and without the memory savers differ: {a} vs {b}")
     if "ours_dpo" in s and "trl_dpo" in s:  # the same sequences; TRL also trains the "\n" after each <|im_end|>
         a, b = s["ours_dpo"]["data_tokens"], s["trl_dpo"]["data_tokens"]
         out["dpo_data_tokens"] = {"ours": a, "trl": b}
@@ -598,6 +637,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--profile", action="store_true",
                    help="torch.profiler over our variants' timed steps: time per part (attention, LM head, LoRA, "
                         "optimizer, data; benchmarks/mfu.py) under the result key '... profile' (slower: not timings)")
+    p.add_argument("--module-args", type=json.loads, default={},
+                   help='extra ClarifyModule arguments for our variants, as JSON (an ablation: '
+                        '\'{"lm_head_recompute": false, "lora_dropout_bitmask": false}\' is the step before issue 28)')
+    p.add_argument("--tag", default="", help="appended to the result key (an ablation's name)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_throughput.json"))
     args = p.parse_args(argv)
     if args.child:
@@ -612,7 +655,7 @@ def main(argv: list[str] | None = None) -> dict:
     repeats = args.repeats
     threads = args.threads
     records = write_records(Path(tempfile.mkdtemp(prefix="clarify-bench-")) / "records.jsonl", args.n_conversations)
-    load_start = os.getloadavg()
+    load_start = loadavg()
     t_start = time.time()
     runs: dict[str, dict[str, list[dict]]] = {
         ft: {v: [] for v in args.variants if ft == "lora" or v not in LORA_ONLY} for ft in args.finetune}
@@ -625,10 +668,11 @@ def main(argv: list[str] | None = None) -> dict:
                 spec = {"variant": v, "finetune": ft, "model": args.model, "records": str(records),
                         "batch_size": args.batch_size, "max_length": args.max_length, "precision": args.precision,
                         "gradient_checkpointing": args.gradient_checkpointing, "warmup": warmup, "steps": steps,
-                        "threads": threads, "accelerator": args.accelerator, "profile": args.profile}
+                        "threads": threads, "accelerator": args.accelerator, "profile": args.profile,
+                        "module_args": args.module_args}
                 res = run_child(spec, args.timeout)
                 runs[ft][v].append(res)
-                mfu = f"  MFU {res['mfu']['mfu_cpu']:.1%} (CPU time)" if "mfu" in res else ""
+                mfu = mfu_line(res["mfu"]) if "mfu" in res else ""
                 print(f"[rep {rep}] {ft:<4} {v:<21} {res['tokens_per_s']:>9.1f} tok/s  {res['s_per_step']:.3f} s/step"
                       f"  peak RSS {res['peak_rss_mb']:.0f} MB  step-0 loss {res['step0_loss']:.4f}{mfu}  load "
                       f"{os.getloadavg()[0]:.2f}", flush=True)
@@ -639,15 +683,18 @@ def main(argv: list[str] | None = None) -> dict:
     checked = {ft: checks(summary, ft) for ft in summary}
     same_work = {ft: c[0] for ft, c in checked.items()}
     failures = [f for c in checked.values() for f in c[1]]
+    failures += [f"{ft} {v}: {e}" for ft, per in summary.items() for v, agg in per.items()
+                 for e in agg.get("mfu", {}).get("errors", [])]
     ratios, table = ratio_table(summary)
     report = {
         "command": "python benchmarks/train_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": args.model, "n_conversations": args.n_conversations, "batch_size": args.batch_size,
         "max_length": args.max_length, "precision": args.precision,
         "gradient_checkpointing": args.gradient_checkpointing, "warmup_steps": warmup, "timed_steps": steps,
-        "repeats": repeats, "dpo_pairs": "final_answer", "beta": BETA, "lora": _lora_kwargs({"model": args.model}),
+        "repeats": repeats, "module_args": args.module_args, "dpo_pairs": "final_answer", "beta": BETA, "lora": _lora_kwargs({"model": args.model}),
         "machine": {**machine_info(threads), "loadavg_start": [round(x, 2) for x in load_start],
-                    "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
+                    "loadavg_end": loadavg(),
+                    "stamp": machine_stamp("bfloat16" if args.precision == "bf16-mixed" else "float32")},
         "wall_s": round(time.time() - t_start, 1),
         "notes": ("one subprocess per (mode, variant, repeat), variants interleaved, order reversed on odd repeats; "
                   "tokens_per_s = trained tokens (labels != -100; TRL DPO also trains the '\\n' after <|im_end|>, "
@@ -660,13 +707,14 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(out.read_text()) if out.exists() else {}
-    key = f"{args.model} {args.precision}{' gc' if args.gradient_checkpointing else ''}{' profile' if args.profile else ''}"
+    key = (f"{args.model} {args.precision}{' gc' if args.gradient_checkpointing else ''}"
+           f"{' profile' if args.profile else ''}{' ' + args.tag if args.tag else ''}")
     existing[key] = report
     out.write_text(json.dumps(existing, indent=1) + "\n")
     print(f"\n{args.model}, batch {args.batch_size}, {args.precision}, {threads} threads, "
           f"load {load_start[0]:.2f} -> {os.getloadavg()[0]:.2f}\n{table}\n-> {out}")
     if failures:
-        raise SystemExit("same-work checks failed:\n" + "\n".join(failures))
+        raise SystemExit("same-work checks (or MFU) failed:\n" + "\n".join(failures))
     return report
 
 

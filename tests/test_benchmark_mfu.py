@@ -48,3 +48,44 @@ def test_step_flops_match_torch_flop_counter(tiny_model_dir, use_lora):
     parts = mfu.step_flops(shapes, tokens, visible, trained)
     full_attention = parts["attention"] // visible * rows * length * length  # the math kernel's T×T pairs
     assert parts["linear_fwd"] + parts["linear_bwd"] + parts["lora"] + parts["lm_head"] + full_attention == counted
+
+
+def test_peak_dtype_is_the_steps_matmul_dtype():
+    """bf16 autocast runs its matmuls in bf16; ``32-true`` in the weights' dtype: the peak is measured in that one."""
+    assert mfu.matmul_dtype("bf16-mixed") == "bfloat16"
+    assert mfu.matmul_dtype("32-true") == "float32"
+    assert mfu.matmul_dtype("32-true", "bfloat16") == "bfloat16"
+    with pytest.raises(ValueError, match="unknown precision"):
+        mfu.matmul_dtype("fp8")
+    peak = mfu.matmul_peak(n=64, repeats=2, dtype=mfu.matmul_dtype("32-true"))
+    assert peak["dtype"] == "float32" and peak["gflops_cpu_best"] > 0
+
+
+def test_utilisation_refuses_above_100_percent():
+    assert mfu.utilisation(50.0, 200.0) == pytest.approx(0.25)
+    assert mfu.utilisation(200.0, 200.0) == 1.0
+    # issue 28: an fp32 step against the (emulated, slow) bf16 peak of a CPU without native bf16 read 187.6 %
+    with pytest.raises(mfu.MFUError, match=r"187\.6%.*bug"):
+        mfu.utilisation(187.6, 100.0, " (bfloat16, CPU time)")
+    with pytest.raises(mfu.MFUError, match="peak"):
+        mfu.utilisation(1.0, 0.0)
+
+
+def test_train_throughput_reports_the_refusal_not_the_figure():
+    """The benchmark's MFU entry holds the error instead of a figure above 100 %, its progress line says so, and the
+    aggregate turns it into a failure (the run exits non-zero after writing its JSON)."""
+    import train_throughput as tt
+
+    timed = {"seconds": 2.0, "cpu_s_per_step": 1.0, "timed_steps": 2}
+    flops = [{"linear_fwd": 1.5e11, "total": 1.5e11}, {"linear_fwd": 1.5e11, "total": 1.5e11}]
+    peak = {"dtype": "bfloat16", "gflops_wall_best": 200.0, "gflops_cpu_best": 200.0}
+    ok = tt._mfu(timed, flops, peak)
+    assert ok["mfu_cpu"] == 0.75 and ok["mfu_wall"] == 0.75 and "error" not in ok
+    assert "MFU 75.0% of the bfloat16 matmul peak" in tt.mfu_line(ok)
+    bad = tt._mfu(timed, flops, {**peak, "gflops_wall_best": 100.0, "gflops_cpu_best": 100.0})
+    assert "mfu_cpu" not in bad and "mfu_wall" not in bad and "150.0%" in bad["error"]
+    assert tt.mfu_line(bad).startswith("  MFU refused:")
+    run = {"tokens_per_s": 1.0, "input_tokens_per_s": 1.0, "peak_rss_mb": 1.0, "s_per_step": 1.0,
+           "rss_before_train_mb": 1.0, "setup_s": None, "tokens_per_cpu_s": 1.0, "cpu_s_per_step": 1.0,
+           "step0_loss": 0.5, "step_losses": [0.5], "data_tokens": {}, "mfu": bad}
+    assert tt.aggregate([run])["mfu"] == {"errors": [bad["error"]]}

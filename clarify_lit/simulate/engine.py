@@ -26,6 +26,14 @@ from typing import Literal
 import torch
 
 from clarify_lit.data.records import Message
+from clarify_lit.simulate.decode import (
+    DECODE_MODES,
+    PREALLOCATED_LAYER,
+    DecodeMode,
+    decode_step_for,
+    own_decode_step,
+    reserve_kv,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +74,8 @@ class GenerationStats:
     reused_tokens: int = 0  # of those, tokens whose keys/values came from the previous turn's cache
     reuse_misses: int = 0  # rows whose cached history re-tokenized differently (re-prefilled, not reused)
     shared_tokens: int = 0  # prompt tokens of fresh rows served by their batch's common prefix (prefilled once)
+    row_steps: int = 0  # rows × decode steps of every generate call: new_tokens / row_steps is the share of the
+    # decoded rows that still produced a token (the rest had ended their turn and decoded padding)
 
     def record(self, results: Sequence[Generation], seconds: float) -> None:
         """Count one ``generate`` call's rows, tokens, truncations and time."""
@@ -76,7 +86,7 @@ class GenerationStats:
 
     def add(self, other: GenerationStats) -> None:
         for name in ("calls", "rows", "new_tokens", "truncated", "seconds", "prompt_tokens", "reused_tokens",
-                     "reuse_misses", "shared_tokens"):
+                     "reuse_misses", "shared_tokens", "row_steps"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
@@ -193,10 +203,6 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -
     return ids.to(device), mask.to(device)
 
 
-# Room a preallocated cache keeps beyond what it holds: enough for a turn's new tokens and the next teacher message
-# before it has to grow again (growing copies the cache once, as every step of a concatenating cache does).
-KV_HEADROOM_MIN = 256
-KV_HEADROOM_FRACTION = 0.25
 # A batch's common prompt prefix is prefilled once only from this many tokens (below it the extra forward costs more
 # than it saves).
 MIN_SHARED_PREFIX = 8
@@ -205,17 +211,11 @@ MIN_SHARED_PREFIX = 8
 def _append_kv(held: torch.Tensor, buffer: torch.Tensor | None, new: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """``held`` + ``new`` along the sequence axis, written into ``buffer`` when ``held`` is its leading part and it
-    has room (else into a new buffer with headroom); returns the view of the filled part and the buffer."""
+    has room (else into a new buffer with headroom, :func:`~clarify_lit.simulate.decode.reserve_kv`); returns the
+    view of the filled part and the buffer."""
     n = held.shape[-2] if held.dim() == 4 else 0
     need = n + new.shape[-2]
-    fits = (buffer is not None and buffer.shape[-2] >= need and buffer.shape[:2] == new.shape[:2]
-            and buffer.dtype == new.dtype and buffer.device == new.device
-            and (n == 0 or (held.data_ptr() == buffer.data_ptr() and held.stride() == buffer.stride())))
-    if not fits:
-        room = max(KV_HEADROOM_MIN, int(need * KV_HEADROOM_FRACTION))
-        buffer = new.new_empty((*new.shape[:2], need + room, new.shape[-1]))
-        if n:
-            buffer[:, :, :n] = held
+    buffer = reserve_kv(held, buffer, new, need)
     buffer[:, :, n:need] = new
     return buffer[:, :, :need], buffer
 
@@ -227,7 +227,7 @@ def _preallocated_layer_class() -> type:
 
     global _PREALLOCATED_LAYER
     if _PREALLOCATED_LAYER is None:
-        _PREALLOCATED_LAYER = type("PreallocatedLayer", (DynamicLayer,), {
+        _PREALLOCATED_LAYER = type(PREALLOCATED_LAYER, (DynamicLayer,), {
             "__doc__": PREALLOCATED_DOC, "update": _preallocated_update, "_key_buffer": None,
             "_value_buffer": None})
     return _PREALLOCATED_LAYER
@@ -347,13 +347,16 @@ class GenerationEngine:
     whole cache; same values, same text); ``share_prefix`` prefills a fresh batch's common prompt prefix (the system
     prompt) once and shares its keys/values across the rows (off by default: a batch-1 prefill rounds differently in
     bfloat16, so greedy text can differ); ``attention`` picks the attention kernel for generation
-    (:data:`Attention`).
+    (:data:`Attention`). ``decode_step`` runs ``generate``'s one-token steps through a decode step of our own
+    (:mod:`clarify_lit.simulate.decode`; Llama-like models, the preallocated cache): ``"eager"`` (the model's
+    own ops, the same logits), ``"matmul"`` (attention as two matmuls, not SDPA), ``"compiled"`` (``torch.compile``d
+    ``matmul``: fused kernels round differently) or ``"model"`` (the model's forward).
     """
 
     def __init__(self, model, tokenizer, *, batch_size: int = 8, max_new_tokens: int = 64,
                  sort_by_length: bool = True, top_p: float = 1.0, top_k: int = 0, min_new_tokens: int = 1,
                  mix_temperatures: bool = True, reuse_kv_cache: bool = True, preallocate_kv: bool = True,
-                 share_prefix: bool = False, attention: Attention = "model"):
+                 share_prefix: bool = False, attention: Attention = "model", decode_step: DecodeMode = "model"):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if max_new_tokens < 1:
@@ -373,6 +376,9 @@ class GenerationEngine:
         if attention not in ("model", "sdpa", "eager", "gqa"):
             raise ValueError(f"attention must be model, sdpa, eager or gqa, got {attention!r}")
         self.attention = attention
+        if decode_step not in DECODE_MODES:
+            raise ValueError(f"decode_step must be one of {', '.join(DECODE_MODES)}, got {decode_step!r}")
+        self.decode_step = decode_step
         self.end_ids = end_token_ids(tokenizer, model)
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.end_ids[0]
@@ -455,7 +461,8 @@ class GenerationEngine:
         device = model_device(self.model)
         start = time.perf_counter()
         self.stats.prompt_tokens += sum(len(p) for p in prompts)
-        with eval_mode(self.model), attention_kernel(self.model, self.attention), torch.inference_mode():
+        with eval_mode(self.model), attention_kernel(self.model, self.attention), torch.inference_mode(), \
+                own_decode_step(self.model, decode_step_for(self.model, self.decode_step)):
             jobs: list[tuple[float | None, list[int], _CachedBatch | None]] = []
             fresh = list(range(len(prompts)))
             if session is not None:
@@ -488,6 +495,7 @@ class GenerationEngine:
                                               **extra)
                 seqs = out.sequences if session is not None else out
                 new = seqs[:, ids.shape[1]:].tolist()
+                self.stats.row_steps += len(rows) * len(new[0])
                 for i, toks in zip(rows, new, strict=True):
                     results[i] = self._decode(toks, max_new, text_prefixes[i])
                 if session is not None:

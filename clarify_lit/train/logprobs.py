@@ -16,10 +16,13 @@ def chunked_head_logps(head, hidden: Tensor, targets: Tensor, chunk_size: int = 
                        recompute: bool = False) -> Tensor:
     """``log softmax(head(hidden))[targets]`` for ``hidden [N, H]``, ``targets [N]``, ``chunk_size`` rows at a time.
 
-    ``recompute`` (used under gradient checkpointing) keeps no ``[N, V]`` logits for backward: each chunk's logits
-    are recomputed there, one chunk at a time — one more LM-head matmul over the targets (~2 % of a SmolLM2 LoRA
-    step) against ~10 bytes × N × V kept otherwise (≈ 470 MB for 950 trained tokens at a 49k vocabulary; peak RSS
-    measured 3.10 vs 3.36 GB, mean of 4 runs each, within malloc noise).
+    ``recompute`` (``ClarifyModule(lm_head_recompute=True)``, the default, and always under gradient checkpointing)
+    keeps no ``[N, V]`` logits for backward: each chunk's logits are recomputed there, one chunk at a time, by the
+    forward's own ops (``torch.utils.checkpoint``: same loss and gradients) — one more LM-head matmul over the
+    targets (~4 % of a SmolLM2 LoRA step's FLOPs) against the fp32 logits kept otherwise (4 bytes × N × V) and the
+    backward's full-size softmax and gradient buffers (another ~10 bytes × N × V at the start of backward, when every
+    other activation is still held). With recomputation the transient is one chunk's: small chunks (256 rows:
+    ~0.1 GB at a 49k vocabulary) keep it small.
     """
     parts = []
     grad = recompute and torch.is_grad_enabled() and hidden.requires_grad

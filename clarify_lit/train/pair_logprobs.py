@@ -40,9 +40,11 @@ def _model_mask(model, mask: Tensor, dtype: torch.dtype) -> Tensor:
                      f"the model uses {impl!r}: set data.share_pair_prefix=false")
 
 
-def packed_sequence_logps(model, batch: dict, chunk_size: int = 1024) -> Tensor:
+def packed_sequence_logps(model, batch: dict, chunk_size: int = 1024, recompute: bool | None = None) -> Tensor:
     """Sequence log-probs ``[2n]`` (chosen 1..n, then rejected 1..n) of a :func:`pack_pairs` batch: sums over each
-    sequence's trained tokens, LM head applied to the predicting positions only, ``chunk_size`` at a time."""
+    sequence's trained tokens, LM head applied to the predicting positions only, ``chunk_size`` at a time
+    (``recompute``: the chunks' logits recomputed in backward, ``chunked_head_logps``; ``None``: only under gradient
+    checkpointing)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = getattr(base, "model", None)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
@@ -56,6 +58,8 @@ def packed_sequence_logps(model, batch: dict, chunk_size: int = 1024) -> Tensor:
     else:
         hidden = decoder(input_ids=batch["input_ids"], attention_mask=mask,
                          position_ids=batch["position_ids"]).last_hidden_state
-        lp = chunked_head_logps(head, hidden[rows, pos], y, chunk_size, recompute=uses_gradient_checkpointing(base))
+        if recompute is None:
+            recompute = uses_gradient_checkpointing(base)
+        lp = chunked_head_logps(head, hidden[rows, pos], y, chunk_size, recompute=recompute)
     out = torch.zeros(2 * n, dtype=lp.dtype, device=lp.device)
     return out.index_add(0, seq, lp)
