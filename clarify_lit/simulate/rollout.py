@@ -24,6 +24,7 @@ from clarify_lit.data.records import ConversationRecord
 from clarify_lit.data.tasks import LETTERS, QATask
 from clarify_lit.simulate import prompts
 from clarify_lit.simulate.engine import Attention, GenerationEngine, TurnCache, derive_seed
+from clarify_lit.simulate.leaks import record_flags
 from clarify_lit.simulate.parsing import early_answer
 from clarify_lit.simulate.prompts import Mode, Setting
 from clarify_lit.simulate.rewards import CorrectReward, Reward, final_answer_of
@@ -346,6 +347,7 @@ def rollout_tasks(
                 **({"explore_prefixes": seeded[i]} if i in seeded else {}),
                 # open mode: the options never appear in the conversation; kept here for grading (metrics, rescore)
                 **({"choices": list(task.choices)} if mode == "open" else {}),
+                **record_flags(task, convs[i], setting),  # teacher_leak, echoed_instructions (simulate/leaks.py)
             },
         ))
     n_missing = sum(r.meta["reward_missing"] for r in records)
