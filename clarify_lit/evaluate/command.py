@@ -37,6 +37,7 @@ from clarify_lit.data.records import write_records
 from clarify_lit.environment import environment_stamp
 from clarify_lit.evaluate.callback import build_teacher_and_reward, load_eval_tasks, run_rollouts
 from clarify_lit.evaluate.metrics import compute_metrics, nan_to_none
+from clarify_lit.evaluate.served import check_served_source, served, served_info, served_rollouts
 from clarify_lit.io import atomic_write_text, output_lock
 from clarify_lit.models import (
     DTYPES,
@@ -48,7 +49,7 @@ from clarify_lit.models import (
     resolve_dtype,
 )
 from clarify_lit.simulate.engine import Attention
-from clarify_lit.simulate.options import DataOptions, RewardOptions, TeacherOptions
+from clarify_lit.simulate.options import DataOptions, EndpointOptions, RewardOptions, TeacherOptions
 from clarify_lit.simulate.prompts import Mode, Setting, check_setting
 from clarify_lit.simulate.rollout import RolloutSpec, check_context_budget, check_discount
 from clarify_lit.train.module import load_checkpoint
@@ -141,6 +142,7 @@ def evaluate(
     merge_lora: bool = True,
     progress: bool = True,
     overwrite: bool = False,
+    policy_endpoint: EndpointOptions | None = None,
 ) -> dict[str, float]:
     """Evaluate a policy on held-out questions (see the module docstring).
 
@@ -183,12 +185,19 @@ def evaluate(
         progress: show a progress bar.
         overwrite: replace a finished evaluation (``metrics.json``) already in ``out_dir``; without it such a folder
             is refused.
+        policy_endpoint: the policy on an OpenAI-compatible server (``--policy_endpoint.base_url
+            http://127.0.0.1:8765/v1 --policy_endpoint.model NAME``: llama.cpp serving a ``clarify export --format
+            gguf`` file, vLLM, Ollama); nothing is loaded locally, ``--model`` optionally names its base
+            (evaluate/served.py).
     """
-    check_one_source(model, ckpt_path, export_dir)  # before any loading: fail fast on a bad command line
+    if served(policy_endpoint):
+        check_served_source(policy_endpoint, ckpt_path, export_dir)
+    else:
+        check_one_source(model, ckpt_path, export_dir)  # before any loading: fail fast on a bad command line
     check_discount(discount)
     check_setting(setting, mode, n_turns)
     check_temperatures(temperatures)
-    refuse_secrets({"teacher": teacher, "reward": reward})  # keys come from environment variables only
+    refuse_secrets({"teacher": teacher, "reward": reward, "policy_endpoint": policy_endpoint})  # keys come from environment variables only
     out = Path(out_dir)
     check_out_dir(out, overwrite)
     with output_lock(out, "clarify evaluate"):
@@ -197,22 +206,27 @@ def evaluate(
             (out / "metrics.json").unlink(missing_ok=True)
         return _evaluate(model, ckpt_path, export_dir, method, out, data, n_questions, setting, mode, n_turns,
                          adaptive, discount, teacher, reward, temperatures, max_new_tokens, batch_size,
-                         reuse_kv_cache, share_prefix, attention, seed, dtype, device, merge_lora, progress)
+                         reuse_kv_cache, share_prefix, attention, seed, dtype, device, merge_lora, progress,
+                         policy_endpoint)
 
 
 def _evaluate(model, ckpt_path, export_dir, method, out: Path, data, n_questions, setting, mode, n_turns, adaptive,
               discount, teacher, reward, temperatures, max_new_tokens, batch_size, reuse_kv_cache, share_prefix,
-              attention, seed, dtype, device, merge_lora, progress) -> dict[str, float]:
+              attention, seed, dtype, device, merge_lora, progress, policy_endpoint=None) -> dict[str, float]:
     """:func:`evaluate`'s work, once ``out`` is checked and locked."""
     start = time.perf_counter()
     dev = resolve_device(device)
     dtype = resolve_dtype(dtype, dev)
     data = data or DataOptions()
     tasks = load_eval_tasks(data, n_questions)
-    policy, tokenizer, info = load_policy(model, ckpt_path, export_dir, dtype, merge_lora)
-    # every source generates in the resolved dtype (a checkpoint holds its training dtype until cast here)
-    policy = policy.to(device=dev, dtype=DTYPES[dtype]).eval()
-    check_context_budget(policy, n_turns, max_new_tokens, info["model"])
+    if served(policy_endpoint):  # the server generates: nothing to load (evaluate/served.py)
+        policy = tokenizer = None
+        info = served_info(policy_endpoint, model)
+    else:
+        policy, tokenizer, info = load_policy(model, ckpt_path, export_dir, dtype, merge_lora)
+        # every source generates in the resolved dtype (a checkpoint holds its training dtype until cast here)
+        policy = policy.to(device=dev, dtype=DTYPES[dtype]).eval()
+        check_context_budget(policy, n_turns, max_new_tokens, info["model"])
     teacher_obj, reward_obj = build_teacher_and_reward(teacher, reward, base_model=info["base_model"],
                                                        setting=setting, device=dev, batch_size=batch_size,
                                                        mode=mode)
@@ -220,13 +234,17 @@ def _evaluate(model, ckpt_path, export_dir, method, out: Path, data, n_questions
                        max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, adaptive=adaptive,
                        discount=discount, reuse_kv_cache=reuse_kv_cache, share_prefix=share_prefix,
                        attention=attention)
-    records = run_rollouts(policy, tokenizer, tasks, spec, teacher=teacher_obj, reward=reward_obj,
-                           progress=progress, model_name=info["model"])
+    if served(policy_endpoint):
+        records = served_rollouts(policy_endpoint, tasks, spec, teacher=teacher_obj, reward=reward_obj,
+                                  progress=progress, model_name=info["model"])
+    else:
+        records = run_rollouts(policy, tokenizer, tasks, spec, teacher=teacher_obj, reward=reward_obj,
+                               progress=progress, model_name=info["model"])
     metrics = compute_metrics(records, tokenizer, setting=setting, choices={t.task_id: t.choices for t in tasks})
     write_records(out / "rollouts.jsonl", records)
     meta = {
         "method": method or info["default_method"], "model": info["model"], "base_model": info["base_model"],
-        "source": info["source"], "n": len(records), "n_questions": len(tasks),
+        "source": info["source"], **({"endpoint": info["endpoint"]} if "endpoint" in info else {}), "n": len(records), "n_questions": len(tasks),
         "dataset": data.label or data.dataset, "data": {**asdict(data), "part": "test"},  # the part evaluated
         "teacher": teacher_obj.describe(), "reward": reward_obj.describe(), **asdict(spec), "dtype": dtype, "device": str(dev),
         "seconds": round(time.perf_counter() - start, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -57,6 +57,7 @@ from clarify_lit.simulate.branches import (
     check_branch_config,
     merge_branch_shards,
 )
+from clarify_lit.simulate.endpoint_calls import endpoint_calls
 from clarify_lit.simulate.endpoint_policy import EndpointPolicyEngine
 from clarify_lit.simulate.engine import Attention, GenerationEngine, derive_seed
 from clarify_lit.simulate.leaks import count_flags
@@ -466,6 +467,8 @@ def _run(cfg: SimulateConfig) -> dict[str, Any]:
         branch_records, _ = load_records(merge_branch_shards(out, len(chunks)))
         extra["step_branches"] = branch_summary(records, branch_records)
         timing["branch_conversations"] = new_branches
+    if endpoint_calls(teacher, reward, engine):  # requests answered, attempts, retries per endpoint role
+        extra["endpoint_calls"] = endpoint_calls(teacher, reward, engine)
     if teacher is not None:
         extra["teacher"] = teacher.describe()
         extra["teacher_fallbacks"] = getattr(teacher, "fallbacks", None)
