@@ -11,13 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_record
+from conftest import tiny_lora_fit
 
-from clarify_lit.cli import lightning_main, main
-from clarify_lit.data.records import write_records
+from clarify_lit.cli import main
 from clarify_lit.train.gguf_export import GGUFExportError, _permute, llama_pre_tokenizer, write_llama_gguf
 
-QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 PROMPT = [{"role": "user", "content": "Which gas do plants absorb? The answer is"}]
 
 
@@ -44,7 +42,7 @@ def test_tiny_model_round_trips_through_gguf(tiny_model_dir, tmp_path, gguf_type
     hf_tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     assert meta["general.architecture"] == "llama" and meta["llama.block_count"] == 2
     assert meta["llama.attention.head_count"] == 4 and meta["llama.attention.head_count_kv"] == 2
-    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt2"
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
     assert meta["tokenizer.ggml.tokens"] == [hf_tok.convert_ids_to_tokens(i) for i in range(len(hf_tok))]
     assert meta["tokenizer.ggml.eos_token_id"] == hf_tok.convert_tokens_to_ids("<|im_end|>")
     assert meta["tokenizer.chat_template"] == hf_tok.chat_template
@@ -66,7 +64,7 @@ def test_tiny_model_round_trips_through_gguf(tiny_model_dir, tmp_path, gguf_type
 
 
 def test_pre_tokenizers_it_knows_and_refuses():
-    assert llama_pre_tokenizer({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == "gpt2"
+    assert llama_pre_tokenizer({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == "gpt-2"
     smollm = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
                                                     {"type": "ByteLevel", "use_regex": True}]}
     assert llama_pre_tokenizer({"pre_tokenizer": smollm}) == "smollm"
@@ -89,17 +87,7 @@ def test_another_architecture_is_refused_with_the_way_out(tiny_model_dir, tmp_pa
 @pytest.fixture(scope="module")
 def fit_run(tmp_path_factory, cache_root, tiny_model_dir):
     """A 2-step Refit LoRA fit of the tiny model (its ``checkpoints/last.ckpt``)."""
-    tmp = tmp_path_factory.mktemp("gguf")
-    rows = [make_record(t, r, [1.0, 0.0, 0.5][r]) for t in range(3) for r in range(3)]
-    records = write_records(tmp / "conversations.jsonl", rows)
-    root = tmp / "run"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CLARIFY_CACHE", str(cache_root))
-        lightning_main(["fit", *QUIET, f"--model.model_name_or_path={tiny_model_dir}",
-                        f"--data.train_files=[{records}]", "--data.batch_size=2", "--data.val_fraction=0",
-                        "--trainer.max_steps=2", f"--trainer.default_root_dir={root}", "--model.learning_rate=5e-2",
-                        "--model.lora_dropout=0.0"])
-    return root
+    return tiny_lora_fit(tmp_path_factory.mktemp("gguf"), cache_root, tiny_model_dir)
 
 
 def test_clarify_export_format_gguf_writes_the_merged_policy(fit_run, tiny_model_dir, clarify_cache, capsys):

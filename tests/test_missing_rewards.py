@@ -117,7 +117,9 @@ def test_share_at_the_limit_passes_and_above_it_fails(tmp_path):
     ("7 out of 10", 7.0),
     ('{"overall": 11}', None),  # out of range
     ('{"overall": "high"}', None),  # a word
-    ("Accuracy: 8/10, reasoning 6/10, overall good", None),  # two unlabelled-as-overall scores: which one?
+    ("Accuracy: 8/10, reasoning 6/10, overall good", None),
+    ("The student got 5/6 of the steps right.", None),  # a fraction, not a score on the 0-10 scale
+    ("4/5", None),  # two unlabelled-as-overall scores: which one?
     ("The student answered B on turn 3.", None),  # a number that is no score
     ('{"accuracy": 8}', None),  # no overall anywhere
     ("Overall: 12", None),

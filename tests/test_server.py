@@ -18,10 +18,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_record
+from conftest import tiny_lora_fit
 
-from clarify_lit.cli import lightning_main, main
-from clarify_lit.data.records import load_records, write_records
+from clarify_lit.cli import main
+from clarify_lit.data.records import load_records
 from clarify_lit.io import cache_dir
 from clarify_lit.models import SMOLLM2_GGUF
 from clarify_lit.simulate.llama_server import LlamaServer
@@ -80,8 +80,13 @@ def test_simulate_with_served_teacher_judge_and_policy(smollm2, clarify_cache, t
             "--reward.kind", "llm_judge", "--reward.backend", "endpoint",
             *endpoint_args("reward.endpoint", smollm2.url, "smollm2"),
             *endpoint_args("policy_endpoint", smollm2.url, "smollm2")]
-    main([*args, "--max_missing_rewards", "1"])  # first: whatever the 135M judge does, the run completes
-    summary = json.loads((out / "summary.json").read_text())
+    capsys.readouterr()
+    try:  # the default --max_missing_rewards 0.1: a judge that cannot be read fails the run loudly
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    summary = json.loads((out / "summary.json").read_text())  # written before any such failure
     records, _ = load_records(out / "conversations.jsonl")
     assert len(records) == 8 and summary["conversations"] == 8
     calls = summary["endpoint_calls"]
@@ -96,39 +101,29 @@ def test_simulate_with_served_teacher_judge_and_policy(smollm2, clarify_cache, t
     share = summary["reward_missing_share"]
     assert share == sum(r.meta["reward_missing"] for r in records) / 8
     assert summary["teacher_leaks"] == sum(r.meta["teacher_leak"] for r in records)
+    assert code == (3 if share > 0.1 else 0)
+    if code:
+        (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("clarify simulate")]
+        saved = json.loads((out / UNPARSEABLE_FILE).read_text())
+        assert line.startswith(f"clarify simulate: {round(share * 8)} of 8 rewards missing ({share:.0%}, more than "
+                               "--max_missing_rewards 0.1): judge llm_judge:endpoint:smollm2")
+        assert saved["judge"] == "llm_judge:endpoint:smollm2" and json.dumps(" ".join(saved["reply"].split())[:160]
+                                                                             ).strip('"')[:40] in line
     # the API key (from the environment) is written nowhere; only its variable's name is
     for path in out.rglob("*"):
         if path.is_file():
             assert FAKE_KEY.encode() not in path.read_bytes(), path
     assert KEY_ENV in (out / "run_config.json").read_text()
-    # the same run under the default limit (0.1): fails loudly iff too many rewards are missing
-    capsys.readouterr()
-    if share > 0.1:
-        with pytest.raises(SystemExit) as e:
-            main([*args, "--resume", "true"])
-        assert e.value.code == 3
-        (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("clarify simulate")]
-        assert line.startswith(f"clarify simulate: {round(share * 8)} of 8 rewards missing") and \
-            "judge llm_judge:endpoint:smollm2" in line
-    else:
-        main([*args, "--resume", "true"])
-    if (out / UNPARSEABLE_FILE).exists():  # the first run kept a raw reply only when rewards went missing
-        assert share > 0 and json.loads((out / UNPARSEABLE_FILE).read_text())["judge"] == "llm_judge:endpoint:smollm2"
+    print(json.dumps({"endpoint_calls": calls, "reward_missing_share": share, "exit": code,
+                      "teacher_leaks": summary["teacher_leaks"], "echoed": summary["echoed_instructions"]}))
 
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory, cache_root, tiny_model_dir):
     """``(run folder, GGUF file)``: a 2-step LoRA fit of the tiny model, exported with ``--format gguf``."""
-    tmp = tmp_path_factory.mktemp("gguf-fit")
-    rows = [make_record(t, r, [1.0, 0.0, 0.5][r]) for t in range(3) for r in range(3)]
-    records = write_records(tmp / "conversations.jsonl", rows)
-    root = tmp / "run"
+    root = tiny_lora_fit(tmp_path_factory.mktemp("gguf-fit"), cache_root, tiny_model_dir)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CLARIFY_CACHE", str(cache_root))
-        lightning_main(["fit", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-                        f"--model.model_name_or_path={tiny_model_dir}", f"--data.train_files=[{records}]",
-                        "--data.batch_size=2", "--data.val_fraction=0", "--trainer.max_steps=2",
-                        f"--trainer.default_root_dir={root}", "--model.learning_rate=5e-2", "--model.lora_dropout=0.0"])
         main(["export", "--run_dir", str(root), "--format", "gguf", "--gguf_type", "f32"])
     return root, root / "export_gguf" / "model.f32.gguf"
 

@@ -9,11 +9,12 @@ models answer in many shapes; :func:`parse_judge_scores` reads, in this order, a
    (``"Overall Score"``, ``"overall_quality"``, ``"pedagogy"`` …); numeric strings and ``"7/10"`` count;
 2. labelled lines — ``Overall: 7``, ``**Overall score**: 7/10``, ``Overall rating - 7 out of 10``,
    ``6. Overall: 8`` — one per score;
-3. a reply that gives exactly one score and no label: ``7/10``, ``7 out of 10``, ``Score: 7``, or the bare number
-   ``7`` as the whole reply: that one number is the overall score.
+3. a reply that gives exactly one score on the scale asked for and no label: ``7/10``, ``7 out of 10``,
+   ``Score: 7``, or the bare number ``7`` as the whole reply: that one number is the overall score.
 
 What is never read (``None``, so the reward is *missing*, never a guess): a value outside [0, 10]; a word instead of
-a number; several unlabelled ``N/10`` scores (which one is overall?); a JSON object without an overall score when the
+a number; several unlabelled ``N/10`` scores (which one is overall?); an unlabelled fraction of another maximum
+("5/6 of the steps"); a JSON object without an overall score when the
 reply has no other overall; a reply whose only number is not a score ("The student answered B on turn 3").
 Tested on real replies of the served SmolLM2-135M-Instruct (tests/fixtures/judge_replies_llama_cpp.json).
 """
@@ -31,6 +32,7 @@ _NUMBER = r"(\d+(?:\.\d+)?)"
 # "7/10", "7 / 10", "7 out of 10", "4/5" (a score out of another maximum is rescaled to 0–10)
 _OUT_OF = r"(?:\s*/\s*|\s+out\s+of\s+)(\d+(?:\.\d+)?)"
 _SCORE = rf"{_NUMBER}(?:{_OUT_OF})?"
+_OUT_OF_TEN = r"(?:\s*/\s*|\s+out\s+of\s+)10(?:\.0)?\b"
 
 
 def _scaled(number: str, out_of: str | None) -> float | None:
@@ -108,20 +110,20 @@ def _from_labels(text: str) -> dict[str, float] | None:
 
 
 def _lone_score(text: str) -> dict[str, float] | None:
-    """The one score of a reply that gives exactly one (``7/10``, ``Score: 7``, or the bare number as the reply)."""
-    whole = re.fullmatch(rf"\s*(?:[*_]*(?:score|rating)[*_]*\s*[:=]\s*)?{_SCORE}\s*\.?\s*", text,
+    """The one score of a reply that gives exactly one on the scale asked for (``7/10``, ``7 out of 10``,
+    ``Score: 7``, or the bare number as the whole reply). Unlabelled, only "/10" counts: "5/6" in prose is a fraction,
+    not a verdict."""
+    whole = re.fullmatch(rf"\s*(?:[*_]*(?:score|rating)[*_]*\s*[:=]\s*)?{_NUMBER}(?:{_OUT_OF_TEN})?\s*\.?\s*", text,
                          flags=re.IGNORECASE)
     if whole:
-        x = _scaled(whole.group(1), whole.group(2))
+        x = _scaled(whole.group(1), None)
         return {"overall": x} if x is not None else None
-    found = {m.span(): (m.group(1), m.group(2))
-             for m in re.finditer(rf"{_NUMBER}{_OUT_OF}", text, flags=re.IGNORECASE)}
-    found.update({m.span(1): (m.group(1), m.group(2))
-                  for m in re.finditer(rf"(?i)\b(?:score|rating)[*_]*\s*[:=]\s*{_SCORE}", text)
-                  if not any(s <= m.start(1) < e for s, e in found)})
-    values = {v for v in found.values()}
+    found = {m.span(1): m.group(1) for m in re.finditer(rf"{_NUMBER}{_OUT_OF_TEN}", text, flags=re.IGNORECASE)}
+    found.update({m.span(1): m.group(1)
+                  for m in re.finditer(rf"(?i)\b(?:score|rating)[*_]*\s*[:=]\s*{_NUMBER}(?:{_OUT_OF_TEN})?", text)})
+    values = set(found.values())
     if len(values) == 1:
-        x = _scaled(*values.pop())
+        x = _scaled(values.pop(), None)
         return {"overall": x} if x is not None else None
     return None
 

@@ -11,7 +11,7 @@ project trains is accepted (``model_type: llama``: SmolLM2, Llama, the tiny test
 refused with the way out (llama.cpp's converter on the ``--merge true`` folder).
 
 **Pre-tokenizer.** llama.cpp splits text before BPE with a named regex (``tokenizer.ggml.pre``). It is read from the
-tokenizer the policy was trained with: a plain byte-level pre-tokenizer is llama.cpp's ``gpt2``; digits split one by
+tokenizer the policy was trained with: a plain byte-level pre-tokenizer is llama.cpp's ``gpt-2``; digits split one by
 one before it (SmolLM's hub tokenizer) is ``smollm``. Anything else is refused, since a wrong regex would make the
 served model read its prompts as other tokens than it was trained on. (The embedded SmolLM2's tokenizer, as
 transformers rebuilds it from the GGUF, is the plain one, so its exports say ``gpt2``.)
@@ -55,7 +55,7 @@ def llama_pre_tokenizer(tokenizer_json: dict[str, Any]) -> str:
     kinds = [s.get("type") for s in steps]
     byte_level = steps[-1:] and kinds[-1] == "ByteLevel" and steps[-1].get("use_regex", True)
     if byte_level and len(steps) == 1 and not steps[0].get("add_prefix_space", False):
-        return "gpt2"
+        return "gpt-2"
     if byte_level and kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
         return "smollm"
     raise GGUFExportError(f"pre-tokenizer {json.dumps(pre)[:200]} has no llama.cpp name this exporter knows (it "
