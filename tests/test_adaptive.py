@@ -146,7 +146,8 @@ def test_default_records_are_unchanged():
     (rec,) = rollout_tasks(None, None, [TASK], RolloutSpec(temperatures=[0.5]), engine=ScriptedEngine(SCRIPT))
     assert set(rec.meta) == {"setting", "mode", "n_turns", "model", "teacher", "reward", "seed", "max_new_tokens",
                              "empty_turns", "truncated_turns", "reward_missing", "question_prompt",
-                             "question_hash"}  # issue 17: what clarify report checks before pairing questions
+                             "question_hash",  # issue 17: what clarify report checks before pairing questions
+                             "echoed_instructions"}  # issue 30: measured on every record (reasoning: no teacher_leak)
     assert "undiscounted_reward" not in rec.reward_components
 
 

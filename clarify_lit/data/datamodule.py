@@ -46,7 +46,7 @@ from clarify_lit.io import atomic_write, cache_dir
 from clarify_lit.models import load_tokenizer
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = "2"  # 2: end-of-turn after a cut turn is masked
+CACHE_VERSION = "3"  # 2: end-of-turn after a cut turn is masked; 3: echoed instruction blocks masked
 
 
 class SampleDataset(Dataset):

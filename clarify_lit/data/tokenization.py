@@ -4,7 +4,9 @@ Labels are −100 everywhere except the assistant turns; each assistant turn's e
 must learn to stop), template glue after it (e.g. ChatML's trailing newline) is not — except after a turn that the
 token limit cut off (``cut_turns``): the template closes it anyway, but the policy never chose to stop there, so
 that end-of-turn token is masked (training it would teach stopping mid-sentence). System, teacher (``user``) and
-template tokens are masked.
+template tokens are masked. Text an assistant turn copied from its per-turn instruction block (an *echo*,
+:mod:`clarify_lit.data.echoes`) is masked too: the block is conditioning and is never trained on, in the teacher's turn
+or copied into the policy's.
 
 How assistant spans are found: the conversation is rendered once; for every assistant turn ``i`` the template is also
 rendered for ``messages[:i]`` with the generation prompt and for ``messages[:i+1]``. Both renders must be text
@@ -17,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal
+
+from clarify_lit.data.echoes import turn_echoes
 
 IGNORE_INDEX = -100
 #: How a system message reaches the chat template: as is, or folded into the first user turn (templates without a
@@ -49,6 +53,7 @@ class TokenizedSample:
     input_ids: list[int]
     labels: list[int]
     truncated: int = 0  # tokens cut from the middle
+    echo_masked: int = 0  # assistant tokens masked because they echo the instruction block
 
     @property
     def num_trained(self) -> int:
@@ -68,6 +73,23 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, where:
                     "first user turn")
         raise ChatTemplateError(f"{where}: field 'messages': the tokenizer's chat template refused the conversation "
                                 f"({problem}){hint}") from None
+
+
+def _mask_echoes(labels: list[int], starts: list[int], full: str, lo: int, hi: int, content: str,
+                 spans: list[tuple[int, int]], where: str, i: int) -> int:
+    """Mask (label −100) the tokens of assistant message ``i`` whose first character lies in an echoed span of its
+    ``content`` (rendered between ``lo`` and ``hi`` of ``full``); the number masked."""
+    at = full.find(content, lo, hi)
+    if at < 0:
+        raise TokenizationError(
+            f"{where}: field 'messages[{i}]': the reply echoes its instruction block, but the chat template rewrites "
+            "the reply's text, so the echo cannot be located to be masked; the record is refused")
+    masked = 0
+    for t, s in enumerate(starts):
+        if labels[t] != IGNORE_INDEX and any(at + a <= s < at + b for a, b in spans):
+            labels[t] = IGNORE_INDEX
+            masked += 1
+    return masked
 
 
 def end_of_turn_id(tokenizer) -> int:
@@ -114,6 +136,8 @@ def tokenize_conversation(
     if only_last_assistant:
         assistant_idx = assistant_idx[-1:]
     final_start = len(ids)
+    echoes = turn_echoes(messages)
+    echo_masked = 0
     for i in assistant_idx:
         before = _render(tokenizer, messages[:i], add_generation_prompt=True, where=where)
         through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False, where=where)
@@ -133,6 +157,8 @@ def tokenize_conversation(
         for t in span:
             if t < eot_pos[-1] or (t == eot_pos[-1] and i not in cut_idx):
                 labels[t] = ids[t]
+        if i in echoes:
+            echo_masked += _mask_echoes(labels, starts, full, lo, hi, messages[i]["content"], echoes[i], where, i)
         final_start = span[0] if span else final_start
 
     truncated = 0
@@ -150,7 +176,7 @@ def tokenize_conversation(
         ids = ids[:head] + ids[head + excess:]
         labels = labels[:head] + labels[head + excess:]
         truncated = excess
-    sample = TokenizedSample(ids, labels, truncated)
+    sample = TokenizedSample(ids, labels, truncated, echo_masked)
     if sample.num_trained == 0:
         raise TokenizationError(f"{where}: field 'messages': no trainable (assistant) tokens left")
     return sample

@@ -37,6 +37,7 @@ from clarify_lit.data.records import write_records
 from clarify_lit.environment import environment_stamp
 from clarify_lit.evaluate.callback import build_teacher_and_reward, load_eval_tasks, run_rollouts
 from clarify_lit.evaluate.metrics import compute_metrics, nan_to_none
+from clarify_lit.evaluate.served import check_served_source, served, served_info, served_rollouts
 from clarify_lit.io import atomic_write_text, output_lock
 from clarify_lit.models import (
     DTYPES,
@@ -50,6 +51,7 @@ from clarify_lit.models import (
 from clarify_lit.simulate.options import (
     ROLLOUT_MOVES,
     DataOptions,
+    EndpointOptions,
     RewardOptions,
     RolloutOptions,
     TeacherOptions,
@@ -154,13 +156,21 @@ class EvaluateConfig:
     """Show a progress bar."""
     overwrite: bool = False
     """Replace a finished evaluation (metrics.json) already in out_dir; without it such a folder is refused."""
+    policy_endpoint: EndpointOptions = field(default_factory=EndpointOptions)
+    """The policy on an OpenAI-compatible server (--policy_endpoint.base_url http://127.0.0.1:8765/v1
+    --policy_endpoint.model NAME: llama.cpp serving a clarify export --format gguf file, vLLM, Ollama); nothing is
+    loaded locally, --model optionally names its base (evaluate/served.py)."""
 
 
 def run(cfg: EvaluateConfig) -> dict[str, float]:
     """Evaluate the policy of ``cfg`` (see the module docstring); return its metrics."""
-    check_one_source(cfg.model, cfg.ckpt_path, cfg.export_dir)  # before any loading: fail fast on a bad command line
+    if served(cfg.policy_endpoint):
+        check_served_source(cfg.policy_endpoint, cfg.ckpt_path, cfg.export_dir)
+    else:
+        check_one_source(cfg.model, cfg.ckpt_path, cfg.export_dir)  # before any loading: fail fast on a bad command line
     cfg.rollout.check()
-    refuse_secrets({"teacher": cfg.teacher, "reward": cfg.reward})  # keys come from environment variables only
+    # keys come from environment variables only
+    refuse_secrets({"teacher": cfg.teacher, "reward": cfg.reward, "policy_endpoint": cfg.policy_endpoint})
     out = Path(cfg.out_dir)
     check_out_dir(out, cfg.overwrite)
     with output_lock(out, "clarify evaluate"):
@@ -176,22 +186,31 @@ def _evaluate(cfg: EvaluateConfig, out: Path) -> dict[str, float]:
     dev = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, dev)
     tasks = load_eval_tasks(cfg.data, cfg.n_questions)
-    policy, tokenizer, info = load_policy(cfg.model, cfg.ckpt_path, cfg.export_dir, dtype, cfg.merge_lora)
-    # every source generates in the resolved dtype (a checkpoint holds its training dtype until cast here)
-    policy = policy.to(device=dev, dtype=DTYPES[dtype]).eval()
     spec = RolloutSpec.of(cfg.rollout)
-    check_context_budget(policy, spec.n_turns, spec.max_new_tokens, info["model"])
+    if served(cfg.policy_endpoint):  # the server generates: nothing to load (evaluate/served.py)
+        policy = tokenizer = None
+        info = served_info(cfg.policy_endpoint, cfg.model)
+    else:
+        policy, tokenizer, info = load_policy(cfg.model, cfg.ckpt_path, cfg.export_dir, dtype, cfg.merge_lora)
+        # every source generates in the resolved dtype (a checkpoint holds its training dtype until cast here)
+        policy = policy.to(device=dev, dtype=DTYPES[dtype]).eval()
+        check_context_budget(policy, spec.n_turns, spec.max_new_tokens, info["model"])
     teacher_obj, reward_obj = build_teacher_and_reward(cfg.teacher, cfg.reward, base_model=info["base_model"],
                                                        setting=spec.setting, device=dev, batch_size=spec.batch_size,
                                                        mode=spec.mode)
-    records = run_rollouts(policy, tokenizer, tasks, spec, teacher=teacher_obj, reward=reward_obj,
-                           progress=cfg.progress, model_name=info["model"])
+    if served(cfg.policy_endpoint):
+        records = served_rollouts(cfg.policy_endpoint, tasks, spec, teacher=teacher_obj, reward=reward_obj,
+                                  progress=cfg.progress, model_name=info["model"])
+    else:
+        records = run_rollouts(policy, tokenizer, tasks, spec, teacher=teacher_obj, reward=reward_obj,
+                               progress=cfg.progress, model_name=info["model"])
     metrics = compute_metrics(records, tokenizer, setting=spec.setting, choices={t.task_id: t.choices for t in tasks})
     write_records(out / "rollouts.jsonl", records)
     data = cfg.data
     meta = {
         "method": cfg.method or info["default_method"], "model": info["model"], "base_model": info["base_model"],
-        "source": info["source"], "n": len(records), "n_questions": len(tasks),
+        "source": info["source"], **({"endpoint": info["endpoint"]} if "endpoint" in info else {}), "n": len(records),
+        "n_questions": len(tasks),
         "dataset": data.label or data.dataset, "data": {**asdict(data), "part": "test"},  # the part evaluated
         "teacher": teacher_obj.describe(), "reward": reward_obj.describe(), **spec.describe(), "dtype": dtype,
         "device": str(dev), "seconds": round(time.perf_counter() - start, 2),

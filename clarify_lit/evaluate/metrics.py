@@ -60,6 +60,10 @@ BASE_STATS = (
     "adaptive_n",        # conversations rolled out with adaptive length (meta["adaptive"])
     "clarifying_turns_sum", "clarifying_turns_sq",  # ... their assistant turns before the final answer
     "ended_early",       # ... that the agent ended before the last turn
+    "leak_checked",      # conversations whose teacher turns were checked for a leak (meta["teacher_leak"] present)
+    "teacher_leaks",     # ... in which the teacher named the gold option as the answer (simulate/leaks.py)
+    "echo_checked",      # conversations checked for echoed instruction blocks (meta["echoed_instructions"] present)
+    "echoed",            # ... with an assistant turn that repeats its instruction block (masked in training)
 )
 JUDGE_STATS = tuple(f"judge_{j}_{s}" for j in JUDGE_SCORES for s in ("n", "sum", "sq", "missing"))
 STAT_KEYS = BASE_STATS + JUDGE_STATS
@@ -292,6 +296,12 @@ def accumulate_stats(
         if is_open(rec):
             st["open_n"] += 1
             st["names_none"] += float(pred is None and not parsed.hedged)
+        if "teacher_leak" in rec.meta:
+            st["leak_checked"] += 1
+            st["teacher_leaks"] += float(bool(rec.meta["teacher_leak"]))
+        if "echoed_instructions" in rec.meta:
+            st["echo_checked"] += 1
+            st["echoed"] += float(bool(rec.meta["echoed_instructions"]))
         if rec.meta.get("reward_missing"):
             # the stored 0 is a placeholder, not a score: averaging it in would bias the mean reward down
             st["reward_missing"] += 1
@@ -408,6 +418,11 @@ def metrics_from_stats(st: Mapping[str, float]) -> dict[str, float]:
         asked, not_asked = st["single_question"], st["first_turns"] - st["single_question"]
         out["accuracy_when_asked"] = st["asked_correct"] / asked if asked else math.nan
         out["accuracy_when_not_asked"] = (st["correct"] - st["asked_correct"]) / not_asked if not_asked else math.nan
+    for name, hits, checked in (("teacher_leak_rate", "teacher_leaks", "leak_checked"),
+                                ("echoed_instructions_rate", "echoed", "echo_checked")):
+        if st[checked]:  # records made before the flags existed carry neither: no rate, rather than a false 0
+            out[name] = st[hits] / st[checked]
+            out[f"{name}_se"] = proportion_se(st[hits], st[checked])
     if st["open_n"]:
         out["names_none_rate"] = st["names_none"] / st["open_n"]
         out["names_none_rate_se"] = proportion_se(st["names_none"], st["open_n"])

@@ -63,6 +63,8 @@ COLUMNS: dict[str, tuple[str, int]] = {
     "clarifying_turns": ("Clarifying turns", 2),  # adaptive length only
     "ended_early_rate": ("Ended early", 3),
     "tokens_per_turn": ("Tokens/turn", 1),
+    "teacher_leak_rate": ("Teacher leaks", 3),  # the teacher named the gold option as the answer (simulate/leaks.py)
+    "echoed_instructions_rate": ("Echoed instructions", 3),  # a reply repeated its instruction block
     "judge_overall": ("Overall", 2),
     "judge_accuracy": ("Accuracy (judge)", 2),
     "judge_reasoning": ("Reasoning", 2),
@@ -70,6 +72,8 @@ COLUMNS: dict[str, tuple[str, int]] = {
     "judge_pedagogical_value": ("Pedagogical value", 2),
     "judge_confidence": ("Confidence", 2),
 }
+#: columns of per-record flags, shown only when some method has a flagged conversation (a column of zeros is noise)
+FLAG_COLUMNS = frozenset({"teacher_leak_rate", "echoed_instructions_rate"})
 PLOT_METRICS = ("accuracy", "reward", "thinking_pct", "clarifying_turns", "judge_overall")
 
 
@@ -210,7 +214,8 @@ def table_columns(methods: Sequence[MethodSummary], wanted: Sequence[str] | None
             have = sorted({k for s in methods for k in s.mean})
             raise ValueError(f"--metrics {unknown} not found in any metrics.json (available: {have})")
         return list(wanted)
-    return [c for c in COLUMNS if any(c in s.mean for s in methods)]
+    return [c for c in COLUMNS if any(c in s.mean for s in methods)
+            and (c not in FLAG_COLUMNS or any(s.mean.get(c) for s in methods))]
 
 
 def format_mean_se(value: float | None, se: float | None = None, decimals: int = 3) -> str:

@@ -59,8 +59,17 @@ from clarify_lit.simulate.branches import (
     check_branch_config,
     merge_branch_shards,
 )
+from clarify_lit.simulate.endpoint_calls import endpoint_calls
 from clarify_lit.simulate.endpoint_policy import EndpointPolicyEngine
 from clarify_lit.simulate.engine import derive_seed
+from clarify_lit.simulate.leaks import count_flags
+from clarify_lit.simulate.missing_rewards import (
+    DEFAULT_MAX_MISSING_SHARE,
+    MissingRewardsError,
+    check_max_share,
+    check_missing_rewards,
+    missing_share,
+)
 from clarify_lit.simulate.options import (
     ROLLOUT_MOVES,
     DataOptions,
@@ -135,6 +144,10 @@ class SimulateConfig:
     overwrite: bool = False
     """Delete an existing output folder's shards first."""
     progress: bool = True
+    max_missing_rewards: float = DEFAULT_MAX_MISSING_SHARE
+    """Largest share (0-1) of conversations allowed to end without a reward (an LLM judge whose replies could not be
+    parsed); above it the command exits non-zero with one line naming the judge, the share and a raw reply (saved in
+    the output folder: simulate/missing_rewards.py). 1 = never fail."""
 
     def rollout_spec(self, seed: int) -> RolloutSpec:
         """How this simulation plays its conversations, seeded with ``seed`` (a chunk's or the branches' own)."""
@@ -143,7 +156,7 @@ class SimulateConfig:
 
 
 # fields that may differ between an interrupted run and its resumption
-_RUNTIME_FIELDS = ("output", "resume", "overwrite", "progress", "device")
+_RUNTIME_FIELDS = ("output", "resume", "overwrite", "progress", "device", "max_missing_rewards")
 
 
 COMMAND_LINE = CommandLine(SimulateConfig, "clarify simulate", __doc__.split("\n\n")[0], "CLARIFY_SIMULATE",
@@ -280,6 +293,8 @@ def summarize(records: list[ConversationRecord], *, timing: dict[str, float], cf
         "mean_reward": statistics.fmean(rewards) if rewards else None,
         "std_reward": statistics.pstdev(rewards) if len(rewards) > 1 else None,
         "reward_missing": sum(bool(r.meta.get("reward_missing")) for r in records),
+        "reward_missing_share": missing_share(records),
+        **count_flags([r.meta for r in records]),  # teacher_leaks, echoed_instructions (simulate/leaks.py)
         "components_mean": mean_components(records),
         "parse_failures": sum(r.prediction is None for r in records),
         "hedged": sum(_final_hedges(r) for r in records),
@@ -339,6 +354,7 @@ def check_config(cfg: SimulateConfig) -> None:
     if cfg.chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {cfg.chunk_size}")
     cfg.rollout.check()
+    check_max_share(cfg.max_missing_rewards)
     check_explore(cfg.rollout_spec(cfg.rollout.seed))
     if cfg.explore_runs and cfg.policy_endpoint.base_url:
         raise ValueError("explore_runs with policy_endpoint: a chat-completions endpoint cannot be made to continue "
@@ -501,6 +517,8 @@ def finish(cfg: SimulateConfig, plan: RunPlan, players: Players, done: ChunksDon
         extra["step_branches"] = branch_summary(records, branch_records)
         timing["branch_conversations"] = done.branches
     teacher = players.teacher
+    if endpoint_calls(teacher, players.reward, players.engine):  # requests answered, attempts, retries per endpoint role
+        extra["endpoint_calls"] = endpoint_calls(teacher, players.reward, players.engine)
     if teacher is not None:
         extra["teacher"] = teacher.describe()
         extra["teacher_fallbacks"] = getattr(teacher, "fallbacks", None)
@@ -510,6 +528,7 @@ def finish(cfg: SimulateConfig, plan: RunPlan, players: Players, done: ChunksDon
     atomic_write_text(plan.out / "summary.json", json.dumps(summary, indent=1) + "\n")
     log.info("wrote %d conversations to %s (mean reward %s, %d parse failures)", len(records), final,
              summary["mean_reward"], summary["parse_failures"])
+    check_missing_rewards(records, players.reward, plan.out, cfg.max_missing_rewards)
     return summary
 
 
@@ -531,8 +550,12 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print(interrupted_line(Path(cfg.output)), file=sys.stderr)
         raise SystemExit(130) from None
+    except MissingRewardsError as e:  # summary.json is written; the run has (almost) no reward to learn from
+        print(e, file=sys.stderr)
+        raise SystemExit(3) from None
     print(json.dumps({k: summary[k] for k in ("conversations", "mean_reward", "accuracy", "parse_failures",
-                                              "reward_missing", "timing")}, indent=1))
+                                              "reward_missing", "reward_missing_share", "teacher_leaks",
+                                              "echoed_instructions", "timing")}, indent=1))
     print(f"records: {Path(cfg.output) / 'conversations.jsonl'}")
 
 

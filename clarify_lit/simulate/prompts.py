@@ -33,13 +33,13 @@ import re
 from collections.abc import Sequence
 from typing import Literal
 
+from clarify_lit.data.echoes import INSTRUCTION_MARK, split_instruction  # noqa: F401  (re-exported)
 from clarify_lit.data.tasks import LETTERS, QATask, format_choices  # noqa: F401  (format_choices: re-exported)
 
 Setting = Literal["reasoning", "clarifying"]
 Mode = Literal["thinking", "standard", "open"]
 TurnKind = Literal["initial", "critique", "elaborate", "final", "ask", "reason"]
 
-INSTRUCTION_MARK = "[Instructions for your reply:"
 WORD_LIMIT = "Use at most 50-60 words."
 
 # One line that tells the assistant where a question comes from, keyed by a normalised dataset-name prefix.
@@ -81,14 +81,6 @@ def with_instruction(text: str, instruction: str | None) -> str:
     if not instruction:
         return text
     return f"{text}\n\n{INSTRUCTION_MARK} {instruction}]"
-
-
-def split_instruction(content: str) -> tuple[str, str | None]:
-    """Inverse of :func:`with_instruction`: ``(teacher text, instruction or None)``."""
-    i = content.rfind("\n\n" + INSTRUCTION_MARK)
-    if i < 0 or not content.endswith("]"):
-        return content, None
-    return content[:i], content[i + 2 + len(INSTRUCTION_MARK):-1].strip()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,10 +18,8 @@ All rewards also report ``correct`` and ``parsed`` (cheap, and the metrics want 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +31,7 @@ from clarify_lit.data.records import Message
 from clarify_lit.data.tasks import LETTERS, QATask
 from clarify_lit.simulate import prompts
 from clarify_lit.simulate.engine import GenerationEngine, derive_seed
+from clarify_lit.simulate.judge_parsing import parse_judge_scores
 from clarify_lit.simulate.open_answer import grade_open_answer
 from clarify_lit.simulate.parsing import AnswerParse, analyze_answer
 from clarify_lit.simulate.teachers import ChatBackend
@@ -164,43 +163,6 @@ class GoldProbReward(Reward):
 JUDGE_KEYS = prompts.JUDGE_KEYS
 
 
-def parse_judge_scores(text: str) -> dict[str, float] | None:
-    """The six 0–10 scores from a judge reply (a JSON object, possibly inside prose or a code fence), or None.
-
-    ``overall`` is required; other keys are kept when present. Values must be numbers (or numeric strings) in
-    [0, 10]. As a fallback, ``Overall: 7`` lines are read.
-    """
-    candidates = re.findall(r"\{[^{}]*\}", text or "", flags=re.DOTALL)
-    for raw in candidates:
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(obj, dict):
-            continue
-        scores: dict[str, float] = {}
-        for k, v in obj.items():
-            key = re.sub(r"[^a-z]+", "_", str(k).lower()).strip("_")
-            key = prompts.judge_key(key)
-            if key is None:
-                continue
-            try:
-                x = float(v)
-            except (TypeError, ValueError):
-                continue
-            if math.isfinite(x) and 0 <= x <= 10:
-                scores[key] = x
-        if "overall" in scores:
-            return scores
-    scores = {}
-    for key in JUDGE_KEYS:
-        label = key.replace("_", r"[ _]")
-        m = re.search(rf"(?i)\b{label}\b\W{{0,3}}\s*(\d+(?:\.\d+)?)\s*(?:/\s*10)?", text or "")
-        if m and 0 <= float(m.group(1)) <= 10:
-            scores[key] = float(m.group(1))
-    return scores if "overall" in scores else None
-
-
 class LLMJudgeReward(Reward):
     """The paper's LLM judge; reward = Overall / 10 (see the module docstring for retries and missing values)."""
 
@@ -213,6 +175,8 @@ class LLMJudgeReward(Reward):
         self.max_attempts = max_attempts
         self.max_new_tokens = max_new_tokens
         self.missing = 0
+        #: ``(task id, the last raw reply)`` of each conversation whose reward went missing (simulate saves one)
+        self.unparseable: list[tuple[str, str]] = []
 
     def describe(self) -> str:
         return f"llm_judge:{self.backend.name}"
@@ -220,6 +184,7 @@ class LLMJudgeReward(Reward):
     def score(self, tasks, conversations, *, seed=0):
         requests = [prompts.judge_request(t, c) for t, c in zip(tasks, conversations, strict=True)]
         parsed: list[dict[str, float] | None] = [None] * len(requests)
+        raw: list[str] = [""] * len(requests)
         todo = list(range(len(requests)))
         for attempt in range(self.max_attempts):
             if not todo:
@@ -229,6 +194,7 @@ class LLMJudgeReward(Reward):
                                         max_new_tokens=self.max_new_tokens, seed=derive_seed(seed, attempt))
             for i, r in zip(todo, replies, strict=True):
                 parsed[i] = parse_judge_scores(r)
+                raw[i] = r
             todo = [i for i in todo if parsed[i] is None]
         out = []
         for i, (t, c) in enumerate(zip(tasks, conversations, strict=True)):
@@ -236,6 +202,7 @@ class LLMJudgeReward(Reward):
             comps: dict[str, float | None] = {k: (scores or {}).get(k) for k in JUDGE_KEYS}
             if scores is None:
                 self.missing += 1
+                self.unparseable.append((t.task_id, raw[i]))
                 log.warning("judge reply for %s unparseable after %d attempts; reward recorded as missing",
                             t.task_id, self.max_attempts)
                 comps["llm_judge"] = None

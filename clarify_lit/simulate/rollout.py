@@ -23,6 +23,7 @@ from clarify_lit.data.records import ConversationRecord
 from clarify_lit.data.tasks import LETTERS, QATask
 from clarify_lit.simulate import prompts
 from clarify_lit.simulate.engine import GenerationEngine, TurnCache, derive_seed
+from clarify_lit.simulate.leaks import record_flags
 from clarify_lit.simulate.options import RolloutOptions, check_discount
 from clarify_lit.simulate.parsing import early_answer
 from clarify_lit.simulate.prompts import Mode, Setting
@@ -386,6 +387,7 @@ def score_and_record(play: Conversations, spec: RolloutSpec, teacher: Teacher, r
                 **({"explore_prefixes": play.seeded[i]} if i in play.seeded else {}),
                 # open mode: the options never appear in the conversation; kept here for grading (metrics, rescore)
                 **({"choices": list(task.choices)} if mode == "open" else {}),
+                **record_flags(task, convs[i], setting),  # teacher_leak, echoed_instructions (simulate/leaks.py)
             },
         ))
     n_missing = sum(r.meta["reward_missing"] for r in records)

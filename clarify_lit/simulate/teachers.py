@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -96,6 +97,11 @@ class EndpointChatBackend(ChatBackend):
         self.backoff = backoff
         self.concurrency = max(1, concurrency)
         self.name = f"endpoint:{model}"
+        # HTTP attempts made and, of them, retries (simulate's summary reports both: endpoint_calls)
+        self.attempts = 0
+        self.retries = 0
+        self.answered = 0
+        self._count = threading.Lock()
         if api_key_env and not os.environ.get(api_key_env):
             raise EndpointError(f"environment variable {api_key_env!r} (the endpoint's API key) is not set")
 
@@ -114,6 +120,9 @@ class EndpointChatBackend(ChatBackend):
         for attempt in range(self.max_retries + 1):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
+            with self._count:
+                self.attempts += 1
+                self.retries += attempt > 0
             req = urllib.request.Request(self.url, data=body, headers=self._headers(), method="POST")
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
@@ -138,10 +147,16 @@ class EndpointChatBackend(ChatBackend):
                 continue
             usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
             tokens = usage.get("completion_tokens")
+            with self._count:
+                self.answered += 1
             return text, choice.get("finish_reason"), tokens if isinstance(tokens, int) else None
         raise EndpointError(f"endpoint {self.url} gave no usable answer after {self.max_retries + 1} attempts "
                             f"(timeout {self.timeout}s each); last error: {last}. Is the server running and is "
                             f"base_url right?")
+
+    def calls(self) -> dict[str, int]:
+        """Requests answered, HTTP attempts and retries so far (every request answered: ``answered`` = requests)."""
+        return {"answered": self.answered, "attempts": self.attempts, "retries": self.retries}
 
     def chat(self, requests, *, temperature=0.0, max_new_tokens=128, seed=0):
         return [text for text, _, _ in self.complete(requests, temperature=temperature,

@@ -5,10 +5,12 @@ Examples::
     clarify export --run_dir runs/swift --merge true                      # runs/swift/export_merged (training dtype)
     clarify export --run_dir runs/swift --merge true --dtype bfloat16 --out_dir /tmp/swift-bf16
     clarify export --ckpt_path runs/swift/checkpoints/last.ckpt --out_dir /tmp/swift-adapter
+    clarify export --run_dir runs/swift --format gguf                      # runs/swift/export_gguf/model.f16.gguf
 
 ``--merge true`` writes a standalone ``transformers`` folder (the LoRA merged into the base weights; no peft needed:
 what vLLM, lm-evaluation-harness and GGUF converters take); without it, the adapter folder that ``clarify fit``
-writes to ``<run>/export``. Either way with tokenizer, chat template, generation config, a model card filled from
+writes to ``<run>/export``. ``--format gguf`` writes the merged policy as one GGUF file for llama.cpp and Ollama,
+with a model card saying how to serve it (:mod:`clarify_lit.train.gguf_export`). Either way with tokenizer, chat template, generation config, a model card filled from
 the run (checkpoint step, last logged losses, data, rollout evaluation, ``config.yaml``) and ``clarify_export.json``.
 
 A folder that holds anything is refused unless ``--overwrite true``; even then only an earlier export's files there
@@ -27,6 +29,7 @@ import torch
 
 from clarify_lit.arguments import CommandLine
 from clarify_lit.train.export import export_merged, refuse_occupied_export, write_export
+from clarify_lit.train.gguf_export import GGUFType, export_gguf
 from clarify_lit.train.module import ClarifyModule
 
 log = logging.getLogger(__name__)
@@ -52,22 +55,30 @@ def checkpoint_of(run_dir: str | None, ckpt_path: str | None) -> tuple[Path, Pat
 
 def export(run_dir: str | None = None, ckpt_path: str | None = None, out_dir: str | None = None,
            merge: bool = False, dtype: Literal["float32", "bfloat16", "float16"] | None = None,
-           overwrite: bool = False) -> Path:
+           overwrite: bool = False, format: Literal["hf", "gguf"] = "hf", gguf_type: GGUFType = "f16") -> Path:
     """Export a ``clarify fit`` run from its checkpoint (the options are :class:`ExportConfig`'s)."""
     ckpt, run = checkpoint_of(run_dir, ckpt_path)
     if dtype is not None and not merge:
         raise ValueError("--dtype applies to --merge true (an adapter keeps the dtype it was trained in)")
-    out = Path(out_dir) if out_dir else run / ("export_merged" if merge else "export")
+    if format not in ("hf", "gguf"):
+        raise ValueError(f"--format must be hf or gguf, got {format!r}")
+    if format == "gguf" and dtype is not None:
+        raise ValueError("--dtype applies to --format hf; a GGUF export's weights are set by --gguf_type")
+    default = "export_gguf" if format == "gguf" else ("export_merged" if merge else "export")
+    out = Path(out_dir) if out_dir else run / default
     refuse_occupied_export(out, overwrite)  # before the checkpoint loads
     module = ClarifyModule.from_checkpoint(ckpt)
     # the step and epoch for the card; the weights were restored above
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
     state = {k: checkpoint.get(k) for k in ("global_step", "epoch")}
-    if merge:
+    if format == "gguf":
+        folder = export_gguf(module, out, gguf_type, run_dir=run, checkpoint=state)
+    elif merge:
         folder = export_merged(module, out, dtype, run_dir=run, checkpoint=state)
     else:
         folder = write_export(module, out, run_dir=run, checkpoint=state)
-    print(f"[clarify export] {'merged model' if merge else 'export'} of {ckpt} (step {state['global_step']}) → "
+    what = "GGUF file" if format == "gguf" else ("merged model" if merge else "export")
+    print(f"[clarify export] {what} of {ckpt} (step {state['global_step']}) → "
           f"{folder}")
     return folder
 
@@ -90,6 +101,11 @@ class ExportConfig:
     overwrite: bool = False
     """Write into a folder that is not empty: an earlier export's files there are replaced, any other file is kept;
     without it such a folder is refused."""
+    format: Literal["hf", "gguf"] = "hf"
+    """hf (a transformers/PEFT folder) or gguf (the merged policy as one GGUF file for llama.cpp and Ollama, default
+    folder <run>/export_gguf; implies the merge)."""
+    gguf_type: GGUFType = "f16"
+    """Weight type of the GGUF file (f32, f16, bf16, q8_0); norms stay f32."""
 
 
 def run(cfg: ExportConfig) -> Path:
