@@ -33,7 +33,7 @@ def fields(path: Path) -> tuple[dict, dict]:
     return meta, {t.name: (t.tensor_type.name, [int(x) for x in t.shape]) for t in reader.tensors}
 
 
-@pytest.mark.parametrize("gguf_type", ["f32", "q8_0"])
+@pytest.mark.parametrize("gguf_type", ["f32", "f16", "q8_0"])
 def test_tiny_model_round_trips_through_gguf(tiny_model_dir, tmp_path, gguf_type):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -59,7 +59,7 @@ def test_tiny_model_round_trips_through_gguf(tiny_model_dir, tmp_path, gguf_type
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
     with torch.no_grad():
         a, b = original(ids).logits, loaded(ids).logits
-    tolerance = 1e-5 if gguf_type == "f32" else 0.05 * a.abs().max().item()  # q8_0 rounds each block to 8 bits
+    tolerance = 1e-5 if gguf_type == "f32" else 0.05 * a.abs().max().item()  # f16, q8_0 (8-bit blocks) round
     assert torch.allclose(a, b, atol=tolerance), (a - b).abs().max()
 
 
