@@ -95,8 +95,15 @@ bench: $(STAMP) ## rollout, training and scaling benchmarks on the tiny model
 package-check: $(STAMP) ## build the sdist and wheel, install the wheel in a fresh venv, run clarify
 	$(PY) -m pytest -q tests/test_packaging.py
 
-lint: $(STAMP) ## ruff check
-	$(VENV)/bin/ruff check clarify_lit tests benchmarks experiments
+PY_DIRS = clarify_lit tests benchmarks experiments scripts
+
+lint: $(STAMP) ## ruff check (line length 120 enforced) and ruff format --check
+	$(VENV)/bin/ruff check $(PY_DIRS)
+	$(VENV)/bin/ruff format --check $(PY_DIRS)
+
+format: $(STAMP) ## ruff format the code, then ruff check --fix (imports)
+	$(VENV)/bin/ruff format $(PY_DIRS)
+	$(VENV)/bin/ruff check --fix $(PY_DIRS)
 
 clean: ## remove the venvs and the pytest cache
 	rm -rf $(VENV) $(LATEST_VENV) $(SERVER_VENV) .pytest_cache

@@ -52,9 +52,18 @@ def make_records(n_conversations: int, scale_text: int = 1) -> list[dict]:
                 for m in messages:
                     if m["role"] == "assistant":
                         m["content"] = " ".join([m["content"]] * scale_text)
-            records.append({"id": f"bench-{t}#run{j}", "task_id": f"bench-{t}", "dataset": "sciq", "run": j,
-                            "temperature": [0.3, 0.7, 1.0][j], "reward": reward, "messages": messages,
-                            "meta": {"source_task": key}})
+            records.append(
+                {
+                    "id": f"bench-{t}#run{j}",
+                    "task_id": f"bench-{t}",
+                    "dataset": "sciq",
+                    "run": j,
+                    "temperature": [0.3, 0.7, 1.0][j],
+                    "reward": reward,
+                    "messages": messages,
+                    "meta": {"source_task": key},
+                }
+            )
     return records
 
 

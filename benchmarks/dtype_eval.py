@@ -8,6 +8,7 @@ process, and records wall time and CPU time (the child's user + system seconds: 
 unlike wall time), the load average before each run, the CPU's bf16 flags and what ``--dtype auto`` resolves to.
 Writes ``benchmarks/results/dtype_eval.json`` (key: the CPU model).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,11 +28,46 @@ OUT = Path(__file__).parent / "results" / "dtype_eval.json"
 
 
 def evaluate_args(dtype: str, out: Path, n_questions: int) -> list[str]:
-    return [sys.executable, "-m", "clarify_lit.cli", "evaluate", "--model", "embedded:smollm2-135m-instruct",
-            "--method", "Base", "--data.dataset", "sciq", "--data.n_train", "48", "--data.n_test", "48",
-            "--data.seed", "0", "--n_questions", str(n_questions), "--rollout.setting", "clarifying", "--rollout.mode", "open",
-            "--rollout.n_turns", "2", "--teacher.kind", "open", "--reward.kind", "correct", "--rollout.max_new_tokens", "48",
-            "--dtype", dtype, "--rollout.batch_size", "48", "--rollout.seed", "0", "--out_dir", str(out)]
+    return [
+        sys.executable,
+        "-m",
+        "clarify_lit.cli",
+        "evaluate",
+        "--model",
+        "embedded:smollm2-135m-instruct",
+        "--method",
+        "Base",
+        "--data.dataset",
+        "sciq",
+        "--data.n_train",
+        "48",
+        "--data.n_test",
+        "48",
+        "--data.seed",
+        "0",
+        "--n_questions",
+        str(n_questions),
+        "--rollout.setting",
+        "clarifying",
+        "--rollout.mode",
+        "open",
+        "--rollout.n_turns",
+        "2",
+        "--teacher.kind",
+        "open",
+        "--reward.kind",
+        "correct",
+        "--rollout.max_new_tokens",
+        "48",
+        "--dtype",
+        dtype,
+        "--rollout.batch_size",
+        "48",
+        "--rollout.seed",
+        "0",
+        "--out_dir",
+        str(out),
+    ]
 
 
 def run_once(dtype: str, n_questions: int) -> dict[str, float]:
@@ -39,14 +75,22 @@ def run_once(dtype: str, n_questions: int) -> dict[str, float]:
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         load = os.getloadavg()[0]
         t0 = time.perf_counter()
-        subprocess.run(evaluate_args(dtype, Path(tmp) / "eval", n_questions), check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            evaluate_args(dtype, Path(tmp) / "eval", n_questions),
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wall = time.perf_counter() - t0
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         metrics = json.loads((Path(tmp) / "eval" / "metrics.json").read_text())["metrics"]
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "load_before": round(load, 2),
-            "accuracy": metrics["accuracy"]}
+    return {
+        "wall_s": round(wall, 1),
+        "cpu_s": round(cpu, 1),
+        "load_before": round(load, 2),
+        "accuracy": metrics["accuracy"],
+    }
 
 
 def main() -> None:
@@ -62,12 +106,16 @@ def main() -> None:
     cpu = {d: sum(r["cpu_s"] for r in rs) for d, rs in runs.items()}
     wall = {d: sum(r["wall_s"] for r in rs) for d, rs in runs.items()}
     stamp = environment_stamp("cpu", "float32")
-    result = {"cpu_model": cpu_model(), "bf16_flags": native_bf16_flags(),
-              "auto_resolves_to": resolve_dtype("auto", "cpu"), "runs": runs,
-              "bf16_over_fp32_cpu_time": round(cpu["bfloat16"] / cpu["float32"], 3),
-              "bf16_over_fp32_wall_time": round(wall["bfloat16"] / wall["float32"], 3),
-              "command": f"python benchmarks/dtype_eval.py --repeats {args.repeats} --n_questions {args.n_questions}",
-              "environment": stamp}
+    result = {
+        "cpu_model": cpu_model(),
+        "bf16_flags": native_bf16_flags(),
+        "auto_resolves_to": resolve_dtype("auto", "cpu"),
+        "runs": runs,
+        "bf16_over_fp32_cpu_time": round(cpu["bfloat16"] / cpu["float32"], 3),
+        "bf16_over_fp32_wall_time": round(wall["bfloat16"] / wall["float32"], 3),
+        "command": f"python benchmarks/dtype_eval.py --repeats {args.repeats} --n_questions {args.n_questions}",
+        "environment": stamp,
+    }
     OUT.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(OUT.read_text()) if OUT.exists() else {}
     existing[cpu_model()] = result

@@ -65,8 +65,10 @@ TINY_LORA = tt.PRESETS["tiny-random"]  # configs/model/tiny.yaml
 PAIRS = [("ours_refit", "trl_sft_weighted"), ("ours_dpo", "trl_dpo")]
 SMOLLM2_TOKENIZER = ROOT / ".whl" / "smollm2-tokenizer"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "gpu.json"
-NO_GPU = ("gpu_bench: no CUDA GPU here (torch.cuda.is_available() is false): nothing measured "
-          "(--cpu_smoke runs the code path on the CPU)")
+NO_GPU = (
+    "gpu_bench: no CUDA GPU here (torch.cuda.is_available() is false): nothing measured "
+    "(--cpu_smoke runs the code path on the CPU)"
+)
 
 
 # ------------------------------------------------------------------------------------------------------ child side
@@ -116,8 +118,15 @@ def run_rollout(spec: dict) -> dict:
     _decodable_only(model, len(tok))
     b, turns, new = spec["batch_size"], spec["turns"], spec["new_tokens"]
     tasks = make_tasks(b)
-    rspec = RolloutSpec(setting="reasoning", mode="thinking", n_turns=turns, temperatures=[0.0], max_new_tokens=new,
-                        batch_size=b, seed=0)
+    rspec = RolloutSpec(
+        setting="reasoning",
+        mode="thinking",
+        n_turns=turns,
+        temperatures=[0.0],
+        max_new_tokens=new,
+        batch_size=b,
+        seed=0,
+    )
     warm = GenerationEngine(model, tok, batch_size=b, max_new_tokens=4, min_new_tokens=4)
     rollout_tasks(model, tok, tasks, replace(rspec, n_turns=1, max_new_tokens=4), engine=warm)
     engine = GenerationEngine(model, tok, batch_size=b, max_new_tokens=new, min_new_tokens=new)
@@ -127,15 +136,24 @@ def run_rollout(spec: dict) -> dict:
     tt._sync()
     seconds = time.perf_counter() - t0
     st = engine.stats
-    return {"conversations": len(records), "turns": turns, "new_tokens_per_turn": new, "batch_size": b,
-            "seconds": round(seconds, 4), "conversations_per_s": round(len(records) / seconds, 3),
-            "new_tokens": st.new_tokens, "tokens_per_s": round(st.new_tokens / seconds, 1),
-            "ms_per_decode_step": round(seconds * 1000 / (turns * new), 3),  # the whole rollout, prefills included
-            "generate_calls": st.calls, "prompt_tokens": st.prompt_tokens, "reused_prompt_tokens": st.reused_tokens,
-            "reuse_misses": st.reuse_misses,
-            "decode_step_ms": decode_step_ms(model, b, spec["decode_context"], spec["decode_steps"], len(tok)),
-            "decode_context": spec["decode_context"],
-            "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+    return {
+        "conversations": len(records),
+        "turns": turns,
+        "new_tokens_per_turn": new,
+        "batch_size": b,
+        "seconds": round(seconds, 4),
+        "conversations_per_s": round(len(records) / seconds, 3),
+        "new_tokens": st.new_tokens,
+        "tokens_per_s": round(st.new_tokens / seconds, 1),
+        "ms_per_decode_step": round(seconds * 1000 / (turns * new), 3),  # the whole rollout, prefills included
+        "generate_calls": st.calls,
+        "prompt_tokens": st.prompt_tokens,
+        "reused_prompt_tokens": st.reused_tokens,
+        "reuse_misses": st.reuse_misses,
+        "decode_step_ms": decode_step_ms(model, b, spec["decode_context"], spec["decode_steps"], len(tok)),
+        "decode_context": spec["decode_context"],
+        "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+    }
 
 
 def child(spec: dict) -> dict:
@@ -188,8 +206,12 @@ def device_ceilings(gpu: bool) -> dict:
     del a, b, x, y
     if gpu:
         torch.cuda.empty_cache()
-    return {"bf16_matmul_tflops": round(tflops, 1), "matmul_n": n, "copy_gb_per_s_read_plus_write": round(gbps, 1),
-            "copy_bytes": nbytes}
+    return {
+        "bf16_matmul_tflops": round(tflops, 1),
+        "matmul_n": n,
+        "copy_gb_per_s_read_plus_write": round(gbps, 1),
+        "copy_bytes": nbytes,
+    }
 
 
 def environment(gpu: bool) -> dict:
@@ -203,14 +225,22 @@ def environment(gpu: bool) -> dict:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             versions[pkg] = None
-    env = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-           "gpu": torch.cuda.get_device_name(0) if gpu else "none (--cpu_smoke)", "versions": versions,
-           "cuda": torch.version.cuda, "python": platform.python_version(), "platform": platform.platform(),
-           "cpu_count": os.cpu_count()}
+    env = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "gpu": torch.cuda.get_device_name(0) if gpu else "none (--cpu_smoke)",
+        "versions": versions,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+    }
     if gpu:
         props = torch.cuda.get_device_properties(0)
-        env.update(gpu_memory_gb=round(props.total_memory / 2**30, 1), gpu_capability=f"{props.major}.{props.minor}",
-                   gpu_multiprocessors=props.multi_processor_count)
+        env.update(
+            gpu_memory_gb=round(props.total_memory / 2**30, 1),
+            gpu_capability=f"{props.major}.{props.minor}",
+            gpu_multiprocessors=props.multi_processor_count,
+        )
     return env
 
 
@@ -237,8 +267,13 @@ def tokens_per_conversation(records: Path, tokenizer: str) -> dict:
         for line in fh:
             text = tok.apply_chat_template(json.loads(line)["messages"], tokenize=False)
             lengths.append(len(tok(text, add_special_tokens=False)["input_ids"]))
-    return {"tokenizer": tokenizer, "vocab": len(tok), "min": min(lengths), "mean": round(statistics.mean(lengths), 1),
-            "max": max(lengths)}
+    return {
+        "tokenizer": tokenizer,
+        "vocab": len(tok),
+        "min": min(lengths),
+        "mean": round(statistics.mean(lengths), 1),
+        "max": max(lengths),
+    }
 
 
 def plan(archs: list[str], variants: list[str]) -> list[tuple[str, str]]:
@@ -256,8 +291,12 @@ def summarise(arch_results: dict) -> tuple[dict, dict]:
             a, b = ok[ours], ok[trl]
             ratios[f"{ours}_vs_{trl}"] = {
                 "tokens_per_s": round(a["tokens_per_s"] / b["tokens_per_s"], 3),
-                "peak_gpu_mem": (round(a["peak_gpu_mem_gb"] / b["peak_gpu_mem_gb"], 3)
-                                 if a.get("peak_gpu_mem_gb") and b.get("peak_gpu_mem_gb") else None)}
+                "peak_gpu_mem": (
+                    round(a["peak_gpu_mem_gb"] / b["peak_gpu_mem_gb"], 3)
+                    if a.get("peak_gpu_mem_gb") and b.get("peak_gpu_mem_gb")
+                    else None
+                ),
+            }
     try:
         values, failures = tt.checks({"lora": {v: r for v, r in ok.items() if v != "rollout"}}, "lora")
     except (KeyError, TypeError) as e:  # a measurement without the check fields
@@ -268,8 +307,11 @@ def summarise(arch_results: dict) -> tuple[dict, dict]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--cpu_smoke", action="store_true",
-                   help="run the whole code path on the CPU: tiny architecture, tiny batches, in-process (seconds)")
+    p.add_argument(
+        "--cpu_smoke",
+        action="store_true",
+        help="run the whole code path on the CPU: tiny architecture, tiny batches, in-process (seconds)",
+    )
     p.add_argument("--archs", nargs="+", default=None, choices=[*ARCHS, "tiny"])
     p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     p.add_argument("--batch_size", type=int, default=None, help="training batch (default 4; smoke 2)")
@@ -283,8 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode_context", type=int, default=None, help="cache length of the decode step (default 300)")
     p.add_argument("--tokenizer", default="auto", help="auto | model | a tokenizer folder (see the module doc)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per measurement (default 4; smoke 1)")
-    p.add_argument("--isolation", choices=["subprocess", "in_process"], default=None,
-                   help="one subprocess per measurement (default on a GPU) or all in this process (smoke default)")
+    p.add_argument(
+        "--isolation",
+        choices=["subprocess", "in_process"],
+        default=None,
+        help="one subprocess per measurement (default on a GPU) or all in this process (smoke default)",
+    )
     p.add_argument("--deadline", type=float, default=None, help="epoch seconds: start nothing that cannot end before")
     p.add_argument("--budget_s", type=float, default=480, help="without --deadline: seconds from now")
     p.add_argument("--child_timeout", type=float, default=240, help="seconds per measurement at most")
@@ -320,8 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     new_tokens = args.new_tokens or d(4, 40)
     decode_context = args.decode_context or d(16, 300)
     threads = args.threads or d(1, 4)
-    out = Path(args.out) if args.out else (
-        Path(tempfile.mkdtemp(prefix="gpu-bench-smoke-")) / "gpu.json" if smoke else DEFAULT_OUT)
+    out = (
+        Path(args.out)
+        if args.out
+        else (Path(tempfile.mkdtemp(prefix="gpu-bench-smoke-")) / "gpu.json" if smoke else DEFAULT_OUT)
+    )
 
     from bench_data import write_records
 
@@ -330,19 +379,38 @@ def main(argv: list[str] | None = None) -> int:
     records = write_records(Path(tempfile.mkdtemp(prefix="gpu-bench-")) / "records.jsonl", n_conv)
     tokenizers = {a: pick_tokenizer(args.tokenizer, ARCHITECTURES[a]["vocab_size"]) for a in archs}
     have_trl = importlib.util.find_spec("trl") is not None
-    report = {**environment(gpu), "command": "python benchmarks/gpu_bench.py " + " ".join(
-                  argv if argv is not None else sys.argv[1:]),
-              "settings": {
-                  "archs": archs, "dtype": "bfloat16", "precision": "bf16-mixed", "finetune": "lora",
-                  "lora": {a: (TINY_LORA if a == "tiny" else LORA) for a in archs}, "batch_size": batch_size,
-                  "warmup_steps": warmup, "timed_steps": steps, "n_conversations": n_conv,
-                  "max_length": args.max_length, "gradient_checkpointing": False, "rollout_batch": rollout_batch,
-                  "turns": args.turns, "new_tokens_per_turn": new_tokens, "decode_context": decode_context,
-                  "isolation": isolation, "torch_threads": threads,
-                  "tokens_per_conversation": {a: tokens_per_conversation(records, tokenizers[a] or TINY_RANDOM)
-                                              for a in archs}},
-              "tests": None, "device": None, "results": {a: {} for a in archs}, "ratios_ours_over_trl": {},
-              "same_work_checks": {}, "wall_s": None}
+    report = {
+        **environment(gpu),
+        "command": "python benchmarks/gpu_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "settings": {
+            "archs": archs,
+            "dtype": "bfloat16",
+            "precision": "bf16-mixed",
+            "finetune": "lora",
+            "lora": {a: (TINY_LORA if a == "tiny" else LORA) for a in archs},
+            "batch_size": batch_size,
+            "warmup_steps": warmup,
+            "timed_steps": steps,
+            "n_conversations": n_conv,
+            "max_length": args.max_length,
+            "gradient_checkpointing": False,
+            "rollout_batch": rollout_batch,
+            "turns": args.turns,
+            "new_tokens_per_turn": new_tokens,
+            "decode_context": decode_context,
+            "isolation": isolation,
+            "torch_threads": threads,
+            "tokens_per_conversation": {
+                a: tokens_per_conversation(records, tokenizers[a] or TINY_RANDOM) for a in archs
+            },
+        },
+        "tests": None,
+        "device": None,
+        "results": {a: {} for a in archs},
+        "ratios_ours_over_trl": {},
+        "same_work_checks": {},
+        "wall_s": None,
+    }
     if args.pytest_log:
         log_lines = [ln.strip() for ln in Path(args.pytest_log).read_text(errors="replace").splitlines() if ln.strip()]
         report["tests"] = {"exit_code": args.pytest_exit, "summary": log_lines[-1] if log_lines else None}
@@ -365,13 +433,27 @@ def main(argv: list[str] | None = None) -> int:
         elif left < (20 if smoke else 45):
             res = {"skipped": f"time budget: {left:.0f} s left"}
         else:
-            spec = {"variant": variant, "finetune": "lora", "model": f"random:{arch}", "tokenizer": tokenizers[arch],
-                    "records": str(records), "batch_size": rollout_batch if variant == "rollout" else batch_size,
-                    "max_length": args.max_length, "precision": "bf16-mixed", "dtype": "bfloat16",
-                    "gradient_checkpointing": False, "warmup": warmup, "steps": steps, "threads": threads,
-                    "accelerator": "gpu" if gpu else "cpu", "lora": TINY_LORA if arch == "tiny" else LORA,
-                    "turns": args.turns, "new_tokens": new_tokens, "decode_context": decode_context,
-                    "decode_steps": d(3, 10)}
+            spec = {
+                "variant": variant,
+                "finetune": "lora",
+                "model": f"random:{arch}",
+                "tokenizer": tokenizers[arch],
+                "records": str(records),
+                "batch_size": rollout_batch if variant == "rollout" else batch_size,
+                "max_length": args.max_length,
+                "precision": "bf16-mixed",
+                "dtype": "bfloat16",
+                "gradient_checkpointing": False,
+                "warmup": warmup,
+                "steps": steps,
+                "threads": threads,
+                "accelerator": "gpu" if gpu else "cpu",
+                "lora": TINY_LORA if arch == "tiny" else LORA,
+                "turns": args.turns,
+                "new_tokens": new_tokens,
+                "decode_context": decode_context,
+                "decode_steps": d(3, 10),
+            }
             try:
                 if isolation == "subprocess":
                     res = tt.run_child(spec, timeout=min(args.child_timeout, left - 5), script=__file__)
@@ -386,13 +468,19 @@ def main(argv: list[str] | None = None) -> int:
         report["results"][arch][variant] = res
         if "error" in res or "skipped" in res:
             why = [ln for ln in (res.get("error") or res.get("skipped")).splitlines() if ln.strip()][-4:]
-            print(f"{arch:<13} {variant:<17} {'ERROR' if 'error' in res else 'skipped'}: "
-                  + "\n    ".join(ln[:300] for ln in why), flush=True)
+            print(
+                f"{arch:<13} {variant:<17} {'ERROR' if 'error' in res else 'skipped'}: "
+                + "\n    ".join(ln[:300] for ln in why),
+                flush=True,
+            )
         else:
             mem = f"{res['peak_gpu_mem_gb']:.2f} GB" if res.get("peak_gpu_mem_gb") is not None else "n/a (CPU)"
-            speed = (f"{res['tokens_per_s']:>10.1f} tok/s  {res['step_ms']:>8.1f} ms/step" if variant != "rollout" else
-                     f"{res['tokens_per_s']:>10.1f} new tok/s  {res['ms_per_decode_step']:.1f} ms/turn token, "
-                     f"decode step {res['decode_step_ms']:.2f} ms")
+            speed = (
+                f"{res['tokens_per_s']:>10.1f} tok/s  {res['step_ms']:>8.1f} ms/step"
+                if variant != "rollout"
+                else f"{res['tokens_per_s']:>10.1f} new tok/s  {res['ms_per_decode_step']:.1f} ms/turn token, "
+                f"decode step {res['decode_step_ms']:.2f} ms"
+            )
             print(f"{arch:<13} {variant:<17} {speed}  peak GPU {mem}  ({res['child_wall_s']:.0f} s)", flush=True)
         ratios, checks = summarise(report["results"][arch])
         report["ratios_ours_over_trl"][arch], report["same_work_checks"][arch] = ratios, checks

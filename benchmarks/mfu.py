@@ -13,7 +13,8 @@ and casts are "overhead", as is usual for MFU). Per *non-padding* token, per dec
 Attention, per layer and per *visible* (query, key) pair (causal: ``L(L+1)/2`` per row of L tokens; packed DPO rows:
 the 4D mask's true entries among real tokens): ``4·h·d`` forward (QKᵀ and PV, h heads of width d) and ``8·h·d``
 backward (dP, dV, dQ, dK) = ``12·h·d``; in layer 0 under LoRA, Q, K or V without an adapter needs no gradient
-(``2·h·d`` less each, and dP goes when neither Q nor K needs one). Kernels that compute masked-out pairs (SDPA with an explicit mask) do more
+(``2·h·d`` less each, and dP goes when neither Q nor K needs one). Kernels that compute masked-out pairs (SDPA with an
+explicit mask) do more
 work than this count: the count is the *model's* work.
 
 LM head (``hidden × vocab``), on trained positions only (our chunked head scores no other position): ``2·H·V``
@@ -51,8 +52,15 @@ class MFUError(ValueError):
     """A utilisation above 100 % of the measured peak: a bug in the count, the peak or the timing, never a result."""
 
 
-PRECISION_DTYPES = {"bf16-mixed": "bfloat16", "bf16-true": "bfloat16", "16-mixed": "float16", "16-true": "float16",
-                    "32-true": None, "32": None, "64-true": "float64"}
+PRECISION_DTYPES = {
+    "bf16-mixed": "bfloat16",
+    "bf16-true": "bfloat16",
+    "16-mixed": "float16",
+    "16-true": "float16",
+    "32-true": None,
+    "32": None,
+    "64-true": "float64",
+}
 
 
 def matmul_dtype(precision: str, weights_dtype: str = "float32") -> str:
@@ -73,7 +81,8 @@ def utilisation(achieved_gflops: float, peak_gflops: float, what: str = "") -> f
         raise MFUError(
             f"MFU{what} would be {mfu:.1%} ({achieved_gflops:.1f} GFLOP/s achieved over a {peak_gflops:.1f} GFLOP/s "
             "matmul peak): above 100 % is a bug (the FLOP count, the peak's dtype or the timed window is wrong), "
-            "not a result; not reported")
+            "not a result; not reported"
+        )
     return mfu
 
 
@@ -92,12 +101,17 @@ def matmul_peak(n: int = 2048, repeats: int = 8, dtype: str = "bfloat16") -> dic
         torch.matmul(a, b)
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-    flop = 2 * n ** 3
-    return {"n": n, "dtype": dtype, "threads": torch.get_num_threads(), "repeats": repeats,
-            "gflops_wall_best": round(flop / min(wall) / 1e9, 2),
-            "gflops_wall_median": round(flop / statistics.median(wall) / 1e9, 2),
-            "gflops_cpu_best": round(flop / max(min(cpu), 1e-9) / 1e9, 2),
-            "gflops_cpu_median": round(flop / max(statistics.median(cpu), 1e-9) / 1e9, 2)}
+    flop = 2 * n**3
+    return {
+        "n": n,
+        "dtype": dtype,
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "gflops_wall_best": round(flop / min(wall) / 1e9, 2),
+        "gflops_wall_median": round(flop / statistics.median(wall) / 1e9, 2),
+        "gflops_cpu_best": round(flop / max(min(cpu), 1e-9) / 1e9, 2),
+        "gflops_cpu_median": round(flop / max(statistics.median(cpu), 1e-9) / 1e9, 2),
+    }
 
 
 def model_shapes(model) -> dict:
@@ -115,16 +129,28 @@ def model_shapes(model) -> dict:
             base_layer = getattr(mod, "base_layer", None)
             if isinstance(base_layer, torch.nn.Linear):
                 r = mod.lora_A["default"].out_features if "default" in getattr(mod, "lora_A", {}) else 0
-                linears.append((i, leaf, base_layer.in_features, base_layer.out_features, r,
-                                base_layer.weight.requires_grad))
-            elif isinstance(mod, torch.nn.Linear) and "lora_" not in name and base_layer is None \
-                    and not name.endswith("base_layer"):
+                linears.append(
+                    (i, leaf, base_layer.in_features, base_layer.out_features, r, base_layer.weight.requires_grad)
+                )
+            elif (
+                isinstance(mod, torch.nn.Linear)
+                and "lora_" not in name
+                and base_layer is None
+                and not name.endswith("base_layer")
+            ):
                 linears.append((i, leaf, mod.in_features, mod.out_features, 0, mod.weight.requires_grad))
     head = base.get_output_embeddings()
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return {"linears": linears, "n_layers": len(layers), "heads": heads, "head_dim": head_dim,
-            "hidden": head.in_features, "vocab": head.out_features, "head_trained": head.weight.requires_grad}
+    return {
+        "linears": linears,
+        "n_layers": len(layers),
+        "heads": heads,
+        "head_dim": head_dim,
+        "hidden": head.in_features,
+        "vocab": head.out_features,
+        "head_trained": head.weight.requires_grad,
+    }
 
 
 def step_flops(shapes: dict, tokens: int, visible_pairs: int, trained: int, reference_forward: bool = False) -> dict:
@@ -143,9 +169,13 @@ def step_flops(shapes: dict, tokens: int, visible_pairs: int, trained: int, refe
     bwd0 = 2 * ((grads0[0] or grads0[1]) + sum(grads0))
     attn = (4 + 8) * hd * (shapes["n_layers"] - 1) + (4 + bwd0) * hd
     hv = shapes["hidden"] * shapes["vocab"]
-    parts = {"linear_fwd": lin_fwd * tokens, "linear_bwd": lin_bwd * tokens, "lora": lora * tokens,
-             "attention": attn * visible_pairs,
-             "lm_head": (6 if shapes["head_trained"] else 4) * hv * trained}
+    parts = {
+        "linear_fwd": lin_fwd * tokens,
+        "linear_bwd": lin_bwd * tokens,
+        "lora": lora * tokens,
+        "attention": attn * visible_pairs,
+        "lm_head": (6 if shapes["head_trained"] else 4) * hv * trained,
+    }
     if reference_forward:
         parts["reference_forward"] = lin_fwd * tokens + 4 * hd * shapes["n_layers"] * visible_pairs + 2 * hv * trained
     parts["total"] = sum(parts.values())
@@ -159,13 +189,20 @@ def batch_shape(batch: dict) -> tuple[int, int, int]:
         visible = batch["attention_mask"][:, 0].bool() & tm[:, :, None] & tm[:, None, :]
         return int(tm.sum()), int(visible.sum()), len(batch["pair_tokens"])
     lengths = batch["attention_mask"].sum(dim=1)  # right padding: causal pairs L(L+1)/2 per row
-    return (int(lengths.sum()), int((lengths * (lengths + 1) // 2).sum()),
-            int((batch["labels"][:, 1:] != -100).sum()))
+    return (int(lengths.sum()), int((lengths * (lengths + 1) // 2).sum()), int((batch["labels"][:, 1:] != -100).sum()))
 
 
 # ------------------------------------------------------------------------------------------------ time breakdown
-SCOPES = ("attention", "linear_base", "lora", "mlp_elementwise", "norm", "embedding", "lm_head_logsoftmax",
-          "data_collate")
+SCOPES = (
+    "attention",
+    "linear_base",
+    "lora",
+    "mlp_elementwise",
+    "norm",
+    "embedding",
+    "lm_head_logsoftmax",
+    "data_collate",
+)
 
 
 @contextmanager
@@ -256,7 +293,7 @@ def breakdown(prof) -> dict:
         while e is not None:
             name = e.name
             if name.startswith("scope::"):
-                return "scope", name[len("scope::"):]
+                return "scope", name[len("scope::") :]
             if name.startswith("autograd::engine::evaluate_function"):
                 return "backward", e.sequence_nr
             if name.startswith("Optimizer."):
@@ -266,8 +303,12 @@ def breakdown(prof) -> dict:
 
     fwd_scope: dict[int, str] = {}
     for e in events:  # events are in start order: the last leaf per sequence number wins
-        if e.sequence_nr is not None and e.sequence_nr >= 0 and not e.cpu_children \
-                and not e.name.startswith("autograd::"):
+        if (
+            e.sequence_nr is not None
+            and e.sequence_nr >= 0
+            and not e.cpu_children
+            and not e.name.startswith("autograd::")
+        ):
             kind, s = enclosing(e)
             if kind == "scope":
                 fwd_scope[e.sequence_nr] = s
@@ -279,8 +320,11 @@ def breakdown(prof) -> dict:
         totals[s] = totals.get(s, 0.0) + e.self_cpu_time_total / 1e6
     total = sum(totals.values())
     order = sorted(totals.items(), key=lambda kv: -kv[1])
-    return {"seconds": {k: round(v, 3) for k, v in order}, "share": {k: round(v / total, 3) for k, v in order},
-            "total_s": round(total, 3)}
+    return {
+        "seconds": {k: round(v, 3) for k, v in order},
+        "share": {k: round(v / total, 3) for k, v in order},
+        "total_s": round(total, 3),
+    }
 
 
 def saved_activation_bytes(model, forward, weight_shapes: set[tuple[int, ...]]) -> dict:
@@ -293,6 +337,7 @@ def saved_activation_bytes(model, forward, weight_shapes: set[tuple[int, ...]]) 
     seen: set[int] = set()
     totals: dict[str, float] = {}
     with profile_scopes(model) as names:
+
         def pack(t):
             if isinstance(t, torch.nn.Parameter):
                 return t
@@ -301,10 +346,13 @@ def saved_activation_bytes(model, forward, weight_shapes: set[tuple[int, ...]]) 
             if key not in seen:
                 seen.add(key)
                 scope = names[-1] if names else "other"
-                if t.dim() == 2 and t.dtype == torch.bfloat16 and (tuple(t.shape) in weight_shapes
-                                                                   or tuple(t.shape[::-1]) in weight_shapes):
+                if (
+                    t.dim() == 2
+                    and t.dtype == torch.bfloat16
+                    and (tuple(t.shape) in weight_shapes or tuple(t.shape[::-1]) in weight_shapes)
+                ):
                     scope = "weight_copies"
-                totals[scope] = totals.get(scope, 0.0) + storage.nbytes() / 2 ** 20
+                totals[scope] = totals.get(scope, 0.0) + storage.nbytes() / 2**20
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

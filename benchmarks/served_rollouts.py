@@ -54,19 +54,29 @@ def timed(name: str, tasks, spec: RolloutSpec, engine, model=None, tok=None) -> 
     records = rollout_tasks(model, tok, tasks, spec, engine=engine, model_name=name)
     seconds = time.perf_counter() - start
     tokens = engine.stats.new_tokens
-    row = {"variant": name, "conversations": len(records), "seconds": round(seconds, 2),
-           "conversations_per_s": round(len(records) / seconds, 4), "new_tokens": tokens,
-           "tokens_per_s": round(tokens / seconds, 2), "accuracy": sum(r.prediction == r.gold for r in records)
-           / len(records), "loadavg_before": before, "loadavg_after": loadavg(),
-           "final_turns": [r.messages[-1]["content"][:80] for r in records[:3]]}
+    row = {
+        "variant": name,
+        "conversations": len(records),
+        "seconds": round(seconds, 2),
+        "conversations_per_s": round(len(records) / seconds, 4),
+        "new_tokens": tokens,
+        "tokens_per_s": round(tokens / seconds, 2),
+        "accuracy": sum(r.prediction == r.gold for r in records) / len(records),
+        "loadavg_before": before,
+        "loadavg_after": loadavg(),
+        "final_turns": [r.messages[-1]["content"][:80] for r in records[:3]],
+    }
     print(json.dumps({k: v for k, v in row.items() if k != "final_turns"}), flush=True)
     return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--server-python", default=str(ROOT / ".venv-server/bin/python"),
-                    help="the interpreter with llama-cpp-python[server]")
+    ap.add_argument(
+        "--server-python",
+        default=str(ROOT / ".venv-server/bin/python"),
+        help="the interpreter with llama-cpp-python[server]",
+    )
     ap.add_argument("--n-tasks", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=32, help="built-in engine: conversations per generate call")
@@ -79,8 +89,15 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     tasks = load_tasks("sciq", part="test", n_test=args.n_tasks)[: args.n_tasks]
-    spec = RolloutSpec(setting="reasoning", mode="thinking", n_turns=3, temperatures=[0.0],
-                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=0)
+    spec = RolloutSpec(
+        setting="reasoning",
+        mode="thinking",
+        n_turns=3,
+        temperatures=[0.0],
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        seed=0,
+    )
     rows = []
     if not args.skip_engine:
         model, tok = load_causal_lm(EMBEDDED_SMOLLM2, args.dtype), load_tokenizer(EMBEDDED_SMOLLM2)
@@ -94,11 +111,18 @@ def main() -> None:
             backend = EndpointChatBackend(server.url, "smollm2", timeout=600, concurrency=k)
             engine = EndpointPolicyEngine(backend, max_new_tokens=args.max_new_tokens)
             rows.append({**timed(f"served Q4_1 concurrency={k}", tasks, spec, engine), "server_startup_s": startup})
-    key = args.key or (f"served vs engine smollm2 {args.n_tasks} greedy reasoning 3 turns max_new_tokens="
-                       f"{args.max_new_tokens} threads={args.threads}")
+    key = args.key or (
+        f"served vs engine smollm2 {args.n_tasks} greedy reasoning 3 turns max_new_tokens="
+        f"{args.max_new_tokens} threads={args.threads}"
+    )
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
-    results[key] = {"rows": rows, "args": vars(args), "environment": environment_stamp("cpu", args.dtype),
-                    "gguf": gguf.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    results[key] = {
+        "rows": rows,
+        "args": vars(args),
+        "environment": environment_stamp("cpu", args.dtype),
+        "gguf": gguf.name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     OUT.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {OUT} [{key}]")
 

@@ -13,7 +13,8 @@ Our variants also report model FLOPs utilisation (``mfu``): the timed steps' mat
 ``benchmarks/mfu.py``) per wall second and per CPU second, over a ``torch.matmul`` peak measured in the same child
 after training, in the dtype the step's matmuls ran in (bf16 under ``bf16-mixed``, fp32 under ``32-true``). A figure
 above 100 % is refused (``mfu.MFUError``): the child reports the error instead of the figure, the parent prints it
-and the run exits non-zero after writing the JSON, like a failed same-work check. ``--profile`` runs our variants under ``torch.profiler`` and writes the CPU time per part
+and the run exits non-zero after writing the JSON, like a failed same-work check. ``--profile`` runs our variants
+under ``torch.profiler`` and writes the CPU time per part
 (attention, base linears, LoRA adapters, LM head, optimizer, data; ``profile``) and what a training forward keeps for
 backward per part (``saved_activations``), under the key ``"<model> <precision> profile"``.
 
@@ -96,20 +97,35 @@ from mfu import (  # noqa: E402
 )
 from stamp import loadavg, machine_stamp  # noqa: E402
 
-VARIANTS = ["ours_refit", "trl_sft_weighted", "ours_dpo", "ours_dpo_stacked", "ours_dpo_precomputed", "trl_dpo",
-            "ours_refit_pre28"]
+VARIANTS = [
+    "ours_refit",
+    "trl_sft_weighted",
+    "ours_dpo",
+    "ours_dpo_stacked",
+    "ours_dpo_precomputed",
+    "trl_dpo",
+    "ours_refit_pre28",
+]
 # ablations, measured with LoRA only to keep the run short: packing off; the step before issue 28's memory savers
 LORA_ONLY = {"ours_dpo_stacked", "ours_refit_pre28"}
-PAIRS = [("ours_refit", "trl_sft_weighted"), ("ours_dpo", "trl_dpo"), ("ours_dpo_precomputed", "trl_dpo"),
-         ("ours_dpo_stacked", "trl_dpo"), ("ours_refit_pre28", "trl_sft_weighted")]
+PAIRS = [
+    ("ours_refit", "trl_sft_weighted"),
+    ("ours_dpo", "trl_dpo"),
+    ("ours_dpo_precomputed", "trl_dpo"),
+    ("ours_dpo_stacked", "trl_dpo"),
+    ("ours_refit_pre28", "trl_sft_weighted"),
+]
 #: ClarifyModule arguments of an ablation variant (on top of --module-args)
-VARIANT_MODULE_ARGS = {"ours_refit_pre28": {"lm_head_recompute": False, "lora_dropout_bitmask": False,
-                                            "logprob_chunk_size": 1024}}
+VARIANT_MODULE_ARGS = {
+    "ours_refit_pre28": {"lm_head_recompute": False, "lora_dropout_bitmask": False, "logprob_chunk_size": 1024}
+}
 PRESETS = {  # the repo's model presets (configs/model/*.yaml)
     "tiny-random": {"lora_r": 4, "lora_alpha": 8, "lora_target_modules": ["q_proj", "v_proj"]},
     "embedded:smollm2-135m-instruct": {
-        "lora_r": 16, "lora_alpha": 32,
-        "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    },
 }
 LORA_DROPOUT = 0.05
 LR = 2e-4
@@ -136,13 +152,20 @@ class _Steps:
             raise RuntimeError(f"only {len(self.t_end)} steps ran, need {warmup + steps}")
         seconds = self.t_end[warmup + steps - 1] - self.t_end[warmup - 1]
         cpu = self.cpu_end[warmup + steps - 1] - self.cpu_end[warmup - 1]
-        trained = sum(self.trained[warmup: warmup + steps])
-        inputs = sum(self.inputs[warmup: warmup + steps])
-        return {"timed_steps": steps, "seconds": round(seconds, 4), "s_per_step": round(seconds / steps, 4),
-                "cpu_s_per_step": round(cpu / steps, 4), "trained_tokens": trained, "input_tokens": inputs,
-                "tokens_per_s": round(trained / seconds, 2), "input_tokens_per_s": round(inputs / seconds, 2),
-                "tokens_per_cpu_s": round(trained / cpu, 2),
-                "step_losses": [round(x, 6) for x in self.losses[: warmup + steps]]}
+        trained = sum(self.trained[warmup : warmup + steps])
+        inputs = sum(self.inputs[warmup : warmup + steps])
+        return {
+            "timed_steps": steps,
+            "seconds": round(seconds, 4),
+            "s_per_step": round(seconds / steps, 4),
+            "cpu_s_per_step": round(cpu / steps, 4),
+            "trained_tokens": trained,
+            "input_tokens": inputs,
+            "tokens_per_s": round(trained / seconds, 2),
+            "input_tokens_per_s": round(inputs / seconds, 2),
+            "tokens_per_cpu_s": round(trained / cpu, 2),
+            "step_losses": [round(x, 6) for x in self.losses[: warmup + steps]],
+        }
 
 
 def _lora_kwargs(spec: dict) -> dict:
@@ -192,17 +215,25 @@ def _our_objective(variant: str):
     if variant.startswith("ours_refit"):
         return Refit()
     # ours_dpo, ours_dpo_stacked, ours_dpo_precomputed
-    return DPO(beta=BETA, pairs="final_answer",
-               reference="precomputed" if variant == "ours_dpo_precomputed" else "auto")
+    return DPO(
+        beta=BETA, pairs="final_answer", reference="precomputed" if variant == "ours_dpo_precomputed" else "auto"
+    )
 
 
 def _datamodule(spec: dict, objective):
     from clarify_lit.data.datamodule import ConversationDataModule
 
-    dm = ConversationDataModule([spec["records"]], val_fraction=0.0,
-                                tokenizer_name_or_path=spec.get("tokenizer") or spec["model"],
-                                max_length=spec["max_length"], batch_size=spec["batch_size"], cache_tokenized=False,
-                                seed=0, objective=objective, share_pair_prefix=spec["variant"] != "ours_dpo_stacked")
+    dm = ConversationDataModule(
+        [spec["records"]],
+        val_fraction=0.0,
+        tokenizer_name_or_path=spec.get("tokenizer") or spec["model"],
+        max_length=spec["max_length"],
+        batch_size=spec["batch_size"],
+        cache_tokenized=False,
+        seed=0,
+        objective=objective,
+        share_pair_prefix=spec["variant"] != "ours_dpo_stacked",
+    )
     dm.setup("fit")
     return dm
 
@@ -218,12 +249,23 @@ def run_ours(spec: dict) -> dict:
     objective = _our_objective(variant)
     lk = _lora_kwargs(spec)
     with _device(spec):
-        module = ClarifyModule(model_name_or_path=spec["model"], objective=objective, use_lora=lora,
-                               lora_r=lk["lora_r"], lora_alpha=lk["lora_alpha"], lora_dropout=_lora_dropout(variant),
-                               lora_target_modules=lk["lora_target_modules"], learning_rate=LR, warmup_ratio=0.0,
-                               lr_schedule="constant", gradient_checkpointing=spec["gradient_checkpointing"],
-                               export_on_fit_end=False, reference_cache=False, dtype=spec.get("dtype", "float32"),
-                               **{**spec.get("module_args", {}), **VARIANT_MODULE_ARGS.get(variant, {})})
+        module = ClarifyModule(
+            model_name_or_path=spec["model"],
+            objective=objective,
+            use_lora=lora,
+            lora_r=lk["lora_r"],
+            lora_alpha=lk["lora_alpha"],
+            lora_dropout=_lora_dropout(variant),
+            lora_target_modules=lk["lora_target_modules"],
+            learning_rate=LR,
+            warmup_ratio=0.0,
+            lr_schedule="constant",
+            gradient_checkpointing=spec["gradient_checkpointing"],
+            export_on_fit_end=False,
+            reference_cache=False,
+            dtype=spec.get("dtype", "float32"),
+            **{**spec.get("module_args", {}), **VARIANT_MODULE_ARGS.get(variant, {})},
+        )
     dm = _datamodule(spec, objective)
     out: dict = {"data_tokens": _our_data_tokens(dm.train_set.samples)}
     if variant.startswith("ours_refit"):  # same-batch loss check, fp32, before any update
@@ -260,10 +302,20 @@ def run_ours(spec: dict) -> dict:
             step_flop.append(step_flops(shapes, *batch_shape(batch), reference_forward=reference_forward))
             profiler.after_step(len(rec.t_end))
 
-    trainer = L.Trainer(accelerator=spec.get("accelerator", "cpu"), devices=1, precision=spec["precision"],
-                        max_steps=spec["warmup"] + spec["steps"], gradient_clip_val=1.0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Timer()])
+    trainer = L.Trainer(
+        accelerator=spec.get("accelerator", "cpu"),
+        devices=1,
+        precision=spec["precision"],
+        max_steps=spec["warmup"] + spec["steps"],
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[Timer()],
+    )
     with profiler:
         trainer.fit(module, datamodule=dm)
     out.update(rec.summary(spec["warmup"], spec["steps"]))
@@ -271,7 +323,7 @@ def run_ours(spec: dict) -> dict:
     out["step0_loss"] = rec.losses[0]
     if spec.get("accelerator", "cpu") == "cpu":
         peak = matmul_peak(dtype=matmul_dtype(spec["precision"], spec.get("dtype", "float32")))
-        out["mfu"] = _mfu(out, step_flop[spec["warmup"]: spec["warmup"] + spec["steps"]], peak)
+        out["mfu"] = _mfu(out, step_flop[spec["warmup"] : spec["warmup"] + spec["steps"]], peak)
     if profiler.result is not None:
         out["profile"] = profiler.result
         out["saved_activations"] = _saved_activations(module, dm, spec)
@@ -285,18 +337,23 @@ def _saved_activations(module, dm, spec: dict) -> dict:
     from clarify_lit.data.datamodule import PadCollator
     from clarify_lit.train.module import target_logps
 
-    collate = PadCollator(dm.tokenizer.pad_token_id, getattr(dm, "share_pair_prefix", False),
-                          getattr(dm, "pad_to_multiple_of", 1))
+    collate = PadCollator(
+        dm.tokenizer.pad_token_id, getattr(dm, "share_pair_prefix", False), getattr(dm, "pad_to_multiple_of", 1)
+    )
     batch = collate(dm.train_set.samples[: spec["batch_size"]])
-    shapes = {(mod.out_features, mod.in_features) for mod in module.model.modules()
-              if isinstance(mod, torch.nn.Linear)}
+    shapes = {(mod.out_features, mod.in_features) for mod in module.model.modules() if isinstance(mod, torch.nn.Linear)}
 
     def forward():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["precision"] == "bf16-mixed"):
             if module.is_dpo:
                 return module._pair_logps(module.model, batch)
-            return target_logps(module.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                module.hparams.logprob_chunk_size)
+            return target_logps(
+                module.model,
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["labels"],
+                module.hparams.logprob_chunk_size,
+            )
 
     module.model.train()
     return {**saved_activation_bytes(module.model, forward, shapes), "tokens": batch_shape(batch)[0]}
@@ -345,9 +402,13 @@ def _mfu(timed: dict, flops: list[dict], peak: dict) -> dict:
     parts = {k: sum(f[k] for f in flops) for k in flops[0] if k != "total"}
     wall = total / timed["seconds"] / 1e9
     cpu = total / (timed["cpu_s_per_step"] * timed["timed_steps"]) / 1e9
-    out = {"gflop_per_step": round(total / len(flops) / 1e9, 2),
-           "gflop_parts_share": {k: round(v / total, 3) for k, v in parts.items()},
-           "achieved_gflops_wall": round(wall, 2), "achieved_gflops_cpu": round(cpu, 2), "peak": peak}
+    out = {
+        "gflop_per_step": round(total / len(flops) / 1e9, 2),
+        "gflop_parts_share": {k: round(v / total, 3) for k, v in parts.items()},
+        "achieved_gflops_wall": round(wall, 2),
+        "achieved_gflops_cpu": round(cpu, 2),
+        "peak": peak,
+    }
     try:
         out["mfu_wall"] = round(utilisation(wall, peak["gflops_wall_best"], f" ({peak['dtype']}, wall time)"), 3)
         out["mfu_cpu"] = round(utilisation(cpu, peak["gflops_cpu_best"], f" ({peak['dtype']}, CPU time)"), 3)
@@ -379,16 +440,39 @@ def run_trl(spec: dict) -> dict:
     tok = load_tokenizer(spec.get("tokenizer") or spec["model"])
     with _device(spec):
         model = load_causal_lm(spec["model"], spec.get("dtype", "float32"))
-    peft_config = LoraConfig(r=lk["lora_r"], lora_alpha=lk["lora_alpha"], lora_dropout=_lora_dropout(variant),
-                             target_modules=lk["lora_target_modules"], task_type="CAUSAL_LM") if lora else None
+    peft_config = (
+        LoraConfig(
+            r=lk["lora_r"],
+            lora_alpha=lk["lora_alpha"],
+            lora_dropout=_lora_dropout(variant),
+            target_modules=lk["lora_target_modules"],
+            task_type="CAUSAL_LM",
+        )
+        if lora
+        else None
+    )
     rec = _Steps()
-    common = dict(output_dir=tempfile.mkdtemp(prefix="trl-bench-"), per_device_train_batch_size=spec["batch_size"],
-                  gradient_accumulation_steps=1, max_steps=spec["warmup"] + spec["steps"], learning_rate=LR,
-                  lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-                  logging_steps=1, save_strategy="no", report_to="none",
-                  use_cpu=spec.get("accelerator", "cpu") == "cpu",
-                  bf16=spec["precision"] == "bf16-mixed", gradient_checkpointing=spec["gradient_checkpointing"],
-                  dataloader_num_workers=0, seed=0, disable_tqdm=True, max_length=spec["max_length"])
+    common = dict(
+        output_dir=tempfile.mkdtemp(prefix="trl-bench-"),
+        per_device_train_batch_size=spec["batch_size"],
+        gradient_accumulation_steps=1,
+        max_steps=spec["warmup"] + spec["steps"],
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=spec.get("accelerator", "cpu") == "cpu",
+        bf16=spec["precision"] == "bf16-mixed",
+        gradient_checkpointing=spec["gradient_checkpointing"],
+        dataloader_num_workers=0,
+        seed=0,
+        disable_tqdm=True,
+        max_length=spec["max_length"],
+    )
 
     class Timer(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
@@ -399,8 +483,9 @@ def run_trl(spec: dict) -> dict:
     out: dict = {}
     if variant == "trl_sft_weighted":
         dm = _datamodule(spec, _our_objective("ours_refit"))
-        rows = [{"input_ids": s["input_ids"], "labels": s["labels"], "weight": s["weight"]}
-                for s in dm.train_set.samples]
+        rows = [
+            {"input_ids": s["input_ids"], "labels": s["labels"], "weight": s["weight"]} for s in dm.train_set.samples
+        ]
 
         class WeightedCollator(DataCollatorForLanguageModeling):
             def torch_call(self, examples):
@@ -427,15 +512,22 @@ def run_trl(spec: dict) -> dict:
         out["data_tokens"] = _our_data_tokens(dm.train_set.samples)  # the same tokenized samples as ours
         args = SFTConfig(**common, remove_unused_columns=False)
         collator = WeightedCollator(pad_token_id=tok.pad_token_id)
-        trainer = WeightedSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                                     processing_class=tok, data_collator=collator, peft_config=peft_config,
-                                     callbacks=[Timer()])
+        trainer = WeightedSFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tok,
+            data_collator=collator,
+            peft_config=peft_config,
+            callbacks=[Timer()],
+        )
         # same-batch loss check, fp32, before any update: the same first examples as ours
         first = rows[: spec["batch_size"]]
         n_before = len(rec.trained)
         with torch.no_grad():
-            batch = {k: (v.to(trainer.args.device) if isinstance(v, torch.Tensor) else v)
-                     for k, v in collator(first).items()}
+            batch = {
+                k: (v.to(trainer.args.device) if isinstance(v, torch.Tensor) else v) for k, v in collator(first).items()
+            }
             out["check_loss_real_weights"] = float(trainer.compute_loss(trainer.model, dict(batch)))
             batch["weight"] = torch.ones_like(batch["weight"])
             out["check_loss_weights_1"] = float(trainer.compute_loss(trainer.model, dict(batch)))
@@ -466,14 +558,22 @@ def run_trl(spec: dict) -> dict:
                 return res
 
         args = DPOConfig(**common, beta=BETA)
-        trainer = CountingDPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                                     processing_class=tok, peft_config=peft_config, callbacks=[Timer()])
+        trainer = CountingDPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tok,
+            peft_config=peft_config,
+            callbacks=[Timer()],
+        )
         ds = trainer.train_dataset
         out["data_tokens"] = {
             "examples": len(ds),
-            "input": sum(2 * len(p) + len(c) + len(r)
-                         for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])),
-            "trained": sum(len(c) + len(r) for c, r in zip(ds["chosen_ids"], ds["rejected_ids"]))}
+            "input": sum(
+                2 * len(p) + len(c) + len(r) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])
+            ),
+            "trained": sum(len(c) + len(r) for c, r in zip(ds["chosen_ids"], ds["rejected_ids"])),
+        }
     out["rss_before_train_mb"] = round(_rss_mb(), 1)
     trainer.train()
     out.update(rec.summary(spec["warmup"], spec["steps"]))
@@ -509,37 +609,53 @@ def machine_info(threads: int) -> dict:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             versions[pkg] = None
-    return {"cpu_count": os.cpu_count(), "cpu": cpu, "torch_threads": threads, "platform": platform.platform(),
-            "python": platform.python_version(), "versions": versions}
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu": cpu,
+        "torch_threads": threads,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
 
 
 def run_child(spec: dict, timeout: float, script: str | Path = __file__) -> dict:
     """Run ``script --child <spec>`` in a fresh process; return the JSON it prints after ``RESULT``."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TQDM_DISABLE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(spec["threads"]),
+        "TQDM_DISABLE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "PYTHONWARNINGS": "ignore",
+    }
     cmd = [sys.executable, str(Path(script).resolve()), "--child", json.dumps(spec)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{spec} failed (exit {proc.returncode}):\n"
-                           f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+        raise RuntimeError(f"{spec} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def aggregate(runs: list[dict]) -> dict:
     tps = [r["tokens_per_s"] for r in runs]
     itps = [r["input_tokens_per_s"] for r in runs]
     rss = [r["peak_rss_mb"] for r in runs]
-    agg = {"tokens_per_s": round(statistics.median(tps), 2), "tokens_per_s_all": tps,
-           "input_tokens_per_s": round(statistics.median(itps), 2),
-           "peak_rss_mb": round(statistics.median(rss), 1), "peak_rss_mb_all": rss,
-           "s_per_step": round(statistics.median(r["s_per_step"] for r in runs), 4),
-           "rss_before_train_mb": round(statistics.median(r["rss_before_train_mb"] for r in runs), 1),
-           "setup_s": None if runs[0]["setup_s"] is None else round(statistics.median(r["setup_s"] for r in runs), 3),
-           "tokens_per_cpu_s": round(statistics.median(r["tokens_per_cpu_s"] for r in runs), 2),
-           "cpu_s_per_step": round(statistics.median(r["cpu_s_per_step"] for r in runs), 4),
-           "step0_loss": runs[0]["step0_loss"], "step_losses": runs[0]["step_losses"],
-           "data_tokens": runs[0]["data_tokens"]}
+    agg = {
+        "tokens_per_s": round(statistics.median(tps), 2),
+        "tokens_per_s_all": tps,
+        "input_tokens_per_s": round(statistics.median(itps), 2),
+        "peak_rss_mb": round(statistics.median(rss), 1),
+        "peak_rss_mb_all": rss,
+        "s_per_step": round(statistics.median(r["s_per_step"] for r in runs), 4),
+        "rss_before_train_mb": round(statistics.median(r["rss_before_train_mb"] for r in runs), 1),
+        "setup_s": None if runs[0]["setup_s"] is None else round(statistics.median(r["setup_s"] for r in runs), 3),
+        "tokens_per_cpu_s": round(statistics.median(r["tokens_per_cpu_s"] for r in runs), 2),
+        "cpu_s_per_step": round(statistics.median(r["cpu_s_per_step"] for r in runs), 4),
+        "step0_loss": runs[0]["step0_loss"],
+        "step_losses": runs[0]["step_losses"],
+        "data_tokens": runs[0]["data_tokens"],
+    }
     for k in ("check_loss_weights_1", "check_loss_real_weights"):
         if k in runs[0]:
             agg[k] = runs[0][k]
@@ -548,9 +664,14 @@ def aggregate(runs: list[dict]) -> dict:
         if any("error" in x for x in m):  # refused (above 100 %): no figure, the errors instead
             agg["mfu"] = {"errors": [x["error"] for x in m if "error" in x]}
         else:
-            agg["mfu"] = {**m[0], **{k: round(statistics.median(x[k] for x in m), 3)
-                                    for k in ("mfu_wall", "mfu_cpu", "achieved_gflops_wall", "achieved_gflops_cpu")},
-                          "mfu_cpu_all": [x["mfu_cpu"] for x in m]}
+            agg["mfu"] = {
+                **m[0],
+                **{
+                    k: round(statistics.median(x[k] for x in m), 3)
+                    for k in ("mfu_wall", "mfu_cpu", "achieved_gflops_wall", "achieved_gflops_cpu")
+                },
+                "mfu_cpu_all": [x["mfu_cpu"] for x in m],
+            }
     if "profile" in runs[0]:
         agg["profile"], agg["saved_activations"] = runs[0]["profile"], runs[0]["saved_activations"]
     return agg
@@ -576,8 +697,10 @@ def checks(summary: dict, finetune: str) -> tuple[dict, list[str]]:
     if "ours_refit" in s and "ours_refit_pre28" in s:  # the memory savers change no number (bf16: rounding only)
         a, b = s["ours_refit"]["step_losses"], s["ours_refit_pre28"]["step_losses"]
         out["refit_vs_pre28_step_losses"] = {"ours": a, "pre28": b}
-        check(len(a) == len(b) and all(abs(x - y) <= 1e-3 * max(1.0, abs(y)) for x, y in zip(a, b)),
-              f"Refit step losses with and without the memory savers differ: {a} vs {b}")
+        check(
+            len(a) == len(b) and all(abs(x - y) <= 1e-3 * max(1.0, abs(y)) for x, y in zip(a, b)),
+            f"Refit step losses with and without the memory savers differ: {a} vs {b}",
+        )
     if "ours_dpo" in s and "trl_dpo" in s:  # the same sequences; TRL also trains the "\n" after each <|im_end|>
         a, b = s["ours_dpo"]["data_tokens"], s["trl_dpo"]["data_tokens"]
         out["dpo_data_tokens"] = {"ours": a, "trl": b}
@@ -589,8 +712,12 @@ def checks(summary: dict, finetune: str) -> tuple[dict, list[str]]:
             # policy and reference run on the same batch: log 2 up to float error. A precomputed reference ran in
             # other batches (other padding/packing), which bf16 rounds differently: a small offset is expected
             tol = 1e-2 if v == "ours_dpo_precomputed" else 1e-4
-            out[f"dpo_step0_{v}"] = {"loss": loss, "log2": math.log(2), "abs_diff": abs(loss - math.log(2)),
-                                     "tolerance": tol}
+            out[f"dpo_step0_{v}"] = {
+                "loss": loss,
+                "log2": math.log(2),
+                "abs_diff": abs(loss - math.log(2)),
+                "tolerance": tol,
+            }
             check(abs(loss - math.log(2)) < tol, f"{v}: DPO loss at step 0 is {loss}, not log 2 (±{tol})")
     return out, failed
 
@@ -598,8 +725,10 @@ def checks(summary: dict, finetune: str) -> tuple[dict, list[str]]:
 def ratio_table(summary: dict) -> tuple[dict, str]:
     """Ours / TRL: trained tokens per wall second and per CPU second (load-robust), peak RSS."""
     ratios, lines = {}, []
-    head = (f"{'mode':<5} {'ours':<21} {'vs TRL':<17} {'ours tok/s':>10} {'TRL tok/s':>9} {'tok/s':>6} "
-            f"{'tok/cpu-s':>9} {'ours MB':>8} {'TRL MB':>7} {'RSS':>5}")
+    head = (
+        f"{'mode':<5} {'ours':<21} {'vs TRL':<17} {'ours tok/s':>10} {'TRL tok/s':>9} {'tok/s':>6} "
+        f"{'tok/cpu-s':>9} {'ours MB':>8} {'TRL MB':>7} {'RSS':>5}"
+    )
     lines += [head, "-" * len(head)]
     for ft, s in summary.items():
         for ours, trl in PAIRS:
@@ -608,11 +737,16 @@ def ratio_table(summary: dict) -> tuple[dict, str]:
             tr = s[ours]["tokens_per_s"] / s[trl]["tokens_per_s"]
             cr = s[ours]["tokens_per_cpu_s"] / s[trl]["tokens_per_cpu_s"]
             mr = s[ours]["peak_rss_mb"] / s[trl]["peak_rss_mb"]
-            ratios[f"{ft}/{ours}_vs_{trl}"] = {"tokens_per_s": round(tr, 3), "tokens_per_cpu_s": round(cr, 3),
-                                               "peak_rss": round(mr, 3)}
-            lines.append(f"{ft:<5} {ours:<21} {trl:<17} {s[ours]['tokens_per_s']:>10.1f} {s[trl]['tokens_per_s']:>9.1f} "
-                         f"{tr:>5.2f}x {cr:>8.2f}x {s[ours]['peak_rss_mb']:>8.0f} {s[trl]['peak_rss_mb']:>7.0f} "
-                         f"{mr:>4.2f}x")
+            ratios[f"{ft}/{ours}_vs_{trl}"] = {
+                "tokens_per_s": round(tr, 3),
+                "tokens_per_cpu_s": round(cr, 3),
+                "peak_rss": round(mr, 3),
+            }
+            lines.append(
+                f"{ft:<5} {ours:<21} {trl:<17} {s[ours]['tokens_per_s']:>10.1f} {s[trl]['tokens_per_s']:>9.1f} "
+                f"{tr:>5.2f}x {cr:>8.2f}x {s[ours]['peak_rss_mb']:>8.0f} {s[trl]['peak_rss_mb']:>7.0f} "
+                f"{mr:>4.2f}x"
+            )
     return ratios, "\n".join(lines)
 
 
@@ -630,16 +764,27 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=1, help="repeat the interleaved sequence (order reversed)")
     p.add_argument("--finetune", nargs="+", default=["lora", "full"], choices=["lora", "full"])
     p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads per child (1: on a shared 2-core machine more threads only spin, 3-7x slower)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per child (1: on a shared 2-core machine more threads only spin, 3-7x slower)",
+    )
     p.add_argument("--timeout", type=float, default=900, help="seconds per child")
     p.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"], help="Lightning's / TRL's device")
-    p.add_argument("--profile", action="store_true",
-                   help="torch.profiler over our variants' timed steps: time per part (attention, LM head, LoRA, "
-                        "optimizer, data; benchmarks/mfu.py) under the result key '... profile' (slower: not timings)")
-    p.add_argument("--module-args", type=json.loads, default={},
-                   help='extra ClarifyModule arguments for our variants, as JSON (an ablation: '
-                        '\'{"lm_head_recompute": false, "lora_dropout_bitmask": false}\' is the step before issue 28)')
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="torch.profiler over our variants' timed steps: time per part (attention, LM head, LoRA, "
+        "optimizer, data; benchmarks/mfu.py) under the result key '... profile' (slower: not timings)",
+    )
+    p.add_argument(
+        "--module-args",
+        type=json.loads,
+        default={},
+        help="extra ClarifyModule arguments for our variants, as JSON (an ablation: "
+        '\'{"lm_head_recompute": false, "lora_dropout_bitmask": false}\' is the step before issue 28)',
+    )
     p.add_argument("--tag", default="", help="appended to the result key (an ablation's name)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_throughput.json"))
     args = p.parse_args(argv)
@@ -658,61 +803,104 @@ def main(argv: list[str] | None = None) -> dict:
     load_start = loadavg()
     t_start = time.time()
     runs: dict[str, dict[str, list[dict]]] = {
-        ft: {v: [] for v in args.variants if ft == "lora" or v not in LORA_ONLY} for ft in args.finetune}
+        ft: {v: [] for v in args.variants if ft == "lora" or v not in LORA_ONLY} for ft in args.finetune
+    }
     for rep in range(repeats):
         order = args.variants if rep % 2 == 0 else list(reversed(args.variants))
         for ft in args.finetune:
             for v in order:
                 if v in LORA_ONLY and ft != "lora":
                     continue
-                spec = {"variant": v, "finetune": ft, "model": args.model, "records": str(records),
-                        "batch_size": args.batch_size, "max_length": args.max_length, "precision": args.precision,
-                        "gradient_checkpointing": args.gradient_checkpointing, "warmup": warmup, "steps": steps,
-                        "threads": threads, "accelerator": args.accelerator, "profile": args.profile,
-                        "module_args": args.module_args}
+                spec = {
+                    "variant": v,
+                    "finetune": ft,
+                    "model": args.model,
+                    "records": str(records),
+                    "batch_size": args.batch_size,
+                    "max_length": args.max_length,
+                    "precision": args.precision,
+                    "gradient_checkpointing": args.gradient_checkpointing,
+                    "warmup": warmup,
+                    "steps": steps,
+                    "threads": threads,
+                    "accelerator": args.accelerator,
+                    "profile": args.profile,
+                    "module_args": args.module_args,
+                }
                 res = run_child(spec, args.timeout)
                 runs[ft][v].append(res)
                 mfu = mfu_line(res["mfu"]) if "mfu" in res else ""
-                print(f"[rep {rep}] {ft:<4} {v:<21} {res['tokens_per_s']:>9.1f} tok/s  {res['s_per_step']:.3f} s/step"
-                      f"  peak RSS {res['peak_rss_mb']:.0f} MB  step-0 loss {res['step0_loss']:.4f}{mfu}  load "
-                      f"{os.getloadavg()[0]:.2f}", flush=True)
+                print(
+                    f"[rep {rep}] {ft:<4} {v:<21} {res['tokens_per_s']:>9.1f} tok/s  {res['s_per_step']:.3f} s/step"
+                    f"  peak RSS {res['peak_rss_mb']:.0f} MB  step-0 loss {res['step0_loss']:.4f}{mfu}  load "
+                    f"{os.getloadavg()[0]:.2f}",
+                    flush=True,
+                )
                 if "profile" in res:
-                    print("      profile (share of CPU time): " + ", ".join(
-                        f"{k} {v:.0%}" for k, v in res["profile"]["share"].items()), flush=True)
+                    print(
+                        "      profile (share of CPU time): "
+                        + ", ".join(f"{k} {v:.0%}" for k, v in res["profile"]["share"].items()),
+                        flush=True,
+                    )
     summary = {ft: {v: aggregate(rs) for v, rs in per.items()} for ft, per in runs.items()}
     checked = {ft: checks(summary, ft) for ft in summary}
     same_work = {ft: c[0] for ft, c in checked.items()}
     failures = [f for c in checked.values() for f in c[1]]
-    failures += [f"{ft} {v}: {e}" for ft, per in summary.items() for v, agg in per.items()
-                 for e in agg.get("mfu", {}).get("errors", [])]
+    failures += [
+        f"{ft} {v}: {e}"
+        for ft, per in summary.items()
+        for v, agg in per.items()
+        for e in agg.get("mfu", {}).get("errors", [])
+    ]
     ratios, table = ratio_table(summary)
     report = {
         "command": "python benchmarks/train_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "model": args.model, "n_conversations": args.n_conversations, "batch_size": args.batch_size,
-        "max_length": args.max_length, "precision": args.precision,
-        "gradient_checkpointing": args.gradient_checkpointing, "warmup_steps": warmup, "timed_steps": steps,
-        "repeats": repeats, "module_args": args.module_args, "dpo_pairs": "final_answer", "beta": BETA, "lora": _lora_kwargs({"model": args.model}),
-        "machine": {**machine_info(threads), "loadavg_start": [round(x, 2) for x in load_start],
-                    "loadavg_end": loadavg(),
-                    "stamp": machine_stamp("bfloat16" if args.precision == "bf16-mixed" else "float32")},
+        "model": args.model,
+        "n_conversations": args.n_conversations,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "precision": args.precision,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "warmup_steps": warmup,
+        "timed_steps": steps,
+        "repeats": repeats,
+        "module_args": args.module_args,
+        "dpo_pairs": "final_answer",
+        "beta": BETA,
+        "lora": _lora_kwargs({"model": args.model}),
+        "machine": {
+            **machine_info(threads),
+            "loadavg_start": [round(x, 2) for x in load_start],
+            "loadavg_end": loadavg(),
+            "stamp": machine_stamp("bfloat16" if args.precision == "bf16-mixed" else "float32"),
+        },
         "wall_s": round(time.time() - t_start, 1),
-        "notes": ("one subprocess per (mode, variant, repeat), variants interleaved, order reversed on odd repeats; "
-                  "tokens_per_s = trained tokens (labels != -100; TRL DPO also trains the '\\n' after <|im_end|>, "
-                  "one more token per sequence than ours) per second of the timed steps, median over repeats; "
-                  "peak_rss_mb = ru_maxrss of the child (median over repeats); the machine runs other jobs "
-                  "(see loadavg), so compare variants of the same run only"),
-        "results": summary, "runs": runs, "same_work_checks": same_work, "same_work_failures": failures,
+        "notes": (
+            "one subprocess per (mode, variant, repeat), variants interleaved, order reversed on odd repeats; "
+            "tokens_per_s = trained tokens (labels != -100; TRL DPO also trains the '\\n' after <|im_end|>, "
+            "one more token per sequence than ours) per second of the timed steps, median over repeats; "
+            "peak_rss_mb = ru_maxrss of the child (median over repeats); the machine runs other jobs "
+            "(see loadavg), so compare variants of the same run only"
+        ),
+        "results": summary,
+        "runs": runs,
+        "same_work_checks": same_work,
+        "same_work_failures": failures,
         "ratios_ours_over_trl": ratios,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(out.read_text()) if out.exists() else {}
-    key = (f"{args.model} {args.precision}{' gc' if args.gradient_checkpointing else ''}"
-           f"{' profile' if args.profile else ''}{' ' + args.tag if args.tag else ''}")
+    key = (
+        f"{args.model} {args.precision}{' gc' if args.gradient_checkpointing else ''}"
+        f"{' profile' if args.profile else ''}{' ' + args.tag if args.tag else ''}"
+    )
     existing[key] = report
     out.write_text(json.dumps(existing, indent=1) + "\n")
-    print(f"\n{args.model}, batch {args.batch_size}, {args.precision}, {threads} threads, "
-          f"load {load_start[0]:.2f} -> {os.getloadavg()[0]:.2f}\n{table}\n-> {out}")
+    print(
+        f"\n{args.model}, batch {args.batch_size}, {args.precision}, {threads} threads, "
+        f"load {load_start[0]:.2f} -> {os.getloadavg()[0]:.2f}\n{table}\n-> {out}"
+    )
     if failures:
         raise SystemExit("same-work checks (or MFU) failed:\n" + "\n".join(failures))
     return report

@@ -34,8 +34,21 @@ _EXPORTS = {
     "load_export": "clarify_lit.models",
 }
 
-__all__ = ["__version__", "ClarifyModule", "ConversationDataModule", "Refit", "Swift", "SFT", "DPO", "StepDPO",
-           "Distill", "load_records", "load_tasks", "rollout_tasks", "load_export"]
+__all__ = [
+    "__version__",
+    "ClarifyModule",
+    "ConversationDataModule",
+    "Refit",
+    "Swift",
+    "SFT",
+    "DPO",
+    "StepDPO",
+    "Distill",
+    "load_records",
+    "load_tasks",
+    "rollout_tasks",
+    "load_export",
+]
 
 
 def _package_version() -> str:

@@ -3,7 +3,8 @@
 ``fit``/``validate``/``test``/``predict`` are LightningCLI (``clarify_lit.cli``); every other command is one
 pattern (docs/architecture.md): a config dataclass (``SimulateConfig``, ``EvaluateConfig``, ``ReportConfig``,
 ``ExportConfig``, ``RescoreConfig``, ``IterateConfig``, ``DemoConfig``), a ``run(cfg)``, and a ``main(argv)`` that
-parses with its :class:`CommandLine` (:func:`dataclass_parser`, :func:`parse_dataclass`); jsonargparse gives, like LightningCLI, one
+parses with its :class:`CommandLine` (:func:`dataclass_parser`, :func:`parse_dataclass`); jsonargparse gives, like
+LightningCLI, one
 ``--option`` per field with its type checked, ``--config`` YAML files, ``--print_config`` and a ``--help`` that
 shows each field's documentation.
 Options are spelled with underscores and booleans take a value (``--dry_run true``); :func:`renamed_switches` keeps
@@ -33,12 +34,15 @@ from typing import Any, Generic, TypeVar
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
 # API keys of the common providers (OpenAI sk-…, Hugging Face hf_…, GitHub, GitLab, Slack, AWS, Google)
-_KEY_PATTERN = re.compile(r"(?:sk-|sk_|hf_|ghp_|gho_|ghs_|ghu_|github_pat_|glpat-|xox[abpr]-|AKIA|AIza)"
-                          r"[A-Za-z0-9_\-]{12,}")
+_KEY_PATTERN = re.compile(
+    r"(?:sk-|sk_|hf_|ghp_|gho_|ghs_|ghu_|github_pat_|glpat-|xox[abpr]-|AKIA|AIza)"
+    r"[A-Za-z0-9_\-]{12,}"
+)
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # an option whose value may be a secret: its value is never repeated in an error message
-_SECRET_OPTION = re.compile(r"(--[\w.\-]*(?:key|token|secret|password|_env)[\w.\-]*(?:=|\s+))([^\s;,')\]]+)",
-                            re.IGNORECASE)
+_SECRET_OPTION = re.compile(
+    r"(--[\w.\-]*(?:key|token|secret|password|_env)[\w.\-]*(?:=|\s+))([^\s;,')\]]+)", re.IGNORECASE
+)
 
 
 def looks_like_secret(value: str) -> bool:
@@ -56,6 +60,7 @@ def _random_token(value: str, min_length: int) -> bool:
 
 def redact(text: str) -> str:
     """``text`` with every value that may be a secret replaced by ``<redacted>`` (for error messages)."""
+
     def hide(m: re.Match) -> str:
         option, value = m.group(1), m.group(2)
         if option.rstrip("= \t").endswith("_env") and _ENV_NAME.fullmatch(value) and not _random_token(value, 20):
@@ -64,8 +69,9 @@ def redact(text: str) -> str:
 
     text = _SECRET_OPTION.sub(hide, text)
     text = _KEY_PATTERN.sub("<redacted>", text)
-    return re.sub(r"[A-Za-z0-9_\-+=]{32,}", lambda m: "<redacted>" if _random_token(m.group(0), 32) else m.group(0),
-                  text)
+    return re.sub(
+        r"[A-Za-z0-9_\-+=]{32,}", lambda m: "<redacted>" if _random_token(m.group(0), 32) else m.group(0), text
+    )
 
 
 class SecretInConfigError(ValueError):
@@ -89,13 +95,17 @@ def refuse_secrets(config: Any, prefix: str = "") -> None:
                 refuse_secrets(value, prefix)
                 continue
             name = f"{prefix}{key}"
-            if isinstance(value, str) and str(key).endswith("_env") and (
-                    not _ENV_NAME.fullmatch(value) or looks_like_secret(value) or _random_token(value, 20)):
+            if (
+                isinstance(value, str)
+                and str(key).endswith("_env")
+                and (not _ENV_NAME.fullmatch(value) or looks_like_secret(value) or _random_token(value, 20))
+            ):
                 raise SecretInConfigError(
                     f"{name} takes the NAME of an environment variable that holds the key (e.g. OPENAI_API_KEY), "
                     "and the value given is not such a name (not shown: it may be the key itself). Set "
                     f"`export SOME_NAME=<key>` and pass --{name} SOME_NAME; never put a key on the command line "
-                    "or in a config file")
+                    "or in a config file"
+                )
             refuse_secrets(value, f"{name}.")
     elif isinstance(config, list | tuple):
         for i, value in enumerate(config):
@@ -103,7 +113,8 @@ def refuse_secrets(config: Any, prefix: str = "") -> None:
     elif isinstance(config, str) and looks_like_secret(config):
         raise SecretInConfigError(
             f"{prefix.rstrip('.') or 'an argument'} holds what looks like an API key (not shown); keys are read from "
-            "environment variables only (the endpoint options' api_key_env names one)")
+            "environment variables only (the endpoint options' api_key_env names one)"
+        )
 
 
 def _printing_config(parser: Any) -> bool:
@@ -139,8 +150,11 @@ def closest_option(message: str, options: list[str], moved: Mapping[str, str] | 
     a config file's ``Option 'n_turn' is not accepted``) that is close to one of ``options``; for an option that
     ``moved`` (old name → new option: a config file's ``max_new_tokens`` is ``--rollout.max_new_tokens`` now), where it
     went; else ``""``."""
-    m = re.search(r"unrecognized arguments: (--[^\s=]+)", message) or \
-        re.search(r"Option '([^']+)' is not accepted", message) or re.search(r'Key "([^"]+)" is not expected', message)
+    m = (
+        re.search(r"unrecognized arguments: (--[^\s=]+)", message)
+        or re.search(r"Option '([^']+)' is not accepted", message)
+        or re.search(r'Key "([^"]+)" is not expected', message)
+    )
     if not m:
         return ""
     name = m.group(1) if m.group(1).startswith("--") else f"--{m.group(1)}"
@@ -196,9 +210,17 @@ def attribute_docstrings() -> Iterator[None]:
         set_parsing_settings(docstring_parse_attribute_docstrings=before)
 
 
-def dataclass_parser(config_class: type, prog: str, description: str, env_prefix: str, config_help: str, *,
-                     positional: str | None = None, spaced: tuple[str, ...] = (),
-                     moved: Mapping[str, str] | None = None) -> ArgumentParser:
+def dataclass_parser(
+    config_class: type,
+    prog: str,
+    description: str,
+    env_prefix: str,
+    config_help: str,
+    *,
+    positional: str | None = None,
+    spaced: tuple[str, ...] = (),
+    moved: Mapping[str, str] | None = None,
+) -> ArgumentParser:
     """A parser for a command configured by one dataclass (``--config`` YAML + one option per field; ``--help`` shows
     each field's docstring). ``positional`` names a list-of-strings field taken as the positional arguments
     (``clarify report a b``); ``spaced`` names list-of-strings fields whose option takes its values space-separated
@@ -214,17 +236,29 @@ def dataclass_parser(config_class: type, prog: str, description: str, env_prefix
     if positional:
         parser.add_argument(positional, type=str, nargs="+", help=" ".join(docs.get(positional, "").split()))
     for name in spaced:
-        parser.add_argument(f"--{name}", type=str, nargs="+", default=defaults[name], metavar=name.upper(),
-                            help=" ".join(docs.get(name, "").split()))
+        parser.add_argument(
+            f"--{name}",
+            type=str,
+            nargs="+",
+            default=defaults[name],
+            metavar=name.upper(),
+            help=" ".join(docs.get(name, "").split()),
+        )
     return parser
 
 
 def field_docs(config_class: type) -> dict[str, str]:
     """Each field's docstring (the string after it in the class body), read from the source."""
     body = ast.parse(textwrap.dedent(inspect.getsource(config_class))).body[0].body
-    return {a.target.id: b.value.value for a, b in zip(body, body[1:], strict=False)
-            if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
-            and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)}
+    return {
+        a.target.id: b.value.value
+        for a, b in zip(body, body[1:], strict=False)
+        if isinstance(a, ast.AnnAssign)
+        and isinstance(a.target, ast.Name)
+        and isinstance(b, ast.Expr)
+        and isinstance(b.value, ast.Constant)
+        and isinstance(b.value.value, str)
+    }
 
 
 Config = TypeVar("Config")
@@ -250,8 +284,16 @@ class CommandLine(Generic[Config]):
     """Old option names → the options they became (named in the error about an old name in a config file)."""
 
     def parser(self) -> ArgumentParser:
-        return dataclass_parser(self.config, self.prog, self.description, self.env_prefix, self.config_help,
-                                positional=self.positional, spaced=self.spaced, moved=self.moved)
+        return dataclass_parser(
+            self.config,
+            self.prog,
+            self.description,
+            self.env_prefix,
+            self.config_help,
+            positional=self.positional,
+            spaced=self.spaced,
+            moved=self.moved,
+        )
 
     def parse(self, argv: list[str] | None = None) -> Config:
         return parse_dataclass(self.parser(), self.config, self.rewrite(argv) if self.rewrite else argv)

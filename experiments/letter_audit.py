@@ -33,8 +33,10 @@ def audit(folder: Path) -> dict:
             "conversations": len(recs),
             "accuracy": sum(r.prediction == r.gold for r in recs) / len(recs),
             "answers_A": sum(r.prediction == "A" for r in recs) / len(recs),
-            "correct_on_gold_A": sum(r.prediction == r.gold for r in gold_a), "gold_A": len(gold_a),
-            "correct_on_other": sum(r.prediction == r.gold for r in other), "other": len(other),
+            "correct_on_gold_A": sum(r.prediction == r.gold for r in gold_a),
+            "gold_A": len(gold_a),
+            "correct_on_other": sum(r.prediction == r.gold for r in other),
+            "other": len(other),
         }
     return out
 
@@ -43,15 +45,20 @@ def main(argv: list[str]) -> None:
     out_path = None
     if "--out" in argv:
         i = argv.index("--out")
-        out_path, argv = Path(argv[i + 1]), argv[:i] + argv[i + 2:]
+        out_path, argv = Path(argv[i + 1]), argv[:i] + argv[i + 2 :]
     result = {}
     for folder in map(Path, argv):
         result[folder.name] = audit(folder)
-        print(f"\n{folder.name}\n\n| Method | conversations | accuracy | answers A | correct, gold A | correct, gold B/C/D |")
+        print(
+            f"\n{folder.name}\n\n| Method | conversations | accuracy | answers A | correct, gold A | correct, gold "
+            f"B/C/D |"
+        )
         print("|---|---|---|---|---|---|")
         for m, a in result[folder.name].items():
-            print(f"| {m} | {a['conversations']} | {a['accuracy']:.3f} | {a['answers_A']:.2f} | "
-                  f"{a['correct_on_gold_A']}/{a['gold_A']} | {a['correct_on_other']}/{a['other']} |")
+            print(
+                f"| {m} | {a['conversations']} | {a['accuracy']:.3f} | {a['answers_A']:.2f} | "
+                f"{a['correct_on_gold_A']}/{a['gold_A']} | {a['correct_on_other']}/{a['other']} |"
+            )
     if out_path:
         out_path.write_text(json.dumps(result, indent=1) + "\n")
 

@@ -9,6 +9,7 @@ case- and space-normalised), the most frequent one and its share, the share of t
 same first three words as the most common start (a template), accuracy when asked / not asked, and how often the
 teacher found something in its notes for the question (replies other than its two fixed ones).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,14 +37,20 @@ def audit(path: str) -> dict[str, float | int | str]:
     informed = [not t.startswith((prompts.OPEN_ASK_FOR_QUESTION, prompts.OPEN_NOTHING_ON_THAT)) for t in teacher2]
     n_asked = sum(asked)
     return {
-        "conversations": len(records), "asks_one_question": n_asked / len(records),
-        "distinct_questions": len(set(questions)), "most_frequent_question": top_q,
+        "conversations": len(records),
+        "asks_one_question": n_asked / len(records),
+        "distinct_questions": len(set(questions)),
+        "most_frequent_question": top_q,
         "most_frequent_question_share": top_n / len(records),
-        "most_common_start": top_start, "most_common_start_share": top_start_n / len(records),
+        "most_common_start": top_start,
+        "most_common_start_share": top_start_n / len(records),
         "accuracy": sum(correct) / len(records),
         "accuracy_when_asked": sum(c for c, a in zip(correct, asked, strict=True) if a) / n_asked if n_asked else None,
-        "accuracy_when_not_asked": (sum(c for c, a in zip(correct, asked, strict=True) if not a)
-                                    / (len(records) - n_asked)) if n_asked < len(records) else None,
+        "accuracy_when_not_asked": (
+            sum(c for c, a in zip(correct, asked, strict=True) if not a) / (len(records) - n_asked)
+        )
+        if n_asked < len(records)
+        else None,
         "teacher_informed": sum(informed) / len(records),
     }
 
@@ -57,8 +64,11 @@ def main() -> None:
     for item in args.inputs:
         label, _, path = item.partition("=")
         out[label] = {"rollouts": path, **audit(path)}
-        print(label, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out[label].items()
-                      if k != "rollouts"}, flush=True)
+        print(
+            label,
+            {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out[label].items() if k != "rollouts"},
+            flush=True,
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
 

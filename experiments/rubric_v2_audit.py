@@ -39,10 +39,12 @@ def v1_score(task_choices, messages, gold):
     a = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     final = analyze_answer(messages[a[-1]]["content"], task_choices)
     asked = [i for i in a if messages[i - 1]["role"] == "user" and THINK_REQUEST in messages[i - 1]["content"]]
-    c = {"correct": float(final.letter == gold), "asks_one": float(asks_one_question(messages[a[0]]["content"],
-                                                                                      task_choices)),
-         "thinking": sum(uses_thinking_tags(messages[i]["content"]) for i in asked) / len(asked) if asked else 1.0,
-         "concise": sum(len(messages[i]["content"].split()) <= 60 for i in a) / len(a)}
+    c = {
+        "correct": float(final.letter == gold),
+        "asks_one": float(asks_one_question(messages[a[0]]["content"], task_choices)),
+        "thinking": sum(uses_thinking_tags(messages[i]["content"]) for i in asked) / len(asked) if asked else 1.0,
+        "concise": sum(len(messages[i]["content"].split()) <= 60 for i in a) / len(a),
+    }
     return float(final.letter is not None) * (0.4 * c["correct"] + 0.2 * (c["asks_one"] + c["thinking"] + c["concise"]))
 
 
@@ -62,13 +64,17 @@ def main():
             name = f.name.removesuffix(".jsonl.gz")
             if name.endswith("-logged"):
                 continue
-            summary = run(RescoreConfig(inputs=[str(f)], output=f"{tmp}/{name}", data=DATA,
-                                        reward=RewardOptions(kind="rubric")))
+            summary = run(
+                RescoreConfig(inputs=[str(f)], output=f"{tmp}/{name}", data=DATA, reward=RewardOptions(kind="rubric"))
+            )
             after = summary["files"][f.name.removesuffix(".gz")]
             result["policies"][name] = {
-                "v1": after["before"]["mean_reward"], "v1_se": after["before"]["se_reward"],
-                "v2": after["after"]["mean_reward"], "v2_se": after["after"]["se_reward"],
-                "components_v2": after["components_mean"]}
+                "v1": after["before"]["mean_reward"],
+                "v1_se": after["before"]["se_reward"],
+                "v2": after["after"]["mean_reward"],
+                "v2_se": after["after"]["se_reward"],
+                "components_v2": after["components_mean"],
+            }
         base, _ = load_records(src / "seed0-Base.jsonl.gz")
         for label, template in TRIVIAL.items():
             played = []
@@ -78,12 +84,21 @@ def main():
                 msgs = [dict(m, content=reply) if m["role"] == "assistant" else m for m in r.messages]
                 played.append({**r.to_dict(), "messages": msgs})
             path = write_records(f"{tmp}/{label.replace(' ', '_')}.jsonl", played)
-            summary = run(RescoreConfig(inputs=[str(path)], output=f"{tmp}/{label.replace(' ', '_')}-v2", data=DATA,
-                                        reward=RewardOptions(kind="rubric")))
+            summary = run(
+                RescoreConfig(
+                    inputs=[str(path)],
+                    output=f"{tmp}/{label.replace(' ', '_')}-v2",
+                    data=DATA,
+                    reward=RewardOptions(kind="rubric"),
+                )
+            )
             v2 = [r.reward for r in load_records(Path(tmp) / f"{label.replace(' ', '_')}-v2" / path.name)[0]]
             v1 = [v1_score(tasks[p["task_id"]].choices, p["messages"], tasks[p["task_id"]].gold) for p in played]
-            result["trivial"][label] = {"reply": template, "v1": mean_se(v1), "v2": mean_se(v2),
-                                        }
+            result["trivial"][label] = {
+                "reply": template,
+                "v1": mean_se(v1),
+                "v2": mean_se(v2),
+            }
         gold_a = statistics.fmean(float(tasks[r.task_id].gold == "A") for r in base)
         result["gold_share_A"] = gold_a
     out.parent.mkdir(parents=True, exist_ok=True)

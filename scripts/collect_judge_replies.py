@@ -41,18 +41,23 @@ def main() -> None:
     ap.add_argument("--max_new_tokens", type=int, default=160)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    tasks = {t.task_id.rsplit("/", 1)[-1]: t for part in ("train", "test") for t in load_tasks(
-        "local", path=args.data_path, columns=COLUMNS, label="tiny", n_train=6, n_test=2, part=part)}
+    tasks = {
+        t.task_id.rsplit("/", 1)[-1]: t
+        for part in ("train", "test")
+        for t in load_tasks("local", path=args.data_path, columns=COLUMNS, label="tiny", n_train=6, n_test=2, part=part)
+    }
     records, _ = load_records(args.records)
     backend = EndpointChatBackend(args.base_url, args.model, timeout=600, concurrency=1)
     rows = []
     for temp in args.temperatures:
         requests = [prompts.judge_request(tasks[r.task_id.rsplit("/", 1)[-1]], r.messages) for r in records]
-        for r, reply in zip(records, backend.chat(requests, temperature=temp, max_new_tokens=args.max_new_tokens,
-                                                   seed=7), strict=True):
+        for r, reply in zip(
+            records, backend.chat(requests, temperature=temp, max_new_tokens=args.max_new_tokens, seed=7), strict=True
+        ):
             parsed = parse_judge_scores(reply)
-            rows.append({"record": r.id, "temperature": temp, "reply": reply,
-                         "parsed_overall": (parsed or {}).get("overall")})
+            rows.append(
+                {"record": r.id, "temperature": temp, "reply": reply, "parsed_overall": (parsed or {}).get("overall")}
+            )
     Path(args.out).write_text(json.dumps({"model": args.model, "replies": rows}, indent=1, ensure_ascii=False) + "\n")
     print(f"wrote {len(rows)} replies to {args.out}")
 

@@ -49,26 +49,51 @@ class Table:
 TABLES = {
     "reproduce-reasoning": Table("results/sciq-reasoning-standard-rollouts", "results/sciq-reasoning-standard.md"),
     "reproduce-clarifying": Table("results/sciq-clarifying-thinking-rollouts", "results/sciq-clarifying-thinking.md"),
-    "demo": Table("results/demo/sciq-reasoning-standard-rollouts", "results/demo/sciq-reasoning-standard.md",
-                  n_train=16, n_test=16, renames=()),
-    "clarify-correct": Table("results/clarify/sciq-clarifying-thinking-correct-rollouts",
-                             "results/clarify/sciq-clarifying-thinking-correct.md"),
-    "clarify-rubric-v2": Table("results/clarify/rubric-v2/sciq-clarifying-thinking-rubric-rollouts",
-                               "results/clarify/rubric-v2/sciq-clarifying-thinking-rubric.md", reward=RUBRIC),
-    "clarify-rubric-v2-vs-DPO": Table("results/clarify/rubric-v2/sciq-clarifying-thinking-rubric-rollouts",
-                                      "results/clarify/rubric-v2/paired-vs-DPO.md", reward=RUBRIC, baseline="DPO"),
-    "clarify-rubric-v2-vs-STaR-GATE": Table("results/clarify/rubric-v2/sciq-clarifying-thinking-rubric-rollouts",
-                                            "results/clarify/rubric-v2/paired-vs-STaR-GATE.md", reward=RUBRIC,
-                                            baseline="STaR-GATE"),
-    "clarify-rubric-explore": Table("results/clarify/rubric-explore/sciq-clarifying-thinking-rubric-explore-rollouts",
-                                    "results/clarify/rubric-explore/sciq-clarifying-thinking-rubric-explore.md",
-                                    reward=RUBRIC),
+    "demo": Table(
+        "results/demo/sciq-reasoning-standard-rollouts",
+        "results/demo/sciq-reasoning-standard.md",
+        n_train=16,
+        n_test=16,
+        renames=(),
+    ),
+    "clarify-correct": Table(
+        "results/clarify/sciq-clarifying-thinking-correct-rollouts",
+        "results/clarify/sciq-clarifying-thinking-correct.md",
+    ),
+    "clarify-rubric-v2": Table(
+        "results/clarify/rubric-v2/sciq-clarifying-thinking-rubric-rollouts",
+        "results/clarify/rubric-v2/sciq-clarifying-thinking-rubric.md",
+        reward=RUBRIC,
+    ),
+    "clarify-rubric-v2-vs-DPO": Table(
+        "results/clarify/rubric-v2/sciq-clarifying-thinking-rubric-rollouts",
+        "results/clarify/rubric-v2/paired-vs-DPO.md",
+        reward=RUBRIC,
+        baseline="DPO",
+    ),
+    "clarify-rubric-v2-vs-STaR-GATE": Table(
+        "results/clarify/rubric-v2/sciq-clarifying-thinking-rubric-rollouts",
+        "results/clarify/rubric-v2/paired-vs-STaR-GATE.md",
+        reward=RUBRIC,
+        baseline="STaR-GATE",
+    ),
+    "clarify-rubric-explore": Table(
+        "results/clarify/rubric-explore/sciq-clarifying-thinking-rubric-explore-rollouts",
+        "results/clarify/rubric-explore/sciq-clarifying-thinking-rubric-explore.md",
+        reward=RUBRIC,
+    ),
     "clarify-rubric-explore-vs-DPO": Table(
         "results/clarify/rubric-explore/sciq-clarifying-thinking-rubric-explore-rollouts",
-        "results/clarify/rubric-explore/paired-vs-DPO.md", reward=RUBRIC, baseline="DPO"),
+        "results/clarify/rubric-explore/paired-vs-DPO.md",
+        reward=RUBRIC,
+        baseline="DPO",
+    ),
     "clarify-rubric-explore-vs-STaR-GATE": Table(
         "results/clarify/rubric-explore/sciq-clarifying-thinking-rubric-explore-rollouts",
-        "results/clarify/rubric-explore/paired-vs-STaR-GATE.md", reward=RUBRIC, baseline="STaR-GATE"),
+        "results/clarify/rubric-explore/paired-vs-STaR-GATE.md",
+        reward=RUBRIC,
+        baseline="STaR-GATE",
+    ),
 }
 # clarify iterate's reports (rubric v2 with words=8-60, the version their rollouts were scored with)
 ITERATE = {"iterate-rubric-explore": ("results/clarify/iterate/sciq-clarifying-thinking-rubric-explore", 3)}
@@ -79,8 +104,9 @@ def data(t_train: int, t_test: int, part: str) -> DataOptions:
     return DataOptions(dataset="sciq", part=part, n_train=t_train, n_test=t_test, seed=0)
 
 
-def rescored_eval(src: Path, dest: Path, label: str, seed: int, opts: DataOptions, reward: RewardOptions,
-                  tokenizer) -> Path:
+def rescored_eval(
+    src: Path, dest: Path, label: str, seed: int, opts: DataOptions, reward: RewardOptions, tokenizer
+) -> Path:
     """``clarify rescore`` of one evaluated rollout file into ``dest`` plus its ``metrics.json`` (current parser)."""
     name = src.name.removesuffix(".gz")
     run(RescoreConfig(inputs=[str(src)], output=str(dest), data=opts, reward=reward, model=MODEL, overwrite=True))
@@ -99,13 +125,20 @@ def regenerate(name: str, t: Table, tokenizer) -> None:
         seed_part, label = f.name.removesuffix(".jsonl.gz").split("-", 1)
         if label == "logged":
             continue
-        rescored_eval(f, work / f"{seed_part}-{label}", label, int(seed_part.removeprefix("seed")), opts, t.reward,
-                      tokenizer)
+        rescored_eval(
+            f, work / f"{seed_part}-{label}", label, int(seed_part.removeprefix("seed")), opts, t.reward, tokenizer
+        )
     old = json.loads(Path(t.out).with_suffix(".json").read_text())  # the committed table's row order
     order = [m["label"] for m in old["methods"]]
     html = Path(t.out).with_suffix(".html")
-    run_report([str(work / "*")], out=t.out, baseline=t.baseline, rename=list(t.renames) or None, order=order,
-               html=str(html) if html.is_file() else None)
+    run_report(
+        [str(work / "*")],
+        out=t.out,
+        baseline=t.baseline,
+        rename=list(t.renames) or None,
+        order=order,
+        html=str(html) if html.is_file() else None,
+    )
     print(f"[rescore-tables] {name}: {t.out}")
 
 
@@ -116,12 +149,14 @@ def regenerate_iterate(name: str, folder: str, rounds: int, tokenizer) -> None:
     test, train = data(32, 100, "test"), data(32, 100, "train")
     rescored_eval(src / "base-eval.jsonl.gz", work / "base" / "eval", "Base", 0, test, RUBRIC, tokenizer)
     for k in range(rounds):
-        rescored_eval(src / f"round_{k:03d}-eval.jsonl.gz", round_dir(work, k) / "eval", f"round {k}", 0, test,
-                      RUBRIC, tokenizer)
+        rescored_eval(
+            src / f"round_{k:03d}-eval.jsonl.gz", round_dir(work, k) / "eval", f"round {k}", 0, test, RUBRIC, tokenizer
+        )
         logged = src / f"round_{k:03d}-logged.jsonl.gz"
         sim = round_dir(work, k) / "simulate"
-        run(RescoreConfig(inputs=[str(logged)], output=str(sim), data=train, reward=RUBRIC, model=MODEL,
-                          overwrite=True))
+        run(
+            RescoreConfig(inputs=[str(logged)], output=str(sim), data=train, reward=RUBRIC, model=MODEL, overwrite=True)
+        )
         (sim / logged.name.removesuffix(".gz")).rename(sim / "conversations.jsonl")
     write_report(work, rounds)
     for ext in ("md", "json", "png"):

@@ -110,15 +110,17 @@ def tokenizer(tiny_model_dir):
     return load_tokenizer(str(tiny_model_dir))
 
 
-def make_messages(task: int, run: int, n_exchanges: int = 3, system: bool = True,
-                  final_answer: str | None = None) -> list[dict[str, str]]:
+def make_messages(
+    task: int, run: int, n_exchanges: int = 3, system: bool = True, final_answer: str | None = None
+) -> list[dict[str, str]]:
     """A conversation: [system], then ``n_exchanges`` × (teacher ``user``, ``assistant``). Lengths vary with
     task and run so token counts differ between samples."""
     msgs = [{"role": "system", "content": SYSTEM_PROMPT}] if system else []
     for k in range(n_exchanges):
         if k == 0:
             user = f"Question {task}: which of the options is correct? " + "Why might some options be incorrect? " * (
-                task % 3)
+                task % 3
+            )
         elif k == n_exchanges - 1:
             user = "Give your final answer."
         else:
@@ -163,8 +165,13 @@ def records_factory(tmp_path) -> Callable[..., Path]:
     format follows the suffix (``.jsonl`` or ``.parquet``) via ``write_records``."""
     from clarify_lit.data.records import write_records
 
-    def make(n_tasks: int = 4, n_runs: int = 3, rewards: dict | Callable | None = None,
-             name: str = "records.jsonl", extra: Sequence[dict] = ()) -> Path:
+    def make(
+        n_tasks: int = 4,
+        n_runs: int = 3,
+        rewards: dict | Callable | None = None,
+        name: str = "records.jsonl",
+        extra: Sequence[dict] = (),
+    ) -> Path:
         rows = []
         for t in range(n_tasks):
             for r in range(n_runs):
@@ -192,8 +199,19 @@ def tiny_lora_fit(folder: Path, cache_root: Path, tiny_model_dir: Path) -> Path:
     root = folder / "run"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CLARIFY_CACHE", str(cache_root))
-        lightning_main(["fit", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-                        f"--model.model_name_or_path={tiny_model_dir}", f"--data.train_files=[{records}]",
-                        "--data.batch_size=2", "--data.val_fraction=0", "--trainer.max_steps=2",
-                        f"--trainer.default_root_dir={root}", "--model.learning_rate=5e-2", "--model.lora_dropout=0.0"])
+        lightning_main(
+            [
+                "fit",
+                "--trainer.enable_progress_bar=false",
+                "--trainer.enable_model_summary=false",
+                f"--model.model_name_or_path={tiny_model_dir}",
+                f"--data.train_files=[{records}]",
+                "--data.batch_size=2",
+                "--data.val_fraction=0",
+                "--trainer.max_steps=2",
+                f"--trainer.default_root_dir={root}",
+                "--model.learning_rate=5e-2",
+                "--model.lora_dropout=0.0",
+            ]
+        )
     return root

@@ -36,13 +36,26 @@ class ShardProbe(Callback):
                 h.update(name.encode())
                 h.update(p.detach().to(torch.float64).cpu().numpy().tobytes())
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({n: p.detach().cpu() for n, p in pl_module.named_parameters() if p.requires_grad},
-                   self.out_dir / f"rank{trainer.global_rank}.pt")
-        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps({
-            "rank": trainer.global_rank, "world_size": trainer.world_size, "train_ids": self.train_ids,
-            "val_losses": self.val_losses, "trainable_hash": h.hexdigest(),
-            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
-            # DPO with a precomputed reference: what this rank computed, and the values it holds for every pair
-            "reference_pairs_computed": getattr(pl_module, "reference_pairs_computed", 0),
-            "ref_logps": {s["id"]: [s["ref_chosen_logps"], s["ref_rejected_logps"]]
-                          for s in trainer.datamodule.train_set.samples if "ref_chosen_logps" in s}}))
+        torch.save(
+            {n: p.detach().cpu() for n, p in pl_module.named_parameters() if p.requires_grad},
+            self.out_dir / f"rank{trainer.global_rank}.pt",
+        )
+        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(
+            json.dumps(
+                {
+                    "rank": trainer.global_rank,
+                    "world_size": trainer.world_size,
+                    "train_ids": self.train_ids,
+                    "val_losses": self.val_losses,
+                    "trainable_hash": h.hexdigest(),
+                    "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
+                    # DPO with a precomputed reference: what this rank computed, and the values it holds for every pair
+                    "reference_pairs_computed": getattr(pl_module, "reference_pairs_computed", 0),
+                    "ref_logps": {
+                        s["id"]: [s["ref_chosen_logps"], s["ref_rejected_logps"]]
+                        for s in trainer.datamodule.train_set.samples
+                        if "ref_chosen_logps" in s
+                    },
+                }
+            )
+        )

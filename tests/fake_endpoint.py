@@ -10,8 +10,12 @@ from typing import Any
 
 def completion(text: str, model: str = "m") -> dict[str, Any]:
     """A chat-completions reply whose one choice says ``text``."""
-    return {"id": "x", "object": "chat.completion", "model": model,
-            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}]}
+    return {
+        "id": "x",
+        "object": "chat.completion",
+        "model": model,
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+    }
 
 
 class FakeEndpoint:

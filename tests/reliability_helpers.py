@@ -19,15 +19,26 @@ from clarify_lit.simulate.command import SHARD_DELAY_ENV
 REPO = Path(__file__).resolve().parents[1]
 
 
-def interrupt_simulate_after_first_shard(argv: list[str], out: Path, signum: int, cache: Path,
-                                         timeout: float = 120) -> int:
+def interrupt_simulate_after_first_shard(
+    argv: list[str], out: Path, signum: int, cache: Path, timeout: float = 120
+) -> int:
     """Run ``clarify simulate argv`` (writing to ``out``) in a subprocess that pauses 3 s after each shard, send it
     ``signum`` as soon as its first shard exists, and return its exit status (``-signum`` when the signal ended
     it)."""
-    env = {**os.environ, SHARD_DELAY_ENV: "3", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
-           "CLARIFY_CACHE": str(cache)}
-    proc = subprocess.Popen([sys.executable, "-m", "clarify_lit.simulate.command", *argv], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {
+        **os.environ,
+        SHARD_DELAY_ENV: "3",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+        "CLARIFY_CACHE": str(cache),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clarify_lit.simulate.command", *argv],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     first = out / "shards" / "shard-00000.jsonl"
     deadline = time.monotonic() + timeout
     try:
@@ -56,8 +67,11 @@ class SignalAtStep(Callback):
         self.step, self.signum, self.micro_batch, self.sent = step, signum, micro_batch, False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.sent or trainer.global_step != self.step or \
-                batch_idx % trainer.accumulate_grad_batches != self.micro_batch:
+        if (
+            self.sent
+            or trainer.global_step != self.step
+            or batch_idx % trainer.accumulate_grad_batches != self.micro_batch
+        ):
             return
         self.sent = True
         if self.signum == 0:

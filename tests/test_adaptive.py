@@ -20,25 +20,34 @@ from clarify_lit.simulate.rollout import RolloutSpec, rollout_tasks
 from clarify_lit.simulate.teachers import ScriptedTeacher
 
 REPO = Path(__file__).resolve().parents[1]
-TASK = QATask("sciq/1", "sciq", "What do plants need to make food?", ["sunlight", "sand", "salt", "smoke"], "A",
-              knowledge="Plants make food by photosynthesis, which uses light energy.")
+TASK = QATask(
+    "sciq/1",
+    "sciq",
+    "What do plants need to make food?",
+    ["sunlight", "sand", "salt", "smoke"],
+    "A",
+    knowledge="Plants make food by photosynthesis, which uses light energy.",
+)
 TASK2 = QATask("sciq/2", "sciq", "Which is a source of heat?", ["ice", "fire", "snow", "rain"], "B")
 
 
 # ------------------------------------------------------------------------------------------------ the parser
-@pytest.mark.parametrize("text, letter", [
-    ("The answer is A. Plants use light.", "A"),
-    ("Answer is C <thinking>because of light</thinking>", "C"),
-    ("I am fairly sure now. The answer is D", "D"),
-    ("answer: b", "B"),
-    ("Is the answer B?", None),                               # a question does not answer
-    ("Is the answer B or C? Tell me more.", None),
-    ("<thinking>the answer is A</thinking> Is option A about light?", None),  # thinking is not a commitment
-    ("What does option B mean for the plant?", None),         # marked letters never end a conversation
-    ("(B) sounds odd, why?", None),
-    ("B) sunlight", None),
-    ("The answer is a bit unclear to me.", None),
-])
+@pytest.mark.parametrize(
+    "text, letter",
+    [
+        ("The answer is A. Plants use light.", "A"),
+        ("Answer is C <thinking>because of light</thinking>", "C"),
+        ("I am fairly sure now. The answer is D", "D"),
+        ("answer: b", "B"),
+        ("Is the answer B?", None),  # a question does not answer
+        ("Is the answer B or C? Tell me more.", None),
+        ("<thinking>the answer is A</thinking> Is option A about light?", None),  # thinking is not a commitment
+        ("What does option B mean for the plant?", None),  # marked letters never end a conversation
+        ("(B) sounds odd, why?", None),
+        ("B) sunlight", None),
+        ("The answer is a bit unclear to me.", None),
+    ],
+)
 def test_early_answer(text, letter):
     assert early_answer(text) == letter
     if letter is not None:  # the reward's parser reads the same letter from the turn that ended the conversation
@@ -60,8 +69,9 @@ def test_adaptive_prompts_offer_an_early_answer():
             if turn == 3:  # the last turn asks for the answer anyway
                 assert adaptive == plain
             else:
-                assert "final answer" in instruction and ("'The answer is X'" in instruction
-                                                          or "'Answer is X'" in instruction)
+                assert "final answer" in instruction and (
+                    "'The answer is X'" in instruction or "'Answer is X'" in instruction
+                )
                 assert "Do not answer" not in instruction  # the ask instruction no longer forbids answering
 
 
@@ -83,9 +93,9 @@ class ScriptedEngine:
 
 
 SCRIPT = {  # gold is A for TASK
-    0.0: ["The answer is A. Plants use light.", "unused", "unused"],                          # ends at turn 1
+    0.0: ["The answer is A. Plants use light.", "unused", "unused"],  # ends at turn 1
     0.5: ["Is the answer A? What does sand do?", "Answer: A <thinking>light</thinking>", "unused"],  # turn 2
-    1.0: ["Maybe (B)?", "Hmm, option C is odd.", "The answer is A."],                       # runs to turn 3
+    1.0: ["Maybe (B)?", "Hmm, option C is odd.", "The answer is A."],  # runs to turn 3
 }
 
 
@@ -100,9 +110,14 @@ class CountingTeacher(ScriptedTeacher):
 
 def test_adaptive_rollout_stops_early_and_discounts(tmp_path):
     engine = ScriptedEngine(SCRIPT)
-    records = rollout_tasks(None, None, [TASK], RolloutSpec(setting="reasoning", temperatures=[0.0, 0.5, 1.0],
-                                                            adaptive=True, discount=0.9),
-                            engine=engine, model_name="scripted")
+    records = rollout_tasks(
+        None,
+        None,
+        [TASK],
+        RolloutSpec(setting="reasoning", temperatures=[0.0, 0.5, 1.0], adaptive=True, discount=0.9),
+        engine=engine,
+        model_name="scripted",
+    )
     assert engine.calls == [3, 2, 1]  # finished conversations are not advanced
     turns = [sum(m["role"] == "assistant" for m in r.messages) for r in records]
     assert turns == [1, 2, 3]
@@ -130,13 +145,15 @@ def test_adaptive_rollout_stops_early_and_discounts(tmp_path):
 
 def test_discount_on_a_wrong_answer_and_fixed_length():
     wrong = {0.0: ["The answer is B.", "x", "x"]}
-    (rec,) = rollout_tasks(None, None, [TASK], RolloutSpec(temperatures=[0.0], adaptive=True, discount=0.5),
-                           engine=ScriptedEngine(wrong))
+    (rec,) = rollout_tasks(
+        None, None, [TASK], RolloutSpec(temperatures=[0.0], adaptive=True, discount=0.5), engine=ScriptedEngine(wrong)
+    )
     assert rec.reward == 0.0 and rec.reward_components["undiscounted_reward"] == 0.0 and rec.meta["turns_used"] == 1
     # not adaptive: an early answer does not stop the conversation; γ^n is the same factor for every record
     answers = {0.0: ["The answer is A.", "More on light.", "The answer is A."]}
-    (rec,) = rollout_tasks(None, None, [TASK], RolloutSpec(temperatures=[0.0], discount=0.5),
-                           engine=ScriptedEngine(answers))
+    (rec,) = rollout_tasks(
+        None, None, [TASK], RolloutSpec(temperatures=[0.0], discount=0.5), engine=ScriptedEngine(answers)
+    )
     assert rec.meta["turns_used"] == 3 and not rec.meta["ended_early"] and not rec.meta["adaptive"]
     assert rec.reward == pytest.approx(0.125)  # 0.5^3 · 1
     assert "clarifying_turns" not in compute_metrics([rec])  # the length metrics are for adaptive runs
@@ -144,24 +161,38 @@ def test_discount_on_a_wrong_answer_and_fixed_length():
 
 def test_default_records_are_unchanged():
     (rec,) = rollout_tasks(None, None, [TASK], RolloutSpec(temperatures=[0.5]), engine=ScriptedEngine(SCRIPT))
-    assert set(rec.meta) == {"setting", "mode", "n_turns", "model", "teacher", "reward", "seed", "max_new_tokens",
-                             "empty_turns", "truncated_turns", "reward_missing", "question_prompt",
-                             "question_hash",  # issue 17: what clarify report checks before pairing questions
-                             "echoed_instructions"}  # issue 30: measured on every record (reasoning: no teacher_leak)
+    assert set(rec.meta) == {
+        "setting",
+        "mode",
+        "n_turns",
+        "model",
+        "teacher",
+        "reward",
+        "seed",
+        "max_new_tokens",
+        "empty_turns",
+        "truncated_turns",
+        "reward_missing",
+        "question_prompt",
+        "question_hash",  # issue 17: what clarify report checks before pairing questions
+        "echoed_instructions",
+    }  # issue 30: measured on every record (reasoning: no teacher_leak)
     assert "undiscounted_reward" not in rec.reward_components
 
 
 @pytest.mark.parametrize("discount", [0, -0.5, 1.5, float("nan"), True])
 def test_discount_must_be_in_unit_interval(discount):
     with pytest.raises(ValueError, match="discount"):
-        rollout_tasks(None, None, [TASK], RolloutSpec(temperatures=[0.0], discount=discount),
-                      engine=ScriptedEngine(SCRIPT))
+        rollout_tasks(
+            None, None, [TASK], RolloutSpec(temperatures=[0.0], discount=discount), engine=ScriptedEngine(SCRIPT)
+        )
 
 
 def test_clarifying_teacher_answers_only_running_conversations():
-    script = {0.0: ["Answer is A <thinking>light</thinking>", "x", "x", "x"],
-              1.0: ["Which option uses light?", "Is it about (A)?", "<thinking>light</thinking> hmm",
-                    "Answer is A"]}
+    script = {
+        0.0: ["Answer is A <thinking>light</thinking>", "x", "x", "x"],
+        1.0: ["Which option uses light?", "Is it about (A)?", "<thinking>light</thinking> hmm", "Answer is A"],
+    }
     teacher = CountingTeacher()
     spec = RolloutSpec(setting="clarifying", n_turns=4, temperatures=[0.0, 1.0], adaptive=True)
     records = rollout_tasks(None, None, [TASK, TASK2], spec, engine=ScriptedEngine(script), teacher=teacher)
@@ -194,10 +225,26 @@ def test_simulate_and_evaluate_commands(tmp_path, clarify_cache, scripted_engine
     from clarify_lit.simulate.command import main as simulate_main
 
     out = tmp_path / "sim"
-    simulate_main(["--config", str(REPO / "configs/simulate/tiny-reasoning.yaml"),
-                   "--data.path", str(REPO / "configs/simulate/tiny-tasks.jsonl"), "--data.limit", "2",
-                   "--output", str(out), "--progress", "false", "--rollout.temperatures", "[0.3, 0.7]",
-                   "--rollout.adaptive", "true", "--rollout.discount", "0.9"])
+    simulate_main(
+        [
+            "--config",
+            str(REPO / "configs/simulate/tiny-reasoning.yaml"),
+            "--data.path",
+            str(REPO / "configs/simulate/tiny-tasks.jsonl"),
+            "--data.limit",
+            "2",
+            "--output",
+            str(out),
+            "--progress",
+            "false",
+            "--rollout.temperatures",
+            "[0.3, 0.7]",
+            "--rollout.adaptive",
+            "true",
+            "--rollout.discount",
+            "0.9",
+        ]
+    )
     records, _ = load_records(out / "conversations.jsonl")
     assert [r.meta["turns_used"] for r in records] == [1, 3, 1, 3]
     summary = json.loads((out / "summary.json").read_text())
@@ -206,10 +253,32 @@ def test_simulate_and_evaluate_commands(tmp_path, clarify_cache, scripted_engine
     assert fingerprint["adaptive"] is True and fingerprint["discount"] == 0.9
 
     ev = tmp_path / "eval"
-    evaluate_main(["--model", "tiny-random", "--out_dir", str(ev), "--rollout.adaptive", "true", "--rollout.discount", "0.9",
-                   "--data.dataset", "local", "--data.path", str(REPO / "configs/simulate/tiny-tasks.jsonl"),
-                   "--data.columns", '{"question": "question", "choices": "choices", "answer": "answer", "id": "id"}',
-                   "--data.n_train", "4", "--data.n_test", "2", "--rollout.max_new_tokens", "3", "--progress", "false"])
+    evaluate_main(
+        [
+            "--model",
+            "tiny-random",
+            "--out_dir",
+            str(ev),
+            "--rollout.adaptive",
+            "true",
+            "--rollout.discount",
+            "0.9",
+            "--data.dataset",
+            "local",
+            "--data.path",
+            str(REPO / "configs/simulate/tiny-tasks.jsonl"),
+            "--data.columns",
+            '{"question": "question", "choices": "choices", "answer": "answer", "id": "id"}',
+            "--data.n_train",
+            "4",
+            "--data.n_test",
+            "2",
+            "--rollout.max_new_tokens",
+            "3",
+            "--progress",
+            "false",
+        ]
+    )
     saved = json.loads((ev / "metrics.json").read_text())
     assert saved["meta"]["adaptive"] is True and saved["meta"]["discount"] == 0.9
     m = saved["metrics"]
@@ -235,12 +304,27 @@ def _record(task: int, run: int, n_turns: int, reward: float) -> ConversationRec
     for k in range(n_turns):
         msgs.append({"role": "user", "content": f"Question {task}: which option?" if k == 0 else "Go on."})
         last = k == n_turns - 1
-        msgs.append({"role": "assistant", "content": f"The answer is {'ABCD'[run]}." if last else
-                     f"Is it about energy {run}{' and plants' * k}?"})
-    return ConversationRecord(id=f"t{task}#run{run}", task_id=f"t{task}", messages=msgs, reward=reward, gold="A",
-                              run=run, meta={"adaptive": True, "n_turns": 3, "turns_used": n_turns,
-                                             "ended_early": n_turns < 3,
-                                             "question_prompt": f"Question {task}: which option?"})
+        msgs.append(
+            {
+                "role": "assistant",
+                "content": f"The answer is {'ABCD'[run]}." if last else f"Is it about energy {run}{' and plants' * k}?",
+            }
+        )
+    return ConversationRecord(
+        id=f"t{task}#run{run}",
+        task_id=f"t{task}",
+        messages=msgs,
+        reward=reward,
+        gold="A",
+        run=run,
+        meta={
+            "adaptive": True,
+            "n_turns": 3,
+            "turns_used": n_turns,
+            "ended_early": n_turns < 3,
+            "question_prompt": f"Question {task}: which option?",
+        },
+    )
 
 
 def test_views_and_tokenization_on_mixed_length_groups(tokenizer, tmp_path, clarify_cache, tiny_model_dir):
@@ -250,8 +334,14 @@ def test_views_and_tokenization_on_mixed_length_groups(tokenizer, tmp_path, clar
     from clarify_lit.train.objectives import DPO, SFT, Refit, Swift
 
     # one question, three runs of 1, 2 and 3 assistant turns (γ = 0.9 already applied), and a second question
-    records = [_record(0, 0, 1, 0.9), _record(0, 1, 2, 0.0), _record(0, 2, 3, 0.729),
-               _record(1, 0, 3, 0.0), _record(1, 1, 1, 0.9), _record(1, 2, 2, 0.81)]
+    records = [
+        _record(0, 0, 1, 0.9),
+        _record(0, 1, 2, 0.0),
+        _record(0, 2, 3, 0.729),
+        _record(1, 0, 3, 0.0),
+        _record(1, 1, 1, 0.9),
+        _record(1, 2, 2, 0.81),
+    ]
     turns = {r.id: r.meta["turns_used"] for r in records}
 
     def spans(labels: list[int]) -> int:  # trained assistant turns = runs of non-ignored labels
@@ -277,8 +367,14 @@ def test_views_and_tokenization_on_mixed_length_groups(tokenizer, tmp_path, clar
 
     # the DataModule pads the mixed lengths into one batch
     path = write_records(tmp_path / "mixed.jsonl", records)
-    dm = ConversationDataModule(train_files=[str(path)], tokenizer_name_or_path=str(tiny_model_dir),
-                                objective=Refit(), batch_size=6, val_fraction=0, cache_tokenized=False)
+    dm = ConversationDataModule(
+        train_files=[str(path)],
+        tokenizer_name_or_path=str(tiny_model_dir),
+        objective=Refit(),
+        batch_size=6,
+        val_fraction=0,
+        cache_tokenized=False,
+    )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape[0] == 6 and batch["labels"].shape == batch["input_ids"].shape

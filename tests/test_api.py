@@ -42,9 +42,11 @@ def test_every_exported_name_is_the_defining_modules_object():
 
 
 def test_importing_the_package_or_the_records_module_does_not_import_torch():
-    code = ("import sys, clarify_lit, clarify_lit.data.records; "
-            "heavy = [m for m in ('torch', 'lightning', 'transformers') if m in sys.modules]; "
-            "assert not heavy, heavy; print(clarify_lit.__version__)")
+    code = (
+        "import sys, clarify_lit, clarify_lit.data.records; "
+        "heavy = [m for m in ('torch', 'lightning', 'transformers') if m in sys.modules]; "
+        "assert not heavy, heavy; print(clarify_lit.__version__)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == clarify_lit.__version__

@@ -35,14 +35,22 @@ def question(task: str) -> str:
 
 def record(method: str, seed: int, task: str, final: str, **meta) -> ConversationRecord:
     """A two-turn clarifying conversation with ``final`` as the last assistant turn (gold: A)."""
-    messages = [{"role": "system", "content": SYSTEM},
-                {"role": "user", "content": question(task)},
-                {"role": "assistant", "content": "<thinking>oxygen?</thinking> Is oxygen a gas?"},
-                {"role": "user", "content": "Oxygen is a gas. What is your final answer?"},
-                {"role": "assistant", "content": final}]
-    return ConversationRecord(id=f"{method}-{seed}-{task}", task_id=task, messages=messages, gold="A",
-                              reward=float(parse_answer_letter(final, CHOICES) == "A"),
-                              prediction=parse_answer_letter(final, CHOICES), meta=dict(meta))
+    messages = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": question(task)},
+        {"role": "assistant", "content": "<thinking>oxygen?</thinking> Is oxygen a gas?"},
+        {"role": "user", "content": "Oxygen is a gas. What is your final answer?"},
+        {"role": "assistant", "content": final},
+    ]
+    return ConversationRecord(
+        id=f"{method}-{seed}-{task}",
+        task_id=task,
+        messages=messages,
+        gold="A",
+        reward=float(parse_answer_letter(final, CHOICES) == "A"),
+        prediction=parse_answer_letter(final, CHOICES),
+        meta=dict(meta),
+    )
 
 
 def write_eval(folder: Path, method: str, seed: int, finals: dict[str, str | tuple[str, dict]] | None) -> Path:
@@ -72,8 +80,12 @@ def runs(tmp_path: Path) -> Path:
     """
     r = tmp_path / "runs"
     ok = "Answer is A <thinking>oxygen is what plants release</thinking>"
-    write_eval(r / "base", "Base", 0, {"q0": ok, "q1": "The answer is B",
-                                       "q2": (f"{SCRIPT} The answer is A", {"truncated_turns": [2]})})
+    write_eval(
+        r / "base",
+        "Base",
+        0,
+        {"q0": ok, "q1": "The answer is B", "q2": (f"{SCRIPT} The answer is A", {"truncated_turns": [2]})},
+    )
     write_eval(r / "refit-s0", "Refit", 0, {"q0": ok, "q1": ok, "q2": ok})
     write_eval(r / "refit-s1", "Refit", 1, {"q0": ok, "q1": HEDGE, "q2": ok})
     write_eval(r / "swift", "Swift", 0, {"q0": (ok, {"truncated_turns": 1}), "q1": ok})
@@ -205,9 +217,11 @@ def test_page_structure_flags_and_escaping(runs, tmp_path):
     assert base64.b64decode(img.attrs["src"].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
 
     # the summary table carries the Markdown table's numbers
-    md_rows = [[c.strip().strip("*") for c in line.strip("|").split("|")]
-               for line in text.split("## Final-answer letters")[0].splitlines()
-               if line.startswith("| ") and " vs " not in line]
+    md_rows = [
+        [c.strip().strip("*") for c in line.strip("|").split("|")]
+        for line in text.split("## Final-answer letters")[0].splitlines()
+        if line.startswith("| ") and " vs " not in line
+    ]
     table = doc.all("table", "results")[0]
     html_rows = [[c.text() for c in tr.all() if c.tag in ("th", "td")] for tr in table.all("tr")]
     assert html_rows == md_rows
@@ -241,13 +255,26 @@ def test_stored_prediction_shown_when_the_parser_changed(tmp_path):
     assert "answer A" in verdict and "✓ correct" in verdict and "rollout parsed C" in verdict
 
 
-@pytest.mark.parametrize(("value", "expected"), [
-    ([2], (1, [2])), ([1, 3], (2, [1, 3])), ([], (0, [])), (2, (2, None)), (0, (0, [])), (None, (0, [])),
-])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ([2], (1, [2])),
+        ([1, 3], (2, [1, 3])),
+        ([], (0, [])),
+        (2, (2, None)),
+        (0, (0, [])),
+        (None, (0, [])),
+    ],
+)
 def test_truncation_meta_forms(value, expected):
     """The one reader of meta.truncated_turns (records.py) that the page, the metrics and the views share."""
-    rec = ConversationRecord(id="r", task_id="t", messages=[{"role": "assistant", "content": "x"}], reward=0.0,
-                             meta={} if value is None else {"truncated_turns": value})
+    rec = ConversationRecord(
+        id="r",
+        task_id="t",
+        messages=[{"role": "assistant", "content": "x"}],
+        reward=0.0,
+        meta={} if value is None else {"truncated_turns": value},
+    )
     assert rec.truncated_turns() == expected
 
 
@@ -297,11 +324,19 @@ def test_letters_table_shows_a_collapse_onto_one_letter_and_the_constant_answer_
         folder = tmp_path / "runs" / name
         folder.mkdir(parents=True)
         write_records(folder / "rollouts.jsonl", rs)
-        (folder / "metrics.json").write_text(json.dumps({"metrics": {"n": 4, "accuracy": 0.25},
-                                                         "meta": {"method": rs[0].id.split("-")[0],
-                                                                  "rollouts": "rollouts.jsonl"}}))
+        (folder / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "metrics": {"n": 4, "accuracy": 0.25},
+                    "meta": {"method": rs[0].id.split("-")[0], "rollouts": "rollouts.jsonl"},
+                }
+            )
+        )
     text = run_report([str(tmp_path / "runs")], out=tmp_path / "r.md", baseline="Const")
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in text.split("## Final-answer letters")[1].splitlines() if line.startswith("| ")}
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+        for line in text.split("## Final-answer letters")[1].splitlines()
+        if line.startswith("| ")
+    }
     assert rows["Const"] == ["1.00", "0.00", "0.00", "0.00", "0.00", "A (1.00)"]
     assert rows["*accuracy of always answering X*"] == ["0.25", "0.50", "0.25", "0.00", "", "B (0.50)"]

@@ -28,9 +28,14 @@ def test_step_flops_match_torch_flop_counter(tiny_model_dir, use_lora):
     from clarify_lit.train.module import ClarifyModule, target_logps
 
     torch.manual_seed(0)
-    module = ClarifyModule(str(tiny_model_dir), use_lora=use_lora, lora_r=4,
-                           lora_target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0,
-                           export_on_fit_end=False)
+    module = ClarifyModule(
+        str(tiny_model_dir),
+        use_lora=use_lora,
+        lora_r=4,
+        lora_target_modules=["q_proj", "v_proj", "down_proj"],
+        lora_dropout=0.0,
+        export_on_fit_end=False,
+    )
     model = module.model
     rows, length = 3, 24
     ids = torch.randint(5, 300, (rows, length))
@@ -85,7 +90,18 @@ def test_train_throughput_reports_the_refusal_not_the_figure():
     bad = tt._mfu(timed, flops, {**peak, "gflops_wall_best": 100.0, "gflops_cpu_best": 100.0})
     assert "mfu_cpu" not in bad and "mfu_wall" not in bad and "150.0%" in bad["error"]
     assert tt.mfu_line(bad).startswith("  MFU refused:")
-    run = {"tokens_per_s": 1.0, "input_tokens_per_s": 1.0, "peak_rss_mb": 1.0, "s_per_step": 1.0,
-           "rss_before_train_mb": 1.0, "setup_s": None, "tokens_per_cpu_s": 1.0, "cpu_s_per_step": 1.0,
-           "step0_loss": 0.5, "step_losses": [0.5], "data_tokens": {}, "mfu": bad}
+    run = {
+        "tokens_per_s": 1.0,
+        "input_tokens_per_s": 1.0,
+        "peak_rss_mb": 1.0,
+        "s_per_step": 1.0,
+        "rss_before_train_mb": 1.0,
+        "setup_s": None,
+        "tokens_per_cpu_s": 1.0,
+        "cpu_s_per_step": 1.0,
+        "step0_loss": 0.5,
+        "step_losses": [0.5],
+        "data_tokens": {},
+        "mfu": bad,
+    }
     assert tt.aggregate([run])["mfu"] == {"errors": [bad["error"]]}

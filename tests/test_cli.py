@@ -88,8 +88,14 @@ def test_every_command_is_a_config_dataclass_and_run(command):
 
     name = "clarify_lit.jobs.demo" if command == "demo" else COMMANDS[command][0]
     module = importlib.import_module(name)
-    configs = [v for v in vars(module).values() if dataclasses.is_dataclass(v) and isinstance(v, type)
-               and v.__module__ == name and v.__name__.endswith("Config")]
+    configs = [
+        v
+        for v in vars(module).values()
+        if dataclasses.is_dataclass(v)
+        and isinstance(v, type)
+        and v.__module__ == name
+        and v.__name__.endswith("Config")
+    ]
     assert len(configs) == 1, configs
     config = configs[0]
     (parameter,) = inspect.signature(module.run).parameters.values()
@@ -109,9 +115,11 @@ def test_fit_help_shows_model_and_data_options(capsys):
     assert "--model.objective" in out and "--data.train_files" in out and "--model.use_lora" in out
 
 
-PRESETS = sorted(glob.glob(str(REPO / "configs" / "model" / "*.yaml"))
-                 + glob.glob(str(REPO / "configs" / "objective" / "*.yaml"))
-                 + glob.glob(str(REPO / "configs" / "trainer" / "*.yaml")))
+PRESETS = sorted(
+    glob.glob(str(REPO / "configs" / "model" / "*.yaml"))
+    + glob.glob(str(REPO / "configs" / "objective" / "*.yaml"))
+    + glob.glob(str(REPO / "configs" / "trainer" / "*.yaml"))
+)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -142,14 +150,23 @@ def test_every_preset_parses(preset, capsys):
         assert key in flat, key
         assert flat[key] == value, (key, flat[key], value)
     # the tokenizer is linked to the model: one source of truth
-    assert printed["data"].get("tokenizer_name_or_path", printed["model"]["model_name_or_path"]) == \
-        printed["model"]["model_name_or_path"]
+    assert (
+        printed["data"].get("tokenizer_name_or_path", printed["model"]["model_name_or_path"])
+        == printed["model"]["model_name_or_path"]
+    )
 
 
 def test_objective_shorthand(capsys):
     with pytest.raises(SystemExit):
-        main(["fit", "--data.train_files=[r.jsonl]", "--model.objective=Swift", "--model.objective.zero_std=epsilon",
-              "--print_config"])
+        main(
+            [
+                "fit",
+                "--data.train_files=[r.jsonl]",
+                "--model.objective=Swift",
+                "--model.objective.zero_std=epsilon",
+                "--print_config",
+            ]
+        )
     objective = yaml.safe_load(capsys.readouterr().out)["model"]["objective"]
     # jsonargparse writes the shortest import path: the package exports the objectives (clarify_lit.Swift)
     assert objective["class_path"] == "clarify_lit.Swift"
@@ -192,8 +209,11 @@ def _base_weights(tiny_model_dir) -> dict[str, torch.Tensor]:
 
 
 def _probe(tokenizer):
-    msgs = [{"role": "system", "content": "You are an expert."}, {"role": "user", "content": "Which is correct?"},
-            {"role": "assistant", "content": "The answer is A."}]
+    msgs = [
+        {"role": "system", "content": "You are an expert."},
+        {"role": "user", "content": "Which is correct?"},
+        {"role": "assistant", "content": "The answer is A."},
+    ]
     text = tokenizer.apply_chat_template(msgs, tokenize=False)
     return tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
 
@@ -215,12 +235,23 @@ def test_fit_end_to_end(preset, run_fit, records_factory, tiny_model_dir, tmp_pa
     cls_name, pairs = OBJECTIVES[preset]
     records = records_factory(n_tasks=5, n_runs=3)
     root = tmp_path / "run"
-    cli, snap = run_fit([
-        "--config", str(REPO / "configs" / "model" / "tiny.yaml"),
-        "--config", str(REPO / "configs" / "objective" / f"{preset}.yaml"),
-        f"--data.train_files=[{records}]", "--model.model_name_or_path=tiny-random", "--data.batch_size=2",
-        "--trainer.max_steps=2", f"--trainer.default_root_dir={root}", "--trainer.log_every_n_steps=1",
-        "--trainer.val_check_interval=2", "--data.val_fraction=0.2", "--model.lora_dropout=0.0"])
+    cli, snap = run_fit(
+        [
+            "--config",
+            str(REPO / "configs" / "model" / "tiny.yaml"),
+            "--config",
+            str(REPO / "configs" / "objective" / f"{preset}.yaml"),
+            f"--data.train_files=[{records}]",
+            "--model.model_name_or_path=tiny-random",
+            "--data.batch_size=2",
+            "--trainer.max_steps=2",
+            f"--trainer.default_root_dir={root}",
+            "--trainer.log_every_n_steps=1",
+            "--trainer.val_check_interval=2",
+            "--data.val_fraction=0.2",
+            "--model.lora_dropout=0.0",
+        ]
+    )
     module = cli.model
     assert snap.module is module and cli.trainer.global_step == 2
     # a validation pass ran on the held-out task with the same objective
@@ -278,8 +309,14 @@ def test_fit_end_to_end(preset, run_fit, records_factory, tiny_model_dir, tmp_pa
 def test_resume_continues_the_global_step(run_fit, records_factory, tmp_path):
     records = records_factory(n_tasks=4, n_runs=3)
     root = tmp_path / "run"
-    common = [f"--data.train_files=[{records}]", "--model.model_name_or_path=tiny-random", "--data.batch_size=2",
-              f"--trainer.default_root_dir={root}", "--model.lora_r=4", "--model.learning_rate=1e-3"]
+    common = [
+        f"--data.train_files=[{records}]",
+        "--model.model_name_or_path=tiny-random",
+        "--data.batch_size=2",
+        f"--trainer.default_root_dir={root}",
+        "--model.lora_r=4",
+        "--model.learning_rate=1e-3",
+    ]
     first, _ = run_fit([*common, "--trainer.max_steps=2"])
     after_first = {n: p.detach().clone() for n, p in first.model.named_parameters() if p.requires_grad}
     ckpt1 = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -302,9 +339,17 @@ def test_full_finetuning_changes_base_weights(run_fit, records_factory, tiny_mod
 
     records = records_factory(n_tasks=4, n_runs=3)
     root = tmp_path / "run"
-    cli, snap = run_fit([f"--data.train_files=[{records}]", "--model.model_name_or_path=tiny-random",
-                         "--model.use_lora=false", "--model.learning_rate=1e-3", "--data.batch_size=2",
-                         "--trainer.max_steps=1", f"--trainer.default_root_dir={root}"])
+    cli, snap = run_fit(
+        [
+            f"--data.train_files=[{records}]",
+            "--model.model_name_or_path=tiny-random",
+            "--model.use_lora=false",
+            "--model.learning_rate=1e-3",
+            "--data.batch_size=2",
+            "--trainer.max_steps=1",
+            f"--trainer.default_root_dir={root}",
+        ]
+    )
     module = cli.model
     assert snap.trainable == set(snap.initial)  # everything trains
     params = dict(module.named_parameters())
@@ -328,8 +373,24 @@ def test_demo_experiment_filter_and_iterate_use_the_cells_options(tmp_path, caps
     picked cell with that cell's reward and teacher flags, not the preset's defaults."""
     from clarify_lit.jobs import demo
 
-    demo.main(["--preset", "clarify", "--experiments", "rubric-dense", "--seeds", "0", "--objectives", "Refit",
-               "--iterate", "2", "--dry_run", "true", "--out", str(tmp_path)])
+    demo.main(
+        [
+            "--preset",
+            "clarify",
+            "--experiments",
+            "rubric-dense",
+            "--seeds",
+            "0",
+            "--objectives",
+            "Refit",
+            "--iterate",
+            "2",
+            "--dry_run",
+            "true",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     commands = [line for line in out.splitlines() if line.startswith("[demo] $ clarify")]
     assert commands and all("sciq-clarifying-thinking-rubric-dense" in c for c in commands if "simulate" in c)
@@ -354,8 +415,9 @@ def test_export_refuses_a_secret_in_its_options(tmp_path):
     assert key not in str(e.value)
 
 
-@pytest.mark.parametrize("shim,job", [("clarify_lit.demo", "clarify_lit.jobs.demo"),
-                                      ("clarify_lit.iterate", "clarify_lit.jobs.iterate")])
+@pytest.mark.parametrize(
+    "shim,job", [("clarify_lit.demo", "clarify_lit.jobs.demo"), ("clarify_lit.iterate", "clarify_lit.jobs.iterate")]
+)
 def test_python_m_shims_run_the_jobs(shim, job, monkeypatch, capsys):
     """``python -m clarify_lit.demo`` / ``.iterate`` (the spellings the Makefile and README quote) run the jobs."""
     import runpy

@@ -61,14 +61,16 @@ def test_setup_builds_labels_and_splits_by_task(records_factory, tiny_model_dir,
 
 def test_view_follows_the_module_objective(records_factory, tiny_model_dir):
     path = records_factory(n_tasks=3, n_runs=3)
-    dm = ConversationDataModule([str(path)], tokenizer_name_or_path=str(tiny_model_dir), val_fraction=0.0,
-                                cache_tokenized=False)
+    dm = ConversationDataModule(
+        [str(path)], tokenizer_name_or_path=str(tiny_model_dir), val_fraction=0.0, cache_tokenized=False
+    )
     dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(objective=DPO()))
     dm.setup("fit")
     assert dm.val_set is None
     assert len(dm.train_set) == 3 and {"chosen_input_ids", "rejected_labels"} <= set(dm.train_set.samples[0])
-    dm2 = ConversationDataModule([str(path)], tokenizer_name_or_path=str(tiny_model_dir), val_fraction=0.0,
-                                 cache_tokenized=False)
+    dm2 = ConversationDataModule(
+        [str(path)], tokenizer_name_or_path=str(tiny_model_dir), val_fraction=0.0, cache_tokenized=False
+    )
     dm2.trainer = SimpleNamespace(lightning_module=SimpleNamespace(objective=SFT()))
     dm2.setup("fit")
     assert [s["weight"] for s in dm2.train_set.samples] == [1.0] * 3
@@ -78,12 +80,11 @@ def test_swift_weights_reach_the_samples(records_factory, tiny_model_dir):
     path = records_factory(n_tasks=2, n_runs=3, rewards={0: [1.0, 0.0, 0.0], 1: [0.0, 0.0, 0.0]})
     dm = make_dm(path, tiny_model_dir, objective=Swift(), val_fraction=0.0, cache_tokenized=False)
     dm.setup("fit")
-    assert [s["weight"] for s in dm.train_set.samples] == pytest.approx([2 ** 0.5, -(2 ** -0.5), -(2 ** -0.5)])
+    assert [s["weight"] for s in dm.train_set.samples] == pytest.approx([2**0.5, -(2**-0.5), -(2**-0.5)])
     assert dm.stats["data/train_excluded_zero_std_groups"] == 1
 
 
-def test_tokenized_cache_is_read_back_without_retokenizing(records_factory, tiny_model_dir, own_cache,
-                                                           monkeypatch):
+def test_tokenized_cache_is_read_back_without_retokenizing(records_factory, tiny_model_dir, own_cache, monkeypatch):
     path = records_factory(n_tasks=4, n_runs=3)
     dm = make_dm(path, tiny_model_dir, val_fraction=0.25)
     dm.setup("fit")
@@ -101,8 +102,9 @@ def test_tokenized_cache_is_read_back_without_retokenizing(records_factory, tiny
 
     # a different max_length is a different cache entry: tokenization runs again
     calls = []
-    monkeypatch.setattr(dm_mod, "tokenize_conversation", lambda *a, **k: calls.append(1) or tokenize_conversation(
-        *a, **k))
+    monkeypatch.setattr(
+        dm_mod, "tokenize_conversation", lambda *a, **k: calls.append(1) or tokenize_conversation(*a, **k)
+    )
     other = make_dm(path, tiny_model_dir, val_fraction=0.25, max_length=512)
     other.setup("fit")
     assert len(calls) == 12 and len(list((own_cache / "tokenized").glob("*.pt"))) == 4
@@ -198,8 +200,7 @@ def test_collator_only_pads_and_stacks(records_factory, tiny_model_dir, tokenize
 
 
 def test_collator_pairs_chosen_then_rejected(records_factory, tiny_model_dir, tokenizer):
-    dm = make_dm(records_factory(n_tasks=2), tiny_model_dir, objective=DPO(), val_fraction=0.0,
-                 cache_tokenized=False)
+    dm = make_dm(records_factory(n_tasks=2), tiny_model_dir, objective=DPO(), val_fraction=0.0, cache_tokenized=False)
     dm.setup("fit")
     samples = dm.train_set.samples
     batch = PadCollator(tokenizer.pad_token_id)(samples)
@@ -233,8 +234,8 @@ def test_step_batch_sampler_group_by_length_and_epochs():
     plain = StepBatchSampler(LENGTHS, TRAINED, batch_size=2, accumulate=3, seed=0)
     grouped, ungrouped = list(s), list(plain)
     for k in (0, 3):  # same step contents, sorted by length inside the step
-        g = [i for b in grouped[k: k + 3] for i, _ in b]
-        u = [i for b in ungrouped[k: k + 3] for i, _ in b]
+        g = [i for b in grouped[k : k + 3] for i, _ in b]
+        u = [i for b in ungrouped[k : k + 3] for i, _ in b]
         assert sorted(g) == sorted(u) and [LENGTHS[i] for i in g] == sorted(LENGTHS[i] for i in g)
     assert list(s) == grouped  # deterministic
     s.set_epoch(1)
@@ -275,18 +276,21 @@ def test_ddp_shards_are_disjoint_and_step_aligned(n, batch_size, accumulate):
     for x, y in zip(b0, b1):
         assert x[0][1] == y[0][1]
     per_step = batch_size * accumulate * 2
-    steps = [i0[k: k + batch_size * accumulate] + i1[k: k + batch_size * accumulate]
-             for k in range(0, len(i0), batch_size * accumulate)]
+    steps = [
+        i0[k : k + batch_size * accumulate] + i1[k : k + batch_size * accumulate]
+        for k in range(0, len(i0), batch_size * accumulate)
+    ]
     if n % per_step == 0:
         micro = accumulate
         for s, step in enumerate(steps):
-            for b in b0[s * micro:(s + 1) * micro]:
+            for b in b0[s * micro : (s + 1) * micro]:
                 assert b[0][1] == sum(trained[i] for i in step) / 2
 
 
 def test_dataloader_uses_trainer_rank_and_accumulation(records_factory, tiny_model_dir):
-    dm = make_dm(records_factory(n_tasks=4, n_runs=3), tiny_model_dir, val_fraction=0.0, cache_tokenized=False,
-                 batch_size=1)
+    dm = make_dm(
+        records_factory(n_tasks=4, n_runs=3), tiny_model_dir, val_fraction=0.0, cache_tokenized=False, batch_size=1
+    )
     dm.setup("fit")
     dm.trainer = SimpleNamespace(accumulate_grad_batches=3, global_rank=1, world_size=2, lightning_module=None)
     sampler = dm.train_dataloader().batch_sampler
@@ -301,8 +305,7 @@ def test_dataloader_uses_trainer_rank_and_accumulation(records_factory, tiny_mod
 
 
 def test_train_batches_carry_step_tokens(records_factory, tiny_model_dir):
-    dm = make_dm(records_factory(n_tasks=4), tiny_model_dir, val_fraction=0.0, cache_tokenized=False,
-                 batch_size=3)
+    dm = make_dm(records_factory(n_tasks=4), tiny_model_dir, val_fraction=0.0, cache_tokenized=False, batch_size=3)
     dm.setup("fit")
     batches = list(dm.train_dataloader())
     assert len(batches) == 4
@@ -320,8 +323,13 @@ def test_records_with_missing_rewards_are_dropped_and_counted(tiny_model_dir, tm
     rows[1]["meta"] = {"reward_missing": True}
     path = tmp_path / "missing.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    dm = ConversationDataModule([str(path)], tokenizer_name_or_path=str(tiny_model_dir), val_fraction=0.0,
-                                objective=Refit(), cache_tokenized=False)
+    dm = ConversationDataModule(
+        [str(path)],
+        tokenizer_name_or_path=str(tiny_model_dir),
+        val_fraction=0.0,
+        objective=Refit(),
+        cache_tokenized=False,
+    )
     dm.setup("fit")
     assert dm.stats["data/reward_missing_records"] == 1
     assert rows[1]["id"] not in {s["id"] for s in dm.train_set.samples}
@@ -338,8 +346,14 @@ def test_cut_turns_masked_or_dropped_and_counted(tiny_model_dir, tmp_path, mode)
     rows[1]["meta"] = {"truncated_turns": 2}  # an old record: a count only
     path = tmp_path / "cut.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    dm = ConversationDataModule([str(path)], tokenizer_name_or_path=str(tiny_model_dir), val_fraction=0.0,
-                                objective=Refit(), cache_tokenized=False, truncated_turns=mode)
+    dm = ConversationDataModule(
+        [str(path)],
+        tokenizer_name_or_path=str(tiny_model_dir),
+        val_fraction=0.0,
+        objective=Refit(),
+        cache_tokenized=False,
+        truncated_turns=mode,
+    )
     dm.setup("fit")
     samples = {s["id"]: s for s in dm.train_set.samples}
     assert dm.stats["data/truncated_records"] == 2
@@ -348,6 +362,8 @@ def test_cut_turns_masked_or_dropped_and_counted(tiny_model_dir, tmp_path, mode)
         assert set(samples) == {rows[2]["id"], rows[3]["id"]}
         assert dm.stats["data/truncated_records_dropped"] == 2
         return
-    trained_ends = {k: sum(i == eot and lab != IGNORE_INDEX for i, lab in zip(s["input_ids"], s["labels"]))
-                    for k, s in samples.items()}
+    trained_ends = {
+        k: sum(i == eot and lab != IGNORE_INDEX for i, lab in zip(s["input_ids"], s["labels"]))
+        for k, s in samples.items()
+    }
     assert trained_ends == {rows[0]["id"]: 1, rows[1]["id"]: 3, rows[2]["id"]: 3, rows[3]["id"]: 3}

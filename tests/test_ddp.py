@@ -20,10 +20,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_ddp_fit(cmd: list[str], cache_root: Path, probe: Path) -> list[dict]:
     """Run a two-process ``clarify fit``; return each rank's probe record (tests/ddp_probe.py)."""
-    env = {**os.environ, "CLARIFY_CACHE": str(cache_root), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    env = {
+        **os.environ,
+        "CLARIFY_CACHE": str(cache_root),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         out, _ = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
@@ -42,11 +47,24 @@ def test_ddp_ranks_train_disjoint_shards_and_reduce_metrics(records_factory, cac
     records = records_factory(n_tasks=5, n_runs=3)  # 15 conversations: 2 tasks (6) held out, 9 trained
     root, probe = tmp_path / "ddp", tmp_path / "probe"
     callback = json.dumps({"class_path": "ddp_probe.ShardProbe", "init_args": {"out_dir": str(probe)}})
-    cmd = [sys.executable, "-m", "clarify_lit.cli", "fit", "--config", str(REPO / "configs/trainer/cpu-ddp.yaml"),
-           f"--data.train_files=[{records}]", "--data.val_fraction=0.34", "--data.batch_size=2",
-           "--model.model_name_or_path=tiny-random", "--model.learning_rate=1e-2", "--trainer.max_epochs=2",
-           f"--trainer.default_root_dir={root}", f"--trainer.callbacks+={callback}",
-           "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "clarify_lit.cli",
+        "fit",
+        "--config",
+        str(REPO / "configs/trainer/cpu-ddp.yaml"),
+        f"--data.train_files=[{records}]",
+        "--data.val_fraction=0.34",
+        "--data.batch_size=2",
+        "--model.model_name_or_path=tiny-random",
+        "--model.learning_rate=1e-2",
+        "--trainer.max_epochs=2",
+        f"--trainer.default_root_dir={root}",
+        f"--trainer.callbacks+={callback}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
     ranks = run_ddp_fit(cmd, cache_root, probe)
     assert [r["world_size"] for r in ranks] == [2, 2]
 
@@ -83,12 +101,27 @@ def test_ddp_precomputed_reference_is_split_across_ranks(records_factory, cache_
     records = records_factory(n_tasks=8, n_runs=3)
     root, probe = tmp_path / "ddp", tmp_path / "probe"
     callback = json.dumps({"class_path": "ddp_probe.ShardProbe", "init_args": {"out_dir": str(probe)}})
-    cmd = [sys.executable, "-m", "clarify_lit.cli", "fit", "--config", str(REPO / "configs/trainer/cpu-ddp.yaml"),
-           "--config", str(REPO / "configs/objective/dpo.yaml"), "--model.objective.reference=precomputed",
-           "--model.reference_cache=false", f"--data.train_files=[{records}]", "--data.val_fraction=0",
-           "--data.batch_size=2", f"--model.model_name_or_path={tiny_model_dir}", "--trainer.max_steps=1",
-           f"--trainer.default_root_dir={root}", f"--trainer.callbacks+={callback}",
-           "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "clarify_lit.cli",
+        "fit",
+        "--config",
+        str(REPO / "configs/trainer/cpu-ddp.yaml"),
+        "--config",
+        str(REPO / "configs/objective/dpo.yaml"),
+        "--model.objective.reference=precomputed",
+        "--model.reference_cache=false",
+        f"--data.train_files=[{records}]",
+        "--data.val_fraction=0",
+        "--data.batch_size=2",
+        f"--model.model_name_or_path={tiny_model_dir}",
+        "--trainer.max_steps=1",
+        f"--trainer.default_root_dir={root}",
+        f"--trainer.callbacks+={callback}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
     ranks = run_ddp_fit(cmd, cache_root, probe)
     n_pairs = len(ranks[0]["ref_logps"])
     assert n_pairs >= 4
@@ -102,12 +135,30 @@ def test_ddp_precomputed_reference_is_split_across_ranks(records_factory, cache_
     from clarify_lit.train.module import ClarifyModule
     from clarify_lit.train.objectives import DPO
 
-    dm = ConversationDataModule([str(records)], tokenizer_name_or_path=str(tiny_model_dir), objective=DPO(pairs="final_answer"),
-                                val_fraction=0.0, batch_size=2, cache_tokenized=False)
-    module = ClarifyModule(model_name_or_path=str(tiny_model_dir), objective=DPO(pairs="final_answer", reference="precomputed"),
-                           reference_cache=False, export_on_fit_end=False)
-    L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, max_steps=0, default_root_dir=str(tmp_path)).fit(module, datamodule=dm)
+    dm = ConversationDataModule(
+        [str(records)],
+        tokenizer_name_or_path=str(tiny_model_dir),
+        objective=DPO(pairs="final_answer"),
+        val_fraction=0.0,
+        batch_size=2,
+        cache_tokenized=False,
+    )
+    module = ClarifyModule(
+        model_name_or_path=str(tiny_model_dir),
+        objective=DPO(pairs="final_answer", reference="precomputed"),
+        reference_cache=False,
+        export_on_fit_end=False,
+    )
+    L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_steps=0,
+        default_root_dir=str(tmp_path),
+    ).fit(module, datamodule=dm)
     assert module.reference_pairs_computed == n_pairs
     one = {s["id"]: [s["ref_chosen_logps"], s["ref_rejected_logps"]] for s in dm.train_set.samples}
     assert one.keys() == ranks[0]["ref_logps"].keys()
@@ -125,13 +176,28 @@ def test_ddp_zero_weight_skip_keeps_the_trajectory(records_factory, cache_root, 
     for skip in (False, True):
         root, probe = tmp_path / f"ddp-{skip}", tmp_path / f"probe-{skip}"
         callback = json.dumps({"class_path": "ddp_probe.ShardProbe", "init_args": {"out_dir": str(probe)}})
-        cmd = [sys.executable, "-m", "clarify_lit.cli", "fit", "--config", str(REPO / "configs/trainer/cpu-ddp.yaml"),
-               f"--data.train_files=[{records}]", "--data.val_fraction=0", "--data.batch_size=1",
-               "--model.model_name_or_path=tiny-random", "--model.learning_rate=1e-2", "--model.lora_dropout=0",
-               f"--model.skip_zero_weight={str(skip).lower()}", "--trainer.max_steps=4",
-               "--trainer.accumulate_grad_batches=2", f"--trainer.default_root_dir={root}",
-               f"--trainer.callbacks+={callback}", "--trainer.enable_progress_bar=false",
-               "--trainer.enable_model_summary=false", "--model.export_on_fit_end=false"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "clarify_lit.cli",
+            "fit",
+            "--config",
+            str(REPO / "configs/trainer/cpu-ddp.yaml"),
+            f"--data.train_files=[{records}]",
+            "--data.val_fraction=0",
+            "--data.batch_size=1",
+            "--model.model_name_or_path=tiny-random",
+            "--model.learning_rate=1e-2",
+            "--model.lora_dropout=0",
+            f"--model.skip_zero_weight={str(skip).lower()}",
+            "--trainer.max_steps=4",
+            "--trainer.accumulate_grad_batches=2",
+            f"--trainer.default_root_dir={root}",
+            f"--trainer.callbacks+={callback}",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            "--model.export_on_fit_end=false",
+        ]
         ranks = run_ddp_fit(cmd, cache_root, probe)
         assert ranks[0]["trainable_hash"] == ranks[1]["trainable_hash"]
         params[skip] = torch.load(probe / "rank0.pt")

@@ -16,13 +16,26 @@ FAST = dict(preallocate_kv=True, share_prefix=True)
 
 def tasks(n: int = 7) -> list[QATask]:
     # questions of different lengths, so rows are padded and the common prefix ends at different places
-    return [QATask(f"t/{i}", "arc_easy", "energy water " * (1 + 3 * (i % 4)) + f"question {i}?",
-                   ["sun", "sand", "salt", "smoke"], "ABCD"[i % 4]) for i in range(n)]
+    return [
+        QATask(
+            f"t/{i}",
+            "arc_easy",
+            "energy water " * (1 + 3 * (i % 4)) + f"question {i}?",
+            ["sun", "sand", "salt", "smoke"],
+            "ABCD"[i % 4],
+        )
+        for i in range(n)
+    ]
 
 
 def convs(k: int = 6):
-    return [[{"role": "system", "content": "You are a student who thinks before answering. " * 3},
-             {"role": "user", "content": "energy water " * (1 + 4 * (i % 3)) + f"question {i}?"}] for i in range(k)]
+    return [
+        [
+            {"role": "system", "content": "You are a student who thinks before answering. " * 3},
+            {"role": "user", "content": "energy water " * (1 + 4 * (i % 3)) + f"question {i}?"},
+        ]
+        for i in range(k)
+    ]
 
 
 def test_common_prefix():

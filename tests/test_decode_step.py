@@ -59,7 +59,8 @@ def test_fresh_batches_give_the_same_greedy_text(tiny):
     model, tok = tiny
     want = GenerationEngine(model, tok, batch_size=4, max_new_tokens=12).generate(convs(), 0.0, seed=0)
     got = GenerationEngine(model, tok, batch_size=4, max_new_tokens=12, decode_step="eager").generate(
-        convs(), 0.0, seed=0)
+        convs(), 0.0, seed=0
+    )
     assert [(g.text, g.n_tokens) for g in got] == [(g.text, g.n_tokens) for g in want]
 
 

@@ -32,7 +32,7 @@ def flag_values(args: list[str], prefix: str) -> dict[str, str]:
     found = {}
     for i, a in enumerate(args):
         if a.startswith(prefix):
-            key, eq, value = a[len(prefix):].partition("=")
+            key, eq, value = a[len(prefix) :].partition("=")
             found[key] = value if eq else args[i + 1]
     return found
 
@@ -94,15 +94,50 @@ def tiny_fit(records: Path, root: Path, callback: bool) -> dict[str, torch.Tenso
     draws from the RNG too) at step 0 and twice per epoch. Returns the trained parameters."""
     cb = []
     if callback:
-        cb = ["--config", str(REPO / demo.ROLLOUT_EVAL), f"{CB}data.dataset=local", f"{CB}data.path={TINY_TASKS}",
-              f'{CB}data.columns={{"question": "question", "choices": "choices", "answer": "answer", "id": "id"}}',
-              f"{CB}data.n_train=4", f"{CB}data.n_test=4", f"{CB}n_questions=2", f"{CB}rollout.max_new_tokens=4",
-              f"{CB}rollout.temperatures=[1.0]", f"{CB}evals_per_epoch=2", f"{CB}at_fit_start=true"]
-    main(["fit", "--config", str(REPO / "configs/trainer/cpu.yaml"), "--config", str(REPO / "configs/model/tiny.yaml"),
-          "--model.lora_dropout", "0.2", "--data.train_files", f"[{records}]", "--data.val_fraction", "0",
-          "--data.batch_size", "2", "--seed_everything", "0", "--trainer.max_epochs", "2",
-          "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
-          "--trainer.enable_model_summary", "false", "--model.export_on_fit_end", "false", *cb])
+        cb = [
+            "--config",
+            str(REPO / demo.ROLLOUT_EVAL),
+            f"{CB}data.dataset=local",
+            f"{CB}data.path={TINY_TASKS}",
+            f'{CB}data.columns={{"question": "question", "choices": "choices", "answer": "answer", "id": "id"}}',
+            f"{CB}data.n_train=4",
+            f"{CB}data.n_test=4",
+            f"{CB}n_questions=2",
+            f"{CB}rollout.max_new_tokens=4",
+            f"{CB}rollout.temperatures=[1.0]",
+            f"{CB}evals_per_epoch=2",
+            f"{CB}at_fit_start=true",
+        ]
+    main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs/trainer/cpu.yaml"),
+            "--config",
+            str(REPO / "configs/model/tiny.yaml"),
+            "--model.lora_dropout",
+            "0.2",
+            "--data.train_files",
+            f"[{records}]",
+            "--data.val_fraction",
+            "0",
+            "--data.batch_size",
+            "2",
+            "--seed_everything",
+            "0",
+            "--trainer.max_epochs",
+            "2",
+            "--trainer.default_root_dir",
+            str(root),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.enable_model_summary",
+            "false",
+            "--model.export_on_fit_end",
+            "false",
+            *cb,
+        ]
+    )
     state = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     return {k: v for k, v in state.items() if "lora_" in k}
 

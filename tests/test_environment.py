@@ -14,17 +14,35 @@ from clarify_lit.models import resolve_dtype
 from clarify_lit.train.trainer import resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
-STAMP_KEYS = {"clarify_lit", "commit", "python", "torch", "transformers", "peft", "lightning", "device", "dtype",
-              "torch_threads", "cpu", "cpu_flags"}
+STAMP_KEYS = {
+    "clarify_lit",
+    "commit",
+    "python",
+    "torch",
+    "transformers",
+    "peft",
+    "lightning",
+    "device",
+    "dtype",
+    "torch_threads",
+    "cpu",
+    "cpu_flags",
+}
 
 
 def with_flags(monkeypatch, *flags: str) -> None:
     monkeypatch.setattr(environment, "cpu_flags", lambda: frozenset(flags))
 
 
-@pytest.mark.parametrize("flags, expected", [((), "float32"), (("avx512f", "avx2"), "float32"),
-                                             (("avx512f", "avx512_bf16"), "bfloat16"),
-                                             (("amx_tile", "amx_bf16"), "bfloat16")])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ((), "float32"),
+        (("avx512f", "avx2"), "float32"),
+        (("avx512f", "avx512_bf16"), "bfloat16"),
+        (("amx_tile", "amx_bf16"), "bfloat16"),
+    ],
+)
 def test_auto_follows_the_cpu_bf16_flags(monkeypatch, capsys, flags, expected):
     with_flags(monkeypatch, *flags)
     monkeypatch.setattr("clarify_lit.models._ANNOUNCED", set())
@@ -65,9 +83,15 @@ def test_trainer_precision_auto_is_validated_and_resolved(monkeypatch, tmp_path,
     refused."""
     from clarify_lit.cli import lightning_main
 
-    base = ["--config", str(REPO / "configs/trainer/cpu-auto.yaml"), "--config",
-            str(REPO / "configs/model/tiny.yaml"), f"--data.train_files=[{records_factory()}]",
-            "--trainer.default_root_dir", str(tmp_path / "run")]
+    base = [
+        "--config",
+        str(REPO / "configs/trainer/cpu-auto.yaml"),
+        "--config",
+        str(REPO / "configs/model/tiny.yaml"),
+        f"--data.train_files=[{records_factory()}]",
+        "--trainer.default_root_dir",
+        str(tmp_path / "run"),
+    ]
     with_flags(monkeypatch, "avx512_bf16")
     cli = lightning_main(base, run=False)
     assert str(cli.trainer.precision) == "bf16-mixed"
@@ -81,10 +105,30 @@ def test_trainer_precision_auto_is_validated_and_resolved(monkeypatch, tmp_path,
 def test_evaluate_writes_the_stamp_with_the_resolved_dtype(tmp_path):
     from clarify_lit.evaluate.command import main
 
-    main(["--model", "tiny-random", "--out_dir", str(tmp_path / "eval"), "--data.dataset", "local", "--data.path",
-          str(REPO / "configs/simulate/tiny-tasks.jsonl"), "--data.n_train", "4", "--data.n_test", "2",
-          "--data.columns", '{"question": "question", "choices": "choices", "answer": "answer", "id": "id"}',
-          "--rollout.max_new_tokens", "2", "--rollout.n_turns", "1", "--progress", "false"])
+    main(
+        [
+            "--model",
+            "tiny-random",
+            "--out_dir",
+            str(tmp_path / "eval"),
+            "--data.dataset",
+            "local",
+            "--data.path",
+            str(REPO / "configs/simulate/tiny-tasks.jsonl"),
+            "--data.n_train",
+            "4",
+            "--data.n_test",
+            "2",
+            "--data.columns",
+            '{"question": "question", "choices": "choices", "answer": "answer", "id": "id"}',
+            "--rollout.max_new_tokens",
+            "2",
+            "--rollout.n_turns",
+            "1",
+            "--progress",
+            "false",
+        ]
+    )
     meta = json.loads((tmp_path / "eval" / "metrics.json").read_text())["meta"]
     assert meta["dtype"] == "float32"  # auto on the suite's CPU without native bf16 (conftest)
     assert STAMP_KEYS <= set(meta["environment"]) and meta["environment"]["dtype"] == "float32"
@@ -94,15 +138,27 @@ def test_evaluate_writes_the_stamp_with_the_resolved_dtype(tmp_path):
 def write_metrics(folder: Path, method: str, stamp: dict | None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"method": method, "dataset": "sciq", **({"environment": stamp} if stamp is not None else {})}
-    (folder / "metrics.json").write_text(json.dumps({"metrics": {"n": 4, "accuracy": 0.5, "accuracy_se": 0.1},
-                                                     "meta": meta}))
+    (folder / "metrics.json").write_text(
+        json.dumps({"metrics": {"n": 4, "accuracy": 0.5, "accuracy_se": 0.1}, "meta": meta})
+    )
     return folder / "metrics.json"
 
 
 def stamp_on(cpu: str, flags: list[str], dtype: str) -> dict:
-    return {"clarify_lit": "0.1.0", "commit": "abc", "python": "3.11.7", "torch": "2.13.0", "transformers": "5.25.0",
-            "peft": "0.21.2", "lightning": "2.6.6", "device": "cpu", "dtype": dtype, "torch_threads": 2, "cpu": cpu,
-            "cpu_flags": flags}
+    return {
+        "clarify_lit": "0.1.0",
+        "commit": "abc",
+        "python": "3.11.7",
+        "torch": "2.13.0",
+        "transformers": "5.25.0",
+        "peft": "0.21.2",
+        "lightning": "2.6.6",
+        "device": "cpu",
+        "dtype": dtype,
+        "torch_threads": 2,
+        "cpu": cpu,
+        "cpu_flags": flags,
+    }
 
 
 def test_report_shows_one_stamp_and_no_warning_when_all_match(tmp_path, capsys):

@@ -27,11 +27,9 @@ TINY_TASKS = REPO / "configs" / "simulate" / "tiny-tasks.jsonl"
 COLUMNS = {"question": "question", "choices": "choices", "answer": "answer", "id": "id", "knowledge": "knowledge"}
 
 
-
 def tiny_data() -> DataOptions:
     """The 8 local toy questions: 4 held out (test part), 4 train."""
-    return DataOptions(dataset="local", path=str(TINY_TASKS), label="tiny", columns=dict(COLUMNS), n_train=4,
-                       n_test=4)
+    return DataOptions(dataset="local", path=str(TINY_TASKS), label="tiny", columns=dict(COLUMNS), n_train=4, n_test=4)
 
 
 def greedy(max_new_tokens: int) -> RolloutOptions:
@@ -81,9 +79,17 @@ class FakeTrainer(SimpleNamespace):
 
 def fake_trainer(root: Path, step: int = 7, logger: bool = True, world_size: int = 1, rank: int = 0):
     loggers = [TensorBoardLogger(str(root), name="", version="")] if logger else []
-    return FakeTrainer(world_size=world_size, global_rank=rank, is_global_zero=rank == 0, global_step=step,
-                       loggers=loggers, root=str(root), default_root_dir=str(root), sanity_checking=False,
-                       strategy=None)
+    return FakeTrainer(
+        world_size=world_size,
+        global_rank=rank,
+        is_global_zero=rank == 0,
+        global_step=step,
+        loggers=loggers,
+        root=str(root),
+        default_root_dir=str(root),
+        sanity_checking=False,
+        strategy=None,
+    )
 
 
 def read_events(folder: Path):
@@ -167,8 +173,11 @@ def test_evaluate_writes_files_and_tensorboard_without_side_effects(tiny_model_d
 
     # same seed, same questions: a second evaluation repeats the first exactly (greedy, seeded, isolated)
     trainer.global_step = 8
-    assert cb.evaluate(trainer, policy) == {**values, "seconds": cb.last_metrics["seconds"],
-                                            "cpu_seconds": cb.last_metrics["cpu_seconds"]}
+    assert cb.evaluate(trainer, policy) == {
+        **values,
+        "seconds": cb.last_metrics["seconds"],
+        "cpu_seconds": cb.last_metrics["cpu_seconds"],
+    }
     again, _ = load_records(tmp_path / "rollouts" / "step_000008.jsonl")
     assert [r.messages for r in again] == [r.messages for r in records]
 
@@ -176,10 +185,17 @@ def test_evaluate_writes_files_and_tensorboard_without_side_effects(tiny_model_d
 def test_render_markdown_marks_roles_and_keeps_tags_visible(tiny_model_dir):
     from clarify_lit.data.records import ConversationRecord
 
-    rec = ConversationRecord(id="x", task_id="tiny/q1", gold="A", reward=1.0, messages=[
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Q?\n\n[Instructions for your reply: one line]"},
-        {"role": "assistant", "content": "The answer is A <thinking>because</thinking>"}])
+    rec = ConversationRecord(
+        id="x",
+        task_id="tiny/q1",
+        gold="A",
+        reward=1.0,
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Q?\n\n[Instructions for your reply: one line]"},
+            {"role": "assistant", "content": "The answer is A <thinking>because</thinking>"},
+        ],
+    )
     text = render_markdown(rec)
     assert "**System**" in text and "**Teacher**" in text and "**Assistant**" in text
     assert "&lt;thinking&gt;because&lt;/thinking&gt;" in text  # escaped, so TensorBoard shows the tags
@@ -189,9 +205,16 @@ def test_render_markdown_marks_roles_and_keeps_tags_visible(tiny_model_dir):
 # --- inside a real Trainer ----------------------------------------------------------------------------------------
 def quiet_trainer(root: Path, cb: RolloutEvaluation, **kwargs) -> L.Trainer:
     """A Trainer with the callback, TensorBoard in ``root``, no progress bar, summary or checkpoints."""
-    return L.Trainer(default_root_dir=str(root), callbacks=[cb], enable_progress_bar=False, enable_model_summary=False,
-                     enable_checkpointing=False, logger=TensorBoardLogger(str(root), name="", version=""),
-                     log_every_n_steps=1, **kwargs)
+    return L.Trainer(
+        default_root_dir=str(root),
+        callbacks=[cb],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=TensorBoardLogger(str(root), name="", version=""),
+        log_every_n_steps=1,
+        **kwargs,
+    )
 
 
 def test_trainer_schedule_and_tensorboard_scalars(tiny_model_dir, tmp_path):
@@ -200,8 +223,7 @@ def test_trainer_schedule_and_tensorboard_scalars(tiny_model_dir, tmp_path):
     trainer = quiet_trainer(tmp_path, cb, max_epochs=3, num_sanity_val_steps=1)
     trainer.fit(policy)
     # 3 validation epochs (steps 2, 4, 6) → evaluated at the 2nd (step 4); at fit end (step 6) once more
-    assert sorted(p.name for p in (tmp_path / "rollouts").glob("*.jsonl")) == ["step_000004.jsonl",
-                                                                               "step_000006.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "rollouts").glob("*.jsonl")) == ["step_000004.jsonl", "step_000006.jsonl"]
     accs = read_events(tmp_path)
     assert scalar_steps(accs, "rollout/accuracy") == [4, 6]
     assert scalar_steps(accs, "rollout/accuracy_se") == [4, 6]
@@ -252,8 +274,9 @@ def test_dtype_generates_with_a_merged_copy(tiny_model_dir, tmp_path):
 # --- DDP: shards, reduced metrics, rank-zero files ------------------------------------------------------------------
 def _ddp_evaluate(rank: int, world: int, init_file: str, root: str, model_dir: str) -> None:
     torch.set_num_threads(1)  # forked child: stay out of the parent's OpenMP pool
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                         timeout=timedelta(seconds=60))  # a collective bug fails, not hangs
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )  # a collective bug fails, not hangs
     try:
         policy = TinyPolicy(model_dir)
         cb = RolloutEvaluation(data=tiny_data(), n_questions=3, rollout=greedy(3))
@@ -269,8 +292,13 @@ def test_ddp_sharded_rollout_gathers_on_rank_zero(tiny_model_dir):
 
     with tempfile.TemporaryDirectory() as tmp:
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        mp.start_processes(_ddp_evaluate, args=(2, os.path.join(tmp, "init"), tmp, str(tiny_model_dir)), nprocs=2,
-                           join=True, start_method=method)
+        mp.start_processes(
+            _ddp_evaluate,
+            args=(2, os.path.join(tmp, "init"), tmp, str(tiny_model_dir)),
+            nprocs=2,
+            join=True,
+            start_method=method,
+        )
         v0, v1 = (torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2))
         records, _ = load_records(Path(tmp) / "rollouts" / "step_000005.jsonl")
     # 3 questions over 2 ranks (2 + 1): all gathered, in question order, and both ranks logged the same metrics
@@ -287,15 +315,49 @@ def test_clarify_fit_with_callback_logs_rollout_accuracy(clarify_cache, records_
 
     records = records_factory(n_tasks=4, n_runs=2)
     cfg = tmp_path / "callback.yaml"
-    cfg.write_text(yaml.safe_dump({"trainer": {"callbacks": [{
-        "class_path": "clarify_lit.evaluate.callback.RolloutEvaluation",
-        "init_args": {"data": {**vars(tiny_data())}, "n_questions": 2, "rollout": {"max_new_tokens": 3},
-                      "reward": {"kind": "correct"}}}]}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "trainer": {
+                    "callbacks": [
+                        {
+                            "class_path": "clarify_lit.evaluate.callback.RolloutEvaluation",
+                            "init_args": {
+                                "data": {**vars(tiny_data())},
+                                "n_questions": 2,
+                                "rollout": {"max_new_tokens": 3},
+                                "reward": {"kind": "correct"},
+                            },
+                        }
+                    ]
+                }
+            }
+        )
+    )
     root = tmp_path / "run"
-    main(["fit", "--config", str(REPO / "configs/trainer/cpu.yaml"), "--config", str(REPO / "configs/model/tiny.yaml"),
-          "--config", str(cfg), "--data.train_files", f"[{records}]", "--data.val_fraction", "0.25",
-          "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(root),
-          "--trainer.enable_progress_bar", "false", "--model.export_on_fit_end", "false"])
+    main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs/trainer/cpu.yaml"),
+            "--config",
+            str(REPO / "configs/model/tiny.yaml"),
+            "--config",
+            str(cfg),
+            "--data.train_files",
+            f"[{records}]",
+            "--data.val_fraction",
+            "0.25",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.default_root_dir",
+            str(root),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--model.export_on_fit_end",
+            "false",
+        ]
+    )
     accs = read_events(root)
     steps = scalar_steps(accs, "rollout/accuracy")
     assert len(steps) == 1  # validation at epoch end; the fit-end evaluation is skipped (same step)

@@ -12,11 +12,24 @@ from clarify_lit.evaluate.command import main
 from clarify_lit.evaluate.metrics import compute_metrics, nan_to_none
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_ARGS = ["--data.dataset", "local", "--data.path", str(REPO / "configs/simulate/tiny-tasks.jsonl"),
-             "--data.label", "tiny", "--data.n_train", "4", "--data.n_test", "4", "--data.columns",
-             '{"question": "question", "choices": "choices", "answer": "answer", "id": "id"}',
-             "--rollout.max_new_tokens", "3", "--progress", "false"]
-
+DATA_ARGS = [
+    "--data.dataset",
+    "local",
+    "--data.path",
+    str(REPO / "configs/simulate/tiny-tasks.jsonl"),
+    "--data.label",
+    "tiny",
+    "--data.n_train",
+    "4",
+    "--data.n_test",
+    "4",
+    "--data.columns",
+    '{"question": "question", "choices": "choices", "answer": "answer", "id": "id"}',
+    "--rollout.max_new_tokens",
+    "3",
+    "--progress",
+    "false",
+]
 
 
 def read_out(folder: Path) -> tuple[dict, list]:
@@ -56,8 +69,23 @@ def test_three_sources_agree_for_an_untrained_adapter(clarify_cache, tmp_path):
 
 
 def test_method_label_temperatures_and_clarifying(clarify_cache, tmp_path, capsys):
-    main(["--model", "tiny-random", "--method", "Base-greedy", "--rollout.setting", "clarifying", "--n_questions", "2",
-          "--rollout.temperatures", "[0.0, 1.0]", "--out_dir", str(tmp_path), *DATA_ARGS])
+    main(
+        [
+            "--model",
+            "tiny-random",
+            "--method",
+            "Base-greedy",
+            "--rollout.setting",
+            "clarifying",
+            "--n_questions",
+            "2",
+            "--rollout.temperatures",
+            "[0.0, 1.0]",
+            "--out_dir",
+            str(tmp_path),
+            *DATA_ARGS,
+        ]
+    )
     saved, recs = read_out(tmp_path)
     assert saved["meta"]["method"] == "Base-greedy" and saved["meta"]["teacher"] == "retrieval:blank"
     assert len(recs) == 4 and {r.run for r in recs} == {0, 1}  # 2 questions × 2 temperatures
@@ -69,18 +97,34 @@ def test_faster_decode_options_reach_the_rollouts(clarify_cache, tmp_path):
     """``--share_prefix`` and ``--attention`` (issue 16.2's opt-in decode paths) reach the rollout spec and are
     recorded in the metrics' meta; on the tiny model in fp32 they give the default path's greedy text."""
     main(["--model", "tiny-random", "--n_questions", "2", "--out_dir", str(tmp_path / "plain"), *DATA_ARGS])
-    main(["--model", "tiny-random", "--n_questions", "2", "--rollout.share_prefix", "true", "--rollout.attention", "gqa",
-          "--out_dir", str(tmp_path / "fast"), *DATA_ARGS])
+    main(
+        [
+            "--model",
+            "tiny-random",
+            "--n_questions",
+            "2",
+            "--rollout.share_prefix",
+            "true",
+            "--rollout.attention",
+            "gqa",
+            "--out_dir",
+            str(tmp_path / "fast"),
+            *DATA_ARGS,
+        ]
+    )
     (plain, recs_a), (fast, recs_b) = read_out(tmp_path / "plain"), read_out(tmp_path / "fast")
     assert (plain["meta"]["share_prefix"], plain["meta"]["attention"]) == (False, "model")
     assert (fast["meta"]["share_prefix"], fast["meta"]["attention"]) == (True, "gqa")
     assert [r.messages for r in recs_a] == [r.messages for r in recs_b]
 
 
-@pytest.mark.parametrize("args,match", [
-    ([], "exactly one of --model"),
-    (["--model", "tiny-random", "--export_dir", "x"], "exactly one of --model"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ([], "exactly one of --model"),
+        (["--model", "tiny-random", "--export_dir", "x"], "exactly one of --model"),
+    ],
+)
 def test_policy_source_errors(clarify_cache, tmp_path, args, match):
     with pytest.raises(ValueError, match=match):
         main([*args, "--out_dir", str(tmp_path), *DATA_ARGS])

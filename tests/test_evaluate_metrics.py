@@ -27,14 +27,29 @@ from clarify_lit.evaluate.metrics import (
 CHOICES = ["sun", "moon", "rock", "water"]
 
 
-def rec(rid: str, turns: list[str], gold: str | None = "A", reward: float = 0.0, task: str | None = None,
-        comps: dict | None = None, setting: str = "reasoning", **meta) -> ConversationRecord:
+def rec(
+    rid: str,
+    turns: list[str],
+    gold: str | None = "A",
+    reward: float = 0.0,
+    task: str | None = None,
+    comps: dict | None = None,
+    setting: str = "reasoning",
+    **meta,
+) -> ConversationRecord:
     """A conversation with a system prompt, teacher turns and the given assistant turns."""
     msgs = [{"role": "system", "content": "sys"}]
     for i, t in enumerate(turns):
         msgs += [{"role": "user", "content": f"teacher {i}"}, {"role": "assistant", "content": t}]
-    return ConversationRecord(id=rid, task_id=task or rid, messages=msgs, reward=reward, gold=gold,
-                              reward_components=comps, meta={"setting": setting, "choices": CHOICES, **meta})
+    return ConversationRecord(
+        id=rid,
+        task_id=task or rid,
+        messages=msgs,
+        reward=reward,
+        gold=gold,
+        reward_components=comps,
+        meta={"setting": setting, "choices": CHOICES, **meta},
+    )
 
 
 def sample_records() -> list[ConversationRecord]:
@@ -81,8 +96,9 @@ def test_compute_metrics_hand_made():
     assert m["thinking_pct_se"] == pytest.approx(100 * math.sqrt((3 / 7) * (4 / 7) / 7))
     assert "tokens_per_turn" not in m  # no tokenizer and no stored counts
     assert "single_question_rate" not in m and not any(k.startswith("judge_") for k in m)
-    words = sum(len(t.split()) for r in sample_records() for t in [x["content"] for x in r.messages
-                                                                      if x["role"] == "assistant"])
+    words = sum(
+        len(t.split()) for r in sample_records() for t in [x["content"] for x in r.messages if x["role"] == "assistant"]
+    )
     assert m["words_per_turn"] == pytest.approx(words / 7)
 
 
@@ -128,10 +144,10 @@ def test_single_question_rate_counts_one_option_only():
 def test_conflict_rate():
     """A letter with another option's text earns nothing and is counted (issue 25)."""
     recs = [
-        rec("c1", [f"The answer is A) {CHOICES[1]}."], "A"),   # option A's letter, option B's text
+        rec("c1", [f"The answer is A) {CHOICES[1]}."], "A"),  # option A's letter, option B's text
         rec("c2", [f"A) {CHOICES[2]}"], "A"),
         rec("ok", [f"The answer is A) {CHOICES[0]}."], "A"),
-        rec("rej", ["The answer is not A."], "A"),             # a rejection: no credit, no conflict
+        rec("rej", ["The answer is not A."], "A"),  # a rejection: no credit, no conflict
     ]
     m = compute_metrics(recs)
     assert m["accuracy"] == pytest.approx(1 / 4)
@@ -167,8 +183,14 @@ def test_missing_gold_is_a_clear_error():
 
 
 def test_judge_scores_mean_se_and_missing():
-    full = {"judge_overall": 8.0, "judge_accuracy": 10.0, "judge_reasoning": 6.0, "judge_comprehensiveness": 5.0,
-            "judge_pedagogical_value": 4.0, "judge_confidence": 9.0}
+    full = {
+        "judge_overall": 8.0,
+        "judge_accuracy": 10.0,
+        "judge_reasoning": 6.0,
+        "judge_comprehensiveness": 5.0,
+        "judge_pedagogical_value": 4.0,
+        "judge_confidence": 9.0,
+    }
     recs = [
         rec("j1", ["The answer is A"], "A", 0.8, comps=full),
         rec("j2", ["The answer is B"], "A", 0.6, comps={**full, "judge_overall": 6.0, "judge_confidence": None}),
@@ -187,11 +209,22 @@ def test_judge_scores_mean_se_and_missing():
 def test_judge_components_as_llm_judge_reward_writes_them():
     """``LLMJudgeReward`` stores unprefixed keys plus ``llm_judge``/``correct``/``parsed``; a failed judge stores
     ``None`` everywhere and flags ``meta.reward_missing`` with a placeholder reward 0."""
-    ok = {"accuracy": 10.0, "reasoning": 7.0, "comprehensiveness": 6.0, "pedagogical_value": 5.0,
-          "confidence_calibration": 8.0, "overall": 7.0, "llm_judge": 0.7, "correct": 1.0, "parsed": 1.0}
+    ok = {
+        "accuracy": 10.0,
+        "reasoning": 7.0,
+        "comprehensiveness": 6.0,
+        "pedagogical_value": 5.0,
+        "confidence_calibration": 8.0,
+        "overall": 7.0,
+        "llm_judge": 0.7,
+        "correct": 1.0,
+        "parsed": 1.0,
+    }
     failed = {**dict.fromkeys(ok, None), "correct": 0.0, "parsed": 1.0}
-    recs = [rec("ok", ["The answer is A"], "A", 0.7, comps=ok),
-            rec("bad", ["The answer is B"], "A", 0.0, comps=failed, reward_missing=True)]
+    recs = [
+        rec("ok", ["The answer is A"], "A", 0.7, comps=ok),
+        rec("bad", ["The answer is B"], "A", 0.0, comps=failed, reward_missing=True),
+    ]
     m = compute_metrics(recs)
     assert m["judge_overall"] == 7.0 and m["judge_confidence"] == 8.0 and m["judge_accuracy"] == 10.0
     assert m["judge_overall_missing"] == 1 and m["judge_pedagogical_value_n"] == 1
@@ -200,11 +233,18 @@ def test_judge_components_as_llm_judge_reward_writes_them():
     assert m["accuracy"] == 0.5  # but the conversation still counts for accuracy
 
 
-@pytest.mark.parametrize("key,expected", [
-    ("judge_overall", "overall"), ("Overall", "overall"), ("judge/Pedagogical value", "pedagogical_value"),
-    ("confidence_calibration", "confidence"), ("reasoning_ability", "reasoning"), ("correct", None),
-    ("judge_accuracy", "accuracy"),
-])
+@pytest.mark.parametrize(
+    "key,expected",
+    [
+        ("judge_overall", "overall"),
+        ("Overall", "overall"),
+        ("judge/Pedagogical value", "pedagogical_value"),
+        ("confidence_calibration", "confidence"),
+        ("reasoning_ability", "reasoning"),
+        ("correct", None),
+        ("judge_accuracy", "accuracy"),
+    ],
+)
 def test_normalize_judge_key(key, expected):
     assert normalize_judge_key(key) == expected
 
@@ -215,28 +255,34 @@ def test_plain_accuracy_component_is_not_a_judge():
 
 
 # --- parser edge cases that move the metrics ---------------------------------------------------------------------
-@pytest.mark.parametrize("final,gold,correct,parsed", [
-    ("The answer is B", "B", True, True),
-    ("Answer is b.", "B", True, True),                       # clarifying format, lowercase letter
-    ("<thinking>The answer is A</thinking> The answer is B", "B", True, True),  # outside beats inside
-    ("<thinking>so the answer is C</thinking>", "C", True, True),  # only inside: still parsed
-    ("The answer is a bit unclear", "A", False, False),      # English article, not an answer
-    ("I cannot decide.", "A", False, False),
-    ("The answer is moon", "B", True, True),                  # option text maps to its letter (choices known)
-])
+@pytest.mark.parametrize(
+    "final,gold,correct,parsed",
+    [
+        ("The answer is B", "B", True, True),
+        ("Answer is b.", "B", True, True),  # clarifying format, lowercase letter
+        ("<thinking>The answer is A</thinking> The answer is B", "B", True, True),  # outside beats inside
+        ("<thinking>so the answer is C</thinking>", "C", True, True),  # only inside: still parsed
+        ("The answer is a bit unclear", "A", False, False),  # English article, not an answer
+        ("I cannot decide.", "A", False, False),
+        ("The answer is moon", "B", True, True),  # option text maps to its letter (choices known)
+    ],
+)
 def test_accuracy_and_format_follow_the_parser(final, gold, correct, parsed):
     m = compute_metrics([rec("p", [final], gold)])
     assert m["accuracy"] == float(correct)
     assert m["format_rate"] == float(parsed)
 
 
-@pytest.mark.parametrize("turn,thinking", [
-    ("<thinking>reason</thinking> The answer is A", True),
-    ("<THINKING>reason</THINKING>", True),
-    ("<thinking></thinking> The answer is A", False),  # empty block
-    ("<thinking>cut off by the token limit", False),    # never closed
-    ("no tags", False),
-])
+@pytest.mark.parametrize(
+    "turn,thinking",
+    [
+        ("<thinking>reason</thinking> The answer is A", True),
+        ("<THINKING>reason</THINKING>", True),
+        ("<thinking></thinking> The answer is A", False),  # empty block
+        ("<thinking>cut off by the token limit", False),  # never closed
+        ("no tags", False),
+    ],
+)
 def test_thinking_pct_edge_cases(turn, thinking):
     assert compute_metrics([rec("t", [turn])])["thinking_pct"] == (100.0 if thinking else 0.0)
 
@@ -249,8 +295,16 @@ def many_records(n: int = 23) -> list[ConversationRecord]:
         final = f"The answer is {'ABCD'[(i * 7) % 4]}" if i % 5 else "no idea"
         think = "<thinking>t</thinking> " if i % 3 == 0 else ""
         comps = {"judge_overall": float(i % 11), "judge_confidence": None if i % 4 == 0 else 5.0} if i % 2 else None
-        out.append(rec(f"m{i}", [think + "Is option B right?", final], letter, reward=(i % 7) / 6, comps=comps,
-                       setting="clarifying" if i % 2 else "reasoning"))
+        out.append(
+            rec(
+                f"m{i}",
+                [think + "Is option B right?", final],
+                letter,
+                reward=(i % 7) / 6,
+                comps=comps,
+                setting="clarifying" if i % 2 else "reasoning",
+            )
+        )
     return out
 
 
@@ -267,7 +321,7 @@ def test_rollout_metrics_equals_compute_metrics_across_updates():
     recs = many_records()
     metric = RolloutMetrics()
     for i in range(0, len(recs), 5):
-        metric.update(recs[i:i + 5])
+        metric.update(recs[i : i + 5])
     _assert_same(metric.compute(), compute_metrics(recs))
     metric.reset()
     metric.update(recs[:3])
@@ -276,8 +330,9 @@ def test_rollout_metrics_equals_compute_metrics_across_updates():
 
 def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                         timeout=timedelta(seconds=60))  # a collective bug fails, not hangs
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )  # a collective bug fails, not hangs
     try:
         recs = many_records()
         metric = RolloutMetrics()
@@ -304,10 +359,10 @@ def test_ddp_aggregation_matches_single_process():
 # --- paired comparison --------------------------------------------------------------------------------------------
 def test_sign_test_exact_values():
     assert sign_test_p(0, 0) == 1.0
-    assert sign_test_p(5, 0) == pytest.approx(2 / 32)        # 2 * (1/2)^5
+    assert sign_test_p(5, 0) == pytest.approx(2 / 32)  # 2 * (1/2)^5
     assert sign_test_p(8, 2) == pytest.approx(2 * (1 + 10 + 45) / 1024)  # = 0.109375
     assert sign_test_p(2, 8) == sign_test_p(8, 2)
-    assert sign_test_p(3, 3) == 1.0                          # capped at 1
+    assert sign_test_p(3, 3) == 1.0  # capped at 1
     with pytest.raises(ValueError):
         sign_test_p(-1, 2)
 
@@ -322,8 +377,12 @@ def test_paired_diff_hand_computed():
 
 
 def test_paired_comparison_joins_by_task_and_averages_runs():
-    a = [rec("a1", ["The answer is A"], "A", 1.0, task="t1"), rec("a2", ["The answer is B"], "A", 0.0, task="t1"),
-         rec("a3", ["The answer is B"], "B", 1.0, task="t2"), rec("a4", ["The answer is C"], "C", 1.0, task="only_a")]
+    a = [
+        rec("a1", ["The answer is A"], "A", 1.0, task="t1"),
+        rec("a2", ["The answer is B"], "A", 0.0, task="t1"),
+        rec("a3", ["The answer is B"], "B", 1.0, task="t2"),
+        rec("a4", ["The answer is C"], "C", 1.0, task="only_a"),
+    ]
     b = [rec("b1", ["The answer is C"], "A", 0.0, task="t1"), rec("b2", ["The answer is B"], "B", 0.5, task="t2")]
     res = paired_comparison(a, b)
     acc, rew = res["accuracy"], res["reward"]
@@ -336,14 +395,17 @@ def test_paired_comparison_joins_by_task_and_averages_runs():
 
 
 # --- trivial policies earn nothing; hedges and cut turns are counted -----------------------------------------------
-@pytest.mark.parametrize("reply", [
-    "The answer is A, B, C, D.",                  # naming every option
-    "A) sun\nB) moon\nC) rock\nD) water",         # an echo of the options
-    "A) sun B) moon C) rock D) water",
-    "The answer is A) sun B) moon C) rock D) water",
-    "",                                            # empty
-    "Which option is the moon?",                   # a question
-])
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "The answer is A, B, C, D.",  # naming every option
+        "A) sun\nB) moon\nC) rock\nD) water",  # an echo of the options
+        "A) sun B) moon C) rock D) water",
+        "The answer is A) sun B) moon C) rock D) water",
+        "",  # empty
+        "Which option is the moon?",  # a question
+    ],
+)
 def test_trivial_policies_score_zero_accuracy(reply):
     records = [rec(f"q{i}", ["hmm", reply or "x"], gold) for i, gold in enumerate("ABCD")]
     if not reply:

@@ -24,11 +24,19 @@ def write_run(folder: Path, method: str, metrics: dict, correct: list[bool] | No
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"method": method, "seed": seed, "n": metrics.get("n", 0)}
     if correct is not None:
-        recs = [ConversationRecord(
-            id=f"{method}-{seed}-q{i}", task_id=f"q{i}", gold="A", reward=float(ok),
-            messages=[{"role": "user", "content": "Q"},
-                      {"role": "assistant", "content": "The answer is A" if ok else "The answer is B"}])
-            for i, ok in enumerate(correct)]
+        recs = [
+            ConversationRecord(
+                id=f"{method}-{seed}-q{i}",
+                task_id=f"q{i}",
+                gold="A",
+                reward=float(ok),
+                messages=[
+                    {"role": "user", "content": "Q"},
+                    {"role": "assistant", "content": "The answer is A" if ok else "The answer is B"},
+                ],
+            )
+            for i, ok in enumerate(correct)
+        ]
         write_records(folder / "rollouts.jsonl", recs)
         meta["rollouts"] = "rollouts.jsonl"
     (folder / "metrics.json").write_text(json.dumps({"metrics": metrics, "meta": meta}))
@@ -36,8 +44,16 @@ def write_run(folder: Path, method: str, metrics: dict, correct: list[bool] | No
 
 
 def m(acc: float, se: float, n: int = 100, **extra) -> dict:
-    return {"n": n, "accuracy": acc, "accuracy_se": se, "reward": acc, "reward_se": se, "thinking_pct": 50.0,
-            "thinking_pct_se": 5.0, **extra}
+    return {
+        "n": n,
+        "accuracy": acc,
+        "accuracy_se": se,
+        "reward": acc,
+        "reward_se": se,
+        "thinking_pct": 50.0,
+        "thinking_pct_se": 5.0,
+        **extra,
+    }
 
 
 def test_seed_aggregation_mean_and_combined_se(tmp_path):
@@ -55,10 +71,18 @@ def test_seed_aggregation_mean_and_combined_se(tmp_path):
 
 def test_report_table_plot_and_paired(tmp_path, capsys):
     runs = tmp_path / "runs"
-    write_run(runs / "base", "Base", m(0.3, 0.046, n=10, judge_overall=5.0, judge_overall_se=0.2),
-              correct=[True, False, False, True, False, False, False, False, True, False])
-    write_run(runs / "swift", "Swift", m(0.8, 0.04, n=10, judge_overall=4.5, judge_overall_se=0.3),
-              correct=[True] * 8 + [False, False])
+    write_run(
+        runs / "base",
+        "Base",
+        m(0.3, 0.046, n=10, judge_overall=5.0, judge_overall_se=0.2),
+        correct=[True, False, False, True, False, False, False, False, True, False],
+    )
+    write_run(
+        runs / "swift",
+        "Swift",
+        m(0.8, 0.04, n=10, judge_overall=4.5, judge_overall_se=0.3),
+        correct=[True] * 8 + [False, False],
+    )
     out = tmp_path / "report" / "table.md"
     main([str(runs / "*"), "--out", str(out)])
     text = out.read_text()
@@ -124,8 +148,11 @@ def test_rename_and_order_rows(tmp_path):
     write_run(runs / "b_base", "Base", m(0.3, 0.05), correct=[False, False])
     write_run(runs / "c_refit", "Refit", m(0.5, 0.05), correct=[True, True])
     text = run_report([str(runs)], out=tmp_path / "r.md", rename=["SFT=STaR-GATE"], order=["Base", "Refit"])
-    rows = [line.split("|")[1].strip() for line in text.split("## Final-answer letters")[0].splitlines()
-            if line.startswith("| ") and "vs" not in line]
+    rows = [
+        line.split("|")[1].strip()
+        for line in text.split("## Final-answer letters")[0].splitlines()
+        if line.startswith("| ") and "vs" not in line
+    ]
     assert rows[1:] == ["Base", "Refit", "STaR-GATE"]  # named first, the rest in first-seen order; SFT renamed
     assert "| STaR-GATE vs Base |" in text  # the paired table follows the new names
     with pytest.raises(ValueError, match=r"--order \['SFT'\]: not among"):  # the old name no longer exists
@@ -136,8 +163,10 @@ def test_rename_and_order_rows(tmp_path):
 
 def test_best_constant_answer_from_gold_letters():
     """Gold letters A, B, B, C (question q1 seen twice, counted once): always B is right on 2 of 4 questions."""
-    recs = [ConversationRecord(id=f"r{i}", task_id=f"q{q}", gold=g, reward=0.0, messages=[])
-            for i, (q, g) in enumerate([(0, "A"), (1, "B"), (1, "B"), (2, "B"), (3, "C")])]
+    recs = [
+        ConversationRecord(id=f"r{i}", task_id=f"q{q}", gold=g, reward=0.0, messages=[])
+        for i, (q, g) in enumerate([(0, "A"), (1, "B"), (1, "B"), (2, "B"), (3, "C")])
+    ]
     assert best_constant_answer(recs) == ("B", 0.5)
     # a tie goes to the earlier letter
     assert best_constant_answer(recs[:1] + recs[4:]) == ("A", 0.5)
@@ -147,12 +176,15 @@ def test_paired_table_holm_column(tmp_path):
     """Three methods against Base: the Holm column is holm_adjust of the raw sign p over the table's rows."""
     runs = tmp_path / "runs"
     write_run(runs / "base", "Base", m(0.0, 0.0, n=10), correct=[False] * 10)
-    write_run(runs / "a", "A", m(0.6, 0.1, n=10), correct=[True] * 6 + [False] * 4)   # 6/0/4: p = 2/64
-    write_run(runs / "b", "B", m(0.2, 0.1, n=10), correct=[True] * 2 + [False] * 8)   # 2/0/8: p = 2/4 = 0.5
-    write_run(runs / "c", "C", m(0.8, 0.1, n=10), correct=[True] * 8 + [False] * 2)   # 8/0/2: p = 2/256
+    write_run(runs / "a", "A", m(0.6, 0.1, n=10), correct=[True] * 6 + [False] * 4)  # 6/0/4: p = 2/64
+    write_run(runs / "b", "B", m(0.2, 0.1, n=10), correct=[True] * 2 + [False] * 8)  # 2/0/8: p = 2/4 = 0.5
+    write_run(runs / "c", "C", m(0.8, 0.1, n=10), correct=[True] * 8 + [False] * 2)  # 8/0/2: p = 2/256
     text = run_report([str(runs / "*")], out=tmp_path / "t.md")
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
-            for line in text.splitlines() if " vs Base |" in line}
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+        for line in text.splitlines()
+        if " vs Base |" in line
+    }
     # by hand: sorted 2/256 · 3 = 0.0234; 2/64 · 2 = 0.0625; max(0.0625, 0.5 · 1) = 0.5
     assert float(rows["C vs Base"][5]) == pytest.approx(3 * 2 / 256, rel=3e-3)
     assert float(rows["A vs Base"][5]) == pytest.approx(2 * 2 / 64, rel=3e-3)
@@ -187,8 +219,10 @@ def test_a_copied_evaluation_is_refused_by_content(tmp_path, capsys):
         clarify(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "r.md")])
     err = capsys.readouterr().err
     assert e.value.code == 1 and len(err.strip().splitlines()) == 1, err
-    assert (f"{a / 'metrics.json'} and {b / 'metrics.json'} hold the same rollouts (sha256 " in err
-            and "a copy is not another seed" in err)
+    assert (
+        f"{a / 'metrics.json'} and {b / 'metrics.json'} hold the same rollouts (sha256 " in err
+        and "a copy is not another seed" in err
+    )
     # without rollouts, the metrics file's own bytes
     (a / "rollouts.jsonl").unlink()
     (b / "rollouts.jsonl").unlink()

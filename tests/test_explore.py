@@ -19,14 +19,30 @@ from clarify_lit.simulate.rollout import RolloutSpec, check_explore, explore_let
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "configs" / "simulate" / "tiny-tasks.jsonl"
-TASKS = [QATask(f"sciq/{k}", "sciq", f"Question {k}: what do plants need?", ["sunlight", "sand", "salt", "smoke"],
-                "ABCD"[k % 4], knowledge="Plants make food from sunlight. Sand is small rocks.") for k in range(4)]
+TASKS = [
+    QATask(
+        f"sciq/{k}",
+        "sciq",
+        f"Question {k}: what do plants need?",
+        ["sunlight", "sand", "salt", "smoke"],
+        "ABCD"[k % 4],
+        knowledge="Plants make food from sunlight. Sand is small rocks.",
+    )
+    for k in range(4)
+]
 ASK = "What does option {letter}"
 
 
 def spec(**kw) -> RolloutSpec:
-    base = dict(setting="clarifying", mode="thinking", n_turns=3, temperatures=[0.0, 0.0], max_new_tokens=5,
-                batch_size=4, seed=0)
+    base = dict(
+        setting="clarifying",
+        mode="thinking",
+        n_turns=3,
+        temperatures=[0.0, 0.0],
+        max_new_tokens=5,
+        batch_size=4,
+        seed=0,
+    )
     return RolloutSpec(**{**base, **kw})
 
 
@@ -54,13 +70,19 @@ def test_seeded_reply_is_the_prefix_plus_the_models_continuation(tiny):
     model, tok = tiny
     engine = GenerationEngine(model, tok, batch_size=2, max_new_tokens=5)
     conv = [{"role": "system", "content": "You are a student."}, {"role": "user", "content": "Ask one question."}]
-    forced, = engine.generate([conv], [0.0], seed=0, assistant_prefixes=["What does option B"])
+    (forced,) = engine.generate([conv], [0.0], seed=0, assistant_prefixes=["What does option B"])
     prompt = engine.encode(conv, assistant_prefix="What does option B")
-    assert prompt[:len(engine.encode(conv))] == engine.encode(conv)  # the header, then the forced start
+    assert prompt[: len(engine.encode(conv))] == engine.encode(conv)  # the header, then the forced start
     ids = torch.tensor([prompt])
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=5,
-                         min_new_tokens=min(engine.min_new_tokens, 5), eos_token_id=engine.end_ids,
-                         pad_token_id=engine.pad_id)[0, len(prompt):].tolist()
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=5,
+        min_new_tokens=min(engine.min_new_tokens, 5),
+        eos_token_id=engine.end_ids,
+        pad_token_id=engine.pad_id,
+    )[0, len(prompt) :].tolist()
     end = next((k for k, t in enumerate(out) if t in engine.end_ids), len(out))
     assert forced.text == ("What does option B" + tok.decode(out[:end], skip_special_tokens=True)).strip()
     assert forced.n_tokens == min(end + 1, len(out))
@@ -71,9 +93,16 @@ def test_seeded_reply_is_the_prefix_plus_the_models_continuation(tiny):
 def test_seeded_rollout_same_with_and_without_kv_reuse(tiny):
     model, tok = tiny
     s = spec(explore_runs=[0, 1], explore_prefixes={1: ASK, 2: "<thinking>"})
-    runs = [rollout_tasks(model, tok, TASKS, s, engine=GenerationEngine(model, tok, batch_size=4, max_new_tokens=5,
-                                                                        reuse_kv_cache=reuse))
-            for reuse in (True, False)]
+    runs = [
+        rollout_tasks(
+            model,
+            tok,
+            TASKS,
+            s,
+            engine=GenerationEngine(model, tok, batch_size=4, max_new_tokens=5, reuse_kv_cache=reuse),
+        )
+        for reuse in (True, False)
+    ]
     assert [r.messages for r in runs[0]] == [r.messages for r in runs[1]]
 
 
@@ -87,14 +116,17 @@ def test_explore_letter_is_uniform_and_ignores_the_gold():
     assert {explore_letter(three, r, s) for r in range(5) for s in range(20)} == {"A", "B", "C"}
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(explore_runs=[2], explore_prefixes={1: ASK}), "not runs"),
-    (dict(explore_runs=[0], explore_prefixes={4: ASK}), "not an assistant turn"),
-    (dict(explore_runs=[0], explore_prefixes={1: "option {gold}"}), "only placeholder"),
-    (dict(explore_runs=[0], explore_prefixes={1: "  "}), "non-empty"),
-    (dict(explore_runs=[0]), "needs explore_prefixes"),
-    (dict(explore_prefixes={1: ASK}), "seeds nothing"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(explore_runs=[2], explore_prefixes={1: ASK}), "not runs"),
+        (dict(explore_runs=[0], explore_prefixes={4: ASK}), "not an assistant turn"),
+        (dict(explore_runs=[0], explore_prefixes={1: "option {gold}"}), "only placeholder"),
+        (dict(explore_runs=[0], explore_prefixes={1: "  "}), "non-empty"),
+        (dict(explore_runs=[0]), "needs explore_prefixes"),
+        (dict(explore_prefixes={1: ASK}), "seeds nothing"),
+    ],
+)
 def test_bad_explore_options_are_named(kw, message):
     with pytest.raises(ValueError, match=message):
         check_explore(spec(**kw))
@@ -119,9 +151,23 @@ def test_endpoint_policy_refuses_forced_starts():
 
 
 def args(out: Path, *extra: str) -> list[str]:
-    return ["--config", str(ROOT / "configs" / "simulate" / "tiny-clarifying.yaml"), "--data.path", str(FIXTURE),
-            "--output", str(out), "--progress", "false", "--data.limit", "2", "--chunk_size", "1",
-            "--rollout.max_new_tokens", "5", *extra]
+    return [
+        "--config",
+        str(ROOT / "configs" / "simulate" / "tiny-clarifying.yaml"),
+        "--data.path",
+        str(FIXTURE),
+        "--output",
+        str(out),
+        "--progress",
+        "false",
+        "--data.limit",
+        "2",
+        "--chunk_size",
+        "1",
+        "--rollout.max_new_tokens",
+        "5",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -165,7 +211,10 @@ def test_clarify_preset_seeds_only_the_explore_cells_simulation(tmp_path):
     assert {int(k): v for k, v in sim.explore_prefixes.items()} == {1: "What does option {letter}"}
     assert parse_config(simulate_args(p, plain, 0, "train", tmp_path)[1:]).explore_runs is None
     # the trained policy is evaluated unaided: no exploration flag reaches evaluation or the rollout callback
-    for args in (evaluate_args(p, explore, 0, "Refit", tmp_path, tmp_path / "export"), rollout_eval_args(p, explore, 0)):
+    for args in (
+        evaluate_args(p, explore, 0, "Refit", tmp_path, tmp_path / "export"),
+        rollout_eval_args(p, explore, 0),
+    ):
         assert not any("explore" in a for a in args)
     # clarify iterate logs each round's data the same way (its simulate args carry the seeding)
     it = iterate_args(p, explore, 0, 2, tmp_path)

@@ -41,25 +41,43 @@ def fitted(tmp_path_factory, cache_root, tiny_model_dir):
             rec["meta"].update(teacher="scripted", reward="correct", model=EMBEDDED_SMOLLM2, setting="reasoning")
             rows.append(rec)
     records = write_records(sim / "conversations.jsonl", rows)
-    (sim / "summary.json").write_text(json.dumps({"tasks": 4, "conversations": 12, "mean_reward": 0.5,
-                                                  "teacher": "scripted"}))
-    (sim / "run_config.json").write_text(json.dumps({"config": {"model": EMBEDDED_SMOLLM2, "reward": {"kind":
-                                                                "correct"}}, "task_ids": []}))
+    (sim / "summary.json").write_text(
+        json.dumps({"tasks": 4, "conversations": 12, "mean_reward": 0.5, "teacher": "scripted"})
+    )
+    (sim / "run_config.json").write_text(
+        json.dumps({"config": {"model": EMBEDDED_SMOLLM2, "reward": {"kind": "correct"}}, "task_ids": []})
+    )
     root = tmp / "run"
     # what the RolloutEvaluation callback leaves in a run folder (its own tests cover writing it)
     (root / "rollouts").mkdir(parents=True)
-    (root / "rollouts" / "step_000003.metrics.json").write_text(json.dumps({
-        "metrics": {"accuracy": 0.75, "accuracy_se": 0.2, "reward": 0.625},
-        "meta": {"step": 3, "n_questions": 4, "dataset": "toy", "teacher": "scripted", "reward": "correct"}}))
+    (root / "rollouts" / "step_000003.metrics.json").write_text(
+        json.dumps(
+            {
+                "metrics": {"accuracy": 0.75, "accuracy_se": 0.2, "reward": 0.625},
+                "meta": {"step": 3, "n_questions": 4, "dataset": "toy", "teacher": "scripted", "reward": "correct"},
+            }
+        )
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CLARIFY_CACHE", str(cache_root))
         mp.setattr(models, "ensure_embedded_smollm2", lambda: tiny_model_dir)
-        cli = lightning_main(["fit", *QUIET, f"--model.model_name_or_path={EMBEDDED_SMOLLM2}",
-                              f"--data.train_files=[{records}]", "--data.batch_size=2", "--data.val_fraction=0.25",
-                              "--trainer.max_steps=3", "--trainer.val_check_interval=3",
-                              "--trainer.log_every_n_steps=1", f"--trainer.default_root_dir={root}",
-                              "--model.learning_rate=5e-2", "--model.lora_dropout=0.0",
-                              "--model.export_merged=true"])
+        cli = lightning_main(
+            [
+                "fit",
+                *QUIET,
+                f"--model.model_name_or_path={EMBEDDED_SMOLLM2}",
+                f"--data.train_files=[{records}]",
+                "--data.batch_size=2",
+                "--data.val_fraction=0.25",
+                "--trainer.max_steps=3",
+                "--trainer.val_check_interval=3",
+                "--trainer.log_every_n_steps=1",
+                f"--trainer.default_root_dir={root}",
+                "--model.learning_rate=5e-2",
+                "--model.lora_dropout=0.0",
+                "--model.export_merged=true",
+            ]
+        )
     return cli, root
 
 
@@ -74,17 +92,23 @@ def front_matter(card: str) -> dict:
 
 
 def token_ids(tokenizer, prompt: str) -> torch.Tensor:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
     return tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
 
 
 def greedy(model, tokenizer, prompt: str) -> list[int]:
     ids = token_ids(tokenizer, prompt)
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    return out[0, ids.shape[1]:].tolist()
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return out[0, ids.shape[1] :].tolist()
 
 
 # ------------------------------------------------------------------------------------------------ portable base
@@ -116,10 +140,29 @@ def test_export_copied_elsewhere_loads_its_base_offline(fitted, embedded_is_tiny
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, module.model(input_ids=ids).logits, atol=1e-5)
     assert models.policy_base(str(copy)) == EMBEDDED_SMOLLM2  # the teacher/judge default, offline too
-    main(["evaluate", "--export_dir", str(copy), "--out_dir", str(tmp_path / "eval"), "--data.dataset", "local",
-          "--data.path", str(REPO / "configs/simulate/tiny-tasks.jsonl"), "--data.n_train", "0", "--data.n_test", "2",
-          "--data.columns", '{"question": "question", "choices": "choices", "answer": "answer", "id": "id"}',
-          "--rollout.max_new_tokens", "2", "--progress", "false"])
+    main(
+        [
+            "evaluate",
+            "--export_dir",
+            str(copy),
+            "--out_dir",
+            str(tmp_path / "eval"),
+            "--data.dataset",
+            "local",
+            "--data.path",
+            str(REPO / "configs/simulate/tiny-tasks.jsonl"),
+            "--data.n_train",
+            "0",
+            "--data.n_test",
+            "2",
+            "--data.columns",
+            '{"question": "question", "choices": "choices", "answer": "answer", "id": "id"}',
+            "--rollout.max_new_tokens",
+            "2",
+            "--progress",
+            "false",
+        ]
+    )
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["meta"]["base_model"] == EMBEDDED_SMOLLM2
 
     # without the metadata (an export edited by hand, or written by an older version): the hub id maps back to the
@@ -214,15 +257,23 @@ def test_merged_export_loads_with_transformers_alone_and_matches_the_adapter(fit
 
     _, root = fitted
     merged_dir = root / "export_merged"
-    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-                 "chat_template.jinja", "README.md", "clarify_export.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "README.md",
+        "clarify_export.json",
+    ):
         assert (merged_dir / name).exists(), name
     assert not (merged_dir / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
-    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)),
-                                        str(root / "export")).eval()
+    adapter = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(root / "export")
+    ).eval()
     for prompt in PROMPTS:
         ids = token_ids(tokenizer, prompt)
         with torch.no_grad():
@@ -239,8 +290,19 @@ def test_clarify_export_from_the_run_checkpoint(fitted, embedded_is_tiny, tmp_pa
     from safetensors.torch import load_file
 
     _, root = fitted
-    main(["export", "--run_dir", str(root), "--merge", "true", "--dtype", "bfloat16", "--out_dir",
-          str(tmp_path / "bf16")])
+    main(
+        [
+            "export",
+            "--run_dir",
+            str(root),
+            "--merge",
+            "true",
+            "--dtype",
+            "bfloat16",
+            "--out_dir",
+            str(tmp_path / "bf16"),
+        ]
+    )
     assert "merged model" in capsys.readouterr().out
     config = json.loads((tmp_path / "bf16" / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
@@ -256,11 +318,14 @@ def test_clarify_export_from_the_run_checkpoint(fitted, embedded_is_tiny, tmp_pa
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == HUB_ID
 
 
-@pytest.mark.parametrize("args,message", [
-    ([], "exactly one of --run_dir"),
-    (["--run_dir", "a", "--ckpt_path", "b"], "exactly one of --run_dir"),
-    (["--run_dir", "no/such/run"], "checkpoint not found: no/such/run/checkpoints/last.ckpt"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ([], "exactly one of --run_dir"),
+        (["--run_dir", "a", "--ckpt_path", "b"], "exactly one of --run_dir"),
+        (["--run_dir", "no/such/run"], "checkpoint not found: no/such/run/checkpoints/last.ckpt"),
+    ],
+)
 def test_clarify_export_errors_are_one_line(args, message, capsys):
     with pytest.raises(SystemExit) as e:
         main(["export", *args])
@@ -278,8 +343,7 @@ def test_clarify_export_dtype_needs_merge(fitted, capsys):
 # ------------------------------------------------------------------------------- an occupied folder (issue 29)
 def evaluation_folder(folder: Path) -> dict[str, str]:
     """Another run's evaluation folder with an unrelated note: what `clarify export` must never delete."""
-    files = {"metrics.json": '{"metrics": {"accuracy": 0.5}}', "rollouts.jsonl": '{"id": "t0"}\n',
-             "notes.txt": "mine"}
+    files = {"metrics.json": '{"metrics": {"accuracy": 0.5}}', "rollouts.jsonl": '{"id": "t0"}\n', "notes.txt": "mine"}
     folder.mkdir(parents=True)
     for name, text in files.items():
         (folder / name).write_text(text)
@@ -287,8 +351,9 @@ def evaluation_folder(folder: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("merge", [True, False], ids=["merged", "adapter"])
-def test_clarify_export_refuses_an_occupied_folder_and_overwrite_keeps_other_files(fitted, embedded_is_tiny,
-                                                                                   tmp_path, capsys, merge):
+def test_clarify_export_refuses_an_occupied_folder_and_overwrite_keeps_other_files(
+    fitted, embedded_is_tiny, tmp_path, capsys, merge
+):
     _, root = fitted
     out = tmp_path / "eval"
     files = evaluation_folder(out)

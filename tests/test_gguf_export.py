@@ -65,8 +65,10 @@ def test_tiny_model_round_trips_through_gguf(tiny_model_dir, tmp_path, gguf_type
 
 def test_pre_tokenizers_it_knows_and_refuses():
     assert llama_pre_tokenizer({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == "gpt-2"
-    smollm = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
-                                                    {"type": "ByteLevel", "use_regex": True}]}
+    smollm = {
+        "type": "Sequence",
+        "pretokenizers": [{"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "use_regex": True}],
+    }
     assert llama_pre_tokenizer({"pre_tokenizer": smollm}) == "smollm"
     with pytest.raises(GGUFExportError, match="Metaspace.*convert_hf_to_gguf.py"):
         llama_pre_tokenizer({"pre_tokenizer": {"type": "Metaspace"}})
@@ -96,8 +98,7 @@ def test_clarify_export_format_gguf_writes_the_merged_policy(fit_run, tiny_model
     main(["export", "--run_dir", str(fit_run), "--format", "gguf", "--gguf_type", "f32"])
     out = fit_run / "export_gguf"
     assert f"GGUF file of {fit_run / 'checkpoints/last.ckpt'}" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "README.md", "clarify_export.json",
-                                                     "model.f32.gguf"]
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "README.md", "clarify_export.json", "model.f32.gguf"]
     card = (out / "README.md").read_text()
     assert "python -m llama_cpp.server --model model.f32.gguf" in card and "ollama create" in card
     assert "clarify evaluate --policy_endpoint.base_url" in card and "## How to load" not in card

@@ -32,8 +32,16 @@ pytestmark = [
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 GPU = ["--trainer.accelerator=gpu", "--trainer.devices=1", "--trainer.precision=bf16-mixed"]
-TASKS = [QATask(f"gpu/{i}", "sciq", "What do plants need to make food?" + " Why?" * i,
-                ["sunlight", "sand", "salt", "smoke"], "A") for i in range(6)]
+TASKS = [
+    QATask(
+        f"gpu/{i}",
+        "sciq",
+        "What do plants need to make food?" + " Why?" * i,
+        ["sunlight", "sand", "salt", "smoke"],
+        "A",
+    )
+    for i in range(6)
+]
 
 
 class Probe(Callback):
@@ -60,10 +68,23 @@ def gpu_fit(args: list[str], root: Path, monkeypatch) -> tuple:
     probe = Probe()
     orig = ClarifyCLI._instantiate_trainer
     monkeypatch.setattr(ClarifyCLI, "_instantiate_trainer", lambda self, config, cbs: orig(self, config, [*cbs, probe]))
-    cli = lightning_main(["fit", *QUIET, *GPU, "--config", str(REPO / "configs/model/tiny.yaml"), *args,
-                          "--model.model_name_or_path=tiny-random", "--data.batch_size=2", "--trainer.max_steps=2",
-                          "--trainer.val_check_interval=2", "--data.val_fraction=0.2", "--trainer.log_every_n_steps=1",
-                          f"--trainer.default_root_dir={root}"])
+    cli = lightning_main(
+        [
+            "fit",
+            *QUIET,
+            *GPU,
+            "--config",
+            str(REPO / "configs/model/tiny.yaml"),
+            *args,
+            "--model.model_name_or_path=tiny-random",
+            "--data.batch_size=2",
+            "--trainer.max_steps=2",
+            "--trainer.val_check_interval=2",
+            "--data.val_fraction=0.2",
+            "--trainer.log_every_n_steps=1",
+            f"--trainer.default_root_dir={root}",
+        ]
+    )
     monkeypatch.setattr(ClarifyCLI, "_instantiate_trainer", orig)
     return cli, probe
 
@@ -100,8 +121,16 @@ def test_fit_each_objective_on_the_gpu(name, records_factory, tiny_model_dir, tm
     preset = name.split("-")[0]
     records = records_factory(n_tasks=5, n_runs=3)
     root = tmp_path / "run"
-    cli, probe = gpu_fit(["--config", str(REPO / f"configs/objective/{preset}.yaml"), f"--data.train_files=[{records}]",
-                          *OBJECTIVES[name]], root, monkeypatch)
+    cli, probe = gpu_fit(
+        [
+            "--config",
+            str(REPO / f"configs/objective/{preset}.yaml"),
+            f"--data.train_files=[{records}]",
+            *OBJECTIVES[name],
+        ],
+        root,
+        monkeypatch,
+    )
     assert_trained_on_gpu(cli, probe, root, tiny_model_dir)
     if name == "dpo":
         assert abs(probe.losses[0] - 0.6931471805599453) < 1e-3  # policy == reference at step 1 (bf16 autocast)
@@ -117,17 +146,27 @@ def _step_dpo_files(tmp_path: Path, n_tasks: int = 5) -> tuple[Path, Path]:
             for step, at in enumerate(assistant_positions(p.messages), start=1):
                 msgs = [dict(m) for m in p.messages]
                 msgs[at] = {"role": "assistant", "content": f"A different action at step {step}."}
-                branches.append(ConversationRecord(id=f"{p.id}#step{step}", task_id=p.task_id, messages=msgs,
-                                                   reward=1.0 - reward, run=p.run,
-                                                   meta={"branch_of": p.id, "branch_step": step}))
+                branches.append(
+                    ConversationRecord(
+                        id=f"{p.id}#step{step}",
+                        task_id=p.task_id,
+                        messages=msgs,
+                        reward=1.0 - reward,
+                        run=p.run,
+                        meta={"branch_of": p.id, "branch_step": step},
+                    )
+                )
     return write_records(tmp_path / "conv.jsonl", parents), write_records(tmp_path / "branches.jsonl", branches)
 
 
 def test_fit_step_dpo_on_the_gpu(tiny_model_dir, tmp_path, monkeypatch):
     conv, br = _step_dpo_files(tmp_path)
     root = tmp_path / "run"
-    cli, probe = gpu_fit(["--config", str(REPO / "configs/objective/step-dpo.yaml"),
-                          f"--data.train_files=[{conv},{br}]"], root, monkeypatch)
+    cli, probe = gpu_fit(
+        ["--config", str(REPO / "configs/objective/step-dpo.yaml"), f"--data.train_files=[{conv},{br}]"],
+        root,
+        monkeypatch,
+    )
     assert type(cli.model.objective).__name__ == "StepDPO"
     assert_trained_on_gpu(cli, probe, root, tiny_model_dir)
 
@@ -137,12 +176,21 @@ def test_fit_star_gate_d_on_the_gpu(records_factory, tiny_model_dir, tmp_path, m
     module's device)."""
     records = records_factory(n_tasks=5, n_runs=3)
     sft_root = tmp_path / "sft"
-    gpu_fit(["--config", str(REPO / "configs/objective/sft.yaml"), f"--data.train_files=[{records}]"], sft_root,
-            monkeypatch)
+    gpu_fit(
+        ["--config", str(REPO / "configs/objective/sft.yaml"), f"--data.train_files=[{records}]"], sft_root, monkeypatch
+    )
     root = tmp_path / "distill"
-    cli, probe = gpu_fit(["--config", str(REPO / "configs/objective/star-gate-d.yaml"),
-                          f"--data.train_files=[{records}]", f"--model.objective.teacher={sft_root / 'export'}",
-                          "--model.learning_rate=1e-2"], root, monkeypatch)
+    cli, probe = gpu_fit(
+        [
+            "--config",
+            str(REPO / "configs/objective/star-gate-d.yaml"),
+            f"--data.train_files=[{records}]",
+            f"--model.objective.teacher={sft_root / 'export'}",
+            "--model.learning_rate=1e-2",
+        ],
+        root,
+        monkeypatch,
+    )
     assert type(cli.model.objective).__name__ == "Distill" and cli.model._teacher is not None
     assert cli.trainer.callback_metrics["val/kl"].item() > 0  # the teacher is the SFT policy, not the base
     assert_trained_on_gpu(cli, probe, root, tiny_model_dir)
@@ -154,8 +202,16 @@ def test_export_command_from_a_gpu_run(records_factory, tiny_model_dir, tmp_path
 
     records = records_factory(n_tasks=5, n_runs=3)
     root = tmp_path / "run"
-    cli, _ = gpu_fit(["--config", str(REPO / "configs/objective/refit.yaml"), f"--data.train_files=[{records}]",
-                      "--model.learning_rate=5e-2"], root, monkeypatch)
+    cli, _ = gpu_fit(
+        [
+            "--config",
+            str(REPO / "configs/objective/refit.yaml"),
+            f"--data.train_files=[{records}]",
+            "--model.learning_rate=5e-2",
+        ],
+        root,
+        monkeypatch,
+    )
     main(["export", "--run_dir", str(root), "--merge", "true", "--out_dir", str(tmp_path / "merged")])
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
     ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
@@ -176,8 +232,13 @@ def test_random_model_is_built_on_the_gpu():
 
 
 def convs(k: int = 6):
-    return [[{"role": "system", "content": "You are a student."},
-             {"role": "user", "content": "energy water " * (1 + 4 * (i % 3)) + f"question {i}?"}] for i in range(k)]
+    return [
+        [
+            {"role": "system", "content": "You are a student."},
+            {"role": "user", "content": "energy water " * (1 + 4 * (i % 3)) + f"question {i}?"},
+        ]
+        for i in range(k)
+    ]
 
 
 def test_greedy_generation_on_the_gpu_is_batch_independent_and_matches_the_cpu(tiny):
@@ -202,10 +263,19 @@ def test_rollout_tasks_on_the_gpu_kv_reuse_equals_reencoding(tiny):
     model, tok = tiny
     model.to("cuda")
     try:
-        spec = RolloutSpec(setting="reasoning", mode="thinking", n_turns=3, temperatures=[0.0, 1.0],
-                           max_new_tokens=6, seed=0)
-        runs = {reuse: rollout_tasks(model, tok, TASKS, spec, engine=GenerationEngine(
-            model, tok, batch_size=4, max_new_tokens=6, reuse_kv_cache=reuse)) for reuse in (True, False)}
+        spec = RolloutSpec(
+            setting="reasoning", mode="thinking", n_turns=3, temperatures=[0.0, 1.0], max_new_tokens=6, seed=0
+        )
+        runs = {
+            reuse: rollout_tasks(
+                model,
+                tok,
+                TASKS,
+                spec,
+                engine=GenerationEngine(model, tok, batch_size=4, max_new_tokens=6, reuse_kv_cache=reuse),
+            )
+            for reuse in (True, False)
+        }
         greedy = [i for i, r in enumerate(runs[False]) if r.temperature == 0.0]
         assert greedy and [runs[True][i].messages for i in greedy] == [runs[False][i].messages for i in greedy]
         assert len(runs[True]) == 2 * len(TASKS) and all(r.reward is not None for r in runs[True])
@@ -220,9 +290,24 @@ def test_simulate_command_on_the_gpu(tmp_path):
     from clarify_lit.simulate import command
 
     out = tmp_path / "sim"
-    command.main(["--config", str(REPO / "configs/simulate/tiny-reasoning.yaml"), "--data.path",
-                  str(REPO / "configs/simulate/tiny-tasks.jsonl"), "--output", str(out), "--progress", "false",
-                  "--data.limit", "2", "--rollout.max_new_tokens", "4", "--device", "cuda"])
+    command.main(
+        [
+            "--config",
+            str(REPO / "configs/simulate/tiny-reasoning.yaml"),
+            "--data.path",
+            str(REPO / "configs/simulate/tiny-tasks.jsonl"),
+            "--output",
+            str(out),
+            "--progress",
+            "false",
+            "--data.limit",
+            "2",
+            "--rollout.max_new_tokens",
+            "4",
+            "--device",
+            "cuda",
+        ]
+    )
     records, _ = load_records(out / "conversations.jsonl")
     assert len(records) == 2 * 3 and all(r.messages[-1]["role"] == "assistant" for r in records)
 
@@ -232,10 +317,26 @@ def test_evaluate_on_the_gpu_gives_the_cpu_numbers(tmp_path):
 
     from clarify_lit.evaluate.command import main as evaluate
 
-    data = ["--data.dataset", "local", "--data.path", str(REPO / "configs/simulate/tiny-tasks.jsonl"),
-            "--data.label", "tiny", "--data.n_train", "4", "--data.n_test", "4", "--data.columns",
-            '{"question": "question", "choices": "choices", "answer": "answer", "id": "id"}',
-            "--rollout.max_new_tokens", "3", "--progress", "false", "--model", "tiny-random"]
+    data = [
+        "--data.dataset",
+        "local",
+        "--data.path",
+        str(REPO / "configs/simulate/tiny-tasks.jsonl"),
+        "--data.label",
+        "tiny",
+        "--data.n_train",
+        "4",
+        "--data.n_test",
+        "4",
+        "--data.columns",
+        '{"question": "question", "choices": "choices", "answer": "answer", "id": "id"}',
+        "--rollout.max_new_tokens",
+        "3",
+        "--progress",
+        "false",
+        "--model",
+        "tiny-random",
+    ]
     evaluate([*data, "--device", "cuda", "--out_dir", str(tmp_path / "gpu")])
     evaluate([*data, "--device", "cpu", "--out_dir", str(tmp_path / "cpu")])
     gpu = json.loads((tmp_path / "gpu" / "metrics.json").read_text())

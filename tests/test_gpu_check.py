@@ -26,11 +26,13 @@ import gpu_bench  # noqa: E402
 @pytest.mark.slow
 def test_gpu_check_script_skips_without_a_gpu(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "OUT": str(tmp_path)}
-    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
-        "gpu_check: skipped: no CUDA GPU here (torch.cuda.is_available() is false, or torch is missing)"]
+        "gpu_check: skipped: no CUDA GPU here (torch.cuda.is_available() is false, or torch is missing)"
+    ]
     assert not list(tmp_path.iterdir())  # nothing ran, nothing written
 
 
@@ -50,8 +52,14 @@ def test_random_models_have_the_real_architectures():
     assert sum(p.numel() for p in llama.parameters()) == 8_030_261_248
     assert next(llama.parameters()).dtype == torch.bfloat16 and next(llama.parameters()).device.type == "meta"
     c = llama.config
-    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size,
-            c.vocab_size) == (4096, 32, 32, 8, 14336, 128256)
+    assert (
+        c.hidden_size,
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.intermediate_size,
+        c.vocab_size,
+    ) == (4096, 32, 32, 8, 14336, 128256)
     rope = c.rope_parameters
     assert rope["rope_type"] == "llama3" and rope["rope_theta"] == 500000.0 and rope["factor"] == 8.0
     assert smol.config.tie_word_embeddings and not c.tie_word_embeddings
@@ -93,5 +101,4 @@ def test_cpu_smoke_runs_the_whole_measurement_path(tmp_path, capsys):
         assert "not importable" in results["trl_sft_weighted"]["skipped"] and "skipped" in results["trl_dpo"]
     else:
         assert results["trl_sft_weighted"]["tokens_per_s"] > 0 and results["trl_dpo"]["tokens_per_s"] > 0
-        assert set(report["ratios_ours_over_trl"]["tiny"]) == {"ours_refit_vs_trl_sft_weighted",
-                                                               "ours_dpo_vs_trl_dpo"}
+        assert set(report["ratios_ours_over_trl"]["tiny"]) == {"ours_refit_vs_trl_sft_weighted", "ours_dpo_vs_trl_dpo"}

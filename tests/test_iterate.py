@@ -16,20 +16,58 @@ from clarify_lit.jobs.iterate import main as iterate_main
 pytestmark = pytest.mark.usefixtures("clarify_cache")
 
 REPO = Path(__file__).resolve().parents[1]
-QUIET_FIT = ["--trainer.max_steps=2", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-             "--data.batch_size=3", "--model.lora_dropout=0.0", "--trainer.logger=false"]
+QUIET_FIT = [
+    "--trainer.max_steps=2",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--data.batch_size=3",
+    "--model.lora_dropout=0.0",
+    "--trainer.logger=false",
+]
 
 
 def iterate_args(out: Path, *extra: str) -> list[str]:
-    return ["--rounds", "2", "--output", str(out), "--model", "tiny-random", "--in_process", "true",
-            "--model_config", str(REPO / "configs/model/tiny.yaml"),
-            "--trainer_config", str(REPO / "configs/trainer/cpu.yaml"),
-            "--objective_config", str(REPO / "configs/objective/refit.yaml"), "--fit_args", json.dumps(QUIET_FIT),
-            "--data.dataset", "local", "--data.path", str(REPO / "configs/simulate/tiny-tasks.jsonl"),
-            "--data.label", "tiny", "--data.columns",
-            '{"question": "question", "choices": "choices", "answer": "answer", "id": "id"}',
-            "--data.n_train", "3", "--data.n_test", "2", "--rollout.n_turns", "2", "--rollout.temperatures", "[0.0, 1.0]",
-            "--reward.kind", "gold_prob", "--rollout.max_new_tokens", "4", "--progress", "false", *extra]
+    return [
+        "--rounds",
+        "2",
+        "--output",
+        str(out),
+        "--model",
+        "tiny-random",
+        "--in_process",
+        "true",
+        "--model_config",
+        str(REPO / "configs/model/tiny.yaml"),
+        "--trainer_config",
+        str(REPO / "configs/trainer/cpu.yaml"),
+        "--objective_config",
+        str(REPO / "configs/objective/refit.yaml"),
+        "--fit_args",
+        json.dumps(QUIET_FIT),
+        "--data.dataset",
+        "local",
+        "--data.path",
+        str(REPO / "configs/simulate/tiny-tasks.jsonl"),
+        "--data.label",
+        "tiny",
+        "--data.columns",
+        '{"question": "question", "choices": "choices", "answer": "answer", "id": "id"}',
+        "--data.n_train",
+        "3",
+        "--data.n_test",
+        "2",
+        "--rollout.n_turns",
+        "2",
+        "--rollout.temperatures",
+        "[0.0, 1.0]",
+        "--reward.kind",
+        "gold_prob",
+        "--rollout.max_new_tokens",
+        "4",
+        "--progress",
+        "false",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -51,8 +89,10 @@ def test_iterate_two_rounds_end_to_end(tmp_path, capsys):
     assert {r.meta["model"] for r in rec1} == {str(export0)}
     assert len(rec1) == 3 * 2 and all(r.reward > 0 for r in rec1)  # gold_prob: dense rewards
     # ... with the base model still judging (gold_prob), not the trained policy
-    assert json.loads((r1 / "simulate" / "run_config.json").read_text())["config"]["reward"]["judge_model"] == \
-        "tiny-random"
+    assert (
+        json.loads((r1 / "simulate" / "run_config.json").read_text())["config"]["reward"]["judge_model"]
+        == "tiny-random"
+    )
     # round 1 trained from round 0's adapter (init=continue) on round 1's conversations only
     import yaml
 
@@ -60,8 +100,9 @@ def test_iterate_two_rounds_end_to_end(tmp_path, capsys):
     assert fit1["model"]["init_adapter"] == str(export0)
     assert fit1["data"]["train_files"] == [str(r1 / "simulate" / "conversations.jsonl")]
     assert yaml.safe_load((r0 / "fit" / "config.yaml").read_text())["model"]["init_adapter"] is None
-    evals = [json.loads((d / "metrics.json").read_text())["meta"] for d in (out / "base" / "eval", r0 / "eval",
-                                                                             r1 / "eval")]
+    evals = [
+        json.loads((d / "metrics.json").read_text())["meta"] for d in (out / "base" / "eval", r0 / "eval", r1 / "eval")
+    ]
     assert [m["method"] for m in evals] == ["Base", "round 0", "round 1"]
     assert evals[2]["model"] == str(r1 / "fit" / "export") and evals[2]["base_model"].endswith("tiny-random")
 
@@ -144,8 +185,9 @@ def test_demo_iterate_step_is_opt_in(tmp_path, capsys):
 
     demo_main(["--preset", "demo", "--dry_run", "true", "--out", str(tmp_path)])
     assert "clarify iterate" not in capsys.readouterr().out  # make demo is unchanged
-    demo_main(["--preset", "demo", "--dry_run", "true", "--out", str(tmp_path), "--iterate", "2",
-               "--iterate_only", "true"])
+    demo_main(
+        ["--preset", "demo", "--dry_run", "true", "--out", str(tmp_path), "--iterate", "2", "--iterate_only", "true"]
+    )
     shown = capsys.readouterr().out
     assert shown.count("[demo] $ clarify ") == 1 and "clarify iterate --rounds 2" in shown
     assert "--model embedded:smollm2-135m-instruct" in shown and "--data.dataset sciq" in shown

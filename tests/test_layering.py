@@ -68,7 +68,8 @@ def group(module: str) -> str:
 def is_type_checking(node: ast.If) -> bool:
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def resolve(importer: str, node: ast.ImportFrom | ast.Import) -> list[str]:
@@ -111,9 +112,14 @@ def imports(module: str, source: str | None = None) -> list[tuple[str, bool, boo
 def named_modules(module: str) -> list[tuple[str, int]]:
     """clarify_lit modules named by a string constant (a dispatch table for ``importlib.import_module``)."""
     tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
-    return [(n.value, n.lineno) for n in ast.walk(tree)
-            if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value in MODULES
-            and n.value.startswith(PACKAGE + ".")]
+    return [
+        (n.value, n.lineno)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant)
+        and isinstance(n.value, str)
+        and n.value in MODULES
+        and n.value.startswith(PACKAGE + ".")
+    ]
 
 
 CHECKED = [m for m in MODULES if m != PACKAGE]
@@ -138,17 +144,24 @@ def edge_problem(importer: str, imported: str) -> str | None:
 
 @pytest.mark.parametrize("module", CHECKED)
 def test_no_upward_or_sibling_import(module):
-    problems = [f"line {line}: {p}" for imported, _, _, line in imports(module)
-                if (p := edge_problem(module, imported))]
-    problems += [f"line {line}: {p} (by name)" for imported, line in named_modules(module)
-                 if (p := edge_problem(module, imported))]
+    problems = [
+        f"line {line}: {p}" for imported, _, _, line in imports(module) if (p := edge_problem(module, imported))
+    ]
+    problems += [
+        f"line {line}: {p} (by name)"
+        for imported, line in named_modules(module)
+        if (p := edge_problem(module, imported))
+    ]
     assert not problems, "\n".join(problems)
 
 
 @pytest.mark.parametrize("module", CHECKED)
 def test_no_package_import_inside_a_function(module):
-    lazy = [f"line {line}: {imported}" for imported, in_function, type_only, line in imports(module)
-            if in_function and not type_only and imported != PACKAGE]
+    lazy = [
+        f"line {line}: {imported}"
+        for imported, in_function, type_only, line in imports(module)
+        if in_function and not type_only and imported != PACKAGE
+    ]
     assert not lazy, f"{module} imports clarify_lit modules inside functions (import them at the top): {lazy}"
 
 
@@ -195,23 +208,27 @@ def import_graph() -> dict[str, list[str]]:
 
 def test_no_import_cycle():
     cycles = import_cycles(import_graph())
-    assert not cycles, (f"import cycles (type-only imports count; move the shared piece to a module both can import): "
-                        f"{cycles}")
+    assert not cycles, (
+        f"import cycles (type-only imports count; move the shared piece to a module both can import): {cycles}"
+    )
 
 
 def test_the_checker_sees_what_it_must():
     """The walker finds imports inside functions and under TYPE_CHECKING, flags an upward edge, and the cycle finder
     counts a cycle closed by a type-only import."""
-    source = ("from typing import TYPE_CHECKING\n"
-              "if TYPE_CHECKING:\n    from clarify_lit.evaluate.report import MethodSummary\n"
-              "def f():\n    from clarify_lit.evaluate import metrics\n")
+    source = (
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from clarify_lit.evaluate.report import MethodSummary\n"
+        "def f():\n    from clarify_lit.evaluate import metrics\n"
+    )
     found = imports("clarify_lit.evaluate.audit_html", source)
     assert ("clarify_lit.evaluate.report", False, True, 3) in found
     assert ("clarify_lit.evaluate.metrics", True, False, 5) in found
     graph = import_graph()
     assert "clarify_lit.evaluate.summary" in graph["clarify_lit.evaluate.audit_html"]
-    graph["clarify_lit.evaluate.audit_html"] = sorted({*graph["clarify_lit.evaluate.audit_html"],
-                                                       *(i for i, _, _, _ in found)})  # the old type-only import back
+    graph["clarify_lit.evaluate.audit_html"] = sorted(
+        {*graph["clarify_lit.evaluate.audit_html"], *(i for i, _, _, _ in found)}
+    )  # the old type-only import back
     assert ["clarify_lit.evaluate.audit_html", "clarify_lit.evaluate.report"] in import_cycles(graph)
     assert import_cycles({"a": ["b"], "b": ["c"], "c": ["a"], "d": ["d"], "e": ["a"]}) == [["a", "b", "c"], ["d"]]
     assert edge_problem("clarify_lit.data.datamodule", "clarify_lit.train.objectives")

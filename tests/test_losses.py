@@ -10,8 +10,14 @@ import torch.nn.functional as F
 
 from clarify_lit.train.losses import dpo_sigmoid_loss, sequence_logps, standardize_rewards, weighted_nll_loss
 
-TRL_NAMES = {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-             "logps/rejected"}
+TRL_NAMES = {
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+}
 
 
 def _sigmoid_nll(x: float) -> float:
@@ -85,8 +91,9 @@ def test_sequence_logps_sums_masked_tokens():
 
 # ------------------------------------------------------------------------------------------------ DPO
 def test_dpo_docstring_example():
-    loss, m = dpo_sigmoid_loss(torch.tensor([-10.0]), torch.tensor([-12.0]), torch.tensor([-11.0]),
-                               torch.tensor([-11.0]), beta=0.1)
+    loss, m = dpo_sigmoid_loss(
+        torch.tensor([-10.0]), torch.tensor([-12.0]), torch.tensor([-11.0]), torch.tensor([-11.0]), beta=0.1
+    )
     assert loss.item() == pytest.approx(0.5981, abs=1e-4)
     assert loss.item() == pytest.approx(_sigmoid_nll(0.2), rel=1e-6)
     assert set(m) == TRL_NAMES
@@ -100,8 +107,13 @@ def test_dpo_docstring_example():
 def test_dpo_metrics_are_batch_means():
     # pair 1 = the docstring example; pair 2: policy (−5, −4) vs reference (−5, −5), β = 0.1
     # → chosen reward 0, rejected reward 0.1, margin −0.1 (a wrong-way pair)
-    loss, m = dpo_sigmoid_loss(torch.tensor([-10.0, -5.0]), torch.tensor([-12.0, -4.0]),
-                               torch.tensor([-11.0, -5.0]), torch.tensor([-11.0, -5.0]), beta=0.1)
+    loss, m = dpo_sigmoid_loss(
+        torch.tensor([-10.0, -5.0]),
+        torch.tensor([-12.0, -4.0]),
+        torch.tensor([-11.0, -5.0]),
+        torch.tensor([-11.0, -5.0]),
+        beta=0.1,
+    )
     assert loss.item() == pytest.approx((_sigmoid_nll(0.2) + _sigmoid_nll(-0.1)) / 2, rel=1e-6)
     assert m["rewards/chosen"].item() == pytest.approx(0.05)
     assert m["rewards/rejected"].item() == pytest.approx(0.0, abs=1e-7)
@@ -109,8 +121,13 @@ def test_dpo_metrics_are_batch_means():
     assert m["rewards/accuracies"].item() == 0.5
     assert m["logps/chosen"].item() == pytest.approx(-7.5) and m["logps/rejected"].item() == pytest.approx(-8.0)
     # β scales the rewards: β = 1 gives margins 2 and −1
-    loss1, m1 = dpo_sigmoid_loss(torch.tensor([-10.0, -5.0]), torch.tensor([-12.0, -4.0]),
-                                 torch.tensor([-11.0, -5.0]), torch.tensor([-11.0, -5.0]), beta=1.0)
+    loss1, m1 = dpo_sigmoid_loss(
+        torch.tensor([-10.0, -5.0]),
+        torch.tensor([-12.0, -4.0]),
+        torch.tensor([-11.0, -5.0]),
+        torch.tensor([-11.0, -5.0]),
+        beta=1.0,
+    )
     assert m1["rewards/margins"].item() == pytest.approx(0.5)
     assert loss1.item() == pytest.approx((_sigmoid_nll(2.0) + _sigmoid_nll(-1.0)) / 2, rel=1e-6)
 
@@ -139,7 +156,7 @@ def test_standardize_rewards_example():
     assert w.tolist() == pytest.approx([math.sqrt(2), -1 / math.sqrt(2), -1 / math.sqrt(2)])
     assert w.tolist() == pytest.approx([1.4142, -0.7071, -0.7071], abs=1e-4)
     # population std: standardized weights have mean 0 and (1/m) Σ w² = 1
-    assert w.mean().item() == pytest.approx(0.0, abs=1e-12) and (w ** 2).mean().item() == pytest.approx(1.0)
+    assert w.mean().item() == pytest.approx(0.0, abs=1e-12) and (w**2).mean().item() == pytest.approx(1.0)
 
 
 def test_standardize_rewards_eps_and_zero_spread():

@@ -23,8 +23,16 @@ from clarify_lit.simulate.rewards import CorrectReward, LLMJudgeReward, Weighted
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests/fixtures/judge_replies_llama_cpp.json"
-VERDICT = json.dumps({"accuracy": 9, "reasoning": 8, "comprehensiveness": 7, "pedagogical_value": 6,
-                      "confidence_calibration": 5, "overall": 7})
+VERDICT = json.dumps(
+    {
+        "accuracy": 9,
+        "reasoning": 8,
+        "comprehensiveness": 7,
+        "pedagogical_value": 6,
+        "confidence_calibration": 5,
+        "overall": 7,
+    }
+)
 REFUSAL = "I cannot grade this conversation, sorry."
 
 
@@ -40,12 +48,38 @@ class Judge(FakeEndpoint):
 
 
 def simulate_args(out: Path, url: str, *extra: str) -> list[str]:
-    return ["simulate", "--config", str(REPO / "configs/simulate/tiny-reasoning.yaml"), "--data.path",
-            str(REPO / "configs/simulate/tiny-tasks.jsonl"), "--data.limit", "2", "--rollout.temperatures", "[0.0, 1.0]",
-            "--rollout.max_new_tokens", "4", "--progress", "false", "--output", str(out),
-            "--reward.kind", "llm_judge", "--reward.backend", "endpoint", "--reward.endpoint.base_url", url,
-            "--reward.endpoint.model", "judge", "--reward.endpoint.max_retries", "0", "--reward.max_attempts", "2",
-            "--reward.endpoint.concurrency", "1", *extra]
+    return [
+        "simulate",
+        "--config",
+        str(REPO / "configs/simulate/tiny-reasoning.yaml"),
+        "--data.path",
+        str(REPO / "configs/simulate/tiny-tasks.jsonl"),
+        "--data.limit",
+        "2",
+        "--rollout.temperatures",
+        "[0.0, 1.0]",
+        "--rollout.max_new_tokens",
+        "4",
+        "--progress",
+        "false",
+        "--output",
+        str(out),
+        "--reward.kind",
+        "llm_judge",
+        "--reward.backend",
+        "endpoint",
+        "--reward.endpoint.base_url",
+        url,
+        "--reward.endpoint.model",
+        "judge",
+        "--reward.endpoint.max_retries",
+        "0",
+        "--reward.max_attempts",
+        "2",
+        "--reward.endpoint.concurrency",
+        "1",
+        *extra,
+    ]
 
 
 def test_a_run_without_rewards_exits_non_zero_with_one_line(clarify_cache, tmp_path, capsys):
@@ -58,7 +92,8 @@ def test_a_run_without_rewards_exits_non_zero_with_one_line(clarify_cache, tmp_p
         f"clarify simulate: 4 of 4 rewards missing (100%, more than --max_missing_rewards 0.1): judge "
         f"llm_judge:endpoint:judge gave replies that could not be parsed; one raw reply (task "
         f"{json.loads(out.joinpath(UNPARSEABLE_FILE).read_text())['task_id']}, saved in {out / UNPARSEABLE_FILE}): "
-        f"{json.dumps(REFUSAL)}"]
+        f"{json.dumps(REFUSAL)}"
+    ]
     saved = json.loads((out / UNPARSEABLE_FILE).read_text())
     assert saved["reply"] == REFUSAL and saved["judge"] == "llm_judge:endpoint:judge"
     summary = json.loads((out / "summary.json").read_text())  # written before the failure: the share is in it
@@ -79,9 +114,13 @@ def test_the_allowed_share_is_an_option(clarify_cache, tmp_path, capsys):
 
 
 def _record(i: int, missing: bool, reward: str = "llm_judge:endpoint:j") -> ConversationRecord:
-    return ConversationRecord(id=f"t{i}#run0", task_id=f"t{i}", messages=[
-        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], reward=0.0,
-        meta={"reward_missing": missing, "reward": reward})
+    return ConversationRecord(
+        id=f"t{i}#run0",
+        task_id=f"t{i}",
+        messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+        reward=0.0,
+        meta={"reward_missing": missing, "reward": reward},
+    )
 
 
 def test_share_at_the_limit_passes_and_above_it_fails(tmp_path):
@@ -92,47 +131,58 @@ def test_share_at_the_limit_passes_and_above_it_fails(tmp_path):
     judge.unparseable = [("t0", "no\nscore  here")]
     judge.backend = type("B", (), {"name": "endpoint:j"})()
     weighted = WeightedReward({"correct": CorrectReward(), "llm_judge": judge}, {"correct": 0.5, "llm_judge": 0.5})
-    with pytest.raises(MissingRewardsError, match=r"1 of 10 rewards missing \(10%, more than --max_missing_rewards "
-                       r"0.05\).*one raw reply \(task t0, .*\): \"no score here\"$"):
+    with pytest.raises(
+        MissingRewardsError,
+        match=r"1 of 10 rewards missing \(10%, more than --max_missing_rewards "
+        r"0.05\).*one raw reply \(task t0, .*\): \"no score here\"$",
+    ):
         check_missing_rewards(records, weighted, tmp_path, 0.05)  # a judge inside a weighted reward is found
     assert json.loads((tmp_path / UNPARSEABLE_FILE).read_text())["reply"] == "no\nscore  here"
     with pytest.raises(MissingRewardsError, match="no raw reply kept"):  # missing rewards from resumed shards only
         check_missing_rewards(records, CorrectReward(), tmp_path / "x", 0.0)
 
 
-@pytest.mark.parametrize(("text", "overall"), [
-    ('{"overall": 7}', 7.0),
-    ('Here is my evaluation:\n```json\n{"accuracy": 8, "overall": 6}\n```\nThe student did well.', 6.0),
-    ("{'accuracy': 9, 'overall': 8}", 8.0),  # a Python dict
-    ('{"scores": {"accuracy": 5, "overall": 4}}', 4.0),  # nested one level
-    ('{"Overall Score": "7/10"}', 7.0),
-    ("Overall: 7", 7.0),
-    ("**Overall score**: 6/10", 6.0),
-    ("6. Overall: 8", 8.0),
-    ("Overall rating - 9 out of 10", 9.0),
-    ("Overall: 4/5", 8.0),  # out of another maximum: rescaled
-    ("I would rate this conversation 7/10.", 7.0),  # exactly one score given, no label
-    ("Score: 5", 5.0),
-    ("8", 8.0),
-    ("7 out of 10", 7.0),
-    ('{"overall": 11}', None),  # out of range
-    ('{"overall": "high"}', None),  # a word
-    ("Accuracy: 8/10, reasoning 6/10, overall good", None),
-    ("The student got 5/6 of the steps right.", None),  # a fraction, not a score on the 0-10 scale
-    ("4/5", None),  # two unlabelled-as-overall scores: which one?
-    ("The student answered B on turn 3.", None),  # a number that is no score
-    ('{"accuracy": 8}', None),  # no overall anywhere
-    ("Overall: 12", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    ("text", "overall"),
+    [
+        ('{"overall": 7}', 7.0),
+        ('Here is my evaluation:\n```json\n{"accuracy": 8, "overall": 6}\n```\nThe student did well.', 6.0),
+        ("{'accuracy': 9, 'overall': 8}", 8.0),  # a Python dict
+        ('{"scores": {"accuracy": 5, "overall": 4}}', 4.0),  # nested one level
+        ('{"Overall Score": "7/10"}', 7.0),
+        ("Overall: 7", 7.0),
+        ("**Overall score**: 6/10", 6.0),
+        ("6. Overall: 8", 8.0),
+        ("Overall rating - 9 out of 10", 9.0),
+        ("Overall: 4/5", 8.0),  # out of another maximum: rescaled
+        ("I would rate this conversation 7/10.", 7.0),  # exactly one score given, no label
+        ("Score: 5", 5.0),
+        ("8", 8.0),
+        ("7 out of 10", 7.0),
+        ('{"overall": 11}', None),  # out of range
+        ('{"overall": "high"}', None),  # a word
+        ("Accuracy: 8/10, reasoning 6/10, overall good", None),
+        ("The student got 5/6 of the steps right.", None),  # a fraction, not a score on the 0-10 scale
+        ("4/5", None),  # two unlabelled-as-overall scores: which one?
+        ("The student answered B on turn 3.", None),  # a number that is no score
+        ('{"accuracy": 8}', None),  # no overall anywhere
+        ("Overall: 12", None),
+        ("", None),
+    ],
+)
 def test_judge_reply_shapes(text, overall):
     assert (parse_judge_scores(text) or {}).get("overall") == overall
 
 
 def test_labelled_scores_are_all_kept():
     scores = parse_judge_scores("Accuracy: 8/10\nReasoning: 6\nPedagogy: 5\nConfidence calibration: 4\nOverall: 7")
-    assert scores == {"accuracy": 8.0, "reasoning": 6.0, "pedagogical_value": 5.0, "confidence_calibration": 4.0,
-                      "overall": 7.0}
+    assert scores == {
+        "accuracy": 8.0,
+        "reasoning": 6.0,
+        "pedagogical_value": 5.0,
+        "confidence_calibration": 4.0,
+        "overall": 7.0,
+    }
 
 
 def test_real_replies_of_a_served_judge():

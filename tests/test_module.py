@@ -32,9 +32,19 @@ def make_dm(path, tiny_model_dir, **kw) -> ConversationDataModule:
 
 
 def make_trainer(tmp_path, callbacks=(), **kw) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                     limit_val_batches=0, default_root_dir=str(tmp_path), callbacks=list(callbacks), **kw)
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=str(tmp_path),
+        callbacks=list(callbacks),
+        **kw,
+    )
 
 
 class Recorder(Callback):
@@ -50,8 +60,13 @@ class Recorder(Callback):
         self.losses.append(float(outputs["loss"]))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.named_parameters()
-                           if p.requires_grad and p.grad is not None})
+        self.grads.append(
+            {
+                n: p.grad.detach().clone()
+                for n, p in pl_module.named_parameters()
+                if p.requires_grad and p.grad is not None
+            }
+        )
 
 
 def collated(dm, n=3):
@@ -134,8 +149,14 @@ def test_one_by_eight_equals_eight_by_one(records_factory, tiny_model_dir, tmp_p
 # ------------------------------------------------------------------------------------------------ DPO reference
 @pytest.mark.parametrize("use_lora, mode", [(True, "adapter_disabled"), (False, "frozen_copy")])
 def test_dpo_policy_equal_reference_gives_log2(records_factory, tiny_model_dir, tmp_path, use_lora, mode):
-    module = make_module(tiny_model_dir, objective=DPO(beta=0.1), use_lora=use_lora, learning_rate=1e-2,
-                         warmup_ratio=0.0, lr_schedule="constant")
+    module = make_module(
+        tiny_model_dir,
+        objective=DPO(beta=0.1),
+        use_lora=use_lora,
+        learning_rate=1e-2,
+        warmup_ratio=0.0,
+        lr_schedule="constant",
+    )
     assert module._reference_mode() == mode
     dm = make_dm(records_factory(n_tasks=4), tiny_model_dir, batch_size=2)
     rec = Recorder()
@@ -161,13 +182,27 @@ def test_full_finetuning_dpo_resume_keeps_the_original_reference(records_factory
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     records = records_factory(n_tasks=4)
-    kw = dict(objective=DPO(beta=0.1, reference=mode), use_lora=False, learning_rate=1e-2, warmup_ratio=0.0,
-              lr_schedule="constant")
+    kw = dict(
+        objective=DPO(beta=0.1, reference=mode),
+        use_lora=False,
+        learning_rate=1e-2,
+        warmup_ratio=0.0,
+        lr_schedule="constant",
+    )
     first = make_module(tiny_model_dir, **kw)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-              num_sanity_val_steps=0, limit_val_batches=0, callbacks=[ckpt], max_steps=2,
-              default_root_dir=str(tmp_path)).fit(first, datamodule=make_dm(records, tiny_model_dir, batch_size=2))
+    L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[ckpt],
+        max_steps=2,
+        default_root_dir=str(tmp_path),
+    ).fit(first, datamodule=make_dm(records, tiny_model_dir, batch_size=2))
     dm = make_dm(records, tiny_model_dir, batch_size=2)
     resumed = make_module(tiny_model_dir, **kw)
     seen = {}
@@ -179,8 +214,9 @@ def test_full_finetuning_dpo_resume_keeps_the_original_reference(records_factory
                 seen["ref"] = {k: v.clone() for k, v in ref.state_dict().items()}
             seen["policy"] = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
 
-    make_trainer(tmp_path, [Peek()], max_steps=3).fit(resumed, datamodule=dm, ckpt_path=str(tmp_path / "ckpt" /
-                                                                                                 "last.ckpt"))
+    make_trainer(tmp_path, [Peek()], max_steps=3).fit(
+        resumed, datamodule=dm, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
     base = ClarifyModule(model_name_or_path=str(tiny_model_dir), use_lora=False).model.state_dict()
     assert any(not torch.equal(seen["policy"][k], base[k]) for k in base)  # the resumed policy has moved
     if mode == "frozen_copy":
@@ -233,7 +269,12 @@ def test_from_checkpoint_restores_objective_and_adapter(records_factory, tiny_mo
     trainer.save_checkpoint(path)
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     assert ckpt["hyper_parameters"]["objective_config"] == {
-        "class": "Swift", "zero_std": "epsilon", "min_std": 1e-6, "epsilon": 1e-3, "min_weight": -1.0}
+        "class": "Swift",
+        "zero_std": "epsilon",
+        "min_std": 1e-6,
+        "epsilon": 1e-3,
+        "min_weight": -1.0,
+    }
     assert all("lora_" in k for k in ckpt["state_dict"] if k.startswith("model."))  # adapter only under LoRA
 
     restored = ClarifyModule.from_checkpoint(path)
@@ -254,8 +295,13 @@ def test_from_checkpoint_restores_objective_and_adapter(records_factory, tiny_mo
 
 def test_hparams_record_the_objective(tiny_model_dir):
     module = make_module(tiny_model_dir, objective=DPO(beta=0.2, pairs="final_answer"))
-    assert module.hparams.objective_config == {"class": "DPO", "beta": 0.2, "pairs": "final_answer",
-                                               "min_gap": 1e-6, "reference": "auto"}
+    assert module.hparams.objective_config == {
+        "class": "DPO",
+        "beta": 0.2,
+        "pairs": "final_answer",
+        "min_gap": 1e-6,
+        "reference": "auto",
+    }
     assert module.is_dpo and not make_module(tiny_model_dir).is_dpo
 
 
@@ -280,7 +326,10 @@ def test_lora_freezes_base_and_full_finetuning_trains_all(tiny_model_dir):
     trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n in trainable if "lora_A" in n} == {
-        "q_proj", "v_proj", "down_proj"}
+        "q_proj",
+        "v_proj",
+        "down_proj",
+    }
     full = make_module(tiny_model_dir, use_lora=False)
     assert all(p.requires_grad for p in full.parameters())
     assert lora.model.training and full.model.training
@@ -307,8 +356,9 @@ class BatchWeights(Callback):
         self.weights.append(batch["weights"].tolist())
 
 
-def _train_params(tmp_path, tiny_model_dir, path, skip: bool, steps: int, batch_size: int, accumulate: int,
-                  monkeypatch):
+def _train_params(
+    tmp_path, tiny_model_dir, path, skip: bool, steps: int, batch_size: int, accumulate: int, monkeypatch
+):
     """Train ``steps`` optimizer steps; return the trainable parameters, the rows that went through the model and
     the micro-batches' weights."""
     import clarify_lit.train.module as module_mod
@@ -322,8 +372,15 @@ def _train_params(tmp_path, tiny_model_dir, path, skip: bool, steps: int, batch_
 
     monkeypatch.setattr(module_mod, "target_logps", counting)
     torch.manual_seed(0)
-    module = make_module(tiny_model_dir, objective=Refit(), lora_dropout=0.0, learning_rate=1e-2,
-                         skip_zero_weight=skip, warmup_ratio=0.0, lr_schedule="constant")
+    module = make_module(
+        tiny_model_dir,
+        objective=Refit(),
+        lora_dropout=0.0,
+        learning_rate=1e-2,
+        skip_zero_weight=skip,
+        warmup_ratio=0.0,
+        lr_schedule="constant",
+    )
     dm = make_dm(path, tiny_model_dir, batch_size=batch_size, group_by_length=True)
     rec = BatchWeights()
     make_trainer(tmp_path, [rec], max_steps=steps, accumulate_grad_batches=accumulate).fit(module, datamodule=dm)
@@ -332,18 +389,21 @@ def _train_params(tmp_path, tiny_model_dir, path, skip: bool, steps: int, batch_
 
 
 @pytest.mark.parametrize("batch_size, accumulate", [(2, 1), (2, 3)])
-def test_zero_weight_skip_keeps_the_trajectory(records_factory, tiny_model_dir, tmp_path, monkeypatch, batch_size,
-                                               accumulate):
+def test_zero_weight_skip_keeps_the_trajectory(
+    records_factory, tiny_model_dir, tmp_path, monkeypatch, batch_size, accumulate
+):
     """Refit with most rewards 0: skipping the weight-0 conversations gives the same parameters after k steps
     (AdamW moments included: all-zero micro-batches still step with an exact zero gradient), computing only the
     non-zero rows."""
     nonzero = {(0, 1): 1.0, (2, 0): 0.5, (3, 2): 1.0}
     path = records_factory(n_tasks=5, n_runs=3, rewards=lambda t, r: nonzero.get((t, r), 0.0))
     steps = 5
-    before, rows_before, weights = _train_params(tmp_path / "a", tiny_model_dir, path, False, steps, batch_size,
-                                                 accumulate, monkeypatch)
-    after, rows_after, weights_after = _train_params(tmp_path / "b", tiny_model_dir, path, True, steps, batch_size,
-                                                     accumulate, monkeypatch)
+    before, rows_before, weights = _train_params(
+        tmp_path / "a", tiny_model_dir, path, False, steps, batch_size, accumulate, monkeypatch
+    )
+    after, rows_after, weights_after = _train_params(
+        tmp_path / "b", tiny_model_dir, path, True, steps, batch_size, accumulate, monkeypatch
+    )
     assert weights_after == weights  # the same micro-batches in the same order
     assert rows_before == sum(len(w) for w in weights)
     assert rows_after == sum(x != 0 for w in weights for x in w) < rows_before

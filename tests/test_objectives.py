@@ -169,9 +169,11 @@ def test_dpo_final_answer_pairs():
         DPO(pairs="final_answer").build_view(records)  # make_messages' teacher turns hold no lettered question
 
 
-CLARIFY_T1 = ("Question: Which gas do plants take in?\nA) oxygen\nB) carbon dioxide\nC) helium\nD) neon\n\nAsk me "
-              "ONE specific question about one option. Do not answer yet.\n\n[Instructions for your reply: one "
-              "question]")
+CLARIFY_T1 = (
+    "Question: Which gas do plants take in?\nA) oxygen\nB) carbon dioxide\nC) helium\nD) neon\n\nAsk me "
+    "ONE specific question about one option. Do not answer yet.\n\n[Instructions for your reply: one "
+    "question]"
+)
 
 
 def test_dpo_final_answer_prompt_is_the_question_alone():
@@ -181,8 +183,10 @@ def test_dpo_final_answer_prompt_is_the_question_alone():
         r.messages[1] = {"role": "user", "content": CLARIFY_T1}
     # as the simulator writes it now
     for r in records:
-        r.meta = {"question_prompt": "Question: Which gas do plants take in?\nA) oxygen\nB) carbon dioxide\n"
-                                     "C) helium\nD) neon"}
+        r.meta = {
+            "question_prompt": "Question: Which gas do plants take in?\nA) oxygen\nB) carbon dioxide\n"
+            "C) helium\nD) neon"
+        }
     (pair,), _ = DPO(pairs="final_answer").build_view(records)
     assert pair.chosen[1]["content"] == records[1].meta["question_prompt"]
     # old records: rebuilt from meta.question/choices ...

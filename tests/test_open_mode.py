@@ -28,30 +28,46 @@ from clarify_lit.simulate.teachers import OpenTeacher, split_sentences
 CELL = ["mitochondria", "nucleus", "ribosome", "cell wall"]
 
 TASKS = [
-    QATask("sciq/1", "sciq", "What do plants need to make food?", ["sunlight", "sand", "salt", "smoke"], "A",
-           knowledge="Plants make food by photosynthesis, which uses energy from sunlight. Sand is made of small "
-                     "rocks. Salt is a mineral that dissolves in water. Smoke comes from burning wood."),
-    QATask("sciq/2", "sciq", "Which organelle makes energy for the cell?", CELL, "A",
-           knowledge="The mitochondria are the powerhouse of the cell and make energy. The nucleus holds the DNA. "
-                     "Ribosomes build proteins."),
+    QATask(
+        "sciq/1",
+        "sciq",
+        "What do plants need to make food?",
+        ["sunlight", "sand", "salt", "smoke"],
+        "A",
+        knowledge="Plants make food by photosynthesis, which uses energy from sunlight. Sand is made of small "
+        "rocks. Salt is a mineral that dissolves in water. Smoke comes from burning wood.",
+    ),
+    QATask(
+        "sciq/2",
+        "sciq",
+        "Which organelle makes energy for the cell?",
+        CELL,
+        "A",
+        knowledge="The mitochondria are the powerhouse of the cell and make energy. The nucleus holds the DNA. "
+        "Ribosomes build proteins.",
+    ),
 ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # grading
 
-@pytest.mark.parametrize("text, letter, hedged", [
-    ("The answer is mitochondria.", "A", False),
-    ("The answer is the mitochondrion.", "A", False),  # inflection
-    ("MITOCHONDRIA", "A", False),
-    ("The answer is the cell walls.", "D", False),
-    ("The answer is mitochondria or the nucleus.", None, True),  # two options: a hedge
-    ("mitochondria, nucleus, ribosome, cell wall", None, True),  # every option named
-    ("The answer is: The answer is:", None, False),  # names none
-    ("", None, False),
-    ("<thinking>nucleus? ribosome?</thinking> The answer is ribosomes.", "C", False),  # thinking is not read
-    ("The answer is energy.", None, False),
-])
+
+@pytest.mark.parametrize(
+    "text, letter, hedged",
+    [
+        ("The answer is mitochondria.", "A", False),
+        ("The answer is the mitochondrion.", "A", False),  # inflection
+        ("MITOCHONDRIA", "A", False),
+        ("The answer is the cell walls.", "D", False),
+        ("The answer is mitochondria or the nucleus.", None, True),  # two options: a hedge
+        ("mitochondria, nucleus, ribosome, cell wall", None, True),  # every option named
+        ("The answer is: The answer is:", None, False),  # names none
+        ("", None, False),
+        ("<thinking>nucleus? ribosome?</thinking> The answer is ribosomes.", "C", False),  # thinking is not read
+        ("The answer is energy.", None, False),
+    ],
+)
 def test_grade_open_answer_table(text, letter, hedged):
     got = grade_open_answer(text, CELL)
     assert (got.letter, got.hedged) == (letter, hedged)
@@ -73,18 +89,37 @@ def test_questions_in_a_turn():
 # ---------------------------------------------------------------------------------------------------------------
 # the reward and trivial policies: each scores 0 or its base rate, never more
 
+
 def _conversation(task: QATask, final: str, ask: str = "What is it?") -> list[dict[str, str]]:
-    return [{"role": "system", "content": prompts.system_prompt("clarifying", "open")},
-            {"role": "user", "content": prompts.teacher_message(task, "clarifying", "open", 2, 1)},
-            {"role": "assistant", "content": ask},
-            {"role": "user", "content": prompts.teacher_message(task, "clarifying", "open", 2, 2, reply="Notes.")},
-            {"role": "assistant", "content": final}]
+    return [
+        {"role": "system", "content": prompts.system_prompt("clarifying", "open")},
+        {"role": "user", "content": prompts.teacher_message(task, "clarifying", "open", 2, 1)},
+        {"role": "assistant", "content": ask},
+        {"role": "user", "content": prompts.teacher_message(task, "clarifying", "open", 2, 2, reply="Notes.")},
+        {"role": "assistant", "content": final},
+    ]
 
 
 def _many_tasks(n: int = 40, seed: int = 0) -> list[QATask]:
     rng = random.Random(seed)
-    words = ["iron", "oxygen", "carbon dioxide", "nitrogen", "gravity", "friction", "magma", "protein", "glucose",
-             "chlorophyll", "neutron", "proton", "electron", "enzyme", "mitosis", "meiosis"]
+    words = [
+        "iron",
+        "oxygen",
+        "carbon dioxide",
+        "nitrogen",
+        "gravity",
+        "friction",
+        "magma",
+        "protein",
+        "glucose",
+        "chlorophyll",
+        "neutron",
+        "proton",
+        "electron",
+        "enzyme",
+        "mitosis",
+        "meiosis",
+    ]
     tasks = []
     for i in range(n):
         choices = rng.sample(words, 4)
@@ -115,9 +150,12 @@ def test_trivial_policies_earn_nothing_or_their_base_rate():
 
 
 @settings(max_examples=40, deadline=None)
-@given(filler=st.lists(st.sampled_from("the a is of and that it what then so very because maybe".split()),
-                       min_size=0, max_size=30),
-       inside=st.booleans())
+@given(
+    filler=st.lists(
+        st.sampled_from("the a is of and that it what then so very because maybe".split()), min_size=0, max_size=30
+    ),
+    inside=st.booleans(),
+)
 def test_filler_words_never_earn(filler, inside):
     tasks = _many_tasks(8)
     text = " ".join(filler)
@@ -128,8 +166,9 @@ def test_filler_words_never_earn(filler, inside):
 def test_reward_components_count_names_none_and_hedges():
     task = TASKS[1]
     reward = CorrectReward(open_answers=True)
-    none, hedge, right = reward.score([task] * 3, [_conversation(task, f) for f in
-                                                   ("I do not know.", "nucleus or ribosome", "mitochondria")])
+    none, hedge, right = reward.score(
+        [task] * 3, [_conversation(task, f) for f in ("I do not know.", "nucleus or ribosome", "mitochondria")]
+    )
     assert none.components["names_none"] == 1 and none.value == 0
     assert hedge.components["hedged"] == 1 and hedge.components["names_none"] == 0 and hedge.value == 0
     assert right.value == 1 and right.components["names_none"] == 0
@@ -142,12 +181,14 @@ def test_open_mode_builds_only_the_correct_reward():
     for kind in ("rubric", "gold_prob", "llm_judge"):
         with pytest.raises(NotImplementedError, match="open mode"):
             build_reward(RewardOptions(kind=kind), policy="", models=models, mode="open")
-    assert isinstance(build_teacher(TeacherOptions(), setting="clarifying", policy="", models=models, mode="open"),
-                      OpenTeacher)
+    assert isinstance(
+        build_teacher(TeacherOptions(), setting="clarifying", policy="", models=models, mode="open"), OpenTeacher
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the open teacher: information only through questions, only from that question's knowledge
+
 
 def test_open_teacher_gives_nothing_without_a_question():
     teacher = OpenTeacher()
@@ -179,6 +220,7 @@ def test_open_teacher_never_sees_the_options():
 # ---------------------------------------------------------------------------------------------------------------
 # prompts and the rollout
 
+
 def test_open_prompts_hide_the_options():
     task = TASKS[0]
     first = prompts.teacher_message(task, "clarifying", "open", 2, 1)
@@ -196,8 +238,9 @@ def test_open_prompts_hide_the_options():
 
 def test_open_rollout_records(tiny):
     model, tok = tiny
-    spec = RolloutSpec(setting="clarifying", mode="open", n_turns=2, temperatures=[0.0, 1.0], max_new_tokens=6,
-                       batch_size=4, seed=0)
+    spec = RolloutSpec(
+        setting="clarifying", mode="open", n_turns=2, temperatures=[0.0, 1.0], max_new_tokens=6, batch_size=4, seed=0
+    )
     records = rollout_tasks(model, tok, TASKS, spec, model_name="tiny-random")
     assert len(records) == 4
     for r, task in zip(records, [TASKS[0]] * 2 + [TASKS[1]] * 2, strict=True):
@@ -215,12 +258,23 @@ def test_open_metrics_read_the_options_from_meta():
     task = TASKS[1]
 
     def record(i, ask, final):
-        return ConversationRecord(id=f"r{i}", task_id=task.task_id, messages=_conversation(task, final, ask),
-                                  reward=0.0, gold="A", meta={"setting": "clarifying", "mode": "open",
-                                                             "choices": task.choices})
+        return ConversationRecord(
+            id=f"r{i}",
+            task_id=task.task_id,
+            messages=_conversation(task, final, ask),
+            reward=0.0,
+            gold="A",
+            meta={"setting": "clarifying", "mode": "open", "choices": task.choices},
+        )
 
-    m = compute_metrics([record(0, "What makes energy?", "mitochondria"), record(1, "Hi.", "I do not know"),
-                         record(2, "What? Why?", "nucleus or ribosome"), record(3, "No.", "mitochondria")])
+    m = compute_metrics(
+        [
+            record(0, "What makes energy?", "mitochondria"),
+            record(1, "Hi.", "I do not know"),
+            record(2, "What? Why?", "nucleus or ribosome"),
+            record(3, "No.", "mitochondria"),
+        ]
+    )
     assert m["accuracy"] == 0.5
     assert m["names_none_rate"] == 0.25 and m["hedge_rate"] == 0.25
     assert m["single_question_rate"] == 0.25  # "What? Why?" holds two
@@ -231,12 +285,21 @@ def test_best_constant_open_answer_and_caption():
     from clarify_lit.evaluate.report import best_constant_open_answer, constant_caption, letters_table
 
     def rec(i, choices, gold):
-        return ConversationRecord(id=f"q{i}#run0", task_id=f"q{i}", messages=_conversation(TASKS[0], "x"),
-                                  reward=0.0, gold=gold, meta={"mode": "open", "choices": choices,
-                                                               "setting": "clarifying"})
+        return ConversationRecord(
+            id=f"q{i}#run0",
+            task_id=f"q{i}",
+            messages=_conversation(TASKS[0], "x"),
+            reward=0.0,
+            gold=gold,
+            meta={"mode": "open", "choices": choices, "setting": "clarifying"},
+        )
 
-    records = [rec(0, ["oxygen", "iron", "salt", "sand"], "A"), rec(1, ["iron", "oxygen", "salt", "sand"], "B"),
-               rec(2, ["iron", "gold", "salt", "sand"], "A"), rec(2, ["iron", "gold", "salt", "sand"], "A")]
+    records = [
+        rec(0, ["oxygen", "iron", "salt", "sand"], "A"),
+        rec(1, ["iron", "oxygen", "salt", "sand"], "B"),
+        rec(2, ["iron", "gold", "salt", "sand"], "A"),
+        rec(2, ["iron", "gold", "salt", "sand"], "A"),
+    ]
     # "oxygen" is right on q0 and q1, "iron" on q2: 2 of the 3 questions (q2's two runs count once)
     assert best_constant_open_answer(records) == ("oxygen", pytest.approx(2 / 3))
     assert 'always "The answer is oxygen." scores accuracy 0.667 on these 3 questions' in constant_caption(records)

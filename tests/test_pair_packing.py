@@ -1,6 +1,6 @@
-"""DPO pairs packed with their shared prefix (``clarify_lit.data.pair_collation`` collates, ``clarify_lit.train.pair_logprobs``
-computes): same sequence log-probs and gradients as two stacked rows, the attention pattern, trained prefix tokens,
-and the DataModule switch."""
+"""DPO pairs packed with their shared prefix (``clarify_lit.data.pair_collation`` collates,
+``clarify_lit.train.pair_logprobs`` computes): same sequence log-probs and gradients as two stacked rows, the
+attention pattern, trained prefix tokens, and the DataModule switch."""
 
 from __future__ import annotations
 
@@ -18,16 +18,20 @@ pytestmark = pytest.mark.usefixtures("clarify_cache")
 
 
 def pair_samples(records_factory, tiny_model_dir, pairs, n=3):
-    dm = ConversationDataModule([str(records_factory(n_tasks=n))], tokenizer_name_or_path=str(tiny_model_dir),
-                                val_fraction=0.0, cache_tokenized=False, objective=DPO(pairs=pairs))
+    dm = ConversationDataModule(
+        [str(records_factory(n_tasks=n))],
+        tokenizer_name_or_path=str(tiny_model_dir),
+        val_fraction=0.0,
+        cache_tokenized=False,
+        objective=DPO(pairs=pairs),
+    )
     dm.setup("fit")
     return dm.train_set.samples[:n], dm.tokenizer.pad_token_id
 
 
 def lora_module(tiny_model_dir):
     torch.manual_seed(0)
-    module = ClarifyModule(model_name_or_path=str(tiny_model_dir), lora_r=4, lora_dropout=0.0,
-                           export_on_fit_end=False)
+    module = ClarifyModule(model_name_or_path=str(tiny_model_dir), lora_r=4, lora_dropout=0.0, export_on_fit_end=False)
     with torch.no_grad():  # a non-zero adapter, so that LoRA A and B both get gradients
         for n, p in module.model.named_parameters():
             if "lora_B" in n:
@@ -66,8 +70,13 @@ def test_packed_equals_stacked_logps_and_gradients(records_factory, tiny_model_d
 
 def test_layout_mask_positions_and_targets():
     # prefix [1 2 3], chosen rest [4 5], rejected rest [6]; the last prefix token (3) is trained in both
-    s = {"id": "p", "chosen_input_ids": [1, 2, 3, 4, 5], "chosen_labels": [-100, -100, 3, 4, 5],
-         "rejected_input_ids": [1, 2, 3, 6], "rejected_labels": [-100, -100, 3, 6]}
+    s = {
+        "id": "p",
+        "chosen_input_ids": [1, 2, 3, 4, 5],
+        "chosen_labels": [-100, -100, 3, 4, 5],
+        "rejected_input_ids": [1, 2, 3, 6],
+        "rejected_labels": [-100, -100, 3, 6],
+    }
     b = pack_pairs([s], pad_token_id=0)
     assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6]]
     assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3]]
@@ -80,10 +89,20 @@ def test_layout_mask_positions_and_targets():
 
 
 def test_labels_that_differ_end_the_prefix_and_padding_rows():
-    a = {"id": "a", "chosen_input_ids": [1, 2, 3], "chosen_labels": [-100, 2, 3],
-         "rejected_input_ids": [1, 2, 3], "rejected_labels": [-100, -100, 3]}  # same tokens, other labels
-    c = {"id": "c", "chosen_input_ids": [1, 2, 3, 4, 5, 6, 7], "chosen_labels": [-100, -100, -100, 4, 5, 6, 7],
-         "rejected_input_ids": [1, 2, 3, 8], "rejected_labels": [-100, -100, -100, 8]}
+    a = {
+        "id": "a",
+        "chosen_input_ids": [1, 2, 3],
+        "chosen_labels": [-100, 2, 3],
+        "rejected_input_ids": [1, 2, 3],
+        "rejected_labels": [-100, -100, 3],
+    }  # same tokens, other labels
+    c = {
+        "id": "c",
+        "chosen_input_ids": [1, 2, 3, 4, 5, 6, 7],
+        "chosen_labels": [-100, -100, -100, 4, 5, 6, 7],
+        "rejected_input_ids": [1, 2, 3, 8],
+        "rejected_labels": [-100, -100, -100, 8],
+    }
     b = pack_pairs([a, c], pad_token_id=0)
     assert b["input_ids"][0].tolist()[:5] == [1, 2, 3, 2, 3]  # the labels differ at token 2: prefix [1] only
     assert b["token_mask"].tolist() == [[1] * 5 + [0] * 3, [1] * 8]
@@ -107,8 +126,14 @@ def test_eager_attention_takes_the_packed_mask(records_factory, tiny_model_dir):
 def test_datamodule_packs_dpo_pairs_by_default(records_factory, tiny_model_dir):
     path = str(records_factory(n_tasks=3))
     for share, packed in ((True, True), (False, False)):
-        dm = ConversationDataModule([path], tokenizer_name_or_path=str(tiny_model_dir), val_fraction=0.0,
-                                    cache_tokenized=False, objective=DPO(), share_pair_prefix=share)
+        dm = ConversationDataModule(
+            [path],
+            tokenizer_name_or_path=str(tiny_model_dir),
+            val_fraction=0.0,
+            cache_tokenized=False,
+            objective=DPO(),
+            share_pair_prefix=share,
+        )
         dm.setup("fit")
         batch = next(iter(dm.train_dataloader()))
         assert (PACKED_KEY in batch) == packed and "step_tokens" in batch and batch["n_pairs"] == len(batch["ids"])
@@ -148,8 +173,12 @@ def test_padding_to_a_multiple_changes_no_logp(records_factory, tiny_model_dir, 
 
 
 def test_datamodule_pads_to_a_multiple_of_16_by_default(records_factory, tiny_model_dir):
-    dm = ConversationDataModule([str(records_factory(n_tasks=2))], tokenizer_name_or_path=str(tiny_model_dir),
-                                val_fraction=0.0, cache_tokenized=False)
+    dm = ConversationDataModule(
+        [str(records_factory(n_tasks=2))],
+        tokenizer_name_or_path=str(tiny_model_dir),
+        val_fraction=0.0,
+        cache_tokenized=False,
+    )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape[1] % 16 == 0

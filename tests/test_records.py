@@ -63,8 +63,7 @@ def test_datasets_folder_and_dataset_dict(tmp_path):
     datasets = pytest.importorskip("datasets")
     rows = _rows()
     # columnar storage keeps dict-valued columns as JSON text (one schema for heterogeneous dicts)
-    flat = [{**r, "meta": json.dumps(r["meta"]), "reward_components": json.dumps(r["reward_components"])}
-            for r in rows]
+    flat = [{**r, "meta": json.dumps(r["meta"]), "reward_components": json.dumps(r["reward_components"])} for r in rows]
     folder = tmp_path / "ds"
     datasets.Dataset.from_list(flat).save_to_disk(str(folder))
     records, summary = load_records(folder)
@@ -74,8 +73,9 @@ def test_datasets_folder_and_dataset_dict(tmp_path):
     assert records[0].messages == rows[0]["messages"]
 
     dd_folder = tmp_path / "dd"
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(flat[:4]),
-                          "extra": datasets.Dataset.from_list(flat[4:])}).save_to_disk(str(dd_folder))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(flat[:4]), "extra": datasets.Dataset.from_list(flat[4:])}
+    ).save_to_disk(str(dd_folder))
     dd_records, _ = load_records(dd_folder)
     assert sorted(r.id for r in dd_records) == sorted(r["id"] for r in rows)
     assert any(r.source.endswith("train[0]") for r in dd_records)
@@ -141,18 +141,21 @@ def _empty_id(r):
     r["id"] = ""
 
 
-@pytest.mark.parametrize("mutate, field, problem", [
-    (_drop_messages, "messages", "missing"),
-    (_wrong_role, "messages[1].role", "must be one of"),
-    (_two_assistants, "messages[3].role", "two consecutive assistant turns"),
-    (_empty_assistant, "messages[4].content", "empty assistant turn"),
-    (_nan_reward, "reward", "finite"),
-    (_inf_reward, "reward", "finite"),
-    (_string_reward, "reward", "must be a number"),
-    (_bool_reward, "reward", "must be a number"),
-    (_late_system, "messages[2].role", "only allowed first"),
-    (_no_assistant, "messages", "no assistant turn"),
-])
+@pytest.mark.parametrize(
+    "mutate, field, problem",
+    [
+        (_drop_messages, "messages", "missing"),
+        (_wrong_role, "messages[1].role", "must be one of"),
+        (_two_assistants, "messages[3].role", "two consecutive assistant turns"),
+        (_empty_assistant, "messages[4].content", "empty assistant turn"),
+        (_nan_reward, "reward", "finite"),
+        (_inf_reward, "reward", "finite"),
+        (_string_reward, "reward", "must be a number"),
+        (_bool_reward, "reward", "must be a number"),
+        (_late_system, "messages[2].role", "only allowed first"),
+        (_no_assistant, "messages", "no assistant turn"),
+    ],
+)
 def test_invalid_record_names_file_line_id_and_field(tmp_path, mutate, field, problem):
     rows = _rows()
     mutate(rows[1])
@@ -319,9 +322,15 @@ def test_gzipped_jsonl_reads_like_the_plain_file_and_a_damaged_stream_is_named(t
 
     from clarify_lit.data.records import RecordError, load_records, write_records
 
-    rows = [{"id": f"r{i}", "task_id": f"t{i}", "messages": [{"role": "user", "content": "q"},
-                                                              {"role": "assistant", "content": "A"}],
-             "reward": float(i)} for i in range(3)]
+    rows = [
+        {
+            "id": f"r{i}",
+            "task_id": f"t{i}",
+            "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "A"}],
+            "reward": float(i),
+        }
+        for i in range(3)
+    ]
     plain = write_records(tmp_path / "x.jsonl", rows)
     packed = tmp_path / "x.jsonl.gz"
     packed.write_bytes(gzip.compress(plain.read_bytes()))

@@ -54,14 +54,37 @@ class Losses(Callback):
 
 def fit_dpo(tiny_model_dir, records, tmp_path, *, use_lora=True, precision="32-true", max_steps=1, **kw):
     torch.manual_seed(0)
-    module = ClarifyModule(model_name_or_path=str(tiny_model_dir), objective=DPO(reference="precomputed"),
-                           use_lora=use_lora, lora_r=4, lora_alpha=8, export_on_fit_end=False, **kw)
-    dm = ConversationDataModule([str(records)], tokenizer_name_or_path=str(tiny_model_dir), val_fraction=0.0,
-                                batch_size=2, cache_tokenized=False)
+    module = ClarifyModule(
+        model_name_or_path=str(tiny_model_dir),
+        objective=DPO(reference="precomputed"),
+        use_lora=use_lora,
+        lora_r=4,
+        lora_alpha=8,
+        export_on_fit_end=False,
+        **kw,
+    )
+    dm = ConversationDataModule(
+        [str(records)],
+        tokenizer_name_or_path=str(tiny_model_dir),
+        val_fraction=0.0,
+        batch_size=2,
+        cache_tokenized=False,
+    )
     rec = Losses()
-    L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, max_steps=max_steps,
-              precision=precision, default_root_dir=str(tmp_path), callbacks=[rec]).fit(module, datamodule=dm)
+    L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        max_steps=max_steps,
+        precision=precision,
+        default_root_dir=str(tmp_path),
+        callbacks=[rec],
+    ).fit(module, datamodule=dm)
     return module, dm, rec
 
 
@@ -81,13 +104,15 @@ def test_second_fit_reads_the_cache(records_factory, tiny_model_dir, tmp_path, o
     assert abs(rec.losses[0] - math.log(2)) < 1e-6
 
 
-def test_changed_pair_is_recomputed_and_others_hit(records_factory, tiny_model_dir, tmp_path, own_cache,
-                                                   cache_stats):
+def test_changed_pair_is_recomputed_and_others_hit(records_factory, tiny_model_dir, tmp_path, own_cache, cache_stats):
     records = records_factory(n_tasks=4)
     _, dm1, _ = fit_dpo(tiny_model_dir, records, tmp_path / "a")
     rows = [json.loads(line) for line in records.read_text().splitlines()]
-    changed = next(r for r in rows if r["task_id"] == "t1" and r["reward"] == max(
-        x["reward"] for x in rows if x["task_id"] == "t1"))
+    changed = next(
+        r
+        for r in rows
+        if r["task_id"] == "t1" and r["reward"] == max(x["reward"] for x in rows if x["task_id"] == "t1")
+    )
     changed["messages"][-1]["content"] = "The answer is D, because of energy."  # t1's chosen final answer
     records.write_text("".join(json.dumps(r) + "\n" for r in rows))
     _, dm2, _ = fit_dpo(tiny_model_dir, records, tmp_path / "b")
@@ -116,8 +141,13 @@ def test_other_weights_or_precision_use_another_entry(tiny_model_dir, own_cache)
 
 
 def test_pair_key_follows_tokens():
-    s = {"chosen_input_ids": [1, 2], "chosen_labels": [-100, 2], "rejected_input_ids": [1, 3],
-         "rejected_labels": [-100, 3], "id": "a"}
+    s = {
+        "chosen_input_ids": [1, 2],
+        "chosen_labels": [-100, 2],
+        "rejected_input_ids": [1, 3],
+        "rejected_labels": [-100, 3],
+        "id": "a",
+    }
     assert pair_key(s) == pair_key({**s, "id": "b"})
     assert pair_key(s) != pair_key({**s, "rejected_labels": [-100, -100]})
 
@@ -135,12 +165,20 @@ def test_cache_off_writes_nothing(records_factory, tiny_model_dir, tmp_path, own
 
 
 @pytest.mark.parametrize("use_lora, precision", [(False, "32-true"), (True, "bf16-mixed")])
-def test_precomputed_reference_is_the_policy_at_step_0(records_factory, tiny_model_dir, tmp_path, own_cache,
-                                                       use_lora, precision):
+def test_precomputed_reference_is_the_policy_at_step_0(
+    records_factory, tiny_model_dir, tmp_path, own_cache, use_lora, precision
+):
     """Full fine-tuning works with a precomputed reference (the model itself at fit start), and the reference is
     computed under the training forward's precision: DPO's first loss is log 2 exactly, also under bf16 autocast."""
-    _, dm, rec = fit_dpo(tiny_model_dir, records_factory(n_tasks=4), tmp_path, use_lora=use_lora,
-                         precision=precision, max_steps=2, learning_rate=1e-2)
+    _, dm, rec = fit_dpo(
+        tiny_model_dir,
+        records_factory(n_tasks=4),
+        tmp_path,
+        use_lora=use_lora,
+        precision=precision,
+        max_steps=2,
+        learning_rate=1e-2,
+    )
     assert all(s["ref_chosen_logps"] < 0 for s in dm.train_set.samples)
     # bf16: batches padded differently round differently (~1e-6); an fp32 reference would be ~1e-4 off
     assert abs(rec.losses[0] - math.log(2)) < (1e-5 if precision == "bf16-mixed" else 1e-6)
@@ -149,15 +187,26 @@ def test_precomputed_reference_is_the_policy_at_step_0(records_factory, tiny_mod
 
 @pytest.mark.parametrize("use_lora", [True, False])
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(records_factory, tiny_model_dir, use_lora):
-    dm = ConversationDataModule([str(records_factory(n_tasks=2))], tokenizer_name_or_path=str(tiny_model_dir),
-                                val_fraction=0.0, cache_tokenized=False, objective=Refit())
+    dm = ConversationDataModule(
+        [str(records_factory(n_tasks=2))],
+        tokenizer_name_or_path=str(tiny_model_dir),
+        val_fraction=0.0,
+        cache_tokenized=False,
+        objective=Refit(),
+    )
     dm.setup("fit")
     batch = PadCollator(dm.tokenizer.pad_token_id)(dm.train_set.samples[:4])
     results = []
     for gc in (False, True):
         torch.manual_seed(0)
-        module = ClarifyModule(model_name_or_path=str(tiny_model_dir), use_lora=use_lora, lora_r=4,
-                               lora_dropout=0.0, gradient_checkpointing=gc, export_on_fit_end=False)
+        module = ClarifyModule(
+            model_name_or_path=str(tiny_model_dir),
+            use_lora=use_lora,
+            lora_r=4,
+            lora_dropout=0.0,
+            gradient_checkpointing=gc,
+            export_on_fit_end=False,
+        )
         if use_lora:  # non-zero B so that the adapter carries gradient to A as well
             with torch.no_grad():
                 for n, p in module.model.named_parameters():

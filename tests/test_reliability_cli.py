@@ -19,8 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def records(tmp_path) -> Path:
-    return write_records(tmp_path / "records.jsonl",
-                         [make_record(t, r, [1.0, 0.0, 0.5][r]) for t in range(3) for r in range(3)])
+    return write_records(
+        tmp_path / "records.jsonl", [make_record(t, r, [1.0, 0.0, 0.5][r]) for t in range(3) for r in range(3)]
+    )
 
 
 @pytest.fixture
@@ -43,24 +44,44 @@ def run_clarify(argv: list[str], capsys) -> tuple[int, str]:
 
 
 def fit(records: Path, root: Path, *extra: str) -> list[str]:
-    return ["fit", f"--data.train_files=[{records}]", "--trainer.max_steps=1", f"--trainer.default_root_dir={root}",
-            "--trainer.enable_progress_bar=false", *extra]
+    return [
+        "fit",
+        f"--data.train_files=[{records}]",
+        "--trainer.max_steps=1",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.enable_progress_bar=false",
+        *extra,
+    ]
 
 
 CASES = {
-    "unknown objective": (["--model.objective=Reflt"], 2,
-                          ["--model.objective: 'Reflt' is not an objective; choose one of Refit, Swift, SFT, DPO"]),
-    "LoRA target the model lacks": (["--model.lora_target_modules=[q_proj,qkv_proj]"], 1,
-                                    ["lora_target_modules ['qkv_proj'] not found in 'tiny-random'",
-                                     "its linear layers are", "v_proj"]),
-    "dataset path that does not exist": (["--data.train_files=[nowhere/records.jsonl]"], 1,
-                                         ["data.train_files: record file not found: nowhere/records.jsonl"]),
-    "model folder that does not exist": (["--model.model_name_or_path=./no/such/model"], 1,
-                                         ["model folder not found: ./no/such/model"]),
+    "unknown objective": (
+        ["--model.objective=Reflt"],
+        2,
+        ["--model.objective: 'Reflt' is not an objective; choose one of Refit, Swift, SFT, DPO"],
+    ),
+    "LoRA target the model lacks": (
+        ["--model.lora_target_modules=[q_proj,qkv_proj]"],
+        1,
+        ["lora_target_modules ['qkv_proj'] not found in 'tiny-random'", "its linear layers are", "v_proj"],
+    ),
+    "dataset path that does not exist": (
+        ["--data.train_files=[nowhere/records.jsonl]"],
+        1,
+        ["data.train_files: record file not found: nowhere/records.jsonl"],
+    ),
+    "model folder that does not exist": (
+        ["--model.model_name_or_path=./no/such/model"],
+        1,
+        ["model folder not found: ./no/such/model"],
+    ),
     "mistyped option": (["--data.batch_sise=2"], 2, ["unrecognized arguments: --data.batch_sise=2"]),
     "option of the wrong type": (["--data.batch_size=two"], 2, ['"data.batch_size"', "two"]),
-    "DPO without a single preference": (["--model.objective=DPO", "--data.val_fraction=0"], 1,
-                                        ["DPO: no task has a reward gap"]),
+    "DPO without a single preference": (
+        ["--model.objective=DPO", "--data.val_fraction=0"],
+        1,
+        ["DPO: no task has a reward gap"],
+    ),
     "batch size 0": (["--data.batch_size=0"], 1, ["data.batch_size must be an integer >= 1, got 0"]),
 }
 
@@ -80,15 +101,25 @@ def test_config_error_is_one_line_and_nonzero(case, records, tmp_path, capsys):
 
 
 def test_tokenizer_without_chat_template(records, no_template_model, tmp_path, capsys):
-    code, line = run_clarify(fit(records, tmp_path / "run", f"--model.model_name_or_path={no_template_model}"),
-                             capsys)
+    code, line = run_clarify(fit(records, tmp_path / "run", f"--model.model_name_or_path={no_template_model}"), capsys)
     assert code == 1 and "has no chat template" in line and str(no_template_model) in line
 
 
 def test_simulate_dataset_path_that_does_not_exist(tmp_path, capsys):
-    code, line = run_clarify(["simulate", "--config", str(REPO / "configs/simulate/tiny-reasoning.yaml"),
-                              "--data.path", "no/such/tasks.jsonl", "--output", str(tmp_path / "sim"),
-                              "--progress", "false"], capsys)
+    code, line = run_clarify(
+        [
+            "simulate",
+            "--config",
+            str(REPO / "configs/simulate/tiny-reasoning.yaml"),
+            "--data.path",
+            "no/such/tasks.jsonl",
+            "--output",
+            str(tmp_path / "sim"),
+            "--progress",
+            "false",
+        ],
+        capsys,
+    )
     assert code == 1 and line == "clarify simulate: error: local QA dataset no/such/tasks.jsonl does not exist"
 
 

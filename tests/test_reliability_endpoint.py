@@ -20,12 +20,29 @@ from clarify_lit.simulate.rewards import LLMJudgeReward
 from clarify_lit.simulate.teachers import EndpointChatBackend, EndpointError, LLMTeacher
 
 REPO = Path(__file__).resolve().parents[1]
-TASK = QATask("sciq/1", "sciq", "What do plants need to make food?", ["sunlight", "sand", "salt", "smoke"], "A",
-              knowledge="Plants make food by photosynthesis.")
-CONVERSATION = [{"role": "system", "content": "You are an expert."}, {"role": "user", "content": "Question?"},
-                {"role": "assistant", "content": "Is it about light? The answer is A."}]
-VERDICT = json.dumps({"accuracy": 9, "reasoning": 8, "comprehensiveness": 7, "pedagogical_value": 6,
-                      "confidence_calibration": 5, "overall": 7})
+TASK = QATask(
+    "sciq/1",
+    "sciq",
+    "What do plants need to make food?",
+    ["sunlight", "sand", "salt", "smoke"],
+    "A",
+    knowledge="Plants make food by photosynthesis.",
+)
+CONVERSATION = [
+    {"role": "system", "content": "You are an expert."},
+    {"role": "user", "content": "Question?"},
+    {"role": "assistant", "content": "Is it about light? The answer is A."},
+]
+VERDICT = json.dumps(
+    {
+        "accuracy": 9,
+        "reasoning": 8,
+        "comprehensiveness": 7,
+        "pedagogical_value": 6,
+        "confidence_calibration": 5,
+        "overall": 7,
+    }
+)
 HANG_S = 1.5  # longer than the clients' timeout below
 
 
@@ -75,8 +92,14 @@ def ask(role: str, server: FaultServer):
     return LLMJudgeReward(backend(server), max_attempts=2).score([TASK], [CONVERSATION])
 
 
-FAULTS = {"500": ("HTTP 500",), "hang": ("timed out",), "garbage": ("not JSON",), "no_choices": ("lacks choices",),
-          "drop": ("RemoteDisconnected", "ConnectionResetError"), "truncated": ("IncompleteRead",)}
+FAULTS = {
+    "500": ("HTTP 500",),
+    "hang": ("timed out",),
+    "garbage": ("not JSON",),
+    "no_choices": ("lacks choices",),
+    "drop": ("RemoteDisconnected", "ConnectionResetError"),
+    "truncated": ("IncompleteRead",),
+}
 
 
 @pytest.mark.parametrize("role", ["teacher", "judge"])
@@ -115,13 +138,42 @@ def test_unparseable_verdict_is_a_missing_reward_not_a_zero():
 
 
 def simulate_args(out: Path, url: str, *extra: str) -> list[str]:
-    return ["simulate", "--config", str(REPO / "configs/simulate/tiny-reasoning.yaml"), "--data.path",
-            str(REPO / "configs/simulate/tiny-tasks.jsonl"), "--data.limit", "4", "--rollout.temperatures", "[0.0, 1.0]",
-            "--chunk_size", "2", "--rollout.max_new_tokens", "4", "--progress", "false", "--output", str(out),
-            "--reward.kind", "llm_judge", "--reward.backend", "endpoint", "--reward.endpoint.base_url", url,
-            "--reward.endpoint.model", "judge", "--reward.endpoint.max_retries", "1",
-            "--reward.endpoint.backoff", "0.01", "--reward.endpoint.timeout", "2", "--reward.endpoint.concurrency", "1",
-            *extra]
+    return [
+        "simulate",
+        "--config",
+        str(REPO / "configs/simulate/tiny-reasoning.yaml"),
+        "--data.path",
+        str(REPO / "configs/simulate/tiny-tasks.jsonl"),
+        "--data.limit",
+        "4",
+        "--rollout.temperatures",
+        "[0.0, 1.0]",
+        "--chunk_size",
+        "2",
+        "--rollout.max_new_tokens",
+        "4",
+        "--progress",
+        "false",
+        "--output",
+        str(out),
+        "--reward.kind",
+        "llm_judge",
+        "--reward.backend",
+        "endpoint",
+        "--reward.endpoint.base_url",
+        url,
+        "--reward.endpoint.model",
+        "judge",
+        "--reward.endpoint.max_retries",
+        "1",
+        "--reward.endpoint.backoff",
+        "0.01",
+        "--reward.endpoint.timeout",
+        "2",
+        "--reward.endpoint.concurrency",
+        "1",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -135,8 +187,12 @@ def test_simulate_with_a_judge_that_dies_keeps_its_shards_and_resumes_exactly(cl
             main(simulate_args(out, flaky.url))
         assert e.value.code == 1
         (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("clarify simulate")]
-        assert line.startswith(f"clarify simulate: error: endpoint {flaky.url}/chat/completions gave no usable "
-                               "answer after 2 attempts") and "HTTP 500" in line
+        assert (
+            line.startswith(
+                f"clarify simulate: error: endpoint {flaky.url}/chat/completions gave no usable answer after 2 attempts"
+            )
+            and "HTTP 500" in line
+        )
         assert sorted(p.name for p in (out / "shards").iterdir()) == ["shard-00000.jsonl"]
         assert not (out / "conversations.jsonl").exists()
         # the judge comes back (same URL: the run's configuration must match to resume)

@@ -34,6 +34,7 @@ TINY_DATA = yaml.safe_load(Path(TINY).read_text())["data"]
 
 # ----------------------------------------------------------------------------------------------------- no signal
 
+
 def test_iterate_names_the_round_without_signal(tmp_path, capsys):
     """The tiny preset's policy never answers correctly: every conversation of round 0 scores 0, and iterate stops
     before fitting on them (Refit would exit 0 with an adapter that never moved), naming the round."""
@@ -41,20 +42,49 @@ def test_iterate_names_the_round_without_signal(tmp_path, capsys):
     cfg = tmp_path / "iterate.yaml"
     cfg.write_text(yaml.safe_dump({"data": {**TINY_DATA, "limit": 2}}))
     code, line = one_line_error(
-        ["iterate", "--config", str(cfg), "--rounds", "2", "--output", str(out), "--model", "tiny-random",
-         "--in_process", "true", "--model_config", str(REPO / "configs/model/tiny.yaml"), "--trainer_config",
-         str(REPO / "configs/trainer/cpu.yaml"), "--objective_config", str(REPO / "configs/objective/refit.yaml"),
-         "--rollout.temperatures", "[0.0]", "--n_questions", "1", "--rollout.max_new_tokens", "4", "--reward.kind", "correct",
-         "--progress", "false"], capsys)
+        [
+            "iterate",
+            "--config",
+            str(cfg),
+            "--rounds",
+            "2",
+            "--output",
+            str(out),
+            "--model",
+            "tiny-random",
+            "--in_process",
+            "true",
+            "--model_config",
+            str(REPO / "configs/model/tiny.yaml"),
+            "--trainer_config",
+            str(REPO / "configs/trainer/cpu.yaml"),
+            "--objective_config",
+            str(REPO / "configs/objective/refit.yaml"),
+            "--rollout.temperatures",
+            "[0.0]",
+            "--n_questions",
+            "1",
+            "--rollout.max_new_tokens",
+            "4",
+            "--reward.kind",
+            "correct",
+            "--progress",
+            "false",
+        ],
+        capsys,
+    )
     conversations = out / "round_000" / "simulate" / "conversations.jsonl"
-    assert code == 1 and line == (f"clarify iterate: error: round 0 has no signal: all 2 conversations its policy "
-                                  f"logged ({conversations}) have reward 0, so its fit would leave the policy "
-                                  "unchanged; stopped before round 0's fit (give the policy more tokens or turns, or "
-                                  "another reward)")
+    assert code == 1 and line == (
+        f"clarify iterate: error: round 0 has no signal: all 2 conversations its policy "
+        f"logged ({conversations}) have reward 0, so its fit would leave the policy "
+        "unchanged; stopped before round 0's fit (give the policy more tokens or turns, or "
+        "another reward)"
+    )
     assert not (out / "round_000" / "fit").exists()
 
 
 # ----------------------------------------------------------------------------------------------------- report
+
 
 def evaluation(folder: Path, method: str, dataset: str, question: str, *, hashed: bool = True) -> Path:
     """A ``clarify evaluate`` output written by hand: 3 questions, rollouts with ``meta.question_hash``."""
@@ -67,8 +97,9 @@ def evaluation(folder: Path, method: str, dataset: str, question: str, *, hashed
         rows.append(rec)
     write_records(folder / "rollouts.jsonl", rows)
     metrics = {"n": 3.0, "accuracy": 1 / 3, "accuracy_se": 0.3, "reward": 1 / 3, "reward_se": 0.3}
-    (folder / "metrics.json").write_text(json.dumps({"metrics": metrics, "meta": {
-        "method": method, "dataset": dataset, "rollouts": "rollouts.jsonl"}}))
+    (folder / "metrics.json").write_text(
+        json.dumps({"metrics": metrics, "meta": {"method": method, "dataset": dataset, "rollouts": "rollouts.jsonl"}})
+    )
     return folder
 
 
@@ -76,8 +107,10 @@ def test_report_refuses_to_pair_different_questions_under_the_same_ids(tmp_path,
     a = evaluation(tmp_path / "base", "Base", "sciq", "Which gas do plants take in?")
     b = evaluation(tmp_path / "refit", "Refit", "sciq", "What do bees make?")  # same label and ids, other questions
     code, line = one_line_error(["report", str(a), str(b), "--out", str(tmp_path / "r.md")], capsys)
-    assert code == 1 and line.startswith("clarify report: error: Refit vs Base: 3 of 3 shared task ids hold different "
-                                         "questions (text, options or gold) in the two evaluations, e.g. 't0'"), line
+    assert code == 1 and line.startswith(
+        "clarify report: error: Refit vs Base: 3 of 3 shared task ids hold different "
+        "questions (text, options or gold) in the two evaluations, e.g. 't0'"
+    ), line
     assert "rollouts.jsonl:line 1" in line and not (tmp_path / "r.md").exists()
     same = evaluation(tmp_path / "refit2", "Refit", "sciq", "Which gas do plants take in?")
     text = run_report(capsys, a, same, out=tmp_path / "ok.md")
@@ -107,15 +140,42 @@ def test_rollouts_store_the_question_hash(tmp_path):
 
     cfg = tmp_path / "evaluate.yaml"
     cfg.write_text(yaml.safe_dump({"data": {**TINY_DATA, "part": "test"}}))
-    main(["evaluate", "--config", str(cfg), "--model", "tiny-random", "--out_dir", str(tmp_path / "eval"),
-          "--n_questions", "1", "--rollout.max_new_tokens", "2", "--progress", "false"])
+    main(
+        [
+            "evaluate",
+            "--config",
+            str(cfg),
+            "--model",
+            "tiny-random",
+            "--out_dir",
+            str(tmp_path / "eval"),
+            "--n_questions",
+            "1",
+            "--rollout.max_new_tokens",
+            "2",
+            "--progress",
+            "false",
+        ]
+    )
     (rec,), _ = load_records(tmp_path / "eval" / "rollouts.jsonl")
-    task = next(t for t in load_tasks("local", path=TINY_DATA["path"], columns=TINY_DATA["columns"], n_train=6,
-                                      n_test=2, part="test", label="tiny") if t.task_id == rec.task_id)
+    task = next(
+        t
+        for t in load_tasks(
+            "local",
+            path=TINY_DATA["path"],
+            columns=TINY_DATA["columns"],
+            n_train=6,
+            n_test=2,
+            part="test",
+            label="tiny",
+        )
+        if t.task_id == rec.task_id
+    )
     assert rec.meta["question_hash"] == task.content_hash == question_hash(task.question, task.choices, task.gold)
 
 
 # ----------------------------------------------------------------------------------------------------- tracebacks
+
 
 @pytest.fixture
 def gemma_like(tiny_model_dir, tmp_path) -> Path:
@@ -123,45 +183,109 @@ def gemma_like(tiny_model_dir, tmp_path) -> Path:
     folder = tmp_path / "no-system-role"
     shutil.copytree(tiny_model_dir, folder)
     template = folder / "chat_template.jinja"
-    template.write_text("{%- if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-                        "{%- endif %}" + template.read_text())
+    template.write_text(
+        "{%- if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{%- endif %}" + template.read_text()
+    )
     return folder
 
 
 def test_a_chat_template_that_raises_is_named_and_fold_trains(gemma_like, records_factory, tmp_path, capsys):
     records = records_factory()
-    dm = ConversationDataModule([str(records)], tokenizer_name_or_path=str(gemma_like), val_fraction=0.0,
-                                objective=Refit(), cache_tokenized=False)
+    dm = ConversationDataModule(
+        [str(records)],
+        tokenizer_name_or_path=str(gemma_like),
+        val_fraction=0.0,
+        objective=Refit(),
+        cache_tokenized=False,
+    )
     with pytest.raises(ChatTemplateError) as e:
         dm.setup("fit")
-    assert str(e.value) == (f"{records}:line 1 (id='t0-r0'): field 'messages': the tokenizer's chat template refused "
-                            "the conversation (System role not supported); this template accepts no system message: "
-                            "set --data.system_prompt fold to merge it into the first user turn")
-    code, line = one_line_error(["fit", f"--data.train_files=[{records}]", f"--model.model_name_or_path={gemma_like}",
-                                 f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.max_steps=1",
-                                 "--data.val_fraction=0"], capsys)
+    assert str(e.value) == (
+        f"{records}:line 1 (id='t0-r0'): field 'messages': the tokenizer's chat template refused "
+        "the conversation (System role not supported); this template accepts no system message: "
+        "set --data.system_prompt fold to merge it into the first user turn"
+    )
+    code, line = one_line_error(
+        [
+            "fit",
+            f"--data.train_files=[{records}]",
+            f"--model.model_name_or_path={gemma_like}",
+            f"--trainer.default_root_dir={tmp_path / 'run'}",
+            "--trainer.max_steps=1",
+            "--data.val_fraction=0",
+        ],
+        capsys,
+    )
     assert code == 1 and "System role not supported" in line and "--data.system_prompt fold" in line
-    dm = ConversationDataModule([str(records)], tokenizer_name_or_path=str(gemma_like), val_fraction=0.0,
-                                objective=Refit(), cache_tokenized=False, system_prompt="fold")
+    dm = ConversationDataModule(
+        [str(records)],
+        tokenizer_name_or_path=str(gemma_like),
+        val_fraction=0.0,
+        objective=Refit(),
+        cache_tokenized=False,
+        system_prompt="fold",
+    )
     dm.setup("fit")
     text = dm.tokenizer.decode(dm.train_set.samples[0]["input_ids"])
     assert "You are an expert at multiple-choice questions.\n\nQuestion 0" in text  # the system prompt, folded in
-    code, line = one_line_error(["simulate", "--config", TINY, "--model", str(gemma_like), "--output",
-                                 str(tmp_path / "sim"), "--data.limit", "1", "--progress", "false"], capsys)
-    assert code == 1 and "the chat template of" in line and "refused the conversation (System role not supported)" \
-        in line, line
+    code, line = one_line_error(
+        [
+            "simulate",
+            "--config",
+            TINY,
+            "--model",
+            str(gemma_like),
+            "--output",
+            str(tmp_path / "sim"),
+            "--data.limit",
+            "1",
+            "--progress",
+            "false",
+        ],
+        capsys,
+    )
+    assert (
+        code == 1 and "the chat template of" in line and "refused the conversation (System role not supported)" in line
+    ), line
 
 
 @pytest.mark.slow
 def test_ctrl_c_during_simulate_exits_130_saying_what_was_kept(tmp_path, cache_root):
     out = tmp_path / "sim"
-    argv = ["simulate", "--config", TINY, "--output", str(out), "--data.limit", "4", "--chunk_size", "2",
-            "--rollout.temperatures", "[0.0]", "--rollout.max_new_tokens", "4", "--progress", "false"]
-    env = {**os.environ, SHARD_DELAY_ENV: "3", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
-           "CLARIFY_CACHE": str(cache_root)}
-    proc = subprocess.Popen([sys.executable, "-m", "clarify_lit.cli", *argv], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal gives it
+    argv = [
+        "simulate",
+        "--config",
+        TINY,
+        "--output",
+        str(out),
+        "--data.limit",
+        "4",
+        "--chunk_size",
+        "2",
+        "--rollout.temperatures",
+        "[0.0]",
+        "--rollout.max_new_tokens",
+        "4",
+        "--progress",
+        "false",
+    ]
+    env = {
+        **os.environ,
+        SHARD_DELAY_ENV: "3",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+        "CLARIFY_CACHE": str(cache_root),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clarify_lit.cli", *argv],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # as a terminal gives it
     deadline = time.monotonic() + 120
     try:
         while not (out / "shards" / "shard-00000.jsonl").exists():
@@ -176,16 +300,20 @@ def test_ctrl_c_during_simulate_exits_130_saying_what_was_kept(tmp_path, cache_r
             proc.wait()
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
     ours = [x for x in err.splitlines() if x.startswith("clarify")]
-    assert ours == [f"clarify simulate: interrupted (Ctrl-C); kept 1 finished shard(s) in {out / 'shards'}; finish "
-                    "with the same command and --resume true"], err[-3000:]
+    assert ours == [
+        f"clarify simulate: interrupted (Ctrl-C); kept 1 finished shard(s) in {out / 'shards'}; finish "
+        "with the same command and --resume true"
+    ], err[-3000:]
     main([*argv, "--resume", "true"])
     assert len(load_records(out / "conversations.jsonl")[0]) == 4
 
 
 def test_a_failed_simulate_check_leaves_nothing_that_refuses_the_corrected_command(tmp_path, capsys):
     out = tmp_path / "sim"
-    code, line = one_line_error(["simulate", "--config", TINY, "--model", "./no/such/model", "--output", str(out),
-                                 "--progress", "false"], capsys)
+    code, line = one_line_error(
+        ["simulate", "--config", TINY, "--model", "./no/such/model", "--output", str(out), "--progress", "false"],
+        capsys,
+    )
     assert code == 1 and "model folder not found: ./no/such/model" in line
     assert not (out / "run_config.json").exists()  # the corrected command is not refused as "already holds …"
 
@@ -194,8 +322,14 @@ def test_samples_cut_to_max_length_are_counted_and_logged(records_factory, tiny_
     rows = [make_record(t, r, 1.0) for t in range(2) for r in range(2)]
     rows[0]["messages"][1]["content"] += " Think of the light, the water and the leaves." * 20
     path = write_records(records_factory().with_name("long.jsonl"), rows)
-    dm = ConversationDataModule([str(path)], tokenizer_name_or_path=str(tiny_model_dir), val_fraction=0.0,
-                                objective=Refit(), cache_tokenized=False, max_length=400)
+    dm = ConversationDataModule(
+        [str(path)],
+        tokenizer_name_or_path=str(tiny_model_dir),
+        val_fraction=0.0,
+        objective=Refit(),
+        cache_tokenized=False,
+        max_length=400,
+    )
     with caplog.at_level("WARNING", logger="clarify_lit.data.datamodule"):
         dm.setup("fit")
     assert dm.stats["data/train_truncated_samples"] == 1.0
@@ -203,8 +337,9 @@ def test_samples_cut_to_max_length_are_counted_and_logged(records_factory, tiny_
     assert line.startswith("train: 1 of 4 samples were cut to max_length=400 (")
 
 
-def test_a_full_disk_during_the_merged_export_names_the_folder_and_leaves_nothing(tiny_model_dir, tmp_path,
-                                                                                   monkeypatch):
+def test_a_full_disk_during_the_merged_export_names_the_folder_and_leaves_nothing(
+    tiny_model_dir, tmp_path, monkeypatch
+):
     import clarify_lit.train.export as export
     from clarify_lit.train.module import ClarifyModule
 
@@ -216,8 +351,10 @@ def test_a_full_disk_during_the_merged_export_names_the_folder_and_leaves_nothin
     folder = tmp_path / "run" / "export_merged"
     with pytest.raises(OSError) as e:
         export.export_merged(ClarifyModule(str(tiny_model_dir), lora_r=4), folder)
-    assert str(e.value) == (f"[Errno 28] writing the merged export {folder} failed: No space left on device; nothing "
-                            "was left there (the previous export, if any, is unchanged)")
+    assert str(e.value) == (
+        f"[Errno 28] writing the merged export {folder} failed: No space left on device; nothing "
+        "was left there (the previous export, if any, is unchanged)"
+    )
     assert list((tmp_path / "run").iterdir()) == []  # no half folder, no temp folder
 
 

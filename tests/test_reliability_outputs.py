@@ -20,17 +20,34 @@ TINY = str(REPO / "configs/simulate/tiny-reasoning.yaml")
 
 
 def fit(records: Path, root: Path, *extra: str) -> list[str]:
-    return ["fit", f"--data.train_files=[{records}]", "--trainer.max_steps=1", f"--trainer.default_root_dir={root}",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--data.val_fraction=0",
-            "--model.lora_r=4", "--model.lora_alpha=8", *extra]
+    return [
+        "fit",
+        f"--data.train_files=[{records}]",
+        "--trainer.max_steps=1",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--data.val_fraction=0",
+        "--model.lora_r=4",
+        "--model.lora_alpha=8",
+        *extra,
+    ]
 
 
 def eval_config(tmp_path: Path) -> Path:
     """``clarify evaluate`` on the tiny preset's held-out questions, one short greedy run."""
     path = tmp_path / "evaluate.yaml"
-    path.write_text(yaml.safe_dump({"data": {**yaml.safe_load(Path(TINY).read_text())["data"], "part": "test"},
-                                    "model": "tiny-random", "n_questions": 1, "rollout": {"max_new_tokens": 2},
-                                    "progress": False}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "data": {**yaml.safe_load(Path(TINY).read_text())["data"], "part": "test"},
+                "model": "tiny-random",
+                "n_questions": 1,
+                "rollout": {"max_new_tokens": 2},
+                "progress": False,
+            }
+        )
+    )
     return path
 
 
@@ -42,8 +59,9 @@ def finished_run(tmp_path_factory) -> tuple[Path, Path]:
     from clarify_lit.data.records import write_records
 
     tmp = tmp_path_factory.mktemp("finished")
-    records = write_records(tmp / "records.jsonl", [make_record(t, r, [1.0, 0.0, 0.5][r]) for t in range(4)
-                                                    for r in range(3)])
+    records = write_records(
+        tmp / "records.jsonl", [make_record(t, r, [1.0, 0.0, 0.5][r]) for t in range(4) for r in range(3)]
+    )
     root = tmp / "run"
     main(fit(records, root))
     return records, root
@@ -51,11 +69,15 @@ def finished_run(tmp_path_factory) -> tuple[Path, Path]:
 
 def snapshot(root: Path) -> dict[str, bytes]:
     """Every file of ``root`` and its bytes (the lock file, which names its last holder, left out)."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != ".clarify.lock"}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != ".clarify.lock"
+    }
 
 
 # ----------------------------------------------------------------------------------------------------- fit folders
+
 
 def test_fit_into_a_folder_holding_another_run_is_refused(finished_run, capsys):
     records, root = finished_run
@@ -83,8 +105,9 @@ def test_fit_overwrite_replaces_the_run_without_mixing_files(finished_run, tmp_p
 def test_resume_with_a_changed_lora_shape_is_one_line_naming_it(finished_run, capsys):
     records, root = finished_run
     before = snapshot(root)
-    code, line = one_line_error(fit(records, root, "--ckpt_path", "last", "--model.lora_r=8",
-                                    "--trainer.max_steps=2"), capsys)
+    code, line = one_line_error(
+        fit(records, root, "--ckpt_path", "last", "--model.lora_r=8", "--trainer.max_steps=2"), capsys
+    )
     assert code == 1 and "cannot be resumed with this configuration: model.lora_r 4 → 8" in line, line
     assert snapshot(root) == before  # config.yaml not rewritten, nothing else written
 
@@ -138,13 +161,27 @@ def test_ctrl_c_during_fit_saves_at_the_step_boundary_and_exits_130(finished_run
     records, _ = finished_run
     root = tmp_path / "run"
     cfg = tmp_path / "sigint.yaml"
-    cfg.write_text(yaml.safe_dump({"trainer": {"callbacks": [{
-        "class_path": "reliability_helpers.SignalAtStep", "init_args": {"step": 1, "signum": int(signal.SIGINT)}}]}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "trainer": {
+                    "callbacks": [
+                        {
+                            "class_path": "reliability_helpers.SignalAtStep",
+                            "init_args": {"step": 1, "signum": int(signal.SIGINT)},
+                        }
+                    ]
+                }
+            }
+        )
+    )
     args = fit(records, root, "--trainer.max_steps=4", "--data.batch_size=2", "--model.export_on_fit_end=false")
     code, line = one_line_error([*args, "--config", str(cfg)], capsys)
     assert code == 130
-    assert line == f"clarify fit: stopped by Ctrl-C (SIGINT) at step 2; last checkpoint " \
-                   f"{root / 'checkpoints' / 'last.ckpt'}, resume with --ckpt_path last"
+    assert (
+        line == f"clarify fit: stopped by Ctrl-C (SIGINT) at step 2; last checkpoint "
+        f"{root / 'checkpoints' / 'last.ckpt'}, resume with --ckpt_path last"
+    )
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again afterwards
     main([*args, "--ckpt_path", "last"])
@@ -153,16 +190,18 @@ def test_ctrl_c_during_fit_saves_at_the_step_boundary_and_exits_130(finished_run
 
 # ----------------------------------------------------------------------------------------------------- evaluate
 
+
 def test_evaluate_into_a_finished_evaluation_is_refused_unless_overwrite(tmp_path, capsys):
     out = tmp_path / "eval"
     cfg = eval_config(tmp_path)
     main(["evaluate", "--config", str(cfg), "--out_dir", str(out), "--method", "Refit"])
     before = snapshot(out)
-    code, line = one_line_error(["evaluate", "--config", str(cfg), "--out_dir", str(out), "--method", "Swift"],
-                                capsys)
-    assert code == 1 and line == (f"clarify evaluate: error: --out_dir {out} already holds a finished evaluation "
-                                  "(method 'Refit'): metrics.json; pass --overwrite true to replace it, or choose "
-                                  "another --out_dir")
+    code, line = one_line_error(["evaluate", "--config", str(cfg), "--out_dir", str(out), "--method", "Swift"], capsys)
+    assert code == 1 and line == (
+        f"clarify evaluate: error: --out_dir {out} already holds a finished evaluation "
+        "(method 'Refit'): metrics.json; pass --overwrite true to replace it, or choose "
+        "another --out_dir"
+    )
     assert snapshot(out) == before
     main(["evaluate", "--config", str(cfg), "--out_dir", str(out), "--method", "Swift", "--overwrite", "true"])
     assert json.loads((out / "metrics.json").read_text())["meta"]["method"] == "Swift"
@@ -177,12 +216,14 @@ def test_evaluate_checks_its_output_folder_before_any_rollout(tmp_path, capsys, 
     monkeypatch.setattr(command, "load_policy", no_work)
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    code, line = one_line_error(["evaluate", "--config", str(eval_config(tmp_path)), "--out_dir",
-                                 str(blocker / "eval")], capsys)
+    code, line = one_line_error(
+        ["evaluate", "--config", str(eval_config(tmp_path)), "--out_dir", str(blocker / "eval")], capsys
+    )
     assert code == 1 and line.startswith(f"clarify evaluate: error: --out_dir {blocker / 'eval'} cannot be written")
 
 
 # ----------------------------------------------------------------------------------------------------- locks
+
 
 @pytest.mark.parametrize("name", ["simulate", "fit", "evaluate", "iterate"])
 def test_a_second_writer_of_an_output_folder_is_refused_in_one_line(name, finished_run, tmp_path, capsys):
@@ -192,15 +233,27 @@ def test_a_second_writer_of_an_output_folder_is_refused_in_one_line(name, finish
         "simulate": ["simulate", "--config", TINY, "--output", str(out), "--overwrite", "true", "--progress", "false"],
         "fit": fit(records, out),
         "evaluate": ["evaluate", "--config", str(eval_config(tmp_path)), "--out_dir", str(out)],
-        "iterate": ["iterate", "--output", str(out), "--model", "tiny-random", "--rounds", "1",
-                    "--model_config", str(REPO / "configs/model/tiny.yaml"), "--trainer_config",
-                    str(REPO / "configs/trainer/cpu.yaml"), "--objective_config",
-                    str(REPO / "configs/objective/refit.yaml")],
+        "iterate": [
+            "iterate",
+            "--output",
+            str(out),
+            "--model",
+            "tiny-random",
+            "--rounds",
+            "1",
+            "--model_config",
+            str(REPO / "configs/model/tiny.yaml"),
+            "--trainer_config",
+            str(REPO / "configs/trainer/cpu.yaml"),
+            "--objective_config",
+            str(REPO / "configs/objective/refit.yaml"),
+        ],
     }[name]
     with output_lock(out, "clarify simulate (the first writer)"):
         code, line = one_line_error(argv, capsys)
-    assert code == 1 and line.startswith(f"clarify {name}: error: {out} is being written by another command "
-                                         "(clarify simulate (the first writer), pid "), line
+    assert code == 1 and line.startswith(
+        f"clarify {name}: error: {out} is being written by another command (clarify simulate (the first writer), pid "
+    ), line
     assert sorted(p.name for p in out.iterdir()) == [".clarify.lock"]  # the second writer wrote nothing
 
 

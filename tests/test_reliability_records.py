@@ -42,25 +42,34 @@ def with_bad(mutate, line: int = 3) -> list[dict]:
 
 
 def datamodule(path, tiny_model_dir, objective=None, **kw) -> ConversationDataModule:
-    return ConversationDataModule([str(path)], tokenizer_name_or_path=str(tiny_model_dir), val_fraction=0.0,
-                                  objective=objective or Refit(), cache_tokenized=False, **kw)
+    return ConversationDataModule(
+        [str(path)],
+        tokenizer_name_or_path=str(tiny_model_dir),
+        val_fraction=0.0,
+        objective=objective or Refit(),
+        cache_tokenized=False,
+        **kw,
+    )
 
 
 def _set(key, value):
     def mutate(r):
         r[key] = value
+
     return mutate
 
 
 def _msg(i, key, value):
     def mutate(r):
         r["messages"][i][key] = value
+
     return mutate
 
 
 def _del(key):
     def mutate(r):
         del r[key]
+
     return mutate
 
 
@@ -128,69 +137,195 @@ def _not_a_dataset_folder(tmp_path: Path) -> Path:
 
 # (case, build(tmp_path) -> path, objective, DataModule kwargs, exception, (where, record id, field) fragments)
 CORPUS = [
-    ("invalid JSON line", lambda p: write_lines(p / "r.jsonl", [*good_rows()[:1], '{"id": "t0-r1", "task_id": ',
-                                                                *good_rows()[1:]]),
-     None, {}, RecordError, ("line 2", None, "<json>")),
-    ("missing messages", lambda p: write_lines(p / "r.jsonl", with_bad(_del("messages"))),
-     None, {}, RecordError, ("line 3", "t0-r2", "'messages'")),
-    ("wrong role name", lambda p: write_lines(p / "r.jsonl", with_bad(_msg(1, "role", "teacher"))),
-     None, {}, RecordError, ("line 3", "t0-r2", "'messages[1].role'")),
-    ("two consecutive assistant turns", lambda p: write_lines(p / "r.jsonl", with_bad(_insert_assistant)),
-     None, {}, RecordError, ("line 3", "t0-r2", "'messages[3].role'")),
-    ("empty assistant turn", lambda p: write_lines(p / "r.jsonl", with_bad(_msg(4, "content", " \n"))),
-     None, {}, RecordError, ("line 3", "t0-r2", "'messages[4].content'")),
-    ("NaN reward", lambda p: write_lines(p / "r.jsonl", with_bad(_set("reward", float("nan")))),
-     None, {}, RecordError, ("line 3", "t0-r2", "'reward'")),
-    ("infinite reward", lambda p: write_lines(p / "r.jsonl", with_bad(_set("reward", float("-inf")))),
-     None, {}, RecordError, ("line 3", "t0-r2", "'reward'")),
-    ("string reward", lambda p: write_lines(p / "r.jsonl", with_bad(_set("reward", "0.5"))),
-     None, {}, RecordError, ("line 3", "t0-r2", "'reward'")),
-    ("reward too large for a float", lambda p: write_lines(p / "r.jsonl", with_bad(_set("reward", 10**400))),
-     None, {}, RecordError, ("line 3", "t0-r2", "'reward'")),
-    ("negative reward under Refit", lambda p: write_lines(p / "r.jsonl", with_bad(_set("reward", -0.5), line=5)),
-     Refit(), {}, ObjectiveDataError, ("line 5", "t1-r1", "'reward'")),
-    ("duplicate id", lambda p: write_lines(p / "r.jsonl", [*good_rows(), good_rows()[1]]),
-     None, {}, RecordError, ("line 7", "t0-r1", "'id'")),
-    ("task with a single run under Swift", lambda p: write_lines(p / "r.jsonl", good_rows()[:4]),
-     Swift(), {}, ObjectiveDataError, ("line 4", "t1-r0", "'task_id'")),
-    ("final answer cut by max_length", _long_final_answer,
-     None, {"max_length": 96}, TokenizationError, ("line 5", "t1-r1", "'messages'")),
-    ("empty file", lambda p: write_lines(p / "r.jsonl", ["", "   "]),
-     None, {}, RecordError, ("file", None, "<file>")),
+    (
+        "invalid JSON line",
+        lambda p: write_lines(p / "r.jsonl", [*good_rows()[:1], '{"id": "t0-r1", "task_id": ', *good_rows()[1:]]),
+        None,
+        {},
+        RecordError,
+        ("line 2", None, "<json>"),
+    ),
+    (
+        "missing messages",
+        lambda p: write_lines(p / "r.jsonl", with_bad(_del("messages"))),
+        None,
+        {},
+        RecordError,
+        ("line 3", "t0-r2", "'messages'"),
+    ),
+    (
+        "wrong role name",
+        lambda p: write_lines(p / "r.jsonl", with_bad(_msg(1, "role", "teacher"))),
+        None,
+        {},
+        RecordError,
+        ("line 3", "t0-r2", "'messages[1].role'"),
+    ),
+    (
+        "two consecutive assistant turns",
+        lambda p: write_lines(p / "r.jsonl", with_bad(_insert_assistant)),
+        None,
+        {},
+        RecordError,
+        ("line 3", "t0-r2", "'messages[3].role'"),
+    ),
+    (
+        "empty assistant turn",
+        lambda p: write_lines(p / "r.jsonl", with_bad(_msg(4, "content", " \n"))),
+        None,
+        {},
+        RecordError,
+        ("line 3", "t0-r2", "'messages[4].content'"),
+    ),
+    (
+        "NaN reward",
+        lambda p: write_lines(p / "r.jsonl", with_bad(_set("reward", float("nan")))),
+        None,
+        {},
+        RecordError,
+        ("line 3", "t0-r2", "'reward'"),
+    ),
+    (
+        "infinite reward",
+        lambda p: write_lines(p / "r.jsonl", with_bad(_set("reward", float("-inf")))),
+        None,
+        {},
+        RecordError,
+        ("line 3", "t0-r2", "'reward'"),
+    ),
+    (
+        "string reward",
+        lambda p: write_lines(p / "r.jsonl", with_bad(_set("reward", "0.5"))),
+        None,
+        {},
+        RecordError,
+        ("line 3", "t0-r2", "'reward'"),
+    ),
+    (
+        "reward too large for a float",
+        lambda p: write_lines(p / "r.jsonl", with_bad(_set("reward", 10**400))),
+        None,
+        {},
+        RecordError,
+        ("line 3", "t0-r2", "'reward'"),
+    ),
+    (
+        "negative reward under Refit",
+        lambda p: write_lines(p / "r.jsonl", with_bad(_set("reward", -0.5), line=5)),
+        Refit(),
+        {},
+        ObjectiveDataError,
+        ("line 5", "t1-r1", "'reward'"),
+    ),
+    (
+        "duplicate id",
+        lambda p: write_lines(p / "r.jsonl", [*good_rows(), good_rows()[1]]),
+        None,
+        {},
+        RecordError,
+        ("line 7", "t0-r1", "'id'"),
+    ),
+    (
+        "task with a single run under Swift",
+        lambda p: write_lines(p / "r.jsonl", good_rows()[:4]),
+        Swift(),
+        {},
+        ObjectiveDataError,
+        ("line 4", "t1-r0", "'task_id'"),
+    ),
+    (
+        "final answer cut by max_length",
+        _long_final_answer,
+        None,
+        {"max_length": 96},
+        TokenizationError,
+        ("line 5", "t1-r1", "'messages'"),
+    ),
+    ("empty file", lambda p: write_lines(p / "r.jsonl", ["", "   "]), None, {}, RecordError, ("file", None, "<file>")),
     ("not UTF-8", _latin1_line, None, {}, RecordError, ("line 3", None, "<encoding>")),
     ("a pretty-printed JSON document", _pretty_json, None, {}, RecordError, ("line 1", None, "JSONL")),
-    ("Parquet without a messages column", _parquet_missing_column,
-     None, {}, RecordError, ("schema", None, "'messages'")),
-    ("Parquet with string columns", _parquet_wrong_types,
-     None, {}, RecordError, ("row 0", "t0-r0", "'reward'")),
-    ("a folder that is not a dataset", _not_a_dataset_folder,
-     None, {}, RecordError, ("folder", None, "save_to_disk")),
-    ("DPO with no valid pairs", lambda p: write_lines(p / "r.jsonl", [make_record(t, r, 1.0) for t in range(2)
-                                                                      for r in range(2)]),
-     DPO(), {}, ObjectiveDataError, ("DPO", None, "min_gap")),
-    ("Swift where every task has zero spread", lambda p: write_lines(
-        p / "r.jsonl", [make_record(t, r, float(t)) for t in range(2) for r in range(2)]),
-     Swift(), {}, ObjectiveDataError, ("Swift", None, "zero reward spread")),
+    (
+        "Parquet without a messages column",
+        _parquet_missing_column,
+        None,
+        {},
+        RecordError,
+        ("schema", None, "'messages'"),
+    ),
+    ("Parquet with string columns", _parquet_wrong_types, None, {}, RecordError, ("row 0", "t0-r0", "'reward'")),
+    ("a folder that is not a dataset", _not_a_dataset_folder, None, {}, RecordError, ("folder", None, "save_to_disk")),
+    (
+        "DPO with no valid pairs",
+        lambda p: write_lines(p / "r.jsonl", [make_record(t, r, 1.0) for t in range(2) for r in range(2)]),
+        DPO(),
+        {},
+        ObjectiveDataError,
+        ("DPO", None, "min_gap"),
+    ),
+    (
+        "Swift where every task has zero spread",
+        lambda p: write_lines(p / "r.jsonl", [make_record(t, r, float(t)) for t in range(2) for r in range(2)]),
+        Swift(),
+        {},
+        ObjectiveDataError,
+        ("Swift", None, "zero reward spread"),
+    ),
     # issue 17
-    ("lone surrogate in a message", lambda p: write_lines(p / "r.jsonl", with_bad(_msg(2, "content", "Why \ud800?"))),
-     None, {}, RecordError, ("line 3", "t0-r2", "'messages[2].content'")),
-    ("assistant turn before any user turn", lambda p: write_lines(p / "r.jsonl", with_bad(_assistant_first)),
-     None, {}, RecordError, ("line 3", "t0-r2", "'messages[1].role'")),
-    ("conversation ending on a user turn", lambda p: write_lines(p / "r.jsonl", with_bad(_ends_on_user)),
-     None, {}, RecordError, ("line 3", "t0-r2", "'messages[7].role'")),
-    ("reward beyond float32 under Refit", lambda p: write_lines(p / "r.jsonl", with_bad(_set("reward", 1e308))),
-     Refit(), {}, ObjectiveDataError, ("line 3", "t0-r2", "'reward'")),
-    ("all-zero rewards under Refit", lambda p: write_lines(p / "r.jsonl", [make_record(t, r, 0.0) for t in range(2)
-                                                                           for r in range(3)]),
-     Refit(), {}, ObjectiveDataError, ("all 6 training conversations", None, "every reward is 0")),
-    ("a record over max_record_chars", lambda p: write_lines(p / "r.jsonl", with_bad(_msg(2, "content", "x" * 900))),
-     None, {"max_record_chars": 800}, RecordError, ("line 3", "t0-r2", "'messages'")),
+    (
+        "lone surrogate in a message",
+        lambda p: write_lines(p / "r.jsonl", with_bad(_msg(2, "content", "Why \ud800?"))),
+        None,
+        {},
+        RecordError,
+        ("line 3", "t0-r2", "'messages[2].content'"),
+    ),
+    (
+        "assistant turn before any user turn",
+        lambda p: write_lines(p / "r.jsonl", with_bad(_assistant_first)),
+        None,
+        {},
+        RecordError,
+        ("line 3", "t0-r2", "'messages[1].role'"),
+    ),
+    (
+        "conversation ending on a user turn",
+        lambda p: write_lines(p / "r.jsonl", with_bad(_ends_on_user)),
+        None,
+        {},
+        RecordError,
+        ("line 3", "t0-r2", "'messages[7].role'"),
+    ),
+    (
+        "reward beyond float32 under Refit",
+        lambda p: write_lines(p / "r.jsonl", with_bad(_set("reward", 1e308))),
+        Refit(),
+        {},
+        ObjectiveDataError,
+        ("line 3", "t0-r2", "'reward'"),
+    ),
+    (
+        "all-zero rewards under Refit",
+        lambda p: write_lines(p / "r.jsonl", [make_record(t, r, 0.0) for t in range(2) for r in range(3)]),
+        Refit(),
+        {},
+        ObjectiveDataError,
+        ("all 6 training conversations", None, "every reward is 0"),
+    ),
+    (
+        "a record over max_record_chars",
+        lambda p: write_lines(p / "r.jsonl", with_bad(_msg(2, "content", "x" * 900))),
+        None,
+        {"max_record_chars": 800},
+        RecordError,
+        ("line 3", "t0-r2", "'messages'"),
+    ),
 ]
 
 
 @pytest.mark.parametrize("case, build, objective, kwargs, exc, fragments", CORPUS, ids=[c[0] for c in CORPUS])
-def test_bad_input_is_refused_naming_file_record_and_field(case, build, objective, kwargs, exc, fragments,
-                                                             tiny_model_dir, tmp_path):
+def test_bad_input_is_refused_naming_file_record_and_field(
+    case, build, objective, kwargs, exc, fragments, tiny_model_dir, tmp_path
+):
     path = build(tmp_path)
     dm = datamodule(path, tiny_model_dir, objective, **kwargs)
     with pytest.raises(exc) as e:
@@ -234,9 +369,16 @@ def test_skip_invalid_records_skips_counts_and_logs_every_record_level_fault(tin
     assert sorted(s["id"] for s in dm.train_set.samples) == sorted(r["id"] for r in rows)
     assert dm.stats["data/skipped_records"] == 13.0  # 10 bad + bad JSON + duplicate + bad UTF-8
     line = next(r.getMessage() for r in caplog.records if "skipped invalid" in r.getMessage())
-    assert "9 read, 13 skipped invalid" in line and "<json>: 1" in line and "<encoding>: 1" in line \
-        and "reward: 3" in line and "id: 1" in line and "messages[2].content: 1" in line \
-        and "messages[1].role: 2" in line and "messages[7].role: 1" in line
+    assert (
+        "9 read, 13 skipped invalid" in line
+        and "<json>: 1" in line
+        and "<encoding>: 1" in line
+        and "reward: 3" in line
+        and "id: 1" in line
+        and "messages[2].content: 1" in line
+        and "messages[1].role: 2" in line
+        and "messages[7].role: 1" in line
+    )
 
 
 def test_parquet_and_byte_order_mark_are_read(tiny_model_dir, tmp_path):
@@ -244,8 +386,11 @@ def test_parquet_and_byte_order_mark_are_read(tiny_model_dir, tmp_path):
     pq_path = write_records(tmp_path / "ok.parquet", good_rows())
     bom = tmp_path / "bom.jsonl"
     bom.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in good_rows()).encode())
-    assert [r.id for r in load_records(pq_path)[0]] == [r.id for r in load_records(bom)[0]] == \
-        [r["id"] for r in good_rows()]
+    assert (
+        [r.id for r in load_records(pq_path)[0]]
+        == [r.id for r in load_records(bom)[0]]
+        == [r["id"] for r in good_rows()]
+    )
 
 
 def test_no_record_files_is_refused_before_anything_loads(tiny_model_dir, tmp_path):
@@ -258,15 +403,40 @@ def test_no_record_files_is_refused_before_anything_loads(tiny_model_dir, tmp_pa
 
 
 # ------------------------------------------------------------------------------------------------ fuzzing
-FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
-json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | \
-    st.text(max_size=12) | st.integers(min_value=10**308, max_value=10**400)  # ints no float can hold
-json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=3) |
-                           st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=12)
-FIELDS = ["id", "task_id", "messages", "reward", "run", "temperature", "reward_components", "gold", "prediction",
-          "dataset", "meta"]
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12)
+    | st.integers(min_value=10**308, max_value=10**400)
+)  # ints no float can hold
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=12,
+)
+FIELDS = [
+    "id",
+    "task_id",
+    "messages",
+    "reward",
+    "run",
+    "temperature",
+    "reward_components",
+    "gold",
+    "prediction",
+    "dataset",
+    "meta",
+]
 
 
 @st.composite
@@ -283,9 +453,15 @@ def mutated_records(draw):
             rec.pop(key, None)
         elif action == "message" and isinstance(rec.get("messages"), list) and rec["messages"]:
             i = draw(st.integers(0, len(rec["messages"]) - 1))
-            rec["messages"][i] = draw(json_values | st.fixed_dictionaries(
-                {"role": st.sampled_from(["system", "user", "assistant", "bot", ""]) | json_values,
-                 "content": st.text(max_size=10) | json_values}))
+            rec["messages"][i] = draw(
+                json_values
+                | st.fixed_dictionaries(
+                    {
+                        "role": st.sampled_from(["system", "user", "assistant", "bot", ""]) | json_values,
+                        "content": st.text(max_size=10) | json_values,
+                    }
+                )
+            )
         else:
             rec[key] = draw(json_scalars | json_values)
     return rec
@@ -297,8 +473,7 @@ def _check_loaded(records) -> None:
         assert isinstance(r.id, str) and r.id and isinstance(r.task_id, str) and r.task_id
         assert math.isfinite(r.reward) and math.isfinite(r.temperature) and r.temperature >= 0
         assert any(m["role"] == "assistant" for m in r.messages)
-        assert all(m["role"] in ("system", "user", "assistant") and isinstance(m["content"], str)
-                   for m in r.messages)
+        assert all(m["role"] in ("system", "user", "assistant") and isinstance(m["content"], str) for m in r.messages)
     assert len({r.id for r in records}) == len(records)
 
 
@@ -308,8 +483,10 @@ def fuzz_dir(tmp_path_factory) -> Path:
 
 
 @FUZZ
-@given(data=st.binary(max_size=300) | st.lists(st.text(max_size=40), max_size=4).map(
-    lambda lines: "\n".join(lines).encode("utf-8", "surrogatepass")))
+@given(
+    data=st.binary(max_size=300)
+    | st.lists(st.text(max_size=40), max_size=4).map(lambda lines: "\n".join(lines).encode("utf-8", "surrogatepass"))
+)
 def test_fuzz_jsonl_bytes_raise_only_record_errors(fuzz_dir, data):
     path = fuzz_dir / "bytes.jsonl"
     path.write_bytes(data)

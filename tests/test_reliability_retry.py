@@ -26,16 +26,19 @@ def raising_template(tiny_model_dir, tmp_path) -> Path:
     folder = tmp_path / "no-system-role"
     shutil.copytree(tiny_model_dir, folder)
     template = folder / "chat_template.jinja"
-    template.write_text("{%- if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-                        "{%- endif %}" + template.read_text())
+    template.write_text(
+        "{%- if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{%- endif %}" + template.read_text()
+    )
     return folder
 
 
 # ------------------------------------------------------------------------------------------- simulate: retry
 def test_simulate_n_turns_0_is_refused_before_anything_is_written(tmp_path, capsys):
     out = tmp_path / "sim"
-    code, line = one_line_error(["simulate", "--config", TINY, "--output", str(out), "--rollout.n_turns", "0", *SMALL],
-                                capsys)
+    code, line = one_line_error(
+        ["simulate", "--config", TINY, "--output", str(out), "--rollout.n_turns", "0", *SMALL], capsys
+    )
     assert code == 1 and "n_turns must be an integer >= 1 in the reasoning setting, got 0" in line, line
     assert not (out / "run_config.json").exists()
 
@@ -45,8 +48,9 @@ def test_a_simulation_that_failed_before_its_first_shard_is_not_a_run(raising_te
     run_config.json, and the corrected command was refused ("already holds a simulation (0 shards)"), its
     --resume refused as another configuration."""
     out = tmp_path / "sim"
-    code, line = one_line_error(["simulate", "--config", TINY, "--output", str(out), "--model",
-                                 str(raising_template), *SMALL], capsys)
+    code, line = one_line_error(
+        ["simulate", "--config", TINY, "--output", str(out), "--model", str(raising_template), *SMALL], capsys
+    )
     assert code == 1 and "refused the conversation (System role not supported)" in line, line
     assert not list((out / "shards").glob("shard-*.jsonl"))
     main(["simulate", "--config", TINY, "--output", str(out), *SMALL])  # the corrected command
@@ -54,8 +58,9 @@ def test_a_simulation_that_failed_before_its_first_shard_is_not_a_run(raising_te
     assert json.loads((out / "run_config.json").read_text())["config"]["model"] == "tiny-random"
     # the same with --resume true (the retry of a failed start, under another configuration)
     out2 = tmp_path / "sim2"
-    one_line_error(["simulate", "--config", TINY, "--output", str(out2), "--model", str(raising_template), *SMALL],
-                   capsys)
+    one_line_error(
+        ["simulate", "--config", TINY, "--output", str(out2), "--model", str(raising_template), *SMALL], capsys
+    )
     main(["simulate", "--config", TINY, "--output", str(out2), "--resume", "true", *SMALL])
     assert (out2 / "conversations.jsonl").read_bytes() == (out / "conversations.jsonl").read_bytes()
     # a real run (a finished shard) is still refused, and still compared on --resume
@@ -72,13 +77,20 @@ def test_a_fit_refused_on_its_data_leaves_nothing_that_blocks_the_retry(records_
     root = tmp_path / "run"
     (root).mkdir()
     (root / "notes.txt").write_text("mine")
-    argv = ["fit", f"--trainer.default_root_dir={root}", "--trainer.max_steps=1", "--data.val_fraction=0",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    argv = [
+        "fit",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.max_steps=1",
+        "--data.val_fraction=0",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
     code, line = one_line_error([*argv, f"--data.train_files=[{records}]"], capsys)
     assert code == 1 and "field 'reward'" in line, line
     assert sorted(p.name for p in root.iterdir() if p.name != ".clarify.lock") == ["notes.txt"]
-    good = write_records(tmp_path / "good.jsonl", [make_record(t, r, 1.0 - 0.5 * r) for t in range(2)
-                                                   for r in range(2)])
+    good = write_records(
+        tmp_path / "good.jsonl", [make_record(t, r, 1.0 - 0.5 * r) for t in range(2) for r in range(2)]
+    )
     main([*argv, f"--data.train_files=[{good}]"])  # the corrected command, same folder, no --overwrite
     assert (root / "checkpoints" / "last.ckpt").is_file() and (root / "notes.txt").read_text() == "mine"
     assert len(list(root.glob("events.out.tfevents.*"))) == 1
@@ -88,19 +100,56 @@ def test_a_fit_refused_on_its_data_leaves_nothing_that_blocks_the_retry(records_
 def test_evaluate_with_no_temperature_is_refused(tmp_path, capsys):
     """``--rollout.temperatures '[]'`` silently evaluated ``[0.0]``."""
     out = tmp_path / "eval"
-    code, line = one_line_error(["evaluate", "--model", "tiny-random", "--out_dir", str(out), "--rollout.temperatures", "[]",
-                                 "--progress", "false"], capsys)
+    code, line = one_line_error(
+        [
+            "evaluate",
+            "--model",
+            "tiny-random",
+            "--out_dir",
+            str(out),
+            "--rollout.temperatures",
+            "[]",
+            "--progress",
+            "false",
+        ],
+        capsys,
+    )
     assert code == 1 and line.startswith("clarify evaluate: error: --rollout.temperatures []: names no run"), line
-    code, line = one_line_error(["evaluate", "--model", "tiny-random", "--out_dir", str(out), "--rollout.temperatures",
-                                 "[0.0, -1.0]", "--progress", "false"], capsys)
+    code, line = one_line_error(
+        [
+            "evaluate",
+            "--model",
+            "tiny-random",
+            "--out_dir",
+            str(out),
+            "--rollout.temperatures",
+            "[0.0, -1.0]",
+            "--progress",
+            "false",
+        ],
+        capsys,
+    )
     assert code == 1 and "--rollout.temperatures: each must be a finite number >= 0, got [-1.0]" in line, line
     assert not out.exists()
 
 
 def test_an_explore_prefix_with_an_unbalanced_brace_names_the_option(tmp_path, capsys):
     out = tmp_path / "sim"
-    code, line = one_line_error(["simulate", "--config", TINY, "--output", str(out), "--explore_runs", "[0]",
-                                 "--explore_prefixes", '{1: "Is it {letter"}', *SMALL], capsys)
+    code, line = one_line_error(
+        [
+            "simulate",
+            "--config",
+            TINY,
+            "--output",
+            str(out),
+            "--explore_runs",
+            "[0]",
+            "--explore_prefixes",
+            '{1: "Is it {letter"}',
+            *SMALL,
+        ],
+        capsys,
+    )
     assert code == 1 and "explore_prefixes[1] = 'Is it {letter': not a valid template (expected '}'" in line, line
     assert not (out / "run_config.json").exists()
 
@@ -110,25 +159,46 @@ def test_a_conversation_budget_beyond_the_context_is_refused(n_turns, tmp_path, 
     """``--n_turns 1e9`` ran until killed; 150 turns on the 2,048-token model ran past its context."""
     eval_cfg = tmp_path / "evaluate.yaml"  # the tiny preset's questions
     eval_cfg.write_text(yaml.safe_dump({"data": {**yaml.safe_load(Path(TINY).read_text())["data"], "part": "test"}}))
-    for command in (["simulate", "--config", TINY, "--output", str(tmp_path / "sim"), *SMALL],
-                    ["evaluate", "--config", str(eval_cfg), "--model", "tiny-random", "--out_dir",
-                     str(tmp_path / "eval"), "--progress", "false"]):
+    for command in (
+        ["simulate", "--config", TINY, "--output", str(tmp_path / "sim"), *SMALL],
+        [
+            "evaluate",
+            "--config",
+            str(eval_cfg),
+            "--model",
+            "tiny-random",
+            "--out_dir",
+            str(tmp_path / "eval"),
+            "--progress",
+            "false",
+        ],
+    ):
         code, line = one_line_error([*command, "--rollout.n_turns", n_turns, "--rollout.max_new_tokens", "16"], capsys)
         budget = int(n_turns) * 16
-        assert code == 1 and (f"n_turns {n_turns} x max_new_tokens 16 = {budget} generated tokens per conversation, "
-                              "more than the 2048 tokens of tiny-random's context") in line, line
+        assert (
+            code == 1
+            and (
+                f"n_turns {n_turns} x max_new_tokens 16 = {budget} generated tokens per conversation, "
+                "more than the 2048 tokens of tiny-random's context"
+            )
+            in line
+        ), line
     assert not (tmp_path / "sim" / "run_config.json").exists() and not (tmp_path / "eval" / "metrics.json").exists()
 
 
-@pytest.mark.parametrize("argv,closest", [
-    (["simulate", "--n_turn", "3"], "--rollout.n_turns"),
-    (["evaluate", "--model", "tiny-random", "--n_turn", "3"], "--rollout.n_turns"),
-    (["iterate", "--teacher.kindd", "retrieval"], "--teacher.kind"),
-    (["rescore", "--inputs", "[x.jsonl]", "--outptu", "y"], "--output"),
-    (["export", "--run_dir", "x", "--merg", "true"], "--merge"),
-    (["report", "x", "--outt", "y"], "--out"),
-    (["fit", "--data.batchsize", "2"], "--data.batch_size"),
-], ids=lambda v: v[0] if isinstance(v, list) else None)
+@pytest.mark.parametrize(
+    "argv,closest",
+    [
+        (["simulate", "--n_turn", "3"], "--rollout.n_turns"),
+        (["evaluate", "--model", "tiny-random", "--n_turn", "3"], "--rollout.n_turns"),
+        (["iterate", "--teacher.kindd", "retrieval"], "--teacher.kind"),
+        (["rescore", "--inputs", "[x.jsonl]", "--outptu", "y"], "--output"),
+        (["export", "--run_dir", "x", "--merg", "true"], "--merge"),
+        (["report", "x", "--outt", "y"], "--out"),
+        (["fit", "--data.batchsize", "2"], "--data.batch_size"),
+    ],
+    ids=lambda v: v[0] if isinstance(v, list) else None,
+)
 def test_a_mistyped_option_is_one_line_naming_the_closest_valid_name(argv, closest, capsys):
     """simulate, iterate and evaluate printed 63–82 lines of usage for a mistyped option; now one line, everywhere."""
     with pytest.raises(SystemExit) as e:
@@ -138,10 +208,13 @@ def test_a_mistyped_option_is_one_line_naming_the_closest_valid_name(argv, close
     assert f"unrecognized arguments: {argv[-2]} {argv[-1]}; did you mean {closest}?" in err, err
 
 
-@pytest.mark.parametrize("key,hint", [
-    ("n_turn", "did you mean --rollout.n_turns?"),
-    ("max_new_tokens", "it moved: --rollout.max_new_tokens"),  # a flat key of before the rollout block
-])
+@pytest.mark.parametrize(
+    "key,hint",
+    [
+        ("n_turn", "did you mean --rollout.n_turns?"),
+        ("max_new_tokens", "it moved: --rollout.max_new_tokens"),  # a flat key of before the rollout block
+    ],
+)
 def test_an_unknown_config_key_is_one_line_naming_the_closest_valid_name(key, hint, tmp_path, capsys):
     config = tmp_path / "evaluate.yaml"
     config.write_text(f"{key}: 3\n")
@@ -153,9 +226,21 @@ def test_an_unknown_config_key_is_one_line_naming_the_closest_valid_name(key, hi
 
 
 # ------------------------------------------------------------------------------------------ Ctrl-C in iterate
-ITERATE = ["iterate", "--model", "tiny-random", "--rounds", "1", "--model_config",
-           str(REPO / "configs/model/tiny.yaml"), "--trainer_config", str(REPO / "configs/trainer/cpu.yaml"),
-           "--objective_config", str(REPO / "configs/objective/refit.yaml"), "--progress", "false"]
+ITERATE = [
+    "iterate",
+    "--model",
+    "tiny-random",
+    "--rounds",
+    "1",
+    "--model_config",
+    str(REPO / "configs/model/tiny.yaml"),
+    "--trainer_config",
+    str(REPO / "configs/trainer/cpu.yaml"),
+    "--objective_config",
+    str(REPO / "configs/objective/refit.yaml"),
+    "--progress",
+    "false",
+]
 
 
 @pytest.mark.parametrize("code", [130, -2, 1])
@@ -186,7 +271,8 @@ def test_iterate_stage_stopped_or_failed_is_one_line(code, tmp_path, monkeypatch
     else:
         assert e.value.code == 130 and lines[0] == (
             f"clarify iterate: interrupted (Ctrl-C); the finished stages are kept in {out}; run the same command "
-            "again to go on (finished stages are skipped, an interrupted simulation or fit resumes)")
+            "again to go on (finished stages are skipped, an interrupted simulation or fit resumes)"
+        )
 
 
 def test_ctrl_c_during_iterate_is_one_line_and_exit_130(tmp_path, cache_root):
@@ -198,10 +284,15 @@ def test_ctrl_c_during_iterate_is_one_line_and_exit_130(tmp_path, cache_root):
 
     out = tmp_path / "it"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CLARIFY_CACHE": str(cache_root)}
-    proc = subprocess.Popen([sys.executable, "-m", "clarify_lit.cli", *ITERATE, "--output", str(out),
-                             "--in_process", "true"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal gives it
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clarify_lit.cli", *ITERATE, "--output", str(out), "--in_process", "true"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # as a terminal gives it
     deadline = time.monotonic() + 120
     try:
         while not (out / "commands.sh").exists():  # the first stage has started
@@ -218,4 +309,5 @@ def test_ctrl_c_during_iterate_is_one_line_and_exit_130(tmp_path, cache_root):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     assert [line for line in err.splitlines() if line.startswith("clarify")] == [
         f"clarify iterate: interrupted (Ctrl-C); the finished stages are kept in {out}; run the same command again "
-        "to go on (finished stages are skipped, an interrupted simulation or fit resumes)"], err[-3000:]
+        "to go on (finished stages are skipped, an interrupted simulation or fit resumes)"
+    ], err[-3000:]

@@ -16,7 +16,16 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs/simulate/tiny-reasoning.yaml")
 KEY = "sk-clarifyPLANTEDkey0123456789abcdefXYZ"
 RANDOM_KEY = "Zq8Jx3Lk9Vb2Nw7Rt5Hy1Fp4"  # no provider prefix: caught as a random-looking token in a *_env field
-SMALL_SIM = ["--data.limit", "2", "--rollout.temperatures", "[0.0]", "--rollout.max_new_tokens", "4", "--progress", "false"]
+SMALL_SIM = [
+    "--data.limit",
+    "2",
+    "--rollout.temperatures",
+    "[0.0]",
+    "--rollout.max_new_tokens",
+    "4",
+    "--progress",
+    "false",
+]
 
 
 def written_files(root: Path, planted: Path | None = None) -> list[Path]:
@@ -34,12 +43,29 @@ def command(name: str, out: Path, records: Path) -> list[str]:
     """A command line of ``name`` that would run (on the tiny model) but for the key added to it."""
     return {
         "simulate": ["simulate", "--config", TINY, "--output", str(out), *SMALL_SIM],
-        "fit": ["fit", f"--data.train_files=[{records}]", "--trainer.max_steps=1",
-                f"--trainer.default_root_dir={out}", "--trainer.enable_progress_bar=false"],
+        "fit": [
+            "fit",
+            f"--data.train_files=[{records}]",
+            "--trainer.max_steps=1",
+            f"--trainer.default_root_dir={out}",
+            "--trainer.enable_progress_bar=false",
+        ],
         "evaluate": ["evaluate", "--model", "tiny-random", "--out_dir", str(out), "--progress", "false"],
-        "iterate": ["iterate", "--output", str(out), "--model", "tiny-random", "--rounds", "1", "--model_config",
-                    str(REPO / "configs/model/tiny.yaml"), "--trainer_config", str(REPO / "configs/trainer/cpu.yaml"),
-                    "--objective_config", str(REPO / "configs/objective/refit.yaml")],
+        "iterate": [
+            "iterate",
+            "--output",
+            str(out),
+            "--model",
+            "tiny-random",
+            "--rounds",
+            "1",
+            "--model_config",
+            str(REPO / "configs/model/tiny.yaml"),
+            "--trainer_config",
+            str(REPO / "configs/trainer/cpu.yaml"),
+            "--objective_config",
+            str(REPO / "configs/objective/refit.yaml"),
+        ],
     }[name]
 
 
@@ -51,25 +77,49 @@ def plant(name: str, how: str, tmp_path: Path) -> tuple[list[str], Path | None]:
     if how == "key as the variable name":
         if name == "fit":  # the rollout-evaluation callback takes the same endpoint options
             cfg = tmp_path / "planted.yaml"
-            cfg.write_text(yaml.safe_dump({"trainer": {"callbacks": [{
-                "class_path": "clarify_lit.evaluate.callback.RolloutEvaluation",
-                "init_args": {"teacher": {"endpoint": {"api_key_env": RANDOM_KEY}}}}]}}))
+            cfg.write_text(
+                yaml.safe_dump(
+                    {
+                        "trainer": {
+                            "callbacks": [
+                                {
+                                    "class_path": "clarify_lit.evaluate.callback.RolloutEvaluation",
+                                    "init_args": {"teacher": {"endpoint": {"api_key_env": RANDOM_KEY}}},
+                                }
+                            ]
+                        }
+                    }
+                )
+            )
             return ["--config", str(cfg)], cfg
         return ["--reward.endpoint.api_key_env", RANDOM_KEY], None
     # a key inside a config file (for iterate: inside the extra fit arguments it passes on)
     cfg = tmp_path / "planted.yaml"
-    values = {"fit_args": ["--model.learning_rate=1e-4", KEY]} if name == "iterate" else \
-        {"trainer": {"callbacks": [{"class_path": "clarify_lit.evaluate.callback.RolloutEvaluation",
-                                    "init_args": {"reward": {"endpoint": {"api_key_env": KEY}}}}]}} if name == "fit" \
+    values = (
+        {"fit_args": ["--model.learning_rate=1e-4", KEY]}
+        if name == "iterate"
+        else {
+            "trainer": {
+                "callbacks": [
+                    {
+                        "class_path": "clarify_lit.evaluate.callback.RolloutEvaluation",
+                        "init_args": {"reward": {"endpoint": {"api_key_env": KEY}}},
+                    }
+                ]
+            }
+        }
+        if name == "fit"
         else {"teacher": {"endpoint": {"api_key_env": KEY}}}
+    )
     cfg.write_text(yaml.safe_dump(values))
     return ["--config", str(cfg)], cfg
 
 
 @pytest.mark.parametrize("how", ["abbreviated option", "key as the variable name", "key in a config file"])
 @pytest.mark.parametrize("name", ["simulate", "fit", "evaluate", "iterate"])
-def test_a_key_given_as_an_option_or_config_value_is_refused_unwritten_and_unechoed(name, how, tmp_path, capfd,
-                                                                                   caplog, records_factory):
+def test_a_key_given_as_an_option_or_config_value_is_refused_unwritten_and_unechoed(
+    name, how, tmp_path, capfd, caplog, records_factory
+):
     records = records_factory()
     out = tmp_path / "out"
     extra, planted = plant(name, how, tmp_path)
@@ -135,29 +185,77 @@ def test_a_printed_config_is_redacted(capfd):
 
 
 @pytest.mark.slow
-def test_a_key_in_the_environment_appears_in_no_file_any_command_writes(tmp_path, monkeypatch, capfd, caplog,
-                                                                        records_factory):
+def test_a_key_in_the_environment_appears_in_no_file_any_command_writes(
+    tmp_path, monkeypatch, capfd, caplog, records_factory
+):
     """The supported way: the key in an environment variable, its NAME in ``api_key_env``. simulate, fit, evaluate
     and iterate (dry run: its per-round configs) run on the tiny presets; no file they write and nothing they print
     holds the key."""
     monkeypatch.setenv("CLARIFY_PLANTED_KEY", KEY)
-    names = ["--teacher.endpoint.api_key_env", "CLARIFY_PLANTED_KEY", "--reward.endpoint.api_key_env",
-             "CLARIFY_PLANTED_KEY"]
+    names = [
+        "--teacher.endpoint.api_key_env",
+        "CLARIFY_PLANTED_KEY",
+        "--reward.endpoint.api_key_env",
+        "CLARIFY_PLANTED_KEY",
+    ]
     main(["simulate", "--config", TINY, "--output", str(tmp_path / "sim"), *SMALL_SIM, *names])
-    main(["fit", f"--data.train_files=[{records_factory()}]", "--trainer.max_steps=1", "--data.val_fraction=0",
-          f"--trainer.default_root_dir={tmp_path / 'fit'}", "--trainer.enable_progress_bar=false"])
+    main(
+        [
+            "fit",
+            f"--data.train_files=[{records_factory()}]",
+            "--trainer.max_steps=1",
+            "--data.val_fraction=0",
+            f"--trainer.default_root_dir={tmp_path / 'fit'}",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
     eval_cfg = tmp_path / "evaluate.yaml"  # the tiny preset's questions
     eval_cfg.write_text(yaml.safe_dump({"data": {**yaml.safe_load(Path(TINY).read_text())["data"], "part": "test"}}))
-    main(["evaluate", "--config", str(eval_cfg), "--model", "tiny-random", "--out_dir", str(tmp_path / "eval"),
-          "--progress", "false", "--n_questions", "1", "--rollout.max_new_tokens", "4", *names])
-    main(["iterate", "--output", str(tmp_path / "it"), "--model", "tiny-random", "--rounds", "2", "--dry_run",
-          "true", "--model_config", str(REPO / "configs/model/tiny.yaml"), "--trainer_config",
-          str(REPO / "configs/trainer/cpu.yaml"), "--objective_config", str(REPO / "configs/objective/refit.yaml"),
-          *names])
+    main(
+        [
+            "evaluate",
+            "--config",
+            str(eval_cfg),
+            "--model",
+            "tiny-random",
+            "--out_dir",
+            str(tmp_path / "eval"),
+            "--progress",
+            "false",
+            "--n_questions",
+            "1",
+            "--rollout.max_new_tokens",
+            "4",
+            *names,
+        ]
+    )
+    main(
+        [
+            "iterate",
+            "--output",
+            str(tmp_path / "it"),
+            "--model",
+            "tiny-random",
+            "--rounds",
+            "2",
+            "--dry_run",
+            "true",
+            "--model_config",
+            str(REPO / "configs/model/tiny.yaml"),
+            "--trainer_config",
+            str(REPO / "configs/trainer/cpu.yaml"),
+            "--objective_config",
+            str(REPO / "configs/objective/refit.yaml"),
+            *names,
+        ]
+    )
     captured = capfd.readouterr()
     files = written_files(tmp_path)
-    assert {"run_config.json", "summary.json", "config.yaml", "metrics.json", "simulate.yaml", "evaluate.yaml"} <= \
-        {p.name for p in files}
-    assert json.loads((tmp_path / "sim/run_config.json").read_text())["config"]["teacher"]["endpoint"][
-        "api_key_env"] == "CLARIFY_PLANTED_KEY"  # the name is recorded, the key is not
+    assert {"run_config.json", "summary.json", "config.yaml", "metrics.json", "simulate.yaml", "evaluate.yaml"} <= {
+        p.name for p in files
+    }
+    assert (
+        json.loads((tmp_path / "sim/run_config.json").read_text())["config"]["teacher"]["endpoint"]["api_key_env"]
+        == "CLARIFY_PLANTED_KEY"
+    )  # the name is recorded, the key is not
     assert_key_nowhere(tmp_path, [captured.out, captured.err, caplog.text])

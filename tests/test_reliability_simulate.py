@@ -18,9 +18,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def args(out: Path, *extra: str) -> list[str]:
-    return ["--config", str(ROOT / "configs/simulate/tiny-reasoning.yaml"), "--data.path",
-            str(ROOT / "configs/simulate/tiny-tasks.jsonl"), "--output", str(out), "--progress", "false",
-            "--data.limit", "4", "--chunk_size", "1", "--rollout.max_new_tokens", "5", *extra]
+    return [
+        "--config",
+        str(ROOT / "configs/simulate/tiny-reasoning.yaml"),
+        "--data.path",
+        str(ROOT / "configs/simulate/tiny-tasks.jsonl"),
+        "--output",
+        str(out),
+        "--progress",
+        "false",
+        "--data.limit",
+        "4",
+        "--chunk_size",
+        "1",
+        "--rollout.max_new_tokens",
+        "5",
+        *extra,
+    ]
 
 
 @pytest.mark.slow

@@ -33,18 +33,42 @@ MAX_STEPS = 6
 
 
 def fit_args(records: Path, root: Path, *extra: str) -> list[str]:
-    return ["fit", f"--data.train_files=[{records}]", "--data.skip_invalid_records=true", "--seed_everything=0",
-            "--trainer.deterministic=true", "--data.batch_size=2", "--trainer.accumulate_grad_batches=2",
-            "--data.val_fraction=0.25", f"--trainer.max_steps={MAX_STEPS}", f"--trainer.default_root_dir={root}",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-            "--trainer.log_every_n_steps=1", "--model.learning_rate=1e-3", "--model.export_on_fit_end=false", *extra]
+    return [
+        "fit",
+        f"--data.train_files=[{records}]",
+        "--data.skip_invalid_records=true",
+        "--seed_everything=0",
+        "--trainer.deterministic=true",
+        "--data.batch_size=2",
+        "--trainer.accumulate_grad_batches=2",
+        "--data.val_fraction=0.25",
+        f"--trainer.max_steps={MAX_STEPS}",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.log_every_n_steps=1",
+        "--model.learning_rate=1e-3",
+        "--model.export_on_fit_end=false",
+        *extra,
+    ]
 
 
 def signal_config(tmp_path: Path, step: int, signum: int, micro_batch: int = 0) -> Path:
     path = tmp_path / f"signal-{signum}-{step}.yaml"
-    path.write_text(yaml.safe_dump({"trainer": {"callbacks": [{
-        "class_path": "reliability_helpers.SignalAtStep",
-        "init_args": {"step": step, "signum": signum, "micro_batch": micro_batch}}]}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "trainer": {
+                    "callbacks": [
+                        {
+                            "class_path": "reliability_helpers.SignalAtStep",
+                            "init_args": {"step": step, "signum": signum, "micro_batch": micro_batch},
+                        }
+                    ]
+                }
+            }
+        )
+    )
     return path
 
 
@@ -94,8 +118,9 @@ def reference(records, cache_root, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_sigterm_then_sigkill_then_resume_equals_an_uninterrupted_run(reference, records, cache_root, tmp_path,
-                                                                     capsys, monkeypatch):
+def test_sigterm_then_sigkill_then_resume_equals_an_uninterrupted_run(
+    reference, records, cache_root, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setenv("CLARIFY_CACHE", str(cache_root))
     ref_root, ref, _ = reference
     root = tmp_path / "run"
@@ -107,8 +132,10 @@ def test_sigterm_then_sigkill_then_resume_equals_an_uninterrupted_run(reference,
     assert e.value.code == 143
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert f"clarify fit: stopped by SIGTERM at step 2; last checkpoint {root / 'checkpoints' / 'last.ckpt'}, " \
-           "resume with --ckpt_path last" in err.strip().splitlines()
+    assert (
+        f"clarify fit: stopped by SIGTERM at step 2; last checkpoint {root / 'checkpoints' / 'last.ckpt'}, "
+        "resume with --ckpt_path last" in err.strip().splitlines()
+    )
     first = load_ckpt(root)
     assert first["global_step"] == 2
     # the data position: 4 micro-batches (of the epoch's 5) trained
@@ -116,10 +143,18 @@ def test_sigterm_then_sigkill_then_resume_equals_an_uninterrupted_run(reference,
 
     # 2. resume in a subprocess, SIGKILLed (no cleanup at all) as step 5 is about to start: the last checkpoint is
     #    the one ModelCheckpoint wrote at the end of epoch 0 (step 3)
-    env = {**os.environ, "CLARIFY_CACHE": str(cache_root), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}
-    cmd = [sys.executable, "-m", "clarify_lit.cli", *fit_args(records, root, "--ckpt_path", "last", "--config",
-                                                                str(signal_config(tmp_path, step=4, signum=9)))]
+    env = {
+        **os.environ,
+        "CLARIFY_CACHE": str(cache_root),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "clarify_lit.cli",
+        *fit_args(records, root, "--ckpt_path", "last", "--config", str(signal_config(tmp_path, step=4, signum=9))),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     second = load_ckpt(root)
@@ -157,14 +192,33 @@ def test_crash_mid_step_resumes_from_per_step_checkpoints(reference, records, ca
     monkeypatch.setenv("CLARIFY_CACHE", str(cache_root))
     ref_root, ref, _ = reference
     root = tmp_path / "run"
-    checkpoint = {"class_path": "clarify_lit.train.checkpointing.LastCheckpoint",  # the snippet in the docs
-                  "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True, "save_top_k": 0,
-                                "every_n_train_steps": 1}}
+    checkpoint = {
+        "class_path": "clarify_lit.train.checkpointing.LastCheckpoint",  # the snippet in the docs
+        "init_args": {
+            "dirpath": str(root / "checkpoints"),
+            "save_last": True,
+            "save_top_k": 0,
+            "every_n_train_steps": 1,
+        },
+    }
     every_step, crash = tmp_path / "every-step.yaml", tmp_path / "every-step-crash.yaml"
     every_step.write_text(yaml.safe_dump({"trainer": {"callbacks": [checkpoint]}}))
     # (one list: a second --config's callbacks would replace the first's) the 2nd micro-batch of the 5th step
-    crash.write_text(yaml.safe_dump({"trainer": {"callbacks": [checkpoint, {
-        "class_path": "reliability_helpers.SignalAtStep", "init_args": {"step": 4, "signum": 0, "micro_batch": 1}}]}}))
+    crash.write_text(
+        yaml.safe_dump(
+            {
+                "trainer": {
+                    "callbacks": [
+                        checkpoint,
+                        {
+                            "class_path": "reliability_helpers.SignalAtStep",
+                            "init_args": {"step": 4, "signum": 0, "micro_batch": 1},
+                        },
+                    ]
+                }
+            }
+        )
+    )
     with pytest.raises(RuntimeError, match="simulated crash"):
         lightning_main(fit_args(records, root, "--config", str(crash)))
     ckpt = load_ckpt(root)
@@ -177,29 +231,50 @@ def test_crash_mid_step_resumes_from_per_step_checkpoints(reference, records, ca
 
 
 @pytest.mark.slow
-def test_sigterm_mid_accumulation_keeps_the_last_step_checkpoint(reference, records, cache_root, tmp_path, capsys,
-                                                                 monkeypatch):
+def test_sigterm_mid_accumulation_keeps_the_last_step_checkpoint(
+    reference, records, cache_root, tmp_path, capsys, monkeypatch
+):
     """SIGTERM after the first micro-batch of an accumulation step: saving there would lose that micro-batch's
     gradient on resume, so the checkpoint of step 1 stands and the resume redoes the next step whole."""
     monkeypatch.setenv("CLARIFY_CACHE", str(cache_root))
     ref_root, ref, _ = reference
     root = tmp_path / "run"
     cfg = tmp_path / "sigterm-every-step.yaml"
-    cfg.write_text(yaml.safe_dump({"trainer": {"callbacks": [
-        {"class_path": "clarify_lit.train.checkpointing.LastCheckpoint",
-         "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True, "save_top_k": 0,
-                       "every_n_train_steps": 1}},
-        {"class_path": "reliability_helpers.SignalAtStep", "init_args": {"step": 1, "signum": 15, "micro_batch": 0}}]}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "trainer": {
+                    "callbacks": [
+                        {
+                            "class_path": "clarify_lit.train.checkpointing.LastCheckpoint",
+                            "init_args": {
+                                "dirpath": str(root / "checkpoints"),
+                                "save_last": True,
+                                "save_top_k": 0,
+                                "every_n_train_steps": 1,
+                            },
+                        },
+                        {
+                            "class_path": "reliability_helpers.SignalAtStep",
+                            "init_args": {"step": 1, "signum": 15, "micro_batch": 0},
+                        },
+                    ]
+                }
+            }
+        )
+    )
     with pytest.raises(SystemExit) as e:
         main(fit_args(records, root, "--config", str(cfg)))
     assert e.value.code == 143
-    assert f"stopped by SIGTERM at step 1; last checkpoint {root / 'checkpoints' / 'last.ckpt'}" in \
-        capsys.readouterr().err
+    assert (
+        f"stopped by SIGTERM at step 1; last checkpoint {root / 'checkpoints' / 'last.ckpt'}" in capsys.readouterr().err
+    )
     ckpt = load_ckpt(root)
     assert ckpt["global_step"] == 1 and ckpt["ConversationDataModule"]["train_loader"]["micro_batches"] == 2
     every_step = tmp_path / "every-step.yaml"
-    every_step.write_text(yaml.safe_dump({"trainer": {"callbacks": yaml.safe_load(cfg.read_text())["trainer"][
-        "callbacks"][:1]}}))
+    every_step.write_text(
+        yaml.safe_dump({"trainer": {"callbacks": yaml.safe_load(cfg.read_text())["trainer"]["callbacks"][:1]}})
+    )
     cli, rec = fit_recording(fit_args(records, root, "--ckpt_path", "last", "--config", str(every_step)))
     assert rec.start_step == 1 and rec.batches == ref.batches[2:]
     want, got = load_ckpt(ref_root), load_ckpt(root)
@@ -303,11 +378,21 @@ def _poison(monkeypatch, bad_id: str):
 
 
 def _nan_args(records: Path, root: Path, *extra: str) -> list[str]:
-    return ["fit", f"--data.train_files=[{records}]", "--data.skip_invalid_records=true", "--data.val_fraction=0",
-            "--data.batch_size=2", "--data.group_by_length=false", "--trainer.max_epochs=1",
-            f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false", "--trainer.log_every_n_steps=1", "--model.export_on_fit_end=false",
-            *extra]
+    return [
+        "fit",
+        f"--data.train_files=[{records}]",
+        "--data.skip_invalid_records=true",
+        "--data.val_fraction=0",
+        "--data.batch_size=2",
+        "--data.group_by_length=false",
+        "--trainer.max_epochs=1",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.log_every_n_steps=1",
+        "--model.export_on_fit_end=false",
+        *extra,
+    ]
 
 
 def test_nonfinite_loss_stops_training_naming_the_batch(records, cache_root, tmp_path, monkeypatch, capsys):

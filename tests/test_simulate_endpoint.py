@@ -15,12 +15,16 @@ from clarify_lit.simulate.rollout import RolloutSpec, rollout_tasks
 from clarify_lit.simulate.teachers import EndpointChatBackend, EndpointError, HFChatBackend, LLMTeacher
 
 TASKS = [
-    QATask("sciq/1", "sciq", "What do plants need to make food?", ["sunlight", "sand", "salt", "smoke"], "A",
-           knowledge="Plants make food by photosynthesis."),
+    QATask(
+        "sciq/1",
+        "sciq",
+        "What do plants need to make food?",
+        ["sunlight", "sand", "salt", "smoke"],
+        "A",
+        knowledge="Plants make food by photosynthesis.",
+    ),
     QATask("obqa/2", "openbookqa", "Which is a source of heat?", ["ice", "fire", "snow", "rain"], "B"),
 ]
-
-
 
 
 class Server(FakeEndpoint):
@@ -43,16 +47,19 @@ class Server(FakeEndpoint):
         if self.behaviour == "slow":
             time.sleep(0.5)
         with self.generate_lock:  # one generate at a time on the shared model
-            text = self.backend.chat([body["messages"]], temperature=body.get("temperature", 0.0),
-                                     max_new_tokens=body["max_tokens"])[0]
+            text = self.backend.chat(
+                [body["messages"]], temperature=body.get("temperature", 0.0), max_new_tokens=body["max_tokens"]
+            )[0]
         return handler.send(200, completion(text, body["model"]))
 
 
 def test_endpoint_serves_the_models_own_generation(tiny):
     model, tok = tiny
     hf = HFChatBackend(model, tok, batch_size=4)
-    requests = [[{"role": "system", "content": "You are a teacher."}, {"role": "user", "content": f"Explain {w}."}]
-                for w in ("energy", "water plants sun", "science")]
+    requests = [
+        [{"role": "system", "content": "You are a teacher."}, {"role": "user", "content": f"Explain {w}."}]
+        for w in ("energy", "water plants sun", "science")
+    ]
     with Server(hf) as server:
         ep = EndpointChatBackend(server.url, "tiny", concurrency=2)
         got = ep.chat(requests, temperature=0.0, max_new_tokens=8)
@@ -63,19 +70,31 @@ def test_endpoint_serves_the_models_own_generation(tiny):
 def test_clarifying_rollout_with_endpoint_teacher_equals_local_teacher(tiny):
     model, tok = tiny
     hf = HFChatBackend(model, tok, batch_size=4)
-    spec = RolloutSpec(setting="clarifying", mode="thinking", n_turns=3, temperatures=[0.0, 1.0], max_new_tokens=6,
-                       batch_size=4, seed=3)
+    spec = RolloutSpec(
+        setting="clarifying",
+        mode="thinking",
+        n_turns=3,
+        temperatures=[0.0, 1.0],
+        max_new_tokens=6,
+        batch_size=4,
+        seed=3,
+    )
     local = rollout_tasks(model, tok, TASKS, spec, teacher=LLMTeacher(hf, max_new_tokens=8), reward=CorrectReward())
     with Server(hf) as server:
-        remote = rollout_tasks(model, tok, TASKS, spec, reward=CorrectReward(),
-                               teacher=LLMTeacher(EndpointChatBackend(server.url, "tiny"), max_new_tokens=8))
+        remote = rollout_tasks(
+            model,
+            tok,
+            TASKS,
+            spec,
+            reward=CorrectReward(),
+            teacher=LLMTeacher(EndpointChatBackend(server.url, "tiny"), max_new_tokens=8),
+        )
     assert len(server.requests) == len(TASKS) * 2  # one teacher reply per conversation
     assert [r.messages for r in remote] == [r.messages for r in local]
     assert remote[0].meta["teacher"] == "llm:endpoint:tiny"
 
 
-def test_simulate_with_the_policy_on_an_endpoint_equals_the_local_policy(tiny, tiny_model_dir, tmp_path,
-                                                                       clarify_cache):
+def test_simulate_with_the_policy_on_an_endpoint_equals_the_local_policy(tiny, tiny_model_dir, tmp_path, clarify_cache):
     """``clarify simulate --policy_endpoint.base_url``: the policy's turns come from the server (here serving the
     tiny model's own greedy generations), and the logged conversations equal a local run's; StepDPO branches too."""
     from pathlib import Path
@@ -84,13 +103,37 @@ def test_simulate_with_the_policy_on_an_endpoint_equals_the_local_policy(tiny, t
     from clarify_lit.simulate.command import main as simulate_main
 
     root = Path(__file__).resolve().parents[1]
-    common = ["--config", str(root / "configs/simulate/tiny-reasoning.yaml"), "--model", str(tiny_model_dir),
-              "--data.path", str(root / "configs/simulate/tiny-tasks.jsonl"), "--data.limit", "2",
-              "--rollout.temperatures", "[0.0]", "--rollout.max_new_tokens", "5", "--progress", "false", "--step_branches", "true"]
+    common = [
+        "--config",
+        str(root / "configs/simulate/tiny-reasoning.yaml"),
+        "--model",
+        str(tiny_model_dir),
+        "--data.path",
+        str(root / "configs/simulate/tiny-tasks.jsonl"),
+        "--data.limit",
+        "2",
+        "--rollout.temperatures",
+        "[0.0]",
+        "--rollout.max_new_tokens",
+        "5",
+        "--progress",
+        "false",
+        "--step_branches",
+        "true",
+    ]
     simulate_main([*common, "--output", str(tmp_path / "local")])
     with Server(HFChatBackend(*tiny)) as server:
-        simulate_main([*common, "--output", str(tmp_path / "served"), "--policy_endpoint.base_url", server.url,
-                       "--policy_endpoint.model", "tiny"])
+        simulate_main(
+            [
+                *common,
+                "--output",
+                str(tmp_path / "served"),
+                "--policy_endpoint.base_url",
+                server.url,
+                "--policy_endpoint.model",
+                "tiny",
+            ]
+        )
         served_requests = len(server.requests)
     for name in ("conversations.jsonl", "branches.jsonl"):
         local, _ = load_records(tmp_path / "local" / name)
@@ -105,7 +148,8 @@ def test_api_key_is_sent(tiny, monkeypatch):
     monkeypatch.setenv("TEST_TEACHER_KEY", "s3cret")
     with Server(HFChatBackend(model, tok), api_key="s3cret") as server:
         out = EndpointChatBackend(server.url, "tiny", api_key_env="TEST_TEACHER_KEY").chat(
-            [[{"role": "user", "content": "hi"}]], max_new_tokens=3)
+            [[{"role": "user", "content": "hi"}]], max_new_tokens=3
+        )
     assert isinstance(out[0], str)
     with pytest.raises(EndpointError, match="TEST_MISSING_KEY"):
         EndpointChatBackend(server.url, "tiny", api_key_env="TEST_MISSING_KEY")
@@ -124,7 +168,9 @@ def test_unavailable_endpoint_fails_after_bounded_retries():
 def test_client_error_is_not_retried():
     with Server(None, behaviour="bad_request") as server:
         with pytest.raises(EndpointError, match="refused.*HTTP 400.*unknown model"):
-            EndpointChatBackend(server.url, "tiny", max_retries=3, backoff=0.01).chat([[{"role": "user", "content": "x"}]])
+            EndpointChatBackend(server.url, "tiny", max_retries=3, backoff=0.01).chat(
+                [[{"role": "user", "content": "x"}]]
+            )
         assert len(server.requests) == 1
 
 

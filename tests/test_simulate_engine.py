@@ -10,8 +10,13 @@ from clarify_lit.simulate.engine import GenerationEngine, derive_seed, left_pad
 
 def convs(k: int = 6):
     # prompts of very different lengths, so left padding really happens
-    return [[{"role": "system", "content": "You are a student."},
-             {"role": "user", "content": "energy water " * (1 + 4 * (i % 3)) + f"question {i}?"}] for i in range(k)]
+    return [
+        [
+            {"role": "system", "content": "You are a student."},
+            {"role": "user", "content": "energy water " * (1 + 4 * (i % 3)) + f"question {i}?"},
+        ]
+        for i in range(k)
+    ]
 
 
 def test_batched_greedy_equals_one_by_one(tiny):
@@ -110,8 +115,9 @@ def test_mixed_temperature_batches_match_grouped_ones(tiny):
     assert [a[i].text for i in (0, 3)] == [b[i].text for i in (0, 3)]  # greedy rows: exact
     assert [g.text for g in a] == [g.text for g in mixed.generate(convs(), temps, seed=3)]
     one = [0.7] * 6
-    assert [g.text for g in mixed.generate(convs(), one, seed=4)] == \
-        [g.text for g in grouped.generate(convs(), one, seed=4)]
+    assert [g.text for g in mixed.generate(convs(), one, seed=4)] == [
+        g.text for g in grouped.generate(convs(), one, seed=4)
+    ]
 
 
 def test_simulate_fingerprint_keeps_old_runs_resumable():
@@ -137,11 +143,14 @@ def test_fingerprint_leaves_out_options_that_cannot_change_the_records():
     assert "word_limit" not in plain["reward"] and "rubric_weights" not in plain["reward"]
     old_run = run_fingerprint(SimulateConfig(teacher=TeacherOptions(hide_mode="drop")), ["t"])
     assert old_run == run_fingerprint(SimulateConfig(), ["t"])
-    retrieval = [run_fingerprint(SimulateConfig(teacher=TeacherOptions(kind="retrieval", hide_mode=m)), ["t"])
-                 for m in ("blank", "drop")]
+    retrieval = [
+        run_fingerprint(SimulateConfig(teacher=TeacherOptions(kind="retrieval", hide_mode=m)), ["t"])
+        for m in ("blank", "drop")
+    ]
     assert retrieval[0] != retrieval[1] and retrieval[0]["config"]["teacher"]["hide_mode"] == "blank"
-    rubric = [run_fingerprint(SimulateConfig(reward=RewardOptions(kind="rubric", word_limit=w)), ["t"])
-              for w in (60, 30)]
+    rubric = [
+        run_fingerprint(SimulateConfig(reward=RewardOptions(kind="rubric", word_limit=w)), ["t"]) for w in (60, 30)
+    ]
     assert rubric[0] != rubric[1] and rubric[0]["config"]["reward"]["rubric_accuracy"] == "correct"
     # the clarifying setting's default teacher is the retrieval one: there hide_mode acts
     clarifying = SimulateConfig(rollout=RolloutOptions(setting="clarifying"))

@@ -7,14 +7,23 @@ import pytest
 from clarify_lit.data.tasks import QATask
 from clarify_lit.simulate import prompts
 
-TASK = QATask("arc_easy/1", "arc_easy", "Which gas do plants take in?", ["oxygen", "carbon dioxide", "helium", "neon"],
-              "B", knowledge="Plants take in carbon dioxide. They release oxygen.")
+TASK = QATask(
+    "arc_easy/1",
+    "arc_easy",
+    "Which gas do plants take in?",
+    ["oxygen", "carbon dioxide", "helium", "neon"],
+    "B",
+    knowledge="Plants take in carbon dioxide. They release oxygen.",
+)
 
 
 def messages_for(setting, mode, n):
-    return [prompts.teacher_message(TASK, setting, mode, n, t,
-                                    reply="Teacher says hi." if prompts.needs_teacher_reply(setting, n, t) else None)
-            for t in range(1, n + 1)]
+    return [
+        prompts.teacher_message(
+            TASK, setting, mode, n, t, reply="Teacher says hi." if prompts.needs_teacher_reply(setting, n, t) else None
+        )
+        for t in range(1, n + 1)
+    ]
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 6])
@@ -76,9 +85,15 @@ def test_clarifying_needs_the_teacher_reply():
         prompts.teacher_message(TASK, "clarifying", "thinking", 3, 2, reply=None)
 
 
-@pytest.mark.parametrize(("setting", "mode", "n"), [
-    ("clarifying", "standard", 3), ("clarifying", "thinking", 1), ("reasoning", "thinking", 0), ("other", "thinking", 3),
-])
+@pytest.mark.parametrize(
+    ("setting", "mode", "n"),
+    [
+        ("clarifying", "standard", 3),
+        ("clarifying", "thinking", 1),
+        ("reasoning", "thinking", 0),
+        ("other", "thinking", 3),
+    ],
+)
 def test_bad_settings(setting, mode, n):
     with pytest.raises(ValueError):
         prompts.check_setting(setting, mode, n)
@@ -91,18 +106,28 @@ def test_instruction_round_trip():
     assert prompts.with_instruction("Hello.", None) == "Hello."
 
 
-@pytest.mark.parametrize(("name", "needle"), [
-    ("openbookqa", "open-book"), ("ARC-Challenge", "grade-school"), ("sciq", "science exam"), ("mmlu", "professional"),
-    ("mathdial", "math"), ("cosql", "SQL"), ("something", "multiple-choice"),
-])
+@pytest.mark.parametrize(
+    ("name", "needle"),
+    [
+        ("openbookqa", "open-book"),
+        ("ARC-Challenge", "grade-school"),
+        ("sciq", "science exam"),
+        ("mmlu", "professional"),
+        ("mathdial", "math"),
+        ("cosql", "SQL"),
+        ("something", "multiple-choice"),
+    ],
+)
 def test_dataset_line(name, needle):
     assert needle in prompts.dataset_line(name)
 
 
 def test_judge_and_teacher_requests():
-    conv = [{"role": "system", "content": "sys"},
-            {"role": "user", "content": prompts.with_instruction("Q?", "secret instruction")},
-            {"role": "assistant", "content": "The answer is B"}]
+    conv = [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": prompts.with_instruction("Q?", "secret instruction")},
+        {"role": "assistant", "content": "The answer is B"},
+    ]
     judge = prompts.judge_request(TASK, conv)
     assert judge[0]["role"] == "system"
     user = judge[1]["content"]

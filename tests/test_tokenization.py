@@ -53,7 +53,7 @@ def test_labels_are_input_ids_on_assistant_turns_only(tokenizer):
         assert tokenizer.decode([s.input_ids[after]]) == "\n" and s.labels[after] == IGNORE_INDEX
         # the assistant header before it is template, masked
         start = max(t for t in range(run[0]) if s.input_ids[t] == tokenizer.convert_tokens_to_ids("<|im_start|>"))
-        assert tokenizer.decode(s.input_ids[start: run[0]]) == "<|im_start|>assistant\n"
+        assert tokenizer.decode(s.input_ids[start : run[0]]) == "<|im_start|>assistant\n"
         assert all(s.labels[t] == IGNORE_INDEX for t in range(start, run[0]))
     # decoded trained text == the assistant contents, each followed by the end-of-turn token
     trained_text = tokenizer.decode([i for i, lab in zip(s.input_ids, s.labels) if lab != IGNORE_INDEX])
@@ -91,7 +91,8 @@ def test_conversation_without_system_prompt(tokenizer):
     s = tokenize_conversation(tokenizer, msgs)
     assert "helpful AI assistant" in tokenizer.decode(s.input_ids)
     assert tokenizer.decode([i for i, lab in zip(s.input_ids, s.labels) if lab != IGNORE_INDEX]) == "".join(
-        m["content"] + EOT for m in msgs if m["role"] == "assistant")
+        m["content"] + EOT for m in msgs if m["role"] == "assistant"
+    )
 
 
 def _long_middle(n_words: int = 60):
@@ -103,16 +104,17 @@ def _long_middle(n_words: int = 60):
 def test_truncation_keeps_system_cuts_middle_keeps_final_turn(tokenizer):
     msgs = _long_middle()
     full = tokenize_conversation(tokenizer, msgs)
-    head = len(tokenizer(tokenizer.apply_chat_template(msgs[:1], tokenize=False), add_special_tokens=False)[
-        "input_ids"])
+    head = len(
+        tokenizer(tokenizer.apply_chat_template(msgs[:1], tokenize=False), add_special_tokens=False)["input_ids"]
+    )
     first_turn_end = trained_runs(full)[0][-1] + 2  # through the first assistant turn's eot and newline
     excess = first_turn_end - head + 10  # ... and into the long teacher turn after it
     max_length = len(full.input_ids) - excess
     cut = tokenize_conversation(tokenizer, msgs, max_length=max_length)
     assert len(cut.input_ids) == max_length and cut.truncated == excess
     # system prompt intact, a contiguous block right after it removed, the rest (final turn included) intact
-    assert cut.input_ids == full.input_ids[:head] + full.input_ids[head + excess:]
-    assert cut.labels == full.labels[:head] + full.labels[head + excess:]
+    assert cut.input_ids == full.input_ids[:head] + full.input_ids[head + excess :]
+    assert cut.labels == full.labels[:head] + full.labels[head + excess :]
     assert SYSTEM_PROMPT in tokenizer.decode(cut.input_ids[:head])
     final_run = trained_runs(cut)[-1]
     assert tokenizer.decode([cut.input_ids[t] for t in final_run]) == msgs[-1]["content"] + EOT
@@ -147,7 +149,8 @@ def test_template_without_end_of_turn_in_assistant_span_raises(tiny_model_dir):
         "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' + message['content'] + '\n' }}"
         "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endif %}"
         "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
     tok = _tokenizer_with(tiny_model_dir, template)
     with pytest.raises(TokenizationError, match="end-of-turn") as e:
         tokenize_conversation(tok, make_messages(0, 0), where="recs.jsonl:line 1 (id='t0-r0')")
@@ -162,7 +165,8 @@ def test_template_that_rewrites_history_raises(tiny_model_dir):
         " else message['content'] %}"
         "{{ '<|im_start|>' + message['role'] + '\n' + content + '<|im_end|>\n' }}"
         "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
     tok = _tokenizer_with(tiny_model_dir, template)
     with pytest.raises(TokenizationError, match="prefix mismatch") as e:
         tokenize_conversation(tok, make_messages(0, 1), where="recs.jsonl:line 2 (id='t0-r1')")

@@ -70,9 +70,14 @@ def test_bitmask_dropout_keeps_bits_not_the_noise():
 def _module(tiny_model_dir, objective=None, **kw) -> ClarifyModule:
     torch.manual_seed(0)
     kw.setdefault("lora_dropout", 0.1)
-    module = ClarifyModule(model_name_or_path=str(tiny_model_dir), objective=objective or Refit(), lora_r=4,
-                           lora_target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
-                           export_on_fit_end=False, **kw)
+    module = ClarifyModule(
+        model_name_or_path=str(tiny_model_dir),
+        objective=objective or Refit(),
+        lora_r=4,
+        lora_target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+        export_on_fit_end=False,
+        **kw,
+    )
     with torch.no_grad():  # a non-zero adapter, so that LoRA A and B both get gradients
         for n, p in module.model.named_parameters():
             if "lora_B" in n:
@@ -91,11 +96,15 @@ def _loss_and_grads(module, batch, autocast: bool):
 
 
 def _batch(records_factory, tiny_model_dir, objective, n=4):
-    dm = ConversationDataModule([str(records_factory(n_tasks=3))], tokenizer_name_or_path=str(tiny_model_dir),
-                                val_fraction=0.0, cache_tokenized=False, objective=objective)
+    dm = ConversationDataModule(
+        [str(records_factory(n_tasks=3))],
+        tokenizer_name_or_path=str(tiny_model_dir),
+        val_fraction=0.0,
+        cache_tokenized=False,
+        objective=objective,
+    )
     dm.setup("fit")
-    return PadCollator(dm.tokenizer.pad_token_id, dm.share_pair_prefix, dm.pad_to_multiple_of)(
-        dm.train_set.samples[:n])
+    return PadCollator(dm.tokenizer.pad_token_id, dm.share_pair_prefix, dm.pad_to_multiple_of)(dm.train_set.samples[:n])
 
 
 @pytest.fixture
@@ -104,8 +113,9 @@ def log_calls(monkeypatch):
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_lighter_lora_dropout_gives_identical_losses_and_gradients(records_factory, tiny_model_dir, log_calls,
-                                                                    autocast):
+def test_lighter_lora_dropout_gives_identical_losses_and_gradients(
+    records_factory, tiny_model_dir, log_calls, autocast
+):
     batch = _batch(records_factory, tiny_model_dir, Refit())
     plain = _module(tiny_model_dir, lora_dropout_bitmask=False)
     light = _module(tiny_model_dir, lora_dropout_bitmask=True)

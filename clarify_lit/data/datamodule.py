@@ -77,9 +77,18 @@ class StepBatchSampler:
     rank runs the same number of micro-batches (an uneven count would hang DDP's gradient all-reduce).
     """
 
-    def __init__(self, lengths: list[int], trained_tokens: list[int], batch_size: int, accumulate: int = 1,
-                 shuffle: bool = True, seed: int = 0, group_by_length: bool = False, rank: int = 0,
-                 world_size: int = 1):
+    def __init__(
+        self,
+        lengths: list[int],
+        trained_tokens: list[int],
+        batch_size: int,
+        accumulate: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
+        group_by_length: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.lengths, self.trained = lengths, trained_tokens
         self.batch_size, self.accumulate = batch_size, max(1, accumulate)
         self.shuffle, self.seed, self.group_by_length = shuffle, seed, group_by_length
@@ -104,7 +113,7 @@ class StepBatchSampler:
         else:
             order = list(range(n))
         per_step = self.batch_size * self.accumulate * self.world_size
-        steps = [order[s: s + per_step] for s in range(0, n, per_step)]
+        steps = [order[s : s + per_step] for s in range(0, n, per_step)]
         if steps and self.world_size > 1:
             steps[-1] = steps[-1][: len(steps[-1]) - len(steps[-1]) % self.world_size]
             if not steps[-1]:
@@ -117,17 +126,17 @@ class StepBatchSampler:
             self.epoch, skip = divmod(self.position(), len(self))
         for step in self._steps():
             step_tokens = sum(self.trained[i] for i in step) / self.world_size
-            mine = step[self.rank:: self.world_size]
+            mine = step[self.rank :: self.world_size]
             if self.group_by_length:
                 mine = sorted(mine, key=lambda i: self.lengths[i])
             for s in range(0, len(mine), self.batch_size):
                 if skip:
                     skip -= 1
                     continue
-                yield [(i, step_tokens) for i in mine[s: s + self.batch_size]]
+                yield [(i, step_tokens) for i in mine[s : s + self.batch_size]]
 
     def __len__(self) -> int:
-        return sum(math.ceil(len(step[self.rank:: self.world_size]) / self.batch_size) for step in self._steps())
+        return sum(math.ceil(len(step[self.rank :: self.world_size]) / self.batch_size) for step in self._steps())
 
 
 class ResumableDataLoader(DataLoader):
@@ -270,9 +279,13 @@ class ConversationDataModule(L.LightningDataModule):
                     raise FileNotFoundError(f"data.{name}: record file not found: {f}")
         if on_invalid_sample not in ("raise", "drop"):
             raise ValueError(f"on_invalid_sample must be 'raise' or 'drop', got {on_invalid_sample!r}")
-        for name, value, least in (("batch_size", batch_size, 1), ("max_length", max_length, 1),
-                                   ("pad_to_multiple_of", pad_to_multiple_of, 1), ("num_workers", num_workers, 0),
-                                   ("max_record_chars", max_record_chars, 1)):
+        for name, value, least in (
+            ("batch_size", batch_size, 1),
+            ("max_length", max_length, 1),
+            ("pad_to_multiple_of", pad_to_multiple_of, 1),
+            ("num_workers", num_workers, 0),
+            ("max_record_chars", max_record_chars, 1),
+        ):
             if value is not None and (not isinstance(value, int) or value < least):
                 raise ValueError(f"data.{name} must be an integer >= {least}, got {value!r}")
         if system_prompt not in ("keep", "fold"):
@@ -324,8 +337,10 @@ class ConversationDataModule(L.LightningDataModule):
             self.stats["data/skipped_records"] += vsum.skipped
             overlap = {r.task_id for r in train} & {r.task_id for r in val}
             if overlap:
-                raise ValueError(f"val_files share {len(overlap)} task_id(s) with train_files (e.g. "
-                                 f"{sorted(overlap)[0]!r}); validation must hold out whole questions")
+                raise ValueError(
+                    f"val_files share {len(overlap)} task_id(s) with train_files (e.g. "
+                    f"{sorted(overlap)[0]!r}); validation must hold out whole questions"
+                )
         else:
             train, val = split_by_task(records, self.val_fraction, self.split_seed)
         train, val = self._without_missing_rewards(train), self._without_missing_rewards(val or [])
@@ -344,9 +359,14 @@ class ConversationDataModule(L.LightningDataModule):
                 kept.append(r)
                 continue
             file, _, where = r.source.rpartition(":") if r.source.count(":") else (r.source, "", "")
-            err = RecordError(file or "<memory>", where or "record", r.id, "messages",
-                              f"{chars} characters of message text exceed data.max_record_chars="
-                              f"{self.max_record_chars} (raise it to train on such conversations)")
+            err = RecordError(
+                file or "<memory>",
+                where or "record",
+                r.id,
+                "messages",
+                f"{chars} characters of message text exceed data.max_record_chars="
+                f"{self.max_record_chars} (raise it to train on such conversations)",
+            )
             if not self.skip_invalid_records:
                 raise err
             summary.add_skip(err)
@@ -370,14 +390,21 @@ class ConversationDataModule(L.LightningDataModule):
         unknown = sum(turns is None for n, turns in counts if n > 0)
         self.stats["data/truncated_records"] = self.stats.get("data/truncated_records", 0.0) + len(cut)
         if unknown and self.truncated_turns == "mask_end":
-            log.warning("%d record(s) hold only a count of cut turns (written before per-turn marks): their "
-                        "end-of-turn tokens after the cut cannot be masked — re-simulate, or set "
-                        "data.truncated_turns=drop", unknown)
+            log.warning(
+                "%d record(s) hold only a count of cut turns (written before per-turn marks): their "
+                "end-of-turn tokens after the cut cannot be masked — re-simulate, or set "
+                "data.truncated_turns=drop",
+                unknown,
+            )
         if self.truncated_turns == "drop" and cut:
-            log.warning("dropped %d of %d record(s) with a turn cut by the token limit (truncated_turns=drop)",
-                        len(cut), len(records))
-            self.stats["data/truncated_records_dropped"] = (
-                self.stats.get("data/truncated_records_dropped", 0.0) + len(cut))
+            log.warning(
+                "dropped %d of %d record(s) with a turn cut by the token limit (truncated_turns=drop)",
+                len(cut),
+                len(records),
+            )
+            self.stats["data/truncated_records_dropped"] = self.stats.get("data/truncated_records_dropped", 0.0) + len(
+                cut
+            )
             return [r for r, (n, _) in zip(records, counts) if n == 0]
         return records
 
@@ -394,7 +421,8 @@ class ConversationDataModule(L.LightningDataModule):
                 raise ObjectiveDataError(
                     f"{objective.describe()}: all {len(examples)} training conversations in {files} have weight 0 "
                     f"(every reward is 0): nothing to learn, the fit would leave the policy as it is; simulate "
-                    "data in which some conversations earn a reward (more turns or tokens, another reward kind)")
+                    "data in which some conversations earn a reward (more turns or tokens, another reward kind)"
+                )
         key = self._cache_key(examples)
         path = cache_dir() / "tokenized" / f"{key}.pt"
         if self.cache_tokenized and path.exists():
@@ -414,9 +442,19 @@ class ConversationDataModule(L.LightningDataModule):
     def _cache_key(self, examples) -> str:
         h = hashlib.sha256()
         tok = self.tokenizer
-        h.update(json.dumps([CACHE_VERSION, self.tokenizer_name_or_path, tok.chat_template, len(tok),
-                             self.max_length, self.on_invalid_sample]
-                            + ([self.system_prompt] if self.system_prompt != "keep" else [])).encode())
+        h.update(
+            json.dumps(
+                [
+                    CACHE_VERSION,
+                    self.tokenizer_name_or_path,
+                    tok.chat_template,
+                    len(tok),
+                    self.max_length,
+                    self.on_invalid_sample,
+                ]
+                + ([self.system_prompt] if self.system_prompt != "keep" else [])
+            ).encode()
+        )
         for e in examples:
             h.update(json.dumps(e.__dict__, sort_keys=True, default=str).encode())
         return h.hexdigest()[:32]
@@ -427,20 +465,50 @@ class ConversationDataModule(L.LightningDataModule):
         for e in examples:
             try:
                 if isinstance(e, PairExample):
-                    c = tokenize_conversation(self.tokenizer, e.chosen, self.max_length, e.where,
-                                              e.only_last_assistant, e.chosen_cut_turns, **opts)
-                    r = tokenize_conversation(self.tokenizer, e.rejected, self.max_length, e.where,
-                                              e.only_last_assistant, e.rejected_cut_turns, **opts)
-                    samples.append({"id": e.id, "chosen_input_ids": c.input_ids, "chosen_labels": c.labels,
-                                    "rejected_input_ids": r.input_ids, "rejected_labels": r.labels,
-                                    "length": len(c.input_ids) + len(r.input_ids),
-                                    "trained": c.num_trained + r.num_trained})
+                    c = tokenize_conversation(
+                        self.tokenizer,
+                        e.chosen,
+                        self.max_length,
+                        e.where,
+                        e.only_last_assistant,
+                        e.chosen_cut_turns,
+                        **opts,
+                    )
+                    r = tokenize_conversation(
+                        self.tokenizer,
+                        e.rejected,
+                        self.max_length,
+                        e.where,
+                        e.only_last_assistant,
+                        e.rejected_cut_turns,
+                        **opts,
+                    )
+                    samples.append(
+                        {
+                            "id": e.id,
+                            "chosen_input_ids": c.input_ids,
+                            "chosen_labels": c.labels,
+                            "rejected_input_ids": r.input_ids,
+                            "rejected_labels": r.labels,
+                            "length": len(c.input_ids) + len(r.input_ids),
+                            "trained": c.num_trained + r.num_trained,
+                        }
+                    )
                     cut += [x.truncated for x in (c, r) if x.truncated]
                 else:
-                    s = tokenize_conversation(self.tokenizer, e.messages, self.max_length, e.where,
-                                              cut_turns=e.cut_turns, **opts)
-                    samples.append({"id": e.id, "input_ids": s.input_ids, "labels": s.labels, "weight": e.weight,
-                                    "length": len(s.input_ids), "trained": s.num_trained})
+                    s = tokenize_conversation(
+                        self.tokenizer, e.messages, self.max_length, e.where, cut_turns=e.cut_turns, **opts
+                    )
+                    samples.append(
+                        {
+                            "id": e.id,
+                            "input_ids": s.input_ids,
+                            "labels": s.labels,
+                            "weight": e.weight,
+                            "length": len(s.input_ids),
+                            "trained": s.num_trained,
+                        }
+                    )
                     cut += [s.truncated] if s.truncated else []
             except ChatTemplateError:
                 raise  # the template refuses every conversation alike: dropping would drop them all
@@ -449,11 +517,23 @@ class ConversationDataModule(L.LightningDataModule):
                     raise
                 dropped += 1
         if dropped:
-            log.warning("%s: dropped %d of %d samples that could not be trained (on_invalid_sample=drop)",
-                        split, dropped, len(examples))
+            log.warning(
+                "%s: dropped %d of %d samples that could not be trained (on_invalid_sample=drop)",
+                split,
+                dropped,
+                len(examples),
+            )
         if cut:
-            log.warning("%s: %d of %d samples were cut to max_length=%d (%d tokens removed from their middles, at "
-                        "most %d from one)", split, len(cut), len(examples), self.max_length, sum(cut), max(cut))
+            log.warning(
+                "%s: %d of %d samples were cut to max_length=%d (%d tokens removed from their middles, at "
+                "most %d from one)",
+                split,
+                len(cut),
+                len(examples),
+                self.max_length,
+                sum(cut),
+                max(cut),
+            )
         self.stats[f"data/{split}_dropped_samples"] = float(dropped)
         self.stats[f"data/{split}_truncated_samples"] = float(len(cut))
         return samples
@@ -465,13 +545,25 @@ class ConversationDataModule(L.LightningDataModule):
         rank = trainer.global_rank if trainer is not None else 0
         world = trainer.world_size if trainer is not None else 1
         sampler = StepBatchSampler(
-            [s["length"] for s in ds.samples], [s["trained"] for s in ds.samples], self.batch_size, accumulate,
-            shuffle=train, seed=self.seed, group_by_length=self.group_by_length, rank=rank, world_size=world)
+            [s["length"] for s in ds.samples],
+            [s["trained"] for s in ds.samples],
+            self.batch_size,
+            accumulate,
+            shuffle=train,
+            seed=self.seed,
+            group_by_length=self.group_by_length,
+            rank=rank,
+            world_size=world,
+        )
         collate = PadCollator(self.tokenizer.pad_token_id, self.share_pair_prefix, self.pad_to_multiple_of)
         # a private generator: creating an iterator then never draws from the global torch RNG, so dropout sees the
         # same random stream whether or not the run was interrupted and resumed
-        kwargs = dict(batch_sampler=sampler, collate_fn=collate,
-                      num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
+        kwargs = dict(
+            batch_sampler=sampler,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
         if not train:
             return DataLoader(ds, **kwargs)
         loader = ResumableDataLoader(ds, **kwargs)
@@ -504,9 +596,14 @@ class ConversationDataModule(L.LightningDataModule):
         self._consumed = int(saved["micro_batches"])
         sampler = self._train_loader.batch_sampler if self._train_loader is not None else None
         if sampler is not None and (saved.get("per_epoch") != len(sampler) or saved.get("seed") != sampler.seed):
-            log.warning("resuming: the training data changed since the checkpoint (%s micro-batches per epoch and seed "
-                        "%s then, %d and %s now); the batch order will not match an uninterrupted run",
-                        saved.get("per_epoch"), saved.get("seed"), len(sampler), sampler.seed)
+            log.warning(
+                "resuming: the training data changed since the checkpoint (%s micro-batches per epoch and seed "
+                "%s then, %d and %s now); the batch order will not match an uninterrupted run",
+                saved.get("per_epoch"),
+                saved.get("seed"),
+                len(sampler),
+                sampler.seed,
+            )
         log.info("resuming the training data after %d micro-batches", self._consumed)
 
     def train_dataloader(self) -> DataLoader:

@@ -36,7 +36,7 @@ def split_instruction(content: str) -> tuple[str, str | None]:
     i = content.rfind("\n\n" + INSTRUCTION_MARK)
     if i < 0 or not content.endswith("]"):
         return content, None
-    return content[:i], content[i + 2 + len(INSTRUCTION_MARK):-1].strip()
+    return content[:i], content[i + 2 + len(INSTRUCTION_MARK) : -1].strip()
 
 
 def _words(text: str) -> list[tuple[str, int, int]]:
@@ -69,7 +69,7 @@ def _runs(reply: list[tuple[str, int, int]], source: list[str], min_words: int) 
 
 def _contains(haystack: list[str], needle: list[str]) -> bool:
     n = len(needle)
-    return any(haystack[i:i + n] == needle for i in range(len(haystack) - n + 1))
+    return any(haystack[i : i + n] == needle for i in range(len(haystack) - n + 1))
 
 
 def _through_punctuation(text: str, end: int) -> int:
@@ -97,7 +97,7 @@ def echo_spans(reply: str, instruction: str | None, visible: str = "") -> list[t
             end = _through_punctuation(reply, max(after)) if after else len(reply)
         spans.append((m.start(), end))
     for a, b in runs:
-        if seen and _contains(seen, [w for w, _, _ in words[a:b + 1]]):
+        if seen and _contains(seen, [w for w, _, _ in words[a : b + 1]]):
             continue  # the teacher said these words too (the question restated)
         spans.append((words[a][1], _through_punctuation(reply, words[b][2])))
     merged: list[tuple[int, int]] = []

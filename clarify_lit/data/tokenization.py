@@ -69,21 +69,34 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, where:
         problem = " ".join(str(e).split())[:200] or type(e).__name__
         hint = ""
         if messages and messages[0].get("role") == "system" and "system" in problem.lower():
-            hint = ("; this template accepts no system message: set --data.system_prompt fold to merge it into the "
-                    "first user turn")
-        raise ChatTemplateError(f"{where}: field 'messages': the tokenizer's chat template refused the conversation "
-                                f"({problem}){hint}") from None
+            hint = (
+                "; this template accepts no system message: set --data.system_prompt fold to merge it into the "
+                "first user turn"
+            )
+        raise ChatTemplateError(
+            f"{where}: field 'messages': the tokenizer's chat template refused the conversation ({problem}){hint}"
+        ) from None
 
 
-def _mask_echoes(labels: list[int], starts: list[int], full: str, lo: int, hi: int, content: str,
-                 spans: list[tuple[int, int]], where: str, i: int) -> int:
+def _mask_echoes(
+    labels: list[int],
+    starts: list[int],
+    full: str,
+    lo: int,
+    hi: int,
+    content: str,
+    spans: list[tuple[int, int]],
+    where: str,
+    i: int,
+) -> int:
     """Mask (label −100) the tokens of assistant message ``i`` whose first character lies in an echoed span of its
     ``content`` (rendered between ``lo`` and ``hi`` of ``full``); the number masked."""
     at = full.find(content, lo, hi)
     if at < 0:
         raise TokenizationError(
             f"{where}: field 'messages[{i}]': the reply echoes its instruction block, but the chat template rewrites "
-            "the reply's text, so the echo cannot be located to be masked; the record is refused")
+            "the reply's text, so the echo cannot be located to be masked; the record is refused"
+        )
     masked = 0
     for t, s in enumerate(starts):
         if labels[t] != IGNORE_INDEX and any(at + a <= s < at + b for a, b in spans):
@@ -145,7 +158,8 @@ def tokenize_conversation(
             raise TokenizationError(
                 f"{where}: field 'messages[{i}]': chat template prefix mismatch — rendering the conversation up to "
                 "this turn is not a prefix of the full rendering (the template rewrites earlier turns); "
-                "per-turn assistant-only labels cannot be built")
+                "per-turn assistant-only labels cannot be built"
+            )
         lo, hi = len(before), len(through)
         span = [t for t in range(len(ids)) if lo <= starts[t] < hi]
         eot_pos = [t for t in span if ids[t] == eot]
@@ -153,7 +167,8 @@ def tokenize_conversation(
             raise TokenizationError(
                 f"{where}: field 'messages[{i}]': the chat template puts no end-of-turn token "
                 f"({tokenizer.convert_ids_to_tokens(eot)!r}) inside the assistant turn, so the model would never "
-                "learn to stop; fix the template or the tokenizer's eos_token")
+                "learn to stop; fix the template or the tokenizer's eos_token"
+            )
         for t in span:
             if t < eot_pos[-1] or (t == eot_pos[-1] and i not in cut_idx):
                 labels[t] = ids[t]
@@ -172,9 +187,10 @@ def tokenize_conversation(
             raise TokenizationError(
                 f"{where}: field 'messages': {len(ids)} tokens exceed max_length={max_length} and cutting the "
                 f"middle would truncate the final assistant turn (system prompt {head} tokens, final turn starts at "
-                f"token {final_start}); raise max_length or shorten the conversation")
-        ids = ids[:head] + ids[head + excess:]
-        labels = labels[:head] + labels[head + excess:]
+                f"token {final_start}); raise max_length or shorten the conversation"
+            )
+        ids = ids[:head] + ids[head + excess :]
+        labels = labels[:head] + labels[head + excess :]
         truncated = excess
     sample = TokenizedSample(ids, labels, truncated, echo_masked)
     if sample.num_trained == 0:

@@ -28,7 +28,9 @@ class WeightedExample:
     messages: list[dict[str, str]]
     weight: float
     where: str = ""  # "file:line (id=…)" of the source record, for errors
-    cut_turns: tuple[int, ...] = ()  # assistant turns (1-based) cut by the token limit: their end-of-turn is not trained
+    cut_turns: tuple[
+        int, ...
+    ] = ()  # assistant turns (1-based) cut by the token limit: their end-of-turn is not trained
 
 
 @dataclass
@@ -62,8 +64,9 @@ class ViewStats:
 class DataView(Protocol):
     """What the DataModule needs of an objective: its examples and a name for the log."""
 
-    def build_view(self, records: list[ConversationRecord]
-                   ) -> tuple[list[WeightedExample] | list[PairExample], ViewStats]: ...
+    def build_view(
+        self, records: list[ConversationRecord]
+    ) -> tuple[list[WeightedExample] | list[PairExample], ViewStats]: ...
 
     def describe(self) -> str: ...
 
@@ -87,7 +90,8 @@ def reward_weighted_view(records: list[ConversationRecord]) -> tuple[list[Weight
         if r.reward < 0:
             raise ObjectiveDataError(
                 f"{r.where()} (task {r.task_id!r}): field 'reward' = {r.reward} is negative; Refit needs "
-                "rewards ≥ 0 (its lower bound on the policy value assumes it) — rescale the reward or use Swift")
+                "rewards ≥ 0 (its lower bound on the policy value assumes it) — rescale the reward or use Swift"
+            )
         out.append(weighted(r, r.reward))
     return out, ViewStats(len(records), len(out), len({r.task_id for r in records}))
 
@@ -114,5 +118,7 @@ def check_finite_weights(examples: list[WeightedExample]) -> None:
         if not math.isfinite(e.weight):
             raise ObjectiveDataError(f"{e.where or repr(e.id)}: field 'reward' gives a non-finite weight {e.weight}")
         if abs(e.weight) > FLOAT32_MAX:
-            raise ObjectiveDataError(f"{e.where or repr(e.id)}: field 'reward' gives the weight {e.weight:g}, beyond "
-                                     "the float32 range (±3.4e38) training computes in; rescale the rewards")
+            raise ObjectiveDataError(
+                f"{e.where or repr(e.id)}: field 'reward' gives the weight {e.weight:g}, beyond "
+                "the float32 range (±3.4e38) training computes in; rescale the rewards"
+            )

@@ -218,16 +218,20 @@ def short_question(text: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 def verdict_badges(v: Verdict) -> str:
     """Parsed answer, correctness and flags of one conversation as small coloured badges."""
-    ok = {True: ('ok', "✓ correct"), False: ('bad', "✗ wrong"), None: ('', "no gold")}[v.correct]
+    ok = {True: ("ok", "✓ correct"), False: ("bad", "✗ wrong"), None: ("", "no gold")}[v.correct]
     parts = [f'<span class="b ans">answer {esc(v.answer or "–")}</span>', f'<span class="b {ok[0]}">{ok[1]}</span>']
     if v.stored != v.answer:  # the parser changed since the rollout: say what the rollout's reward saw
-        parts.append(f'<span class="b" title="record.prediction, parsed when the rollout was made">rollout parsed '
-                     f'{esc(v.stored or "–")}</span>')
+        parts.append(
+            f'<span class="b" title="record.prediction, parsed when the rollout was made">rollout parsed '
+            f"{esc(v.stored or '–')}</span>"
+        )
     if v.hedged:
         parts.append('<span class="b flag hedge" title="the final answer names several letters">hedge</span>')
     if v.truncated:
-        parts.append(f'<span class="b flag trunc" title="assistant turns stopped by the token limit">'
-                     f'truncated ({v.truncated} turn{"s" if v.truncated != 1 else ""})</span>')
+        parts.append(
+            f'<span class="b flag trunc" title="assistant turns stopped by the token limit">'
+            f"truncated ({v.truncated} turn{'s' if v.truncated != 1 else ''})</span>"
+        )
     return " ".join(parts)
 
 
@@ -239,14 +243,17 @@ def render_messages(rec: ConversationRecord, v: Verdict, question: str, systems:
         role, content = m["role"], m["content"]
         if role == "system":
             num = systems.setdefault(content, len(systems) + 1)
-            out.append(f'<div class="msg system"><span class="role">system</span> '
-                       f'<a href="#sys-{num}">prompt S{num}</a></div>')
+            out.append(
+                f'<div class="msg system"><span class="role">system</span> <a href="#sys-{num}">prompt S{num}</a></div>'
+            )
             continue
         if role == "user" and first_user:
             first_user = False
             if content == question:
-                out.append('<div class="msg user"><span class="role">teacher</span> '
-                           '<span class="same">(the question, as shown above)</span></div>')
+                out.append(
+                    '<div class="msg user"><span class="role">teacher</span> '
+                    '<span class="same">(the question, as shown above)</span></div>'
+                )
                 continue
         name, cls, note = ROLE_NAMES.get(role, esc(role)), esc(role), ""
         if role == "assistant":
@@ -267,8 +274,10 @@ def render_column(col: Column, question: str, systems: dict[str, int]) -> str:
     state = {True: " ok", False: " bad", None: ""}[v.correct]
     reward = "reward missing" if rec.meta.get("reward_missing") else f"reward {rec.reward:.3g}"
     meta = f'{verdict_badges(v)} <span class="b">{reward}</span>'
-    return (f'<div class="conv{state}">{head}<div class="verdict">{meta}</div>'
-            f'{render_messages(rec, v, question, systems)}</div>')
+    return (
+        f'<div class="conv{state}">{head}<div class="verdict">{meta}</div>'
+        f"{render_messages(rec, v, question, systems)}</div>"
+    )
 
 
 def chip(col: Column) -> str:
@@ -279,24 +288,33 @@ def chip(col: Column) -> str:
     cls = {True: "ok", False: "bad", None: ""}[v.correct]
     mark = {True: "✓", False: "✗", None: "?"}[v.correct]
     flags = (" <b>H</b>" if v.hedged else "") + (" ✂" if v.truncated else "")
-    return f'<span class="chip {cls}" title="{esc(col.label)}">{esc(col.label)}: {esc(v.answer or "–")} {mark}{flags}</span>'
+    label = esc(col.label)
+    return f'<span class="chip {cls}" title="{label}">{label}: {esc(v.answer or "–")} {mark}{flags}</span>'
 
 
-def render_question(num: int, task_id: str, cols: Sequence[Column], systems: dict[str, int]) -> tuple[str, dict[str, bool]]:
+def render_question(
+    num: int, task_id: str, cols: Sequence[Column], systems: dict[str, int]
+) -> tuple[str, dict[str, bool]]:
     """One question's section and its flags (for the counts and the filters)."""
     question = question_text(cols)
     golds = {c.record.gold for c in cols if c.record is not None and c.record.gold is not None}
-    flags = {"disagree": disagree(cols),
-             "hedged": any(c.verdict is not None and c.verdict.hedged for c in cols),
-             "truncated": any(c.verdict is not None and c.verdict.truncated for c in cols)}
+    flags = {
+        "disagree": disagree(cols),
+        "hedged": any(c.verdict is not None and c.verdict.hedged for c in cols),
+        "truncated": any(c.verdict is not None and c.verdict.truncated for c in cols),
+    }
     data = " ".join(f'data-{k}="{int(v)}"' for k, v in flags.items())
     marks = "".join(f' <span class="b flag {k[:5]}">{k}</span>' for k, v in flags.items() if v)
-    summary = (f'<summary><span class="qid">{num}. {esc(task_id)}</span> gold <b>{esc("/".join(sorted(golds)) or "–")}'
-               f'</b>{marks} <span class="qtext">{esc(short_question(question))}</span>'
-               f'<div class="chips">{" ".join(chip(c) for c in cols)}</div></summary>')
-    body = (f'<div class="question"><div class="gold">gold: <b>{esc("/".join(sorted(golds)) or "–")}</b></div>'
-            f'<div class="msg user">{message_text(question)}</div></div>'
-            f'<div class="convs">{"".join(render_column(c, question, systems) for c in cols)}</div>')
+    summary = (
+        f'<summary><span class="qid">{num}. {esc(task_id)}</span> gold <b>{esc("/".join(sorted(golds)) or "–")}'
+        f'</b>{marks} <span class="qtext">{esc(short_question(question))}</span>'
+        f'<div class="chips">{" ".join(chip(c) for c in cols)}</div></summary>'
+    )
+    body = (
+        f'<div class="question"><div class="gold">gold: <b>{esc("/".join(sorted(golds)) or "–")}</b></div>'
+        f'<div class="msg user">{message_text(question)}</div></div>'
+        f'<div class="convs">{"".join(render_column(c, question, systems) for c in cols)}</div>'
+    )
     opened = " open" if num == 1 else ""  # one example open, so the layout is visible at a glance
     return f'<section class="q" id="q-{num}" {data}><details{opened}>{summary}{body}</details></section>', flags
 
@@ -369,17 +387,23 @@ JS = """
 
 
 def render_controls(n: int, counts: dict[str, int]) -> str:
-    filters = [("disagree", "only questions where methods disagree"),
-               ("hedged", "only questions with a hedged answer"),
-               ("truncated", "only questions with a truncated turn")]
-    boxes = "".join(f'<label><input type="checkbox" id="only-{k}" data-filter="{k}"> {text} ({counts[k]})</label>'
-                    for k, text in filters)
-    return (f'<div class="counts"><b>{n}</b> questions · <b>{counts["disagree"]}</b> where the conversations '
-            f'disagree (correctness or parsed answer) · <b>{counts["hedged"]}</b> with a hedged answer · '
-            f'<b>{counts["truncated"]}</b> with a truncated turn · showing <b id="shown">{n}</b></div>'
-            f'<div class="controls" id="controls" hidden>{boxes}'
-            f'<button type="button" id="expand">expand all</button>'
-            f'<button type="button" id="collapse">collapse all</button></div>')
+    filters = [
+        ("disagree", "only questions where methods disagree"),
+        ("hedged", "only questions with a hedged answer"),
+        ("truncated", "only questions with a truncated turn"),
+    ]
+    boxes = "".join(
+        f'<label><input type="checkbox" id="only-{k}" data-filter="{k}"> {text} ({counts[k]})</label>'
+        for k, text in filters
+    )
+    return (
+        f'<div class="counts"><b>{n}</b> questions · <b>{counts["disagree"]}</b> where the conversations '
+        f"disagree (correctness or parsed answer) · <b>{counts['hedged']}</b> with a hedged answer · "
+        f'<b>{counts["truncated"]}</b> with a truncated turn · showing <b id="shown">{n}</b></div>'
+        f'<div class="controls" id="controls" hidden>{boxes}'
+        f'<button type="button" id="expand">expand all</button>'
+        f'<button type="button" id="collapse">collapse all</button></div>'
+    )
 
 
 def render_systems(systems: dict[str, int]) -> str:
@@ -389,8 +413,12 @@ def render_systems(systems: dict[str, int]) -> str:
     return f"<details><summary>System prompts ({len(systems)} distinct)</summary>{items}</details>"
 
 
-def render_page(methods: Sequence[MethodSummary], report_markdown: str, plot: str | os.PathLike | None,
-                title: str = "Evaluation audit") -> str:
+def render_page(
+    methods: Sequence[MethodSummary],
+    report_markdown: str,
+    plot: str | os.PathLike | None,
+    title: str = "Evaluation audit",
+) -> str:
     """The whole page as a string (see the module docstring for what it shows)."""
     sources = load_sources(methods)
     systems: dict[str, int] = {}  # filled while rendering: each distinct system prompt printed once, at the top
@@ -403,20 +431,30 @@ def render_page(methods: Sequence[MethodSummary], report_markdown: str, plot: st
             counts[k] += int(v)
     uri = png_data_uri(plot)
     img = f'<img class="plot" alt="results plot: mean ± SE per method" src="{uri}">' if uri else ""
-    legend = ('<p class="note">Each question: one column per method and seed file. Chips: parsed answer, ✓/✗ '
-              '(as the metrics count it), <b>H</b> = hedge (several letters given as the answer), ✂ = a turn cut '
-              'at the token limit. Teacher messages grey, assistant blue; &lt;thinking&gt; text dimmed.</p>')
+    legend = (
+        '<p class="note">Each question: one column per method and seed file. Chips: parsed answer, ✓/✗ '
+        "(as the metrics count it), <b>H</b> = hedge (several letters given as the answer), ✂ = a turn cut "
+        "at the token limit. Teacher messages grey, assistant blue; &lt;thinking&gt; text dimmed.</p>"
+    )
     no_rollouts = [s.label for s in sources if s.by_task is None]
-    missing = (f'<p class="note">No rollouts file for: {esc(", ".join(no_rollouts))}.</p>' if no_rollouts else "")
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f'<title>{esc(title)}</title><style>{CSS}</style></head><body>\n'
-            f'<h1>{esc(title)}</h1>\n<div class="top"><div>{markdown_to_html(report_markdown)}</div>{img}</div>\n'
-            f'<h2>Conversations</h2>{legend}{missing}{render_controls(len(tasks), counts)}\n{render_systems(systems)}\n'
-            + "\n".join(sections) + f'\n<script>{JS}</script>\n</body></html>\n')
+    missing = f'<p class="note">No rollouts file for: {esc(", ".join(no_rollouts))}.</p>' if no_rollouts else ""
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{esc(title)}</title><style>{CSS}</style></head><body>\n"
+        f'<h1>{esc(title)}</h1>\n<div class="top"><div>{markdown_to_html(report_markdown)}</div>{img}</div>\n'
+        f"<h2>Conversations</h2>{legend}{missing}{render_controls(len(tasks), counts)}\n{render_systems(systems)}\n"
+        + "\n".join(sections)
+        + f"\n<script>{JS}</script>\n</body></html>\n"
+    )
 
 
-def write_audit_html(path: str | os.PathLike, methods: Sequence[MethodSummary], report_markdown: str,
-                     plot: str | os.PathLike | None = None, title: str = "Evaluation audit") -> Path:
+def write_audit_html(
+    path: str | os.PathLike,
+    methods: Sequence[MethodSummary],
+    report_markdown: str,
+    plot: str | os.PathLike | None = None,
+    title: str = "Evaluation audit",
+) -> Path:
     """Write the audit page to ``path`` and return it."""
     return atomic_write_text(path, render_page(methods, report_markdown, plot, title))

@@ -88,15 +88,24 @@ def load_eval_tasks(data: DataOptions | None = None, n_questions: int | None = N
     tasks = load_data_tasks(replace(data, part="test", limit=None))
     if n_questions is not None:
         if n_questions > len(tasks):
-            raise ValueError(f"n_questions={n_questions} but only {len(tasks)} held-out questions are available "
-                             f"(dataset {data.dataset!r}, n_test={data.n_test})")
+            raise ValueError(
+                f"n_questions={n_questions} but only {len(tasks)} held-out questions are available "
+                f"(dataset {data.dataset!r}, n_test={data.n_test})"
+            )
         tasks = tasks[:n_questions]
     return tasks
 
 
-def build_teacher_and_reward(teacher: TeacherOptions | None, reward: RewardOptions | None, *, base_model: str | None,
-                             setting: Setting, device: torch.device | str, batch_size: int = 8,
-                             mode: Mode = "thinking") -> tuple[Teacher, Reward]:
+def build_teacher_and_reward(
+    teacher: TeacherOptions | None,
+    reward: RewardOptions | None,
+    *,
+    base_model: str | None,
+    setting: Setting,
+    device: torch.device | str,
+    batch_size: int = 8,
+    mode: Mode = "thinking",
+) -> tuple[Teacher, Reward]:
     """The teacher and reward objects, built exactly as ``clarify simulate`` builds them from the same options.
 
     ``base_model`` (the policy's *base*, never the trained weights) is the default teacher/judge model, so every
@@ -105,8 +114,10 @@ def build_teacher_and_reward(teacher: TeacherOptions | None, reward: RewardOptio
     """
     models = FrozenModels(device)
     policy = base_model or ""
-    return (build_teacher(teacher, setting=setting, policy=policy, models=models, batch_size=batch_size, mode=mode),
-            build_reward(reward, policy=policy, models=models, batch_size=batch_size, mode=mode))
+    return (
+        build_teacher(teacher, setting=setting, policy=policy, models=models, batch_size=batch_size, mode=mode),
+        build_reward(reward, policy=policy, models=models, batch_size=batch_size, mode=mode),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -150,9 +161,18 @@ def generation_copy(model: torch.nn.Module, dtype: DType) -> torch.nn.Module:
     return twin.to(dtype=DTYPES[dtype]).eval()
 
 
-def run_rollouts(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[QATask], spec: RolloutSpec, *,
-                 teacher: Teacher | None = None, reward: Reward | None = None, progress: bool = False,
-                 model_name: str = "", dtype: DType | None = None) -> list[ConversationRecord]:
+def run_rollouts(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    tasks: Sequence[QATask],
+    spec: RolloutSpec,
+    *,
+    teacher: Teacher | None = None,
+    reward: Reward | None = None,
+    progress: bool = False,
+    model_name: str = "",
+    dtype: DType | None = None,
+) -> list[ConversationRecord]:
     """:func:`rollout_tasks` inside :func:`isolated` (no-op for an empty task list); with ``dtype``, on a merged copy
     in that dtype (:func:`generation_copy`)."""
     if not tasks:
@@ -160,8 +180,16 @@ def run_rollouts(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[QATask]
     with isolated(model, tokenizer):
         policy = generation_copy(model, dtype) if dtype is not None else model
         try:
-            return rollout_tasks(policy, tokenizer, list(tasks), spec, teacher=teacher, reward=reward,
-                                 progress=progress, model_name=model_name)
+            return rollout_tasks(
+                policy,
+                tokenizer,
+                list(tasks),
+                spec,
+                teacher=teacher,
+                reward=reward,
+                progress=progress,
+                model_name=model_name,
+            )
         finally:
             del policy  # the copy's memory goes back before training resumes
 
@@ -187,10 +215,13 @@ def render_markdown(record: ConversationRecord) -> str:
     turn with its role in bold; the per-turn instructions appended to teacher turns are shown apart, in italics."""
     pred = final_answer(record) or "—"
     mark = "correct" if record.gold is not None and is_correct(record) else "wrong"
-    lines = [f"**{_md_escape(record.task_id)}** (run {record.run}, T={record.temperature:g}) · gold "
-             f"**{record.gold}** · parsed **{pred}** ({mark}) · reward **{record.reward:.3f}**", ""]
+    lines = [
+        f"**{_md_escape(record.task_id)}** (run {record.run}, T={record.temperature:g}) · gold "
+        f"**{record.gold}** · parsed **{pred}** ({mark}) · reward **{record.reward:.3f}**",
+        "",
+    ]
     for m in record.messages:
-        text, instruction = (split_instruction(m["content"]) if m["role"] == "user" else (m["content"], None))
+        text, instruction = split_instruction(m["content"]) if m["role"] == "user" else (m["content"], None)
         lines += [f"**{ROLE_NAMES.get(m['role'], m['role'])}**", "", _quote(text) or "> (empty)", ""]
         if instruction:
             lines += [f"> *instruction: {_md_escape(instruction)}*", ""]
@@ -219,8 +250,10 @@ def full_params(trainer: L.Trainer) -> Iterator[None]:
     strategy = getattr(trainer, "strategy", None)
     name = type(strategy).__name__
     if name == "DeepSpeedStrategy" and getattr(strategy, "zero_stage_3", False):
-        raise RuntimeError("RolloutEvaluation cannot generate under DeepSpeed ZeRO-3 (parameters are partitioned); "
-                           "use ZeRO-2, DDP or FSDP, or evaluate the exported model with `clarify evaluate`")
+        raise RuntimeError(
+            "RolloutEvaluation cannot generate under DeepSpeed ZeRO-3 (parameters are partitioned); "
+            "use ZeRO-2, DDP or FSDP, or evaluate the exported model with `clarify evaluate`"
+        )
     if name == "FSDPStrategy":
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -342,17 +375,23 @@ class RolloutEvaluation(Callback):
             self.resolved_dtype = resolve_dtype(self.dtype, pl_module.device)
         if self._teacher is None or self._reward is None:
             self._teacher, self._reward = build_teacher_and_reward(
-                self.teacher_options, self.reward_options, base_model=_hparam(pl_module, "model_name_or_path"),
-                setting=self.spec.setting, device=pl_module.device, batch_size=self.spec.batch_size,
-                mode=self.spec.mode)
+                self.teacher_options,
+                self.reward_options,
+                base_model=_hparam(pl_module, "model_name_or_path"),
+                setting=self.spec.setting,
+                device=pl_module.device,
+                batch_size=self.spec.batch_size,
+                mode=self.spec.mode,
+            )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # not on_fit_start: a resumed fit's global_step is restored only after it (a resume is never step 0)
         if self.at_fit_start and trainer.global_step == 0 and self.last_eval_step is None:
             self._log_scalars(trainer, self.scalars(self.evaluate(trainer, pl_module)))
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self.evals_per_epoch == 0 or self.last_eval_step == trainer.global_step:
             return
         if (batch_idx + 1) in self.epoch_marks(trainer.num_training_batches):
@@ -368,8 +407,11 @@ class RolloutEvaluation(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # the epoch-end point when the epoch length was unknown to on_train_batch_end
-        if (self.evals_per_epoch and not math.isfinite(trainer.num_training_batches)
-                and self.last_eval_step != trainer.global_step):
+        if (
+            self.evals_per_epoch
+            and not math.isfinite(trainer.num_training_batches)
+            and self.last_eval_step != trainer.global_step
+        ):
             self._log_scalars(trainer, self.scalars(self.evaluate(trainer, pl_module)))
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -380,8 +422,9 @@ class RolloutEvaluation(Callback):
             return
         if self.last_eval_step == trainer.global_step and self.last_metrics is not None:
             # evals_per_epoch already evaluated these weights (the batch end before this validation): reuse it
-            pl_module.log_dict(self.scalars(self.last_metrics), on_step=False, on_epoch=True, sync_dist=False,
-                               logger=False)
+            pl_module.log_dict(
+                self.scalars(self.last_metrics), on_step=False, on_epoch=True, sync_dist=False, logger=False
+            )
             return
         values = self.scalars(self.evaluate(trainer, pl_module))
         # callback_metrics only (logger=False), so ModelCheckpoint/EarlyStopping can monitor them; the loggers get
@@ -428,13 +471,21 @@ class RolloutEvaluation(Callback):
         shard = self.tasks[rank::world]
         start, cpu_start = time.perf_counter(), time.process_time()
         with full_params(trainer):
-            local = run_rollouts(pl_module.model, pl_module.tokenizer, shard, self.spec, teacher=self._teacher,
-                                 reward=self._reward, progress=self.progress and trainer.is_global_zero,
-                                 model_name=str(_hparam(pl_module, "model_name_or_path") or ""),
-                                 dtype=self.resolved_dtype)
+            local = run_rollouts(
+                pl_module.model,
+                pl_module.tokenizer,
+                shard,
+                self.spec,
+                teacher=self._teacher,
+                reward=self._reward,
+                progress=self.progress and trainer.is_global_zero,
+                model_name=str(_hparam(pl_module, "model_name_or_path") or ""),
+                dtype=self.resolved_dtype,
+            )
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-        metric = RolloutMetrics(tokenizer=pl_module.tokenizer, setting=self.spec.setting,
-                                choices={t.task_id: t.choices for t in self.tasks})
+        metric = RolloutMetrics(
+            tokenizer=pl_module.tokenizer, setting=self.spec.setting, choices={t.task_id: t.choices for t in self.tasks}
+        )
         if pl_module.device.type != "mps":  # NCCL reduces CUDA tensors only; MPS has no float64
             metric = metric.to(pl_module.device)
         metric.update(local)
@@ -457,17 +508,31 @@ class RolloutEvaluation(Callback):
         """``trainer.log_dir``, else ``default_root_dir``. Call on every rank (``log_dir`` broadcasts under DDP)."""
         return Path(trainer.log_dir or trainer.default_root_dir)
 
-    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, records: list[ConversationRecord],
-               values: dict[str, float], run_dir: Path) -> None:
+    def _write(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        records: list[ConversationRecord],
+        values: dict[str, float],
+        run_dir: Path,
+    ) -> None:
         step = trainer.global_step
         if self.write_files:
             folder = run_dir / "rollouts"
             path = write_records(folder / f"step_{step:06d}.jsonl", records)
             meta = self.run_meta(pl_module, step, path.name)
-            atomic_write_text(folder / f"step_{step:06d}.metrics.json",
-                              json.dumps(nan_to_none({"metrics": values, "meta": meta}), indent=2))
-        tb = next((lg.experiment for lg in trainer.loggers
-                   if type(lg).__name__ == "TensorBoardLogger" and hasattr(lg.experiment, "add_text")), None)
+            atomic_write_text(
+                folder / f"step_{step:06d}.metrics.json",
+                json.dumps(nan_to_none({"metrics": values, "meta": meta}), indent=2),
+            )
+        tb = next(
+            (
+                lg.experiment
+                for lg in trainer.loggers
+                if type(lg).__name__ == "TensorBoardLogger" and hasattr(lg.experiment, "add_text")
+            ),
+            None,
+        )
         if tb is None:
             return
         for i, rec in enumerate(records[: self.n_text_examples]):
@@ -484,12 +549,20 @@ class RolloutEvaluation(Callback):
         objective = (_hparam(pl_module, "objective_config") or {}).get("class")
         dtype = self.resolved_dtype or _weights_dtype(pl_module)  # None: generated with the module's own weights
         return {
-            "method": objective or type(pl_module).__name__, "model": _hparam(pl_module, "model_name_or_path") or "",
-            "source": "callback", "step": step, "n": len(self.tasks or []) * len(self.spec.temperatures),
-            "n_questions": len(self.tasks or []), "dataset": self.data.label or self.data.dataset,
-            "data": asdict(self.data), "teacher": self._teacher.describe() if self._teacher else None,
-            "reward": self._reward.describe() if self._reward else None, "dtype": dtype,
-            **self.spec.describe(), "rollouts": rollouts, "environment": environment_stamp(pl_module.device, dtype),
+            "method": objective or type(pl_module).__name__,
+            "model": _hparam(pl_module, "model_name_or_path") or "",
+            "source": "callback",
+            "step": step,
+            "n": len(self.tasks or []) * len(self.spec.temperatures),
+            "n_questions": len(self.tasks or []),
+            "dataset": self.data.label or self.data.dataset,
+            "data": asdict(self.data),
+            "teacher": self._teacher.describe() if self._teacher else None,
+            "reward": self._reward.describe() if self._reward else None,
+            "dtype": dtype,
+            **self.spec.describe(),
+            "rollouts": rollouts,
+            "environment": environment_stamp(pl_module.device, dtype),
         }
 
 
@@ -502,8 +575,9 @@ def _with_flat_options(rollout: RolloutOptions, flat: dict[str, Any]) -> Rollout
     if unknown:
         raise TypeError(f"RolloutEvaluation got unexpected options {unknown}")
     for name in flat:
-        warnings.warn(f"RolloutEvaluation({name}=...) is deprecated, use rollout={{{name!r}: ...}}",
-                      FutureWarning, stacklevel=3)
+        warnings.warn(
+            f"RolloutEvaluation({name}=...) is deprecated, use rollout={{{name!r}: ...}}", FutureWarning, stacklevel=3
+        )
     return replace(rollout, **flat)
 
 

@@ -66,17 +66,23 @@ log = logging.getLogger(__name__)
 def check_one_source(model: str | None, ckpt_path: str | None, export_dir: str | None) -> None:
     given = [name for name, v in (("--model", model), ("--ckpt_path", ckpt_path), ("--export_dir", export_dir)) if v]
     if len(given) != 1:
-        raise ValueError("clarify evaluate needs exactly one of --model (a base model), --ckpt_path (a Lightning "
-                         f"checkpoint) or --export_dir (an exported HF/PEFT folder); got {given or 'none'}")
+        raise ValueError(
+            "clarify evaluate needs exactly one of --model (a base model), --ckpt_path (a Lightning "
+            f"checkpoint) or --export_dir (an exported HF/PEFT folder); got {given or 'none'}"
+        )
 
 
-def load_policy(model: str | None, ckpt_path: str | None, export_dir: str | None, dtype: str,
-                merge_lora: bool) -> tuple[Any, Any, dict[str, Any]]:
+def load_policy(
+    model: str | None, ckpt_path: str | None, export_dir: str | None, dtype: str, merge_lora: bool
+) -> tuple[Any, Any, dict[str, Any]]:
     """Load exactly one of the three policy sources; return ``(model, tokenizer, info)`` (info goes into meta)."""
     check_one_source(model, ckpt_path, export_dir)
     if model:
-        return load_causal_lm(model, dtype), load_tokenizer(model), {
-            "source": "model", "model": model, "base_model": model, "default_method": "Base"}
+        return (
+            load_causal_lm(model, dtype),
+            load_tokenizer(model),
+            {"source": "model", "model": model, "base_model": model, "default_method": "Base"},
+        )
     if ckpt_path:
         m, tok, base, objective = load_checkpoint(ckpt_path, merge_lora)
         return m, tok, {"source": "ckpt", "model": str(ckpt_path), "base_model": base, "default_method": objective}
@@ -97,15 +103,18 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         except (ValueError, OSError, AttributeError):
             method = None
         held = f" (method {method!r})" if method else ""
-        raise FileExistsError(f"--out_dir {out} already holds a finished evaluation{held}: metrics.json; pass "
-                              "--overwrite true to replace it, or choose another --out_dir")
+        raise FileExistsError(
+            f"--out_dir {out} already holds a finished evaluation{held}: metrics.json; pass "
+            "--overwrite true to replace it, or choose another --out_dir"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as e:
-        raise PermissionError(f"--out_dir {out} cannot be written ({e.strerror or e}); choose another --out_dir") \
-            from None
+        raise PermissionError(
+            f"--out_dir {out} cannot be written ({e.strerror or e}); choose another --out_dir"
+        ) from None
 
 
 def _default_rollout() -> RolloutOptions:
@@ -167,7 +176,9 @@ def run(cfg: EvaluateConfig) -> dict[str, float]:
     if served(cfg.policy_endpoint):
         check_served_source(cfg.policy_endpoint, cfg.ckpt_path, cfg.export_dir)
     else:
-        check_one_source(cfg.model, cfg.ckpt_path, cfg.export_dir)  # before any loading: fail fast on a bad command line
+        check_one_source(
+            cfg.model, cfg.ckpt_path, cfg.export_dir
+        )  # before any loading: fail fast on a bad command line
     cfg.rollout.check()
     # keys come from environment variables only
     refuse_secrets({"teacher": cfg.teacher, "reward": cfg.reward, "policy_endpoint": cfg.policy_endpoint})
@@ -195,26 +206,58 @@ def _evaluate(cfg: EvaluateConfig, out: Path) -> dict[str, float]:
         # every source generates in the resolved dtype (a checkpoint holds its training dtype until cast here)
         policy = policy.to(device=dev, dtype=DTYPES[dtype]).eval()
         check_context_budget(policy, spec.n_turns, spec.max_new_tokens, info["model"])
-    teacher_obj, reward_obj = build_teacher_and_reward(cfg.teacher, cfg.reward, base_model=info["base_model"],
-                                                       setting=spec.setting, device=dev, batch_size=spec.batch_size,
-                                                       mode=spec.mode)
+    teacher_obj, reward_obj = build_teacher_and_reward(
+        cfg.teacher,
+        cfg.reward,
+        base_model=info["base_model"],
+        setting=spec.setting,
+        device=dev,
+        batch_size=spec.batch_size,
+        mode=spec.mode,
+    )
     if served(cfg.policy_endpoint):
-        records = served_rollouts(cfg.policy_endpoint, tasks, spec, teacher=teacher_obj, reward=reward_obj,
-                                  progress=cfg.progress, model_name=info["model"])
+        records = served_rollouts(
+            cfg.policy_endpoint,
+            tasks,
+            spec,
+            teacher=teacher_obj,
+            reward=reward_obj,
+            progress=cfg.progress,
+            model_name=info["model"],
+        )
     else:
-        records = run_rollouts(policy, tokenizer, tasks, spec, teacher=teacher_obj, reward=reward_obj,
-                               progress=cfg.progress, model_name=info["model"])
+        records = run_rollouts(
+            policy,
+            tokenizer,
+            tasks,
+            spec,
+            teacher=teacher_obj,
+            reward=reward_obj,
+            progress=cfg.progress,
+            model_name=info["model"],
+        )
     metrics = compute_metrics(records, tokenizer, setting=spec.setting, choices={t.task_id: t.choices for t in tasks})
     write_records(out / "rollouts.jsonl", records)
     data = cfg.data
     meta = {
-        "method": cfg.method or info["default_method"], "model": info["model"], "base_model": info["base_model"],
-        "source": info["source"], **({"endpoint": info["endpoint"]} if "endpoint" in info else {}), "n": len(records),
+        "method": cfg.method or info["default_method"],
+        "model": info["model"],
+        "base_model": info["base_model"],
+        "source": info["source"],
+        **({"endpoint": info["endpoint"]} if "endpoint" in info else {}),
+        "n": len(records),
         "n_questions": len(tasks),
-        "dataset": data.label or data.dataset, "data": {**asdict(data), "part": "test"},  # the part evaluated
-        "teacher": teacher_obj.describe(), "reward": reward_obj.describe(), **spec.describe(), "dtype": dtype,
-        "device": str(dev), "seconds": round(time.perf_counter() - start, 2),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "rollouts": "rollouts.jsonl", "argv": sys.argv[1:],
+        "dataset": data.label or data.dataset,
+        "data": {**asdict(data), "part": "test"},  # the part evaluated
+        "teacher": teacher_obj.describe(),
+        "reward": reward_obj.describe(),
+        **spec.describe(),
+        "dtype": dtype,
+        "device": str(dev),
+        "seconds": round(time.perf_counter() - start, 2),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "rollouts": "rollouts.jsonl",
+        "argv": sys.argv[1:],
         "environment": environment_stamp(dev, dtype),  # what made these numbers (clarify report compares them)
     }
     # written last and atomically: metrics.json is the "stage done" marker `clarify iterate` and the demo resume on
@@ -225,15 +268,23 @@ def _evaluate(cfg: EvaluateConfig, out: Path) -> dict[str, float]:
 
 def summary_line(method: str, m: dict[str, float], out: Path) -> str:
     """One human line: accuracy ± SE, reward ± SE, Thinking %, format rate, where the files went."""
-    return (f"[clarify evaluate] {method}: n={m['n']:.0f}  accuracy {m['accuracy']:.3f} ± {m['accuracy_se']:.3f}  "
-            f"reward {m['reward']:.3f} ± {m['reward_se']:.3f}  thinking {m['thinking_pct']:.1f}%  "
-            f"format {m['format_rate']:.3f}"
-            + (f"  clarifying turns {m['clarifying_turns']:.2f}" if "clarifying_turns" in m else "")
-            + f"  → {out / 'metrics.json'}")
+    return (
+        f"[clarify evaluate] {method}: n={m['n']:.0f}  accuracy {m['accuracy']:.3f} ± {m['accuracy_se']:.3f}  "
+        f"reward {m['reward']:.3f} ± {m['reward_se']:.3f}  thinking {m['thinking_pct']:.1f}%  "
+        f"format {m['format_rate']:.3f}"
+        + (f"  clarifying turns {m['clarifying_turns']:.2f}" if "clarifying_turns" in m else "")
+        + f"  → {out / 'metrics.json'}"
+    )
 
 
-COMMAND_LINE = CommandLine(EvaluateConfig, "clarify evaluate", __doc__.split("\n\n")[0], "CLARIFY_EVALUATE",
-                           rewrite=partial(moved_rollout_flags, prog="clarify evaluate"), moved=ROLLOUT_MOVES)
+COMMAND_LINE = CommandLine(
+    EvaluateConfig,
+    "clarify evaluate",
+    __doc__.split("\n\n")[0],
+    "CLARIFY_EVALUATE",
+    rewrite=partial(moved_rollout_flags, prog="clarify evaluate"),
+    moved=ROLLOUT_MOVES,
+)
 build_parser, parse_config = COMMAND_LINE.parser, COMMAND_LINE.parse
 
 

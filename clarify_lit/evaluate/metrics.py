@@ -38,39 +38,51 @@ _JUDGE_PREFIX = re.compile(r"^(?:llm_)?judge[_/.:-]")
 
 # Order of the statistics vector (the single state of RolloutMetrics). Everything is a plain sum over records.
 BASE_STATS = (
-    "n",                 # conversations
-    "parsed",            # final answer parseable
-    "hedged",            # final answer names several letters as the answer (earns none)
-    "conflicted",        # final answer pairs a letter with another option's text, or asserts and rejects it
-    "correct",           # parsed final answer == gold
-    "reward_n",          # conversations with a reward (a failed judge leaves meta["reward_missing"] = true)
+    "n",  # conversations
+    "parsed",  # final answer parseable
+    "hedged",  # final answer names several letters as the answer (earns none)
+    "conflicted",  # final answer pairs a letter with another option's text, or asserts and rejects it
+    "correct",  # parsed final answer == gold
+    "reward_n",  # conversations with a reward (a failed judge leaves meta["reward_missing"] = true)
     "reward_missing",
-    "reward_sum", "reward_sq",
-    "turns",             # assistant turns
-    "thinking_turns",    # assistant turns using <thinking> tags
-    "truncated_turns",   # assistant turns cut by max_new_tokens (rollout meta["truncated_turns"])
-    "truncated_final",   # conversations whose final turn was cut (known positions only)
-    "words",             # whitespace words over assistant turns
-    "token_turns", "tokens",  # assistant turns whose tokens were counted, and their token total
-    "first_turns",       # clarifying-setting conversations whose first turn was checked
-    "single_question",   # ... of which the first turn asks exactly one question (about exactly one option; open mode: one question)
-    "asked_correct",     # ... of which the final answer is correct (accuracy when asking vs not)
-    "open_n",            # open-mode conversations (meta["mode"] == "open": answers graded by the option text named)
-    "names_none",        # ... whose final answer names no option (wrong, counted apart from hedges)
-    "adaptive_n",        # conversations rolled out with adaptive length (meta["adaptive"])
-    "clarifying_turns_sum", "clarifying_turns_sq",  # ... their assistant turns before the final answer
-    "ended_early",       # ... that the agent ended before the last turn
-    "leak_checked",      # conversations whose teacher turns were checked for a leak (meta["teacher_leak"] present)
-    "teacher_leaks",     # ... in which the teacher named the gold option as the answer (simulate/leaks.py)
-    "echo_checked",      # conversations checked for echoed instruction blocks (meta["echoed_instructions"] present)
-    "echoed",            # ... with an assistant turn that repeats its instruction block (masked in training)
+    "reward_sum",
+    "reward_sq",
+    "turns",  # assistant turns
+    "thinking_turns",  # assistant turns using <thinking> tags
+    "truncated_turns",  # assistant turns cut by max_new_tokens (rollout meta["truncated_turns"])
+    "truncated_final",  # conversations whose final turn was cut (known positions only)
+    "words",  # whitespace words over assistant turns
+    "token_turns",
+    "tokens",  # assistant turns whose tokens were counted, and their token total
+    "first_turns",  # clarifying-setting conversations whose first turn was checked
+    # ... of which the first turn asks exactly one question (about exactly one option; open mode: one question)
+    "single_question",
+    "asked_correct",  # ... of which the final answer is correct (accuracy when asking vs not)
+    "open_n",  # open-mode conversations (meta["mode"] == "open": answers graded by the option text named)
+    "names_none",  # ... whose final answer names no option (wrong, counted apart from hedges)
+    "adaptive_n",  # conversations rolled out with adaptive length (meta["adaptive"])
+    "clarifying_turns_sum",
+    "clarifying_turns_sq",  # ... their assistant turns before the final answer
+    "ended_early",  # ... that the agent ended before the last turn
+    "leak_checked",  # conversations whose teacher turns were checked for a leak (meta["teacher_leak"] present)
+    "teacher_leaks",  # ... in which the teacher named the gold option as the answer (simulate/leaks.py)
+    "echo_checked",  # conversations checked for echoed instruction blocks (meta["echoed_instructions"] present)
+    "echoed",  # ... with an assistant turn that repeats its instruction block (masked in training)
 )
 JUDGE_STATS = tuple(f"judge_{j}_{s}" for j in JUDGE_SCORES for s in ("n", "sum", "sq", "missing"))
 STAT_KEYS = BASE_STATS + JUDGE_STATS
 
 #: Metrics where a larger value is better (``clarify report`` bolds the best method only for these).
-HIGHER_IS_BETTER = frozenset({"accuracy", "accuracy_parsed", "format_rate", "reward", "single_question_rate",
-                              *(f"judge_{j}" for j in JUDGE_SCORES)})
+HIGHER_IS_BETTER = frozenset(
+    {
+        "accuracy",
+        "accuracy_parsed",
+        "format_rate",
+        "reward",
+        "single_question_rate",
+        *(f"judge_{j}" for j in JUDGE_SCORES),
+    }
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -176,8 +188,9 @@ def final_answer(record: ConversationRecord, choices: Mapping[str, Sequence[str]
     return final_answer_parse(record, choices).letter
 
 
-def is_correct(record: ConversationRecord, source: str = "<records>",
-               choices: Mapping[str, Sequence[str]] | None = None) -> bool:
+def is_correct(
+    record: ConversationRecord, source: str = "<records>", choices: Mapping[str, Sequence[str]] | None = None
+) -> bool:
     """Whether the parsed final answer equals ``record.gold``; a record without gold raises :class:`RecordError`."""
     if record.gold is None:
         raise RecordError(source, "record", record.id, "gold", "missing: accuracy needs the correct letter")
@@ -226,15 +239,21 @@ def record_setting(record: ConversationRecord, setting: str | None) -> str | Non
     return setting if setting is not None else record.meta.get("setting")
 
 
-def record_choices(record: ConversationRecord, choices: Mapping[str, Sequence[str]] | None,
-                   source: str = "<records>") -> list[str]:
+def record_choices(
+    record: ConversationRecord, choices: Mapping[str, Sequence[str]] | None, source: str = "<records>"
+) -> list[str]:
     """The answer options of the record's question, required: :func:`known_choices` or :class:`RecordError`."""
     found = known_choices(record, choices)
     if found is not None:
         return found
-    raise RecordError(source, "record", record.id, "meta.choices",
-                      "missing: the single-question check of the clarifying setting needs the question's options "
-                      "(pass choices={task_id: [...]}, store them in meta, or keep the 'A) …' lines in the prompt)")
+    raise RecordError(
+        source,
+        "record",
+        record.id,
+        "meta.choices",
+        "missing: the single-question check of the clarifying setting needs the question's options "
+        "(pass choices={task_id: [...]}, store them in meta, or keep the 'A) …' lines in the prompt)",
+    )
 
 
 TokenCounter = Callable[[str], int]
@@ -362,8 +381,9 @@ def _add_length(st: dict[str, float], rec: ConversationRecord, turns: list[str])
     st["ended_early"] += float(ended_early(rec))
 
 
-def _add_tokens(st: dict[str, float], rec: ConversationRecord, turns: list[str],
-                count_tokens: TokenCounter | None) -> None:
+def _add_tokens(
+    st: dict[str, float], rec: ConversationRecord, turns: list[str], count_tokens: TokenCounter | None
+) -> None:
     if count_tokens is not None:
         st["token_turns"] += len(turns)
         st["tokens"] += sum(count_tokens(t) for t in turns)
@@ -418,8 +438,10 @@ def metrics_from_stats(st: Mapping[str, float]) -> dict[str, float]:
         asked, not_asked = st["single_question"], st["first_turns"] - st["single_question"]
         out["accuracy_when_asked"] = st["asked_correct"] / asked if asked else math.nan
         out["accuracy_when_not_asked"] = (st["correct"] - st["asked_correct"]) / not_asked if not_asked else math.nan
-    for name, hits, checked in (("teacher_leak_rate", "teacher_leaks", "leak_checked"),
-                                ("echoed_instructions_rate", "echoed", "echo_checked")):
+    for name, hits, checked in (
+        ("teacher_leak_rate", "teacher_leaks", "leak_checked"),
+        ("echoed_instructions_rate", "echoed", "echo_checked"),
+    ):
         if st[checked]:  # records made before the flags existed carry neither: no rate, rather than a false 0
             out[name] = st[hits] / st[checked]
             out[f"{name}_se"] = proportion_se(st[hits], st[checked])
@@ -429,7 +451,8 @@ def metrics_from_stats(st: Mapping[str, float]) -> dict[str, float]:
     if st["adaptive_n"]:
         # adaptive length: how many turns the agent spent before answering, and how often it stopped early
         out["clarifying_turns"], out["clarifying_turns_se"] = mean_se(
-            st["clarifying_turns_sum"], st["clarifying_turns_sq"], st["adaptive_n"])
+            st["clarifying_turns_sum"], st["clarifying_turns_sq"], st["adaptive_n"]
+        )
         out["ended_early_rate"] = st["ended_early"] / st["adaptive_n"]
         out["ended_early_rate_se"] = proportion_se(st["ended_early"], st["adaptive_n"])
         out["n_adaptive"] = st["adaptive_n"]
@@ -452,8 +475,9 @@ def compute_metrics(
     source: str = "<records>",
 ) -> dict[str, float]:
     """All evaluation metrics of ``records`` as ``{name: float}`` (keys in docs/evaluation.md)."""
-    return metrics_from_stats(accumulate_stats(records, tokenizer=tokenizer, setting=setting, choices=choices,
-                                               source=source))
+    return metrics_from_stats(
+        accumulate_stats(records, tokenizer=tokenizer, setting=setting, choices=choices, source=source)
+    )
 
 
 class RolloutMetrics(Metric):
@@ -548,11 +572,13 @@ class QuestionMismatchError(ValueError):
     """Two evaluations hold different questions under the same ``task_id`` (``meta.question_hash`` differs)."""
 
 
-def check_same_questions(records_a: Sequence[ConversationRecord], records_b: Sequence[ConversationRecord],
-                         task_ids: set[str]) -> None:
+def check_same_questions(
+    records_a: Sequence[ConversationRecord], records_b: Sequence[ConversationRecord], task_ids: set[str]
+) -> None:
     """Refuse to pair two sets of rollouts whose questions differ under the same ``task_id``: every record written
     by a rollout stores ``meta.question_hash`` (question text, options, gold); records without one (written before
     it existed) are not checked."""
+
     def hashes(records):
         out: dict[str, set[str]] = {}
         for r in records:
@@ -569,7 +595,8 @@ def check_same_questions(records_a: Sequence[ConversationRecord], records_b: Seq
         raise QuestionMismatchError(
             f"{len(differ)} of {len(task_ids)} shared task ids hold different questions (text, options or gold) in "
             f"the two evaluations, e.g. {differ[0]!r} ({first.where()} vs {other.where()}); they cannot be paired — "
-            "were they evaluated on different data (--data.path, --data.seed, a changed file)?")
+            "were they evaluated on different data (--data.path, --data.seed, a changed file)?"
+        )
 
 
 def per_task_scores(records: Iterable[ConversationRecord], source: str = "<records>") -> dict[str, tuple[float, float]]:
@@ -592,15 +619,15 @@ def per_task_scores(records: Iterable[ConversationRecord], source: str = "<recor
 class PairedDiff:
     """Paired difference ``a - b`` of one per-question score over the shared questions."""
 
-    n: int              # shared questions
+    n: int  # shared questions
     mean_a: float
     mean_b: float
-    diff: float         # mean of per-question differences (= mean_a - mean_b)
-    se: float           # sample std of the differences / sqrt(n)
-    wins: int           # questions where a > b
-    losses: int         # questions where a < b
+    diff: float  # mean of per-question differences (= mean_a - mean_b)
+    se: float  # sample std of the differences / sqrt(n)
+    wins: int  # questions where a > b
+    losses: int  # questions where a < b
     ties: int
-    p_sign: float       # exact two-sided sign test, ties dropped
+    p_sign: float  # exact two-sided sign test, ties dropped
 
     def as_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.__dict__.items()}
@@ -616,8 +643,16 @@ def paired_diff(a: Sequence[float], b: Sequence[float]) -> PairedDiff:
     wins = sum(x > 0 for x in d)
     losses = sum(x < 0 for x in d)
     return PairedDiff(
-        n=n, mean_a=sum(a) / n if n else math.nan, mean_b=sum(b) / n if n else math.nan, diff=diff, se=se,
-        wins=wins, losses=losses, ties=n - wins - losses, p_sign=sign_test_p(wins, losses))
+        n=n,
+        mean_a=sum(a) / n if n else math.nan,
+        mean_b=sum(b) / n if n else math.nan,
+        diff=diff,
+        se=se,
+        wins=wins,
+        losses=losses,
+        ties=n - wins - losses,
+        p_sign=sign_test_p(wins, losses),
+    )
 
 
 def paired_comparison(

@@ -146,8 +146,10 @@ def refuse_duplicate_inputs(files: Sequence[MetricsFile]) -> None:
     repeated = [group for group in by_path.values() if len(group) > 1]
     if repeated:
         named = "; ".join(f"{group[0].path} given {len(group)} times" for group in repeated[:3])
-        raise ValueError(f"report inputs repeat an evaluation ({named}{'; …' if len(repeated) > 3 else ''}): a "
-                         "repeated input is not another seed; give each evaluation once")
+        raise ValueError(
+            f"report inputs repeat an evaluation ({named}{'; …' if len(repeated) > 3 else ''}): a "
+            "repeated input is not another seed; give each evaluation once"
+        )
     by_content: dict[str, list[MetricsFile]] = {}
     for f in files:
         rollouts = f.rollouts_path()
@@ -155,10 +157,14 @@ def refuse_duplicate_inputs(files: Sequence[MetricsFile]) -> None:
         by_content.setdefault(key, []).append(f)
     copies = [(key, group) for key, group in by_content.items() if len(group) > 1]
     if copies:
-        named = "; ".join(" and ".join(str(f.path) for f in group) + f" hold the same {key.split()[0]} (sha256 "
-                          f"{key.split()[1][:12]})" for key, group in copies[:3])
-        raise ValueError(f"report inputs repeat an evaluation ({named}{'; …' if len(copies) > 3 else ''}): a copy "
-                         "is not another seed; give each evaluation once")
+        named = "; ".join(
+            " and ".join(str(f.path) for f in group) + f" hold the same {key.split()[0]} (sha256 {key.split()[1][:12]})"
+            for key, group in copies[:3]
+        )
+        raise ValueError(
+            f"report inputs repeat an evaluation ({named}{'; …' if len(copies) > 3 else ''}): a copy "
+            "is not another seed; give each evaluation once"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -214,8 +220,11 @@ def table_columns(methods: Sequence[MethodSummary], wanted: Sequence[str] | None
             have = sorted({k for s in methods for k in s.mean})
             raise ValueError(f"--metrics {unknown} not found in any metrics.json (available: {have})")
         return list(wanted)
-    return [c for c in COLUMNS if any(c in s.mean for s in methods)
-            and (c not in FLAG_COLUMNS or any(s.mean.get(c) for s in methods))]
+    return [
+        c
+        for c in COLUMNS
+        if any(c in s.mean for s in methods) and (c not in FLAG_COLUMNS or any(s.mean.get(c) for s in methods))
+    ]
 
 
 def format_mean_se(value: float | None, se: float | None = None, decimals: int = 3) -> str:
@@ -231,8 +240,11 @@ def format_mean_se(value: float | None, se: float | None = None, decimals: int =
 def _column_label(column: str, methods: Sequence[MethodSummary]) -> str:
     """A column's header; in an open-mode table the one-question rate counts any one question (there are no options
     to ask about), and its header says so."""
-    if column == "single_question_rate" and methods and all(
-            f.meta.get("mode") == "open" for s in methods for f in s.files):
+    if (
+        column == "single_question_rate"
+        and methods
+        and all(f.meta.get("mode") == "open" for s in methods for f in s.files)
+    ):
         return "One question"
     return COLUMNS.get(column, (column, 3))[0]
 
@@ -337,8 +349,17 @@ def best_constant_open_answer(records: Sequence[ConversationRecord]) -> tuple[st
     questions whose other options never name oxygen give ``("oxygen", 2/3)``."""
     questions = {r.task_id: r for r in records}
     candidates = sorted({r.meta["choices"][LETTERS.index(r.gold)] for r in questions.values()})
-    scored = [(sum(grade_open_answer(f"The answer is {text}.", r.meta["choices"]).letter == r.gold
-                   for r in questions.values()) / len(questions), text) for text in candidates]
+    scored = [
+        (
+            sum(
+                grade_open_answer(f"The answer is {text}.", r.meta["choices"]).letter == r.gold
+                for r in questions.values()
+            )
+            / len(questions),
+            text,
+        )
+        for text in candidates
+    ]
     acc, text = max(scored, key=lambda x: (x[0], [-ord(ch) for ch in x[1]]))
     return text, acc
 
@@ -350,16 +371,21 @@ def constant_caption(records: Sequence[ConversationRecord] | None) -> str:
         return ""
     if all(is_open(r) for r in records):
         text, acc = best_constant_open_answer(records)
-        return (f"Best constant answer: always \"The answer is {text}.\" scores accuracy {acc:.3f} on these "
-                f"{len({r.task_id for r in records})} questions (open mode: the most often correct answer text).")
+        return (
+            f'Best constant answer: always "The answer is {text}." scores accuracy {acc:.3f} on these '
+            f"{len({r.task_id for r in records})} questions (open mode: the most often correct answer text)."
+        )
     letter, acc = best_constant_answer(records)
     n = len({r.task_id for r in records})
-    return (f"Best constant answer: always \"The answer is {letter}.\" scores accuracy {acc:.3f} on these {n} "
-            "questions (from their gold letters).")
+    return (
+        f'Best constant answer: always "The answer is {letter}." scores accuracy {acc:.3f} on these {n} '
+        "questions (from their gold letters)."
+    )
 
 
-def letters_table(methods: Sequence[MethodSummary],
-                  rollouts: Mapping[str, list[ConversationRecord] | None] | None = None) -> str:
+def letters_table(
+    methods: Sequence[MethodSummary], rollouts: Mapping[str, list[ConversationRecord] | None] | None = None
+) -> str:
     """Markdown: each method's spread of final-answer letters (all seeds), then the accuracy of always answering one
     letter. A policy that collapses onto one letter scores that letter's base rate, so an accuracy gain is only a
     gain where it beats the best constant answer (issue "Honest numbers": test metrics against a constant answer).
@@ -373,30 +399,53 @@ def letters_table(methods: Sequence[MethodSummary],
         golds.extend(recs)
         sh = letter_shares(recs)
         top = max(LETTERS, key=lambda x: sh[x])
-        rows.append([s.label, *(f"{sh[x]:.2f}" for x in [*LETTERS, "none"]),
-                     f"{top} ({sh[top]:.2f})" if sh[top] else "–"])
+        rows.append(
+            [s.label, *(f"{sh[x]:.2f}" for x in [*LETTERS, "none"]), f"{top} ({sh[top]:.2f})" if sh[top] else "–"]
+        )
     if not rows or all(is_open(r) for r in golds):
         return ""  # (open mode: no letters were answered; the caption gives the best constant answer text)
     const = constant_answer_accuracy(golds)
     best = max(LETTERS, key=lambda x: const[x])
-    rows.append(["*accuracy of always answering X*", *(f"{const[x]:.2f}" for x in LETTERS), "", f"{best} "
-                 f"({const[best]:.2f})"])
+    rows.append(
+        ["*accuracy of always answering X*", *(f"{const[x]:.2f}" for x in LETTERS), "", f"{best} ({const[best]:.2f})"]
+    )
     return _markdown(header, rows)
 
 
 def paired_table(results: Sequence[tuple[str, str, dict[str, PairedDiff]]]) -> str:
     """Markdown table of paired comparisons: Δ = A − B per shared question, paired SE, wins/losses/ties, sign p and
     Holm's adjusted p over this table's comparisons (one family per column: accuracy, reward)."""
-    header = ["A vs B", "questions", "Δ accuracy ± SE", "acc. W/L/T", "sign p (acc.)", "Holm p (acc.)",
-              "Δ reward ± SE", "reward W/L/T", "sign p (reward)", "Holm p (reward)"]
+    header = [
+        "A vs B",
+        "questions",
+        "Δ accuracy ± SE",
+        "acc. W/L/T",
+        "sign p (acc.)",
+        "Holm p (acc.)",
+        "Δ reward ± SE",
+        "reward W/L/T",
+        "sign p (reward)",
+        "Holm p (reward)",
+    ]
     holm_acc = holm_adjust([res["accuracy"].p_sign for _, _, res in results])
     holm_rew = holm_adjust([res["reward"].p_sign for _, _, res in results])
     rows = []
     for (a, b, res), h_acc, h_rew in zip(results, holm_acc, holm_rew, strict=True):
         acc, rew = res["accuracy"], res["reward"]
-        rows.append([f"{a} vs {b}", str(acc.n), format_mean_se(acc.diff, acc.se, 3), f"{acc.wins}/{acc.losses}/{acc.ties}",
-                     f"{acc.p_sign:.3g}", f"{h_acc:.3g}", format_mean_se(rew.diff, rew.se, 3),
-                     f"{rew.wins}/{rew.losses}/{rew.ties}", f"{rew.p_sign:.3g}", f"{h_rew:.3g}"])
+        rows.append(
+            [
+                f"{a} vs {b}",
+                str(acc.n),
+                format_mean_se(acc.diff, acc.se, 3),
+                f"{acc.wins}/{acc.losses}/{acc.ties}",
+                f"{acc.p_sign:.3g}",
+                f"{h_acc:.3g}",
+                format_mean_se(rew.diff, rew.se, 3),
+                f"{rew.wins}/{rew.losses}/{rew.ties}",
+                f"{rew.p_sign:.3g}",
+                f"{h_rew:.3g}",
+            ]
+        )
     return _markdown(header, rows)
 
 
@@ -485,9 +534,15 @@ def negated_paired(argv: list[str] | None) -> list[str]:
     return out
 
 
-COMMAND_LINE = CommandLine(ReportConfig, "clarify report", __doc__.split("\n\n")[0], "CLARIFY_REPORT",
-                           positional="inputs", spaced=("metrics", "pairs", "rename", "order"),
-                           rewrite=negated_paired)
+COMMAND_LINE = CommandLine(
+    ReportConfig,
+    "clarify report",
+    __doc__.split("\n\n")[0],
+    "CLARIFY_REPORT",
+    positional="inputs",
+    spaced=("metrics", "pairs", "rename", "order"),
+    rewrite=negated_paired,
+)
 build_parser, parse_config = COMMAND_LINE.parser, COMMAND_LINE.parse
 
 
@@ -495,14 +550,32 @@ def run(cfg: ReportConfig) -> str:
     """Write the report of ``cfg``; return its Markdown text."""
     if not cfg.inputs:
         raise ValueError("clarify report needs at least one input (metrics.json files, folders or globs)")
-    return run_report(cfg.inputs, out=cfg.out, plot=cfg.plot, metrics=cfg.metrics, baseline=cfg.baseline,
-                      pairs=cfg.pairs, paired=cfg.paired, rename=cfg.rename, order=cfg.order, html=cfg.html)
+    return run_report(
+        cfg.inputs,
+        out=cfg.out,
+        plot=cfg.plot,
+        metrics=cfg.metrics,
+        baseline=cfg.baseline,
+        pairs=cfg.pairs,
+        paired=cfg.paired,
+        rename=cfg.rename,
+        order=cfg.order,
+        html=cfg.html,
+    )
 
 
-def run_report(inputs: Sequence[str], out: str | os.PathLike = "report.md", plot: str | os.PathLike | None = None,
-               metrics: Sequence[str] | None = None, baseline: str | None = None,
-               pairs: Sequence[str] | None = None, paired: bool = True, rename: Sequence[str] | None = None,
-               order: Sequence[str] | None = None, html: str | os.PathLike | None = None) -> str:
+def run_report(
+    inputs: Sequence[str],
+    out: str | os.PathLike = "report.md",
+    plot: str | os.PathLike | None = None,
+    metrics: Sequence[str] | None = None,
+    baseline: str | None = None,
+    pairs: Sequence[str] | None = None,
+    paired: bool = True,
+    rename: Sequence[str] | None = None,
+    order: Sequence[str] | None = None,
+    html: str | os.PathLike | None = None,
+) -> str:
     """Build the report, write ``out`` (.md), the plot (.png), a .json summary and, with ``html``, the audit page;
     return the Markdown text."""
     files = [read_metrics_file(p, label) for label, p in expand_inputs(inputs)]
@@ -514,10 +587,15 @@ def run_report(inputs: Sequence[str], out: str | os.PathLike = "report.md", plot
     columns = table_columns(methods, metrics)
     # each method's rollouts read once, for the captions, the pairs and the letter table
     rollouts: dict[str, list[ConversationRecord] | None] = (
-        {s.label: method_rollouts(s) for s in methods} if paired else {})
+        {s.label: method_rollouts(s) for s in methods} if paired else {}
+    )
     caption = constant_caption([r for recs in rollouts.values() if recs for r in recs])
-    parts = ["## Results (mean ± SE; best in bold)", "", *([caption, ""] if caption else []),
-             results_table(methods, columns)]
+    parts = [
+        "## Results (mean ± SE; best in bold)",
+        "",
+        *([caption, ""] if caption else []),
+        results_table(methods, columns),
+    ]
     mixed = mixed_datasets(files)
     if mixed:
         print(f"clarify report: warning: {mixed}", file=sys.stderr)
@@ -539,12 +617,25 @@ def run_report(inputs: Sequence[str], out: str | os.PathLike = "report.md", plot
             except ValueError as e:
                 notes.append(f"{a} vs {b}: skipped ({e})")
     if comparisons:
-        parts += ["", "## Paired per-question comparison (Δ = A − B; exact two-sided sign test, ties dropped; Holm "
-                  "p adjusts for this table's comparisons)", "", caption, "", paired_table(comparisons)]
+        parts += [
+            "",
+            "## Paired per-question comparison (Δ = A − B; exact two-sided sign test, ties dropped; Holm "
+            "p adjusts for this table's comparisons)",
+            "",
+            caption,
+            "",
+            paired_table(comparisons),
+        ]
     letters = letters_table(methods, rollouts) if paired else ""
     if letters:
-        parts += ["", "## Final-answer letters (share of conversations; last row: a constant answer's accuracy)", "",
-                  caption, "", letters]
+        parts += [
+            "",
+            "## Final-answer letters (share of conversations; last row: a constant answer's accuracy)",
+            "",
+            caption,
+            "",
+            letters,
+        ]
     if notes:
         parts += [""] + [f"- {n}" for n in notes]
     mixed_env = mixed_environments(files)
@@ -556,11 +647,26 @@ def run_report(inputs: Sequence[str], out: str | os.PathLike = "report.md", plot
     atomic_write_text(out, text)
     plot_path = plot_methods(methods, columns, plot or out.with_suffix(".png"))
     summary = {
-        "methods": [{"label": s.label, "seeds": s.k, "files": [str(f.path) for f in s.files], "mean": s.mean,
-                     "se": s.se, "seed_sd": s.seed_sd} for s in methods],
-        "paired": [{"a": a, "b": b, **{k: v.as_dict() for k, v in r.items()}, "holm_p_accuracy": ha, "holm_p_reward": hr}
-                   for (a, b, r), ha, hr in zip(comparisons, holm_adjust([r["accuracy"].p_sign for _, _, r in comparisons]),
-                                                holm_adjust([r["reward"].p_sign for _, _, r in comparisons]), strict=True)],
+        "methods": [
+            {
+                "label": s.label,
+                "seeds": s.k,
+                "files": [str(f.path) for f in s.files],
+                "mean": s.mean,
+                "se": s.se,
+                "seed_sd": s.seed_sd,
+            }
+            for s in methods
+        ],
+        "paired": [
+            {"a": a, "b": b, **{k: v.as_dict() for k, v in r.items()}, "holm_p_accuracy": ha, "holm_p_reward": hr}
+            for (a, b, r), ha, hr in zip(
+                comparisons,
+                holm_adjust([r["accuracy"].p_sign for _, _, r in comparisons]),
+                holm_adjust([r["reward"].p_sign for _, _, r in comparisons]),
+                strict=True,
+            )
+        ],
         "best_constant_answer": caption or None,
     }
     atomic_write_text(out.with_suffix(".json"), json.dumps(nan_to_none(summary), indent=2))
@@ -605,8 +711,10 @@ def mixed_environments(files: Sequence[MetricsFile]) -> str | None:
     if len(groups) < 2:
         return None
     parts = "; ".join(f"{', '.join(labels)} on {describe_stamp(stamp)}" for labels, stamp in groups.values())
-    return (f"the table's methods were made on different machines, dtypes or library versions ({parts}); greedy "
-            "text differs across them, so paired comparisons mix machine noise into the result")
+    return (
+        f"the table's methods were made on different machines, dtypes or library versions ({parts}); greedy "
+        "text differs across them, so paired comparisons mix machine noise into the result"
+    )
 
 
 def environment_footer(files: Sequence[MetricsFile], mixed: str | None) -> list[str]:

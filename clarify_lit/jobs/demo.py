@@ -129,8 +129,10 @@ class Preset:
         if "STaR-GATE-D" in self.objectives and "SFT" not in self.objectives[: self.objectives.index("STaR-GATE-D")]:
             raise ValueError(f"preset {self.name!r}: STaR-GATE-D distils the SFT run, so SFT must come before it")
         if not 0 <= self.rollout_questions <= self.n_test:
-            raise ValueError(f"preset {self.name!r}: rollout_questions={self.rollout_questions} must be in "
-                             f"[0, n_test={self.n_test}] (the callback rolls out test questions only)")
+            raise ValueError(
+                f"preset {self.name!r}: rollout_questions={self.rollout_questions} must be in "
+                f"[0, n_test={self.n_test}] (the callback rolls out test questions only)"
+            )
         if self.rollout_evals_per_epoch < 0:
             raise ValueError(f"preset {self.name!r}: rollout_evals_per_epoch must be >= 0")
 
@@ -156,38 +158,82 @@ PRESETS: dict[str, Preset] = {
     # that answers questions only, n = 2, the `correct` reward; 48 training questions x 4 runs (two seeded with "What"),
     # 48 held-out questions (enough for the paired test to mean something), Refit, Swift, STaR-GATE (SFT) and DPO
     "demo": Preset(
-        name="demo", model="embedded:smollm2-135m-instruct",
-        experiments=[Cell("sciq", "clarifying", "open", "open", max_new_tokens=48, n_turns=2,
-                                sim_options=OPEN_EXPLORE_OPTIONS, temperatures=EXPLORE_TEMPERATURES)],
-        n_train=48, n_test=48, seeds=[0], split_seed=0, max_new_tokens=48, eval_max_new_tokens=48, epochs=2,
-        sim_batch_size=32, sim_chunk_size=32, eval_batch_size=48,
+        name="demo",
+        model="embedded:smollm2-135m-instruct",
+        experiments=[
+            Cell(
+                "sciq",
+                "clarifying",
+                "open",
+                "open",
+                max_new_tokens=48,
+                n_turns=2,
+                sim_options=OPEN_EXPLORE_OPTIONS,
+                temperatures=EXPLORE_TEMPERATURES,
+            )
+        ],
+        n_train=48,
+        n_test=48,
+        seeds=[0],
+        split_seed=0,
+        max_new_tokens=48,
+        eval_max_new_tokens=48,
+        epochs=2,
+        sim_batch_size=32,
+        sim_chunk_size=32,
+        eval_batch_size=48,
         rollout_questions=4,  # 2 points per fit: step 0 and the end (docs/demo.md#rollout-curves: the cost)
     ),
     # the main job until issue 26 (multiple choice, reasoning setting): results/demo/sciq-reasoning-standard.*
     "demo-mc": Preset(
-        name="demo-mc", model="embedded:smollm2-135m-instruct",
+        name="demo-mc",
+        model="embedded:smollm2-135m-instruct",
         experiments=[Cell("sciq", "reasoning", "standard", "scripted")],
-        n_train=16, n_test=16, seeds=[0], max_new_tokens=40, eval_max_new_tokens=40, epochs=2,
+        n_train=16,
+        n_test=16,
+        seeds=[0],
+        max_new_tokens=40,
+        eval_max_new_tokens=40,
+        epochs=2,
         rollout_questions=4,  # 2 points per fit: step 0 and the end (docs/demo.md#rollout-curves: the cost)
     ),
     "reproduce": Preset(
-        name="reproduce", model="embedded:smollm2-135m-instruct",
+        name="reproduce",
+        model="embedded:smollm2-135m-instruct",
         # token caps from measured base-policy turn lengths (docs/demo.md#token-caps): clarifying turns finish under
         # 64 tokens 75-94 % of the time; reasoning turns 1-2 ramble past 160 tokens whatever the cap, so the cheap 40
         # stays (the cut turns' end-of-turn tokens are masked in training; the final answer's letter comes first)
         # the clarifying cell keeps the dropping teacher (hide_mode drop, with the BM25 ranking of 2026-11-30; the
         # first seed-0 cell used an older ranking and was re-run): the paper-faithful `correct` baseline; the
         # `clarify` preset holds the cells with the informative (blanking) teacher and the rubric
-        experiments=[Cell("sciq", "reasoning", "standard", "scripted"),
-                     Cell("sciq", "clarifying", "thinking", "retrieval", max_new_tokens=64,
-                                options=["--teacher.hide_mode", "drop"])],
-        n_train=32, n_test=100, seeds=[0, 1], split_seed=0, max_new_tokens=40, eval_max_new_tokens=40, epochs=1,
-        sim_batch_size=32, sim_chunk_size=32, eval_batch_size=50, objectives=list(OBJECTIVES),
+        experiments=[
+            Cell("sciq", "reasoning", "standard", "scripted"),
+            Cell(
+                "sciq",
+                "clarifying",
+                "thinking",
+                "retrieval",
+                max_new_tokens=64,
+                options=["--teacher.hide_mode", "drop"],
+            ),
+        ],
+        n_train=32,
+        n_test=100,
+        seeds=[0, 1],
+        split_seed=0,
+        max_new_tokens=40,
+        eval_max_new_tokens=40,
+        epochs=1,
+        sim_batch_size=32,
+        sim_chunk_size=32,
+        eval_batch_size=50,
+        objectives=list(OBJECTIVES),
         # the paper's lr 3e-6 barely moves a fresh LoRA on 135M in 2 epochs of ~32 conversations (STaR-GATE-D would
         # equal Base): use the lr every other row uses on this model (configs/model/smollm2-135m.yaml)
         label_overrides={"STaR-GATE-D": ["--model.learning_rate", "2.0e-4"]},
         display_names={"SFT": "STaR-GATE"},
-        rollout_questions=8, rollout_evals_per_epoch=2,  # one epoch: points at step 0, mid-epoch and the end
+        rollout_questions=8,
+        rollout_evals_per_epoch=2,  # one epoch: points at step 0, mid-epoch and the end
     ),
     # issue "Learning to clarify": the clarifying cell with the three levers — the teacher that blanks the gold text
     # (worth asking), and the reward: 0/1 correctness, the offline rubric, and the rubric with the dense gold-answer
@@ -197,41 +243,97 @@ PRESETS: dict[str, Preset] = {
     # question, and runs 1 and 3 start turn 1 with "What does option X", because the 135M model alone asks one
     # question in 2 % of turn-1 replies (nothing to reweight).
     "clarify": Preset(
-        name="clarify", model="embedded:smollm2-135m-instruct",
-        experiments=[Cell("sciq", "clarifying", "thinking", "retrieval", max_new_tokens=64, reward=r,
-                                options=["--teacher.hide_mode", "blank", *o], tag=tag, sim_options=so,
-                                temperatures=EXPLORE_TEMPERATURES if so else None)
-                     for r, o, tag, so in (("correct", [], "correct", []), ("rubric", [], "rubric", []),
-                                           ("rubric", ["--reward.rubric_accuracy", "gold_prob"], "rubric-dense", []),
-                                           ("rubric", [], "rubric-explore", EXPLORE_OPTIONS))],
-        n_train=32, n_test=100, seeds=[0, 1], split_seed=0, max_new_tokens=64, eval_max_new_tokens=64, epochs=1,
-        sim_batch_size=32, sim_chunk_size=32, eval_batch_size=50, objectives=list(OBJECTIVES),
+        name="clarify",
+        model="embedded:smollm2-135m-instruct",
+        experiments=[
+            Cell(
+                "sciq",
+                "clarifying",
+                "thinking",
+                "retrieval",
+                max_new_tokens=64,
+                reward=r,
+                options=["--teacher.hide_mode", "blank", *o],
+                tag=tag,
+                sim_options=so,
+                temperatures=EXPLORE_TEMPERATURES if so else None,
+            )
+            for r, o, tag, so in (
+                ("correct", [], "correct", []),
+                ("rubric", [], "rubric", []),
+                ("rubric", ["--reward.rubric_accuracy", "gold_prob"], "rubric-dense", []),
+                ("rubric", [], "rubric-explore", EXPLORE_OPTIONS),
+            )
+        ],
+        n_train=32,
+        n_test=100,
+        seeds=[0, 1],
+        split_seed=0,
+        max_new_tokens=64,
+        eval_max_new_tokens=64,
+        epochs=1,
+        sim_batch_size=32,
+        sim_chunk_size=32,
+        eval_batch_size=50,
+        objectives=list(OBJECTIVES),
         label_overrides={"STaR-GATE-D": ["--model.learning_rate", "2.0e-4"]},
         display_names={"SFT": "STaR-GATE"},
-        rollout_questions=8, rollout_evals_per_epoch=2,  # one epoch: points at step 0, mid-epoch and the end
+        rollout_questions=8,
+        rollout_evals_per_epoch=2,  # one epoch: points at step 0, mid-epoch and the end
     ),
     # issue "Learning to clarify where the embedded model can": open mode (docs/simulate.md#open-mode), the clarifying
     # setting with the teacher that answers questions only, n = 2 (ask, then answer in words), the `correct` reward
     # alone. Same test questions as reproduce (split seed 0, the first 100 of the test part); 64 training questions
     # x 4 runs (seeded exploration on 2), two epochs (the logged data hold few correct conversations)
     "open": Preset(
-        name="open", model="embedded:smollm2-135m-instruct",
-        experiments=[Cell("sciq", "clarifying", "open", "open", max_new_tokens=48, n_turns=2,
-                                sim_options=OPEN_EXPLORE_OPTIONS, temperatures=EXPLORE_TEMPERATURES)],
-        n_train=64, n_test=100, seeds=[0, 1], split_seed=0, max_new_tokens=48, eval_max_new_tokens=48, epochs=2,
-        sim_batch_size=32, sim_chunk_size=32, eval_batch_size=50, objectives=list(OBJECTIVES),
+        name="open",
+        model="embedded:smollm2-135m-instruct",
+        experiments=[
+            Cell(
+                "sciq",
+                "clarifying",
+                "open",
+                "open",
+                max_new_tokens=48,
+                n_turns=2,
+                sim_options=OPEN_EXPLORE_OPTIONS,
+                temperatures=EXPLORE_TEMPERATURES,
+            )
+        ],
+        n_train=64,
+        n_test=100,
+        seeds=[0, 1],
+        split_seed=0,
+        max_new_tokens=48,
+        eval_max_new_tokens=48,
+        epochs=2,
+        sim_batch_size=32,
+        sim_chunk_size=32,
+        eval_batch_size=50,
+        objectives=list(OBJECTIVES),
         label_overrides={"STaR-GATE-D": ["--model.learning_rate", "2.0e-4"]},
         display_names={"SFT": "STaR-GATE"},
     ),
     "paper": Preset(
-        name="paper", model="meta-llama/Llama-3.1-8B-Instruct",
-        experiments=[Cell(d, "reasoning", "thinking", "scripted")
-                     for d in ("openbookqa", "arc_easy", "arc_challenge", "sciq", "mmlu")]
+        name="paper",
+        model="meta-llama/Llama-3.1-8B-Instruct",
+        experiments=[
+            Cell(d, "reasoning", "thinking", "scripted")
+            for d in ("openbookqa", "arc_easy", "arc_challenge", "sciq", "mmlu")
+        ]
         + [Cell(d, "clarifying", "thinking", "llm") for d in ("openbookqa", "sciq")],
-        n_train=400, n_test=100, seeds=[0, 1, 2], reward="llm_judge", max_new_tokens=256,
-        eval_max_new_tokens=256, sim_batch_size=32, eval_batch_size=32,
-        model_config="configs/model/llama-3.1-8b.yaml", trainer_config="configs/trainer/gpu-2x-deepspeed.yaml",
-        epochs=1, objectives=list(OBJECTIVES),
+        n_train=400,
+        n_test=100,
+        seeds=[0, 1, 2],
+        reward="llm_judge",
+        max_new_tokens=256,
+        eval_max_new_tokens=256,
+        sim_batch_size=32,
+        eval_batch_size=32,
+        model_config="configs/model/llama-3.1-8b.yaml",
+        trainer_config="configs/trainer/gpu-2x-deepspeed.yaml",
+        epochs=1,
+        objectives=list(OBJECTIVES),
         label_overrides={"STaR-GATE-D": ["--trainer.max_epochs", "2"]},  # the paper's 2 epochs for this baseline
         display_names={"SFT": "STaR-GATE"},
     ),
@@ -242,35 +344,97 @@ def split_seed(p: Preset, seed: int) -> int:
     return seed if p.split_seed is None else p.split_seed
 
 
-def rollout_block(p: Preset, e: Cell, seed: int, *, temperatures: list[float] | None = None,
-                  max_new_tokens: int, batch_size: int) -> dict[str, Any]:
+def rollout_block(
+    p: Preset, e: Cell, seed: int, *, temperatures: list[float] | None = None, max_new_tokens: int, batch_size: int
+) -> dict[str, Any]:
     """The cell's ``--rollout`` options (one block for its simulate, evaluate and rollout-callback commands);
     ``temperatures`` None: the command's default (evaluation: one greedy run)."""
-    return {"setting": e.setting, "mode": e.mode, "n_turns": e.n_turns,
-            **({"temperatures": temperatures} if temperatures is not None else {}),
-            "max_new_tokens": e.max_new_tokens or max_new_tokens, "batch_size": batch_size, "seed": seed,
-            "mix_temperatures": p.mix_temperatures, "reuse_kv_cache": p.reuse_kv_cache}
+    return {
+        "setting": e.setting,
+        "mode": e.mode,
+        "n_turns": e.n_turns,
+        **({"temperatures": temperatures} if temperatures is not None else {}),
+        "max_new_tokens": e.max_new_tokens or max_new_tokens,
+        "batch_size": batch_size,
+        "seed": seed,
+        "mix_temperatures": p.mix_temperatures,
+        "reuse_kv_cache": p.reuse_kv_cache,
+    }
 
 
 def simulate_args(p: Preset, e: Cell, seed: int, part: str, out: Path) -> list[str]:
-    rollout = rollout_block(p, e, seed, temperatures=e.temperatures or p.temperatures,
-                            max_new_tokens=p.max_new_tokens, batch_size=p.sim_batch_size)
-    return ["simulate", "--model", p.model, "--data.dataset", e.dataset, "--data.part", part,
-            "--data.n_train", str(p.n_train), "--data.n_test", str(p.n_test), "--data.seed", str(split_seed(p, seed)),
-            "--rollout", json.dumps(rollout), "--teacher.kind", e.teacher, "--reward.kind", e.reward or p.reward,
-            *e.options, "--chunk_size", str(p.sim_chunk_size), "--dtype", p.gen_dtype, "--output", str(out),
-            "--resume", "true", *(["--step_branches", "true"] if p.step_branches and part == "train" else []),
-            *e.sim_options]
+    rollout = rollout_block(
+        p,
+        e,
+        seed,
+        temperatures=e.temperatures or p.temperatures,
+        max_new_tokens=p.max_new_tokens,
+        batch_size=p.sim_batch_size,
+    )
+    return [
+        "simulate",
+        "--model",
+        p.model,
+        "--data.dataset",
+        e.dataset,
+        "--data.part",
+        part,
+        "--data.n_train",
+        str(p.n_train),
+        "--data.n_test",
+        str(p.n_test),
+        "--data.seed",
+        str(split_seed(p, seed)),
+        "--rollout",
+        json.dumps(rollout),
+        "--teacher.kind",
+        e.teacher,
+        "--reward.kind",
+        e.reward or p.reward,
+        *e.options,
+        "--chunk_size",
+        str(p.sim_chunk_size),
+        "--dtype",
+        p.gen_dtype,
+        "--output",
+        str(out),
+        "--resume",
+        "true",
+        *(["--step_branches", "true"] if p.step_branches and part == "train" else []),
+        *e.sim_options,
+    ]
 
 
-def fit_args(p: Preset, records: Path | list[Path], objective: str, seed: int, root: Path,
-             extra: list[str] | None = None) -> list[str]:
+def fit_args(
+    p: Preset, records: Path | list[Path], objective: str, seed: int, root: Path, extra: list[str] | None = None
+) -> list[str]:
     files = ",".join(str(r) for r in (records if isinstance(records, list) else [records]))
-    return ["fit", "--config", p.model_config, "--config", p.trainer_config, "--config", objective,
-            "--model.model_name_or_path", p.model, f"--data.train_files=[{files}]", "--data.val_fraction", "0",
-            "--data.seed", str(seed), "--seed_everything", str(seed), "--trainer.max_epochs", str(p.epochs),
-            "--trainer.default_root_dir", str(root), "--ckpt_path", "last_or_none",  # an interrupted fit resumes
-            *p.fit_overrides, *(extra or [])]
+    return [
+        "fit",
+        "--config",
+        p.model_config,
+        "--config",
+        p.trainer_config,
+        "--config",
+        objective,
+        "--model.model_name_or_path",
+        p.model,
+        f"--data.train_files=[{files}]",
+        "--data.val_fraction",
+        "0",
+        "--data.seed",
+        str(seed),
+        "--seed_everything",
+        str(seed),
+        "--trainer.max_epochs",
+        str(p.epochs),
+        "--trainer.default_root_dir",
+        str(root),
+        "--ckpt_path",
+        "last_or_none",  # an interrupted fit resumes
+        *p.fit_overrides,
+        *(extra or []),
+    ]
 
 
 ROLLOUT_EVAL = "configs/callbacks/rollout-eval.yaml"
@@ -286,15 +450,31 @@ def rollout_eval_args(p: Preset, e: Cell, seed: int) -> list[str]:
     if not p.rollout_questions:
         return []
     options = [CALLBACK + o[2:] if o.startswith("--") else o for o in e.options]
-    rollout = rollout_block(p, e, seed, temperatures=[0.0], max_new_tokens=p.eval_max_new_tokens,
-                            batch_size=min(p.rollout_questions, p.eval_batch_size))
-    return ["--config", ROLLOUT_EVAL, f"{CALLBACK}data.dataset={e.dataset}", f"{CALLBACK}data.part=test",
-            f"{CALLBACK}data.n_train={p.n_train}",
-            f"{CALLBACK}data.n_test={p.n_test}", f"{CALLBACK}data.seed={split_seed(p, seed)}",
-            f"{CALLBACK}n_questions={p.rollout_questions}", f"{CALLBACK}rollout={json.dumps(rollout)}",
-            f"{CALLBACK}teacher.kind={e.teacher}", f"{CALLBACK}reward.kind={e.reward or p.reward}", *options,
-            f"{CALLBACK}dtype={p.gen_dtype}",  # a merged copy in the evaluation's dtype (auto: as evaluate resolves it)
-            f"{CALLBACK}evals_per_epoch={p.rollout_evals_per_epoch}", f"{CALLBACK}at_fit_start=true"]
+    rollout = rollout_block(
+        p,
+        e,
+        seed,
+        temperatures=[0.0],
+        max_new_tokens=p.eval_max_new_tokens,
+        batch_size=min(p.rollout_questions, p.eval_batch_size),
+    )
+    return [
+        "--config",
+        ROLLOUT_EVAL,
+        f"{CALLBACK}data.dataset={e.dataset}",
+        f"{CALLBACK}data.part=test",
+        f"{CALLBACK}data.n_train={p.n_train}",
+        f"{CALLBACK}data.n_test={p.n_test}",
+        f"{CALLBACK}data.seed={split_seed(p, seed)}",
+        f"{CALLBACK}n_questions={p.rollout_questions}",
+        f"{CALLBACK}rollout={json.dumps(rollout)}",
+        f"{CALLBACK}teacher.kind={e.teacher}",
+        f"{CALLBACK}reward.kind={e.reward or p.reward}",
+        *options,
+        f"{CALLBACK}dtype={p.gen_dtype}",  # a merged copy in the evaluation's dtype (auto: as evaluate resolves it)
+        f"{CALLBACK}evals_per_epoch={p.rollout_evals_per_epoch}",
+        f"{CALLBACK}at_fit_start=true",
+    ]
 
 
 def label_fit_inputs(p: Preset, label: str, cell: Path) -> tuple[list[Path], list[str]]:
@@ -310,28 +490,87 @@ def evaluate_args(p: Preset, e: Cell, seed: int, label: str, out: Path, export: 
     # the Base row evaluates the untrained model; the others their exported adapter (which names its base model)
     source = ["--export_dir", str(export)] if export is not None else ["--model", p.model]
     rollout = rollout_block(p, e, seed, max_new_tokens=p.eval_max_new_tokens, batch_size=p.eval_batch_size)
-    return ["evaluate", *source, "--method", label, "--data.dataset", e.dataset,
-            "--data.n_train", str(p.n_train), "--data.n_test", str(p.n_test), "--data.seed", str(split_seed(p, seed)),
-            "--n_questions", str(p.n_test), "--rollout", json.dumps(rollout), "--teacher.kind", e.teacher,
-            "--reward.kind", e.reward or p.reward, *e.options, "--dtype", p.gen_dtype, "--out_dir", str(out)]
+    return [
+        "evaluate",
+        *source,
+        "--method",
+        label,
+        "--data.dataset",
+        e.dataset,
+        "--data.n_train",
+        str(p.n_train),
+        "--data.n_test",
+        str(p.n_test),
+        "--data.seed",
+        str(split_seed(p, seed)),
+        "--n_questions",
+        str(p.n_test),
+        "--rollout",
+        json.dumps(rollout),
+        "--teacher.kind",
+        e.teacher,
+        "--reward.kind",
+        e.reward or p.reward,
+        *e.options,
+        "--dtype",
+        p.gen_dtype,
+        "--out_dir",
+        str(out),
+    ]
 
 
-ITERATE_OBJECTIVE = "configs/objective/refit.yaml"  # iterated Refit: each round maximises a bound tight at its data's policy
+ITERATE_OBJECTIVE = (
+    "configs/objective/refit.yaml"  # iterated Refit: each round maximises a bound tight at its data's policy
+)
 
 
 def iterate_args(p: Preset, e: Cell, seed: int, rounds: int, out: Path) -> list[str]:
     """``clarify iterate`` with the preset's settings for one experiment and seed (docs/iterate.md)."""
-    return ["iterate", "--rounds", str(rounds), "--output", str(out), "--model", p.model,
-            "--model_config", p.model_config, "--trainer_config", p.trainer_config,
-            "--objective_config", ITERATE_OBJECTIVE,
-            "--fit_args", json.dumps([f"--trainer.max_epochs={p.epochs}", *p.fit_overrides]),
-            "--data.dataset", e.dataset, "--data.n_train", str(p.n_train), "--data.n_test", str(p.n_test),
-            "--data.seed", str(seed),
-            "--rollout", json.dumps(rollout_block(p, e, seed, temperatures=e.temperatures or p.temperatures,
-                                                  max_new_tokens=p.max_new_tokens, batch_size=p.sim_batch_size)),
-            "--teacher.kind", e.teacher, "--reward.kind", e.reward or p.reward, *e.options,
-            "--simulate_args", json.dumps(["--chunk_size", str(p.sim_chunk_size), *e.sim_options]),
-            "--dtype", p.gen_dtype]
+    return [
+        "iterate",
+        "--rounds",
+        str(rounds),
+        "--output",
+        str(out),
+        "--model",
+        p.model,
+        "--model_config",
+        p.model_config,
+        "--trainer_config",
+        p.trainer_config,
+        "--objective_config",
+        ITERATE_OBJECTIVE,
+        "--fit_args",
+        json.dumps([f"--trainer.max_epochs={p.epochs}", *p.fit_overrides]),
+        "--data.dataset",
+        e.dataset,
+        "--data.n_train",
+        str(p.n_train),
+        "--data.n_test",
+        str(p.n_test),
+        "--data.seed",
+        str(seed),
+        "--rollout",
+        json.dumps(
+            rollout_block(
+                p,
+                e,
+                seed,
+                temperatures=e.temperatures or p.temperatures,
+                max_new_tokens=p.max_new_tokens,
+                batch_size=p.sim_batch_size,
+            )
+        ),
+        "--teacher.kind",
+        e.teacher,
+        "--reward.kind",
+        e.reward or p.reward,
+        *e.options,
+        "--simulate_args",
+        json.dumps(["--chunk_size", str(p.sim_chunk_size), *e.sim_options]),
+        "--dtype",
+        p.gen_dtype,
+    ]
 
 
 def run_iterate(p: Preset, out: Path, rounds: int, dry_run: bool = False) -> None:
@@ -339,7 +578,8 @@ def run_iterate(p: Preset, out: Path, rounds: int, dry_run: bool = False) -> Non
     marker: the command skips its own finished stages, and a larger ``rounds`` extends an earlier run."""
     e, seed = p.experiments[0], p.seeds[0]
     StageRunner(out, tag="demo", dry_run=dry_run, stage_times=True).run(
-        iterate_args(p, e, seed, rounds, out / "iterate" / e.name))
+        iterate_args(p, e, seed, rounds, out / "iterate" / e.name)
+    )
 
 
 def report_args(p: Preset, runs: Path, table_dir: Path) -> list[str]:
@@ -347,14 +587,26 @@ def report_args(p: Preset, runs: Path, table_dir: Path) -> list[str]:
     the preset's display names."""
     show = [p.display_names.get(label, label) for label in ["Base", *p.objectives]]
     renames = [f"{old}={new}" for old, new in p.display_names.items() if old in p.objectives]
-    return ["report", str(runs), "--out", str(table_dir / f"{runs.name}.md"), "--plot",
-            str(table_dir / f"{runs.name}.png"), "--html", str(table_dir / f"{runs.name}.html"),
-            "--baseline", "Base", "--order", *show,
-            *(["--rename", *renames] if renames else [])]
+    return [
+        "report",
+        str(runs),
+        "--out",
+        str(table_dir / f"{runs.name}.md"),
+        "--plot",
+        str(table_dir / f"{runs.name}.png"),
+        "--html",
+        str(table_dir / f"{runs.name}.html"),
+        "--baseline",
+        "Base",
+        "--order",
+        *show,
+        *(["--rename", *renames] if renames else []),
+    ]
 
 
-def run_preset(p: Preset, out: Path, dry_run: bool = False, results: Path | None = None,
-               only_seeds: list[int] | None = None) -> None:
+def run_preset(
+    p: Preset, out: Path, dry_run: bool = False, results: Path | None = None, only_seeds: list[int] | None = None
+) -> None:
     """Every stage of the preset (finished ones skipped). ``only_seeds`` runs a subset of the preset's seeds (e.g.
     seed 0 of every experiment first); the Base row is still evaluated in the preset's first seed's cell only, so
     running seeds separately never evaluates (and counts) Base twice."""
@@ -367,20 +619,27 @@ def run_preset(p: Preset, out: Path, dry_run: bool = False, results: Path | None
         for seed in [s for s in p.seeds if only_seeds is None or s in only_seeds]:
             cell = out / e.name / f"seed{seed}"
             sim = cell / "simulate"
-            runner.run(simulate_args(p, e, seed, "train", sim),
-                       (sim / ("branches.jsonl" if p.step_branches else "conversations.jsonl")).exists())
+            runner.run(
+                simulate_args(p, e, seed, "train", sim),
+                (sim / ("branches.jsonl" if p.step_branches else "conversations.jsonl")).exists(),
+            )
             # greedy evaluation of the untrained model depends only on the questions: once per split
             if p.split_seed is None or seed == p.seeds[0]:
-                runner.run(evaluate_args(p, e, seed, "Base", cell / "eval" / "Base", None),
-                           (cell / "eval" / "Base" / "metrics.json").exists())
+                runner.run(
+                    evaluate_args(p, e, seed, "Base", cell / "eval" / "Base", None),
+                    (cell / "eval" / "Base" / "metrics.json").exists(),
+                )
             for label in p.objectives:
                 root = cell / "fit" / label
                 files, extra = label_fit_inputs(p, label, cell)
-                runner.run(fit_args(p, files, OBJECTIVES[label], seed, root,
-                                    [*rollout_eval_args(p, e, seed), *extra]),
-                           (root / "export" / "adapter_config.json").exists())
-                runner.run(evaluate_args(p, e, seed, label, cell / "eval" / label, root / "export"),
-                           (cell / "eval" / label / "metrics.json").exists())
+                runner.run(
+                    fit_args(p, files, OBJECTIVES[label], seed, root, [*rollout_eval_args(p, e, seed), *extra]),
+                    (root / "export" / "adapter_config.json").exists(),
+                )
+                runner.run(
+                    evaluate_args(p, e, seed, label, cell / "eval" / label, root / "export"),
+                    (cell / "eval" / label / "metrics.json").exists(),
+                )
         table_dir = results or out
         runner.run(report_args(p, out / e.name, table_dir))
         if not dry_run:
@@ -401,14 +660,19 @@ def archive_rollouts(runs: Path, dest: Path) -> list[Path]:
             if src.is_file():
                 target = dest / f"{name}.jsonl.gz"
                 # the header names the target, not the temp file: the same rollouts give the same bytes
-                with src.open("rb") as f, atomic_write(target, "wb") as out, \
-                        gzip.GzipFile(str(target), "wb", fileobj=out, mtime=0) as g:
+                with (
+                    src.open("rb") as f,
+                    atomic_write(target, "wb") as out,
+                    gzip.GzipFile(str(target), "wb", fileobj=out, mtime=0) as g,
+                ):
                     shutil.copyfileobj(f, g)
                 made.append(target)
     return made
 
 
-PresetName = Literal["demo", "demo-mc", "reproduce", "clarify", "open", "paper"]  # the keys of PRESETS (tests/test_iterate.py checks)
+PresetName = Literal[
+    "demo", "demo-mc", "reproduce", "clarify", "open", "paper"
+]  # the keys of PRESETS (tests/test_iterate.py checks)
 
 
 @dataclass
@@ -443,10 +707,17 @@ class DemoConfig:
     8, paper 0); 0 turns the callback off."""
 
 
-COMMAND_LINE = CommandLine(DemoConfig, "python -m clarify_lit.demo", __doc__.split("\n\n")[0], "CLARIFY_DEMO",
-                           rewrite=partial(renamed_switches, renames={"--dry-run": "--dry_run",
-                                                                      "--iterate-only": "--iterate_only"},
-                                           prog="python -m clarify_lit.demo"))
+COMMAND_LINE = CommandLine(
+    DemoConfig,
+    "python -m clarify_lit.demo",
+    __doc__.split("\n\n")[0],
+    "CLARIFY_DEMO",
+    rewrite=partial(
+        renamed_switches,
+        renames={"--dry-run": "--dry_run", "--iterate-only": "--iterate_only"},
+        prog="python -m clarify_lit.demo",
+    ),
+)
 build_parser, parse_config = COMMAND_LINE.parser, COMMAND_LINE.parse
 
 

@@ -127,13 +127,20 @@ class IterateConfig:
     progress: bool = True
 
 
-COMMAND_LINE = CommandLine(IterateConfig, "clarify iterate", __doc__.split("\n\n")[0], "CLARIFY_ITERATE",
-                           rewrite=partial(moved_rollout_flags, prog="clarify iterate"), moved=ROLLOUT_MOVES)
+COMMAND_LINE = CommandLine(
+    IterateConfig,
+    "clarify iterate",
+    __doc__.split("\n\n")[0],
+    "CLARIFY_ITERATE",
+    rewrite=partial(moved_rollout_flags, prog="clarify iterate"),
+    moved=ROLLOUT_MOVES,
+)
 build_parser, parse_config = COMMAND_LINE.parser, COMMAND_LINE.parse
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # layout
+
 
 def round_dir(out: Path, k: int) -> Path:
     return out / f"round_{k:03d}"
@@ -168,8 +175,17 @@ def check_config(cfg: IterateConfig) -> None:
 
 # the rollout options iterate took (flat) before the rollout block; the block's others are recorded only when they
 # differ from their defaults, so iterate_config.json of a run made before them still matches
-_FLAT_ROLLOUT = ("setting", "mode", "n_turns", "adaptive", "discount", "temperatures", "max_new_tokens", "batch_size",
-                 "seed")
+_FLAT_ROLLOUT = (
+    "setting",
+    "mode",
+    "n_turns",
+    "adaptive",
+    "discount",
+    "temperatures",
+    "max_new_tokens",
+    "batch_size",
+    "seed",
+)
 
 
 def fingerprint(cfg: IterateConfig) -> dict[str, Any]:
@@ -188,14 +204,17 @@ def lock_config(cfg: IterateConfig, out: Path) -> None:
         have = json.loads(path.read_text(encoding="utf-8"))
         diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
         if diff:
-            raise ValueError(f"{out} holds an iterate run with other options (differ in: {', '.join(diff)}); use the "
-                             "same options (only --rounds may change) or another --output")
+            raise ValueError(
+                f"{out} holds an iterate run with other options (differ in: {', '.join(diff)}); use the "
+                "same options (only --rounds may change) or another --output"
+            )
         return
     atomic_write_text(path, json.dumps(want, indent=1) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the stages' arguments
+
 
 def _teacher_reward(cfg: IterateConfig) -> tuple[dict, dict]:
     """Teacher and reward options with the *base* model as the default LLM teacher / judge, so every round's policy
@@ -211,23 +230,39 @@ def simulate_config(cfg: IterateConfig, out: Path, k: int) -> dict[str, Any]:
     """Round k's ``clarify simulate`` config (written to ``round_k/simulate.yaml``)."""
     teacher, reward = _teacher_reward(cfg)
     sim = SimulateConfig(
-        model=policy_of_round(cfg, out, k), dtype=cfg.dtype, device=cfg.device, data=replace(cfg.data, part="train"),
-        rollout=replace(cfg.rollout, seed=cfg.rollout.seed + k), output=str(round_dir(out, k) / "simulate"),
-        resume=True, progress=cfg.progress)
+        model=policy_of_round(cfg, out, k),
+        dtype=cfg.dtype,
+        device=cfg.device,
+        data=replace(cfg.data, part="train"),
+        rollout=replace(cfg.rollout, seed=cfg.rollout.seed + k),
+        output=str(round_dir(out, k) / "simulate"),
+        resume=True,
+        progress=cfg.progress,
+    )
     values = asdict(sim)
     values["teacher"], values["reward"] = teacher, reward
     return values
 
 
-def evaluate_config(cfg: IterateConfig, out_dir: Path, label: str, *, model: str | None = None,
-                    export_dir: str | None = None) -> dict[str, Any]:
+def evaluate_config(
+    cfg: IterateConfig, out_dir: Path, label: str, *, model: str | None = None, export_dir: str | None = None
+) -> dict[str, Any]:
     """A ``clarify evaluate`` config on the held-out questions (the same for every row)."""
     teacher, reward = _teacher_reward(cfg)
     source = {"model": model} if model is not None else {"export_dir": export_dir}
-    return {**source, "method": label, "out_dir": str(out_dir),
-            "data": asdict(replace(cfg.data, part="test", limit=None)), "n_questions": cfg.n_questions,
-            "rollout": asdict(replace(cfg.rollout, temperatures=list(cfg.eval_temperatures))), "teacher": teacher,
-            "reward": reward, "dtype": cfg.dtype, "device": cfg.device, "progress": cfg.progress}
+    return {
+        **source,
+        "method": label,
+        "out_dir": str(out_dir),
+        "data": asdict(replace(cfg.data, part="test", limit=None)),
+        "n_questions": cfg.n_questions,
+        "rollout": asdict(replace(cfg.rollout, temperatures=list(cfg.eval_temperatures))),
+        "teacher": teacher,
+        "reward": reward,
+        "dtype": cfg.dtype,
+        "device": cfg.device,
+        "progress": cfg.progress,
+    }
 
 
 def fit_args(cfg: IterateConfig, out: Path, k: int) -> list[str]:
@@ -245,11 +280,21 @@ def fit_args(cfg: IterateConfig, out: Path, k: int) -> list[str]:
         previous = round_dir(out, k - 1) / "fit" / "export"
         full = (previous / "config.json").is_file() and not (previous / "adapter_config.json").is_file()
         args += ["--model.model_name_or_path" if full else "--model.init_adapter", str(previous)]
-    args += [f"--data.train_files=[{folder / 'simulate' / 'conversations.jsonl'}]", "--data.val_fraction", "0",
-             "--data.seed", str(cfg.rollout.seed + k), "--seed_everything", str(cfg.rollout.seed + k),
-             "--trainer.default_root_dir", str(folder / "fit"),
-             # a fit interrupted earlier resumes from its last checkpoint (or starts again when it saved none)
-             "--ckpt_path", "last_or_none", *cfg.fit_args]
+    args += [
+        f"--data.train_files=[{folder / 'simulate' / 'conversations.jsonl'}]",
+        "--data.val_fraction",
+        "0",
+        "--data.seed",
+        str(cfg.rollout.seed + k),
+        "--seed_everything",
+        str(cfg.rollout.seed + k),
+        "--trainer.default_root_dir",
+        str(folder / "fit"),
+        # a fit interrupted earlier resumes from its last checkpoint (or starts again when it saved none)
+        "--ckpt_path",
+        "last_or_none",
+        *cfg.fit_args,
+    ]
     return args
 
 
@@ -263,14 +308,17 @@ def check_round_signal(out: Path, k: int) -> None:
         return  # no summary to judge by: the fit's own checks decide
     n, mean = summary.get("conversations"), summary.get("mean_reward")
     if n and mean == 0:
-        raise ValueError(f"round {k} has no signal: all {n} conversations its policy logged "
-                         f"({summary_file.parent / 'conversations.jsonl'}) have reward 0, so its fit would leave the "
-                         f"policy unchanged; stopped before round {k}'s fit (give the policy more tokens or turns, or "
-                         "another reward)")
+        raise ValueError(
+            f"round {k} has no signal: all {n} conversations its policy logged "
+            f"({summary_file.parent / 'conversations.jsonl'}) have reward 0, so its fit would leave the "
+            f"policy unchanged; stopped before round {k}'s fit (give the policy more tokens or turns, or "
+            "another reward)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # running
+
 
 def write_yaml(path: Path, values: dict[str, Any]) -> Path:
     return atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))
@@ -298,25 +346,33 @@ def _run(cfg: IterateConfig, out: Path) -> dict[str, Any] | None:
     for k in range(cfg.rounds):
         folder = round_dir(out, k)
         conf = write_yaml(folder / "simulate.yaml", simulate_config(cfg, out, k))
-        runner.run(["simulate", "--config", str(conf), *cfg.simulate_args],
-                   (folder / "simulate" / "summary.json").is_file())
+        runner.run(
+            ["simulate", "--config", str(conf), *cfg.simulate_args], (folder / "simulate" / "summary.json").is_file()
+        )
         export = folder / "fit" / "export"
         if not cfg.dry_run and not export_done(export):
             check_round_signal(out, k)
         runner.run(fit_args(cfg, out, k), export_done(export))
-        conf = write_yaml(folder / "evaluate.yaml",
-                          evaluate_config(cfg, folder / "eval", round_label(k), export_dir=str(export)))
-        runner.run(["evaluate", "--config", str(conf), *cfg.evaluate_args], (folder / "eval" / "metrics.json").is_file())
+        conf = write_yaml(
+            folder / "evaluate.yaml", evaluate_config(cfg, folder / "eval", round_label(k), export_dir=str(export))
+        )
+        runner.run(
+            ["evaluate", "--config", str(conf), *cfg.evaluate_args], (folder / "eval" / "metrics.json").is_file()
+        )
     if cfg.dry_run:
         return None
     summary = write_report(out, cfg.rounds)
-    print(f"\n[iterate] {cfg.rounds} rounds finished in {(time.time() - start) / 60:.1f} min; report: "
-          f"{out / (REPORT_NAME + '.md')}", flush=True)
+    print(
+        f"\n[iterate] {cfg.rounds} rounds finished in {(time.time() - start) / 60:.1f} min; report: "
+        f"{out / (REPORT_NAME + '.md')}",
+        flush=True,
+    )
     return summary
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the report
+
 
 def _data_metrics(path: Path) -> dict[str, float] | None:
     """Reward/accuracy of a round's simulated conversations (train questions, sampling temperatures)."""
@@ -331,7 +387,8 @@ def collect_rows(out: Path, rounds: int) -> list[dict[str, Any]]:
     (Base logged round 0's data, round k's policy logged round k+1's), with the paired change from the row before."""
     rows: list[dict[str, Any]] = []
     sources = [("Base", out / "base" / "eval", None)] + [
-        (round_label(k), round_dir(out, k) / "eval", round_dir(out, k) / "fit" / "export") for k in range(rounds)]
+        (round_label(k), round_dir(out, k) / "eval", round_dir(out, k) / "fit" / "export") for k in range(rounds)
+    ]
     previous_rollouts = None
     for i, (label, eval_dir, policy) in enumerate(sources):
         metrics_file = eval_dir / "metrics.json"
@@ -347,31 +404,62 @@ def collect_rows(out: Path, rounds: int) -> list[dict[str, Any]]:
                 paired = {k: v.as_dict() for k, v in paired_comparison(rollouts, previous_rollouts).items()}
             except ValueError:
                 paired = None
-        rows.append({"label": label, "policy": str(policy) if policy else None, "metrics_file": str(metrics_file),
-                     "eval": mf.metrics, "data_file": str(data_file) if data_file.is_file() else None,
-                     "data": _data_metrics(data_file), "paired_vs_previous": paired})
+        rows.append(
+            {
+                "label": label,
+                "policy": str(policy) if policy else None,
+                "metrics_file": str(metrics_file),
+                "eval": mf.metrics,
+                "data_file": str(data_file) if data_file.is_file() else None,
+                "data": _data_metrics(data_file),
+                "paired_vs_previous": paired,
+            }
+        )
         previous_rollouts = rollouts
     return rows
 
 
 def by_round_table(rows: list[dict[str, Any]]) -> str:
     adaptive = any("clarifying_turns" in r["eval"] for r in rows)
-    header = ["Policy", "n", "Accuracy", "Reward", *(["Clarifying turns"] if adaptive else []),
-              "Δ accuracy vs previous (sign p; Holm p)", "Logged data: reward", "Logged data: accuracy"]
+    header = [
+        "Policy",
+        "n",
+        "Accuracy",
+        "Reward",
+        *(["Clarifying turns"] if adaptive else []),
+        "Δ accuracy vs previous (sign p; Holm p)",
+        "Logged data: reward",
+        "Logged data: accuracy",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     # Holm over the table's round-on-round comparisons (issue 25: several tests, one family)
     tested = [k for k, r in enumerate(rows) if r["paired_vs_previous"] is not None]
-    holm = dict(zip(tested, holm_adjust([rows[k]["paired_vs_previous"]["accuracy"]["p_sign"] for k in tested]),
-                    strict=True))
+    holm = dict(
+        zip(tested, holm_adjust([rows[k]["paired_vs_previous"]["accuracy"]["p_sign"] for k in tested]), strict=True)
+    )
     for k, r in enumerate(rows):
         m, d, p = r["eval"], r["data"] or {}, r["paired_vs_previous"]
-        delta = "–" if p is None else (f"{format_mean_se(p['accuracy']['diff'], p['accuracy']['se'])} "
-                                       f"({p['accuracy']['p_sign']:.3g}; {holm[k]:.3g})")
-        cells = [r["label"], f"{m.get('n', math.nan):.0f}", format_mean_se(m.get("accuracy"), m.get("accuracy_se")),
-                 format_mean_se(m.get("reward"), m.get("reward_se"))]
+        delta = (
+            "–"
+            if p is None
+            else (
+                f"{format_mean_se(p['accuracy']['diff'], p['accuracy']['se'])} "
+                f"({p['accuracy']['p_sign']:.3g}; {holm[k]:.3g})"
+            )
+        )
+        cells = [
+            r["label"],
+            f"{m.get('n', math.nan):.0f}",
+            format_mean_se(m.get("accuracy"), m.get("accuracy_se")),
+            format_mean_se(m.get("reward"), m.get("reward_se")),
+        ]
         if adaptive:
             cells.append(format_mean_se(m.get("clarifying_turns"), m.get("clarifying_turns_se"), 2))
-        cells += [delta, format_mean_se(d.get("reward"), d.get("reward_se")), format_mean_se(d.get("accuracy"), d.get("accuracy_se"))]
+        cells += [
+            delta,
+            format_mean_se(d.get("reward"), d.get("reward_se")),
+            format_mean_se(d.get("accuracy"), d.get("accuracy_se")),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -403,8 +491,15 @@ def plot_rounds(rows: list[dict[str, Any]], path: Path) -> Path:
         ax.errorbar(xs, ys, yerr=es, fmt="o-", capsize=4, color="tab:blue", label="held-out (eval)")
         if key == "reward":
             ys, es = series(key, "data")
-            ax.errorbar([x + 0.05 for x in xs], ys, yerr=es, fmt="s--", capsize=4, color="tab:orange",
-                        label="logged data (train)")
+            ax.errorbar(
+                [x + 0.05 for x in xs],
+                ys,
+                yerr=es,
+                fmt="s--",
+                capsize=4,
+                color="tab:orange",
+                label="logged data (train)",
+            )
             ax.legend(fontsize=7)
         ax.set_xticks(xs, labels, rotation=30, ha="right")
         ax.set_title(title)
@@ -425,20 +520,41 @@ def write_report(out: Path, rounds: int) -> dict[str, Any]:
     files = [read_metrics_file(r["metrics_file"], r["label"]) for r in rows]
     methods = aggregate(files)
     caption = constant_caption([x for s in methods for x in (method_rollouts(s) or [])])
-    text = "\n".join([
-        f"# clarify iterate: {len(rows) - 1} of {rounds} rounds evaluated", "",
-        "## Reward and accuracy by round", "",
-        "Each row is a policy: Base, then the policy fitted in round k. Accuracy, reward (and clarifying turns) are "
-        "its held-out evaluation; Δ accuracy is paired per question against the row above (exact sign test); "
-        "*logged data* is the conversations this policy produced as the next round's logging policy (train "
-        "questions, sampling temperatures; – for the last policy).", "", *([caption, ""] if caption else []),
-        by_round_table(rows), "",
-        "## Every metric (mean ± SE; best in bold)", "", *([caption, ""] if caption else []),
-        results_table(methods, table_columns(methods)), ""])
+    text = "\n".join(
+        [
+            f"# clarify iterate: {len(rows) - 1} of {rounds} rounds evaluated",
+            "",
+            "## Reward and accuracy by round",
+            "",
+            "Each row is a policy: Base, then the policy fitted in round k. Accuracy, reward (and clarifying turns) "
+            "are "
+            "its held-out evaluation; Δ accuracy is paired per question against the row above (exact sign test); "
+            "*logged data* is the conversations this policy produced as the next round's logging policy (train "
+            "questions, sampling temperatures; – for the last policy).",
+            "",
+            *([caption, ""] if caption else []),
+            by_round_table(rows),
+            "",
+            "## Every metric (mean ± SE; best in bold)",
+            "",
+            *([caption, ""] if caption else []),
+            results_table(methods, table_columns(methods)),
+            "",
+        ]
+    )
     letters = letters_table(methods)
     if letters:  # a round that only collapsed onto one letter scores that letter's base rate (docs/evaluation.md)
-        text += "\n".join(["", "## Final-answer letters (share of conversations; last row: a constant answer's "
-                            "accuracy)", "", caption, "", letters, ""])
+        text += "\n".join(
+            [
+                "",
+                "## Final-answer letters (share of conversations; last row: a constant answer's accuracy)",
+                "",
+                caption,
+                "",
+                letters,
+                "",
+            ]
+        )
     mixed = mixed_environments(files)  # e.g. a run resumed on a CPU of another kind
     if mixed:
         print(f"clarify iterate: warning: {mixed}", file=sys.stderr)
@@ -459,9 +575,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run(cfg)
     except KeyboardInterrupt:
-        print(f"clarify iterate: interrupted (Ctrl-C); the finished stages are kept in {cfg.output}; run the same "
-              "command again to go on (finished stages are skipped, an interrupted simulation or fit resumes)",
-              file=sys.stderr)
+        print(
+            f"clarify iterate: interrupted (Ctrl-C); the finished stages are kept in {cfg.output}; run the same "
+            "command again to go on (finished stages are skipped, an interrupted simulation or fit resumes)",
+            file=sys.stderr,
+        )
         raise SystemExit(130) from None
     except StageFailed as e:
         print(f"clarify iterate: error: {e}", file=sys.stderr)

@@ -35,8 +35,9 @@ class StageRunner:
             README's timing claims come from it).
     """
 
-    def __init__(self, out: Path, *, tag: str, dry_run: bool = False, in_process: bool = False,
-                 stage_times: bool = False):
+    def __init__(
+        self, out: Path, *, tag: str, dry_run: bool = False, in_process: bool = False, stage_times: bool = False
+    ):
         self.out, self.tag, self.dry_run, self.in_process = Path(out), tag, dry_run, in_process
         self.stage_times = stage_times
         self.ran: list[list[str]] = []
@@ -61,9 +62,11 @@ class StageRunner:
             if code == 130 or code == -signal.SIGINT:  # the stage was stopped by Ctrl-C (it said what it kept)
                 raise KeyboardInterrupt
             if code != 0:
-                raise StageFailed(f"stage `{shown}` failed (exit {code}; its error is above); fix the cause and "
-                                  "run the same command again: finished stages are skipped, an interrupted one "
-                                  "resumes")
+                raise StageFailed(
+                    f"stage `{shown}` failed (exit {code}; its error is above); fix the cause and "
+                    "run the same command again: finished stages are skipped, an interrupted one "
+                    "resumes"
+                )
         took = time.time() - start
         self.ran.append(list(args))
         print(f"[{self.tag}] done in {took:.0f} s", flush=True)

@@ -82,18 +82,32 @@ def branch_rollouts(
             members = [p for p in group if (p.temperature if temperature is None else float(temperature)) == temp]
             # branches continue logged prefixes: never seeded (a seeded parent's branch at its seeded turn is the
             # model's own reply, the contrast StepDPO learns from)
-            call = replace(spec, temperatures=[temp], seed=derive_seed(spec.seed, "step", step, "run", run),
-                           explore_runs=[], explore_prefixes={})
-            out = rollout_tasks(model, tokenizer, [by_id[p.task_id] for p in members], call,
-                                prefixes=[branch_prefix(p.messages, step) for p in members], start_turn=step,
-                                **rollout_kw)
+            call = replace(
+                spec,
+                temperatures=[temp],
+                seed=derive_seed(spec.seed, "step", step, "run", run),
+                explore_runs=[],
+                explore_prefixes={},
+            )
+            out = rollout_tasks(
+                model,
+                tokenizer,
+                [by_id[p.task_id] for p in members],
+                call,
+                prefixes=[branch_prefix(p.messages, step) for p in members],
+                start_turn=step,
+                **rollout_kw,
+            )
             for p, rec in zip(members, out, strict=True):
                 # the prefix's cut turns are the parent's (turns before `step`); the rollout counted only its own
                 _, parent_cut = p.truncated_turns()
                 cut = sorted({*(t for t in (parent_cut or []) if t < step), *rec.meta["truncated_turns"]})
-                made[(p.id, step)] = replace(rec, id=f"{p.id}#step{step}", run=p.run,
-                                             meta={**rec.meta, "truncated_turns": cut, "branch_of": p.id,
-                                                   "branch_step": step})
+                made[(p.id, step)] = replace(
+                    rec,
+                    id=f"{p.id}#step{step}",
+                    run=p.run,
+                    meta={**rec.meta, "truncated_turns": cut, "branch_of": p.id, "branch_step": step},
+                )
     return [made[(p.id, s)] for p in branched for s in range(1, len(assistant_positions(p.messages)) + 1)]
 
 
@@ -111,8 +125,10 @@ def check_branch_config(out: Path, config: dict[str, Any]) -> None:
     if path.exists() and any((out / "shards").glob("branches-*.jsonl")):
         old = json.loads(path.read_text(encoding="utf-8"))
         if old != config:
-            raise ValueError(f"--resume: {out} holds branches made with {old}, this run asks for {config}; use the "
-                             "same branch options or another --output")
+            raise ValueError(
+                f"--resume: {out} holds branches made with {old}, this run asks for {config}; use the "
+                "same branch options or another --output"
+            )
     atomic_write_text(path, json.dumps(config, sort_keys=True) + "\n")
 
 
@@ -121,13 +137,21 @@ def merge_branch_shards(out: Path, n_chunks: int) -> Path:
     return concat_files((branch_shard_path(out, k) for k in range(n_chunks)), out / BRANCH_FILE)
 
 
-def branch_summary(parents: Sequence[ConversationRecord], branches: Sequence[ConversationRecord],
-                   min_gap: float = 1e-6) -> dict[str, Any]:
+def branch_summary(
+    parents: Sequence[ConversationRecord], branches: Sequence[ConversationRecord], min_gap: float = 1e-6
+) -> dict[str, Any]:
     """How many branches, and how their completed rewards compare with their parents' (StepDPO keeps the
     decisive ones whose turn-t actions differ)."""
     by_id = {p.id: p for p in parents}
-    out = {"branches": len(branches), "per_step": {}, "branch_better": 0, "parent_better": 0, "ties": 0,
-           "same_action": 0, "reward_missing": 0}
+    out = {
+        "branches": len(branches),
+        "per_step": {},
+        "branch_better": 0,
+        "parent_better": 0,
+        "ties": 0,
+        "same_action": 0,
+        "reward_missing": 0,
+    }
     for b in branches:
         p = by_id[b.meta["branch_of"]]
         step = int(b.meta["branch_step"])

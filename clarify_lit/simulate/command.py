@@ -151,22 +151,33 @@ class SimulateConfig:
 
     def rollout_spec(self, seed: int) -> RolloutSpec:
         """How this simulation plays its conversations, seeded with ``seed`` (a chunk's or the branches' own)."""
-        return RolloutSpec.of(self.rollout, seed=seed, explore_runs=list(self.explore_runs or []),
-                              explore_prefixes={int(k): v for k, v in (self.explore_prefixes or {}).items()})
+        return RolloutSpec.of(
+            self.rollout,
+            seed=seed,
+            explore_runs=list(self.explore_runs or []),
+            explore_prefixes={int(k): v for k, v in (self.explore_prefixes or {}).items()},
+        )
 
 
 # fields that may differ between an interrupted run and its resumption
 _RUNTIME_FIELDS = ("output", "resume", "overwrite", "progress", "device", "max_missing_rewards")
 
 
-COMMAND_LINE = CommandLine(SimulateConfig, "clarify simulate", __doc__.split("\n\n")[0], "CLARIFY_SIMULATE",
-                           "YAML config (e.g. configs/simulate/*.yaml)",
-                           rewrite=partial(moved_rollout_flags, prog="clarify simulate"), moved=ROLLOUT_MOVES)
+COMMAND_LINE = CommandLine(
+    SimulateConfig,
+    "clarify simulate",
+    __doc__.split("\n\n")[0],
+    "CLARIFY_SIMULATE",
+    "YAML config (e.g. configs/simulate/*.yaml)",
+    rewrite=partial(moved_rollout_flags, prog="clarify simulate"),
+    moved=ROLLOUT_MOVES,
+)
 build_parser, parse_config = COMMAND_LINE.parser, COMMAND_LINE.parse
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # shards, resume, merge
+
 
 def shard_path(out: Path, k: int) -> Path:
     return out / "shards" / f"shard-{k:05d}.jsonl"
@@ -205,7 +216,10 @@ def run_fingerprint(cfg: SimulateConfig, task_ids: list[str]) -> dict[str, Any]:
                 conf.pop(k.split(".")[0])
     # options that cannot change these records stay out, so runs made before the options existed still resume:
     # the gold-text hiding of the retrieval teacher, and the rubric's settings under any other reward
-    if teacher_kind(cfg.teacher, cfg.rollout.setting, cfg.rollout.mode) != "retrieval" or not cfg.teacher.hide_gold_text:
+    if (
+        teacher_kind(cfg.teacher, cfg.rollout.setting, cfg.rollout.mode) != "retrieval"
+        or not cfg.teacher.hide_gold_text
+    ):
         conf["teacher"].pop("hide_mode")
     if cfg.reward.kind != "rubric":
         for k in ("rubric_weights", "rubric_accuracy", "word_limit", "min_words"):
@@ -228,16 +242,24 @@ def prepare_output(cfg: SimulateConfig, fingerprint: dict[str, Any]) -> tuple[Pa
         log.info("%s holds only a failed start (run_config.json, no shard): starting afresh", out)
         cfg_file.unlink()
     if cfg.overwrite and out.exists():
-        for p in (shards, out / "conversations.jsonl", out / BRANCH_FILE, out / BRANCH_CONFIG, out / "summary.json",
-                  cfg_file):
+        for p in (
+            shards,
+            out / "conversations.jsonl",
+            out / BRANCH_FILE,
+            out / BRANCH_CONFIG,
+            out / "summary.json",
+            cfg_file,
+        ):
             if p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
         existing = []
     if (existing or cfg_file.exists()) and not cfg.resume:
-        raise FileExistsError(f"{out} already holds a simulation ({len(existing)} shards); pass --resume true to "
-                              "finish it or --overwrite true to start again")
+        raise FileExistsError(
+            f"{out} already holds a simulation ({len(existing)} shards); pass --resume true to "
+            "finish it or --overwrite true to start again"
+        )
     if cfg.resume and cfg_file.exists():
         old = json.loads(cfg_file.read_text(encoding="utf-8"))
         new = json.loads(json.dumps(fingerprint))  # as written: JSON keys are strings
@@ -245,8 +267,10 @@ def prepare_output(cfg: SimulateConfig, fingerprint: dict[str, Any]) -> tuple[Pa
             diff = _diff_keys(old.get("config", {}), new["config"])
             if old.get("task_ids") != fingerprint["task_ids"]:
                 diff.append("task_ids")
-            raise ValueError(f"--resume: {out} was produced by a different configuration (differs in: "
-                             f"{', '.join(diff) or 'unknown'}); use the same config or another --output")
+            raise ValueError(
+                f"--resume: {out} was produced by a different configuration (differs in: "
+                f"{', '.join(diff) or 'unknown'}); use the same config or another --output"
+            )
     elif cfg.resume and existing:
         raise ValueError(f"--resume: {out} has shards but no run_config.json; cannot check they match")
     shards.mkdir(parents=True, exist_ok=True)
@@ -277,12 +301,21 @@ def merge_shards(out: Path, n_chunks: int) -> Path:
 def _final_hedges(record: ConversationRecord) -> bool:
     """Whether the final answer hedges: names several letters, or (open mode) several options' texts."""
     open_answers = record.meta.get("mode") == "open"
-    return final_answer_of(record.messages[-1]["content"], record.meta["choices"] if open_answers else None,
-                           open_answers=open_answers).hedged
+    return final_answer_of(
+        record.messages[-1]["content"], record.meta["choices"] if open_answers else None, open_answers=open_answers
+    ).hedged
 
 
-def summarize(records: list[ConversationRecord], *, timing: dict[str, float], cfg: SimulateConfig,
-              n_tasks: int, shards_total: int, shards_resumed: int, extra: dict[str, Any]) -> dict[str, Any]:
+def summarize(
+    records: list[ConversationRecord],
+    *,
+    timing: dict[str, float],
+    cfg: SimulateConfig,
+    n_tasks: int,
+    shards_total: int,
+    shards_resumed: int,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
     rewards = [r.reward for r in records if not r.meta.get("reward_missing")]
     cut_turns = sum(r.truncated_turns()[0] for r in records)
     return {
@@ -300,15 +333,21 @@ def summarize(records: list[ConversationRecord], *, timing: dict[str, float], cf
         "hedged": sum(_final_hedges(r) for r in records),
         "accuracy": statistics.fmean(float(r.prediction == r.gold) for r in records) if records else None,
         "thinking_rate": statistics.fmean(float(uses_thinking_tags(r.messages[-1]["content"])) for r in records)
-        if records else None,
+        if records
+        else None,
         "tasks_with_reward_variance": questions_with_reward_variance(records),
         "empty_turns": sum(int(r.meta.get("empty_turns", 0)) for r in records),
         **({"explore_seeded": sum("explore_prefixes" in r.meta for r in records)} if cfg.explore_runs else {}),
         "truncated_turns": cut_turns,
         "truncated_rate": cut_turns / max(1, sum(m["role"] == "assistant" for r in records for m in r.messages)),
-        **({"mean_turns_used": statistics.fmean(sum(m["role"] == "assistant" for m in r.messages) for r in records),
-            "ended_early": sum(bool(r.meta.get("ended_early")) for r in records)}
-           if cfg.rollout.adaptive and records else {}),
+        **(
+            {
+                "mean_turns_used": statistics.fmean(sum(m["role"] == "assistant" for m in r.messages) for r in records),
+                "ended_early": sum(bool(r.meta.get("ended_early")) for r in records),
+            }
+            if cfg.rollout.adaptive and records
+            else {}
+        ),
         "shards": shards_total,
         "shards_resumed": shards_resumed,
         "timing": timing,
@@ -320,13 +359,17 @@ def summarize(records: list[ConversationRecord], *, timing: dict[str, float], cf
 def resolve_dtypes(cfg: SimulateConfig, device: torch.device | str) -> SimulateConfig:
     """``cfg`` with every ``auto`` dtype (policy, teacher, judge) resolved for ``device``
     (:func:`~clarify_lit.models.resolve_dtype`): the fingerprint and the summary record what actually ran."""
-    return replace(cfg, dtype=resolve_dtype(cfg.dtype, device),
-                   teacher=replace(cfg.teacher, dtype=resolve_dtype(cfg.teacher.dtype, device)),
-                   reward=replace(cfg.reward, judge_dtype=resolve_dtype(cfg.reward.judge_dtype, device)))
+    return replace(
+        cfg,
+        dtype=resolve_dtype(cfg.dtype, device),
+        teacher=replace(cfg.teacher, dtype=resolve_dtype(cfg.teacher.dtype, device)),
+        reward=replace(cfg.reward, judge_dtype=resolve_dtype(cfg.reward.judge_dtype, device)),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # main
+
 
 def run(cfg: SimulateConfig) -> dict[str, Any]:
     """Run a simulation described by ``cfg``; return the summary (also written to ``summary.json``).
@@ -357,11 +400,16 @@ def check_config(cfg: SimulateConfig) -> None:
     check_max_share(cfg.max_missing_rewards)
     check_explore(cfg.rollout_spec(cfg.rollout.seed))
     if cfg.explore_runs and cfg.policy_endpoint.base_url:
-        raise ValueError("explore_runs with policy_endpoint: a chat-completions endpoint cannot be made to continue "
-                         "a forced start of the assistant's reply; seed a local policy")
+        raise ValueError(
+            "explore_runs with policy_endpoint: a chat-completions endpoint cannot be made to continue "
+            "a forced start of the assistant's reply; seed a local policy"
+        )
     if cfg.rollout.discount != 1.0 and not cfg.rollout.adaptive:
-        log.warning("discount=%g without adaptive: every conversation has n_turns turns, so the discount only "
-                    "rescales all rewards by the same factor", cfg.rollout.discount)
+        log.warning(
+            "discount=%g without adaptive: every conversation has n_turns turns, so the discount only "
+            "rescales all rewards by the same factor",
+            cfg.rollout.discount,
+        )
     run_ids = set(range(len(cfg.rollout.temperatures)))
     if cfg.branch_runs is not None and not set(cfg.branch_runs) <= run_ids:
         raise ValueError(f"branch_runs must index temperatures (0..{len(run_ids) - 1}), got {cfg.branch_runs}")
@@ -389,7 +437,7 @@ class RunPlan:
 def plan_run(cfg: SimulateConfig) -> RunPlan:
     """Load the tasks, prepare (or check, on --resume) the output folder and list the chunks left to run."""
     tasks = load_data_tasks(cfg.data)
-    chunks = [tasks[i:i + cfg.chunk_size] for i in range(0, len(tasks), cfg.chunk_size)]
+    chunks = [tasks[i : i + cfg.chunk_size] for i in range(0, len(tasks), cfg.chunk_size)]
     fingerprint = run_fingerprint(cfg, [t.task_id for t in tasks])
     out, done = prepare_output(cfg, fingerprint)
     stray = sorted(k for k in done if k >= len(chunks))
@@ -425,12 +473,14 @@ def build_players(cfg: SimulateConfig, device: torch.device, needed: bool) -> Pl
         return Players()
     models = FrozenModels(device)
     r = cfg.rollout
-    teacher = build_teacher(cfg.teacher, setting=r.setting, policy=cfg.model, models=models, batch_size=r.batch_size,
-                            mode=r.mode)
+    teacher = build_teacher(
+        cfg.teacher, setting=r.setting, policy=cfg.model, models=models, batch_size=r.batch_size, mode=r.mode
+    )
     reward = build_reward(cfg.reward, policy=cfg.model, models=models, batch_size=r.batch_size, mode=r.mode)
     if cfg.policy_endpoint.base_url:  # the policy lives on a server: nothing to load here
-        engine = EndpointPolicyEngine(endpoint_backend(cfg.policy_endpoint, "policy_endpoint"),
-                                      max_new_tokens=r.max_new_tokens)
+        engine = EndpointPolicyEngine(
+            endpoint_backend(cfg.policy_endpoint, "policy_endpoint"), max_new_tokens=r.max_new_tokens
+        )
         return Players(teacher, reward, engine)
     model, tok = models.get(cfg.model, cfg.dtype)
     check_context_budget(model, r.n_turns, r.max_new_tokens, cfg.model)
@@ -456,18 +506,33 @@ def run_chunks(cfg: SimulateConfig, plan: RunPlan, players: Players) -> ChunksDo
     if cfg.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(plan.tasks) * runs, initial=sum(len(plan.chunks[k]) for k in plan.done) * runs,
-                   unit="conv", desc="simulate", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(
+            total=len(plan.tasks) * runs,
+            initial=sum(len(plan.chunks[k]) for k in plan.done) * runs,
+            unit="conv",
+            desc="simulate",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
     new_convs = new_branches = 0
     model, tok, out = players.model, players.tokenizer, plan.out
     # the logged runs and their StepDPO branches share every rollout option
-    rollout_kw = dict(teacher=players.teacher, reward=players.reward, progress=False, model_name=cfg.model,
-                      engine=players.engine)
+    rollout_kw = dict(
+        teacher=players.teacher, reward=players.reward, progress=False, model_name=cfg.model, engine=players.engine
+    )
 
     def branch(k: int, parents: list[ConversationRecord]) -> int:
         spec = cfg.rollout_spec(derive_seed(cfg.rollout.seed, "branches", k))
-        branches = branch_rollouts(model, tok, plan.chunks[k], parents, spec, runs=cfg.branch_runs,
-                                   temperature=cfg.branch_temperature, **rollout_kw)
+        branches = branch_rollouts(
+            model,
+            tok,
+            plan.chunks[k],
+            parents,
+            spec,
+            runs=cfg.branch_runs,
+            temperature=cfg.branch_temperature,
+            **rollout_kw,
+        )
         write_records(branch_shard_path(out, k), branches)
         return len(branches)
 
@@ -493,8 +558,9 @@ def run_chunks(cfg: SimulateConfig, plan: RunPlan, players: Players) -> ChunksDo
     return ChunksDone(new_convs, new_branches, time.perf_counter() - start)
 
 
-def finish(cfg: SimulateConfig, plan: RunPlan, players: Players, done: ChunksDone,
-           device: torch.device) -> dict[str, Any]:
+def finish(
+    cfg: SimulateConfig, plan: RunPlan, players: Players, done: ChunksDone, device: torch.device
+) -> dict[str, Any]:
     """Merge the shards into conversations.jsonl (checked: every record valid, ids unique, the count right) and
     write summary.json; return the summary."""
     runs = len(cfg.rollout.temperatures)
@@ -502,13 +568,18 @@ def finish(cfg: SimulateConfig, plan: RunPlan, players: Players, done: ChunksDon
     records, _ = load_records(final)  # validates every record and that ids are unique
     expected = len(plan.tasks) * runs
     if len(records) != expected:
-        raise RuntimeError(f"{final}: {len(records)} records, expected {expected} ({len(plan.tasks)} tasks x {runs} "
-                           "runs)")
+        raise RuntimeError(
+            f"{final}: {len(records)} records, expected {expected} ({len(plan.tasks)} tasks x {runs} runs)"
+        )
     seconds, new_convs = done.seconds, done.conversations
     new_tokens = players.engine.stats.new_tokens if players.engine else 0
-    timing = {"seconds": round(seconds, 3), "conversations": new_convs, "new_tokens": new_tokens,
-              "conversations_per_s": round(new_convs / seconds, 4) if seconds > 0 and new_convs else None,
-              "tokens_per_s": round(new_tokens / seconds, 2) if seconds > 0 and new_tokens else None}
+    timing = {
+        "seconds": round(seconds, 3),
+        "conversations": new_convs,
+        "new_tokens": new_tokens,
+        "conversations_per_s": round(new_convs / seconds, 4) if seconds > 0 and new_convs else None,
+        "tokens_per_s": round(new_tokens / seconds, 2) if seconds > 0 and new_tokens else None,
+    }
     # the process that finished the run (earlier shards of a resumed run were made under the same resolved dtype:
     # run_config.json holds it)
     extra: dict[str, Any] = {"environment": environment_stamp(device, cfg.dtype)}
@@ -517,17 +588,31 @@ def finish(cfg: SimulateConfig, plan: RunPlan, players: Players, done: ChunksDon
         extra["step_branches"] = branch_summary(records, branch_records)
         timing["branch_conversations"] = done.branches
     teacher = players.teacher
-    if endpoint_calls(teacher, players.reward, players.engine):  # requests answered, attempts, retries per endpoint role
+    if endpoint_calls(
+        teacher, players.reward, players.engine
+    ):  # requests answered, attempts, retries per endpoint role
         extra["endpoint_calls"] = endpoint_calls(teacher, players.reward, players.engine)
     if teacher is not None:
         extra["teacher"] = teacher.describe()
         extra["teacher_fallbacks"] = getattr(teacher, "fallbacks", None)
         extra["teacher_empty_replies"] = getattr(teacher, "empty_replies", None)
-    summary = summarize(records, timing=timing, cfg=cfg, n_tasks=len(plan.tasks), shards_total=len(plan.chunks),
-                        shards_resumed=len(plan.done), extra=extra)
+    summary = summarize(
+        records,
+        timing=timing,
+        cfg=cfg,
+        n_tasks=len(plan.tasks),
+        shards_total=len(plan.chunks),
+        shards_resumed=len(plan.done),
+        extra=extra,
+    )
     atomic_write_text(plan.out / "summary.json", json.dumps(summary, indent=1) + "\n")
-    log.info("wrote %d conversations to %s (mean reward %s, %d parse failures)", len(records), final,
-             summary["mean_reward"], summary["parse_failures"])
+    log.info(
+        "wrote %d conversations to %s (mean reward %s, %d parse failures)",
+        len(records),
+        final,
+        summary["mean_reward"],
+        summary["parse_failures"],
+    )
     check_missing_rewards(records, players.reward, plan.out, cfg.max_missing_rewards)
     return summary
 
@@ -536,8 +621,10 @@ def interrupted_line(out: Path) -> str:
     """What Ctrl-C left in ``out`` and how to go on, in one line."""
     shards = sorted((out / "shards").glob("shard-*.jsonl")) if (out / "shards").is_dir() else []
     if (out / "run_config.json").exists():
-        return (f"clarify simulate: interrupted (Ctrl-C); kept {len(shards)} finished shard(s) in {out / 'shards'}; "
-                "finish with the same command and --resume true")
+        return (
+            f"clarify simulate: interrupted (Ctrl-C); kept {len(shards)} finished shard(s) in {out / 'shards'}; "
+            "finish with the same command and --resume true"
+        )
     return f"clarify simulate: interrupted (Ctrl-C) before the first shard; nothing kept in {out}; run it again"
 
 
@@ -553,9 +640,25 @@ def main(argv: list[str] | None = None) -> None:
     except MissingRewardsError as e:  # summary.json is written; the run has (almost) no reward to learn from
         print(e, file=sys.stderr)
         raise SystemExit(3) from None
-    print(json.dumps({k: summary[k] for k in ("conversations", "mean_reward", "accuracy", "parse_failures",
-                                              "reward_missing", "reward_missing_share", "teacher_leaks",
-                                              "echoed_instructions", "timing")}, indent=1))
+    print(
+        json.dumps(
+            {
+                k: summary[k]
+                for k in (
+                    "conversations",
+                    "mean_reward",
+                    "accuracy",
+                    "parse_failures",
+                    "reward_missing",
+                    "reward_missing_share",
+                    "teacher_leaks",
+                    "echoed_instructions",
+                    "timing",
+                )
+            },
+            indent=1,
+        )
+    )
     print(f"records: {Path(cfg.output) / 'conversations.jsonl'}")
 
 

@@ -50,15 +50,19 @@ KV_HEADROOM_MIN = 256
 KV_HEADROOM_FRACTION = 0.25
 
 
-def reserve_kv(held: torch.Tensor | None, buffer: torch.Tensor | None, like: torch.Tensor, need: int
-               ) -> torch.Tensor:
+def reserve_kv(held: torch.Tensor | None, buffer: torch.Tensor | None, like: torch.Tensor, need: int) -> torch.Tensor:
     """A buffer of at least ``need`` columns (``[batch, heads, columns, dim]``, ``like``'s batch, heads, dtype and
     device) whose leading part is ``held`` (the filled part of a cache layer): ``buffer`` itself when ``held`` is
     its leading part and it has room, else a new one with headroom and ``held`` copied in."""
     n = held.shape[-2] if held is not None and held.dim() == 4 else 0
-    fits = (buffer is not None and buffer.shape[-2] >= need and buffer.shape[:2] == like.shape[:2]
-            and buffer.dtype == like.dtype and buffer.device == like.device
-            and (n == 0 or (held.data_ptr() == buffer.data_ptr() and held.stride() == buffer.stride())))
+    fits = (
+        buffer is not None
+        and buffer.shape[-2] >= need
+        and buffer.shape[:2] == like.shape[:2]
+        and buffer.dtype == like.dtype
+        and buffer.device == like.device
+        and (n == 0 or (held.data_ptr() == buffer.data_ptr() and held.stride() == buffer.stride()))
+    )
     if fits:
         return buffer
     room = max(KV_HEADROOM_MIN, int(need * KV_HEADROOM_FRACTION))
@@ -76,8 +80,11 @@ def supports(model) -> bool:
     inner = getattr(model, "model", None)
     if cfg is None or inner is None or getattr(cfg, "model_type", None) not in LLAMA_LIKE:
         return False
-    if getattr(cfg, "_attn_implementation", "sdpa") != "sdpa" or getattr(cfg, "sliding_window", None) and \
-            getattr(cfg, "use_sliding_window", True):
+    if (
+        getattr(cfg, "_attn_implementation", "sdpa") != "sdpa"
+        or getattr(cfg, "sliding_window", None)
+        and getattr(cfg, "use_sliding_window", True)
+    ):
         return False
     needed = ("embed_tokens", "layers", "norm", "rotary_emb")
     return all(hasattr(inner, n) for n in needed) and hasattr(model, "lm_head")
@@ -105,8 +112,15 @@ class DecodeStep:
 
     # -- the step: plain tensor code (what torch.compile traces) ----------------------------------------------------
 
-    def _step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None, n: int,
-              keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+    def _step(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor | None,
+        n: int,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+    ) -> torch.Tensor:
         inner = self.model.model
         b = input_ids.shape[0]
         column = torch.full((1,), n, dtype=torch.long, device=input_ids.device)
@@ -130,8 +144,9 @@ class DecodeStep:
             if self.matmul_attention:
                 o = self._matmul_attention(q, kk, vv, mask, attn.scaling)
             elif mask is None:  # no padding: transformers' SDPA path passes no mask and enable_gqa
-                o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=None, dropout_p=0.0, scale=attn.scaling,
-                                                   enable_gqa=self.groups > 1)
+                o = F.scaled_dot_product_attention(
+                    q, kk, vv, attn_mask=None, dropout_p=0.0, scale=attn.scaling, enable_gqa=self.groups > 1
+                )
             else:  # a padding mask: the query heads of a group packed as rows (transformers' pack_gqa)
                 qg = q.reshape(b, self.kv_heads, self.groups, self.head_dim) if self.groups > 1 else q
                 o = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=mask, dropout_p=0.0, scale=attn.scaling)
@@ -141,8 +156,9 @@ class DecodeStep:
             hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
         return self.model.lm_head(inner.norm(hidden))
 
-    def _matmul_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                          scale: float) -> torch.Tensor:
+    def _matmul_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+    ) -> torch.Tensor:
         """A one-token query's attention as two matmuls per key/value head, the group's query heads as rows; softmax
         in fp32 (``engine.gqa_decode_attention``'s arithmetic)."""
         b = q.shape[0]
@@ -158,30 +174,42 @@ class DecodeStep:
         """Whether this step is one the fast path covers (else the model's own forward runs)."""
         if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] != 1 or cache is None:
             return False
-        if self.model.training or any(kwargs.get(k) for k in ("inputs_embeds", "output_attentions",
-                                                               "output_hidden_states", "labels")):
+        if self.model.training or any(
+            kwargs.get(k) for k in ("inputs_embeds", "output_attentions", "output_hidden_states", "labels")
+        ):
             return False
         layers = getattr(cache, "layers", None)
-        if not (bool(layers) and all(type(layer).__name__ == PREALLOCATED_LAYER for layer in layers)
-                and layers[0].keys is not None and layers[0].keys.dim() == 4 and layers[0].keys.shape[-2] > 0):
+        if not (
+            bool(layers)
+            and all(type(layer).__name__ == PREALLOCATED_LAYER for layer in layers)
+            and layers[0].keys is not None
+            and layers[0].keys.dim() == 4
+            and layers[0].keys.shape[-2] > 0
+        ):
             return False
         # the mask covers the cached columns and the new token (generate's 2D mask), or there is none
-        return attention_mask is None or (attention_mask.dim() == 2
-                                          and attention_mask.shape[1] == layers[0].keys.shape[-2] + 1)
+        return attention_mask is None or (
+            attention_mask.dim() == 2 and attention_mask.shape[1] == layers[0].keys.shape[-2] + 1
+        )
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                 position_ids: torch.Tensor | None, cache) -> torch.Tensor:
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, cache
+    ) -> torch.Tensor:
         layers = cache.layers
         n = layers[0].keys.shape[-2]
         b = input_ids.shape[0]
         if position_ids is None:  # as generate would build them: the count of real tokens before, per row
-            position_ids = (attention_mask.long().cumsum(-1) - 1)[:, -1:] if attention_mask is not None \
+            position_ids = (
+                (attention_mask.long().cumsum(-1) - 1)[:, -1:]
+                if attention_mask is not None
                 else torch.full((b, 1), n, dtype=torch.long, device=input_ids.device)
+            )
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask[:, None, None, :].bool()
-        like = torch.empty((b, self.kv_heads, 0, self.head_dim), dtype=layers[0].keys.dtype,
-                           device=layers[0].keys.device)
+        like = torch.empty(
+            (b, self.kv_heads, 0, self.head_dim), dtype=layers[0].keys.dtype, device=layers[0].keys.device
+        )
         keys, values = [], []
         for layer in layers:
             layer._key_buffer = reserve_kv(layer.keys, layer._key_buffer, like, n + 1)
@@ -226,8 +254,9 @@ def own_decode_step(model, step: DecodeStep | None) -> Iterator[None]:
         if step.handles(input_ids, attention_mask, cache, kwargs):
             logits = step(input_ids, attention_mask, position_ids, cache)
             return CausalLMOutputWithPast(logits=logits, cache=cache)
-        return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                        **kwargs)
+        return original(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, **kwargs
+        )
 
     had_own = "forward" in vars(model)
     model.forward = forward

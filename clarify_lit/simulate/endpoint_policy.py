@@ -33,13 +33,21 @@ class EndpointPolicyEngine:
         self.max_new_tokens = max_new_tokens
         self.stats = GenerationStats()
 
-    def generate(self, conversations: Sequence[Sequence[Message]], temperatures: float | Sequence[float], *,
-                 seed: int, max_new_tokens: int | None = None,
-                 assistant_prefixes: Sequence[str] | None = None) -> list[Generation]:
+    def generate(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        temperatures: float | Sequence[float],
+        *,
+        seed: int,
+        max_new_tokens: int | None = None,
+        assistant_prefixes: Sequence[str] | None = None,
+    ) -> list[Generation]:
         """The next assistant turn of every conversation, in input order (one request each, per temperature)."""
         if assistant_prefixes is not None and any(assistant_prefixes):
-            raise NotImplementedError("seeded exploration (forced reply starts) needs a local policy: a "
-                                      "chat-completions endpoint cannot continue a forced assistant prefix")
+            raise NotImplementedError(
+                "seeded exploration (forced reply starts) needs a local policy: a "
+                "chat-completions endpoint cannot continue a forced assistant prefix"
+            )
         temperatures = row_temperatures(len(conversations), temperatures)
         max_new = max_new_tokens or self.max_new_tokens
         results: list[Generation | None] = [None] * len(conversations)
@@ -48,8 +56,12 @@ class EndpointPolicyEngine:
             if temp < 0:
                 raise ValueError(f"temperature must be >= 0, got {temp}")
             rows = [i for i, t in enumerate(temperatures) if t == temp]
-            replies = self.backend.complete([list(conversations[i]) for i in rows], temperature=temp,
-                                            max_new_tokens=max_new, seed=derive_seed(seed, temp))
+            replies = self.backend.complete(
+                [list(conversations[i]) for i in rows],
+                temperature=temp,
+                max_new_tokens=max_new,
+                seed=derive_seed(seed, temp),
+            )
             for i, (text, finish, tokens) in zip(rows, replies, strict=True):
                 results[i] = Generation(text=text.strip(), n_tokens=tokens or 0, truncated=finish == "length")
             self.stats.calls += 1

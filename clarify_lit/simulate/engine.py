@@ -85,8 +85,18 @@ class GenerationStats:
         self.seconds += seconds
 
     def add(self, other: GenerationStats) -> None:
-        for name in ("calls", "rows", "new_tokens", "truncated", "seconds", "prompt_tokens", "reused_tokens",
-                     "reuse_misses", "shared_tokens", "row_steps"):
+        for name in (
+            "calls",
+            "rows",
+            "new_tokens",
+            "truncated",
+            "seconds",
+            "prompt_tokens",
+            "reused_tokens",
+            "reuse_misses",
+            "shared_tokens",
+            "row_steps",
+        ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
@@ -110,9 +120,16 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def gqa_decode_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                         **kwargs) -> tuple[torch.Tensor, None]:
+def gqa_decode_attention(
+    module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
     """Attention for ``attention="gqa"``: a one-token query (a decode step) is two matmuls over the key/value heads,
     the query heads of a group stacked as rows — no copy of the cache per query head (transformers' eager
     ``repeat_kv``), and none of the tiling SDPA's CPU kernel spends on a one-token query. Prompts (and training) go
@@ -120,12 +137,13 @@ def gqa_decode_attention(module, query: torch.Tensor, key: torch.Tensor, value: 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if query.shape[2] != 1 or module.training:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     b, heads, _, dim = query.shape
     groups = key.shape[1]
     scores = torch.matmul(query.reshape(b, groups, heads // groups, dim), key.transpose(2, 3))
-    scores = scores * (dim ** -0.5 if scaling is None else scaling)
+    scores = scores * (dim**-0.5 if scaling is None else scaling)
     if attention_mask is not None:  # (b, 1, 1, kv_len): broadcast over groups and their heads
         mask = attention_mask[..., : key.shape[-2]]
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
@@ -198,8 +216,8 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         if len(r):
-            ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
-            mask[i, width - len(r):] = 1
+            ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, width - len(r) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -208,8 +226,7 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -
 MIN_SHARED_PREFIX = 8
 
 
-def _append_kv(held: torch.Tensor, buffer: torch.Tensor | None, new: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def _append_kv(held: torch.Tensor, buffer: torch.Tensor | None, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``held`` + ``new`` along the sequence axis, written into ``buffer`` when ``held`` is its leading part and it
     has room (else into a new buffer with headroom, :func:`~clarify_lit.simulate.decode.reserve_kv`); returns the
     view of the filled part and the buffer."""
@@ -227,9 +244,11 @@ def _preallocated_layer_class() -> type:
 
     global _PREALLOCATED_LAYER
     if _PREALLOCATED_LAYER is None:
-        _PREALLOCATED_LAYER = type(PREALLOCATED_LAYER, (DynamicLayer,), {
-            "__doc__": PREALLOCATED_DOC, "update": _preallocated_update, "_key_buffer": None,
-            "_value_buffer": None})
+        _PREALLOCATED_LAYER = type(
+            PREALLOCATED_LAYER,
+            (DynamicLayer,),
+            {"__doc__": PREALLOCATED_DOC, "update": _preallocated_update, "_key_buffer": None, "_value_buffer": None},
+        )
     return _PREALLOCATED_LAYER
 
 
@@ -241,8 +260,9 @@ layer whose tensors were replaced re-adopts them on its next append)."""
 _PREALLOCATED_LAYER: type | None = None
 
 
-def _preallocated_update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+def _preallocated_update(
+    self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+) -> tuple[torch.Tensor, torch.Tensor]:
     if not self.is_initialized:
         self.lazy_initialization(key_states, value_states)
     self.keys, self._key_buffer = _append_kv(self.keys, self._key_buffer, key_states)
@@ -266,8 +286,9 @@ def new_cache(model, preallocate: bool):
 
     cache = DynamicCache(config=model.config)
     if preallocate:
-        cache.layers = [_preallocated_layer_class()() if type(layer) is DynamicLayer else layer
-                        for layer in cache.layers]
+        cache.layers = [
+            _preallocated_layer_class()() if type(layer) is DynamicLayer else layer for layer in cache.layers
+        ]
     return cache
 
 
@@ -353,10 +374,24 @@ class GenerationEngine:
     ``matmul``: fused kernels round differently) or ``"model"`` (the model's forward).
     """
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 8, max_new_tokens: int = 64,
-                 sort_by_length: bool = True, top_p: float = 1.0, top_k: int = 0, min_new_tokens: int = 1,
-                 mix_temperatures: bool = True, reuse_kv_cache: bool = True, preallocate_kv: bool = True,
-                 share_prefix: bool = False, attention: Attention = "model", decode_step: DecodeMode = "model"):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        batch_size: int = 8,
+        max_new_tokens: int = 64,
+        sort_by_length: bool = True,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_new_tokens: int = 1,
+        mix_temperatures: bool = True,
+        reuse_kv_cache: bool = True,
+        preallocate_kv: bool = True,
+        share_prefix: bool = False,
+        attention: Attention = "model",
+        decode_step: DecodeMode = "model",
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if max_new_tokens < 1:
@@ -393,9 +428,12 @@ class GenerationEngine:
         except Exception as e:  # jinja2's TemplateError (raise_exception in the template), not a stack trace
             problem = " ".join(str(e).split())[:200] or type(e).__name__
             name = getattr(self.tokenizer, "name_or_path", "") or "the policy"
-            hint = (" — this model's template accepts no system message; records from such a model can be trained "
-                    "with --data.system_prompt fold, but the rollout prompts themselves start with one"
-                    if messages and messages[0].get("role") == "system" and "system" in problem.lower() else "")
+            hint = (
+                " — this model's template accepts no system message; records from such a model can be trained "
+                "with --data.system_prompt fold, but the rollout prompts themselves start with one"
+                if messages and messages[0].get("role") == "system" and "system" in problem.lower()
+                else ""
+            )
             raise ValueError(f"the chat template of {name} refused the conversation ({problem}){hint}") from None
         return list(self.tokenizer(text + assistant_prefix, add_special_tokens=False)["input_ids"])
 
@@ -404,13 +442,19 @@ class GenerationEngine:
     def _config(self, temperature: float, max_new_tokens: int, return_dict: bool = False):
         from transformers import GenerationConfig
 
-        common = dict(max_new_tokens=max_new_tokens, min_new_tokens=min(self.min_new_tokens, max_new_tokens),
-                      eos_token_id=self.end_ids, pad_token_id=self.pad_id, use_cache=True,
-                      return_dict_in_generate=return_dict)
+        common = dict(
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min(self.min_new_tokens, max_new_tokens),
+            eos_token_id=self.end_ids,
+            pad_token_id=self.pad_id,
+            use_cache=True,
+            return_dict_in_generate=return_dict,
+        )
         if temperature <= 0:
             return GenerationConfig(do_sample=False, **common)
-        return GenerationConfig(do_sample=True, temperature=float(temperature), top_p=self.top_p, top_k=self.top_k,
-                                **common)
+        return GenerationConfig(
+            do_sample=True, temperature=float(temperature), top_p=self.top_p, top_k=self.top_k, **common
+        )
 
     def plan(self, lengths: Sequence[int], temperatures: Sequence[float]) -> list[tuple[float | None, list[int]]]:
         """The batches as ``(temperature, row indices)``: by temperature (ascending) unless ``mix_temperatures``
@@ -425,12 +469,20 @@ class GenerationEngine:
             rows = groups[t]
             if self.sort_by_length:
                 rows = sorted(rows, key=lambda i: -lengths[i])  # stable: ties keep input order
-            batches.extend((t, rows[k:k + self.batch_size]) for k in range(0, len(rows), self.batch_size))
+            batches.extend((t, rows[k : k + self.batch_size]) for k in range(0, len(rows), self.batch_size))
         return batches
 
-    def generate(self, conversations: Sequence[Sequence[Message]], temperatures: float | Sequence[float], *,
-                 seed: int, max_new_tokens: int | None = None, session: TurnCache | None = None,
-                 keys: Sequence | None = None, assistant_prefixes: Sequence[str] | None = None) -> list[Generation]:
+    def generate(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        temperatures: float | Sequence[float],
+        *,
+        seed: int,
+        max_new_tokens: int | None = None,
+        session: TurnCache | None = None,
+        keys: Sequence | None = None,
+        assistant_prefixes: Sequence[str] | None = None,
+    ) -> list[Generation]:
         """The next assistant turn of every conversation, in input order. With ``session`` (and one stable ``key``
         per conversation), the KV caches of the previous turn's batches are continued instead of re-encoding the
         whole conversation (see :class:`TurnCache`). ``assistant_prefixes`` (one per conversation, "" = none) force
@@ -443,12 +495,27 @@ class GenerationEngine:
         if len(forced) != len(conversations):
             raise ValueError(f"{len(forced)} assistant prefixes for {len(conversations)} conversations")
         prompts = [self.encode(c, assistant_prefix=f) for c, f in zip(conversations, forced, strict=True)]
-        return self.generate_ids(prompts, temperatures, seed=seed, max_new_tokens=max_new_tokens, session=session,
-                                 keys=keys, text_prefixes=forced)
+        return self.generate_ids(
+            prompts,
+            temperatures,
+            seed=seed,
+            max_new_tokens=max_new_tokens,
+            session=session,
+            keys=keys,
+            text_prefixes=forced,
+        )
 
-    def generate_ids(self, prompts: Sequence[Sequence[int]], temperatures: Sequence[float], *, seed: int,
-                     max_new_tokens: int | None = None, session: TurnCache | None = None,
-                     keys: Sequence | None = None, text_prefixes: Sequence[str] | None = None) -> list[Generation]:
+    def generate_ids(
+        self,
+        prompts: Sequence[Sequence[int]],
+        temperatures: Sequence[float],
+        *,
+        seed: int,
+        max_new_tokens: int | None = None,
+        session: TurnCache | None = None,
+        keys: Sequence | None = None,
+        text_prefixes: Sequence[str] | None = None,
+    ) -> list[Generation]:
         """Like :meth:`generate` for already-encoded prompts; ``text_prefixes`` (the forced starts already encoded at
         the end of the prompts) are put back in front of the decoded replies."""
         from transformers import LogitsProcessorList
@@ -461,8 +528,12 @@ class GenerationEngine:
         device = model_device(self.model)
         start = time.perf_counter()
         self.stats.prompt_tokens += sum(len(p) for p in prompts)
-        with eval_mode(self.model), attention_kernel(self.model, self.attention), torch.inference_mode(), \
-                own_decode_step(self.model, decode_step_for(self.model, self.decode_step)):
+        with (
+            eval_mode(self.model),
+            attention_kernel(self.model, self.attention),
+            torch.inference_mode(),
+            own_decode_step(self.model, decode_step_for(self.model, self.decode_step)),
+        ):
             jobs: list[tuple[float | None, list[int], _CachedBatch | None]] = []
             fresh = list(range(len(prompts)))
             if session is not None:
@@ -489,12 +560,17 @@ class GenerationEngine:
                     processors.append(RowTemperature([temperatures[i] for i in rows]))
                 extra = {} if cache is None else {"cache": cache}
                 with seeded(derive_seed(seed, "mixed" if temp is None else temp, b)):
-                    out = self.model.generate(input_ids=ids, attention_mask=mask, logits_processor=processors,
-                                              generation_config=self._config(1.0 if temp is None else temp, max_new,
-                                                                             return_dict=session is not None),
-                                              **extra)
+                    out = self.model.generate(
+                        input_ids=ids,
+                        attention_mask=mask,
+                        logits_processor=processors,
+                        generation_config=self._config(
+                            1.0 if temp is None else temp, max_new, return_dict=session is not None
+                        ),
+                        **extra,
+                    )
                 seqs = out.sequences if session is not None else out
-                new = seqs[:, ids.shape[1]:].tolist()
+                new = seqs[:, ids.shape[1] :].tolist()
                 self.stats.row_steps += len(rows) * len(new[0])
                 for i, toks in zip(rows, new, strict=True):
                     results[i] = self._decode(toks, max_new, text_prefixes[i])
@@ -506,8 +582,9 @@ class GenerationEngine:
         self.stats.record(results, time.perf_counter() - start)  # type: ignore[arg-type]
         return results  # type: ignore[return-value]
 
-    def _fresh_inputs(self, rows: list[Sequence[int]], cache, device: torch.device
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fresh_inputs(
+        self, rows: list[Sequence[int]], cache, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """A fresh batch's ``(input_ids, attention_mask)``, left-padded. With ``share_prefix`` and a common prefix
         of ``MIN_SHARED_PREFIX``+ tokens (the system prompt), that prefix is prefilled once into ``cache`` (one
         batch-1 forward, then repeated across the rows) and the rows' remaining tokens follow it after a masked gap,
@@ -521,13 +598,16 @@ class GenerationEngine:
         cache.batch_repeat_interleave(len(rows))
         self.stats.shared_tokens += n * (len(rows) - 1)
         ids, mask = left_pad([r[n:] for r in rows], self.pad_id, device)
-        return (torch.cat([prefix.expand(len(rows), -1), ids], 1),
-                torch.cat([torch.ones((len(rows), n), dtype=mask.dtype, device=device), mask], 1))
+        return (
+            torch.cat([prefix.expand(len(rows), -1), ids], 1),
+            torch.cat([torch.ones((len(rows), n), dtype=mask.dtype, device=device), mask], 1),
+        )
 
     # -- turn-to-turn KV reuse (TurnCache) ---------------------------------------------------------------------
 
-    def _continuations(self, session: TurnCache, prompts: Sequence[Sequence[int]], keys: Sequence
-                       ) -> tuple[list[tuple[list[int], _CachedBatch]], list[int]]:
+    def _continuations(
+        self, session: TurnCache, prompts: Sequence[Sequence[int]], keys: Sequence
+    ) -> tuple[list[tuple[list[int], _CachedBatch]], list[int]]:
         """Which rows continue which cached batch (rows in batch order), and the rows to prefill afresh.
 
         A row whose new prompt does not start with its cached tokens (its turn re-tokenized differently) is a miss:
@@ -542,7 +622,7 @@ class GenerationEngine:
                 if i is None:
                     continue  # this conversation is over (or not in this call)
                 p = prompts[i]
-                if len(p) > len(toks) and list(p[:len(toks)]) == toks:
+                if len(p) > len(toks) and list(p[: len(toks)]) == toks:
                     positions.append(pos)
                     rows.append(i)
                     continue
@@ -563,8 +643,11 @@ class GenerationEngine:
     @staticmethod
     def _can_splice(batch: _CachedBatch, prompt: Sequence[int]) -> bool:
         """Plain per-token caches only (no sliding-window or quantized layers), and a prompt of 2+ tokens."""
-        return (len(prompt) >= 2 and plain_cache_layers(batch.cache)
-                and batch.cache.get_seq_length() == batch.ids.shape[1] - 1)
+        return (
+            len(prompt) >= 2
+            and plain_cache_layers(batch.cache)
+            and batch.cache.get_seq_length() == batch.ids.shape[1] - 1
+        )
 
     def _splice(self, batch: _CachedBatch, r: int, prompt: Sequence[int]) -> None:
         """Re-prefill row ``r`` of a cached batch with ``prompt``: the KV of its first ``h`` tokens (one batch-1
@@ -575,29 +658,31 @@ class GenerationEngine:
         head = torch.tensor([list(prompt[:h])], dtype=torch.long, device=batch.ids.device)
         row_cache = self.model(input_ids=head, use_cache=True).cache
         for dst, src in zip(batch.cache.layers, row_cache.layers, strict=True):
-            dst.keys[r, :, width - h:width] = src.keys[0]
-            dst.values[r, :, width - h:width] = src.values[0]
+            dst.keys[r, :, width - h : width] = src.keys[0]
+            dst.values[r, :, width - h : width] = src.values[0]
         batch.ids[r] = self.pad_id
-        batch.ids[r, width - h:width] = head[0]
+        batch.ids[r, width - h : width] = head[0]
         batch.mask[r] = 0
-        batch.mask[r, width - h:width] = 1
+        batch.mask[r, width - h : width] = 1
         batch.tokens[r] = list(prompt[:h])
 
-    def _continue_inputs(self, batch: _CachedBatch, prompts: list[Sequence[int]], device: torch.device
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _continue_inputs(
+        self, batch: _CachedBatch, prompts: list[Sequence[int]], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached ids + each row's new tokens, right-aligned after a masked gap."""
-        tails = [list(p[len(t):]) for p, t in zip(prompts, batch.tokens, strict=True)]
+        tails = [list(p[len(t) :]) for p, t in zip(prompts, batch.tokens, strict=True)]
         ids, mask = left_pad(tails, self.pad_id, device)
         return torch.cat([batch.ids, ids], 1), torch.cat([batch.mask, mask], 1)
 
-    def _cached_batch(self, keys: list, seqs: torch.Tensor, mask: torch.Tensor, new: list[list[int]],
-                      cache) -> _CachedBatch:
+    def _cached_batch(
+        self, keys: list, seqs: torch.Tensor, mask: torch.Tensor, new: list[list[int]], cache
+    ) -> _CachedBatch:
         """Keep a finished generate call for the next turn: generated tokens after a row's end token are filler
         (masked out); each row's real tokens are its unmasked ids."""
         gen_mask = torch.zeros((len(new), seqs.shape[1] - mask.shape[1]), dtype=mask.dtype, device=mask.device)
         for r, toks in enumerate(new):
             end = next((k for k, t in enumerate(toks) if t in self.end_ids), len(toks) - 1)
-            gen_mask[r, :end + 1] = 1
+            gen_mask[r, : end + 1] = 1
         full = torch.cat([mask, gen_mask], 1)
         tokens = [seqs[r][full[r].bool()].tolist() for r in range(len(new))]
         return _CachedBatch(keys=list(keys), ids=seqs, mask=full, tokens=tokens, cache=cache)
@@ -619,7 +704,7 @@ class GenerationEngine:
         outs = []
         with eval_mode(self.model), torch.inference_mode():
             order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-            chunks = [order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size)]
+            chunks = [order[k : k + self.batch_size] for k in range(0, len(order), self.batch_size)]
             for rows in chunks:
                 ids, mask = left_pad([prompts[i] for i in rows], self.pad_id, device)
                 position_ids = (mask.cumsum(-1) - 1).clamp(min=0)

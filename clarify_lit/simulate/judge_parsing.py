@@ -97,11 +97,15 @@ def _from_objects(text: str) -> dict[str, float] | None:
 def _from_labels(text: str) -> dict[str, float] | None:
     scores: dict[str, float] = {}
     for key in prompts.JUDGE_KEYS:
-        spellings = [key.replace("_", r"[ _]")] + [a.replace("_", r"[ _]") for a, k in prompts.JUDGE_ALIASES.items()
-                                                   if k == key and a != key]
+        spellings = [key.replace("_", r"[ _]")] + [
+            a.replace("_", r"[ _]") for a, k in prompts.JUDGE_ALIASES.items() if k == key and a != key
+        ]
         label = "(?:" + "|".join(sorted(spellings, key=len, reverse=True)) + ")"
-        m = re.search(rf"(?i)\b{label}\b(?:[ _](?:score|rating|quality))?[*_\"' ]*(?:[:=\-–]|\bis\b)?[*_\"' ]*"
-                      rf"{_SCORE}", text)
+        m = re.search(
+            rf"(?i)\b{label}\b(?:[ _](?:score|rating|quality))?[*_\"' ]*(?:[:=\-–]|\bis\b)?[*_\"' ]*"
+            rf"{_SCORE}",
+            text,
+        )
         if m:
             x = _scaled(m.group(1), m.group(2))
             if x is not None:
@@ -113,14 +117,19 @@ def _lone_score(text: str) -> dict[str, float] | None:
     """The one score of a reply that gives exactly one on the scale asked for (``7/10``, ``7 out of 10``,
     ``Score: 7``, or the bare number as the whole reply). Unlabelled, only "/10" counts: "5/6" in prose is a fraction,
     not a verdict."""
-    whole = re.fullmatch(rf"\s*(?:[*_]*(?:score|rating)[*_]*\s*[:=]\s*)?{_NUMBER}(?:{_OUT_OF_TEN})?\s*\.?\s*", text,
-                         flags=re.IGNORECASE)
+    whole = re.fullmatch(
+        rf"\s*(?:[*_]*(?:score|rating)[*_]*\s*[:=]\s*)?{_NUMBER}(?:{_OUT_OF_TEN})?\s*\.?\s*", text, flags=re.IGNORECASE
+    )
     if whole:
         x = _scaled(whole.group(1), None)
         return {"overall": x} if x is not None else None
     found = {m.span(1): m.group(1) for m in re.finditer(rf"{_NUMBER}{_OUT_OF_TEN}", text, flags=re.IGNORECASE)}
-    found.update({m.span(1): m.group(1)
-                  for m in re.finditer(rf"(?i)\b(?:score|rating)[*_]*\s*[:=]\s*{_NUMBER}(?:{_OUT_OF_TEN})?", text)})
+    found.update(
+        {
+            m.span(1): m.group(1)
+            for m in re.finditer(rf"(?i)\b(?:score|rating)[*_]*\s*[:=]\s*{_NUMBER}(?:{_OUT_OF_TEN})?", text)
+        }
+    )
     values = set(found.values())
     if len(values) == 1:
         x = _scaled(values.pop(), None)

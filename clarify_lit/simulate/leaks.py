@@ -64,11 +64,15 @@ def _verdicts(task: QATask) -> list[re.Pattern[str]]:
     verdict = r"(?:the\s+)?(?:(?:correct|right|best|only\s+correct)(?:\s+(?:answer|option|choice))?|answer)\b"
     return [
         # "seafloor is the correct answer", "B is right", "the seafloor is the answer"
-        re.compile(rf"(?i)(?:^|[^a-z]){gold}\s*,?\s*(?:is|would\s+be|must\s+be)\s+{_NOT}(?:definitely\s+|clearly\s+|"
-                   rf"indeed\s+)?{verdict}"),
+        re.compile(
+            rf"(?i)(?:^|[^a-z]){gold}\s*,?\s*(?:is|would\s+be|must\s+be)\s+{_NOT}(?:definitely\s+|clearly\s+|"
+            rf"indeed\s+)?{verdict}"
+        ),
         # "the correct answer is the seafloor", "the right choice would be (B)"
-        re.compile(rf"(?i)\b(?:correct|right|best|final)\s+(?:answer|option|choice)\s*(?:is|would\s+be|must\s+be|"
-                   rf"[:=])\s*{_NOT}(?:probably\s+|definitely\s+|clearly\s+)?{gold}"),
+        re.compile(
+            rf"(?i)\b(?:correct|right|best|final)\s+(?:answer|option|choice)\s*(?:is|would\s+be|must\s+be|"
+            rf"[:=])\s*{_NOT}(?:probably\s+|definitely\s+|clearly\s+)?{gold}"
+        ),
         # "choose B", "go with the seafloor"
         re.compile(rf"(?i)\b(?:choose|pick|select|go\s+with)\s+{gold}"),
     ]
@@ -104,5 +108,7 @@ def record_flags(task: QATask, messages: Sequence[dict[str, str]], setting: str)
 def count_flags(metas: Sequence[dict]) -> dict[str, int]:
     """``teacher_leaks`` (records flagged) and ``echoed_instructions`` (records with an echoing turn), for summaries;
     records written before the flags existed count as unflagged."""
-    return {"teacher_leaks": sum(bool(m.get("teacher_leak")) for m in metas),
-            "echoed_instructions": sum(bool(m.get("echoed_instructions")) for m in metas)}
+    return {
+        "teacher_leaks": sum(bool(m.get("teacher_leak")) for m in metas),
+        "echoed_instructions": sum(bool(m.get("echoed_instructions")) for m in metas),
+    }

@@ -43,9 +43,20 @@ class LlamaServer:
     ``n_ctx``: context window; ``n_threads``: CPU threads (None: llama.cpp's default); ``extra``: more server
     arguments (e.g. ``["--n_batch", "512"]``)."""
 
-    def __init__(self, model: str | Path, *, python: str | None = None, alias: str = "policy", n_ctx: int = 2048,
-                 n_threads: int | None = None, chat_format: str = "chatml", startup_timeout_s: float = 300.0,
-                 grace_s: float = 10.0, log_path: str | Path | None = None, extra: list[str] | None = None):
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        python: str | None = None,
+        alias: str = "policy",
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+        chat_format: str = "chatml",
+        startup_timeout_s: float = 300.0,
+        grace_s: float = 10.0,
+        log_path: str | Path | None = None,
+        extra: list[str] | None = None,
+    ):
         self.model = Path(model)
         if not self.model.is_file():
             raise FileNotFoundError(f"GGUF file not found: {self.model}")
@@ -56,22 +67,40 @@ class LlamaServer:
         self.startup_timeout_s = startup_timeout_s
         self.grace_s = grace_s
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="llama-server-", suffix=".log")[1])
-        self.args = [self.python, "-m", "llama_cpp.server", "--model", str(self.model), "--host", "127.0.0.1",
-                     "--port", str(self.port), "--chat_format", chat_format, "--n_ctx", str(n_ctx),
-                     "--model_alias", alias, *(["--n_threads", str(n_threads)] if n_threads else []), *(extra or [])]
+        self.args = [
+            self.python,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(self.model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--chat_format",
+            chat_format,
+            "--n_ctx",
+            str(n_ctx),
+            "--model_alias",
+            alias,
+            *(["--n_threads", str(n_threads)] if n_threads else []),
+            *(extra or []),
+        ]
         self.process: subprocess.Popen | None = None
         self.startup_s: float | None = None
 
     def start(self) -> LlamaServer:
         start = time.perf_counter()
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         deadline = start + self.startup_timeout_s
         while time.perf_counter() < deadline:
             if self.process.poll() is not None:
-                raise LlamaServerError(f"llama_cpp.server exited with code {self.process.returncode} before it "
-                                       f"answered: {self.log_tail()}")
+                raise LlamaServerError(
+                    f"llama_cpp.server exited with code {self.process.returncode} before it answered: {self.log_tail()}"
+                )
             try:
                 with urllib.request.urlopen(self.url + "/models", timeout=5) as resp:
                     models = json.loads(resp.read().decode("utf-8"))
@@ -82,8 +111,9 @@ class LlamaServer:
                 pass
             time.sleep(0.5)
         self.stop()
-        raise LlamaServerError(f"llama_cpp.server did not answer within {self.startup_timeout_s:.0f}s: "
-                               f"{self.log_tail()}")
+        raise LlamaServerError(
+            f"llama_cpp.server did not answer within {self.startup_timeout_s:.0f}s: {self.log_tail()}"
+        )
 
     def log_tail(self, chars: int = 1500) -> str:
         try:

@@ -45,8 +45,9 @@ def judges_of(reward: Reward | None) -> list[LLMJudgeReward]:
     return []
 
 
-def check_missing_rewards(records: Sequence[ConversationRecord], reward: Reward | None, out: Path,
-                          max_share: float) -> None:
+def check_missing_rewards(
+    records: Sequence[ConversationRecord], reward: Reward | None, out: Path, max_share: float
+) -> None:
     """Raise :class:`MissingRewardsError` when more than ``max_share`` of ``records`` have no reward, after saving
     one raw unparseable judge reply to ``out``/:data:`UNPARSEABLE_FILE` (see the module docstring)."""
     check_max_share(max_share)
@@ -59,9 +60,15 @@ def check_missing_rewards(records: Sequence[ConversationRecord], reward: Reward 
     kept = [(j.describe(), task_id, text) for j in judges_of(reward) for task_id, text in j.unparseable]
     if kept:
         who, task_id, text = kept[0]
-        atomic_write_text(out / UNPARSEABLE_FILE, json.dumps(
-            {"judge": who, "task_id": task_id, "reply": text, "unparseable_in_this_invocation": len(kept)},
-            indent=1, ensure_ascii=False) + "\n")
+        atomic_write_text(
+            out / UNPARSEABLE_FILE,
+            json.dumps(
+                {"judge": who, "task_id": task_id, "reply": text, "unparseable_in_this_invocation": len(kept)},
+                indent=1,
+                ensure_ascii=False,
+            )
+            + "\n",
+        )
         shown = " ".join(text.split())
         shown = (shown[:160] + " …") if len(shown) > 160 else shown
         reply = f"one raw reply (task {task_id}, saved in {out / UNPARSEABLE_FILE}): {json.dumps(shown)}"
@@ -69,7 +76,8 @@ def check_missing_rewards(records: Sequence[ConversationRecord], reward: Reward 
         reply = "no raw reply kept (the missing rewards were logged before this --resume)"
     raise MissingRewardsError(
         f"clarify simulate: {n_missing} of {len(records)} rewards missing ({share:.0%}, more than "
-        f"--max_missing_rewards {max_share:g}): judge {judge} gave replies that could not be parsed; {reply}")
+        f"--max_missing_rewards {max_share:g}): judge {judge} gave replies that could not be parsed; {reply}"
+    )
 
 
 def check_max_share(max_share: float) -> None:

@@ -32,8 +32,26 @@ from clarify_lit.simulate.parsing import LETTERS, AnswerParse, split_thinking
 
 _WORD = re.compile(r"[a-z0-9]+")
 _ARTICLES = frozenset({"a", "an", "the"})
-_SUFFIXES = ("ation", "ition", "ment", "ies", "ing", "ion", "ia", "um", "us", "on", "es", "ed", "er", "s", "y",
-             "e", "a", "i")
+_SUFFIXES = (
+    "ation",
+    "ition",
+    "ment",
+    "ies",
+    "ing",
+    "ion",
+    "ia",
+    "um",
+    "us",
+    "on",
+    "es",
+    "ed",
+    "er",
+    "s",
+    "y",
+    "e",
+    "a",
+    "i",
+)
 
 
 def _stem(word: str) -> str:

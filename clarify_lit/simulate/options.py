@@ -85,8 +85,9 @@ class RolloutOptions:
     def check(self) -> None:
         """Refuse options no rollout can run with, naming the option (before any model loads)."""
         if not self.temperatures:
-            raise ValueError("--rollout.temperatures []: names no run; give at least one temperature (one run per "
-                             "question each)")
+            raise ValueError(
+                "--rollout.temperatures []: names no run; give at least one temperature (one run per question each)"
+            )
         bad = [t for t in self.temperatures if not (t >= 0 and math.isfinite(t))]
         if bad:
             raise ValueError(f"--rollout.temperatures: each must be a finite number >= 0, got {bad}")
@@ -102,9 +103,23 @@ class RolloutOptions:
 
 #: the options of :class:`RolloutOptions` that were flat options of simulate/evaluate/iterate (``--max_new_tokens``)
 #: before the block; :func:`moved_rollout_flags` still takes them, with a deprecation line
-FLAT_ROLLOUT_FLAGS = ("setting", "mode", "n_turns", "temperatures", "max_new_tokens", "batch_size", "seed", "adaptive",
-                      "discount", "reuse_kv_cache", "share_prefix", "attention", "top_p", "mix_temperatures",
-                      "sort_by_length")
+FLAT_ROLLOUT_FLAGS = (
+    "setting",
+    "mode",
+    "n_turns",
+    "temperatures",
+    "max_new_tokens",
+    "batch_size",
+    "seed",
+    "adaptive",
+    "discount",
+    "reuse_kv_cache",
+    "share_prefix",
+    "attention",
+    "top_p",
+    "mix_temperatures",
+    "sort_by_length",
+)
 
 
 #: the flat options' new names (named in the error about a flat key in a config file)
@@ -118,8 +133,8 @@ def moved_rollout_flags(argv: list[str] | None, prog: str, prefix: str = "--") -
     out = []
     for a in list(sys.argv[1:] if argv is None else argv):
         name, eq, value = a.partition("=")
-        if name.startswith(prefix) and name[len(prefix):] in FLAT_ROLLOUT_FLAGS:
-            new = f"{prefix}rollout.{name[len(prefix):]}"
+        if name.startswith(prefix) and name[len(prefix) :] in FLAT_ROLLOUT_FLAGS:
+            new = f"{prefix}rollout.{name[len(prefix) :]}"
             print(f"{prog}: {name} is deprecated, use {new}", file=sys.stderr)
             a = new + eq + value
         out.append(a)
@@ -128,8 +143,12 @@ def moved_rollout_flags(argv: list[str] | None, prog: str, prefix: str = "--") -
 
 def check_discount(discount: float) -> None:
     """γ must be in (0, 1]: γ = 1 is no discount, γ > 1 would reward longer conversations and γ ≤ 0 breaks r ≥ 0."""
-    if isinstance(discount, bool) or not isinstance(discount, int | float) or not math.isfinite(discount) \
-            or not 0 < discount <= 1:
+    if (
+        isinstance(discount, bool)
+        or not isinstance(discount, int | float)
+        or not math.isfinite(discount)
+        or not 0 < discount <= 1
+    ):
         raise ValueError(f"discount must be a number in (0, 1] (1 = no discount), got {discount!r}")
 
 
@@ -234,8 +253,15 @@ def endpoint_backend(opts: EndpointOptions, what: str) -> EndpointChatBackend:
     """The chat backend of an endpoint block; ``what`` names the option in the error when it is incomplete."""
     if not opts.base_url or not opts.model:
         raise ValueError(f"{what} with backend=endpoint needs endpoint.base_url and endpoint.model")
-    return EndpointChatBackend(opts.base_url, opts.model, api_key_env=opts.api_key_env, timeout=opts.timeout,
-                               max_retries=opts.max_retries, backoff=opts.backoff, concurrency=opts.concurrency)
+    return EndpointChatBackend(
+        opts.base_url,
+        opts.model,
+        api_key_env=opts.api_key_env,
+        timeout=opts.timeout,
+        max_retries=opts.max_retries,
+        backoff=opts.backoff,
+        concurrency=opts.concurrency,
+    )
 
 
 def teacher_kind(options: TeacherOptions, setting: Setting, mode: Mode = "thinking") -> str:
@@ -248,8 +274,15 @@ def teacher_kind(options: TeacherOptions, setting: Setting, mode: Mode = "thinki
     return "open" if mode == "open" else "retrieval"
 
 
-def build_teacher(options: TeacherOptions | None, *, setting: Setting, policy: str, models: FrozenModels,
-                  batch_size: int = 8, mode: Mode = "thinking") -> Teacher:
+def build_teacher(
+    options: TeacherOptions | None,
+    *,
+    setting: Setting,
+    policy: str,
+    models: FrozenModels,
+    batch_size: int = 8,
+    mode: Mode = "thinking",
+) -> Teacher:
     """The teacher of ``options`` (default: scripted in the reasoning setting, retrieval in the clarifying one).
 
     An HF ``llm`` teacher defaults to the *base* of ``policy`` (:func:`~clarify_lit.models.policy_base`), so a trained
@@ -269,28 +302,42 @@ def build_teacher(options: TeacherOptions | None, *, setting: Setting, policy: s
         name = t.model or policy_base(policy)
         model, tok = models.get(name, t.dtype)
         backend = HFChatBackend(model, tok, batch_size=batch_size, name=f"hf:{name}")
-    return make_teacher("llm", backend=backend, temperature=t.temperature, max_new_tokens=t.max_new_tokens,
-                        show_gold=t.show_gold, show_knowledge=t.show_knowledge)
+    return make_teacher(
+        "llm",
+        backend=backend,
+        temperature=t.temperature,
+        max_new_tokens=t.max_new_tokens,
+        show_gold=t.show_gold,
+        show_knowledge=t.show_knowledge,
+    )
 
 
-def build_reward(options: RewardOptions | None, *, policy: str, models: FrozenModels, batch_size: int = 8,
-                 mode: Mode = "thinking") -> Reward:
+def build_reward(
+    options: RewardOptions | None, *, policy: str, models: FrozenModels, batch_size: int = 8, mode: Mode = "thinking"
+) -> Reward:
     """The reward of ``options``; judges (``gold_prob``, HF ``llm_judge``) default to the base of ``policy``, so a
     trained policy is never its own judge. In open mode only ``correct`` is defined (graded by the option text the
     answer names)."""
     r = options or RewardOptions()
     if mode == "open":
         if r.kind != "correct":
-            raise NotImplementedError(f"reward {r.kind!r} is not implemented in open mode: its judges and rubric "
-                                      "read answer letters; use --reward.kind correct")
+            raise NotImplementedError(
+                f"reward {r.kind!r} is not implemented in open mode: its judges and rubric "
+                "read answer letters; use --reward.kind correct"
+            )
         return CorrectReward(open_answers=True)
     if r.kind == "rubric":
         gold_prob = None
         if r.rubric_accuracy == "gold_prob":
             model, tok = models.get(r.judge_model or policy_base(policy), r.judge_dtype)
             gold_prob = GoldProbReward(model, tok, batch_size=batch_size)
-        return RubricReward(r.rubric_weights, accuracy=r.rubric_accuracy, gold_prob=gold_prob,
-                            word_limit=r.word_limit, min_words=r.min_words)
+        return RubricReward(
+            r.rubric_weights,
+            accuracy=r.rubric_accuracy,
+            gold_prob=gold_prob,
+            word_limit=r.word_limit,
+            min_words=r.min_words,
+        )
     kinds = set(r.weights or {}) if r.kind == "weighted" else {r.kind}
     judge_model = judge_tok = judge_backend = None
     judge_name = r.judge_model or policy_base(policy)
@@ -302,15 +349,33 @@ def build_reward(options: RewardOptions | None, *, policy: str, models: FrozenMo
         else:
             m, tok = models.get(judge_name, r.judge_dtype)
             judge_backend = HFChatBackend(m, tok, batch_size=batch_size, name=f"hf:{judge_name}")
-    return make_reward(r.kind, judge_model=judge_model, judge_tokenizer=judge_tok, judge_backend=judge_backend,
-                       weights=r.weights, batch_size=batch_size, max_attempts=r.max_attempts)
+    return make_reward(
+        r.kind,
+        judge_model=judge_model,
+        judge_tokenizer=judge_tok,
+        judge_backend=judge_backend,
+        weights=r.weights,
+        batch_size=batch_size,
+        max_attempts=r.max_attempts,
+    )
 
 
 def load_data_tasks(data: DataOptions) -> list[QATask]:
     """The questions of ``data`` (its ``part``, the first ``limit`` of them when set); none at all is an error."""
     d = data
-    tasks = load_tasks(d.dataset, d.split, seed=d.seed, n_train=d.n_train, n_test=d.n_test, part=d.part,
-                       path=d.path, name=d.name, columns=d.columns, label=d.label, on_bad_row=d.on_bad_row)
+    tasks = load_tasks(
+        d.dataset,
+        d.split,
+        seed=d.seed,
+        n_train=d.n_train,
+        n_test=d.n_test,
+        part=d.part,
+        path=d.path,
+        name=d.name,
+        columns=d.columns,
+        label=d.label,
+        on_bad_row=d.on_bad_row,
+    )
     if d.limit is not None:
         if d.limit < 1:
             raise ValueError(f"data.limit must be >= 1, got {d.limit}")

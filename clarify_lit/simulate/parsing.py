@@ -62,8 +62,10 @@ _ANSWER_PHRASE = (
     r"(?:\s*(?:option|choice|letter)\s+)?"
 )
 # Separators that join alternative letters: "A or B", "A, B", "A/B", "A and B", "A & B", "A, or B", "A vs B".
-_SEPARATOR = (r"(?:\s*(?:,|/|&|\+|;)\s*(?:(?:or|and)\s+)?|\s+(?:or|and|nor|and/or|vs\.?|versus)\s+)"
-              r"(?:(?:maybe|perhaps|possibly|even|also|probably)\s+)?")
+_SEPARATOR = (
+    r"(?:\s*(?:,|/|&|\+|;)\s*(?:(?:or|and)\s+)?|\s+(?:or|and|nor|and/or|vs\.?|versus)\s+)"
+    r"(?:(?:maybe|perhaps|possibly|even|also|probably)\s+)?"
+)
 
 
 @dataclass(frozen=True)
@@ -88,12 +90,12 @@ _NONE = AnswerParse(None)
 @dataclass(frozen=True)
 class _Patterns:
     letters: str
-    phrase: re.Pattern[str]     # "the answer is B"
-    reverse: re.Pattern[str]    # "B is the correct answer"
-    start: re.Pattern[str]      # a letter at the very start
-    marked: re.Pattern[str]     # "(B)", "**B**", "option B" anywhere
+    phrase: re.Pattern[str]  # "the answer is B"
+    reverse: re.Pattern[str]  # "B is the correct answer"
+    start: re.Pattern[str]  # a letter at the very start
+    marked: re.Pattern[str]  # "(B)", "**B**", "option B" anywhere
     alternative: re.Pattern[str]  # right after a letter: ", B", " or (C)", "/D"
-    negated: re.Pattern[str]    # "the answer is not B", "the correct answer is not (B)"
+    negated: re.Pattern[str]  # "the answer is not B", "the correct answer is not (B)"
 
 
 def _compile(letters: str) -> _Patterns:
@@ -102,8 +104,12 @@ def _compile(letters: str) -> _Patterns:
     letter = rf"(?:(?P<up>{up}){_AFTER_UPPER}|(?P<low>{low}){_AFTER_LOWER})"
     phrase = re.compile(r"(?i:" + _ANSWER_PHRASE + ")" + _OPEN + letter)
     reverse = re.compile(
-        r"(?:^|(?<=[\s(\[*_\"'`]))" + _OPEN + rf"(?P<up>{up})" + _CLOSE
-        + r"(?i:\s+(?:is|would\s+be|must\s+be)\s+(?:the\s+)?(?:correct|right|best|final)\s+(?:answer|option|choice)\b)")
+        r"(?:^|(?<=[\s(\[*_\"'`]))"
+        + _OPEN
+        + rf"(?P<up>{up})"
+        + _CLOSE
+        + r"(?i:\s+(?:is|would\s+be|must\s+be)\s+(?:the\s+)?(?:correct|right|best|final)\s+(?:answer|option|choice)\b)"
+    )
     # A letter at the very start of the text: "B", "B.", "B) Sun", "(b)", "**C**" — but not the article "A plant".
     start = re.compile(
         r"^\s*(?:[\(\[]\s*(?P<w>[" + letters + letters.lower() + r"])\s*[\)\]]"
@@ -118,14 +124,25 @@ def _compile(letters: str) -> _Patterns:
         rf"|(?i:\b(?:option|choice)\s+)(?P<o>{up}){_AFTER_UPPER})"
     )
     alternative = re.compile(
-        r"^" + _CLOSE + r"(?:\s*[\).:])?" + r"(?i:" + _SEPARATOR + r")(?i:(?:option|choice|letter)\s+)?" + _OPEN
+        r"^"
+        + _CLOSE
+        + r"(?:\s*[\).:])?"
+        + r"(?i:"
+        + _SEPARATOR
+        + r")(?i:(?:option|choice|letter)\s+)?"
+        + _OPEN
         + rf"(?:(?P<up>{up}){_AFTER_UPPER}|(?P<low>{low}){_AFTER_LOWER})"
         # "the answer is B and C is wrong" goes on to judge another option; it does not offer it
-        + r"(?!" + _CLOSE + r"\s+(?:is|was|seems|looks)\b)")
+        + r"(?!"
+        + _CLOSE
+        + r"\s+(?:is|was|seems|looks)\b)"
+    )
     negated = re.compile(
         r"(?i:(?:\banswer\b|\b(?:correct|right|best)\s+(?:option|choice)\b)(?:\s+to\s+(?:the|this|that)\s+question)?"
         r"\s+(?:is|would\s+be|must\s+be)\s+(?:definitely\s+|certainly\s+)?not\s+(?:(?:option|choice|letter)\s+)?)"
-        + _OPEN + letter)
+        + _OPEN
+        + letter
+    )
     return _Patterns(letters, phrase, reverse, start, marked, alternative, negated)
 
 
@@ -136,16 +153,23 @@ _LISTED = re.compile(r"(?im)^\s*\(?([A-H])[\).:]\s")
 _INLINE_LABEL = re.compile(r"(?:(?<=\s)|^)\(?([A-H])\)\s")
 # a marked letter rejected: "(B) is wrong", "option C is not", "(D) is less likely"
 _REJECTED_AFTER = re.compile(
-    r"^" + _CLOSE + r"\s*(?i:(?:is|are|was|seems|looks|would\s+be)\s+(?:not|wrong|incorrect|false|unlikely|less\s+likely"
-    r"|implausible|ruled\s+out|eliminated)|can\s*not|cannot|isn't|is\s+n't)")
+    r"^"
+    + _CLOSE
+    + r"\s*(?i:(?:is|are|was|seems|looks|would\s+be)\s+(?:not|wrong|incorrect|false|unlikely|less\s+likely"
+    r"|implausible|ruled\s+out|eliminated)|can\s*not|cannot|isn't|is\s+n't)"
+)
 # a letter named and then rejected in the same clause: "The answer is A, which is incorrect", "A) coffee is not the
 # answer", "(B) sun is wrong" (an option's text may stand between; "and"/"but" start another clause: "B and C is wrong")
 _REJECTED_CLAUSE = re.compile(
     r"^" + _CLOSE + r"(?:\s*[\):]\s*(?:(?!\b(?:and|but|while|or)\b)[^.!?\n,;]){0,60}?)?\s*,?\s*(?:which\s+|that\s+)?"
     r"(?i:(?:is|are)\s+(?:not\s+(?:the\s+)?(?:(?:correct|right|final|best)\s+)?(?:answer|option|choice)\b"
-    r"|(?:wrong|incorrect|false)\b))")
-_REJECTED_BEFORE = re.compile(r"(?i:\b(?:not|exclude|excludes|eliminate|eliminates|rule\s+out|rules\s+out|except))\s*"
-                              + _OPEN + r"(?:(?:option|choice)\s+)?$")
+    r"|(?:wrong|incorrect|false)\b))"
+)
+_REJECTED_BEFORE = re.compile(
+    r"(?i:\b(?:not|exclude|excludes|eliminate|eliminates|rule\s+out|rules\s+out|except))\s*"
+    + _OPEN
+    + r"(?:(?:option|choice)\s+)?$"
+)
 
 
 def _patterns(letters: str) -> _Patterns:
@@ -169,7 +193,7 @@ def split_thinking(text: str) -> tuple[str, str]:
     outside = _THINK_BLOCK.sub(take, text)
     m = _THINK_OPEN.search(outside)
     if m:
-        inside.append(outside[m.end():])
+        inside.append(outside[m.end() :])
         outside = outside[: m.start()]
     outside = _THINK_CLOSE.sub(" ", outside)
     return outside, "\n".join(inside)
@@ -203,7 +227,7 @@ def _in_question(text: str, pos: int) -> bool:
 
 def _line_start(text: str, pos: int) -> bool:
     """True if only whitespace and wrappers stand between the start of ``pos``'s line and ``pos``."""
-    line = text[text.rfind("\n", 0, pos) + 1: pos]
+    line = text[text.rfind("\n", 0, pos) + 1 : pos]
     return not line.strip(" \t(\[*_\"'`")
 
 
@@ -234,14 +258,14 @@ def _hedges_at(text: str, m: re.Match[str], pats: _Patterns) -> bool:
 
 def _alternative_follows(text: str, m: re.Match[str], pats: _Patterns) -> bool:
     """True if another letter is offered right after the matched one: "A or B", "(A)/(B)", "A, B, C"."""
-    alt = pats.alternative.match(text[_letter_end(m):])
+    alt = pats.alternative.match(text[_letter_end(m) :])
     return alt is not None and _letter_from(alt) != _letter_from(m)
 
 
 def _rejected_after(text: str, m: re.Match[str]) -> bool:
     """True if the clause after the matched letter rejects it: "(B) is wrong", "A, which is incorrect",
     "A) coffee is not the answer"."""
-    rest = text[_letter_end(m):]
+    rest = text[_letter_end(m) :]
     return bool(_REJECTED_AFTER.match(rest) or _REJECTED_CLAUSE.match(rest))
 
 
@@ -272,8 +296,11 @@ def _label_conflict(text: str, m: re.Match[str], choices: Sequence[str] | None, 
         return False
     rest = lab.group(1) if lab else text[end:].lstrip(")] ").split("\n", 1)[0]
     said = f"{_norm(rest)} "
-    named = [(len(_norm(c)), letters[i]) for i, c in enumerate(choices[: len(letters)])
-             if _norm(c) and said.startswith(f"{_norm(c)} ")]
+    named = [
+        (len(_norm(c)), letters[i])
+        for i, c in enumerate(choices[: len(letters)])
+        if _norm(c) and said.startswith(f"{_norm(c)} ")
+    ]
     if not named:
         return False
     longest = max(n for n, _ in named)
@@ -346,7 +373,7 @@ def _norm(s: str) -> str:
 
 
 def _match_choice_text(text: str, pats: _Patterns, choices: Sequence[str], outside: bool) -> AnswerParse | None:
-    """"The answer is photosynthesis": map an answer phrase naming exactly one option's text to its letter."""
+    """ "The answer is photosynthesis": map an answer phrase naming exactly one option's text to its letter."""
     m = re.search(r"(?i)\banswer\b(?:\s+to\s+(?:the|this|that)\s+question)?(?:\s+is)?\s*[:\-]?\s*(.{1,200})", text)
     if not m or _in_question(text, m.start(1)):
         return None
@@ -354,8 +381,13 @@ def _match_choice_text(text: str, pats: _Patterns, choices: Sequence[str], outsi
     if re.match(r" (?:not|never|incorrect|wrong)\b", tail):  # "The answer is not A) coffee": a rejection
         return None
     # an option's text right after a "not" ("… but not coffee", "is not A which is tubes") is rejected, not chosen
-    hits = [pats.letters[i] for i, c in enumerate(choices[: len(pats.letters)]) if _norm(c) and f" {_norm(c)} " in tail
-            and not re.search(r"\bnot(?: \w+){0,3} $", tail[: tail.index(f" {_norm(c)} ") + 1])]
+    hits = [
+        pats.letters[i]
+        for i, c in enumerate(choices[: len(pats.letters)])
+        if _norm(c)
+        and f" {_norm(c)} " in tail
+        and not re.search(r"\bnot(?: \w+){0,3} $", tail[: tail.index(f" {_norm(c)} ") + 1])
+    ]
     if len(hits) > 1:
         return AnswerParse(None, hedged=outside, how="text")
     return AnswerParse(hits[0], how="text") if hits else None
@@ -411,6 +443,8 @@ def early_answer(text: str, letters: str = "ABCD") -> str | None:
     outside, _ = split_thinking(text or "")
     got = _parse_strong(outside, _patterns(letters)) if outside.strip() else None
     return got.letter if got is not None else None
+
+
 def uses_thinking_tags(text: str) -> bool:
     """True if the text has a ``<thinking>`` block that is opened and later closed (any case) with content."""
     for m in _THINK_BLOCK.finditer(text or ""):

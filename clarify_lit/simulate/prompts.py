@@ -45,7 +45,7 @@ WORD_LIMIT = "Use at most 50-60 words."
 # One line that tells the assistant where a question comes from, keyed by a normalised dataset-name prefix.
 DATASET_LINES: dict[str, str] = {
     "openbookqa": "This question is from an open-book elementary science test: it combines a basic science fact "
-                  "with common knowledge.",
+    "with common knowledge.",
     "arc": "This question is from a grade-school science exam.",
     "sciq": "This is a science exam question (physics, chemistry, biology or earth science).",
     "scienceqa": "This is a science exam question (physics, chemistry, biology or earth science).",
@@ -86,6 +86,7 @@ def with_instruction(text: str, instruction: str | None) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # turn plans
 
+
 def check_setting(setting: str, mode: str, n_turns: int) -> None:
     """Raise a clear error for combinations the simulator does not define."""
     if setting not in ("reasoning", "clarifying"):
@@ -93,8 +94,10 @@ def check_setting(setting: str, mode: str, n_turns: int) -> None:
     if mode not in ("thinking", "standard", "open"):
         raise ValueError(f"mode must be 'thinking', 'standard' or 'open', got {mode!r}")
     if setting == "clarifying" and mode == "standard":
-        raise ValueError("the clarifying setting is defined in thinking mode (as in the paper) and in open mode; use "
-                         "mode='thinking' or mode='open'")
+        raise ValueError(
+            "the clarifying setting is defined in thinking mode (as in the paper) and in open mode; use "
+            "mode='thinking' or mode='open'"
+        )
     minimum = 1 if setting == "reasoning" else 2
     if not isinstance(n_turns, int) or n_turns < minimum:
         raise ValueError(f"n_turns must be an integer >= {minimum} in the {setting} setting, got {n_turns!r}")
@@ -126,25 +129,35 @@ _THINK_HOW = "Put your reasoning inside <thinking></thinking> tags."
 
 
 # adaptive length: what the system prompts add, and the per-turn note before every turn but the last
-ADAPTIVE_SYSTEM_REASONING = (" You may give your final answer at any turn, as soon as you are sure of it, in the same "
-                             "format; giving it ends the conversation.")
+ADAPTIVE_SYSTEM_REASONING = (
+    " You may give your final answer at any turn, as soon as you are sure of it, in the same "
+    "format; giving it ends the conversation."
+)
 EARLY_ANSWER_REASONING = {
-    "thinking": ("If you are already sure of the answer, you may give your final answer now instead: begin with "
-                 "'The answer is X' outside the thinking tags. That ends the conversation."),
-    "standard": ("If you are already sure of the answer, you may give your final answer now instead: begin with "
-                 "'The answer is X'. That ends the conversation."),
+    "thinking": (
+        "If you are already sure of the answer, you may give your final answer now instead: begin with "
+        "'The answer is X' outside the thinking tags. That ends the conversation."
+    ),
+    "standard": (
+        "If you are already sure of the answer, you may give your final answer now instead: begin with "
+        "'The answer is X'. That ends the conversation."
+    ),
 }
 
 
 def reasoning_system_prompt(mode: Mode, adaptive: bool = False) -> str:
     extra = ADAPTIVE_SYSTEM_REASONING if adaptive else ""
     if mode == "thinking":
-        return ("You are an expert at answering multiple-choice questions. Reason step by step inside "
-                "<thinking></thinking> tags. When you are asked for your final answer, first write 'The answer is "
-                "X' (X is A, B, C or D) outside the thinking tags, then give your reasoning inside "
-                "<thinking></thinking> tags." + extra)
-    return ("You are an expert at answering multiple-choice questions. When you are asked for your final answer, "
-            "first write 'The answer is X' (X is A, B, C or D), then explain your reasoning." + extra)
+        return (
+            "You are an expert at answering multiple-choice questions. Reason step by step inside "
+            "<thinking></thinking> tags. When you are asked for your final answer, first write 'The answer is "
+            "X' (X is A, B, C or D) outside the thinking tags, then give your reasoning inside "
+            "<thinking></thinking> tags." + extra
+        )
+    return (
+        "You are an expert at answering multiple-choice questions. When you are asked for your final answer, "
+        "first write 'The answer is X' (X is A, B, C or D), then explain your reasoning." + extra
+    )
 
 
 def reasoning_teacher_turn(task: QATask, kind: TurnKind, mode: Mode, first: bool, adaptive: bool = False) -> str:
@@ -158,20 +171,28 @@ def reasoning_teacher_turn(task: QATask, kind: TurnKind, mode: Mode, first: bool
 def _reasoning_teacher_text(task: QATask, kind: TurnKind, mode: Mode, first: bool) -> str:
     think = f" {_THINK_HOW}" if mode == "thinking" else ""
     if kind == "initial":
-        return (f"{dataset_line(task.dataset)}\n\n{format_question(task)}\n\n"
-                f"What are your initial thoughts on this question and its choices?{think}")
+        return (
+            f"{dataset_line(task.dataset)}\n\n{format_question(task)}\n\n"
+            f"What are your initial thoughts on this question and its choices?{think}"
+        )
     if kind == "critique":
         concepts = "" if mode == "thinking" else " What are the key concepts this question is testing?"
-        return f"Good start, that is a thoughtful beginning.{concepts} Why might some of the options be incorrect?{think}"
+        return (
+            f"Good start, that is a thoughtful beginning.{concepts} Why might some of the options be incorrect?{think}"
+        )
     if kind == "elaborate":
-        return f"Nice work. Please elaborate on the key concepts behind this question and how they apply to each option.{think}"
+        return (
+            "Nice work. Please elaborate on the key concepts behind this question and how they apply to each option."
+            f"{think}"
+        )
     if kind == "final":
         if mode == "thinking":
-            ask = ("Now give your final answer (A, B, C or D). Begin with 'The answer is X' outside the thinking "
-                   "tags, then justify your choice inside <thinking></thinking> tags.")
+            ask = (
+                "Now give your final answer (A, B, C or D). Begin with 'The answer is X' outside the thinking "
+                "tags, then justify your choice inside <thinking></thinking> tags."
+            )
         else:
-            ask = ("Now give your final answer (A, B, C or D). Begin with 'The answer is X', then justify your "
-                   "choice.")
+            ask = "Now give your final answer (A, B, C or D). Begin with 'The answer is X', then justify your choice."
         if first:  # n = 1: the question and the final request in one turn
             return f"{dataset_line(task.dataset)}\n\n{format_question(task)}\n\n{ask}"
         return ask
@@ -188,55 +209,76 @@ CLARIFYING_SYSTEM_PROMPT = (
     "reasoning inside <thinking></thinking> tags."
 )
 
-ASK_INSTRUCTION = ("Ask ONE short, specific question about ONE of the options. Do not answer the question and do "
-                   f"not explain anything. {WORD_LIMIT}")
-ASK_AGAIN_INSTRUCTION = ("Ask ONE more short, specific question about ONE of the options. Do not answer the "
-                         f"question yet. {WORD_LIMIT}")
-REASON_INSTRUCTION = ("Think step by step about every option inside <thinking></thinking> tags. Do not ask any "
-                      f"more questions. {WORD_LIMIT}")
+ASK_INSTRUCTION = (
+    "Ask ONE short, specific question about ONE of the options. Do not answer the question and do "
+    f"not explain anything. {WORD_LIMIT}"
+)
+ASK_AGAIN_INSTRUCTION = (
+    f"Ask ONE more short, specific question about ONE of the options. Do not answer the question yet. {WORD_LIMIT}"
+)
+REASON_INSTRUCTION = (
+    "Think step by step about every option inside <thinking></thinking> tags. Do not ask any "
+    f"more questions. {WORD_LIMIT}"
+)
 
 # adaptive length: the same turns, with the final answer offered as the alternative to asking or reasoning on
-ADAPTIVE_SYSTEM_CLARIFYING = (" You may also give your final answer before the teacher asks for it, as soon as you "
-                              "are sure: write 'Answer is X' first. That ends the conversation, so ask only the "
-                              "questions you need.")
-_EARLY_CLARIFY = ("or, if you are already sure, give your final answer instead: start with 'Answer is X' (X is A, B, "
-                  "C or D), then your reasoning inside <thinking></thinking> tags.")
+ADAPTIVE_SYSTEM_CLARIFYING = (
+    " You may also give your final answer before the teacher asks for it, as soon as you "
+    "are sure: write 'Answer is X' first. That ends the conversation, so ask only the "
+    "questions you need."
+)
+_EARLY_CLARIFY = (
+    "or, if you are already sure, give your final answer instead: start with 'Answer is X' (X is A, B, "
+    "C or D), then your reasoning inside <thinking></thinking> tags."
+)
 ASK_INSTRUCTION_ADAPTIVE = f"Ask ONE short, specific question about ONE of the options, {_EARLY_CLARIFY} {WORD_LIMIT}"
-ASK_AGAIN_INSTRUCTION_ADAPTIVE = (f"Ask ONE more short, specific question about ONE of the options, {_EARLY_CLARIFY} "
-                                  f"{WORD_LIMIT}")
-REASON_INSTRUCTION_ADAPTIVE = ("Think step by step about every option inside <thinking></thinking> tags. Do not ask "
-                               "any more questions. If you are already sure, you may give your final answer now: "
-                               f"start with 'Answer is X' outside the thinking tags. {WORD_LIMIT}")
+ASK_AGAIN_INSTRUCTION_ADAPTIVE = (
+    f"Ask ONE more short, specific question about ONE of the options, {_EARLY_CLARIFY} {WORD_LIMIT}"
+)
+REASON_INSTRUCTION_ADAPTIVE = (
+    "Think step by step about every option inside <thinking></thinking> tags. Do not ask "
+    "any more questions. If you are already sure, you may give your final answer now: "
+    f"start with 'Answer is X' outside the thinking tags. {WORD_LIMIT}"
+)
 
 CLARIFY_T1 = "Ask me ONE specific question about any ONE of the options."
-CLARIFY_FINAL = ("Thank you for working through it. What is your final answer? Give it first, then your reasoning "
-                 "inside <thinking></thinking> tags.")
+CLARIFY_FINAL = (
+    "Thank you for working through it. What is your final answer? Give it first, then your reasoning "
+    "inside <thinking></thinking> tags."
+)
 # What the scripted teacher says in the clarifying setting: no information at all (the no-teacher baseline).
-SCRIPTED_CLARIFY_REPLY = ("That is a fair question. Think about what that option means and whether it really fits "
-                          "what the question asks.")
+SCRIPTED_CLARIFY_REPLY = (
+    "That is a fair question. Think about what that option means and whether it really fits what the question asks."
+)
 
 
 def final_clarify_instruction(task: QATask) -> str:
     options = " ".join(f"{letter}) {text}" for letter, text in zip(LETTERS, task.choices, strict=True))
-    return (f"Remember the question: {task.question.strip()} {options}. "
-            "Start with 'Answer is X' where X is A, B, C or D, then give 2-3 sentences of reasoning inside "
-            f"<thinking></thinking> tags. {WORD_LIMIT}")
+    return (
+        f"Remember the question: {task.question.strip()} {options}. "
+        "Start with 'Answer is X' where X is A, B, C or D, then give 2-3 sentences of reasoning inside "
+        f"<thinking></thinking> tags. {WORD_LIMIT}"
+    )
 
 
-def clarifying_teacher_turn(task: QATask, kind: TurnKind, previous: TurnKind | None, reply: str | None,
-                            adaptive: bool = False) -> str:
+def clarifying_teacher_turn(
+    task: QATask, kind: TurnKind, previous: TurnKind | None, reply: str | None, adaptive: bool = False
+) -> str:
     """The teacher message before an assistant turn of ``kind`` (``previous``: the kind of the turn before;
     ``adaptive``: the ``ask``/``reason`` instructions offer the final answer as the alternative)."""
     if previous is None:  # T1, hard-coded
-        return with_instruction(f"{format_question(task)}\n\n{CLARIFY_T1}",
-                                ASK_INSTRUCTION_ADAPTIVE if adaptive else ASK_INSTRUCTION)
+        return with_instruction(
+            f"{format_question(task)}\n\n{CLARIFY_T1}", ASK_INSTRUCTION_ADAPTIVE if adaptive else ASK_INSTRUCTION
+        )
     parts: list[str] = []
     if previous == "ask":
         if reply is None or not reply.strip():
             raise ValueError(f"task {task.task_id}: the teacher's answer to the student's question is missing")
         parts.append(reply.strip())
     if kind == "ask":
-        return with_instruction("\n\n".join(parts), ASK_AGAIN_INSTRUCTION_ADAPTIVE if adaptive else ASK_AGAIN_INSTRUCTION)
+        return with_instruction(
+            "\n\n".join(parts), ASK_AGAIN_INSTRUCTION_ADAPTIVE if adaptive else ASK_AGAIN_INSTRUCTION
+        )
     if kind == "reason":
         return with_instruction("\n\n".join(parts), REASON_INSTRUCTION_ADAPTIVE if adaptive else REASON_INSTRUCTION)
     if kind == "final":
@@ -264,12 +306,15 @@ OPEN_NOTHING_ON_THAT = "My notes say nothing about that."
 
 def check_open(adaptive: bool) -> None:
     if adaptive:
-        raise NotImplementedError("adaptive length is not implemented in open mode: an early final answer is "
-                                  "recognised by its answer letter (parsing.early_answer), and open answers have none")
+        raise NotImplementedError(
+            "adaptive length is not implemented in open mode: an early final answer is "
+            "recognised by its answer letter (parsing.early_answer), and open answers have none"
+        )
 
 
-def open_teacher_turn(task: QATask, setting: Setting, kind: TurnKind, previous: TurnKind | None,
-                      reply: str | None) -> str:
+def open_teacher_turn(
+    task: QATask, setting: Setting, kind: TurnKind, previous: TurnKind | None, reply: str | None
+) -> str:
     """The teacher message before an open-mode assistant turn of ``kind`` (``previous``: the turn before's kind)."""
     parts: list[str] = []
     if previous is None:
@@ -278,8 +323,13 @@ def open_teacher_turn(task: QATask, setting: Setting, kind: TurnKind, previous: 
         if reply is None or not reply.strip():
             raise ValueError(f"task {task.task_id}: the teacher's answer to the student's question is missing")
         parts.append(reply.strip())
-    follow = {"ask": OPEN_ASK, "final": OPEN_FINAL, "initial": OPEN_INITIAL, "critique": OPEN_CRITIQUE,
-              "elaborate": OPEN_ELABORATE}.get(kind)
+    follow = {
+        "ask": OPEN_ASK,
+        "final": OPEN_FINAL,
+        "initial": OPEN_INITIAL,
+        "critique": OPEN_CRITIQUE,
+        "elaborate": OPEN_ELABORATE,
+    }.get(kind)
     if follow is None:
         raise ValueError(f"turn kind {kind!r} does not belong to open mode's {setting} setting")
     parts.append(follow)
@@ -288,6 +338,7 @@ def open_teacher_turn(task: QATask, setting: Setting, kind: TurnKind, previous: 
 
 # ---------------------------------------------------------------------------------------------------------------
 # one entry point for the rollout
+
 
 def system_prompt(setting: Setting, mode: Mode, adaptive: bool = False) -> str:
     if mode == "open":
@@ -298,8 +349,15 @@ def system_prompt(setting: Setting, mode: Mode, adaptive: bool = False) -> str:
     return CLARIFYING_SYSTEM_PROMPT + (ADAPTIVE_SYSTEM_CLARIFYING if adaptive else "")
 
 
-def teacher_message(task: QATask, setting: Setting, mode: Mode, n_turns: int, turn: int,
-                    reply: str | None = None, adaptive: bool = False) -> str:
+def teacher_message(
+    task: QATask,
+    setting: Setting,
+    mode: Mode,
+    n_turns: int,
+    turn: int,
+    reply: str | None = None,
+    adaptive: bool = False,
+) -> str:
     """Teacher message ``turn`` (1-based) of a conversation; ``reply`` is the teacher's answer when
     :func:`needs_teacher_reply` says one is needed; ``adaptive`` offers an early final answer (turns < n)."""
     kinds = turn_kinds(setting, n_turns, mode)
@@ -325,8 +383,9 @@ TEACHER_SYSTEM_PROMPT = (
 )
 
 
-def teacher_request(task: QATask, student_message: str, *, show_gold: bool = True,
-                    show_knowledge: bool = True) -> list[dict[str, str]]:
+def teacher_request(
+    task: QATask, student_message: str, *, show_gold: bool = True, show_knowledge: bool = True
+) -> list[dict[str, str]]:
     """Chat messages for one LLM-teacher reply: the question, the (secret) answer, notes, the student's question."""
     lines = [format_question(task)]
     if show_gold:
@@ -336,8 +395,10 @@ def teacher_request(task: QATask, student_message: str, *, show_gold: bool = Tru
         lines.append(f"Background notes: {task.knowledge.strip()}")
     student, _ = split_instruction(student_message)
     lines.append(f'The student asks: "{student.strip()}"')
-    lines.append("Answer the student's question in 2-3 sentences (at most 50-60 words). Do not give away the final "
-                 "answer and do not say which option is correct.")
+    lines.append(
+        "Answer the student's question in 2-3 sentences (at most 50-60 words). Do not give away the final "
+        "answer and do not say which option is correct."
+    )
     return [{"role": "system", "content": TEACHER_SYSTEM_PROMPT}, {"role": "user", "content": "\n\n".join(lines)}]
 
 
@@ -361,20 +422,28 @@ JUDGE_KEYS = tuple(key for key, _ in JUDGE_CRITERIA)
 #: key → metric name, for every score
 JUDGE_METRIC_NAMES = {key: {"confidence_calibration": "confidence"}.get(key, key) for key in JUDGE_KEYS}
 #: other spellings of the scores (a judge's reply, another tool's records) → key
-JUDGE_ALIASES = {"reasoning_ability": "reasoning", "pedagogical": "pedagogical_value", "pedagogy": "pedagogical_value",
-                 "calibration": "confidence_calibration", "overall_score": "overall", "overall_quality": "overall",
-                 **{name: key for key, name in JUDGE_METRIC_NAMES.items()}}
+JUDGE_ALIASES = {
+    "reasoning_ability": "reasoning",
+    "pedagogical": "pedagogical_value",
+    "pedagogy": "pedagogical_value",
+    "calibration": "confidence_calibration",
+    "overall_score": "overall",
+    "overall_quality": "overall",
+    **{name: key for key, name in JUDGE_METRIC_NAMES.items()},
+}
 
 
 def judge_key(spelling: str) -> str | None:
     """The judge score key that ``spelling`` (lower case, words joined by ``_``) names, or ``None``."""
     return spelling if spelling in JUDGE_METRIC_NAMES else JUDGE_ALIASES.get(spelling)
 
+
 JUDGE_SYSTEM_PROMPT = "You are a strict, impartial expert who evaluates tutoring conversations."
 
 
-def transcript(messages: Sequence[dict[str, str]], teacher_name: str = "Teacher",
-               assistant_name: str = "Assistant") -> str:
+def transcript(
+    messages: Sequence[dict[str, str]], teacher_name: str = "Teacher", assistant_name: str = "Assistant"
+) -> str:
     """The conversation as plain text (system prompt and per-turn instructions left out)."""
     out = []
     for m in messages:

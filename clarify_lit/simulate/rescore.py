@@ -88,10 +88,12 @@ def _line(r: ConversationRecord) -> str:
 
 def _reward_stats(records: list[ConversationRecord]) -> dict[str, Any]:
     rewards = [r.reward for r in records]
-    return {"mean_reward": statistics.fmean(rewards),
-            "se_reward": statistics.stdev(rewards) / math.sqrt(len(rewards)) if len(rewards) > 1 else None,
-            "questions": len({r.task_id for r in records}),
-            "questions_with_reward_variance": questions_with_reward_variance(records)}
+    return {
+        "mean_reward": statistics.fmean(rewards),
+        "se_reward": statistics.stdev(rewards) / math.sqrt(len(rewards)) if len(rewards) > 1 else None,
+        "questions": len({r.task_id for r in records}),
+        "questions_with_reward_variance": questions_with_reward_variance(records),
+    }
 
 
 def run(cfg: RescoreConfig) -> dict[str, Any]:
@@ -100,16 +102,19 @@ def run(cfg: RescoreConfig) -> dict[str, Any]:
         raise ValueError("clarify rescore: give the record files to rescore with --inputs")
     names = [Path(p).name.removesuffix(".gz") for p in cfg.inputs]  # a gzipped input is written as plain JSONL
     if len(set(names)) != len(names):
-        raise ValueError(f"clarify rescore: inputs must have distinct file names (each is written under its own "
-                         f"name in --output), got {names}")
+        raise ValueError(
+            f"clarify rescore: inputs must have distinct file names (each is written under its own "
+            f"name in --output), got {names}"
+        )
     out = Path(cfg.output)
     targets = [out / n for n in names] + [out / SUMMARY_FILE]
     if any(Path(p).resolve() == t.resolve() for p in cfg.inputs for t in targets):
         raise ValueError("clarify rescore: --output would overwrite an input; choose another folder")
     existing = [str(t) for t in targets if t.exists()]
     if existing and not cfg.overwrite:
-        raise FileExistsError(f"clarify rescore: {', '.join(existing)} exist(s); choose another --output or pass "
-                              "--overwrite true")
+        raise FileExistsError(
+            f"clarify rescore: {', '.join(existing)} exist(s); choose another --output or pass --overwrite true"
+        )
     tasks = {t.task_id: t for t in load_data_tasks(cfg.data)}
     loaded = []
     unchecked = 0  # records without meta.question_hash (older files): matched by task id and gold only
@@ -118,53 +123,93 @@ def run(cfg: RescoreConfig) -> dict[str, Any]:
         for r in records:
             task = tasks.get(r.task_id)
             if task is None:
-                raise RecordError(path, _line(r), r.id, "task_id",
-                                  f"{r.task_id!r} is not a question of --data ({cfg.data.dataset}, part "
-                                  f"{cfg.data.part}, seed {cfg.data.seed}): pass the data options the records "
-                                  "were made with")
+                raise RecordError(
+                    path,
+                    _line(r),
+                    r.id,
+                    "task_id",
+                    f"{r.task_id!r} is not a question of --data ({cfg.data.dataset}, part "
+                    f"{cfg.data.part}, seed {cfg.data.seed}): pass the data options the records "
+                    "were made with",
+                )
             if r.gold is not None and r.gold != task.gold:
-                raise RecordError(path, _line(r), r.id, "gold",
-                                  f"{r.gold!r} but the dataset's gold for {r.task_id!r} is {task.gold!r}: the "
-                                  "records come from other data options")
+                raise RecordError(
+                    path,
+                    _line(r),
+                    r.id,
+                    "gold",
+                    f"{r.gold!r} but the dataset's gold for {r.task_id!r} is {task.gold!r}: the "
+                    "records come from other data options",
+                )
             stored = r.meta.get("question_hash")
             if stored is None:
                 unchecked += 1
             elif stored != task.content_hash:
-                raise RecordError(path, _line(r), r.id, "meta.question_hash",
-                                  f"{stored!r}, but question {r.task_id!r} of --data ({cfg.data.dataset}, part "
-                                  f"{cfg.data.part}) hashes to {task.content_hash!r}: its text, options or gold "
-                                  "differ from those the record was made on (the rewards would be of another "
-                                  "question); pass the data the records were made with")
+                raise RecordError(
+                    path,
+                    _line(r),
+                    r.id,
+                    "meta.question_hash",
+                    f"{stored!r}, but question {r.task_id!r} of --data ({cfg.data.dataset}, part "
+                    f"{cfg.data.part}) hashes to {task.content_hash!r}: its text, options or gold "
+                    "differ from those the record was made on (the rewards would be of another "
+                    "question); pass the data the records were made with",
+                )
         loaded.append((path, records))
     if unchecked:
-        log.warning("%d of %d records carry no meta.question_hash (written before it existed): their questions were "
-                    "matched by task id and gold letter only, not checked against --data's text and options",
-                    unchecked, sum(len(records) for _, records in loaded))
+        log.warning(
+            "%d of %d records carry no meta.question_hash (written before it existed): their questions were "
+            "matched by task id and gold letter only, not checked against --data's text and options",
+            unchecked,
+            sum(len(records) for _, records in loaded),
+        )
     modes = {str(r.meta.get("mode", "thinking")) for _, records in loaded for r in records}
     if len(modes) > 1:
-        raise ValueError(f"clarify rescore: the inputs mix modes {sorted(modes)}; rescore open-mode records "
-                         "(graded by the option text named) apart from lettered ones")
+        raise ValueError(
+            f"clarify rescore: the inputs mix modes {sorted(modes)}; rescore open-mode records "
+            "(graded by the option text named) apart from lettered ones"
+        )
     device = resolve_device(cfg.device)
-    reward = build_reward(cfg.reward, policy=cfg.model, models=FrozenModels(device), batch_size=cfg.batch_size,
-                          mode="open" if modes == {"open"} else "thinking")
-    summary: dict[str, Any] = {"reward": reward.describe(), "files": {}, "config": asdict(cfg),
-                               "records_without_question_hash": unchecked,
-                               "environment": environment_stamp(device, resolve_dtype(cfg.reward.judge_dtype, device))}
+    reward = build_reward(
+        cfg.reward,
+        policy=cfg.model,
+        models=FrozenModels(device),
+        batch_size=cfg.batch_size,
+        mode="open" if modes == {"open"} else "thinking",
+    )
+    summary: dict[str, Any] = {
+        "reward": reward.describe(),
+        "files": {},
+        "config": asdict(cfg),
+        "records_without_question_hash": unchecked,
+        "environment": environment_stamp(device, resolve_dtype(cfg.reward.judge_dtype, device)),
+    }
     with output_lock(out, "clarify rescore"):
         for (path, records), name in zip(loaded, names, strict=True):
             before = _reward_stats(records)
             results = reward.score([tasks[r.task_id] for r in records], [r.messages for r in records], seed=cfg.seed)
             for r, res in zip(records, results, strict=True):
                 if not (res.value >= 0 and math.isfinite(res.value)):  # Refit weights need r >= 0
-                    raise ValueError(f"reward {reward.describe()} gave {res.value} for {r.where()}; Refit needs "
-                                     "finite r >= 0")
+                    raise ValueError(
+                        f"reward {reward.describe()} gave {res.value} for {r.where()}; Refit needs finite r >= 0"
+                    )
                 r.meta["rescored_from"] = {"reward": r.reward, "reward_components": r.reward_components}
                 r.reward, r.reward_components = float(res.value), dict(res.components)
             write_records(out / name, records)
-            summary["files"][name] = {"input": str(path), "records": len(records), "before": before,
-                                      "after": _reward_stats(records), "components_mean": mean_components(records)}
-            log.info("%s: %d records, mean reward %.4f -> %.4f", name, len(records), before["mean_reward"],
-                     summary["files"][name]["after"]["mean_reward"])
+            summary["files"][name] = {
+                "input": str(path),
+                "records": len(records),
+                "before": before,
+                "after": _reward_stats(records),
+                "components_mean": mean_components(records),
+            }
+            log.info(
+                "%s: %d records, mean reward %.4f -> %.4f",
+                name,
+                len(records),
+                before["mean_reward"],
+                summary["files"][name]["after"]["mean_reward"],
+            )
         atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
     return summary
 
@@ -175,11 +220,19 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv)
     summary = run(cfg)
     unchecked = summary["records_without_question_hash"]
-    print(json.dumps({"reward": summary["reward"],
-                      **({"records_without_question_hash (not checked)": unchecked} if unchecked else {}),
-                      **{n: {"records": f["records"], "mean_reward": [f["before"]["mean_reward"],
-                                                                      f["after"]["mean_reward"]]}
-                         for n, f in summary["files"].items()}}, indent=1))
+    print(
+        json.dumps(
+            {
+                "reward": summary["reward"],
+                **({"records_without_question_hash (not checked)": unchecked} if unchecked else {}),
+                **{
+                    n: {"records": f["records"], "mean_reward": [f["before"]["mean_reward"], f["after"]["mean_reward"]]}
+                    for n, f in summary["files"].items()
+                },
+            },
+            indent=1,
+        )
+    )
     print(f"records: {cfg.output}")
 
 

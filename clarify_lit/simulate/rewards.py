@@ -69,8 +69,11 @@ def final_answer_of(text: str, choices: Sequence[str], *, open_answers: bool = F
 
 def correctness(task: QATask, messages: Sequence[Message], *, open_answers: bool = False) -> dict[str, float | None]:
     got = final_answer_of(final_assistant_text(messages), task.choices, open_answers=open_answers)
-    comps = {"correct": float(got.letter == task.gold), "parsed": float(got.letter is not None),
-             "hedged": float(got.hedged)}
+    comps = {
+        "correct": float(got.letter == task.gold),
+        "parsed": float(got.letter is not None),
+        "hedged": float(got.hedged),
+    }
     if open_answers:  # an answer naming no option is wrong, and counted apart (open_answer's module docstring)
         comps["names_none"] = float(got.letter is None and not got.hedged)
     return comps
@@ -82,8 +85,9 @@ class Reward(ABC):
     kind: RewardKind
 
     @abstractmethod
-    def score(self, tasks: Sequence[QATask], conversations: Sequence[Sequence[Message]], *, seed: int = 0
-              ) -> list[RewardResult]: ...
+    def score(
+        self, tasks: Sequence[QATask], conversations: Sequence[Sequence[Message]], *, seed: int = 0
+    ) -> list[RewardResult]: ...
 
     def describe(self) -> str:
         return self.kind
@@ -122,13 +126,16 @@ class GoldProbReward(Reward):
         self.engine = GenerationEngine(model, tokenizer, batch_size=batch_size)
         self.tokenizer = tokenizer
         self.letter_ids = [tokenizer(" " + letter, add_special_tokens=False)["input_ids"] for letter in LETTERS]
-        self.single_token = (all(len(ids) == 1 for ids in self.letter_ids)
-                             and len({ids[0] for ids in self.letter_ids}) == len(LETTERS))
+        self.single_token = all(len(ids) == 1 for ids in self.letter_ids) and len(
+            {ids[0] for ids in self.letter_ids}
+        ) == len(LETTERS)
 
     def letter_probs(self, tasks: Sequence[QATask], conversations: Sequence[Sequence[Message]]) -> torch.Tensor:
         """``(n, 4)`` probabilities over A–D."""
-        prefixes = [self.engine.encode(prompts.gold_prob_request(t, c), assistant_prefix=prompts.GOLD_PROB_PREFIX)
-                    for t, c in zip(tasks, conversations, strict=True)]
+        prefixes = [
+            self.engine.encode(prompts.gold_prob_request(t, c), assistant_prefix=prompts.GOLD_PROB_PREFIX)
+            for t, c in zip(tasks, conversations, strict=True)
+        ]
         if self.single_token:
             logp = self.engine.next_token_logprobs(prefixes)[:, [ids[0] for ids in self.letter_ids]]
         else:
@@ -190,8 +197,12 @@ class LLMJudgeReward(Reward):
             if not todo:
                 break
             # first attempt greedy; retries sample, else a deterministic backend repeats its unparseable reply
-            replies = self.backend.chat([requests[i] for i in todo], temperature=0.0 if attempt == 0 else 0.7,
-                                        max_new_tokens=self.max_new_tokens, seed=derive_seed(seed, attempt))
+            replies = self.backend.chat(
+                [requests[i] for i in todo],
+                temperature=0.0 if attempt == 0 else 0.7,
+                max_new_tokens=self.max_new_tokens,
+                seed=derive_seed(seed, attempt),
+            )
             for i, r in zip(todo, replies, strict=True):
                 parsed[i] = parse_judge_scores(r)
                 raw[i] = r
@@ -203,8 +214,11 @@ class LLMJudgeReward(Reward):
             if scores is None:
                 self.missing += 1
                 self.unparseable.append((t.task_id, raw[i]))
-                log.warning("judge reply for %s unparseable after %d attempts; reward recorded as missing",
-                            t.task_id, self.max_attempts)
+                log.warning(
+                    "judge reply for %s unparseable after %d attempts; reward recorded as missing",
+                    t.task_id,
+                    self.max_attempts,
+                )
                 comps["llm_judge"] = None
                 out.append(RewardResult(value=None, components={**comps, **correctness(t, c)}))
             else:
@@ -245,10 +259,19 @@ class WeightedReward(Reward):
         return out
 
 
-def make_reward(kind: RewardKind, *, judge_model=None, judge_tokenizer=None, judge_backend: ChatBackend | None = None,
-                weights: Mapping[str, float] | None = None, batch_size: int = 8, max_attempts: int = 3) -> Reward:
+def make_reward(
+    kind: RewardKind,
+    *,
+    judge_model=None,
+    judge_tokenizer=None,
+    judge_backend: ChatBackend | None = None,
+    weights: Mapping[str, float] | None = None,
+    batch_size: int = 8,
+    max_attempts: int = 3,
+) -> Reward:
     """Build a reward by name. ``gold_prob`` needs ``judge_model``/``judge_tokenizer``; ``llm_judge`` needs
     ``judge_backend``; ``weighted`` needs ``weights`` over the other three names."""
+
     def single(name: str) -> Reward:
         if name == "correct":
             return CorrectReward()

@@ -61,8 +61,7 @@ class RolloutSpec(RolloutOptions):
     def describe(self) -> dict[str, Any]:
         """The spec as ``metrics.json`` records it: every field, except the engine settings still at the value
         evaluation always generated with (:data:`UNRECORDED_DEFAULTS`)."""
-        return {k: v for k, v in asdict(self).items()
-                if not (k in UNRECORDED_DEFAULTS and v == UNRECORDED_DEFAULTS[k])}
+        return {k: v for k, v in asdict(self).items() if not (k in UNRECORDED_DEFAULTS and v == UNRECORDED_DEFAULTS[k])}
 
 
 #: engine settings a ``metrics.json`` names only when they differ from these values, the ones every evaluation used
@@ -72,10 +71,18 @@ UNRECORDED_DEFAULTS: dict[str, Any] = {"top_p": 1.0, "mix_temperatures": True, "
 
 def build_engine(model: Any, tokenizer: Any, spec: RolloutOptions) -> GenerationEngine:
     """The generation engine of ``spec``: the one place a :class:`GenerationEngine` is made from rollout options."""
-    return GenerationEngine(model, tokenizer, batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens,
-                            sort_by_length=spec.sort_by_length, top_p=spec.top_p,
-                            mix_temperatures=spec.mix_temperatures, reuse_kv_cache=spec.reuse_kv_cache,
-                            share_prefix=spec.share_prefix, attention=spec.attention)
+    return GenerationEngine(
+        model,
+        tokenizer,
+        batch_size=spec.batch_size,
+        max_new_tokens=spec.max_new_tokens,
+        sort_by_length=spec.sort_by_length,
+        top_p=spec.top_p,
+        mix_temperatures=spec.mix_temperatures,
+        reuse_kv_cache=spec.reuse_kv_cache,
+        share_prefix=spec.share_prefix,
+        attention=spec.attention,
+    )
 
 
 def check_tasks(tasks: Sequence[QATask]) -> None:
@@ -91,8 +98,9 @@ def check_tasks(tasks: Sequence[QATask]) -> None:
         seen.add(t.task_id)
 
 
-def check_prefixes(prefixes: Sequence[Sequence[dict[str, str]]], tasks: Sequence[QATask], start_turn: int,
-                   n_turns: int) -> None:
+def check_prefixes(
+    prefixes: Sequence[Sequence[dict[str, str]]], tasks: Sequence[QATask], start_turn: int, n_turns: int
+) -> None:
     """A prefix to continue at assistant turn ``start_turn``: system, ``start_turn − 1`` exchanges, a teacher turn."""
     if len(prefixes) != len(tasks):
         raise ValueError(f"{len(tasks)} tasks but {len(prefixes)} prefixes (one per task)")
@@ -102,20 +110,24 @@ def check_prefixes(prefixes: Sequence[Sequence[dict[str, str]]], tasks: Sequence
     for task, prefix in zip(tasks, prefixes, strict=True):
         roles = [m["role"] for m in prefix]
         if roles != want:
-            raise ValueError(f"task {task.task_id}: a prefix continued at turn {start_turn} must have roles {want}, "
-                             f"got {roles}")
+            raise ValueError(
+                f"task {task.task_id}: a prefix continued at turn {start_turn} must have roles {want}, got {roles}"
+            )
 
 
 def check_explore(spec: RolloutSpec) -> None:
     """Seeded exploration's options name existing runs and turns, and templates use only ``{letter}``."""
     if not spec.explore_runs:
         if spec.explore_prefixes:
-            raise ValueError("explore_prefixes without explore_runs seeds nothing; name the runs to seed "
-                             "(indices into temperatures)")
+            raise ValueError(
+                "explore_prefixes without explore_runs seeds nothing; name the runs to seed (indices into temperatures)"
+            )
         return
     bad = [r for r in spec.explore_runs if not 0 <= r < len(spec.temperatures)]
     if bad:
-        raise ValueError(f"explore_runs {bad} are not runs: indices into temperatures go 0..{len(spec.temperatures) - 1}")
+        raise ValueError(
+            f"explore_runs {bad} are not runs: indices into temperatures go 0..{len(spec.temperatures) - 1}"
+        )
     if not spec.explore_prefixes:
         raise ValueError("explore_runs needs explore_prefixes (assistant turn → forced start of the reply)")
     for turn, template in spec.explore_prefixes.items():
@@ -124,17 +136,20 @@ def check_explore(spec: RolloutSpec) -> None:
         try:
             fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
         except ValueError as e:  # an unbalanced brace: "expected '}' before end of string", naming nothing
-            raise ValueError(f"explore_prefixes[{turn}] = {template!r}: not a valid template ({e}); its only "
-                             "placeholder may be {letter}, and a literal brace is written {{ or }}") from None
+            raise ValueError(
+                f"explore_prefixes[{turn}] = {template!r}: not a valid template ({e}); its only "
+                "placeholder may be {letter}, and a literal brace is written {{ or }}"
+            ) from None
         if fields - {"letter"} or not template.strip():
-            raise ValueError(f"explore_prefixes[{turn}] = {template!r}: a non-empty text whose only placeholder "
-                             "is {letter}")
+            raise ValueError(
+                f"explore_prefixes[{turn}] = {template!r}: a non-empty text whose only placeholder is {{letter}}"
+            )
 
 
 def explore_letter(task: QATask, run: int, seed: int) -> str:
     """The option a seeded conversation asks about: drawn per (question, run, rollout seed), uniform over the
     question's letters, independent of the gold letter."""
-    return random.Random(derive_seed(seed, "explore", task.task_id, run)).choice(LETTERS[:len(task.choices)])
+    return random.Random(derive_seed(seed, "explore", task.task_id, run)).choice(LETTERS[: len(task.choices)])
 
 
 def context_length(model: Any) -> int | None:
@@ -157,14 +172,16 @@ def check_context_budget(model: Any, n_turns: int, max_new_tokens: int, model_na
         return
     budget = n_turns * max_new_tokens
     if budget > context:
-        raise ValueError(f"n_turns {n_turns} x max_new_tokens {max_new_tokens} = {budget} generated tokens per "
-                         f"conversation, more than the {context} tokens of {model_name}'s context (before the system "
-                         "prompt, the question and the teacher's turns); lower n_turns or max_new_tokens")
+        raise ValueError(
+            f"n_turns {n_turns} x max_new_tokens {max_new_tokens} = {budget} generated tokens per "
+            f"conversation, more than the {context} tokens of {model_name}'s context (before the system "
+            "prompt, the question and the teacher's turns); lower n_turns or max_new_tokens"
+        )
 
 
 def discounted_reward(reward: float, discount: float, turns_used: int) -> float:
     """``γ^n · r``: the reward of a conversation that used ``turns_used`` = n assistant turns."""
-    return reward * discount ** turns_used
+    return reward * discount**turns_used
 
 
 def default_teacher(setting: Setting, mode: Mode = "thinking") -> Teacher:
@@ -241,8 +258,9 @@ class Conversations:
         self.ended_early = self.ended_early or [False] * len(self.rows)
 
 
-def checked_players(spec: RolloutSpec, tasks: Sequence[QATask], teacher: Teacher | None,
-                    reward: Reward | None) -> tuple[Teacher, Reward]:
+def checked_players(
+    spec: RolloutSpec, tasks: Sequence[QATask], teacher: Teacher | None, reward: Reward | None
+) -> tuple[Teacher, Reward]:
     """Check the spec and the tasks; the teacher and reward (defaults: the setting's, and correctness), refused when
     they cannot play this spec."""
     setting, mode = spec.setting, spec.mode
@@ -254,17 +272,22 @@ def checked_players(spec: RolloutSpec, tasks: Sequence[QATask], teacher: Teacher
         raise ValueError("temperatures must name at least one run per task")
     teacher = teacher or default_teacher(setting, mode)
     if setting == "reasoning" and teacher.kind != "scripted":
-        raise ValueError(f"the reasoning setting's teacher is scripted (as in the paper); teacher={teacher.kind!r} "
-                         "would never speak — use the scripted teacher or setting='clarifying'")
+        raise ValueError(
+            f"the reasoning setting's teacher is scripted (as in the paper); teacher={teacher.kind!r} "
+            "would never speak — use the scripted teacher or setting='clarifying'"
+        )
     reward = reward or CorrectReward(open_answers=mode == "open")
     if getattr(reward, "open_answers", False) != (mode == "open"):
-        raise ValueError(f"mode={mode!r} but the reward grades {'open' if mode != 'open' else 'lettered'} answers: "
-                         "build the reward for the rollout's mode (simulate.options.build_reward(..., mode=...))")
+        raise ValueError(
+            f"mode={mode!r} but the reward grades {'open' if mode != 'open' else 'lettered'} answers: "
+            "build the reward for the rollout's mode (simulate.options.build_reward(..., mode=...))"
+        )
     return teacher, reward
 
 
-def start_conversations(spec: RolloutSpec, tasks: Sequence[QATask],
-                        prefixes: Sequence[Sequence[dict[str, str]]] | None, start_turn: int) -> Conversations:
+def start_conversations(
+    spec: RolloutSpec, tasks: Sequence[QATask], prefixes: Sequence[Sequence[dict[str, str]]] | None, start_turn: int
+) -> Conversations:
     """One row per (task, run): a fresh conversation (the system prompt), or a copy of the task's prefix; and the
     seeded runs' forced reply starts (fresh conversations only)."""
     rows = [(task, run, float(temp)) for task in tasks for run, temp in enumerate(spec.temperatures)]
@@ -278,14 +301,23 @@ def start_conversations(spec: RolloutSpec, tasks: Sequence[QATask],
     elif start_turn != 1:
         raise ValueError(f"start_turn={start_turn} needs prefixes (the conversations to continue)")
     explore_runs = set(spec.explore_runs) if prefixes is None else set()
-    seeded = {i: {int(t): tpl.format(letter=explore_letter(task, run, spec.seed))
-                  for t, tpl in spec.explore_prefixes.items()}
-              for i, (task, run, _) in enumerate(rows) if run in explore_runs}
+    seeded = {
+        i: {int(t): tpl.format(letter=explore_letter(task, run, spec.seed)) for t, tpl in spec.explore_prefixes.items()}
+        for i, (task, run, _) in enumerate(rows)
+        if run in explore_runs
+    }
     return Conversations(rows, convs, seeded)
 
 
-def play_turns(play: Conversations, spec: RolloutSpec, teacher: Teacher, engine: GenerationEngine,
-               continued: bool, start_turn: int, progress: bool) -> None:
+def play_turns(
+    play: Conversations,
+    spec: RolloutSpec,
+    teacher: Teacher,
+    engine: GenerationEngine,
+    continued: bool,
+    start_turn: int,
+    progress: bool,
+) -> None:
     """Advance every conversation turn by turn (teacher message, then the policy's reply) from ``start_turn`` to the
     last turn, or until it ends early (adaptive). ``continued``: the conversations are prefixes that end with the
     teacher's turn ``start_turn``."""
@@ -300,8 +332,12 @@ def play_turns(play: Conversations, spec: RolloutSpec, teacher: Teacher, engine:
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=(n_turns - start_turn + 1) * len(rows), unit="turn", desc=f"rollout {setting}/{mode}",
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=(n_turns - start_turn + 1) * len(rows),
+            unit="turn",
+            desc=f"rollout {setting}/{mode}",
+            dynamic_ncols=True,
+        )
     try:
         for turn in range(start_turn, n_turns + 1):
             if not active:
@@ -309,18 +345,29 @@ def play_turns(play: Conversations, spec: RolloutSpec, teacher: Teacher, engine:
             replies: dict[int, str | None] = {}
             teacher_speaks = not continued or turn > start_turn  # a prefix ends with teacher turn start_turn
             if teacher_speaks and prompts.needs_teacher_reply(setting, n_turns, turn, mode):
-                got = teacher.reply([row_tasks[i] for i in active], [convs[i] for i in active],
-                                    seed=derive_seed(seed, "teacher", turn))
+                got = teacher.reply(
+                    [row_tasks[i] for i in active], [convs[i] for i in active], seed=derive_seed(seed, "teacher", turn)
+                )
                 replies = dict(zip(active, got, strict=True))
             for i in active:
                 if teacher_speaks:
-                    convs[i].append({"role": "user", "content": prompts.teacher_message(
-                        rows[i][0], setting, mode, n_turns, turn, reply=replies.get(i), adaptive=adaptive)})
+                    convs[i].append(
+                        {
+                            "role": "user",
+                            "content": prompts.teacher_message(
+                                rows[i][0], setting, mode, n_turns, turn, reply=replies.get(i), adaptive=adaptive
+                            ),
+                        }
+                    )
             forced = [play.seeded.get(i, {}).get(turn, "") for i in active]
-            gens = engine.generate([convs[i] for i in active], [row_temps[i] for i in active],
-                                   seed=derive_seed(seed, "turn", turn), max_new_tokens=spec.max_new_tokens,
-                                   **({"session": session, "keys": active} if session is not None else {}),
-                                   **({"assistant_prefixes": forced} if any(forced) else {}))
+            gens = engine.generate(
+                [convs[i] for i in active],
+                [row_temps[i] for i in active],
+                seed=derive_seed(seed, "turn", turn),
+                max_new_tokens=spec.max_new_tokens,
+                **({"session": session, "keys": active} if session is not None else {}),
+                **({"assistant_prefixes": forced} if any(forced) else {}),
+            )
             going = []
             for i, g in zip(active, gens, strict=True):
                 text = g.text
@@ -343,11 +390,18 @@ def play_turns(play: Conversations, spec: RolloutSpec, teacher: Teacher, engine:
         session = None  # free the caches before scoring
 
 
-def score_and_record(play: Conversations, spec: RolloutSpec, teacher: Teacher, reward: Reward,
-                     model_name: str) -> list[ConversationRecord]:
+def score_and_record(
+    play: Conversations, spec: RolloutSpec, teacher: Teacher, reward: Reward, model_name: str
+) -> list[ConversationRecord]:
     """Score the finished conversations (discounted by the turns used when γ < 1) and make their records."""
-    setting, mode, n_turns, seed, adaptive, discount = (spec.setting, spec.mode, spec.n_turns, spec.seed,
-                                                         spec.adaptive, spec.discount)
+    setting, mode, n_turns, seed, adaptive, discount = (
+        spec.setting,
+        spec.mode,
+        spec.n_turns,
+        spec.seed,
+        spec.adaptive,
+        spec.discount,
+    )
     rows, convs = play.rows, play.convs
     results = reward.score([r[0] for r in rows], convs, seed=derive_seed(seed, "reward"))
     length_meta = adaptive or discount != 1.0
@@ -363,33 +417,50 @@ def score_and_record(play: Conversations, spec: RolloutSpec, teacher: Teacher, r
             components["undiscounted_reward"] = value
             value = discounted_reward(value, discount, turns_used)
         final = convs[i][-1]["content"]
-        records.append(ConversationRecord(
-            id=f"{task.task_id}#run{run}",
-            task_id=task.task_id,
-            messages=convs[i],
-            reward=value,
-            dataset=task.dataset,
-            run=run,
-            temperature=temp,
-            reward_components=components,
-            gold=task.gold,
-            prediction=final_answer_of(final, task.choices, open_answers=mode == "open").letter,
-            meta={
-                "setting": setting, "mode": mode, "n_turns": n_turns, "model": model_name,
-                "teacher": teacher.describe(), "reward": reward.describe(), "seed": seed,
-                # the final-answer DPO prompt (the question as the student saw it: with its options, or alone)
-                "question_prompt": prompts.format_question(task, mode),
-                "question_hash": task.content_hash,  # what clarify report checks before pairing two evaluations
-                "max_new_tokens": spec.max_new_tokens, "empty_turns": play.empty[i],
-                "truncated_turns": play.truncated[i], "reward_missing": res.value is None,
-                **({"adaptive": adaptive, "turns_used": turns_used, "ended_early": play.ended_early[i],
-                    "discount": discount} if length_meta else {}),
-                **({"explore_prefixes": play.seeded[i]} if i in play.seeded else {}),
-                # open mode: the options never appear in the conversation; kept here for grading (metrics, rescore)
-                **({"choices": list(task.choices)} if mode == "open" else {}),
-                **record_flags(task, convs[i], setting),  # teacher_leak, echoed_instructions (simulate/leaks.py)
-            },
-        ))
+        records.append(
+            ConversationRecord(
+                id=f"{task.task_id}#run{run}",
+                task_id=task.task_id,
+                messages=convs[i],
+                reward=value,
+                dataset=task.dataset,
+                run=run,
+                temperature=temp,
+                reward_components=components,
+                gold=task.gold,
+                prediction=final_answer_of(final, task.choices, open_answers=mode == "open").letter,
+                meta={
+                    "setting": setting,
+                    "mode": mode,
+                    "n_turns": n_turns,
+                    "model": model_name,
+                    "teacher": teacher.describe(),
+                    "reward": reward.describe(),
+                    "seed": seed,
+                    # the final-answer DPO prompt (the question as the student saw it: with its options, or alone)
+                    "question_prompt": prompts.format_question(task, mode),
+                    "question_hash": task.content_hash,  # what clarify report checks before pairing two evaluations
+                    "max_new_tokens": spec.max_new_tokens,
+                    "empty_turns": play.empty[i],
+                    "truncated_turns": play.truncated[i],
+                    "reward_missing": res.value is None,
+                    **(
+                        {
+                            "adaptive": adaptive,
+                            "turns_used": turns_used,
+                            "ended_early": play.ended_early[i],
+                            "discount": discount,
+                        }
+                        if length_meta
+                        else {}
+                    ),
+                    **({"explore_prefixes": play.seeded[i]} if i in play.seeded else {}),
+                    # open mode: the options never appear in the conversation; kept here for grading (metrics, rescore)
+                    **({"choices": list(task.choices)} if mode == "open" else {}),
+                    **record_flags(task, convs[i], setting),  # teacher_leak, echoed_instructions (simulate/leaks.py)
+                },
+            )
+        )
     n_missing = sum(r.meta["reward_missing"] for r in records)
     if n_missing:
         log.warning("%d of %d conversations have no reward (flagged meta.reward_missing)", n_missing, len(records))

@@ -32,7 +32,8 @@ component           what it checks (each in [0, 1])                             
 ``reward = committed · Σ_k w_k c_k / Σ_k w_k`` where ``committed`` is 1 when the final turn commits to exactly one
 letter (:func:`~clarify_lit.simulate.parsing.analyze_answer`) and 0 otherwise — no hedging, no echoed options, no
 question or silence instead of an answer (confidence calibration). The gate keeps the process terms from paying a
-policy that never commits: one that only ever asks "What does option A mean?", hedges "A, B, C or D", echoes the options or
+policy that never commits: one that only ever asks "What does option A mean?", hedges "A, B, C or D", echoes the
+options or
 says nothing gets 0 whatever else it does; a constant single letter earns its base-rate accuracy plus the process
 terms it actually shows.
 
@@ -98,8 +99,9 @@ def echoes_options(text: str) -> bool:
     return len(set(_OPTION_LINE.findall(text))) >= 3
 
 
-def has_substance(text: str, earlier: Sequence[str], choices: Sequence[str], min_words: int = DEFAULT_MIN_WORDS
-                  ) -> bool:
+def has_substance(
+    text: str, earlier: Sequence[str], choices: Sequence[str], min_words: int = DEFAULT_MIN_WORDS
+) -> bool:
     """A turn that does something: one question about one option, or ``min_words`` words or more of which at least
     half are distinct; never a copy of an earlier turn (``earlier``, compared by words) nor an echo of the options."""
     words = _words(text)
@@ -110,22 +112,29 @@ def has_substance(text: str, earlier: Sequence[str], choices: Sequence[str], min
     return len(words) >= min_words and len(set(words)) * 2 >= len(words)
 
 
-def rubric_components(task: QATask, messages: Sequence[Message], word_limit: int = 60,
-                      min_words: int = DEFAULT_MIN_WORDS) -> dict[str, float]:
+def rubric_components(
+    task: QATask, messages: Sequence[Message], word_limit: int = 60, min_words: int = DEFAULT_MIN_WORDS
+) -> dict[str, float]:
     """The rule-checked components of one conversation (``correct`` as 0/1; see the module docstring)."""
     assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not assistant:
         raise ValueError(f"task {task.task_id}: conversation has no assistant turn")
     texts = [messages[i]["content"] for i in assistant]
     final = analyze_answer(texts[-1], task.choices)
-    asked = [k for k, i in enumerate(assistant) if i > 0 and messages[i - 1]["role"] == "user"
-             and THINK_REQUEST in messages[i - 1]["content"]]
+    asked = [
+        k
+        for k, i in enumerate(assistant)
+        if i > 0 and messages[i - 1]["role"] == "user" and THINK_REQUEST in messages[i - 1]["content"]
+    ]
     thoughts = [split_thinking(t)[1] for t in texts]
     # a thinking block counts once: the same thoughts again (a constant template) are not reasoning
-    fresh_thinking = [uses_thinking_tags(texts[k]) and _words(thoughts[k]) not in [_words(x) for x in thoughts[:k]]
-                      for k in asked]
-    concise = [len(t.split()) <= word_limit and has_substance(t, texts[:k], task.choices, min_words)
-               for k, t in enumerate(texts)]
+    fresh_thinking = [
+        uses_thinking_tags(texts[k]) and _words(thoughts[k]) not in [_words(x) for x in thoughts[:k]] for k in asked
+    ]
+    concise = [
+        len(t.split()) <= word_limit and has_substance(t, texts[:k], task.choices, min_words)
+        for k, t in enumerate(texts)
+    ]
     return {
         "committed": float(final.letter is not None),
         "hedged": float(final.hedged),
@@ -148,9 +157,15 @@ class RubricReward(Reward):
 
     kind = "rubric"
 
-    def __init__(self, weights: Mapping[str, float] | None = None, *, accuracy: Literal["correct", "gold_prob"] = "correct",
-                 gold_prob: GoldProbReward | None = None, word_limit: int = 60,
-                 min_words: int = DEFAULT_MIN_WORDS):
+    def __init__(
+        self,
+        weights: Mapping[str, float] | None = None,
+        *,
+        accuracy: Literal["correct", "gold_prob"] = "correct",
+        gold_prob: GoldProbReward | None = None,
+        word_limit: int = 60,
+        min_words: int = DEFAULT_MIN_WORDS,
+    ):
         weights = dict(DEFAULT_RUBRIC_WEIGHTS if weights is None else weights)
         unknown = sorted(set(weights) - set(RUBRIC_COMPONENTS))
         if unknown:
@@ -172,8 +187,9 @@ class RubricReward(Reward):
         ws = ",".join(f"{k}={w:g}" for k, w in self.weights.items())
         return f"rubric({self.accuracy};{ws};words={self.min_words}-{self.word_limit})"
 
-    def score(self, tasks: Sequence[QATask], conversations: Sequence[Sequence[Message]], *, seed: int = 0
-              ) -> list[RewardResult]:
+    def score(
+        self, tasks: Sequence[QATask], conversations: Sequence[Sequence[Message]], *, seed: int = 0
+    ) -> list[RewardResult]:
         probs = None
         if self.accuracy == "gold_prob":
             probs = [r.value for r in self.gold_prob.score(tasks, conversations, seed=seed)]

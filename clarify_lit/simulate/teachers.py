@@ -48,14 +48,21 @@ TeacherKind = Literal["scripted", "retrieval", "open", "llm"]
 # ---------------------------------------------------------------------------------------------------------------
 # chat backends (shared with the LLM judge)
 
+
 class ChatBackend(ABC):
     """Answers a batch of chat requests; ``temperature`` 0 = greedy; ``seed`` makes local sampling repeatable."""
 
     name: str = "backend"
 
     @abstractmethod
-    def chat(self, requests: Sequence[Sequence[Message]], *, temperature: float = 0.0, max_new_tokens: int = 128,
-             seed: int = 0) -> list[str]: ...
+    def chat(
+        self,
+        requests: Sequence[Sequence[Message]],
+        *,
+        temperature: float = 0.0,
+        max_new_tokens: int = 128,
+        seed: int = 0,
+    ) -> list[str]: ...
 
 
 class HFChatBackend(ChatBackend):
@@ -85,8 +92,17 @@ class EndpointChatBackend(ChatBackend):
 
     RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
-    def __init__(self, base_url: str, model: str, *, api_key_env: str | None = None, timeout: float = 60.0,
-                 max_retries: int = 3, backoff: float = 1.0, concurrency: int = 4):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key_env: str | None = None,
+        timeout: float = 60.0,
+        max_retries: int = 3,
+        backoff: float = 1.0,
+        concurrency: int = 4,
+    ):
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"endpoint base_url must start with http:// or https://, got {base_url!r}")
         self.url = base_url.rstrip("/") + "/chat/completions"
@@ -111,11 +127,19 @@ class EndpointChatBackend(ChatBackend):
             h["Authorization"] = f"Bearer {os.environ[self.api_key_env]}"
         return h
 
-    def _complete_one(self, messages: Sequence[Message], temperature: float, max_new_tokens: int, seed: int
-                      ) -> tuple[str, str | None, int | None]:
+    def _complete_one(
+        self, messages: Sequence[Message], temperature: float, max_new_tokens: int, seed: int
+    ) -> tuple[str, str | None, int | None]:
         """``(text, finish_reason, completion tokens)`` of one request (the last two as the server reports them)."""
-        body = json.dumps({"model": self.model, "messages": list(messages), "temperature": float(temperature),
-                           "max_tokens": int(max_new_tokens), "seed": int(seed) % (2**31)}).encode("utf-8")
+        body = json.dumps(
+            {
+                "model": self.model,
+                "messages": list(messages),
+                "temperature": float(temperature),
+                "max_tokens": int(max_new_tokens),
+                "seed": int(seed) % (2**31),
+            }
+        ).encode("utf-8")
         last = "no attempt made"
         for attempt in range(self.max_retries + 1):
             if attempt:
@@ -150,21 +174,27 @@ class EndpointChatBackend(ChatBackend):
             with self._count:
                 self.answered += 1
             return text, choice.get("finish_reason"), tokens if isinstance(tokens, int) else None
-        raise EndpointError(f"endpoint {self.url} gave no usable answer after {self.max_retries + 1} attempts "
-                            f"(timeout {self.timeout}s each); last error: {last}. Is the server running and is "
-                            f"base_url right?")
+        raise EndpointError(
+            f"endpoint {self.url} gave no usable answer after {self.max_retries + 1} attempts "
+            f"(timeout {self.timeout}s each); last error: {last}. Is the server running and is "
+            f"base_url right?"
+        )
 
     def calls(self) -> dict[str, int]:
         """Requests answered, HTTP attempts and retries so far (every request answered: ``answered`` = requests)."""
         return {"answered": self.answered, "attempts": self.attempts, "retries": self.retries}
 
     def chat(self, requests, *, temperature=0.0, max_new_tokens=128, seed=0):
-        return [text for text, _, _ in self.complete(requests, temperature=temperature,
-                                                     max_new_tokens=max_new_tokens, seed=seed)]
+        return [
+            text
+            for text, _, _ in self.complete(requests, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+        ]
 
-    def complete(self, requests, *, temperature=0.0, max_new_tokens=128, seed=0
-                 ) -> list[tuple[str, str | None, int | None]]:
+    def complete(
+        self, requests, *, temperature=0.0, max_new_tokens=128, seed=0
+    ) -> list[tuple[str, str | None, int | None]]:
         """Like :meth:`chat`, with each reply's finish reason and completion-token count (``None`` if not sent)."""
+
         def call(i: int) -> tuple[str, str | None, int | None]:
             return self._complete_one(requests[i], temperature, max_new_tokens, derive_seed(seed, i))
 
@@ -177,14 +207,16 @@ class EndpointChatBackend(ChatBackend):
 # ---------------------------------------------------------------------------------------------------------------
 # teachers
 
+
 class Teacher(ABC):
     """Replies to the latest student turn of each conversation (one call per batch)."""
 
     kind: TeacherKind
 
     @abstractmethod
-    def reply(self, tasks: Sequence[QATask], conversations: Sequence[Sequence[Message]], *, seed: int = 0
-              ) -> list[str]: ...
+    def reply(
+        self, tasks: Sequence[QATask], conversations: Sequence[Sequence[Message]], *, seed: int = 0
+    ) -> list[str]: ...
 
     def describe(self) -> str:
         return self.kind
@@ -299,8 +331,13 @@ class RetrievalTeacher(Teacher):
 
     kind: TeacherKind = "retrieval"
 
-    def __init__(self, top_k: int = 2, max_words: int = 60, hide_gold_text: bool = True,
-                 hide_mode: Literal["blank", "drop"] = "blank"):
+    def __init__(
+        self,
+        top_k: int = 2,
+        max_words: int = 60,
+        hide_gold_text: bool = True,
+        hide_mode: Literal["blank", "drop"] = "blank",
+    ):
         if hide_mode not in ("blank", "drop"):
             raise ValueError(f"hide_mode must be 'blank' or 'drop', got {hide_mode!r}")
         self.top_k = top_k
@@ -346,10 +383,13 @@ class RetrievalTeacher(Teacher):
         if refs:
             # the same words whichever option was named: quoting the option back only when it is not the gold one
             # (the gold text is never written) would tell the student which one is
-            return (f"Good question. Think about what option {LETTERS[refs[0]]} means and whether it matches exactly "
-                    "what the question asks."), False
-        return ("Good question. Look at the key words of the question and check each option against them one by "
-                "one."), False
+            return (
+                f"Good question. Think about what option {LETTERS[refs[0]]} means and whether it matches exactly "
+                "what the question asks."
+            ), False
+        return (
+            "Good question. Look at the key words of the question and check each option against them one by one."
+        ), False
 
     def reply(self, tasks, conversations, *, seed=0):
         out = []
@@ -420,8 +460,15 @@ class LLMTeacher(Teacher):
 
     kind: TeacherKind = "llm"
 
-    def __init__(self, backend: ChatBackend, *, temperature: float = 0.0, max_new_tokens: int = 96,
-                 show_gold: bool = True, show_knowledge: bool = True):
+    def __init__(
+        self,
+        backend: ChatBackend,
+        *,
+        temperature: float = 0.0,
+        max_new_tokens: int = 96,
+        show_gold: bool = True,
+        show_knowledge: bool = True,
+    ):
         self.backend = backend
         self.temperature = temperature
         self.max_new_tokens = max_new_tokens
@@ -433,15 +480,23 @@ class LLMTeacher(Teacher):
         return f"llm:{self.backend.name}"
 
     def reply(self, tasks, conversations, *, seed=0):
-        requests = [prompts.teacher_request(t, _last_student_turn(c), show_gold=self.show_gold,
-                                            show_knowledge=self.show_knowledge)
-                    for t, c in zip(tasks, conversations, strict=True)]
-        replies = self.backend.chat(requests, temperature=self.temperature, max_new_tokens=self.max_new_tokens,
-                                    seed=seed)
+        requests = [
+            prompts.teacher_request(
+                t, _last_student_turn(c), show_gold=self.show_gold, show_knowledge=self.show_knowledge
+            )
+            for t, c in zip(tasks, conversations, strict=True)
+        ]
+        replies = self.backend.chat(
+            requests, temperature=self.temperature, max_new_tokens=self.max_new_tokens, seed=seed
+        )
         empty = [i for i, r in enumerate(replies) if not r.strip()]
         if empty:
-            again = self.backend.chat([requests[i] for i in empty], temperature=max(self.temperature, 0.7),
-                                      max_new_tokens=self.max_new_tokens, seed=derive_seed(seed, "retry"))
+            again = self.backend.chat(
+                [requests[i] for i in empty],
+                temperature=max(self.temperature, 0.7),
+                max_new_tokens=self.max_new_tokens,
+                seed=derive_seed(seed, "retry"),
+            )
             for i, r in zip(empty, again, strict=True):
                 replies[i] = r
         for i, r in enumerate(replies):

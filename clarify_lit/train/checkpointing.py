@@ -85,23 +85,35 @@ class LastCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer, pl_module) -> None:
         # Lightning writes last.ckpt at train end only if it never wrote one; after epoch-end saves the final state
         # (the last epoch, or max_steps reached mid-epoch) still has to be written
-        if self.save_last and self._last_checkpoint_saved and not trainer.fast_dev_run \
-                and self._last_global_step_saved != trainer.global_step:
+        if (
+            self.save_last
+            and self._last_checkpoint_saved
+            and not trainer.fast_dev_run
+            and self._last_global_step_saved != trainer.global_step
+        ):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             return
         super().on_train_end(trainer, pl_module)
 
     def _save_last_if_due(self, trainer) -> None:
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer) and self._every_n_epochs >= 1 \
-                and (trainer.current_epoch + 1) % self._every_n_epochs == 0 and not _last_epoch(trainer):
+        if (
+            self.save_last
+            and not self._should_skip_saving_checkpoint(trainer)
+            and self._every_n_epochs >= 1
+            and (trainer.current_epoch + 1) % self._every_n_epochs == 0
+            and not _last_epoch(trainer)
+        ):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 def _last_epoch(trainer) -> bool:
     """Training stops after this epoch: ``on_train_end`` writes ``last.ckpt`` then (one write, not two)."""
     max_epochs = trainer.max_epochs
-    return (trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps) or trainer.should_stop or (
-        max_epochs is not None and max_epochs != -1 and trainer.current_epoch + 1 >= max_epochs)
+    return (
+        (trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps)
+        or trainer.should_stop
+        or (max_epochs is not None and max_epochs != -1 and trainer.current_epoch + 1 >= max_epochs)
+    )
 
 
 def _rng_state() -> dict[str, Any]:
@@ -131,8 +143,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
         else:
-            log.warning("resuming: the checkpoint holds the CUDA RNG of %d devices, this machine has %d; CUDA random "
-                        "streams start afresh", len(cuda), torch.cuda.device_count())
+            log.warning(
+                "resuming: the checkpoint holds the CUDA RNG of %d devices, this machine has %d; CUDA random "
+                "streams start afresh",
+                len(cuda),
+                torch.cuda.device_count(),
+            )
 
 
 def _as_tuple(x):
@@ -166,8 +182,11 @@ class ResumeState(Callback):
     def _catch_sigint(self, trainer) -> None:
         """First Ctrl-C: stop after the current batch as SIGTERM does (saving ``last.ckpt``); a second one: at once.
         Single process only: DDP ranks must agree on where to stop, which Lightning's own SIGTERM handling does."""
-        if trainer.world_size != 1 or threading.current_thread() is not threading.main_thread() \
-                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        if (
+            trainer.world_size != 1
+            or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        ):
             return
         connector = getattr(trainer, "_signal_connector", None)
         if connector is None or not hasattr(connector, "received_sigterm"):

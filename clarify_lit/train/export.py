@@ -26,11 +26,26 @@ from clarify_lit.train.model_card import ExportFormat, gather_card_facts, render
 log = logging.getLogger(__name__)
 
 # the names an export writes: how the files of an export written before clarify_export.json listed them are known
-EXPORT_FILE_PATTERNS = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "config.json",
-                        "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
-                        "model.safetensors.index.json", "pytorch_model*.bin", "tokenizer.json", "tokenizer_config.json",
-                        "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
-                        "chat_template.jinja", "README.md", EXPORT_METADATA)
+EXPORT_FILE_PATTERNS = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model*.bin",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "README.md",
+    EXPORT_METADATA,
+)
 
 
 def folder_contents(folder: str | Path) -> list[str]:
@@ -64,13 +79,16 @@ def refuse_occupied_export(folder: str | Path, overwrite: bool) -> None:
     held = folder_contents(folder)
     if held and not overwrite:
         names = ", ".join(held[:4]) + (f", … ({len(held)} entries)" if len(held) > 4 else "")
-        raise FileExistsError(f"--out_dir {folder} is not empty ({names}); pass --overwrite true to write the export "
-                              "there (an earlier export's files are replaced, other files are kept), or choose "
-                              "another --out_dir")
+        raise FileExistsError(
+            f"--out_dir {folder} is not empty ({names}); pass --overwrite true to write the export "
+            "there (an earlier export's files are replaced, other files are kept), or choose "
+            "another --out_dir"
+        )
 
 
-def write_export(module, folder: str | Path, *, run_dir: Path | None = None, trainer=None,
-                 checkpoint: dict | None = None) -> Path:
+def write_export(
+    module, folder: str | Path, *, run_dir: Path | None = None, trainer=None, checkpoint: dict | None = None
+) -> Path:
     """Write the adapter (LoRA) or the full weights of ``module`` with tokenizer, chat template, model card and
     ``clarify_export.json``. ``run_dir``, ``trainer`` or ``checkpoint`` fill the card (see ``gather_card_facts``)."""
     folder = Path(folder)
@@ -96,8 +114,15 @@ def write_export(module, folder: str | Path, *, run_dir: Path | None = None, tra
     return folder
 
 
-def export_merged(module, folder: str | Path, dtype: DType | None = None, *, run_dir: Path | None = None,
-                  trainer=None, checkpoint: dict | None = None) -> Path:
+def export_merged(
+    module,
+    folder: str | Path,
+    dtype: DType | None = None,
+    *,
+    run_dir: Path | None = None,
+    trainer=None,
+    checkpoint: dict | None = None,
+) -> Path:
     """Write ``module``'s policy as one standalone ``transformers`` folder: the LoRA merged into a copy of the base
     weights (the module keeps its adapter), cast to ``dtype`` (default: the training dtype), with tokenizer, chat
     template, generation config, model card and ``clarify_export.json``. Without LoRA: the full weights in ``dtype``."""
@@ -139,8 +164,10 @@ def _build_export(folder: Path, build, what: str) -> None:
             raise
         errno_ = getattr(e, "errno", None)
         reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:200] or type(e).__name__
-        message = (f"writing the {what} {folder} failed: {reason}; nothing was left there (the previous export, "
-                   "if any, is unchanged)")
+        message = (
+            f"writing the {what} {folder} failed: {reason}; nothing was left there (the previous export, "
+            "if any, is unchanged)"
+        )
         raise (OSError(errno_, message) if errno_ is not None else OSError(message)) from None
 
 
@@ -163,13 +190,15 @@ def _rename_base(config_file: Path, name: str) -> None:
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _describe(module, folder: Path, fmt: ExportFormat, dtype: str, run_dir: Path | None, trainer,
-              checkpoint: dict | None) -> None:
+def _describe(
+    module, folder: Path, fmt: ExportFormat, dtype: str, run_dir: Path | None, trainer, checkpoint: dict | None
+) -> None:
     """``clarify_export.json`` and the model card ``README.md`` (replacing peft's empty template)."""
     spec = str(module.hparams.model_name_or_path)
     meta: dict[str, Any] = {"format": fmt, **base_metadata(spec, module.hparams.dtype), "export_dtype": dtype}
-    facts = gather_card_facts(module, export_format=fmt, run_dir=run_dir, trainer=trainer, checkpoint=checkpoint,
-                              dtype=dtype)
+    facts = gather_card_facts(
+        module, export_format=fmt, run_dir=run_dir, trainer=trainer, checkpoint=checkpoint, dtype=dtype
+    )
     meta["clarify_lit_version"] = facts["versions"].get("clarify_lit")
     meta["global_step"] = (facts.get("training") or {}).get("global_step")
     # what this export wrote: a later export into the same folder replaces these files and no others

@@ -10,7 +10,8 @@ Examples::
 ``--merge true`` writes a standalone ``transformers`` folder (the LoRA merged into the base weights; no peft needed:
 what vLLM, lm-evaluation-harness and GGUF converters take); without it, the adapter folder that ``clarify fit``
 writes to ``<run>/export``. ``--format gguf`` writes the merged policy as one GGUF file for llama.cpp and Ollama,
-with a model card saying how to serve it (:mod:`clarify_lit.train.gguf_export`). Either way with tokenizer, chat template, generation config, a model card filled from
+with a model card saying how to serve it (:mod:`clarify_lit.train.gguf_export`). Either way with tokenizer, chat
+template, generation config, a model card filled from
 the run (checkpoint step, last logged losses, data, rollout evaluation, ``config.yaml``) and ``clarify_export.json``.
 
 A folder that holds anything is refused unless ``--overwrite true``; even then only an earlier export's files there
@@ -39,8 +40,10 @@ def checkpoint_of(run_dir: str | None, ckpt_path: str | None) -> tuple[Path, Pat
     """``(checkpoint file, run folder)`` from exactly one of a run folder (its ``checkpoints/last.ckpt``) or a
     checkpoint (its run folder: the parent of ``checkpoints/``)."""
     if (run_dir is None) == (ckpt_path is None):
-        raise ValueError("clarify export needs exactly one of --run_dir (a clarify fit run folder) or --ckpt_path "
-                         "(a checkpoint file)")
+        raise ValueError(
+            "clarify export needs exactly one of --run_dir (a clarify fit run folder) or --ckpt_path "
+            "(a checkpoint file)"
+        )
     if ckpt_path is not None:
         ckpt = Path(ckpt_path)
         run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
@@ -48,14 +51,23 @@ def checkpoint_of(run_dir: str | None, ckpt_path: str | None) -> tuple[Path, Pat
         run = Path(run_dir)
         ckpt = run / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {ckpt} (give --ckpt_path, or --run_dir of a clarify fit run "
-                                "with checkpoints/last.ckpt)")
+        raise FileNotFoundError(
+            f"checkpoint not found: {ckpt} (give --ckpt_path, or --run_dir of a clarify fit run "
+            "with checkpoints/last.ckpt)"
+        )
     return ckpt, run
 
 
-def export(run_dir: str | None = None, ckpt_path: str | None = None, out_dir: str | None = None,
-           merge: bool = False, dtype: Literal["float32", "bfloat16", "float16"] | None = None,
-           overwrite: bool = False, format: Literal["hf", "gguf"] = "hf", gguf_type: GGUFType = "f16") -> Path:
+def export(
+    run_dir: str | None = None,
+    ckpt_path: str | None = None,
+    out_dir: str | None = None,
+    merge: bool = False,
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+    overwrite: bool = False,
+    format: Literal["hf", "gguf"] = "hf",
+    gguf_type: GGUFType = "f16",
+) -> Path:
     """Export a ``clarify fit`` run from its checkpoint (the options are :class:`ExportConfig`'s)."""
     ckpt, run = checkpoint_of(run_dir, ckpt_path)
     if dtype is not None and not merge:
@@ -78,8 +90,7 @@ def export(run_dir: str | None = None, ckpt_path: str | None = None, out_dir: st
     else:
         folder = write_export(module, out, run_dir=run, checkpoint=state)
     what = "GGUF file" if format == "gguf" else ("merged model" if merge else "export")
-    print(f"[clarify export] {what} of {ckpt} (step {state['global_step']}) → "
-          f"{folder}")
+    print(f"[clarify export] {what} of {ckpt} (step {state['global_step']}) → {folder}")
     return folder
 
 

@@ -58,9 +58,11 @@ def llama_pre_tokenizer(tokenizer_json: dict[str, Any]) -> str:
         return "gpt-2"
     if byte_level and kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
         return "smollm"
-    raise GGUFExportError(f"pre-tokenizer {json.dumps(pre)[:200]} has no llama.cpp name this exporter knows (it "
-                          "knows byte-level BPE, alone or after single digits); convert the --merge true export with "
-                          "llama.cpp's convert_hf_to_gguf.py instead")
+    raise GGUFExportError(
+        f"pre-tokenizer {json.dumps(pre)[:200]} has no llama.cpp name this exporter knows (it "
+        "knows byte-level BPE, alone or after single digits); convert the --merge true export with "
+        "llama.cpp's convert_hf_to_gguf.py instead"
+    )
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -87,8 +89,9 @@ def _vocabulary(tokenizer, n_vocab: int, gguf) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def write_llama_gguf(folder: str | Path, path: str | Path, gguf_type: GGUFType = "f16", name: str | None = None
-                     ) -> Path:
+def write_llama_gguf(
+    folder: str | Path, path: str | Path, gguf_type: GGUFType = "f16", name: str | None = None
+) -> Path:
     """Write the ``transformers`` Llama folder ``folder`` (model + tokenizer) as the GGUF file ``path``."""
     import gguf
     import torch
@@ -98,24 +101,38 @@ def write_llama_gguf(folder: str | Path, path: str | Path, gguf_type: GGUFType =
     folder, path = Path(folder), Path(path)
     config = AutoConfig.from_pretrained(folder)
     if config.model_type != "llama":
-        raise GGUFExportError(f"{folder}: model_type {config.model_type!r}: this exporter writes Llama-architecture "
-                              "models only; convert the --merge true export with llama.cpp's convert_hf_to_gguf.py")
+        raise GGUFExportError(
+            f"{folder}: model_type {config.model_type!r}: this exporter writes Llama-architecture "
+            "models only; convert the --merge true export with llama.cpp's convert_hf_to_gguf.py"
+        )
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise GGUFExportError(f"{folder}: rope scaling {rope} is not written by this exporter; use llama.cpp's "
-                              "convert_hf_to_gguf.py on the --merge true export")
+        raise GGUFExportError(
+            f"{folder}: rope scaling {rope} is not written by this exporter; use llama.cpp's "
+            "convert_hf_to_gguf.py on the --merge true export"
+        )
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        raise GGUFExportError(f"{folder}: biases in attention/MLP are not written by this exporter; use llama.cpp's "
-                              "convert_hf_to_gguf.py on the --merge true export")
+        raise GGUFExportError(
+            f"{folder}: biases in attention/MLP are not written by this exporter; use llama.cpp's "
+            "convert_hf_to_gguf.py on the --merge true export"
+        )
     tokenizer = AutoTokenizer.from_pretrained(folder)
     pre = llama_pre_tokenizer(json.loads((folder / "tokenizer.json").read_text(encoding="utf-8")))
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
     theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
-    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-             "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[gguf_type]
+    ftype = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[gguf_type]
+    qtype = {
+        "f32": gguf.GGMLQuantizationType.F32,
+        "f16": gguf.GGMLQuantizationType.F16,
+        "bf16": gguf.GGMLQuantizationType.BF16,
+        "q8_0": gguf.GGMLQuantizationType.Q8_0,
+    }[gguf_type]
 
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_name(name or folder.name)
@@ -154,8 +171,10 @@ def write_llama_gguf(folder: str | Path, path: str | Path, gguf_type: GGUFType =
             continue  # llama.cpp reads the output projection from token_embd when output.weight is absent
         new = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if new is None:
-            raise GGUFExportError(f"{folder}: tensor {hf_name!r} has no llama.cpp name; use llama.cpp's "
-                                  "convert_hf_to_gguf.py on the --merge true export")
+            raise GGUFExportError(
+                f"{folder}: tensor {hf_name!r} has no llama.cpp name; use llama.cpp's "
+                "convert_hf_to_gguf.py on the --merge true export"
+            )
         data = tensor.float().numpy()
         if hf_name.endswith("q_proj.weight"):
             data = _permute(data, n_head)
@@ -178,37 +197,61 @@ def write_llama_gguf(folder: str | Path, path: str | Path, gguf_type: GGUFType =
 
 def serving_section(gguf_name: str, model_name: str) -> str:
     """The model card's "How to serve" section for the GGUF file ``gguf_name``."""
-    return "\n".join([
-        "## How to serve (GGUF)", "",
-        f"`{gguf_name}` is this policy as one GGUF file: llama.cpp, its Python server and Ollama load it.", "",
-        "llama-cpp-python's OpenAI-compatible server (`pip install \"llama-cpp-python[server]\"`):", "", "```bash",
-        f"python -m llama_cpp.server --model {gguf_name} --host 127.0.0.1 --port 8765 --chat_format chatml "
-        f"--model_alias {model_name}", "```", "",
-        "llama.cpp's own server: `llama-server -m " + gguf_name + " --host 127.0.0.1 --port 8765`. "
-        "Ollama: `ollama create " + model_name + " -f Modelfile` (the `Modelfile` beside this card), then "
-        "`ollama run " + model_name + "`; its OpenAI-compatible API is `http://127.0.0.1:11434/v1`.", "",
-        "Then roll the policy out, or log new data with it, through the endpoint:", "", "```bash",
-        "clarify evaluate --policy_endpoint.base_url http://127.0.0.1:8765/v1 --policy_endpoint.model "
-        f"{model_name} ...",
-        "clarify iterate --policy_endpoint.base_url http://127.0.0.1:8765/v1 ...   # docs/iterate.md", "```", ""])
+    return "\n".join(
+        [
+            "## How to serve (GGUF)",
+            "",
+            f"`{gguf_name}` is this policy as one GGUF file: llama.cpp, its Python server and Ollama load it.",
+            "",
+            'llama-cpp-python\'s OpenAI-compatible server (`pip install "llama-cpp-python[server]"`):',
+            "",
+            "```bash",
+            f"python -m llama_cpp.server --model {gguf_name} --host 127.0.0.1 --port 8765 --chat_format chatml "
+            f"--model_alias {model_name}",
+            "```",
+            "",
+            "llama.cpp's own server: `llama-server -m " + gguf_name + " --host 127.0.0.1 --port 8765`. "
+            "Ollama: `ollama create " + model_name + " -f Modelfile` (the `Modelfile` beside this card), then "
+            "`ollama run " + model_name + "`; its OpenAI-compatible API is `http://127.0.0.1:11434/v1`.",
+            "",
+            "Then roll the policy out, or log new data with it, through the endpoint:",
+            "",
+            "```bash",
+            "clarify evaluate --policy_endpoint.base_url http://127.0.0.1:8765/v1 --policy_endpoint.model "
+            f"{model_name} ...",
+            "clarify iterate --policy_endpoint.base_url http://127.0.0.1:8765/v1 ...   # docs/iterate.md",
+            "```",
+            "",
+        ]
+    )
 
 
 def modelfile(gguf_name: str) -> str:
     """An Ollama Modelfile for the GGUF file (ChatML, the chat format every clarify policy was trained in)."""
-    return "\n".join([
-        f"FROM ./{gguf_name}",
-        'TEMPLATE """{{ if .System }}<|im_start|>system',
-        "{{ .System }}<|im_end|>",
-        "{{ end }}{{ range .Messages }}<|im_start|>{{ .Role }}",
-        "{{ .Content }}<|im_end|>",
-        '{{ end }}<|im_start|>assistant',
-        '"""',
-        'PARAMETER stop "<|im_end|>"',
-        "PARAMETER temperature 0", ""])
+    return "\n".join(
+        [
+            f"FROM ./{gguf_name}",
+            'TEMPLATE """{{ if .System }}<|im_start|>system',
+            "{{ .System }}<|im_end|>",
+            "{{ end }}{{ range .Messages }}<|im_start|>{{ .Role }}",
+            "{{ .Content }}<|im_end|>",
+            "{{ end }}<|im_start|>assistant",
+            '"""',
+            'PARAMETER stop "<|im_end|>"',
+            "PARAMETER temperature 0",
+            "",
+        ]
+    )
 
 
-def export_gguf(module, folder: str | Path, gguf_type: GGUFType = "f16", *, run_dir: Path | None = None,
-                checkpoint: dict | None = None) -> Path:
+def export_gguf(
+    module,
+    folder: str | Path,
+    gguf_type: GGUFType = "f16",
+    *,
+    run_dir: Path | None = None,
+    checkpoint: dict | None = None,
+) -> Path:
     """Write ``module``'s policy (LoRA merged) as ``folder``/``model.<gguf_type>.gguf`` with a model card that says
     how to serve it, an Ollama ``Modelfile`` and ``clarify_export.json``; returns the folder."""
     folder = Path(folder)
@@ -221,13 +264,18 @@ def export_gguf(module, folder: str | Path, gguf_type: GGUFType = "f16", *, run_
             write_llama_gguf(merged, out / gguf_name, gguf_type, name=model_name)
             card = (merged / "README.md").read_text(encoding="utf-8")
             head, sep, rest = card.partition("## How to load")
-            rest = rest[rest.find("\n## "):] if sep else ""
-            (out / "README.md").write_text(head + serving_section(gguf_name, model_name) + rest.lstrip("\n"),
-                                           encoding="utf-8")
+            rest = rest[rest.find("\n## ") :] if sep else ""
+            (out / "README.md").write_text(
+                head + serving_section(gguf_name, model_name) + rest.lstrip("\n"), encoding="utf-8"
+            )
             (out / MODELFILE).write_text(modelfile(gguf_name), encoding="utf-8")
             meta = json.loads((merged / "clarify_export.json").read_text(encoding="utf-8"))
-            meta.update(format="gguf", gguf_file=gguf_name, gguf_type=gguf_type,
-                        files=sorted([gguf_name, "README.md", MODELFILE, "clarify_export.json"]))
+            meta.update(
+                format="gguf",
+                gguf_file=gguf_name,
+                gguf_type=gguf_type,
+                files=sorted([gguf_name, "README.md", MODELFILE, "clarify_export.json"]),
+            )
             write_export_metadata(out, meta)
 
         build_into(folder, build, replace=earlier_export_files(folder))

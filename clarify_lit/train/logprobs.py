@@ -12,8 +12,9 @@ def _chunk_logps(head, h: Tensor, y: Tensor) -> Tensor:
     return logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
-def chunked_head_logps(head, hidden: Tensor, targets: Tensor, chunk_size: int = 1024,
-                       recompute: bool = False) -> Tensor:
+def chunked_head_logps(
+    head, hidden: Tensor, targets: Tensor, chunk_size: int = 1024, recompute: bool = False
+) -> Tensor:
     """``log softmax(head(hidden))[targets]`` for ``hidden [N, H]``, ``targets [N]``, ``chunk_size`` rows at a time.
 
     ``recompute`` (``ClarifyModule(lm_head_recompute=True)``, the default, and always under gradient checkpointing)
@@ -27,7 +28,7 @@ def chunked_head_logps(head, hidden: Tensor, targets: Tensor, chunk_size: int = 
     parts = []
     grad = recompute and torch.is_grad_enabled() and hidden.requires_grad
     for s in range(0, hidden.shape[0], chunk_size):
-        h, y = hidden[s: s + chunk_size], targets[s: s + chunk_size]
+        h, y = hidden[s : s + chunk_size], targets[s : s + chunk_size]
         parts.append(checkpoint(_chunk_logps, head, h, y, use_reentrant=False) if grad else _chunk_logps(head, h, y))
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 

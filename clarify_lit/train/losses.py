@@ -33,8 +33,11 @@ def weighted_nll_loss(
     mask = loss_mask.to(token_logps.dtype)
     seq_logps = (token_logps * mask).sum(dim=-1)
     n_batch = mask.sum()
-    denom = n_batch if num_tokens is None else torch.as_tensor(num_tokens, dtype=token_logps.dtype,
-                                                                 device=token_logps.device)
+    denom = (
+        n_batch
+        if num_tokens is None
+        else torch.as_tensor(num_tokens, dtype=token_logps.dtype, device=token_logps.device)
+    )
     loss = -(weights.to(token_logps.dtype) * seq_logps).sum() / denom.clamp_min(1.0)
     metrics = {
         "nll": (-seq_logps.sum() / n_batch.clamp_min(1.0)).detach(),
@@ -53,8 +56,8 @@ def dpo_sigmoid_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """DPO (Rafailov et al. 2023), sigmoid loss, on sequence log-probs (sums over trained tokens).
 
-    ``loss = −mean log σ(β·[(π_c − ref_c) − (π_r − ref_r)])``. When policy == reference the argument is 0 and the loss is
-    ``log 2 ≈ 0.6931``.
+    ``loss = −mean log σ(β·[(π_c − ref_c) − (π_r − ref_r)])``. When policy == reference the argument is 0 and the loss
+    is ``log 2 ≈ 0.6931``.
 
     Worked example: β = 0.1, policy (c, r) = (−10, −12), reference (c, r) = (−11, −11):
     chosen reward = 0.1·(−10 + 11) = 0.1, rejected reward = 0.1·(−12 + 11) = −0.1, margin = 0.2,
@@ -123,8 +126,10 @@ def distillation_loss(
     comparable with the other objectives' ``nll``).
     """
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} logits "
-                         "differ (teacher and student must share the vocabulary)")
+        raise ValueError(
+            f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} logits "
+            "differ (teacher and student must share the vocabulary)"
+        )
     if targets.shape != student_logits.shape[:1]:
         raise ValueError(f"targets must have shape ({student_logits.shape[0]},), got {tuple(targets.shape)}")
     s = student_logits.float()

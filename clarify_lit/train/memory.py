@@ -74,8 +74,7 @@ class BitMaskDropout(nn.Dropout):
     or 1, in-place, eval mode)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if (not self.training or self.inplace or not 0.0 < self.p < 1.0 or x.device.type != "cpu"
-                or x.numel() == 0):
+        if not self.training or self.inplace or not 0.0 < self.p < 1.0 or x.device.type != "cpu" or x.numel() == 0:
             return super().forward(x)
         return _BitMaskDropout.apply(x, self.p)
 

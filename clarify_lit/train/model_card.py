@@ -40,18 +40,34 @@ log = logging.getLogger(__name__)
 ExportFormat = Literal["adapter", "full", "merged"]
 LIBRARIES = ("clarify_lit", "torch", "transformers", "peft", "lightning")
 # the QA sources of clarify_lit.data.tasks and their public hub datasets (front matter ``datasets``)
-DATASET_HUB_IDS = {"openbookqa": "allenai/openbookqa", "arc_easy": "allenai/ai2_arc",
-                   "arc_challenge": "allenai/ai2_arc", "sciq": "allenai/sciq", "mmlu": "cais/mmlu"}
+DATASET_HUB_IDS = {
+    "openbookqa": "allenai/openbookqa",
+    "arc_easy": "allenai/ai2_arc",
+    "arc_challenge": "allenai/ai2_arc",
+    "sciq": "allenai/sciq",
+    "mmlu": "cais/mmlu",
+}
 # metrics of clarify evaluate / the rollout callback shown in the card's evaluation table, in this order
 # logged per batch for throughput and skip accounting, not results: left out of the card's final values
 BOOKKEEPING = ("tokens", "rows_computed")
-EVAL_METRICS = ("accuracy", "accuracy_se", "reward", "reward_se", "format_rate", "hedge_rate", "thinking_pct",
-                "single_question_rate", "truncated_rate", "words_per_turn")
+EVAL_METRICS = (
+    "accuracy",
+    "accuracy_se",
+    "reward",
+    "reward_se",
+    "format_rate",
+    "hedge_rate",
+    "thinking_pct",
+    "single_question_rate",
+    "truncated_rate",
+    "words_per_turn",
+)
 BASE_DIFFERENCE_UNMEASURED = (
     "Not measured: the original bf16 weights of the hub model were not available (offline) where this export was "
     "made, so the difference between the two bases (mean |Δ logit|, greedy agreement) is unknown here. The Q4_1 "
     "quantization changes every weight slightly; expect close but not identical outputs. Where the hub is "
-    "reachable, `python -m clarify_lit.base_reference` measures it on 20 prompts.")
+    "reachable, `python -m clarify_lit.base_reference` measures it on 20 prompts."
+)
 
 
 def library_versions() -> dict[str, str]:
@@ -131,8 +147,11 @@ def data_facts(train_files: list[str]) -> dict[str, Any]:
         except (OSError, ValueError) as e:  # the card describes what it can; the fit itself already read the files
             unreadable.append(f"{f}: {e}")
     facts: dict[str, Any] = {
-        "train_files": [str(f) for f in train_files], "conversations": conversations, "questions": len(tasks),
-        "datasets": dict(datasets), "mean_reward": sum(rewards) / len(rewards) if rewards else None,
+        "train_files": [str(f) for f in train_files],
+        "conversations": conversations,
+        "questions": len(tasks),
+        "datasets": dict(datasets),
+        "mean_reward": sum(rewards) / len(rewards) if rewards else None,
         **{key: sorted(counter) for key, counter in meta_values.items() if counter},
     }
     if unreadable:
@@ -149,13 +168,27 @@ def simulation_facts(folder: Path) -> dict[str, Any]:
     try:
         if summary_file.is_file():
             summary = json.loads(summary_file.read_text(encoding="utf-8"))
-            facts["summary"] = {k: summary.get(k) for k in ("tasks", "conversations", "runs_per_task", "datasets",
-                                                            "mean_reward", "accuracy", "teacher")
-                                if summary.get(k) is not None}
+            facts["summary"] = {
+                k: summary.get(k)
+                for k in ("tasks", "conversations", "runs_per_task", "datasets", "mean_reward", "accuracy", "teacher")
+                if summary.get(k) is not None
+            }
         if config_file.is_file():
             config = json.loads(config_file.read_text(encoding="utf-8")).get("config", {})
-            keep = ("model", "setting", "mode", "n_turns", "temperatures", "seed", "max_new_tokens", "data",
-                    "teacher", "reward", "adaptive", "discount")
+            keep = (
+                "model",
+                "setting",
+                "mode",
+                "n_turns",
+                "temperatures",
+                "seed",
+                "max_new_tokens",
+                "data",
+                "teacher",
+                "reward",
+                "adaptive",
+                "discount",
+            )
             facts["config"] = {k: config[k] for k in keep if k in config}
     except (OSError, ValueError, AttributeError) as e:
         log.warning("model card: could not read the simulation folder %s (%s)", folder, e)
@@ -189,9 +222,16 @@ def run_command(run_dir: Path) -> dict[str, Any]:
     return out
 
 
-def gather_card_facts(module, *, export_format: ExportFormat, run_dir: Path | None, trainer=None,
-                      checkpoint: dict | None = None, train_files: list[str] | None = None,
-                      dtype: str | None = None) -> dict[str, Any]:
+def gather_card_facts(
+    module,
+    *,
+    export_format: ExportFormat,
+    run_dir: Path | None,
+    trainer=None,
+    checkpoint: dict | None = None,
+    train_files: list[str] | None = None,
+    dtype: str | None = None,
+) -> dict[str, Any]:
     """Everything the card shows, as plain data. ``trainer`` (fit end) or ``checkpoint`` (a loaded ``.ckpt`` dict)
     give the steps and losses; ``train_files`` default to the trainer's datamodule or the run's ``config.yaml``."""
     hp = dict(module.hparams)
@@ -204,23 +244,33 @@ def gather_card_facts(module, *, export_format: ExportFormat, run_dir: Path | No
         "training_dtype": hp.get("dtype"),
         "objective": dict(hp.get("objective_config") or {}),
         "optimizer": {k: hp.get(k) for k in ("learning_rate", "weight_decay", "warmup_ratio", "lr_schedule")},
-        "lora": ({k: hp.get(k) for k in ("lora_r", "lora_alpha", "lora_dropout")}
-                 | {"target_modules": _lora_targets(module)}) if hp.get("use_lora") else None,
+        "lora": (
+            {k: hp.get(k) for k in ("lora_r", "lora_alpha", "lora_dropout")} | {"target_modules": _lora_targets(module)}
+        )
+        if hp.get("use_lora")
+        else None,
         "versions": library_versions(),
         "run_dir": str(run_dir) if run_dir else None,
     }
     training: dict[str, Any] = {}
     if trainer is not None:
-        training = {"global_step": trainer.global_step, "epochs": trainer.current_epoch,
-                    "precision": str(trainer.precision), "accumulate_grad_batches": trainer.accumulate_grad_batches,
-                    "final_metrics": finite_scalars(trainer.callback_metrics)}
+        training = {
+            "global_step": trainer.global_step,
+            "epochs": trainer.current_epoch,
+            "precision": str(trainer.precision),
+            "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "final_metrics": finite_scalars(trainer.callback_metrics),
+        }
         dm = getattr(trainer, "datamodule", None)
         if train_files is None and dm is not None:
             train_files = list(getattr(dm, "train_files", []) or [])
             training["batch_size"] = getattr(dm, "batch_size", None)
     elif checkpoint is not None:
-        training = {"global_step": checkpoint.get("global_step"), "epochs": checkpoint.get("epoch"),
-                    "final_metrics": logged_scalars(run_dir) if run_dir else {}}
+        training = {
+            "global_step": checkpoint.get("global_step"),
+            "epochs": checkpoint.get("epoch"),
+            "final_metrics": logged_scalars(run_dir) if run_dir else {},
+        }
     facts["training"] = training
     command = run_command(run_dir) if run_dir else {}
     facts["command"] = command
@@ -239,6 +289,7 @@ def _lora_targets(module) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # rendering
 
+
 def front_matter(facts: dict[str, Any]) -> dict[str, Any]:
     """The Hub card metadata: ``base_model``, ``library_name``, ``license``, ``tags``, ``datasets``."""
     objective = (facts.get("objective") or {}).get("class", "").lower()
@@ -248,9 +299,19 @@ def front_matter(facts: dict[str, Any]) -> dict[str, Any]:
         "base_model": facts["base_model"],
         "library_name": "peft" if facts["format"] == "adapter" else "transformers",
         "pipeline_tag": "text-generation",
-        "tags": [t for t in ("clarify_lit", objective, "lora" if facts.get("lora") else None,
-                             "merged" if facts["format"] == "merged" else None, "multi-turn", "offline-rl",
-                             "reward-weighted-fine-tuning") if t],
+        "tags": [
+            t
+            for t in (
+                "clarify_lit",
+                objective,
+                "lora" if facts.get("lora") else None,
+                "merged" if facts["format"] == "merged" else None,
+                "multi-turn",
+                "offline-rl",
+                "reward-weighted-fine-tuning",
+            )
+            if t
+        ],
     }
     if facts["base_model"] in BASE_LICENSES:
         meta["license"] = BASE_LICENSES[facts["base_model"]]
@@ -278,14 +339,23 @@ def render_model_card(facts: dict[str, Any], title: str | None = None) -> str:
     fmt, base = facts["format"], facts["base_model"]
     objective = facts.get("objective") or {}
     method = objective.get("class", "an unknown objective")
-    what = {"adapter": f"a LoRA adapter (PEFT) for `{base}`",
-            "full": f"the fully fine-tuned weights of `{base}`",
-            "merged": f"`{base}` with the trained LoRA adapter merged into its weights (a standalone model)"}[fmt]
-    parts = ["---", yaml.safe_dump(front_matter(facts), sort_keys=False).strip(), "---", "",
-             f"# {title or 'clarify_lit policy'}", "",
-             f"This is {what}, trained with clarify_lit's **{method}** objective on simulated multi-turn "
-             "conversations (offline RL by reward-weighted fine-tuning: the policy learns from scored conversations "
-             "with a teacher, e.g. to ask clarifying questions before answering multiple-choice questions).", ""]
+    what = {
+        "adapter": f"a LoRA adapter (PEFT) for `{base}`",
+        "full": f"the fully fine-tuned weights of `{base}`",
+        "merged": f"`{base}` with the trained LoRA adapter merged into its weights (a standalone model)",
+    }[fmt]
+    parts = [
+        "---",
+        yaml.safe_dump(front_matter(facts), sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {title or 'clarify_lit policy'}",
+        "",
+        f"This is {what}, trained with clarify_lit's **{method}** objective on simulated multi-turn "
+        "conversations (offline RL by reward-weighted fine-tuning: the policy learns from scored conversations "
+        "with a teacher, e.g. to ask clarifying questions before answering multiple-choice questions).",
+        "",
+    ]
     parts += _base_section(facts) + _usage_section(facts) + _objective_section(facts) + _training_section(facts)
     parts += _data_section(facts) + _evaluation_section(facts) + _command_section(facts)
     parts += ["## Library versions", "", _table(list(facts["versions"].items()), ("library", "version")), ""]
@@ -295,31 +365,51 @@ def render_model_card(facts: dict[str, Any], title: str | None = None) -> str:
 
 def _base_section(facts: dict[str, Any]) -> list[str]:
     spec, base = facts["base_model_spec"], facts["base_model"]
-    rows = [("base model (as named in this folder)", f"`{base}`"), ("clarify model spec", f"`{spec}`"),
-            ("training dtype", facts.get("training_dtype")), ("dtype of this export", facts.get("dtype"))]
+    rows = [
+        ("base model (as named in this folder)", f"`{base}`"),
+        ("clarify model spec", f"`{spec}`"),
+        ("training dtype", facts.get("training_dtype")),
+        ("dtype of this export", facts.get("dtype")),
+    ]
     lines = ["## Base model", "", _table(rows), ""]
     if spec == EMBEDDED_SMOLLM2:
-        lines += [f"**Note.** {EMBEDDED_NOTE}", "", f"**Difference between the two bases.** "
-                  f"{facts.get('base_difference') or BASE_DIFFERENCE_UNMEASURED}", ""]
+        lines += [
+            f"**Note.** {EMBEDDED_NOTE}",
+            "",
+            f"**Difference between the two bases.** {facts.get('base_difference') or BASE_DIFFERENCE_UNMEASURED}",
+            "",
+        ]
     elif base.startswith(("/", ".", "~")):
-        lines += ["**Note.** The base is a local folder of the training machine; to use this export elsewhere, put "
-                  "that model on a hub or next to the export and edit `base_model_name_or_path` in "
-                  "`adapter_config.json`.", ""]
+        lines += [
+            "**Note.** The base is a local folder of the training machine; to use this export elsewhere, put "
+            "that model on a hub or next to the export and edit `base_model_name_or_path` in "
+            "`adapter_config.json`.",
+            "",
+        ]
     return lines
 
 
 def _usage_section(facts: dict[str, Any]) -> list[str]:
     if facts["format"] == "adapter":
-        code = ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                f'base = AutoModelForCausalLM.from_pretrained("{facts["base_model"]}")',
-                'model = PeftModel.from_pretrained(base, "path/to/this/folder").merge_and_unload()',
-                'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")  # with the chat template']
-        offline = ("With clarify_lit installed, `clarify_lit.load_export(\"path/to/this/folder\")` loads the exact "
-                   "base the adapter was trained on (`clarify_export.json`), offline.")
+        code = [
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'base = AutoModelForCausalLM.from_pretrained("{facts["base_model"]}")',
+            'model = PeftModel.from_pretrained(base, "path/to/this/folder").merge_and_unload()',
+            'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")  # with the chat template',
+        ]
+        offline = (
+            'With clarify_lit installed, `clarify_lit.load_export("path/to/this/folder")` loads the exact '
+            "base the adapter was trained on (`clarify_export.json`), offline."
+        )
     else:
-        code = ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
-                'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")  # with the chat template']
+        code = [
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
+            'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")  # with the chat template',
+        ]
         offline = "It needs neither peft nor clarify_lit."
     return ["## How to load", "", "```python", *code, "```", "", offline, ""]
 
@@ -327,8 +417,11 @@ def _usage_section(facts: dict[str, Any]) -> list[str]:
 def _objective_section(facts: dict[str, Any]) -> list[str]:
     objective = dict(facts.get("objective") or {})
     name = objective.pop("class", "unknown")
-    rows = [("objective", name), *[(f"objective.{k}", v) for k, v in objective.items()],
-            *[(k, v) for k, v in (facts.get("optimizer") or {}).items()]]
+    rows = [
+        ("objective", name),
+        *[(f"objective.{k}", v) for k, v in objective.items()],
+        *[(k, v) for k, v in (facts.get("optimizer") or {}).items()],
+    ]
     lines = ["## Objective and hyper-parameters", "", _table(rows), ""]
     if facts.get("lora"):
         lines += ["LoRA:", "", _table(list(facts["lora"].items())), ""]
@@ -339,8 +432,11 @@ def _training_section(facts: dict[str, Any]) -> list[str]:
     training = facts.get("training") or {}
     if not training:
         return []
-    rows = [(k, training[k]) for k in ("global_step", "epochs", "precision", "accumulate_grad_batches", "batch_size")
-            if training.get(k) is not None]
+    rows = [
+        (k, training[k])
+        for k in ("global_step", "epochs", "precision", "accumulate_grad_batches", "batch_size")
+        if training.get(k) is not None
+    ]
     lines = ["## Training", "", _table(rows), ""]
     final = training.get("final_metrics") or {}
     if final:
@@ -352,11 +448,24 @@ def _data_section(facts: dict[str, Any]) -> list[str]:
     data = facts.get("data")
     if not data:
         return []
-    rows = [("training files", data["train_files"]), ("conversations", data["conversations"]),
-            ("questions (task ids)", data["questions"]), ("datasets (conversations)", data["datasets"])]
-    rows += [(label, data[key]) for key, label in (("mean_reward", "mean reward"), ("teacher", "teacher"),
-                                                   ("reward", "reward kind"), ("model", "logging policy"),
-                                                   ("setting", "setting"), ("mode", "mode")) if data.get(key)]
+    rows = [
+        ("training files", data["train_files"]),
+        ("conversations", data["conversations"]),
+        ("questions (task ids)", data["questions"]),
+        ("datasets (conversations)", data["datasets"]),
+    ]
+    rows += [
+        (label, data[key])
+        for key, label in (
+            ("mean_reward", "mean reward"),
+            ("teacher", "teacher"),
+            ("reward", "reward kind"),
+            ("model", "logging policy"),
+            ("setting", "setting"),
+            ("mode", "mode"),
+        )
+        if data.get(key)
+    ]
     lines = ["## Data", "", _table(rows), ""]
     for sim in data.get("simulations") or []:
         lines += [f"Simulation folder `{sim['folder']}`:", ""]
@@ -371,17 +480,27 @@ def _data_section(facts: dict[str, Any]) -> list[str]:
 def _evaluation_section(facts: dict[str, Any]) -> list[str]:
     ev = facts.get("evaluation")
     if not ev:
-        return ["## Evaluation", "", "This run had no rollout evaluation during training (the `RolloutEvaluation` "
-                "callback). Evaluate the export with `clarify evaluate --export_dir <this folder>`.", ""]
+        return [
+            "## Evaluation",
+            "",
+            "This run had no rollout evaluation during training (the `RolloutEvaluation` "
+            "callback). Evaluate the export with `clarify evaluate --export_dir <this folder>`.",
+            "",
+        ]
     metrics, meta = ev["metrics"], ev["meta"]
     shown = [(k, metrics[k]) for k in EVAL_METRICS if metrics.get(k) is not None]
-    shown += [(k, v) for k, v in sorted(metrics.items()) if k not in EVAL_METRICS and isinstance(v, int | float)
-              and not isinstance(v, bool)]
+    shown += [
+        (k, v)
+        for k, v in sorted(metrics.items())
+        if k not in EVAL_METRICS and isinstance(v, int | float) and not isinstance(v, bool)
+    ]
     temperatures = meta.get("temperatures") or [0.0]
     how = "Greedy rollouts" if set(temperatures) == {0.0} else f"Rollouts (temperatures {temperatures})"
-    where = (f"{how} of the policy at step {meta.get('step')} on {meta.get('n_questions')} held-out "
-             f"questions of `{meta.get('dataset')}` (teacher `{meta.get('teacher')}`, reward `{meta.get('reward')}`),"
-             f" from `{ev['file']}`:")
+    where = (
+        f"{how} of the policy at step {meta.get('step')} on {meta.get('n_questions')} held-out "
+        f"questions of `{meta.get('dataset')}` (teacher `{meta.get('teacher')}`, reward `{meta.get('reward')}`),"
+        f" from `{ev['file']}`:"
+    )
     return ["## Evaluation", "", where, "", _table(shown, ("metric", "value")), ""]
 
 
@@ -391,25 +510,43 @@ def _command_section(facts: dict[str, Any]) -> list[str]:
         return []
     lines = ["## Reproduce", ""]
     if command.get("config_file"):
-        lines += ["The run's full resolved configuration; rerun it with", "", "```bash",
-                  f"clarify fit --config {command['config_file']}", "```", ""]
+        lines += [
+            "The run's full resolved configuration; rerun it with",
+            "",
+            "```bash",
+            f"clarify fit --config {command['config_file']}",
+            "```",
+            "",
+        ]
     if command.get("argv"):
         lines += ["Launched as:", "", "```bash", command["argv"], "```", ""]
     if command.get("config"):
-        lines += ["<details><summary>config.yaml</summary>", "", "```yaml", command["config"].rstrip(), "```", "",
-                  "</details>", ""]
+        lines += [
+            "<details><summary>config.yaml</summary>",
+            "",
+            "```yaml",
+            command["config"].rstrip(),
+            "```",
+            "",
+            "</details>",
+            "",
+        ]
     return lines
 
 
 def _limitations_section(facts: dict[str, Any]) -> list[str]:
-    return ["## Intended use and limitations", "",
-            "A research artefact of clarify_lit: a small policy fine-tuned offline on conversations that it (or a "
-            "base model) had with a simulated teacher, scored by an automatic reward. Intended for studying "
-            "reward-weighted fine-tuning, clarifying questions and multi-turn evaluation; not for deployment.",
-            "",
-            "* It was trained and evaluated on multiple-choice science/trivia questions with a scripted or LLM "
-            "teacher; behaviour on other tasks, languages or real users is untested.",
-            "* The reward measures the final answer's correctness (and format) as the simulator saw it; a higher "
-            "reward does not mean more truthful or safer text. Small models state wrong facts confidently.",
-            "* It inherits the limitations, biases and licence of its base model"
-            + (f" (`{facts['base_model']}`)." if facts.get("base_model") else "."), ""]
+    return [
+        "## Intended use and limitations",
+        "",
+        "A research artefact of clarify_lit: a small policy fine-tuned offline on conversations that it (or a "
+        "base model) had with a simulated teacher, scored by an automatic reward. Intended for studying "
+        "reward-weighted fine-tuning, clarifying questions and multi-turn evaluation; not for deployment.",
+        "",
+        "* It was trained and evaluated on multiple-choice science/trivia questions with a scripted or LLM "
+        "teacher; behaviour on other tasks, languages or real users is untested.",
+        "* The reward measures the final answer's correctness (and format) as the simulator saw it; a higher "
+        "reward does not mean more truthful or safer text. Small models state wrong facts confidently.",
+        "* It inherits the limitations, biases and licence of its base model"
+        + (f" (`{facts['base_model']}`)." if facts.get("base_model") else "."),
+        "",
+    ]

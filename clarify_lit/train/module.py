@@ -41,8 +41,14 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the message names the batch's sample ids."""
 
 
-def target_logps(model, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, chunk_size: int = 1024,
-                 recompute: bool | None = None) -> tuple[Tensor, Tensor]:
+def target_logps(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    labels: Tensor,
+    chunk_size: int = 1024,
+    recompute: bool | None = None,
+) -> tuple[Tensor, Tensor]:
     """Per-token log-probs of the label tokens, ``[B, T-1]`` (0 where not trained), and the mask.
 
     Only the hidden states at trained positions go through the LM head, in chunks, and only the target's log-prob
@@ -76,9 +82,18 @@ def _decoder_and_head(model):
     return getattr(base, "model", None), head
 
 
-def distill_logits_loss(student, teacher, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *,
-                        alpha: float, temperature: float, num_tokens: Tensor | float | None = None,
-                        chunk_size: int = 1024) -> tuple[Tensor, dict[str, Tensor]]:
+def distill_logits_loss(
+    student,
+    teacher,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    labels: Tensor,
+    *,
+    alpha: float,
+    temperature: float,
+    num_tokens: Tensor | float | None = None,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """STaR-GATE-D's :func:`~clarify_lit.train.losses.distillation_loss` over the trained (label ≠ −100) positions.
 
     Both decoders run once; the hidden states at trained positions go through the two LM heads ``chunk_size``
@@ -113,7 +128,7 @@ def distill_logits_loss(student, teacher, input_ids: Tensor, attention_mask: Ten
     loss = h_s.sum() * 0.0  # keeps the graph connected when a batch has no trained position
     kl = nll = torch.zeros((), device=h_s.device)
     for s in range(0, y.shape[0], chunk_size):
-        part = (h_s[s: s + chunk_size], h_t[s: s + chunk_size], y[s: s + chunk_size])
+        part = (h_s[s : s + chunk_size], h_t[s : s + chunk_size], y[s : s + chunk_size])
         if torch.is_grad_enabled() and h_s.requires_grad:
             c_loss, c_kl, c_nll = checkpoint(chunk, *part, use_reentrant=False)
         else:
@@ -132,8 +147,10 @@ def load_teacher(source: str, dtype: str = "float32"):
     elif path.is_dir() and ((path / "adapter_config.json").is_file() or (path / "config.json").is_file()):
         model = load_export(path, dtype, merge_lora=True)[0]
     elif path.is_absolute() or source.startswith(".") or path.name == "export" or path.suffix == ".ckpt":
-        raise FileNotFoundError(f"Distill teacher {source!r} not found: give the teacher run's export folder "
-                                "(e.g. runs/sft/export), its checkpoint or a model name")
+        raise FileNotFoundError(
+            f"Distill teacher {source!r} not found: give the teacher run's export folder "
+            "(e.g. runs/sft/export), its checkpoint or a model name"
+        )
     else:
         model = load_causal_lm(source, dtype)
     model.eval()
@@ -233,8 +250,10 @@ class ClarifyModule(L.LightningModule):
         self.save_hyperparameters(ignore=["objective"])
         self.objective = objective if objective is not None else Refit()
         # the objective is a plain object; its settings are kept as data so checkpoints stay weights-only loadable
-        self.hparams["objective_config"] = {"class": objective_name(self.objective),
-                                            **objective_settings(self.objective)}
+        self.hparams["objective_config"] = {
+            "class": objective_name(self.objective),
+            **objective_settings(self.objective),
+        }
         self.tokenizer = load_tokenizer(model_name_or_path)
         model = load_causal_lm(model_name_or_path, dtype)
         if gradient_checkpointing:
@@ -249,8 +268,10 @@ class ClarifyModule(L.LightningModule):
             # with LoRA the checkpoint holds the adapter alone; the base weights come from model_name_or_path
             self.strict_loading = False
         elif init_adapter:
-            raise ValueError("init_adapter needs use_lora=true; to continue full fine-tuning, pass the previous "
-                             "export folder as model_name_or_path")
+            raise ValueError(
+                "init_adapter needs use_lora=true; to continue full fine-tuning, pass the previous "
+                "export folder as model_name_or_path"
+            )
         # from_pretrained returns eval mode; training mode makes LoRA dropout active
         self.model = model.train()
         self._frozen_reference = None  # full fine-tuning + DPO: a frozen copy, kept out of state_dict/optimizer
@@ -267,10 +288,17 @@ class ClarifyModule(L.LightningModule):
         missing = [t for t in targets if t not in names]
         if missing:
             linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-            raise ValueError(f"lora_target_modules {missing} not found in {self.hparams.model_name_or_path!r}; "
-                             f"its linear layers are {linear}")
-        cfg = LoraConfig(r=self.hparams.lora_r, lora_alpha=self.hparams.lora_alpha,
-                         lora_dropout=self.hparams.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
+            raise ValueError(
+                f"lora_target_modules {missing} not found in {self.hparams.model_name_or_path!r}; "
+                f"its linear layers are {linear}"
+            )
+        cfg = LoraConfig(
+            r=self.hparams.lora_r,
+            lora_alpha=self.hparams.lora_alpha,
+            lora_dropout=self.hparams.lora_dropout,
+            target_modules=targets,
+            task_type="CAUSAL_LM",
+        )
         return get_peft_model(model, cfg)
 
     @classmethod
@@ -298,14 +326,19 @@ class ClarifyModule(L.LightningModule):
         if self._teacher is None:
             source = self.objective.teacher
             if not source:
-                raise ValueError("Distill needs a teacher: --model.objective.teacher=<the SFT run's export folder or "
-                                 "checkpoint>")
+                raise ValueError(
+                    "Distill needs a teacher: --model.objective.teacher=<the SFT run's export folder or checkpoint>"
+                )
             teacher = load_teacher(source, self.hparams.dtype)
-            vocab = (teacher.get_output_embeddings().weight.shape[0],
-                     self.model.get_output_embeddings().weight.shape[0])
+            vocab = (
+                teacher.get_output_embeddings().weight.shape[0],
+                self.model.get_output_embeddings().weight.shape[0],
+            )
             if vocab[0] != vocab[1]:
-                raise ValueError(f"Distill teacher {source!r} has a {vocab[0]}-token vocabulary, the student "
-                                 f"{self.hparams.model_name_or_path!r} {vocab[1]}: they must share the tokenizer")
+                raise ValueError(
+                    f"Distill teacher {source!r} has a {vocab[0]}-token vocabulary, the student "
+                    f"{self.hparams.model_name_or_path!r} {vocab[1]}: they must share the tokenizer"
+                )
             self._teacher = [teacher.to(self.device)]  # a list hides it from nn.Module registration
             log.info("Distill: teacher %s loaded", source)
         return self._teacher[0]
@@ -315,12 +348,25 @@ class ClarifyModule(L.LightningModule):
         if stage == "train" and "step_tokens" in batch:
             num_tokens = batch["step_tokens"] / self.trainer.accumulate_grad_batches
         loss, metrics = distill_logits_loss(
-            self.model, self.teacher_model(), batch["input_ids"], batch["attention_mask"], batch["labels"],
-            alpha=self.objective.alpha, temperature=self.objective.temperature, num_tokens=num_tokens,
-            chunk_size=self.hparams.logprob_chunk_size)
+            self.model,
+            self.teacher_model(),
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            alpha=self.objective.alpha,
+            temperature=self.objective.temperature,
+            num_tokens=num_tokens,
+            chunk_size=self.hparams.logprob_chunk_size,
+        )
         for k, v in metrics.items():
-            self.log(f"{stage}/{k}", v, batch_size=len(batch["ids"]), on_step=stage == "train", on_epoch=True,
-                     sync_dist=stage != "train")
+            self.log(
+                f"{stage}/{k}",
+                v,
+                batch_size=len(batch["ids"]),
+                on_step=stage == "train",
+                on_epoch=True,
+                sync_dist=stage != "train",
+            )
         return loss, metrics
 
     def _reference_mode(self) -> str:
@@ -335,8 +381,13 @@ class ClarifyModule(L.LightningModule):
         # Full fine-tuning DPO: the reference is the model this fit starts from. Lightning restores a resumed
         # checkpoint after setup() and before on_fit_start(), so the copy is taken here; taken later, a resumed fit
         # would use the resumed (trained) policy as its reference. With LoRA the reference is the adapter-free model.
-        if (stage == "fit" and self.is_dpo and not self.hparams.use_lora and self._frozen_reference is None
-                and self._reference_mode() in ("frozen_copy", "precomputed")):
+        if (
+            stage == "fit"
+            and self.is_dpo
+            and not self.hparams.use_lora
+            and self._frozen_reference is None
+            and self._reference_mode() in ("frozen_copy", "precomputed")
+        ):
             ref = copy.deepcopy(self.model).eval()
             for p in ref.parameters():
                 p.requires_grad_(False)
@@ -355,11 +406,20 @@ class ClarifyModule(L.LightningModule):
             self.logger.log_metrics(dm.stats, step=0)
 
     def _pair_logps(self, model, batch: dict) -> Tensor:
-        """Sequence log-probs ``[2n]`` (chosen, then rejected) of a pair batch, stacked or packed (``pair_logprobs``)."""
+        """Sequence log-probs ``[2n]`` (chosen, then rejected) of a pair batch, stacked or packed
+        (``pair_logprobs``)."""
         if PACKED_KEY in batch:
             return packed_sequence_logps(model, batch, self.hparams.logprob_chunk_size, self._head_recompute())
-        return sequence_logps(*target_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                            self.hparams.logprob_chunk_size, self._head_recompute()))
+        return sequence_logps(
+            *target_logps(
+                model,
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["labels"],
+                self.hparams.logprob_chunk_size,
+                self._head_recompute(),
+            )
+        )
 
     def _head_recompute(self) -> bool | None:
         """``lm_head_recompute`` (``.get``: absent from older checkpoints' hyper-parameters); ``None`` leaves it to
@@ -377,17 +437,20 @@ class ClarifyModule(L.LightningModule):
     def _precompute_reference(self) -> None:
         """Reference log-probs once per sample, before training, stored on the in-memory dataset samples and, with
         ``reference_cache``, on disk (``reference_cache.py``), so a later fit on the same weights and data reads them
-        back. The reference is the model the fit started from (LoRA: adapter disabled; full fine-tuning: the copy taken in
+        back. The reference is the model the fit started from (LoRA: adapter disabled; full fine-tuning: the copy
+        taken in
         ``setup``, before a resumed checkpoint is loaded).
         Computed under the trainer's precision (the training forward's autocast: policy == reference gives exactly
         log 2 at step 0), in batches of similar length (less padding)."""
         dm = self.trainer.datamodule
-        collate = PadCollator(dm.tokenizer.pad_token_id, getattr(dm, "share_pair_prefix", False),
-                              getattr(dm, "pad_to_multiple_of", 1))
+        collate = PadCollator(
+            dm.tokenizer.pad_token_id, getattr(dm, "share_pair_prefix", False), getattr(dm, "pad_to_multiple_of", 1)
+        )
         # LoRA: the policy with its adapter disabled; full fine-tuning: the copy of the starting weights (setup())
         ref_model = self.model if self.hparams.use_lora else self._frozen_reference[0]
-        cache = ReferenceCache.for_model(ref_model, str(self.trainer.precision)) if self.hparams.reference_cache \
-            else None
+        cache = (
+            ReferenceCache.for_model(ref_model, str(self.trainer.precision)) if self.hparams.reference_cache else None
+        )
         was_training = self.model.training
         self.model.eval()
         try:
@@ -402,7 +465,7 @@ class ClarifyModule(L.LightningModule):
                 world, rank = self.trainer.world_size, self.trainer.global_rank
                 mine = todo[rank::world]
                 for i in range(0, len(mine), dm.batch_size):
-                    chunk = mine[i: i + dm.batch_size]
+                    chunk = mine[i : i + dm.batch_size]
                     b = {k: (v.to(self.device) if isinstance(v, Tensor) else v) for k, v in collate(chunk).items()}
                     with torch.no_grad(), self.trainer.precision_plugin.forward_context():
                         if self.hparams.use_lora:
@@ -422,16 +485,21 @@ class ClarifyModule(L.LightningModule):
             self.model.train(was_training)
         if cache is not None and self.trainer.is_global_zero:  # one writer for the shared cache file
             cache.save()
-            log.info("DPO reference log-probs: %d pairs from the cache, %d computed (%s)", cache.hits, cache.misses,
-                     cache.path)
+            log.info(
+                "DPO reference log-probs: %d pairs from the cache, %d computed (%s)",
+                cache.hits,
+                cache.misses,
+                cache.path,
+            )
 
     def _share_reference_logps(self, todo: list[dict], world: int) -> None:
         """After each rank computed ``todo[rank::world]``: gather every rank's values so all ranks hold all."""
         import torch.distributed as dist
 
         rank = self.trainer.global_rank
-        own = [(rank + world * k, s["ref_chosen_logps"], s["ref_rejected_logps"])
-               for k, s in enumerate(todo[rank::world])]
+        own = [
+            (rank + world * k, s["ref_chosen_logps"], s["ref_rejected_logps"]) for k, s in enumerate(todo[rank::world])
+        ]
         gathered: list[list[tuple[int, float, float]] | None] = [None] * world
         dist.all_gather_object(gathered, own)
         for part in gathered:
@@ -459,16 +527,19 @@ class ClarifyModule(L.LightningModule):
             if stage == "train" and "step_tokens" in batch:
                 # normalise by the whole optimizer step's tokens; Lightning divides by accumulate afterwards
                 num_tokens = batch["step_tokens"] / self.trainer.accumulate_grad_batches
-            loss, metrics = self._weighted_step(batch, num_tokens,
-                                                skip_zero=stage == "train" and self.hparams.skip_zero_weight)
+            loss, metrics = self._weighted_step(
+                batch, num_tokens, skip_zero=stage == "train" and self.hparams.skip_zero_weight
+            )
         bs = len(batch["ids"])
         for k, v in metrics.items():
-            self.log(f"{stage}/{k}", v, batch_size=bs, on_step=stage == "train", on_epoch=True,
-                     sync_dist=stage != "train")
+            self.log(
+                f"{stage}/{k}", v, batch_size=bs, on_step=stage == "train", on_epoch=True, sync_dist=stage != "train"
+            )
         return loss, metrics
 
-    def _weighted_step(self, batch: dict, num_tokens: Tensor | None, skip_zero: bool
-                       ) -> tuple[Tensor, dict[str, Tensor]]:
+    def _weighted_step(
+        self, batch: dict, num_tokens: Tensor | None, skip_zero: bool
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Refit/Swift/SFT on one micro-batch; with ``skip_zero`` the weight-0 rows are left out of the forward.
 
         Leaving a row out changes nothing but cost: its term ``w·Σ log π`` is 0, and ``num_tokens`` (the step's
@@ -483,32 +554,47 @@ class ClarifyModule(L.LightningModule):
             # nothing to compute, but the optimizer step must still see an exact zero gradient on every trained
             # parameter (as a forward of zero-weight rows would give): AdamW's moments decay and its step count moves
             loss = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
-            return loss, {"weight_mean": weights.float().mean(), "tokens": all_tokens.float(),
-                          "rows_computed": torch.tensor(0.0)}
+            return loss, {
+                "weight_mean": weights.float().mean(),
+                "tokens": all_tokens.float(),
+                "rows_computed": torch.tensor(0.0),
+            }
         rows = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
         if not keep.all():
             width = int(batch["attention_mask"][keep].sum(dim=1).max())  # right padding: trailing columns are pad
             rows = {k: v[keep][:, :width] for k, v in rows.items()}
-        lp, mask = target_logps(self.model, rows["input_ids"], rows["attention_mask"], rows["labels"],
-                                self.hparams.logprob_chunk_size, self._head_recompute())
+        lp, mask = target_logps(
+            self.model,
+            rows["input_ids"],
+            rows["attention_mask"],
+            rows["labels"],
+            self.hparams.logprob_chunk_size,
+            self._head_recompute(),
+        )
         loss, metrics = weighted_nll_loss(lp, mask, weights[keep].to(lp), num_tokens)
         # weight_mean and tokens describe the whole micro-batch, as without skipping
-        metrics.update(weight_mean=weights.float().mean(), tokens=all_tokens.to(metrics["tokens"]),
-                       rows_computed=keep.sum().float())
+        metrics.update(
+            weight_mean=weights.float().mean(),
+            tokens=all_tokens.to(metrics["tokens"]),
+            rows_computed=keep.sum().float(),
+        )
         return loss, metrics
 
     def training_step(self, batch: dict, batch_idx: int):
         loss, _ = self._step(batch, "train")
         if not torch.isfinite(loss):
             if self.hparams.on_nonfinite_loss == "raise":
-                raise NonFiniteLossError(f"non-finite training loss {loss.item()} at global step "
-                                         f"{self.global_step}, batch {batch_idx}; sample ids: {batch['ids']}")
+                raise NonFiniteLossError(
+                    f"non-finite training loss {loss.item()} at global step "
+                    f"{self.global_step}, batch {batch_idx}; sample ids: {batch['ids']}"
+                )
             self.nonfinite_skipped += 1
             self.log("train/nonfinite_skipped", float(self.nonfinite_skipped))
             return None  # Lightning skips the optimizer step for this batch
         self.train_loss(loss.detach())
-        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True,
-                 batch_size=len(batch["ids"]))
+        self.log(
+            "train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["ids"])
+        )
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int):
@@ -540,8 +626,9 @@ class ClarifyModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.hparams.use_lora:
             trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                        if k in trainable or not k.startswith("model.")}
+            checkpoint["state_dict"] = {
+                k: v for k, v in checkpoint["state_dict"].items() if k in trainable or not k.startswith("model.")
+            }
 
     def on_fit_end(self) -> None:
         merged = self.hparams.get("export_merged")  # .get: absent from checkpoints of older versions
@@ -552,8 +639,13 @@ class ClarifyModule(L.LightningModule):
                 if self.hparams.export_on_fit_end:
                     export_model(self, root / "export", run_dir=root)
                 if merged:
-                    export_merged(self, root / "export_merged", self.hparams.get("export_dtype"), run_dir=root,
-                                  trainer=self.trainer)
+                    export_merged(
+                        self,
+                        root / "export_merged",
+                        self.hparams.get("export_dtype"),
+                        run_dir=root,
+                        trainer=self.trainer,
+                    )
 
 
 def load_adapter_weights(model, folder: str | Path, model_name_or_path: str) -> None:
@@ -565,8 +657,10 @@ def load_adapter_weights(model, folder: str | Path, model_name_or_path: str) -> 
     folder = Path(folder)
     config_file = folder / "adapter_config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"init_adapter {str(folder)!r}: no adapter_config.json (expected a LoRA export "
-                                "folder such as runs/<run>/export)")
+        raise FileNotFoundError(
+            f"init_adapter {str(folder)!r}: no adapter_config.json (expected a LoRA export "
+            "folder such as runs/<run>/export)"
+        )
     saved = json.loads(config_file.read_text(encoding="utf-8"))
     ours = model.peft_config["default"]
     diff = {k: (saved.get(k), getattr(ours, k)) for k in ("r", "lora_alpha") if saved.get(k) != getattr(ours, k)}
@@ -581,8 +675,9 @@ def load_adapter_weights(model, folder: str | Path, model_name_or_path: str) -> 
         raise ValueError(f"init_adapter {str(folder)!r} does not match this model (saved vs here): {diff}")
     result = set_peft_model_state_dict(model, load_peft_weights(str(folder), device="cpu"))
     if getattr(result, "unexpected_keys", None):
-        raise ValueError(f"init_adapter {str(folder)!r}: weights the model has no place for: "
-                         f"{result.unexpected_keys[:5]}")
+        raise ValueError(
+            f"init_adapter {str(folder)!r}: weights the model has no place for: {result.unexpected_keys[:5]}"
+        )
     log.info("LoRA adapter initialised from %s", folder)
 
 
@@ -602,5 +697,7 @@ def export_model(module: ClarifyModule, folder: str | Path, run_dir: Path | None
     (the embedded SmolLM2 by its hub id). See :mod:`clarify_lit.train.export`."""
     trainer = module._trainer  # None outside a fit: the card then describes the module alone
     if run_dir is None and trainer is not None:
-        run_dir = Path(trainer.default_root_dir)  # not trainer.log_dir: a collective under DDP, and rank 0 is alone here
+        run_dir = Path(
+            trainer.default_root_dir
+        )  # not trainer.log_dir: a collective under DDP, and rank 0 is alone here
     return write_export(module, folder, run_dir=run_dir, trainer=trainer)

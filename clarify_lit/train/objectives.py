@@ -75,8 +75,13 @@ class Swift(Objective):
         min_weight: optional lower clamp of the standardized weights (off by default; the paper allows negatives).
     """
 
-    def __init__(self, zero_std: Literal["drop", "epsilon"] = "drop", min_std: float = 1e-6, epsilon: float = 1e-6,
-                 min_weight: float | None = None):
+    def __init__(
+        self,
+        zero_std: Literal["drop", "epsilon"] = "drop",
+        min_std: float = 1e-6,
+        epsilon: float = 1e-6,
+        min_weight: float | None = None,
+    ):
         self.zero_std, self.min_std, self.epsilon, self.min_weight = zero_std, min_std, epsilon, min_weight
 
     def build_view(self, records):
@@ -86,7 +91,8 @@ class Swift(Objective):
             if len(runs) < 2:
                 raise ObjectiveDataError(
                     f"task {task_id!r} ({runs[0].where()}): field 'task_id' has a single run; Swift standardizes "
-                    "rewards over the runs of a question and needs ≥ 2 (simulate with several temperatures)")
+                    "rewards over the runs of a question and needs ≥ 2 (simulate with several temperatures)"
+                )
             rewards = torch.tensor([r.reward for r in runs], dtype=torch.float64)
             weights, std = standardize_rewards(rewards, eps=self.epsilon if self.zero_std == "epsilon" else 0.0)
             if std < self.min_std:
@@ -100,8 +106,12 @@ class Swift(Objective):
         stats.examples = len(out)
         stats.excluded["zero_std_groups"] = zero
         if zero:
-            log.info("Swift: %d of %d tasks have zero reward spread (%s)", zero, len(groups),
-                     "dropped" if self.zero_std == "drop" else "kept with weight 0")
+            log.info(
+                "Swift: %d of %d tasks have zero reward spread (%s)",
+                zero,
+                len(groups),
+                "dropped" if self.zero_std == "drop" else "kept with weight 0",
+            )
         if not out:
             raise ObjectiveDataError("Swift: every task has zero reward spread across its runs; nothing to learn")
         return out, stats
@@ -153,9 +163,13 @@ class DPO(Objective):
 
     kind = "pairwise"
 
-    def __init__(self, beta: float = 0.1, pairs: Literal["conversation", "final_answer"] = "conversation",
-                 min_gap: float = 1e-6,
-                 reference: Reference = "auto"):
+    def __init__(
+        self,
+        beta: float = 0.1,
+        pairs: Literal["conversation", "final_answer"] = "conversation",
+        min_gap: float = 1e-6,
+        reference: Reference = "auto",
+    ):
         if not min_gap > 0:
             raise ValueError(f"min_gap must be > 0 (equal rewards carry no preference), got {min_gap}")
         self.beta, self.pairs, self.min_gap, self.reference = beta, pairs, min_gap, reference
@@ -170,19 +184,37 @@ class DPO(Objective):
                 small_gap += 1
                 continue
             if self.pairs == "final_answer":
-                out.append(PairExample(f"{task_id}#dpo", task_id, _question_then(chosen), _question_then(rejected),
-                                       only_last_assistant=True, where=chosen.where(),
-                                       chosen_cut_turns=_final_cut(chosen), rejected_cut_turns=_final_cut(rejected)))
+                out.append(
+                    PairExample(
+                        f"{task_id}#dpo",
+                        task_id,
+                        _question_then(chosen),
+                        _question_then(rejected),
+                        only_last_assistant=True,
+                        where=chosen.where(),
+                        chosen_cut_turns=_final_cut(chosen),
+                        rejected_cut_turns=_final_cut(rejected),
+                    )
+                )
             else:
-                out.append(PairExample(f"{task_id}#dpo", task_id, chosen.messages, rejected.messages,
-                                       where=chosen.where(), chosen_cut_turns=cut_turns(chosen),
-                                       rejected_cut_turns=cut_turns(rejected)))
+                out.append(
+                    PairExample(
+                        f"{task_id}#dpo",
+                        task_id,
+                        chosen.messages,
+                        rejected.messages,
+                        where=chosen.where(),
+                        chosen_cut_turns=cut_turns(chosen),
+                        rejected_cut_turns=cut_turns(rejected),
+                    )
+                )
         stats.examples = len(out)
         stats.excluded["gap_below_min"] = small_gap
         if not out:
             raise ObjectiveDataError(
                 f"DPO: no task has a reward gap ≥ min_gap={self.min_gap} between its best and worst run "
-                f"({len(groups)} tasks); nothing to prefer")
+                f"({len(groups)} tasks); nothing to prefer"
+            )
         return out, stats
 
 
@@ -201,8 +233,7 @@ class StepDPO(DPO):
     Args: as :class:`DPO` (``beta``, ``min_gap``, ``reference``); there is no ``pairs`` choice.
     """
 
-    def __init__(self, beta: float = 0.1, min_gap: float = 1e-6,
-                 reference: Reference = "auto"):
+    def __init__(self, beta: float = 0.1, min_gap: float = 1e-6, reference: Reference = "auto"):
         if not min_gap > 0:
             raise ValueError(f"min_gap must be > 0 (equal rewards carry no preference), got {min_gap}")
         self.beta, self.min_gap, self.reference = beta, min_gap, reference
@@ -214,7 +245,8 @@ class StepDPO(DPO):
         if not branches:
             raise ObjectiveDataError(
                 f"StepDPO: none of the {len(records)} records is a branch (meta.branch_of); simulate with "
-                "--step_branches true and pass branches.jsonl together with conversations.jsonl in data.train_files")
+                "--step_branches true and pass branches.jsonl together with conversations.jsonl in data.train_files"
+            )
         out = []
         no_parent = ties = same = 0
         for b in branches:
@@ -225,13 +257,17 @@ class StepDPO(DPO):
             step = b.meta.get("branch_step")
             pos = [i for i, m in enumerate(parent.messages) if m["role"] == "assistant"]
             if not isinstance(step, int) or not 1 <= step <= len(pos):
-                raise ObjectiveDataError(f"record {b.id!r}: field 'meta.branch_step' = {step!r} is not an assistant "
-                                         f"step of its parent {parent.id!r} (1..{len(pos)})")
+                raise ObjectiveDataError(
+                    f"record {b.id!r}: field 'meta.branch_step' = {step!r} is not an assistant "
+                    f"step of its parent {parent.id!r} (1..{len(pos)})"
+                )
             at = pos[step - 1]
             prefix = parent.messages[:at]
             if b.messages[:at] != prefix or len(b.messages) <= at or b.messages[at]["role"] != "assistant":
-                raise ObjectiveDataError(f"record {b.id!r}: field 'messages' does not continue the prefix of its "
-                                         f"parent {parent.id!r} up to step {step}")
+                raise ObjectiveDataError(
+                    f"record {b.id!r}: field 'messages' does not continue the prefix of its "
+                    f"parent {parent.id!r} up to step {step}"
+                )
             if b.messages[at]["content"] == parent.messages[at]["content"]:
                 same += 1
                 continue
@@ -240,10 +276,18 @@ class StepDPO(DPO):
                 ties += 1
                 continue
             win, lose = (b, parent) if gap > 0 else (parent, b)
-            out.append(PairExample(f"{b.id}#stepdpo", b.task_id, [*prefix, win.messages[at]],
-                                   [*prefix, lose.messages[at]], only_last_assistant=True, where=b.where(),
-                                   chosen_cut_turns=(step,) if step in cut_turns(win) else (),
-                                   rejected_cut_turns=(step,) if step in cut_turns(lose) else ()))
+            out.append(
+                PairExample(
+                    f"{b.id}#stepdpo",
+                    b.task_id,
+                    [*prefix, win.messages[at]],
+                    [*prefix, lose.messages[at]],
+                    only_last_assistant=True,
+                    where=b.where(),
+                    chosen_cut_turns=(step,) if step in cut_turns(win) else (),
+                    rejected_cut_turns=(step,) if step in cut_turns(lose) else (),
+                )
+            )
         stats.examples = len(out)
         stats.excluded.update(ties=ties, same_action=same, no_parent=no_parent)
         if no_parent:
@@ -251,7 +295,8 @@ class StepDPO(DPO):
         if not out:
             raise ObjectiveDataError(
                 f"StepDPO: no (parent, branch) pair has a reward gap ≥ min_gap={self.min_gap} and distinct actions "
-                f"({len(branches)} branches: {ties} ties, {same} identical actions, {no_parent} without parent)")
+                f"({len(branches)} branches: {ties} ties, {same} identical actions, {no_parent} without parent)"
+            )
         return out, stats
 
 
@@ -271,8 +316,14 @@ class Distill(SFT):
         top_k, min_reward: the SFT selection (see :class:`SFT`).
     """
 
-    def __init__(self, teacher: str | None = None, alpha: float = 0.5, temperature: float = 2.0, top_k: int = 1,
-                 min_reward: float | None = None):
+    def __init__(
+        self,
+        teacher: str | None = None,
+        alpha: float = 0.5,
+        temperature: float = 2.0,
+        top_k: int = 1,
+        min_reward: float | None = None,
+    ):
         super().__init__(top_k=top_k, min_reward=min_reward)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -298,7 +349,8 @@ def question_prompt(record: ConversationRecord) -> str:
         return block.group(0)
     raise ObjectiveDataError(
         f"{record.where()}: field 'meta.question_prompt': missing, and the question cannot be rebuilt (no "
-        "meta.question/meta.choices, no lettered options in the first teacher turn); re-simulate to record it")
+        "meta.question/meta.choices, no lettered options in the first teacher turn); re-simulate to record it"
+    )
 
 
 def _question_then(record: ConversationRecord) -> list[dict[str, str]]:

@@ -36,8 +36,10 @@ def _model_mask(model, mask: Tensor, dtype: torch.dtype) -> Tensor:
         return mask
     if impl == "eager":
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    raise ValueError(f"packed DPO pairs need an attention implementation that takes a 4D mask (sdpa or eager), "
-                     f"the model uses {impl!r}: set data.share_pair_prefix=false")
+    raise ValueError(
+        f"packed DPO pairs need an attention implementation that takes a 4D mask (sdpa or eager), "
+        f"the model uses {impl!r}: set data.share_pair_prefix=false"
+    )
 
 
 def packed_sequence_logps(model, batch: dict, chunk_size: int = 1024, recompute: bool | None = None) -> Tensor:
@@ -52,12 +54,16 @@ def packed_sequence_logps(model, batch: dict, chunk_size: int = 1024, recompute:
     n = batch["n_pairs"]
     rows, pos, y, seq = batch["pair_row"], batch["pair_pos"], batch[PACKED_KEY], batch["pair_seq"]
     if decoder is None or head is None:  # unusual architecture: the full logits
-        logits = model(input_ids=batch["input_ids"], attention_mask=mask,
-                       position_ids=batch["position_ids"]).logits[rows, pos].float()
+        logits = (
+            model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"])
+            .logits[rows, pos]
+            .float()
+        )
         lp = logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(-1)
     else:
-        hidden = decoder(input_ids=batch["input_ids"], attention_mask=mask,
-                         position_ids=batch["position_ids"]).last_hidden_state
+        hidden = decoder(
+            input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]
+        ).last_hidden_state
         if recompute is None:
             recompute = uses_gradient_checkpointing(base)
         lp = chunked_head_logps(head, hidden[rows, pos], y, chunk_size, recompute=recompute)

@@ -59,8 +59,10 @@ def refuse_occupied(root: Path, ckpt_path: str | None, overwrite: bool) -> None:
     held = run_files(root)
     if held:
         names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in held[:4])
-        raise FileExistsError(f"{root} already holds a clarify fit run ({names}); resume it with --ckpt_path last, "
-                              "replace it with --overwrite true, or choose another --trainer.default_root_dir")
+        raise FileExistsError(
+            f"{root} already holds a clarify fit run ({names}); resume it with --ckpt_path last, "
+            "replace it with --overwrite true, or choose another --trainer.default_root_dir"
+        )
 
 
 def clear_run(root: Path) -> list[str]:
@@ -92,8 +94,9 @@ def remove_failed_start(root: Path, before: set[Path]) -> list[str]:
             p.unlink(missing_ok=True)
         removed.append(p.name)
     if removed:
-        log.info("the fit failed before its first step: removed what it had written to %s (%s)", root,
-                 ", ".join(removed))
+        log.info(
+            "the fit failed before its first step: removed what it had written to %s (%s)", root, ", ".join(removed)
+        )
     return removed
 
 
@@ -103,9 +106,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # a truncated or foreign file fails in many ways (zip, pickle, errno 22): name the file
-        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
-                         "it may be truncated (a full disk, a copy cut short): resume from another checkpoint or "
-                         "start again") from None
+        raise ValueError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+            "it may be truncated (a full disk, a copy cut short): resume from another checkpoint or "
+            "start again"
+        ) from None
 
 
 def _norm(key: str, value: Any) -> Any:
@@ -130,9 +135,11 @@ def check_resume(ckpt_path: Path, ckpt_hparams: dict[str, Any], hparams: dict[st
         elif key not in SHAPE_KEYS:
             other[f"model.{key}"] = [old, new]
     if shape:
-        raise ValueError(f"--ckpt_path {ckpt_path} cannot be resumed with this configuration: {'; '.join(shape)} "
-                         "(the checkpoint's weights have another shape); resume with the checkpoint's settings, or "
-                         "start a new run in another --trainer.default_root_dir")
+        raise ValueError(
+            f"--ckpt_path {ckpt_path} cannot be resumed with this configuration: {'; '.join(shape)} "
+            "(the checkpoint's weights have another shape); resume with the checkpoint's settings, or "
+            "start a new run in another --trainer.default_root_dir"
+        )
     return other
 
 
@@ -164,8 +171,10 @@ def config_differences(before: dict[str, Any], now: dict[str, Any]) -> dict[str,
 
 def latest_config(root: Path) -> Path | None:
     """The config of the run's latest segment: ``config.resume-N.yaml`` with the largest N, else ``config.yaml``."""
-    resumed = sorted(root.glob("config.resume-*.yaml"), key=lambda p: int(p.stem.rsplit("-", 1)[-1])
-                     if p.stem.rsplit("-", 1)[-1].isdigit() else -1)
+    resumed = sorted(
+        root.glob("config.resume-*.yaml"),
+        key=lambda p: int(p.stem.rsplit("-", 1)[-1]) if p.stem.rsplit("-", 1)[-1].isdigit() else -1,
+    )
     if resumed:
         return resumed[-1]
     return root / "config.yaml" if (root / "config.yaml").is_file() else None
@@ -198,6 +207,11 @@ def record_resume(root: Path, ckpt_path: Path, step: Any, config_name: str, chan
     changed (``{"key": [before, now]}``)."""
     path = root / RESUMES_FILE
     lines = path.read_text(encoding="utf-8") if path.is_file() else ""
-    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "ckpt_path": str(ckpt_path), "global_step": step,
-             "config": config_name, "changed": changed}
+    entry = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "ckpt_path": str(ckpt_path),
+        "global_step": step,
+        "config": config_name,
+        "changed": changed,
+    }
     return atomic_write_text(path, lines + json.dumps(entry, default=str) + "\n")

@@ -36,16 +36,19 @@ def training_device(accelerator: str | Accelerator) -> str:
     return "cuda" if name == "gpu" else name
 
 
-def resolve_precision(precision: PrecisionChoice | None, accelerator: str | Accelerator = "auto"
-                      ) -> _PRECISION_INPUT | None:
+def resolve_precision(
+    precision: PrecisionChoice | None, accelerator: str | Accelerator = "auto"
+) -> _PRECISION_INPUT | None:
     """``auto`` → ``bf16-mixed`` where ``dtype: auto`` would pick bfloat16 on the training device, else ``32-true``
     (printed once); any other value unchanged."""
     if precision != "auto":
         return precision
     device = training_device(accelerator)
     if device not in ("cpu", "cuda"):
-        raise ValueError(f"--trainer.precision auto: no rule for accelerator {accelerator!r}; set the precision "
-                         "explicitly (e.g. 32-true or bf16-mixed)")
+        raise ValueError(
+            f"--trainer.precision auto: no rule for accelerator {accelerator!r}; set the precision "
+            "explicitly (e.g. 32-true or bf16-mixed)"
+        )
     chosen = "bf16-mixed" if resolve_dtype("auto", device) == "bfloat16" else "32-true"
     print(f"[clarify] trainer.precision auto -> {chosen} on {device}", file=sys.stderr)
     return chosen
@@ -55,11 +58,12 @@ class ClarifyTrainer(L.Trainer):
     """``lightning.Trainer`` with ``precision: auto`` (see the module docstring); every other argument is
     Lightning's own."""
 
-    def __init__(self, *, accelerator: str | Accelerator = "auto", precision: PrecisionChoice | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *, accelerator: str | Accelerator = "auto", precision: PrecisionChoice | None = None, **kwargs: Any
+    ) -> None:
         """Args:
-            accelerator: as ``lightning.Trainer`` (``cpu``, ``gpu``, ``auto`` …).
-            precision: as ``lightning.Trainer``, or ``auto``: ``bf16-mixed`` where the training device computes bf16
-                natively (a CPU with avx512_bf16 or amx_bf16, a GPU with bf16), else ``32-true``.
+        accelerator: as ``lightning.Trainer`` (``cpu``, ``gpu``, ``auto`` …).
+        precision: as ``lightning.Trainer``, or ``auto``: ``bf16-mixed`` where the training device computes bf16
+            natively (a CPU with avx512_bf16 or amx_bf16, a GPU with bf16), else ``32-true``.
         """
         super().__init__(accelerator=accelerator, precision=resolve_precision(precision, accelerator), **kwargs)
