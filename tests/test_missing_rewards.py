@@ -192,3 +192,61 @@ def test_real_replies_of_a_served_judge():
     assert len(cases) >= 8
     for case in cases:
         assert (parse_judge_scores(case["reply"]) or {}).get("overall") == case["overall"], case["reply"]
+
+
+def evaluate_args(out: Path, url: str, *extra: str) -> list[str]:
+    return [
+        "evaluate",
+        "--model",
+        "tiny-random",
+        "--data.dataset",
+        "local",
+        "--data.path",
+        str(REPO / "configs/simulate/tiny-tasks.jsonl"),
+        "--data.columns",
+        "{question: question, choices: choices, answer: answer, id: id, knowledge: knowledge}",
+        "--data.n_train",
+        "4",
+        "--data.n_test",
+        "3",
+        "--rollout.n_turns",
+        "1",
+        "--rollout.max_new_tokens",
+        "4",
+        "--progress",
+        "false",
+        "--out_dir",
+        str(out),
+        "--reward.kind",
+        "llm_judge",
+        "--reward.backend",
+        "endpoint",
+        "--reward.endpoint.base_url",
+        url,
+        "--reward.endpoint.model",
+        "judge",
+        "--reward.endpoint.max_retries",
+        "0",
+        "--reward.max_attempts",
+        "1",
+        "--reward.endpoint.concurrency",
+        "1",
+        *extra,
+    ]
+
+
+def test_an_evaluation_without_rewards_fails_and_is_not_marked_done(clarify_cache, tmp_path, capsys):
+    out = tmp_path / "eval"
+    with Judge([REFUSAL]) as judge, pytest.raises(SystemExit) as e:
+        main(evaluate_args(out, judge.url))
+    assert e.value.code == 3
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("clarify evaluate")]
+    assert len(lines) == 1 and "3 of 3 rewards missing (100%, more than --max_missing_rewards 0.1)" in lines[0]
+    assert json.loads((out / UNPARSEABLE_FILE).read_text())["reply"] == REFUSAL
+    assert (out / "rollouts.jsonl").exists() and not (out / "metrics.json").exists()  # not "done": no resume skips it
+    with Judge([REFUSAL]) as judge:  # tolerated on request: the evaluation finishes
+        main(evaluate_args(tmp_path / "tolerated", judge.url, "--max_missing_rewards", "1"))
+    assert (tmp_path / "tolerated/metrics.json").exists()
+    with Judge([VERDICT]) as judge:  # a readable judge: done, with its reward
+        main(evaluate_args(tmp_path / "ok", judge.url))
+    assert json.loads((tmp_path / "ok/metrics.json").read_text())["metrics"]["reward"] == pytest.approx(0.7)

@@ -48,6 +48,12 @@ from clarify_lit.models import (
     resolve_device,
     resolve_dtype,
 )
+from clarify_lit.simulate.missing_rewards import (
+    DEFAULT_MAX_MISSING_SHARE,
+    MissingRewardsError,
+    check_max_share,
+    check_missing_rewards,
+)
 from clarify_lit.simulate.options import (
     ROLLOUT_MOVES,
     DataOptions,
@@ -169,6 +175,10 @@ class EvaluateConfig:
     """The policy on an OpenAI-compatible server (--policy_endpoint.base_url http://127.0.0.1:8765/v1
     --policy_endpoint.model NAME: llama.cpp serving a clarify export --format gguf file, vLLM, Ollama); nothing is
     loaded locally, --model optionally names its base (evaluate/served.py)."""
+    max_missing_rewards: float = DEFAULT_MAX_MISSING_SHARE
+    """The largest share of conversations whose reward may be missing (a judge reply that could not be parsed) before
+    the evaluation fails: exit 3 with one line naming the judge, the share and one raw reply (saved in out_dir);
+    rollouts.jsonl is written, metrics.json (the "done" marker) is not. 1 = never fail."""
 
 
 def run(cfg: EvaluateConfig) -> dict[str, float]:
@@ -180,6 +190,7 @@ def run(cfg: EvaluateConfig) -> dict[str, float]:
             cfg.model, cfg.ckpt_path, cfg.export_dir
         )  # before any loading: fail fast on a bad command line
     cfg.rollout.check()
+    check_max_share(cfg.max_missing_rewards)
     # keys come from environment variables only
     refuse_secrets({"teacher": cfg.teacher, "reward": cfg.reward, "policy_endpoint": cfg.policy_endpoint})
     out = Path(cfg.out_dir)
@@ -238,6 +249,8 @@ def _evaluate(cfg: EvaluateConfig, out: Path) -> dict[str, float]:
         )
     metrics = compute_metrics(records, tokenizer, setting=spec.setting, choices={t.task_id: t.choices for t in tasks})
     write_records(out / "rollouts.jsonl", records)
+    # before metrics.json: an evaluation whose judge could not be read is not marked done
+    check_missing_rewards(records, reward_obj, out, cfg.max_missing_rewards, prog="clarify evaluate")
     data = cfg.data
     meta = {
         "method": cfg.method or info["default_method"],
@@ -290,7 +303,12 @@ build_parser, parse_config = COMMAND_LINE.parser, COMMAND_LINE.parse
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``clarify evaluate``."""
-    run(parse_config(argv))
+    cfg = parse_config(argv)
+    try:
+        run(cfg)
+    except MissingRewardsError as e:  # rollouts.jsonl is written, metrics.json is not
+        print(e, file=sys.stderr)
+        raise SystemExit(3) from None
 
 
 if __name__ == "__main__":

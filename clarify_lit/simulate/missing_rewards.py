@@ -3,7 +3,8 @@
 An LLM judge whose replies cannot be parsed leaves a conversation's reward *missing* (``meta.reward_missing``,
 reward 0, dropped by training). A few are noise; many mean the run has no reward to learn from — a served judge
 that ignores the JSON format, a wrong ``reward.endpoint.model`` — and a run that exits 0 with ``"mean_reward": null``
-hides it. :func:`check_missing_rewards` ends such a run: when more than ``max_share`` of its conversations have no
+hides it (``clarify evaluate`` with a judge likewise: its mean reward would be over the few it could read).
+:func:`check_missing_rewards` ends such a run: when more than ``max_share`` of its conversations have no
 reward, one raw unparseable reply is saved in the run folder (:data:`UNPARSEABLE_FILE`) and
 :class:`MissingRewardsError` says, in one line, which judge, what share, and that reply. ``summary.json`` (written
 first) holds ``reward_missing_share`` either way.
@@ -46,7 +47,11 @@ def judges_of(reward: Reward | None) -> list[LLMJudgeReward]:
 
 
 def check_missing_rewards(
-    records: Sequence[ConversationRecord], reward: Reward | None, out: Path, max_share: float
+    records: Sequence[ConversationRecord],
+    reward: Reward | None,
+    out: Path,
+    max_share: float,
+    prog: str = "clarify simulate",
 ) -> None:
     """Raise :class:`MissingRewardsError` when more than ``max_share`` of ``records`` have no reward, after saving
     one raw unparseable judge reply to ``out``/:data:`UNPARSEABLE_FILE` (see the module docstring)."""
@@ -75,7 +80,7 @@ def check_missing_rewards(
     else:  # every missing reward came from shards made before this invocation (--resume)
         reply = "no raw reply kept (the missing rewards were logged before this --resume)"
     raise MissingRewardsError(
-        f"clarify simulate: {n_missing} of {len(records)} rewards missing ({share:.0%}, more than "
+        f"{prog}: {n_missing} of {len(records)} rewards missing ({share:.0%}, more than "
         f"--max_missing_rewards {max_share:g}): judge {judge} gave replies that could not be parsed; {reply}"
     )
 
