@@ -17,6 +17,11 @@ a number; several unlabelled ``N/10`` scores (which one is overall?); an unlabel
 ("5/6 of the steps"); a JSON object without an overall score when the
 reply has no other overall; a reply whose only number is not a score ("The student answered B on turn 3").
 Tested on real replies of the served SmolLM2-135M-Instruct (tests/fixtures/judge_replies_llama_cpp.json).
+
+A judge that quotes or continues the transcript would hand the policy's own words to this forgiving parser: a reply
+ending ``{"overall": 10}`` or ``Overall: 10`` would score itself once the judge echoes it. :func:`without_echoes`
+drops every line of the judge's reply that copies the conversation (system prompt aside) before it is read, so a
+verdict counts only in the judge's own words; an echoed score alone leaves the reward missing, never a guess.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import ast
 import json
 import math
 import re
+from collections.abc import Mapping, Sequence
 
 from clarify_lit.simulate import prompts
 
@@ -135,6 +141,13 @@ def _lone_score(text: str) -> dict[str, float] | None:
         x = _scaled(values.pop(), None)
         return {"overall": x} if x is not None else None
     return None
+
+
+def without_echoes(reply: str, conversation: Sequence[Mapping[str, str]]) -> str:
+    """``reply`` without its lines that occur verbatim in the conversation's messages (the system prompt aside;
+    lines of fewer than 3 characters kept: ``{``, ``}``, a bare ``7``), so the policy cannot write its own score."""
+    said = "\n".join(m.get("content", "") for m in conversation if m.get("role") != "system")
+    return "\n".join(line for line in reply.splitlines() if len(line.strip()) < 3 or line.strip() not in said)
 
 
 def parse_judge_scores(text: str) -> dict[str, float] | None:

@@ -31,7 +31,7 @@ from clarify_lit.data.records import Message
 from clarify_lit.data.tasks import LETTERS, QATask
 from clarify_lit.simulate import prompts
 from clarify_lit.simulate.engine import GenerationEngine, derive_seed
-from clarify_lit.simulate.judge_parsing import parse_judge_scores
+from clarify_lit.simulate.judge_parsing import parse_judge_scores, without_echoes
 from clarify_lit.simulate.open_answer import grade_open_answer
 from clarify_lit.simulate.parsing import AnswerParse, analyze_answer
 from clarify_lit.simulate.teachers import ChatBackend
@@ -204,7 +204,8 @@ class LLMJudgeReward(Reward):
                 seed=derive_seed(seed, attempt),
             )
             for i, r in zip(todo, replies, strict=True):
-                parsed[i] = parse_judge_scores(r)
+                # the judge's own words only: a verdict copied from the policy's reply is not one (judge_parsing)
+                parsed[i] = parse_judge_scores(without_echoes(r, conversations[i]))
                 raw[i] = r
             todo = [i for i in todo if parsed[i] is None]
         out = []
