@@ -8,7 +8,8 @@ LightningCLI, one
 ``--option`` per field with its type checked, ``--config`` YAML files, ``--print_config`` and a ``--help`` that
 shows each field's documentation.
 Options are spelled with underscores and booleans take a value (``--dry_run true``); :func:`renamed_switches` keeps
-the older hyphenated switches (``--dry-run``) working, with a deprecation message.
+the older hyphenated switches (``--dry-run``) working, with a deprecation message, and :func:`moved_config_keys` a
+``--config`` file's keys that moved (``max_new_tokens`` → ``rollout.max_new_tokens``).
 
 Every parser is a :class:`ClarifyParser`: abbreviations are off (``--teacher.endpoint.api_key`` is an unknown option,
 never taken for ``api_key_env``), an error message never repeats a value that looks like a secret, and
@@ -24,11 +25,13 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import os
 import re
 import sys
 import textwrap
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
@@ -281,7 +284,8 @@ class CommandLine(Generic[Config]):
     rewrite: Callable[[list[str] | None], list[str]] | None = None
     """Rewrites deprecated spellings in the arguments before they are parsed (each use reported on stderr)."""
     moved: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    """Old option names → the options they became (named in the error about an old name in a config file)."""
+    """Old option names → the options they became: a ``--config`` file's old key is moved there, with a deprecation
+    line (:func:`moved_config_keys`)."""
 
     def parser(self) -> ArgumentParser:
         return dataclass_parser(
@@ -296,7 +300,11 @@ class CommandLine(Generic[Config]):
         )
 
     def parse(self, argv: list[str] | None = None) -> Config:
-        return parse_dataclass(self.parser(), self.config, self.rewrite(argv) if self.rewrite else argv)
+        parser = self.parser()
+        argv = self.rewrite(argv) if self.rewrite else argv
+        if self.moved:
+            argv = moved_config_keys(argv, self.moved, self.prog, parser.error)
+        return parse_dataclass(parser, self.config, argv)
 
 
 def parse_dataclass(parser: ArgumentParser, config_class: type, argv: list[str] | None) -> Any:
@@ -306,6 +314,61 @@ def parse_dataclass(parser: ArgumentParser, config_class: type, argv: list[str] 
     refuse_secrets({k: v for k, v in parsed.as_dict().items() if k != "config"})
     init = parser.instantiate(parsed)
     return config_class(**{k: v for k, v in vars(init).items() if k in config_class.__dataclass_fields__})
+
+
+def moved_config_keys(
+    argv: list[str] | None, moved: Mapping[str, str], prog: str, error: Callable[[str], Any]
+) -> list[str]:
+    """``argv`` with each ``--config`` YAML (a file or an inline string) that holds an old key of ``moved`` (old name →
+    the option it became: ``max_new_tokens`` → ``--rollout.max_new_tokens``) given instead as its content with the key
+    nested where it moved (``rollout: {max_new_tokens: 40}``), each old key reported on stderr in one line naming the
+    file. Inline, in the place of the file, so the usual order holds (later arguments override earlier ones); a
+    config without old keys is passed on untouched. A key given both flat and in its new place in one file is
+    ``error``-ed (the parser's one-line error)."""
+    import yaml
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    out = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--config" and i + 1 < len(args):
+            out += [a, _moved_config(args[i + 1], moved, prog, error, yaml)]
+            i += 2
+            continue
+        if a.startswith("--config="):
+            a = "--config=" + _moved_config(a[len("--config=") :], moved, prog, error, yaml)
+        out.append(a)
+        i += 1
+    return out
+
+
+def _moved_config(value: str, moved: Mapping[str, str], prog: str, error: Callable[[str], Any], yaml: Any) -> str:
+    """One ``--config`` value with its old keys moved (:func:`moved_config_keys`), or ``value`` when it has none."""
+    try:
+        is_file = os.path.isfile(value)
+        cfg = yaml.safe_load(Path(value).read_text(encoding="utf-8") if is_file else value)
+    except (OSError, ValueError, yaml.YAMLError):
+        return value  # unreadable: the parser says so, in its words
+    if not isinstance(cfg, dict) or not set(cfg) & set(moved):
+        return value
+    where = value if is_file else "--config"
+    for old in [k for k in cfg if k in moved]:
+        *parents, leaf = moved[old].lstrip("-").split(".")
+        new = ".".join([*parents, leaf])
+        block = cfg
+        for part in parents:
+            if block.get(part) is None:
+                block[part] = {}
+            block = block[part]
+            if not isinstance(block, dict):  # e.g. ``rollout: other.yaml``: left to the parser
+                return value
+        if leaf in block or new in cfg:
+            error(f"{where}: {old} is given both flat and as {new}; keep only {new}")
+            return value  # an error that does not exit: the parser's own refusal follows
+        print(f"{prog}: {where}: {old} is deprecated, use {new}", file=sys.stderr)
+        block[leaf] = cfg.pop(old)
+    return yaml.safe_dump(cfg, sort_keys=False)
 
 
 def renamed_switches(argv: list[str] | None, renames: Mapping[str, str], prog: str) -> list[str]:

@@ -222,3 +222,93 @@ def test_dataclass_parser_leaves_docstring_parsing_as_it_found_it():
     parser = build_parser()
     assert get_docstring_parse_options()["attribute_docstrings"] == before
     assert "Token budget of each assistant turn" in parser.format_help()
+
+
+FLAT_YAML = "max_new_tokens: 40\ntemperatures: [0.3, 0.7]\nseed: 3\n"
+NESTED_YAML = "rollout:\n  max_new_tokens: 40\n  temperatures: [0.3, 0.7]\n  seed: 3\n"
+
+
+def _parse(command):
+    from clarify_lit.evaluate.command import parse_config as evaluate_config_of
+    from clarify_lit.jobs.iterate import parse_config as iterate_config_of
+    from clarify_lit.simulate.command import parse_config as simulate_config_of
+
+    return {"simulate": simulate_config_of, "evaluate": evaluate_config_of, "iterate": iterate_config_of}[command]
+
+
+@pytest.mark.parametrize("command", ["simulate", "evaluate", "iterate"])
+def test_flat_keys_in_a_config_file_still_parse_with_one_deprecation_line(command, tmp_path, capsys):
+    """A config file written before the block (``max_new_tokens: 40`` at top level) gives the same configuration as
+    the nested one, with one line per old key naming the file and the new spelling."""
+    parse = _parse(command)
+    flat, nested = tmp_path / "flat.yaml", tmp_path / "nested.yaml"
+    flat.write_text(FLAT_YAML)
+    nested.write_text(NESTED_YAML)
+    new = parse(["--config", str(nested)])
+    assert capsys.readouterr().err == ""  # a config without old keys: nothing to say
+    old = parse(["--config", str(flat)])
+    assert old == new and old.rollout.max_new_tokens == 40 and old.rollout.temperatures == [0.3, 0.7]
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"clarify {command}: {flat}: {name} is deprecated, use rollout.{name}"
+        for name in ("max_new_tokens", "temperatures", "seed")
+    ]
+    assert parse([f"--config={flat}"]) == new  # the = spelling too
+    from clarify_lit.arguments import moved_config_keys
+    from clarify_lit.simulate.options import ROLLOUT_MOVES
+
+    argv = ["--config", str(nested), f"--config={nested}"]
+    assert moved_config_keys(argv, ROLLOUT_MOVES, "p", print) == argv  # no old keys: the arguments untouched
+
+
+def test_flat_keys_in_a_config_file_keep_the_usual_order(tmp_path):
+    """Later arguments override earlier ones, as for any config file: a flag after the file wins, the file wins over
+    a flag before it."""
+    parse = _parse("simulate")
+    flat = tmp_path / "flat.yaml"
+    flat.write_text(FLAT_YAML)
+    assert parse(["--config", str(flat), "--rollout.max_new_tokens", "7"]).rollout.max_new_tokens == 7
+    assert parse(["--config", str(flat), "--max_new_tokens", "7"]).rollout.max_new_tokens == 7  # flat flag too
+    assert parse(["--rollout.max_new_tokens", "7", "--config", str(flat)]).rollout.max_new_tokens == 40
+    second = tmp_path / "second.yaml"
+    second.write_text("rollout:\n  seed: 9\n")
+    both = parse(["--config", str(flat), "--config", str(second)]).rollout
+    assert (both.seed, both.max_new_tokens) == (9, 40)
+
+
+def test_flat_keys_in_a_config_file_give_the_same_fingerprint(tmp_path):
+    """A run configured with the old keys is the same run (resume finds it): same ``run_fingerprint``."""
+    from clarify_lit.simulate.command import run_fingerprint
+
+    parse = _parse("simulate")
+    flat, nested = tmp_path / "flat.yaml", tmp_path / "nested.yaml"
+    flat.write_text(FLAT_YAML)
+    nested.write_text(NESTED_YAML)
+    assert run_fingerprint(parse(["--config", str(flat)]), ["t"]) == run_fingerprint(
+        parse(["--config", str(nested)]), ["t"]
+    )
+
+
+@pytest.mark.parametrize("both", ["rollout:\n  max_new_tokens: 5\n", "rollout.max_new_tokens: 5\n"])
+def test_a_key_given_flat_and_nested_in_one_config_file_is_an_error(both, tmp_path, capsys):
+    from clarify_lit.cli import main
+
+    config = tmp_path / "x.yaml"
+    config.write_text("max_new_tokens: 40\n" + both)
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--config", str(config), "--model", "tiny-random"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert (
+        f"clarify evaluate: error: {config}: max_new_tokens is given both flat and as rollout.max_new_tokens; "
+        "keep only rollout.max_new_tokens" in err
+    ), err
+
+
+def test_an_unknown_key_beside_a_flat_one_is_still_refused(tmp_path, capsys):
+    config = tmp_path / "x.yaml"
+    config.write_text("max_new_tokens: 40\nn_turn: 3\n")
+    with pytest.raises(SystemExit) as e:
+        _parse("simulate")(["--config", str(config)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[0].endswith("max_new_tokens is deprecated, use rollout.max_new_tokens")
+    assert len(err) == 2 and "Option 'n_turn' is not accepted; did you mean --rollout.n_turns?" in err[1], err

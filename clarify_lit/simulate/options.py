@@ -122,7 +122,7 @@ FLAT_ROLLOUT_FLAGS = (
 )
 
 
-#: the flat options' new names (named in the error about a flat key in a config file)
+#: the flat options' new names: a ``--config`` file's flat key is moved there (``arguments.moved_config_keys``)
 ROLLOUT_MOVES = {name: f"--rollout.{name}" for name in FLAT_ROLLOUT_FLAGS}
 
 
