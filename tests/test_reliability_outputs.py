@@ -188,6 +188,29 @@ def test_ctrl_c_during_fit_saves_at_the_step_boundary_and_exits_130(finished_run
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
 
 
+def test_ctrl_c_still_stops_a_fit_after_an_earlier_fit_left_its_handler(finished_run, tmp_path, capsys):
+    """A stale Ctrl-C handler of an earlier fit in the same process (one that ended without its teardown) is replaced:
+    else this fit's Ctrl-C would flag that dead trainer and the fit would run on."""
+
+    def stale(signum, frame):  # what an earlier fit's handler looks like to the next one
+        raise AssertionError("the stale handler of an earlier fit was called")
+
+    stale.clarify_fit_sigint = True
+    records, _ = finished_run
+    root = tmp_path / "run"
+    cfg = tmp_path / "sigint.yaml"
+    callback = {"class_path": "reliability_helpers.SignalAtStep", "init_args": {"step": 1, "signum": 2}}
+    cfg.write_text(yaml.safe_dump({"trainer": {"callbacks": [callback]}}))
+    args = fit(records, root, "--trainer.max_steps=4", "--data.batch_size=2", "--model.export_on_fit_end=false")
+    signal.signal(signal.SIGINT, stale)
+    try:
+        code, line = one_line_error([*args, "--config", str(cfg)], capsys)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert code == 130 and line.startswith("clarify fit: stopped by Ctrl-C (SIGINT) at step 2")
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+
+
 # ----------------------------------------------------------------------------------------------------- evaluate
 
 

@@ -182,10 +182,13 @@ class ResumeState(Callback):
     def _catch_sigint(self, trainer) -> None:
         """First Ctrl-C: stop after the current batch as SIGTERM does (saving ``last.ckpt``); a second one: at once.
         Single process only: DDP ranks must agree on where to stop, which Lightning's own SIGTERM handling does."""
+        current = signal.getsignal(signal.SIGINT)
         if (
             trainer.world_size != 1
             or threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+            # someone else's handler is left alone; a stale one of ours (an earlier fit in this process that ended
+            # without its teardown) is replaced, else this fit's Ctrl-C would stop that dead trainer instead
+            or (current is not signal.default_int_handler and not getattr(current, "clarify_fit_sigint", False))
         ):
             return
         connector = getattr(trainer, "_signal_connector", None)
@@ -200,7 +203,11 @@ class ResumeState(Callback):
             log.warning("Ctrl-C: stopping after this batch and saving last.ckpt (press Ctrl-C again to stop at once)")
             connector.received_sigterm = True
 
-        self._previous_sigint = signal.signal(signal.SIGINT, stop_after_this_batch)
+        stop_after_this_batch.clarify_fit_sigint = True
+        previous = signal.signal(signal.SIGINT, stop_after_this_batch)
+        self._previous_sigint = (
+            signal.default_int_handler if getattr(previous, "clarify_fit_sigint", False) else previous
+        )
 
     def _release_sigint(self) -> None:
         if self._previous_sigint is not None:
