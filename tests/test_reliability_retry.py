@@ -276,6 +276,7 @@ def test_iterate_stage_stopped_or_failed_is_one_line(code, tmp_path, monkeypatch
         )
 
 
+@pytest.mark.slow  # a subprocess interrupted and waited for
 def test_ctrl_c_during_iterate_is_one_line_and_exit_130(tmp_path, cache_root):
     import os
     import signal

@@ -67,6 +67,7 @@ PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a copy of the package and one subprocess per command
 def test_a_field_added_to_the_block_reaches_every_command(tmp_path):
     """One edit — a field appended to ``RolloutOptions`` in a copy of the package — and simulate, evaluate, iterate
     (through the YAML it writes for its stages) and the rollout callback all accept ``--rollout.<field>`` and carry
