@@ -47,6 +47,26 @@ class Judge(FakeEndpoint):
         handler.send(200, completion(self.replies[index % len(self.replies)]))
 
 
+def judge_args(url: str, max_attempts: int) -> list[str]:
+    """The served judge of these tests: one request at a time, no transport retries, ``max_attempts`` asks."""
+    return [
+        "--reward.kind",
+        "llm_judge",
+        "--reward.backend",
+        "endpoint",
+        "--reward.endpoint.base_url",
+        url,
+        "--reward.endpoint.model",
+        "judge",
+        "--reward.endpoint.max_retries",
+        "0",
+        "--reward.max_attempts",
+        str(max_attempts),
+        "--reward.endpoint.concurrency",
+        "1",
+    ]
+
+
 def simulate_args(out: Path, url: str, *extra: str) -> list[str]:
     return [
         "simulate",
@@ -64,20 +84,7 @@ def simulate_args(out: Path, url: str, *extra: str) -> list[str]:
         "false",
         "--output",
         str(out),
-        "--reward.kind",
-        "llm_judge",
-        "--reward.backend",
-        "endpoint",
-        "--reward.endpoint.base_url",
-        url,
-        "--reward.endpoint.model",
-        "judge",
-        "--reward.endpoint.max_retries",
-        "0",
-        "--reward.max_attempts",
-        "2",
-        "--reward.endpoint.concurrency",
-        "1",
+        *judge_args(url, max_attempts=2),
         *extra,
     ]
 
@@ -217,20 +224,7 @@ def evaluate_args(out: Path, url: str, *extra: str) -> list[str]:
         "false",
         "--out_dir",
         str(out),
-        "--reward.kind",
-        "llm_judge",
-        "--reward.backend",
-        "endpoint",
-        "--reward.endpoint.base_url",
-        url,
-        "--reward.endpoint.model",
-        "judge",
-        "--reward.endpoint.max_retries",
-        "0",
-        "--reward.max_attempts",
-        "1",
-        "--reward.endpoint.concurrency",
-        "1",
+        *judge_args(url, max_attempts=1),
         *extra,
     ]
 

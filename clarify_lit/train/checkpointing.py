@@ -204,10 +204,10 @@ class ResumeState(Callback):
             connector.received_sigterm = True
 
         stop_after_this_batch.clarify_fit_sigint = True
-        previous = signal.signal(signal.SIGINT, stop_after_this_batch)
-        self._previous_sigint = (
-            signal.default_int_handler if getattr(previous, "clarify_fit_sigint", False) else previous
-        )
+        signal.signal(signal.SIGINT, stop_after_this_batch)
+        # what was there is Python's default or a stale handler of ours (the check above); either way the default
+        # comes back at the end
+        self._previous_sigint = signal.default_int_handler
 
     def _release_sigint(self) -> None:
         if self._previous_sigint is not None:
