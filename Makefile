@@ -74,8 +74,8 @@ test-server: $(STAMP) ## opt-in: teacher, judge and policy served by llama.cpp (
 demo: $(STAMP) ## the main job on the embedded SmolLM2-135M-Instruct: a policy learns to ask (~13 min on 2 cores)
 	$(PY) -m clarify_lit.demo --preset demo
 
-reproduce: $(STAMP) ## the paper's protocol at CPU scale: 2 cells x 7 rows x 2 seeds (~115 min)
-	$(PY) -m clarify_lit.demo --preset reproduce --results results
+reproduce: $(STAMP) ## the paper's protocol at CPU scale: 2 cells x 7 rows x 2 seeds, 2 stages at a time
+	$(PY) -m clarify_lit.demo --preset reproduce --jobs 2 --results results
 
 # the clarifying cell with the informative teacher and the rubric reward (docs/simulate.md; ~3x reproduce's cell)
 clarify: $(STAMP) ## the clarifying cell with the informative teacher and the rubric reward
