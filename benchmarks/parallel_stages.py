@@ -6,12 +6,13 @@
 Runs the same ``clarify evaluate`` (the embedded SmolLM2-135M-Instruct, reproduce's reasoning cell: 3 turns × 40
 tokens, greedy, batch 50, ``--dtype auto``) ``copies`` times through the demo's own runner
 (``clarify_lit.jobs.stages.StageRunner.run_all``): first one after another (``jobs=1``), then with each ``--jobs``
-value. Records each variant's wall time, the ratio of one-after-another's wall time to it (work per hour), the load
-average before and after, and how many of the copies' conversations are byte-identical to the first serial copy's
-(``rollouts.jsonl``). ``--one_thread true`` adds the variant that gives each of 2 parallel stages one torch thread of
-the 2 cores instead of keeping the thread count: greedy bf16 text depends on the thread count, which is why the runner
-keeps it. ``--active_spin true`` adds 2 parallel stages with ``OMP_WAIT_POLICY=ACTIVE`` instead of the runner's
-``PASSIVE`` (OpenMP threads that spin while they wait take the cores the other stage's threads need). Writes
+value. Records each variant's wall time, the cores its stages kept busy (CPU time / wall time), the ratio of the
+serial wall time to it (work per hour), the load average before and after, and how many of the copies'
+conversations are byte-identical to the first serial copy's (``rollouts.jsonl``). ``--one_thread true`` adds the
+variant that gives each of 2 parallel stages one torch thread of the 2 cores instead of keeping the thread count:
+greedy bf16 text depends on the thread count, which is why the runner keeps it. ``--active_spin true`` adds 2
+parallel stages with ``OMP_WAIT_POLICY=ACTIVE`` instead of the runner's ``PASSIVE`` (OpenMP threads that spin while
+they wait take the cores the other stage's threads need). Writes
 ``benchmarks/results/parallel_stages.json`` (key: the CPU model and the variants).
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -78,10 +80,12 @@ def run_variant(root: Path, name: str, copies: int, jobs: int, n_questions: int,
     os.environ.update(env)
     try:
         load_before = loadavg()
+        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         runner = StageRunner(root / name, tag=f"bench {name}")
         runner.run_all(stages, jobs)
         wall = time.perf_counter() - t0
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -92,6 +96,9 @@ def run_variant(root: Path, name: str, copies: int, jobs: int, n_questions: int,
         "jobs": jobs,
         "env": env,
         "wall_s": round(wall, 1),
+        # the stages' CPU time (user + system) over the wall time: how many of the cores they kept busy (a thread
+        # spinning in an OpenMP barrier counts as busy)
+        "cores_busy": round((cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime) / wall, 2),
         "load_before": load_before,
         "load_after": loadavg(),
         "rollouts": [out / "rollouts.jsonl" for out in outs],

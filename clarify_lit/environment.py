@@ -37,8 +37,10 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 #: the flags a stamp records (bf16 and AMX): what decides which bf16 kernels run, hence which greedy text comes out
 STAMP_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "amx_int8", "avx512f")
 LIBRARIES = ("torch", "transformers", "peft", "lightning")
-#: stamp fields that must match for two numbers to come from "the same machine" (paired greedy comparisons)
-KEY_FIELDS = ("cpu", "cpu_flags", "device", "gpu", "dtype", *LIBRARIES)
+#: stamp fields that must match for two numbers to come from "the same machine" (paired greedy comparisons). The
+#: thread count is one: a bf16 matmul's reduction is split by thread, so greedy SmolLM2 text at batch 50 differs
+#: between 1 and 2 threads (5 of 50 conversations, measured 2026-12-07; docs/demo.md#parallel-stages).
+KEY_FIELDS = ("cpu", "cpu_flags", "device", "gpu", "dtype", "torch_threads", *LIBRARIES)
 
 
 @functools.cache

@@ -164,7 +164,7 @@ def stamp_on(cpu: str, flags: list[str], dtype: str) -> dict:
 def test_report_shows_one_stamp_and_no_warning_when_all_match(tmp_path, capsys):
     epyc = stamp_on("AMD EPYC", ["avx512_bf16"], "bfloat16")
     write_metrics(tmp_path / "runs" / "base", "Base", epyc)
-    write_metrics(tmp_path / "runs" / "refit", "Refit", {**epyc, "commit": "def", "torch_threads": 1})
+    write_metrics(tmp_path / "runs" / "refit", "Refit", {**epyc, "commit": "def", "python": "3.12.1"})
     text = run_report([str(tmp_path / "runs")], out=tmp_path / "r.md", paired=False, html=tmp_path / "r.html")
     assert "## Environment" in text and "AMD EPYC [avx512_bf16], cpu, bfloat16" in text
     assert "different machines" not in text and "different machines" not in capsys.readouterr().err
@@ -177,6 +177,18 @@ def test_report_warns_when_methods_were_made_on_different_stamps(tmp_path, capsy
     text = run_report([str(tmp_path / "runs")], out=tmp_path / "r.md", paired=False)
     err = [line for line in capsys.readouterr().err.splitlines() if "different machines" in line]
     assert len(err) == 1 and "Base on AMD EPYC" in err[0] and "Refit on Intel Xeon" in err[0]  # one line, names both
+    assert "**Warning:** the table's methods were made on different machines" in text
+
+
+def test_report_warns_when_only_the_thread_count_differs(tmp_path, capsys):
+    # greedy bf16 text depends on the thread count (a matmul's reduction is split by thread), so 1 vs 2 threads is
+    # two machines for a paired comparison
+    epyc = stamp_on("AMD EPYC", ["avx512_bf16"], "bfloat16")
+    write_metrics(tmp_path / "runs" / "base", "Base", epyc)
+    write_metrics(tmp_path / "runs" / "refit", "Refit", {**epyc, "torch_threads": 1})
+    text = run_report([str(tmp_path / "runs")], out=tmp_path / "r.md", paired=False)
+    err = [line for line in capsys.readouterr().err.splitlines() if "different machines" in line]
+    assert len(err) == 1 and "2 threads" in err[0] and "1 threads" in err[0]
     assert "**Warning:** the table's methods were made on different machines" in text
 
 

@@ -363,6 +363,8 @@ THIRD_PASS = [
 
 # Real final turns from the committed rollouts (results/**/*-rollouts/*.jsonl.gz and results/clarify/iterate), found by
 # re-parsing every evaluated record with the second-pass and third-pass parser (the file and question in comments).
+# results/sciq-*-rollouts were replaced by the one-run reproduce of 2026-12-07; the ones quoted here are in git
+# history (`git show 35ea6d7:results/sciq-reasoning-standard-rollouts/seed0-Base.jsonl.gz`).
 REAL_THIRD_PASS = [
     # the three rejections credited before (results/sciq-reasoning-standard-rollouts/seed0-Base, seed0-DPO and
     # seed1-Swift, sciq/validation-655, gold A: each was counted correct)

@@ -697,7 +697,8 @@ def _stamp(f: MetricsFile) -> dict[str, Any] | None:
 
 def mixed_environments(files: Sequence[MetricsFile]) -> str | None:
     """A warning naming the methods when the table's rows were made on different environment stamps (CPU kind and
-    its bf16 flags, device, dtype or library versions: :func:`clarify_lit.environment.stamp_key`), else None. Files
+    its bf16 flags, device, dtype, torch thread count or library versions: :func:`clarify_lit.environment.stamp_key`),
+    else None. Files
     without a stamp (written before stamps existed) are left out: nothing to compare them by."""
     groups: dict[tuple, tuple[list[str], dict[str, Any]]] = {}
     for f in files:
@@ -712,8 +713,8 @@ def mixed_environments(files: Sequence[MetricsFile]) -> str | None:
         return None
     parts = "; ".join(f"{', '.join(labels)} on {describe_stamp(stamp)}" for labels, stamp in groups.values())
     return (
-        f"the table's methods were made on different machines, dtypes or library versions ({parts}); greedy "
-        "text differs across them, so paired comparisons mix machine noise into the result"
+        "the table's methods were made on different machines, dtypes, thread counts or library versions "
+        f"({parts}); greedy text differs across them, so paired comparisons mix machine noise into the result"
     )
 
 
