@@ -146,8 +146,9 @@ def describe_stamp(stamp: dict[str, Any] | None) -> str:
     flags = ", ".join(stamp.get("cpu_flags") or []) or "no bf16/AMX flags"
     where = stamp.get("gpu") or f"{stamp.get('cpu', UNKNOWN)} [{flags}]"
     libs = ", ".join(f"{lib} {stamp.get(lib, UNKNOWN)}" for lib in LIBRARIES)
+    threads = stamp.get("torch_threads", UNKNOWN)
     return (
         f"{where}, {stamp.get('device', UNKNOWN)}, {stamp.get('dtype', UNKNOWN)}, "
-        f"{stamp.get('torch_threads', UNKNOWN)} threads; {libs}; clarify_lit {stamp.get('clarify_lit', UNKNOWN)} "
+        f"{threads} thread{'' if threads == 1 else 's'}; {libs}; clarify_lit {stamp.get('clarify_lit', UNKNOWN)} "
         f"({stamp.get('commit', UNKNOWN)})"
     )

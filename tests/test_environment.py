@@ -188,7 +188,7 @@ def test_report_warns_when_only_the_thread_count_differs(tmp_path, capsys):
     write_metrics(tmp_path / "runs" / "refit", "Refit", {**epyc, "torch_threads": 1})
     text = run_report([str(tmp_path / "runs")], out=tmp_path / "r.md", paired=False)
     err = [line for line in capsys.readouterr().err.splitlines() if "different machines" in line]
-    assert len(err) == 1 and "2 threads" in err[0] and "1 threads" in err[0]
+    assert len(err) == 1 and "2 threads" in err[0] and "1 thread;" in err[0]
     assert "**Warning:** the table's methods were made on different machines" in text
 
 
