@@ -21,53 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from preset_eval import base_evaluation_args
+
 from clarify_lit.environment import cpu_model, environment_stamp, native_bf16_flags
 from clarify_lit.models import resolve_dtype
 
 OUT = Path(__file__).parent / "results" / "dtype_eval.json"
-
-
-def evaluate_args(dtype: str, out: Path, n_questions: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "clarify_lit.cli",
-        "evaluate",
-        "--model",
-        "embedded:smollm2-135m-instruct",
-        "--method",
-        "Base",
-        "--data.dataset",
-        "sciq",
-        "--data.n_train",
-        "48",
-        "--data.n_test",
-        "48",
-        "--data.seed",
-        "0",
-        "--n_questions",
-        str(n_questions),
-        "--rollout.setting",
-        "clarifying",
-        "--rollout.mode",
-        "open",
-        "--rollout.n_turns",
-        "2",
-        "--teacher.kind",
-        "open",
-        "--reward.kind",
-        "correct",
-        "--rollout.max_new_tokens",
-        "48",
-        "--dtype",
-        dtype,
-        "--rollout.batch_size",
-        "48",
-        "--rollout.seed",
-        "0",
-        "--out_dir",
-        str(out),
-    ]
 
 
 def run_once(dtype: str, n_questions: int) -> dict[str, float]:
@@ -76,7 +35,12 @@ def run_once(dtype: str, n_questions: int) -> dict[str, float]:
         load = os.getloadavg()[0]
         t0 = time.perf_counter()
         subprocess.run(
-            evaluate_args(dtype, Path(tmp) / "eval", n_questions),
+            [
+                sys.executable,
+                "-m",
+                "clarify_lit.cli",
+                *base_evaluation_args("demo", Path(tmp) / "eval", n_questions, dtype),
+            ],
             check=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -3,14 +3,14 @@
     python benchmarks/parallel_stages.py [--copies 2] [--jobs 2 3] [--n_questions 50] [--one_thread true]
                                          [--active_spin true]
 
-Runs the same ``clarify evaluate`` (the embedded SmolLM2-135M-Instruct, reproduce's reasoning cell: 3 turns × 40
-tokens, greedy, batch 50, ``--dtype auto``) ``copies`` times through the demo's own runner
-(``clarify_lit.jobs.stages.StageRunner.run_all``): first one after another (``jobs=1``), then with each ``--jobs``
-value. Records each variant's wall time, the cores its stages kept busy (CPU time / wall time), the ratio of the
-serial wall time to it (work per hour), the load average before and after, and how many of the copies'
-conversations are byte-identical to the first serial copy's (``rollouts.jsonl``). ``--one_thread true`` adds the
-variant that gives each of 2 parallel stages one torch thread of the 2 cores instead of keeping the thread count:
-greedy bf16 text depends on the thread count, which is why the runner keeps it. ``--active_spin true`` adds 2
+Runs the same ``clarify evaluate`` (reproduce's own Base evaluation of its reasoning cell, ``preset_eval``: the
+embedded SmolLM2-135M-Instruct, 3 turns × 40 tokens, greedy, batch 50, ``--dtype auto``) ``copies`` times through
+the demo's own runner (``clarify_lit.jobs.stages.StageRunner.run_all``): first one after another (``jobs=1``), then
+with each ``--jobs`` value. Records each variant's wall time, the cores its stages kept busy (CPU time / wall time),
+the ratio of the serial wall time to it (work per hour), the load average before and after, and how many of the
+copies' conversations are byte-identical to the first serial copy's (``rollouts.jsonl``). ``--one_thread true`` adds
+the variant that gives each of 2 parallel stages one torch thread of the 2 cores instead of keeping the thread
+count: greedy bf16 text depends on the thread count, which is why the runner keeps it. ``--active_spin true`` adds 2
 parallel stages with ``OMP_WAIT_POLICY=ACTIVE`` instead of the runner's ``PASSIVE`` (OpenMP threads that spin while
 they wait take the cores the other stage's threads need). Writes
 ``benchmarks/results/parallel_stages.json`` (key: the CPU model and the variants).
@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from preset_eval import base_evaluation_args  # noqa: E402
 from stamp import loadavg, machine_stamp  # noqa: E402
 
 from clarify_lit.environment import cpu_model  # noqa: E402
@@ -40,42 +41,10 @@ from clarify_lit.models import resolve_dtype  # noqa: E402
 OUT = Path(__file__).parent / "results" / "parallel_stages.json"
 
 
-def evaluate_args(out: Path, n_questions: int) -> list[str]:
-    """reproduce's Base evaluation of the reasoning cell (clarify_lit/jobs/demo.py), on ``n_questions``."""
-    rollout = {"setting": "reasoning", "mode": "standard", "n_turns": 3, "max_new_tokens": 40, "batch_size": 50}
-    return [
-        "evaluate",
-        "--model",
-        "embedded:smollm2-135m-instruct",
-        "--method",
-        "Base",
-        "--data.dataset",
-        "sciq",
-        "--data.n_train",
-        "32",
-        "--data.n_test",
-        "100",
-        "--data.seed",
-        "0",
-        "--n_questions",
-        str(n_questions),
-        "--rollout",
-        json.dumps({**rollout, "seed": 0, "reuse_kv_cache": True}),
-        "--teacher.kind",
-        "scripted",
-        "--reward.kind",
-        "correct",
-        "--dtype",
-        "auto",
-        "--out_dir",
-        str(out),
-    ]
-
-
 def run_variant(root: Path, name: str, copies: int, jobs: int, n_questions: int, env: dict[str, str]) -> dict:
     """``copies`` evaluations through the runner with ``jobs``; ``env`` is set around it (the children inherit)."""
     outs = [root / name / f"copy{i}" for i in range(copies)]
-    stages = [Stage(evaluate_args(out, n_questions)) for out in outs]
+    stages = [Stage(base_evaluation_args("reproduce", out, n_questions)) for out in outs]
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
