@@ -698,8 +698,7 @@ def _stamp(f: MetricsFile) -> dict[str, Any] | None:
 def mixed_environments(files: Sequence[MetricsFile]) -> str | None:
     """A warning naming the methods when the table's rows were made on different environment stamps (CPU kind and
     its bf16 flags, device, dtype, torch thread count or library versions: :func:`clarify_lit.environment.stamp_key`),
-    else None. Files
-    without a stamp (written before stamps existed) are left out: nothing to compare them by."""
+    else None. Files without a stamp (written before stamps existed) are left out: nothing to compare them by."""
     groups: dict[tuple, tuple[list[str], dict[str, Any]]] = {}
     for f in files:
         stamp = _stamp(f)
